@@ -1,0 +1,179 @@
+//! The `kiln` command line: one subcommand per thing a user does.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::model::{self, init::Preset};
+use crate::tokenizer::TextTokenizer;
+
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about = "Fine-tune GPT-J-family language models from recipes")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a randomly initialised GPT-J as a Hugging Face model directory.
+    Init(InitArgs),
+    /// Per-token log-probabilities of texts or token ids under a model.
+    Score(ScoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Model shape.
+    #[arg(long, value_enum)]
+    pub preset: Preset,
+    /// Output directory (created; existing model files in it are overwritten).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed of the random initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Tokenizer directory to copy into the model (tokenizer.json, or vocab.json + merges.txt).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Override the preset's vocabulary size (embedding rows).
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
+    /// dtype of the written weights.
+    #[arg(long, default_value = "fp32")]
+    pub dtype: String,
+    /// Largest shard in bytes before the weights are split with an index (HF's default: 5 GB).
+    #[arg(long, default_value_t = model::DEFAULT_MAX_SHARD_BYTES)]
+    pub max_shard_bytes: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSON lines, each {"text": ...} or {"ids": [...]}.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// JSON lines written here, each {"ids", "logprobs", "total"}, in input order.
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Compute dtype: fp32, fp16 or bf16.
+    #[arg(long, default_value = "fp32")]
+    pub dtype: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init(args) => init(args),
+        Command::Score(args) => score(args),
+    }
+}
+
+fn init(args: InitArgs) -> Result<()> {
+    let dtype = model::parse_dtype(&args.dtype)?;
+    let mut config = args.preset.config();
+    if let Some(vocab_size) = args.vocab_size {
+        config.vocab_size = vocab_size;
+    }
+    let tokenizer = args
+        .tokenizer
+        .as_deref()
+        .map(TextTokenizer::from_dir)
+        .transpose()?;
+    if let Some(tok) = &tokenizer {
+        tok.check_fits(config.vocab_size, &args.out)?;
+        config.eos_token_id = Some(tok.eos_id());
+        config.bos_token_id = Some(tok.eos_id());
+    }
+    let mut files =
+        model::init::write_random_model(&args.out, &config, args.seed, dtype, args.max_shard_bytes)?;
+    if let Some(tok) = &tokenizer {
+        files.extend(tok.save_to(&args.out)?);
+    }
+    println!(
+        "wrote {} ({:?} preset, seed {}, {} parameters): {}",
+        args.out.display(),
+        args.preset,
+        args.seed,
+        parameter_count(&config),
+        files.join(", ")
+    );
+    Ok(())
+}
+
+fn parameter_count(config: &model::Config) -> usize {
+    model::parameter_shapes(config)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum()
+}
+
+/// The tokenizer stored in a model directory, if it has one, checked against the model.
+pub fn model_tokenizer(dir: &Path, vocab_size: usize) -> Result<Option<TextTokenizer>> {
+    let has_tokenizer = dir.join("tokenizer.json").is_file()
+        || (dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file());
+    if !has_tokenizer {
+        return Ok(None);
+    }
+    let tokenizer = TextTokenizer::from_dir(dir)?;
+    tokenizer.check_fits(vocab_size, dir)?;
+    Ok(Some(tokenizer))
+}
+
+fn score(args: ScoreArgs) -> Result<()> {
+    let dtype = model::parse_dtype(&args.dtype)?;
+    let device = model::parse_device(&args.device)?;
+    let model = model::load_model(&args.model, dtype, &device)?;
+    let config = model.config().clone();
+    let tokenizer = model_tokenizer(&args.model, config.vocab_size)?;
+    let rows = crate::eval::score::read_score_inputs(
+        &args.input,
+        tokenizer.as_ref(),
+        config.vocab_size,
+        config.n_positions,
+    )?;
+    let scored = crate::eval::score::score_rows(&model, &rows, args.batch_size)
+        .context("scoring failed")?;
+    crate::eval::score::write_jsonl(&args.output, &scored)?;
+    let tokens: usize = scored.iter().map(|r| r.ids.len()).sum();
+    let total: f64 = scored.iter().map(|r| r.total as f64).sum();
+    let predicted = tokens - scored.len();
+    println!(
+        "scored {} rows ({tokens} tokens) -> {}; mean log-prob {:.4}, perplexity {:.3}",
+        scored.len(),
+        args.output.display(),
+        total / predicted.max(1) as f64,
+        (-total / predicted.max(1) as f64).exp()
+    );
+    Ok(())
+}

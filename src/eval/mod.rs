@@ -1,0 +1,3 @@
+//! Measuring models: per-token scoring (and, built on it, task evaluation).
+
+pub mod score;

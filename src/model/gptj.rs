@@ -1,0 +1,592 @@
+//! GPT-J, as Hugging Face's `GPTJForCausalLM` computes it.
+//!
+//! Weight names are HF's own (`transformer.h.0.attn.q_proj.weight`, ...), so loading is a plain
+//! `VarBuilder` walk over a HF model directory. Every block runs attention and the MLP in parallel
+//! on the output of a single LayerNorm and adds both to the residual stream.
+//!
+//! Precision follows HF: the matmuls run in the compute dtype, while LayerNorm statistics, the
+//! rotary embedding, the attention scores and their softmax are computed in fp32 (HF upcasts query
+//! and key before `q @ k^T`), and the final logits are returned in fp32.
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+/// `config.json` of a HF `gptj` model, read as is. Unknown keys are kept so that a config we
+/// rewrite (e.g. in a checkpoint) loses nothing HF or the user put there.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Config {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub rotary_dim: Option<usize>,
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default = "default_activation")]
+    pub activation_function: String,
+    #[serde(default = "default_layer_norm_epsilon")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_initializer_range")]
+    pub initializer_range: f64,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_activation() -> String {
+    "gelu_new".into()
+}
+fn default_layer_norm_epsilon() -> f64 {
+    1e-5
+}
+fn default_initializer_range() -> f64 {
+    0.02
+}
+
+impl Config {
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    /// GPT-J rotates only the first `rotary_dim` dimensions of each head; HF treats a missing
+    /// value as "rotate the whole head".
+    pub fn rotary_dim(&self) -> usize {
+        self.rotary_dim.unwrap_or(self.head_dim())
+    }
+
+    pub fn inner_dim(&self) -> usize {
+        self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+
+    /// Checks what the HF implementation silently assumes, so that a bad config fails here with
+    /// the field named instead of as a shape error deep inside a forward pass.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.model_type != "gptj" {
+            return Err(format!(
+                "model_type is {:?}, expected \"gptj\" (Kiln implements GPT-J)",
+                self.model_type
+            ));
+        }
+        if self.activation_function != "gelu_new" {
+            return Err(format!(
+                "activation_function is {:?}, expected \"gelu_new\"",
+                self.activation_function
+            ));
+        }
+        if self.tie_word_embeddings {
+            return Err("tie_word_embeddings is true, but GPT-J has an untied lm_head".into());
+        }
+        for (field, value) in [
+            ("vocab_size", self.vocab_size),
+            ("n_positions", self.n_positions),
+            ("n_embd", self.n_embd),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+        ] {
+            if value == 0 {
+                return Err(format!("{field} must be positive"));
+            }
+        }
+        if self.n_embd % self.n_head != 0 {
+            return Err(format!(
+                "n_embd ({}) is not divisible by n_head ({})",
+                self.n_embd, self.n_head
+            ));
+        }
+        let rotary = self.rotary_dim();
+        if rotary == 0 || rotary % 2 != 0 || rotary > self.head_dim() {
+            return Err(format!(
+                "rotary_dim ({rotary}) must be even, positive and at most the head dim ({})",
+                self.head_dim()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The `config.json` HF writes for this model, with our fields in its vocabulary.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("config serialises");
+        let object = value.as_object_mut().expect("config is an object");
+        object
+            .entry("architectures")
+            .or_insert_with(|| serde_json::json!(["GPTJForCausalLM"]));
+        value
+    }
+}
+
+/// A linear layer stored as HF stores it: weight `[out, in]`, optional bias `[out]`.
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    // Flattening to 2-D gives one large GEMM instead of a batch of small ones.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let in_dim = *dims.last().expect("linear input has a last dim");
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let ys = xs.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let ys = match &self.bias {
+            Some(bias) => ys.broadcast_add(bias)?,
+            None => ys,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        ys.reshape(out_dims)
+    }
+}
+
+/// LayerNorm with its statistics in fp32, whatever the compute dtype (as torch's autocast does).
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let xs = xs.to_dtype(DType::F32)?;
+        let mean = xs.mean_keepdim(D::Minus1)?;
+        let centered = xs.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let ys = normed
+            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
+            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?;
+        ys.to_dtype(dtype)
+    }
+}
+
+/// sin/cos tables for the rotary embedding, `[n_positions, rotary_dim / 2]`, fp32.
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    sin: Tensor,
+    cos: Tensor,
+}
+
+impl Rotary {
+    pub fn new(cfg: &Config, device: &Device) -> Result<Self> {
+        let dim = cfg.rotary_dim();
+        let inv_freq: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| 1.0 / 10000f32.powf(i as f32 / dim as f32))
+            .collect();
+        let half = inv_freq.len();
+        let mut angles = Vec::with_capacity(cfg.n_positions * half);
+        for pos in 0..cfg.n_positions {
+            angles.extend(inv_freq.iter().map(|f| pos as f32 * f));
+        }
+        let angles = Tensor::from_vec(angles, (cfg.n_positions, half), device)?;
+        Ok(Self {
+            sin: angles.sin()?,
+            cos: angles.cos()?,
+        })
+    }
+
+    /// Rotates `xs` (`[batch, seq, heads, rotary_dim]`, fp32) in GPT-J's interleaved form: the
+    /// pairs are (0, 1), (2, 3), ... rather than the two halves of the head.
+    fn apply(&self, xs: &Tensor, position_ids: &Tensor) -> Result<Tensor> {
+        let (b, t, h, r) = xs.dims4()?;
+        let flat_positions = position_ids.flatten_all()?;
+        let sin = self
+            .sin
+            .index_select(&flat_positions, 0)?
+            .reshape((b, t, 1, r / 2))?;
+        let cos = self
+            .cos
+            .index_select(&flat_positions, 0)?
+            .reshape((b, t, 1, r / 2))?;
+        let pairs = xs.reshape((b, t, h, r / 2, 2))?;
+        let even = pairs.narrow(4, 0, 1)?.squeeze(4)?;
+        let odd = pairs.narrow(4, 1, 1)?.squeeze(4)?;
+        let rotated_even = (even.broadcast_mul(&cos)? - odd.broadcast_mul(&sin)?)?;
+        let rotated_odd = (odd.broadcast_mul(&cos)? + even.broadcast_mul(&sin)?)?;
+        Tensor::stack(&[rotated_even, rotated_odd], 4)?.reshape((b, t, h, r))
+    }
+}
+
+/// Keys (after rotary, fp32) and values (compute dtype) of earlier positions, one entry a layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layer: usize) -> Self {
+        Self {
+            layers: vec![None; n_layer],
+        }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps only the given batch rows (used when finished rows leave a batched generation).
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(rows, 0)?;
+            *v = v.index_select(rows, 0)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    n_head: usize,
+    head_dim: usize,
+    rotary_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let e = cfg.n_embd;
+        Ok(Self {
+            q_proj: Linear::load(vb.pp("q_proj"), e, e, false)?,
+            k_proj: Linear::load(vb.pp("k_proj"), e, e, false)?,
+            v_proj: Linear::load(vb.pp("v_proj"), e, e, false)?,
+            out_proj: Linear::load(vb.pp("out_proj"), e, e, false)?,
+            n_head: cfg.n_head,
+            head_dim: cfg.head_dim(),
+            rotary_dim: cfg.rotary_dim(),
+        })
+    }
+
+    fn rotate(&self, xs: Tensor, rotary: &Rotary, position_ids: &Tensor) -> Result<Tensor> {
+        if self.rotary_dim == self.head_dim {
+            return rotary.apply(&xs, position_ids);
+        }
+        let rot = xs.narrow(3, 0, self.rotary_dim)?;
+        let pass = xs.narrow(3, self.rotary_dim, self.head_dim - self.rotary_dim)?;
+        Tensor::cat(&[rotary.apply(&rot, position_ids)?, pass], 3)
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rotary: &Rotary,
+        position_ids: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, e) = xs.dims3()?;
+        let dtype = xs.dtype();
+        let split = |ys: Tensor| ys.reshape((b, t, self.n_head, self.head_dim));
+        let q = split(self.q_proj.forward(xs)?)?.to_dtype(DType::F32)?;
+        let k = split(self.k_proj.forward(xs)?)?.to_dtype(DType::F32)?;
+        let v = split(self.v_proj.forward(xs)?)?;
+        let q = self.rotate(q, rotary, position_ids)?.transpose(1, 2)?;
+        let k = self.rotate(k, rotary, position_ids)?.transpose(1, 2)?;
+        let v = v.transpose(1, 2)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((k_past, v_past)) => {
+                        (Tensor::cat(&[&k_past, &k], 2)?, Tensor::cat(&[&v_past, &v], 2)?)
+                    }
+                    None => (k.contiguous()?, v.contiguous()?),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k.contiguous()?, v.contiguous()?),
+        };
+        let scale = (self.head_dim as f64).sqrt();
+        let scores = (q.contiguous()?.matmul(&k.t()?)? / scale)?.broadcast_add(mask)?;
+        let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let out = probs.matmul(&v.contiguous()?)?;
+        let out = out.transpose(1, 2)?.reshape((b, t, e))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+/// Softmax built from differentiable primitives (candle's fused kernel has no backward pass).
+fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    let max = xs.max_keepdim(D::Minus1)?;
+    let exp = xs.broadcast_sub(&max)?.exp()?;
+    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    fc_in: Linear,
+    fc_out: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        Ok(Self {
+            fc_in: Linear::load(vb.pp("fc_in"), cfg.n_embd, cfg.inner_dim(), true)?,
+            fc_out: Linear::load(vb.pp("fc_out"), cfg.inner_dim(), cfg.n_embd, true)?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        // candle's `gelu` is the tanh approximation, which is exactly HF's `gelu_new`.
+        self.fc_out.forward(&self.fc_in.forward(xs)?.gelu()?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        Ok(Self {
+            ln_1: LayerNorm::load(vb.pp("ln_1"), cfg.n_embd, cfg.layer_norm_epsilon)?,
+            attn: Attention::load(vb.pp("attn"), cfg)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rotary: &Rotary,
+        position_ids: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let normed = self.ln_1.forward(xs)?;
+        let attn = self
+            .attn
+            .forward(&normed, rotary, position_ids, mask, cache)?;
+        let mlp = self.mlp.forward(&normed)?;
+        (attn + mlp)? + xs
+    }
+}
+
+/// What one forward pass sees: token ids, where each row's real tokens are, and their positions.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `[batch, seq]`, u32.
+    pub input_ids: Tensor,
+    /// `[batch, seq]` positions of these tokens (per row, so padded rows keep their own).
+    pub position_ids: Tensor,
+    /// 1 for real tokens, 0 for padding, over the cached positions plus this step's
+    /// (`[batch, cached + seq]`); `None` when no row is padded.
+    pub key_mask: Option<Vec<Vec<u8>>>,
+}
+
+impl Batch {
+    /// Right-padded rows of token ids; positions count from 0 in every row.
+    pub fn right_padded(rows: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Self> {
+        let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(rows.len() * seq);
+        let mut key_mask = Vec::with_capacity(rows.len());
+        for row in rows {
+            ids.extend_from_slice(row);
+            ids.extend(std::iter::repeat_n(pad_id, seq - row.len()));
+            let mut mask = vec![1u8; row.len()];
+            mask.resize(seq, 0);
+            key_mask.push(mask);
+        }
+        let padded = rows.iter().any(|r| r.len() != seq);
+        let positions: Vec<u32> = (0..rows.len())
+            .flat_map(|_| 0..seq as u32)
+            .collect();
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (rows.len(), seq), device)?,
+            position_ids: Tensor::from_vec(positions, (rows.len(), seq), device)?,
+            key_mask: padded.then_some(key_mask),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GptJ {
+    wte: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    config: Config,
+    dtype: DType,
+}
+
+impl GptJ {
+    /// Builds the model from HF-named weights. The `VarBuilder`'s dtype is the compute dtype.
+    pub fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+        config.validate().map_err(candle_core::Error::msg)?;
+        let t = vb.pp("transformer");
+        let blocks = (0..config.n_layer)
+            .map(|i| Block::load(t.pp("h").pp(i), config))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            wte: t.pp("wte").get((config.vocab_size, config.n_embd), "weight")?,
+            blocks,
+            ln_f: LayerNorm::load(t.pp("ln_f"), config.n_embd, config.layer_norm_epsilon)?,
+            lm_head: Linear::load(vb.pp("lm_head"), config.n_embd, config.vocab_size, true)?,
+            rotary: Rotary::new(config, vb.device())?,
+            config: config.clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        self.wte.device()
+    }
+
+    /// The additive attention mask, `[batch, 1, seq, cached + seq]` in fp32: 0 where a query may
+    /// look, the most negative float where it may not (later positions, padding).
+    fn attention_mask(&self, batch: &Batch, cached: usize) -> Result<Tensor> {
+        let (b, t) = batch.input_ids.dims2()?;
+        let s = cached + t;
+        let mut mask = vec![0f32; b * t * s];
+        for row in 0..b {
+            let keys = batch.key_mask.as_ref().map(|m| &m[row]);
+            for i in 0..t {
+                for j in 0..s {
+                    let visible = j <= cached + i && keys.is_none_or(|k| k[j] == 1);
+                    if !visible {
+                        mask[(row * t + i) * s + j] = f32::MIN;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(mask, (b, 1, t, s), self.device())
+    }
+
+    /// Final hidden states `[batch, seq, n_embd]` in the compute dtype.
+    pub fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let cached = cache.as_ref().map_or(0, |c| c.len());
+        let mask = self.attention_mask(batch, cached)?;
+        let (b, t) = batch.input_ids.dims2()?;
+        let mut xs = self
+            .wte
+            .index_select(&batch.input_ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.n_embd))?
+            .to_dtype(self.dtype)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            xs = block.forward(&xs, &self.rotary, &batch.position_ids, &mask, slot)?;
+        }
+        self.ln_f.forward(&xs)
+    }
+
+    /// Logits `[batch, seq, vocab]` in fp32.
+    pub fn forward(&self, batch: &Batch, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let hidden = self.hidden_states(batch, cache)?;
+        self.lm_head.forward(&hidden)?.to_dtype(DType::F32)
+    }
+
+    /// Logits for the last position of each row only, `[batch, vocab]` in fp32: generation needs
+    /// nothing else, and the lm_head over the whole prompt is the largest matmul of a prefill.
+    pub fn forward_last(
+        &self,
+        batch: &Batch,
+        last_index: &[usize],
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states(batch, cache)?;
+        let rows = last_index
+            .iter()
+            .enumerate()
+            .map(|(row, &i)| hidden.get(row)?.get(i))
+            .collect::<Result<Vec<_>>>()?;
+        let last = Tensor::stack(&rows, 0)?;
+        self.lm_head.forward(&last)?.to_dtype(DType::F32)
+    }
+}
+
+/// Mean next-token cross-entropy over the positions whose label is not `ignore` (HF's -100),
+/// with labels already aligned to the logits (shifted by the caller). Computed in fp32.
+pub fn causal_lm_loss(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
+    let vocab = logits.dim(D::Minus1)?;
+    let flat = logits.reshape(((), vocab))?;
+    let (rows, targets): (Vec<u32>, Vec<u32>) = labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l >= 0)
+        .map(|(i, &l)| (i as u32, l as u32))
+        .unzip();
+    if rows.is_empty() {
+        candle_core::bail!("no position has a label: the loss is undefined");
+    }
+    let device = logits.device();
+    let n = rows.len();
+    let picked = flat.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
+    let log_probs = candle_nn::ops::log_softmax(&picked.to_dtype(DType::F32)?, D::Minus1)?;
+    let targets = Tensor::from_vec(targets, (n, 1), device)?;
+    let nll = log_probs.gather(&targets, 1)?.neg()?;
+    nll.mean_all()
+}
+
+/// Labels for next-token prediction: position i is trained to predict token i+1 of the same row;
+/// positions whose next token is padding (or that end a row) get -100.
+pub fn shifted_labels(rows: &[Vec<u32>], seq: usize) -> Vec<i64> {
+    let mut labels = Vec::with_capacity(rows.len() * seq);
+    for row in rows {
+        for i in 0..seq {
+            labels.push(if i + 1 < row.len() {
+                row[i + 1] as i64
+            } else {
+                -100
+            });
+        }
+    }
+    labels
+}

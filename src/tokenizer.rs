@@ -1,0 +1,210 @@
+//! GPT-2/GPT-J byte-level BPE, through the `tokenizers` crate.
+//!
+//! GPT-J's embedding has 50,400 rows for a 50,257-token vocabulary: the extra rows are never
+//! produced by the tokenizer, so the only check needed is that every token id fits the model.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use tokenizers::models::bpe::BPE;
+use tokenizers::{AddedToken, Tokenizer};
+
+pub const EOS_TOKEN: &str = "<|endoftext|>";
+
+/// Files that make up a tokenizer in a HF model directory; copied along with checkpoints.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+];
+
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    eos_id: u32,
+    pad_id: u32,
+    source: PathBuf,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("source", &self.source)
+            .field("vocab_size", &self.vocab_size())
+            .field("eos_id", &self.eos_id)
+            .finish()
+    }
+}
+
+impl TextTokenizer {
+    /// Loads `DIR/tokenizer.json`, or builds the byte-level BPE from `DIR/vocab.json` and
+    /// `DIR/merges.txt`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let json = dir.join("tokenizer.json");
+        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        let inner = if json.is_file() {
+            Tokenizer::from_file(&json)
+                .map_err(|e| anyhow::anyhow!("{}: not a valid tokenizer: {e}", json.display()))?
+        } else if vocab.is_file() && merges.is_file() {
+            byte_level_bpe(&vocab, &merges)?
+        } else {
+            bail!(
+                "{}: no tokenizer found (expected tokenizer.json, or vocab.json and merges.txt)",
+                dir.display()
+            );
+        };
+        let eos_id = inner.token_to_id(EOS_TOKEN).with_context(|| {
+            format!("{}: the tokenizer has no {EOS_TOKEN} token", dir.display())
+        })?;
+        let pad_id = read_pad_token(dir)
+            .and_then(|t| inner.token_to_id(&t))
+            .unwrap_or(eos_id);
+        Ok(Self {
+            inner,
+            eos_id,
+            pad_id,
+            source: dir.to_path_buf(),
+        })
+    }
+
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    pub fn eos_id(&self) -> u32 {
+        self.eos_id
+    }
+
+    /// GPT-J has no pad token; like HF users do, we pad with eos unless the directory names one.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    /// Number of token ids the tokenizer can produce (added tokens included).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Fails unless every id this tokenizer produces has a row in an embedding of `rows` rows.
+    pub fn check_fits(&self, rows: usize, model_dir: &Path) -> Result<()> {
+        let max_id = self
+            .inner
+            .get_vocab(true)
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0) as usize;
+        if max_id >= rows {
+            bail!(
+                "tokenizer {} produces ids up to {max_id}, but the model in {} has only {rows} \
+                 embedding rows (vocab_size in config.json); use the model's own tokenizer",
+                self.source.display(),
+                model_dir.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Token ids of `text`; special tokens written in the text (`<|endoftext|>`) become their ids.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizing {text:?}: {e}"))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Decodes ids to text; ids without a token (GPT-J's padding rows) are dropped.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| anyhow::anyhow!("decoding {ids:?}: {e}"))
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Writes the tokenizer into a model directory: the source's files where it had them, and a
+    /// `tokenizer.json` in any case so that `AutoTokenizer.from_pretrained` finds one.
+    pub fn save_to(&self, dir: &Path) -> Result<Vec<String>> {
+        let mut written = Vec::new();
+        for name in TOKENIZER_FILES {
+            let from = self.source.join(name);
+            let to = dir.join(name);
+            if from.is_file() && from != to {
+                std::fs::copy(&from, &to).with_context(|| {
+                    format!("copying {} to {}", from.display(), to.display())
+                })?;
+                written.push(name.to_string());
+            }
+        }
+        if !dir.join("tokenizer.json").is_file() {
+            self.inner
+                .save(dir.join("tokenizer.json"), false)
+                .map_err(|e| anyhow::anyhow!("{}: cannot write tokenizer.json: {e}", dir.display()))?;
+            written.push("tokenizer.json".into());
+        }
+        if !dir.join("tokenizer_config.json").is_file() {
+            let config = serde_json::json!({
+                "tokenizer_class": "GPT2Tokenizer",
+                "bos_token": EOS_TOKEN,
+                "eos_token": EOS_TOKEN,
+                "unk_token": EOS_TOKEN,
+                "add_prefix_space": false,
+                "model_max_length": 2048,
+            });
+            std::fs::write(
+                dir.join("tokenizer_config.json"),
+                serde_json::to_string_pretty(&config)? + "\n",
+            )?;
+            written.push("tokenizer_config.json".into());
+        }
+        Ok(written)
+    }
+}
+
+fn byte_level_bpe(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
+    use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let bpe = BPE::from_file(
+        &vocab.to_string_lossy(),
+        &merges.to_string_lossy(),
+    )
+    .build()
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{} / {}: not a valid BPE vocabulary: {e}",
+            vocab.display(),
+            merges.display()
+        )
+    })?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, false)));
+    tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+    tokenizer.add_special_tokens(&[AddedToken::from(EOS_TOKEN, true)]);
+    Ok(tokenizer)
+}
+
+fn read_pad_token(dir: &Path) -> Option<String> {
+    for file in ["special_tokens_map.json", "tokenizer_config.json"] {
+        let Ok(text) = std::fs::read_to_string(dir.join(file)) else {
+            continue;
+        };
+        let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        match &json["pad_token"] {
+            serde_json::Value::String(s) => return Some(s.clone()),
+            serde_json::Value::Object(o) => {
+                if let Some(serde_json::Value::String(s)) = o.get("content") {
+                    return Some(s.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}

@@ -1,0 +1,84 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// `../shared` beside the repo, or `None` (with a message) so a test can skip.
+pub fn shared(sub: &str) -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared").join(sub);
+    if path.exists() {
+        Some(path)
+    } else {
+        eprintln!(
+            "SKIPPED: {} is absent (this test needs the shared data beside the repo)",
+            path.display()
+        );
+        None
+    }
+}
+
+pub fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// ||a - b|| / ||b|| (Frobenius).
+pub fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let diff = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
+    let norm = b.sqr().unwrap().sum_all().unwrap();
+    let diff = diff.to_scalar::<f32>().unwrap().sqrt();
+    let norm = norm.to_scalar::<f32>().unwrap().sqrt();
+    diff / norm.max(1e-12)
+}
+
+/// Rows of token ids (padding dropped) from fixture `input_ids` and `attention_mask`.
+pub fn rows_from_fixture(ids: &Tensor, mask: &Tensor) -> Vec<Vec<u32>> {
+    let ids = ids.to_vec2::<i64>().unwrap();
+    let mask = mask.to_vec2::<i64>().unwrap();
+    ids.iter()
+        .zip(&mask)
+        .map(|(row, m)| {
+            row.iter()
+                .zip(m)
+                .filter(|(_, &keep)| keep == 1)
+                .map(|(&id, _)| id as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// Runs `kiln` with arguments; returns (success, stdout, stderr).
+pub fn kiln(args: &[&str]) -> (bool, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("kiln runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
