@@ -1,0 +1,439 @@
+//! Recipes: a whole experiment in one YAML file.
+//!
+//! Every key is typed and unknown keys are rejected, so a typo fails at `kiln recipe check`
+//! instead of being silently ignored. Defaults are documented in `recipes/README.md`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::init::Preset;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Run name: checkpoints go to `<checkpoint.dir>/<name>`, logs to `<tracking.log_dir>/<name>`.
+    pub name: String,
+    #[serde(default)]
+    pub seed: u64,
+    pub model: ModelSpec,
+    /// Tokenizer directory or Hub id; default: the model's own.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub optimizer: OptimizerSpec,
+    #[serde(default)]
+    pub schedule: ScheduleSpec,
+    #[serde(default)]
+    pub precision: PrecisionSpec,
+    pub batch: BatchSpec,
+    #[serde(default)]
+    pub steps: Option<u64>,
+    #[serde(default)]
+    pub epochs: Option<f64>,
+    /// cpu, cuda or cuda:N.
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+    #[serde(default)]
+    pub eval: EvalSpec,
+    #[serde(default)]
+    pub tracking: TrackingSpec,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// A local HF model directory or a Hub repo id. Exactly one of `from` and `init`.
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default)]
+    pub revision: Option<String>,
+    #[serde(default)]
+    pub init: Option<InitSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InitSpec {
+    pub preset: Preset,
+    #[serde(default)]
+    pub seed: u64,
+    /// Embedding rows; default: the preset's (50400), or the tokenizer's size rounded up to 64.
+    #[serde(default)]
+    pub vocab_size: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    pub train: Vec<DatasetSpec>,
+    #[serde(default)]
+    pub eval: Vec<DatasetSpec>,
+    pub seq_len: usize,
+    #[serde(default)]
+    pub mode: BatchMode,
+    #[serde(default)]
+    pub loss_on: LossOn,
+    #[serde(default)]
+    pub truncation: Truncation,
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSpec {
+    pub source: SourceSpec,
+    pub template: TemplateSpec,
+    /// Label value (as written in the data, e.g. `0`) → label word.
+    #[serde(default)]
+    pub label_map: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub limit: Option<usize>,
+    #[serde(default)]
+    pub few_shot: Option<FewShotSpec>,
+}
+
+/// Where examples come from: a local file, or a Hub dataset.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// Local file (relative paths are relative to the recipe file).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// jsonl, json, csv, tsv, glue-tsv, parquet, arrow; default from the file extension.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// Hub dataset repo id, e.g. `nyu-mll/glue`.
+    #[serde(default)]
+    pub hub: Option<String>,
+    #[serde(default)]
+    pub config: Option<String>,
+    #[serde(default)]
+    pub split: Option<String>,
+    #[serde(default)]
+    pub revision: Option<String>,
+}
+
+/// A preset name (`mnli`, `sentiment`, `prompt-completion`, `text`) or a custom template.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TemplateSpec {
+    Preset(String),
+    Custom {
+        /// Text before the split point, with `{field}` placeholders.
+        prompt: String,
+        /// Text after the split point (what `loss_on: target` trains on).
+        #[serde(default)]
+        target: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FewShotSpec {
+    pub k: usize,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum BatchMode {
+    /// Concatenate examples and cut into `seq_len` blocks (HF `run_clm`, Graphcore).
+    #[default]
+    Pack,
+    /// One example a row, right-padded.
+    Pad,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossOn {
+    #[default]
+    All,
+    Target,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Truncation {
+    #[default]
+    Error,
+    Left,
+    Right,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSpec {
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this; `null` disables clipping.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: Option<f64>,
+}
+
+fn default_lr() -> f64 {
+    1e-4
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_grad_clip() -> Option<f64> {
+    Some(1.0)
+}
+
+impl Default for OptimizerSpec {
+    fn default() -> Self {
+        Self {
+            lr: default_lr(),
+            betas: default_betas(),
+            eps: default_eps(),
+            weight_decay: 0.0,
+            grad_clip: default_grad_clip(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScheduleKind {
+    #[default]
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// Warmup given as a number of steps (an integer) or a fraction of all steps (below 1).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Warmup {
+    Steps(u64),
+    Fraction(f64),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    #[serde(default)]
+    pub kind: ScheduleKind,
+    #[serde(default = "no_warmup")]
+    pub warmup: Warmup,
+    /// Learning rate at step 0 of the warmup (Graphcore warms up from 1e-7).
+    #[serde(default)]
+    pub warmup_from: f64,
+    /// Learning rate the decay ends at.
+    #[serde(default)]
+    pub min_lr: f64,
+}
+
+fn no_warmup() -> Warmup {
+    Warmup::Steps(0)
+}
+
+impl Default for ScheduleSpec {
+    fn default() -> Self {
+        Self {
+            kind: ScheduleKind::Constant,
+            warmup: no_warmup(),
+            warmup_from: 0.0,
+            min_lr: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compute {
+    #[default]
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PrecisionSpec {
+    /// dtype of forward/backward; master weights and optimizer states are always fp32.
+    #[serde(default)]
+    pub compute: Compute,
+    /// fp16 only: dynamic loss scaling.
+    #[serde(default = "default_initial_scale")]
+    pub initial_loss_scale: f64,
+    #[serde(default = "default_growth_interval")]
+    pub growth_interval: u64,
+}
+
+fn default_initial_scale() -> f64 {
+    65536.0
+}
+fn default_growth_interval() -> u64 {
+    2000
+}
+
+impl Default for PrecisionSpec {
+    fn default() -> Self {
+        Self {
+            compute: Compute::Fp32,
+            initial_loss_scale: default_initial_scale(),
+            growth_interval: default_growth_interval(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSpec {
+    /// Sequences per optimizer step.
+    pub global: usize,
+    /// Sequences per forward/backward on one replica.
+    pub micro: usize,
+    #[serde(default = "one")]
+    pub replicas: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Save every N steps (0: only at the end).
+    #[serde(default)]
+    pub every: u64,
+    /// Keep this many most recent checkpoints (0: keep all).
+    #[serde(default)]
+    pub keep_last: usize,
+    #[serde(default = "default_checkpoint_dir")]
+    pub dir: PathBuf,
+    /// dtype of saved model weights (optimizer states are always fp32).
+    #[serde(default)]
+    pub dtype: Option<Compute>,
+    #[serde(default)]
+    pub push_to_hub: Option<PushSpec>,
+}
+
+fn default_checkpoint_dir() -> PathBuf {
+    "checkpoints".into()
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        Self {
+            every: 0,
+            keep_last: 0,
+            dir: default_checkpoint_dir(),
+            dtype: None,
+            push_to_hub: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PushSpec {
+    pub repo: String,
+    #[serde(default)]
+    pub revision: Option<String>,
+    #[serde(default)]
+    pub private: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvalTask {
+    /// Loss on the eval split only.
+    #[default]
+    Loss,
+    /// Loss and MNLI accuracy.
+    Mnli,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvalMode {
+    #[default]
+    Generate,
+    Rank,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    /// Evaluate every N steps (0: only at the end, if there is an eval split).
+    #[serde(default)]
+    pub every: u64,
+    #[serde(default)]
+    pub task: EvalTask,
+    #[serde(default)]
+    pub mode: EvalMode,
+    /// At most this many eval examples (all when absent).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    #[serde(default = "default_eval_batch")]
+    pub batch_size: usize,
+}
+
+fn default_eval_batch() -> usize {
+    8
+}
+
+impl Default for EvalSpec {
+    fn default() -> Self {
+        Self {
+            every: 0,
+            task: EvalTask::Loss,
+            mode: EvalMode::Generate,
+            limit: None,
+            batch_size: default_eval_batch(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrackingSpec {
+    #[serde(default = "default_log_dir")]
+    pub log_dir: PathBuf,
+    #[serde(default = "one_u64")]
+    pub log_every: u64,
+}
+
+fn default_log_dir() -> PathBuf {
+    "runs".into()
+}
+fn one_u64() -> u64 {
+    1
+}
+
+impl Default for TrackingSpec {
+    fn default() -> Self {
+        Self {
+            log_dir: default_log_dir(),
+            log_every: 1,
+        }
+    }
+}
