@@ -286,6 +286,16 @@ def make_generate(out: Path, seed: int) -> None:
               f"min top1-top2 margin {m:.2e}: {c['output_ids']}")
 
 
+def make_pytorch_bin_copy(out: Path) -> None:
+    """rot8 again, saved the pre-safetensors way (a pickled state dict), so the Rust side can
+    check that `pytorch_model.bin` directories load to the same numbers."""
+    src = out / "parity" / "rot8"
+    d = fresh_dir(out / "parity" / "rot8_pytorch_bin")
+    model = GPTJForCausalLM.from_pretrained(src)
+    torch.save(model.state_dict(), d / "pytorch_model.bin")
+    (d / "config.json").write_text((src / "config.json").read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
@@ -294,6 +304,7 @@ def main() -> None:
 
     make_parity(out, "rot8", ROT8, seed=1000)
     make_parity(out, "full12", FULL12, seed=2000)
+    make_pytorch_bin_copy(out)
     make_train(out, seed=3000)
     # Seed picked (by scanning 4000..4059) so that one greedy case emits eos
     # mid-way; otherwise early stopping would go untested.
