@@ -5,5 +5,6 @@
 
 pub mod cli;
 pub mod eval;
+pub mod hub;
 pub mod model;
 pub mod tokenizer;
