@@ -22,6 +22,29 @@ pub enum Command {
     Init(InitArgs),
     /// Per-token log-probabilities of texts or token ids under a model.
     Score(ScoreArgs),
+    /// Upload a checkpoint (or any model directory) to a Hugging Face Hub repo as one commit.
+    Push(PushArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// Directory to upload; it is only read.
+    pub checkpoint_dir: PathBuf,
+    /// Target repo, `owner/name`; created if it does not exist.
+    #[arg(long)]
+    pub repo: String,
+    /// Branch to commit to.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// Create the repo private (an existing repo keeps its visibility).
+    #[arg(long)]
+    pub private: bool,
+    /// Commit message.
+    #[arg(long, default_value = "Upload with kiln")]
+    pub message: String,
+    /// Hub URL; defaults to HF_ENDPOINT, else https://huggingface.co.
+    #[arg(long)]
+    pub endpoint: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +119,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init(args) => init(args),
         Command::Score(args) => score(args),
+        Command::Push(args) => push(args),
     }
 }
 
@@ -175,5 +199,39 @@ fn score(args: ScoreArgs) -> Result<()> {
         total / predicted.max(1) as f64,
         (-total / predicted.max(1) as f64).exp()
     );
+    Ok(())
+}
+
+fn push(args: PushArgs) -> Result<()> {
+    let mut config = crate::hub::HubConfig::from_env();
+    if let Some(endpoint) = &args.endpoint {
+        config.endpoint = endpoint.trim_end_matches('/').to_string();
+    }
+    let options = crate::hub::PushOptions {
+        revision: args.revision,
+        private: args.private,
+        message: args.message,
+        ..crate::hub::PushOptions::new(&args.repo)
+    };
+    let report = crate::hub::push_folder(&config, &args.checkpoint_dir, &options)?;
+    match &report.commit_oid {
+        Some(oid) => println!(
+            "pushed {} to {}@{}: commit {oid}, {} files ({} LFS objects, {} bytes uploaded), {} unchanged{}",
+            args.checkpoint_dir.display(),
+            options.repo,
+            options.revision,
+            report.committed_files.len(),
+            report.lfs_objects_uploaded,
+            report.lfs_bytes_uploaded,
+            report.unchanged_files.len(),
+            report.commit_url.as_deref().map(|u| format!(": {u}")).unwrap_or_default()
+        ),
+        None => println!(
+            "{} is already on {}@{}: nothing to commit",
+            args.checkpoint_dir.display(),
+            options.repo,
+            options.revision
+        ),
+    }
     Ok(())
 }

@@ -304,8 +304,22 @@ impl Session<'_> {
         match self.post_json("create repo", &url, &body, "application/json") {
             Ok(_) => Ok(()),
             Err(e) if e.status == Some(409) => Ok(()),
+            // A token may lack the right to create repos in the namespace, yet be allowed to
+            // write to one that exists: go on when the repo is there, as the official client does.
+            Err(e) if matches!(e.status, Some(401 | 402 | 403)) && self.repo_exists() => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    fn repo_exists(&self) -> bool {
+        let url = format!(
+            "{}/api/{}/{}",
+            self.config.endpoint,
+            RepoType::Model.api_plural(),
+            self.options.repo
+        );
+        let response = self.agent.get(&url).header("Authorization", &self.auth).call();
+        http::check("GET", &url, response).is_ok()
     }
 
     /// Per file: upload mode, whether the repo ignores it, and the oid the branch has at that path.
