@@ -10,7 +10,11 @@ use crate::model::{self, init::Preset};
 use crate::tokenizer::TextTokenizer;
 
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about = "Fine-tune GPT-J-family language models from recipes")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Fine-tune GPT-J-family language models from recipes"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -139,8 +143,13 @@ fn init(args: InitArgs) -> Result<()> {
         config.eos_token_id = Some(tok.eos_id());
         config.bos_token_id = Some(tok.eos_id());
     }
-    let mut files =
-        model::init::write_random_model(&args.out, &config, args.seed, dtype, args.max_shard_bytes)?;
+    let mut files = model::init::write_random_model(
+        &args.out,
+        &config,
+        args.seed,
+        dtype,
+        args.max_shard_bytes,
+    )?;
     if let Some(tok) = &tokenizer {
         files.extend(tok.save_to(&args.out)?);
     }
@@ -186,8 +195,8 @@ fn score(args: ScoreArgs) -> Result<()> {
         config.vocab_size,
         config.n_positions,
     )?;
-    let scored = crate::eval::score::score_rows(&model, &rows, args.batch_size)
-        .context("scoring failed")?;
+    let scored =
+        crate::eval::score::score_rows(&model, &rows, args.batch_size).context("scoring failed")?;
     crate::eval::score::write_jsonl(&args.output, &scored)?;
     let tokens: usize = scored.iter().map(|r| r.ids.len()).sum();
     let total: f64 = scored.iter().map(|r| r.total as f64).sum();

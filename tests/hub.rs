@@ -11,11 +11,18 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hub_server::{Entry, Fault, FaultAction, HubServer, ServerOptions, BOB_TOKEN, READ_TOKEN, WRITE_TOKEN};
+use hub_server::{
+    Entry, Fault, FaultAction, HubServer, ServerOptions, BOB_TOKEN, READ_TOKEN, WRITE_TOKEN,
+};
 use kiln::hub::{self, HubConfig, PushOptions, RetryPolicy, UploadEvent, Uploader};
 
 fn config(server: &HubServer, token: Option<&str>, cache: &Path) -> HubConfig {
-    let mut c = HubConfig::new(&server.url, token.map(str::to_string), cache.to_path_buf(), false);
+    let mut c = HubConfig::new(
+        &server.url,
+        token.map(str::to_string),
+        cache.to_path_buf(),
+        false,
+    );
     c.retry = RetryPolicy {
         max_attempts: 4,
         initial_backoff: Duration::from_millis(5),
@@ -26,7 +33,9 @@ fn config(server: &HubServer, token: Option<&str>, cache: &Path) -> HubConfig {
 
 /// Deterministic pseudo-random bytes, so LFS objects differ between tests that want them to.
 fn bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -41,10 +50,19 @@ fn bytes(len: usize, seed: u64) -> Vec<u8> {
 /// tokenizer.json and README.md.
 fn checkpoint(dir: &Path, weights: usize, seed: u64) -> BTreeMap<String, Vec<u8>> {
     let files = BTreeMap::from([
-        ("config.json".to_string(), br#"{"model_type": "gptj", "n_layer": 2}"#.to_vec()),
+        (
+            "config.json".to_string(),
+            br#"{"model_type": "gptj", "n_layer": 2}"#.to_vec(),
+        ),
         ("model.safetensors".to_string(), bytes(weights, seed)),
-        ("tokenizer.json".to_string(), format!("{{\"version\": \"1.0\", \"seed\": {seed}}}").into_bytes()),
-        ("README.md".to_string(), b"---\nlicense: apache-2.0\n---\n# A kiln checkpoint\n".to_vec()),
+        (
+            "tokenizer.json".to_string(),
+            format!("{{\"version\": \"1.0\", \"seed\": {seed}}}").into_bytes(),
+        ),
+        (
+            "README.md".to_string(),
+            b"---\nlicense: apache-2.0\n---\n# A kiln checkpoint\n".to_vec(),
+        ),
     ]);
     fs::create_dir_all(dir).unwrap();
     for (name, content) in &files {
@@ -76,11 +94,23 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, String, std::time::SystemTime)> {
 
 fn assert_tree_matches(server: &HubServer, repo: &str, files: &BTreeMap<String, Vec<u8>>) {
     let tree = server.tree(repo, "main").expect("repo exists");
-    assert_eq!(tree.keys().collect::<Vec<_>>(), files.keys().collect::<Vec<_>>(), "file list of {repo}");
+    assert_eq!(
+        tree.keys().collect::<Vec<_>>(),
+        files.keys().collect::<Vec<_>>(),
+        "file list of {repo}"
+    );
     for (path, entry) in &tree {
-        assert_eq!(&server.content(entry), &files[path], "{path} differs on the server");
+        assert_eq!(
+            &server.content(entry),
+            &files[path],
+            "{path} differs on the server"
+        );
         let expect_lfs = path.ends_with(".safetensors");
-        assert_eq!(matches!(entry, Entry::Lfs { .. }), expect_lfs, "{path}: LFS or not");
+        assert_eq!(
+            matches!(entry, Entry::Lfs { .. }),
+            expect_lfs,
+            "{path}: LFS or not"
+        );
     }
 }
 
@@ -105,11 +135,21 @@ fn push_commits_exactly_the_directory_and_leaves_it_untouched() {
     assert_eq!(report.lfs_bytes_uploaded, 200_000);
     assert!(report.commit_oid.is_some());
     let requests = server.requests();
-    let parts: Vec<_> = requests.iter().filter(|r| r.path.starts_with("/lfs-multipart/") && r.method == "PUT").collect();
+    let parts: Vec<_> = requests
+        .iter()
+        .filter(|r| r.path.starts_with("/lfs-multipart/") && r.method == "PUT")
+        .collect();
     assert_eq!(parts.len(), 7, "200000 bytes in 32 KiB parts");
-    assert!(parts.iter().all(|r| !r.chunked), "storage PUTs must carry a Content-Length");
-    assert!(requests.iter().any(|r| r.path.ends_with("/complete") && r.status == 200));
-    assert!(requests.iter().any(|r| r.path.starts_with("/lfs-verify/") && r.status == 200));
+    assert!(
+        parts.iter().all(|r| !r.chunked),
+        "storage PUTs must carry a Content-Length"
+    );
+    assert!(requests
+        .iter()
+        .any(|r| r.path.ends_with("/complete") && r.status == 200));
+    assert!(requests
+        .iter()
+        .any(|r| r.path.starts_with("/lfs-verify/") && r.status == 200));
     assert_eq!(server.lfs_bytes_received(), 200_000);
 }
 
@@ -125,23 +165,40 @@ fn basic_transfer_for_objects_below_the_multipart_threshold() {
     let dir = tmp.path().join("ckpt");
     let mut files = checkpoint(&dir, 50_000, 2);
     // Above the server's 10 kB LFS threshold here, although not a weights file by name.
-    let big_text = bytes(12_000, 3).iter().map(|b| b'a' + b % 26).collect::<Vec<u8>>();
+    let big_text = bytes(12_000, 3)
+        .iter()
+        .map(|b| b'a' + b % 26)
+        .collect::<Vec<u8>>();
     fs::create_dir_all(dir.join("logs")).unwrap();
     fs::write(dir.join("logs/metrics.txt"), &big_text).unwrap();
     files.insert("logs/metrics.txt".into(), big_text);
-    let report = hub::push_folder(&config(&server, Some(WRITE_TOKEN), tmp.path()), &dir, &PushOptions::new("alice/basic"))
-        .unwrap();
+    let report = hub::push_folder(
+        &config(&server, Some(WRITE_TOKEN), tmp.path()),
+        &dir,
+        &PushOptions::new("alice/basic"),
+    )
+    .unwrap();
     let tree = server.tree("models/alice/basic", "main").unwrap();
     assert_eq!(tree.len(), 5);
     for (path, entry) in &tree {
         assert_eq!(server.content(entry), files[path], "{path}");
     }
     assert!(tree.contains_key("logs/metrics.txt"));
-    assert!(matches!(tree["logs/metrics.txt"], Entry::Lfs { size: 12_000, .. }));
+    assert!(matches!(
+        tree["logs/metrics.txt"],
+        Entry::Lfs { size: 12_000, .. }
+    ));
     assert_eq!(report.lfs_objects_uploaded, 2);
-    let mut puts: Vec<_> = server.requests().into_iter().filter(|r| r.path.starts_with("/lfs-storage/")).collect();
+    let mut puts: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/lfs-storage/"))
+        .collect();
     puts.sort_by_key(|r| r.body_len);
-    assert_eq!(puts.iter().map(|r| r.body_len).collect::<Vec<_>>(), vec![12_000, 50_000]);
+    assert_eq!(
+        puts.iter().map(|r| r.body_len).collect::<Vec<_>>(),
+        vec![12_000, 50_000]
+    );
     assert!(puts.iter().all(|r| !r.chunked && r.status == 200));
 }
 
@@ -197,11 +254,25 @@ fn server_errors_are_retried_until_the_push_succeeds() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ckpt");
     let files = checkpoint(&dir, 100_000, 5);
-    hub::push_folder(&config(&server, Some(WRITE_TOKEN), tmp.path()), &dir, &PushOptions::new("alice/flaky")).unwrap();
+    hub::push_folder(
+        &config(&server, Some(WRITE_TOKEN), tmp.path()),
+        &dir,
+        &PushOptions::new("alice/flaky"),
+    )
+    .unwrap();
     assert_tree_matches(&server, "models/alice/flaky", &files);
-    let failed: Vec<u16> = server.requests().iter().filter(|r| r.status >= 429).map(|r| r.status).collect();
+    let failed: Vec<u16> = server
+        .requests()
+        .iter()
+        .filter(|r| r.status >= 429)
+        .map(|r| r.status)
+        .collect();
     assert_eq!(failed, vec![500, 429, 503, 503, 502, 500]);
-    assert_eq!(server.commit_count("models/alice/flaky"), 2, "creation + exactly one push commit");
+    assert_eq!(
+        server.commit_count("models/alice/flaky"),
+        2,
+        "creation + exactly one push commit"
+    );
 }
 
 #[test]
@@ -225,7 +296,12 @@ fn dropped_connections_are_retried() {
     let dir = tmp.path().join("ckpt");
     let files = checkpoint(&dir, 150_000, 6);
     let before = fingerprint(&dir);
-    hub::push_folder(&config(&server, Some(WRITE_TOKEN), tmp.path()), &dir, &PushOptions::new("alice/dropped")).unwrap();
+    hub::push_folder(
+        &config(&server, Some(WRITE_TOKEN), tmp.path()),
+        &dir,
+        &PushOptions::new("alice/dropped"),
+    )
+    .unwrap();
     assert_tree_matches(&server, "models/alice/dropped", &files);
     assert_eq!(fingerprint(&dir), before);
     let dropped = server.requests().iter().filter(|r| r.status == 0).count();
@@ -239,34 +315,65 @@ fn auth_failures_pass_the_hub_message_through_without_retrying() {
     let dir = tmp.path().join("ckpt");
     checkpoint(&dir, 1000, 7);
     let push = |token: &str, repo: &str| {
-        let e = hub::push_folder(&config(&server, Some(token), tmp.path()), &dir, &PushOptions::new(repo)).unwrap_err();
+        let e = hub::push_folder(
+            &config(&server, Some(token), tmp.path()),
+            &dir,
+            &PushOptions::new(repo),
+        )
+        .unwrap_err();
         format!("{e:#}")
     };
     let e = push("hf_not_a_token", "alice/secure");
-    assert!(e.contains("HTTP 401") && e.contains("Invalid credentials in Authorization header"), "{e}");
+    assert!(
+        e.contains("HTTP 401") && e.contains("Invalid credentials in Authorization header"),
+        "{e}"
+    );
     // A 401 is final: one create, one look whether the repo exists anyway, and no retry.
-    let seen: Vec<(String, String, u16)> = server.requests().into_iter().map(|r| (r.method, r.path, r.status)).collect();
+    let seen: Vec<(String, String, u16)> = server
+        .requests()
+        .into_iter()
+        .map(|r| (r.method, r.path, r.status))
+        .collect();
     assert_eq!(
         seen,
         vec![
             ("POST".to_string(), "/api/repos/create".to_string(), 401),
-            ("GET".to_string(), "/api/models/alice/secure".to_string(), 401)
+            (
+                "GET".to_string(),
+                "/api/models/alice/secure".to_string(),
+                401
+            )
         ]
     );
 
     let e = push(BOB_TOKEN, "alice/secure");
-    assert!(e.contains("HTTP 403") && e.contains("rights to create a model under the namespace \"alice\""), "{e}");
+    assert!(
+        e.contains("HTTP 403")
+            && e.contains("rights to create a model under the namespace \"alice\""),
+        "{e}"
+    );
 
     // The repo exists (409 on create is fine) but the token may only read.
     server.seed("models/alice/secure", false, &[("a.txt", b"a", false)]);
     let e = push(READ_TOKEN, "alice/secure");
-    assert!(e.contains("HTTP 403") && e.contains("You don't have write access to alice/secure"), "{e}");
+    assert!(
+        e.contains("HTTP 403") && e.contains("You don't have write access to alice/secure"),
+        "{e}"
+    );
 
     let mut options = PushOptions::new("alice/secure");
     options.revision = "no-such-branch".into();
-    let e = hub::push_folder(&config(&server, Some(WRITE_TOKEN), tmp.path()), &dir, &options).unwrap_err();
+    let e = hub::push_folder(
+        &config(&server, Some(WRITE_TOKEN), tmp.path()),
+        &dir,
+        &options,
+    )
+    .unwrap_err();
     let e = format!("{e:#}");
-    assert!(e.contains("HTTP 404") && e.contains("Invalid rev id: no-such-branch"), "{e}");
+    assert!(
+        e.contains("HTTP 404") && e.contains("Invalid rev id: no-such-branch"),
+        "{e}"
+    );
     assert!(server.requests().iter().all(|r| r.status < 500));
 }
 
@@ -276,9 +383,17 @@ fn no_token_fails_before_any_request() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ckpt");
     checkpoint(&dir, 1000, 8);
-    let e = hub::push_folder(&config(&server, None, tmp.path()), &dir, &PushOptions::new("alice/x")).unwrap_err();
+    let e = hub::push_folder(
+        &config(&server, None, tmp.path()),
+        &dir,
+        &PushOptions::new("alice/x"),
+    )
+    .unwrap_err();
     assert!(format!("{e:#}").contains("HF_TOKEN"), "{e:#}");
-    assert!(server.requests().is_empty(), "requests were sent without a token");
+    assert!(
+        server.requests().is_empty(),
+        "requests were sent without a token"
+    );
 }
 
 #[test]
@@ -298,22 +413,54 @@ fn uploader_runs_in_the_background_and_retries_whole_pushes() {
     let b = tmp.path().join("checkpoint-2");
     checkpoint(&a, 70_000, 9);
     let files_b = checkpoint(&b, 70_000, 10);
-    let uploader = Uploader::spawn(config(&server, Some(WRITE_TOKEN), tmp.path()), PushOptions::new("alice/bg"), 3).unwrap();
+    let uploader = Uploader::spawn(
+        config(&server, Some(WRITE_TOKEN), tmp.path()),
+        PushOptions::new("alice/bg"),
+        3,
+    )
+    .unwrap();
     uploader.submit(&a, "step 1");
     uploader.submit(&b, "step 2");
     let events = uploader.finish();
     assert_eq!(events.len(), 2, "{events:?}");
-    for event in &events {
-        assert!(matches!(event, UploadEvent::Pushed { .. }), "{event:?}");
+    match events.as_slice() {
+        [UploadEvent::Pushed {
+            dir: first,
+            attempts: 2,
+            ..
+        }, UploadEvent::Pushed {
+            dir: second,
+            attempts: 1,
+            ..
+        }] => {
+            assert_eq!((first, second), (&a, &b), "pushed in submission order");
+        }
+        other => panic!(
+            "expected checkpoint-1 pushed on its second attempt, then checkpoint-2: {other:?}"
+        ),
     }
+    assert_eq!(
+        server.commit_count("models/alice/bg"),
+        3,
+        "creation + one commit per checkpoint"
+    );
     assert_tree_matches(&server, "models/alice/bg", &files_b);
 
     // A final error (403) is reported once, not retried.
-    let uploader = Uploader::spawn(config(&server, Some(READ_TOKEN), tmp.path()), PushOptions::new("alice/bg"), 3).unwrap();
+    let uploader = Uploader::spawn(
+        config(&server, Some(READ_TOKEN), tmp.path()),
+        PushOptions::new("alice/bg"),
+        3,
+    )
+    .unwrap();
     uploader.submit(&a, "step 3");
     let events = uploader.finish();
     match events.as_slice() {
-        [UploadEvent::Failed { error, attempts, dir }] => {
+        [UploadEvent::Failed {
+            error,
+            attempts,
+            dir,
+        }] => {
             assert_eq!(*attempts, 1);
             assert_eq!(dir, &a);
             assert!(error.contains("You don't have write access"), "{error}");
@@ -324,13 +471,21 @@ fn uploader_runs_in_the_background_and_retries_whole_pushes() {
 
 fn seed_model(server: &HubServer, repo: &str, private: bool) -> BTreeMap<String, Vec<u8>> {
     let files = BTreeMap::from([
-        ("config.json".to_string(), br#"{"model_type": "gptj"}"#.to_vec()),
+        (
+            "config.json".to_string(),
+            br#"{"model_type": "gptj"}"#.to_vec(),
+        ),
         ("model.safetensors".to_string(), bytes(80_000, 11)),
-        ("tokenizer.json".to_string(), b"{\"version\": \"1.0\"}".to_vec()),
+        (
+            "tokenizer.json".to_string(),
+            b"{\"version\": \"1.0\"}".to_vec(),
+        ),
         ("generation_config.json".to_string(), b"{}".to_vec()),
     ]);
-    let mut seeded: Vec<(&str, &[u8], bool)> =
-        files.iter().map(|(k, v)| (k.as_str(), v.as_slice(), k.ends_with(".safetensors"))).collect();
+    let mut seeded: Vec<(&str, &[u8], bool)> = files
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice(), k.ends_with(".safetensors")))
+        .collect();
     seeded.push(("README.md", b"not needed to load the model", false));
     seeded.push(("flax_model.msgpack", b"other framework", true));
     server.seed(repo, private, &seeded);
@@ -347,23 +502,42 @@ fn resolve_model_fills_the_cache_then_works_offline() {
     let repo_dir = cache.join("models--alice--tiny");
     let commit = fs::read_to_string(repo_dir.join("refs/main")).unwrap();
     assert_eq!(dir, repo_dir.join("snapshots").join(&commit));
-    let mut present: Vec<String> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut present: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     present.sort();
-    assert_eq!(present, files.keys().cloned().collect::<Vec<_>>(), "only what a model needs");
+    assert_eq!(
+        present,
+        files.keys().cloned().collect::<Vec<_>>(),
+        "only what a model needs"
+    );
     for (name, content) in &files {
         assert_eq!(&fs::read(dir.join(name)).unwrap(), content, "{name}");
         let link = fs::read_link(dir.join(name)).unwrap();
-        assert!(link.starts_with("../../blobs"), "{name} -> {}", link.display());
+        assert!(
+            link.starts_with("../../blobs"),
+            "{name} -> {}",
+            link.display()
+        );
     }
-    let lfs_blob = repo_dir.join("blobs").join(hub_server::sha256_hex(&files["model.safetensors"]));
+    let lfs_blob = repo_dir
+        .join("blobs")
+        .join(hub_server::sha256_hex(&files["model.safetensors"]));
     assert!(lfs_blob.is_file(), "LFS blobs are named by sha256");
 
     // Offline: the same directory, without a single request.
     let seen = server.requests().len();
     let mut offline = config(&server, None, &cache);
     offline.offline = true;
-    assert_eq!(hub::resolve_model_with(&offline, "alice/tiny", Some("main")).unwrap(), dir);
-    assert_eq!(hub::resolve_model_with(&offline, "alice/tiny", Some(&commit)).unwrap(), dir);
+    assert_eq!(
+        hub::resolve_model_with(&offline, "alice/tiny", Some("main")).unwrap(),
+        dir
+    );
+    assert_eq!(
+        hub::resolve_model_with(&offline, "alice/tiny", Some(&commit)).unwrap(),
+        dir
+    );
     assert_eq!(server.requests().len(), seen);
 
     // Online again: everything is cached, so only the revision lookup goes out.
@@ -372,10 +546,16 @@ fn resolve_model_fills_the_cache_then_works_offline() {
 
     let e = hub::resolve_model_with(&offline, "alice/never-downloaded", Some("v2")).unwrap_err();
     let e = format!("{e:#}");
-    assert!(e.contains("HF_HUB_OFFLINE") && e.contains("alice/never-downloaded") && e.contains("v2"), "{e}");
+    assert!(
+        e.contains("HF_HUB_OFFLINE") && e.contains("alice/never-downloaded") && e.contains("v2"),
+        "{e}"
+    );
     assert!(e.contains(&cache.display().to_string()), "{e}");
     // A local directory is used as is.
-    assert_eq!(hub::resolve_model_with(&offline, dir.to_str().unwrap(), None).unwrap(), dir);
+    assert_eq!(
+        hub::resolve_model_with(&offline, dir.to_str().unwrap(), None).unwrap(),
+        dir
+    );
 }
 
 #[test]
@@ -399,20 +579,44 @@ fn resolve_model_downloads_sharded_weights_and_resumes_partial_blobs() {
     // An interrupted earlier download left the first half of shard 2.
     let blobs = cache.join("models--alice--sharded/blobs");
     fs::create_dir_all(&blobs).unwrap();
-    fs::write(blobs.join(format!("{}.incomplete", hub_server::sha256_hex(&shard2))), &shard2[..10_000]).unwrap();
+    fs::write(
+        blobs.join(format!("{}.incomplete", hub_server::sha256_hex(&shard2))),
+        &shard2[..10_000],
+    )
+    .unwrap();
 
-    let dir = hub::resolve_model_with(&config(&server, None, &cache), "alice/sharded", None).unwrap();
-    assert_eq!(fs::read(dir.join("model-00001-of-00002.safetensors")).unwrap(), shard1);
-    assert_eq!(fs::read(dir.join("model-00002-of-00002.safetensors")).unwrap(), shard2);
-    let ranged = server.requests().iter().filter(|r| r.path.starts_with("/lfs-cdn/") && r.status == 206).count();
+    let dir =
+        hub::resolve_model_with(&config(&server, None, &cache), "alice/sharded", None).unwrap();
+    assert_eq!(
+        fs::read(dir.join("model-00001-of-00002.safetensors")).unwrap(),
+        shard1
+    );
+    assert_eq!(
+        fs::read(dir.join("model-00002-of-00002.safetensors")).unwrap(),
+        shard2
+    );
+    let ranged = server
+        .requests()
+        .iter()
+        .filter(|r| r.path.starts_with("/lfs-cdn/") && r.status == 206)
+        .count();
     assert_eq!(ranged, 1, "the partial blob was resumed");
 
     let mut offline = config(&server, None, &cache);
     offline.offline = true;
-    assert_eq!(hub::resolve_model_with(&offline, "alice/sharded", None).unwrap(), dir);
+    assert_eq!(
+        hub::resolve_model_with(&offline, "alice/sharded", None).unwrap(),
+        dir
+    );
     fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
-    let e = format!("{:#}", hub::resolve_model_with(&offline, "alice/sharded", None).unwrap_err());
-    assert!(e.contains("missing model-00002-of-00002.safetensors"), "{e}");
+    let e = format!(
+        "{:#}",
+        hub::resolve_model_with(&offline, "alice/sharded", None).unwrap_err()
+    );
+    assert!(
+        e.contains("missing model-00002-of-00002.safetensors"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -420,19 +624,49 @@ fn private_and_missing_repos_give_clear_errors() {
     let server = HubServer::start(ServerOptions::default());
     seed_model(&server, "models/alice/private", true);
     let tmp = tempfile::tempdir().unwrap();
-    let e = format!("{:#}", hub::resolve_model_with(&config(&server, None, tmp.path()), "alice/private", None).unwrap_err());
-    assert!(e.contains("Repository not found") && e.contains("HF_TOKEN"), "{e}");
-    let dir = hub::resolve_model_with(&config(&server, Some(READ_TOKEN), tmp.path()), "alice/private", None).unwrap();
+    let e = format!(
+        "{:#}",
+        hub::resolve_model_with(&config(&server, None, tmp.path()), "alice/private", None)
+            .unwrap_err()
+    );
+    assert!(
+        e.contains("Repository not found") && e.contains("HF_TOKEN"),
+        "{e}"
+    );
+    let dir = hub::resolve_model_with(
+        &config(&server, Some(READ_TOKEN), tmp.path()),
+        "alice/private",
+        None,
+    )
+    .unwrap();
     assert!(dir.join("model.safetensors").is_file());
-    let e = format!("{:#}", hub::resolve_model_with(&config(&server, Some(READ_TOKEN), tmp.path()), "alice/private", Some("nope")).unwrap_err());
+    let e = format!(
+        "{:#}",
+        hub::resolve_model_with(
+            &config(&server, Some(READ_TOKEN), tmp.path()),
+            "alice/private",
+            Some("nope")
+        )
+        .unwrap_err()
+    );
     assert!(e.contains("Invalid rev id: nope"), "{e}");
-    let e = format!("{:#}", hub::resolve_model_with(&config(&server, None, tmp.path()), "not a repo/../x", None).unwrap_err());
-    assert!(e.contains("neither an existing directory nor a Hub repo id"), "{e}");
+    let e = format!(
+        "{:#}",
+        hub::resolve_model_with(&config(&server, None, tmp.path()), "not a repo/../x", None)
+            .unwrap_err()
+    );
+    assert!(
+        e.contains("neither an existing directory nor a Hub repo id"),
+        "{e}"
+    );
 }
 
 #[test]
 fn dataset_files_are_listed_and_downloaded() {
-    let server = HubServer::start(ServerOptions { tree_page_size: 2, ..Default::default() });
+    let server = HubServer::start(ServerOptions {
+        tree_page_size: 2,
+        ..Default::default()
+    });
     let mismatched = bytes(5_000, 14);
     server.seed(
         "datasets/nyu-mll/glue",
@@ -440,8 +674,16 @@ fn dataset_files_are_listed_and_downloaded() {
         &[
             ("README.md", b"# GLUE", false),
             ("mnli/train-00000-of-00001.parquet", &bytes(9_000, 15), true),
-            ("mnli/validation_matched-00000-of-00001.parquet", &bytes(4_000, 16), true),
-            ("mnli/validation_mismatched-00000-of-00001.parquet", &mismatched, true),
+            (
+                "mnli/validation_matched-00000-of-00001.parquet",
+                &bytes(4_000, 16),
+                true,
+            ),
+            (
+                "mnli/validation_mismatched-00000-of-00001.parquet",
+                &mismatched,
+                true,
+            ),
             ("ax/test-00000-of-00001.parquet", &bytes(1_000, 17), true),
         ],
     );
@@ -463,12 +705,30 @@ fn dataset_files_are_listed_and_downloaded() {
 
     let mut offline = cfg.clone();
     offline.offline = true;
-    assert_eq!(hub::resolve_dataset_file(&offline, "nyu-mll/glue", None, &files[2]).unwrap(), path);
-    assert_eq!(hub::list_dataset_files(&offline, "nyu-mll/glue", None, "mnli").unwrap(), vec![files[2].clone()]);
-    let e = format!("{:#}", hub::resolve_dataset_file(&offline, "nyu-mll/glue", None, &files[0]).unwrap_err());
-    assert!(e.contains("HF_HUB_OFFLINE") && e.contains("mnli/train-00000-of-00001.parquet"), "{e}");
-    let e = format!("{:#}", hub::resolve_dataset_file(&cfg, "nyu-mll/glue", None, "mnli/nope.parquet").unwrap_err());
-    assert!(e.contains("HTTP 404") && e.contains("does not exist"), "{e}");
+    assert_eq!(
+        hub::resolve_dataset_file(&offline, "nyu-mll/glue", None, &files[2]).unwrap(),
+        path
+    );
+    assert_eq!(
+        hub::list_dataset_files(&offline, "nyu-mll/glue", None, "mnli").unwrap(),
+        vec![files[2].clone()]
+    );
+    let e = format!(
+        "{:#}",
+        hub::resolve_dataset_file(&offline, "nyu-mll/glue", None, &files[0]).unwrap_err()
+    );
+    assert!(
+        e.contains("HF_HUB_OFFLINE") && e.contains("mnli/train-00000-of-00001.parquet"),
+        "{e}"
+    );
+    let e = format!(
+        "{:#}",
+        hub::resolve_dataset_file(&cfg, "nyu-mll/glue", None, "mnli/nope.parquet").unwrap_err()
+    );
+    assert!(
+        e.contains("HTTP 404") && e.contains("does not exist"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -480,18 +740,30 @@ fn kiln_push_cli() {
     let home = tmp.path().join("hf_home");
     let run = |token: Option<&str>| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
-        cmd.args(["push", dir.to_str().unwrap(), "--repo", "alice/cli", "--private", "--message", "first"])
-            .args(["--endpoint", &server.url])
-            .env("HF_HOME", &home)
-            .env_remove("HF_TOKEN")
-            .env_remove("HF_HUB_CACHE")
-            .env_remove("HF_TOKEN_PATH")
-            .env_remove("HF_ENDPOINT");
+        cmd.args([
+            "push",
+            dir.to_str().unwrap(),
+            "--repo",
+            "alice/cli",
+            "--private",
+            "--message",
+            "first",
+        ])
+        .args(["--endpoint", &server.url])
+        .env("HF_HOME", &home)
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_TOKEN_PATH")
+        .env_remove("HF_ENDPOINT");
         if let Some(t) = token {
             cmd.env("HF_TOKEN", t);
         }
         let out = cmd.output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (ok, _, stderr) = run(None);
     assert!(!ok && stderr.contains("HF_TOKEN"), "{stderr}");
@@ -499,17 +771,26 @@ fn kiln_push_cli() {
 
     let (ok, stdout, stderr) = run(Some(WRITE_TOKEN));
     assert!(ok, "{stderr}");
-    assert!(stdout.contains("pushed") && stdout.contains("4 files"), "{stdout}");
+    assert!(
+        stdout.contains("pushed") && stdout.contains("4 files"),
+        "{stdout}"
+    );
     assert_tree_matches(&server, "models/alice/cli", &files);
     // Private: invisible without a token.
-    let e = format!("{:#}", hub::resolve_model_with(&config(&server, None, tmp.path()), "alice/cli", None).unwrap_err());
+    let e = format!(
+        "{:#}",
+        hub::resolve_model_with(&config(&server, None, tmp.path()), "alice/cli", None).unwrap_err()
+    );
     assert!(e.contains("Repository not found"), "{e}");
 
     // The token file under HF_HOME counts too.
     fs::create_dir_all(&home).unwrap();
     fs::write(home.join("token"), format!("{WRITE_TOKEN}\n")).unwrap();
     let (ok, stdout, stderr) = run(None);
-    assert!(ok && stdout.contains("nothing to commit"), "{stdout}{stderr}");
+    assert!(
+        ok && stdout.contains("nothing to commit"),
+        "{stdout}{stderr}"
+    );
 }
 
 fn python() -> Option<PathBuf> {
@@ -520,7 +801,10 @@ fn python() -> Option<PathBuf> {
             .output()
             .is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!("SKIPPED: the official huggingface_hub Python client is not installed at {}", python.display());
+        eprintln!(
+            "SKIPPED: the official huggingface_hub Python client is not installed at {}",
+            python.display()
+        );
     }
     ok.then_some(python)
 }
@@ -537,7 +821,12 @@ fn official_python_client_makes_the_same_commit() {
     files.insert("sub/notes.txt".into(), b"nested file".to_vec());
     let before = fingerprint(&dir);
 
-    hub::push_folder(&config(&server, Some(WRITE_TOKEN), tmp.path()), &dir, &PushOptions::new("alice/rust")).unwrap();
+    hub::push_folder(
+        &config(&server, Some(WRITE_TOKEN), tmp.path()),
+        &dir,
+        &PushOptions::new("alice/rust"),
+    )
+    .unwrap();
     let rust_lfs_bytes = server.lfs_bytes_received();
 
     let script = r#"
@@ -552,7 +841,14 @@ again = api.upload_folder(folder_path=folder, repo_id=repo, commit_message="agai
 print("AGAIN", again.oid)
 "#;
     let out = std::process::Command::new(&python)
-        .args(["-c", script, &server.url, WRITE_TOKEN, dir.to_str().unwrap(), "alice/python"])
+        .args([
+            "-c",
+            script,
+            &server.url,
+            WRITE_TOKEN,
+            dir.to_str().unwrap(),
+            "alice/python",
+        ])
         .env("HF_HUB_DISABLE_XET", "1")
         .env("HF_HUB_DISABLE_TELEMETRY", "1")
         .env("HF_HOME", tmp.path().join("py_home"))
@@ -560,19 +856,32 @@ print("AGAIN", again.oid)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "python client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(fingerprint(&dir), before);
 
     let rust_tree = server.tree("models/alice/rust", "main").unwrap();
     let python_tree = server.tree("models/alice/python", "main").unwrap();
-    assert_eq!(rust_tree, python_tree, "the two clients committed different trees");
+    assert_eq!(
+        rust_tree, python_tree,
+        "the two clients committed different trees"
+    );
     assert_tree_matches(&server, "models/alice/python", &files);
     // The object was already in storage from the Rust push: Python sent no LFS bytes either.
     assert_eq!(server.lfs_bytes_received(), rust_lfs_bytes);
     // Python's second upload found nothing to change and made no commit, as ours does.
     assert_eq!(server.commit_count("models/alice/python"), 2);
-    let commit = stdout.lines().find_map(|l| l.strip_prefix("COMMIT ")).unwrap();
-    let again = stdout.lines().find_map(|l| l.strip_prefix("AGAIN ")).unwrap();
+    let commit = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("COMMIT "))
+        .unwrap();
+    let again = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("AGAIN "))
+        .unwrap();
     assert_eq!(commit, again);
 }
 
@@ -596,20 +905,39 @@ api.create_repo(repo)
 api.upload_folder(folder_path=folder, repo_id=repo, commit_message="from python")
 "#;
     let out = std::process::Command::new(&python)
-        .args(["-c", script, &server.url, WRITE_TOKEN, dir.to_str().unwrap(), "alice/py-first"])
+        .args([
+            "-c",
+            script,
+            &server.url,
+            WRITE_TOKEN,
+            dir.to_str().unwrap(),
+            "alice/py-first",
+        ])
         .env("HF_HUB_DISABLE_XET", "1")
         .env("HF_HOME", tmp.path().join("py_home"))
         .env_remove("HF_TOKEN")
         .output()
         .unwrap();
-    assert!(out.status.success(), "python client failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python client failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let tree = server.tree("models/alice/py-first", "main").unwrap();
     assert_eq!(tree.len(), 5);
     for (path, entry) in &tree {
         assert_eq!(server.content(entry), files[path], "{path}");
     }
     assert_eq!(server.lfs_bytes_received(), 103_000);
-    let report = hub::push_folder(&config(&server, Some(WRITE_TOKEN), tmp.path()), &dir, &PushOptions::new("alice/py-first")).unwrap();
-    assert_eq!(report.commit_oid, None, "our client sees Python's commit as identical");
+    let report = hub::push_folder(
+        &config(&server, Some(WRITE_TOKEN), tmp.path()),
+        &dir,
+        &PushOptions::new("alice/py-first"),
+    )
+    .unwrap();
+    assert_eq!(
+        report.commit_oid, None,
+        "our client sees Python's commit as identical"
+    );
     assert_eq!(report.unchanged_files.len(), 5);
 }

@@ -124,7 +124,10 @@ fn index_shards(index: &Path) -> Result<Vec<String>> {
     let mut shards = Vec::new();
     for (tensor, file) in map {
         let file = file.as_str().ok_or_else(|| {
-            anyhow!("{}: weight_map[{tensor}] is not a file name", index.display())
+            anyhow!(
+                "{}: weight_map[{tensor}] is not a file name",
+                index.display()
+            )
         })?;
         if file.contains("..") || file.starts_with('/') {
             bail!("{}: shard name `{file}` leaves the repo", index.display());
@@ -154,7 +157,9 @@ fn missing_model_files(dir: &Path) -> Result<Vec<String>> {
                 .collect());
         }
     }
-    Ok(vec!["model.safetensors (or pytorch_model.bin, or a sharded index)".into()])
+    Ok(vec![
+        "model.safetensors (or pytorch_model.bin, or a sharded index)".into(),
+    ])
 }
 
 /// One file of a dataset repo (`path` inside the repo), downloaded into the cache if needed.
@@ -243,7 +248,12 @@ impl<'a> CachedRepo<'a> {
     }
 
     fn describe(&self) -> String {
-        format!("{} {} (revision {})", self.kind.name(), self.id, self.revision)
+        format!(
+            "{} {} (revision {})",
+            self.kind.name(),
+            self.id,
+            self.revision
+        )
     }
 
     /// The commit the cache associates with the revision, without touching the network.
@@ -252,7 +262,9 @@ impl<'a> CachedRepo<'a> {
             return Ok(self.revision.to_string());
         }
         let ref_path = self.dir.join("refs").join(self.revision);
-        let commit = fs::read_to_string(&ref_path).ok().map(|c| c.trim().to_string());
+        let commit = fs::read_to_string(&ref_path)
+            .ok()
+            .map(|c| c.trim().to_string());
         match commit {
             Some(c) if is_commit_hash(&c) && self.snapshot_dir(&c).is_dir() => Ok(c),
             _ => bail!(
@@ -427,7 +439,9 @@ impl<'a> CachedRepo<'a> {
                 current = http::resolve_location(&current, &location);
                 continue;
             }
-            let etag = linked_etag.or_else(|| header("etag")).map(|e| clean_etag(&e));
+            let etag = linked_etag
+                .or_else(|| header("etag"))
+                .map(|e| clean_etag(&e));
             let etag = etag.filter(|e| !e.is_empty() && !e.contains(['/', '\\']));
             let Some(etag) = etag else {
                 return Err(HubHttpError {
@@ -560,7 +574,12 @@ fn next_link(header: &str) -> Option<String> {
         params
             .split(';')
             .any(|p| p.trim().replace(' ', "") == "rel=\"next\"")
-            .then(|| url.trim().trim_start_matches('<').trim_end_matches('>').to_string())
+            .then(|| {
+                url.trim()
+                    .trim_start_matches('<')
+                    .trim_end_matches('>')
+                    .to_string()
+            })
     })
 }
 
@@ -643,7 +662,10 @@ mod tests {
         );
         assert!(next_link(r#"<https://h/a>; rel="prev""#).is_none());
         assert_eq!(
-            relative_path(Path::new("/c/m/snapshots/abc/sub"), Path::new("/c/m/blobs/e")),
+            relative_path(
+                Path::new("/c/m/snapshots/abc/sub"),
+                Path::new("/c/m/blobs/e")
+            ),
             PathBuf::from("../../../blobs/e")
         );
     }

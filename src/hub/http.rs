@@ -118,7 +118,11 @@ fn json_error_message(body: &str) -> Option<String> {
         serde_json::Value::Array(items) => Some(
             items
                 .iter()
-                .map(|i| i.as_str().map(str::to_string).unwrap_or_else(|| i.to_string()))
+                .map(|i| {
+                    i.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| i.to_string())
+                })
                 .collect::<Vec<_>>()
                 .join("; "),
         ),
@@ -140,7 +144,10 @@ pub(crate) fn with_retries<T>(
             Err(e) if e.is_transient() && failures + 1 < policy.max_attempts.max(1) => {
                 failures += 1;
                 let wait = policy.backoff(failures);
-                tracing::warn!("{what}: {e}; retrying in {wait:?} (attempt {})", failures + 1);
+                tracing::warn!(
+                    "{what}: {e}; retrying in {wait:?} (attempt {})",
+                    failures + 1
+                );
                 std::thread::sleep(wait);
             }
             Err(e) => return Err(e),
@@ -210,7 +217,10 @@ pub(crate) fn resolve_location(request_url: &str, location: &str) -> String {
     if location.starts_with('/') {
         format!("{}{}", &request_url[..host_end], location)
     } else {
-        let dir_end = request_url.rfind('/').filter(|&i| i >= host_end).unwrap_or(host_end);
+        let dir_end = request_url
+            .rfind('/')
+            .filter(|&i| i >= host_end)
+            .unwrap_or(host_end);
         format!("{}/{}", &request_url[..dir_end], location)
     }
 }
@@ -250,7 +260,10 @@ mod tests {
             json_error_message(r#"{"error":"Repository not found"}"#).unwrap(),
             "Repository not found"
         );
-        assert_eq!(json_error_message(r#"{"error":["a","b"]}"#).unwrap(), "a; b");
+        assert_eq!(
+            json_error_message(r#"{"error":["a","b"]}"#).unwrap(),
+            "a; b"
+        );
         assert!(json_error_message("not json").is_none());
     }
 }

@@ -86,7 +86,7 @@ impl RetryPolicy {
 }
 
 /// Where the Hub is, who we are, and where downloaded files live.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HubConfig {
     /// Base URL without a trailing slash, e.g. `https://huggingface.co`.
     pub endpoint: String,
@@ -117,7 +117,12 @@ impl HubConfig {
     /// `$HF_HOME/token` file), `HF_HUB_CACHE` (else `$HF_HOME/hub`, `HF_HOME` defaulting to
     /// `~/.cache/huggingface`) and `HF_HUB_OFFLINE`.
     pub fn from_env() -> Self {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// [`HubConfig::from_env`] with the variables looked up by `lookup`.
+    pub fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Self {
+        let var = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
         let hf_home = var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
             let base = var("XDG_CACHE_HOME")
                 .map(PathBuf::from)
@@ -145,6 +150,19 @@ impl HubConfig {
         });
         let endpoint = var("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
         HubConfig::new(&endpoint, token, cache_dir, offline)
+    }
+}
+
+// The token stays out of logs and error messages.
+impl std::fmt::Debug for HubConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubConfig")
+            .field("endpoint", &self.endpoint)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("cache_dir", &self.cache_dir)
+            .field("offline", &self.offline)
+            .field("retry", &self.retry)
+            .finish()
     }
 }
 
@@ -181,6 +199,49 @@ mod tests {
         for bad in ["", "/x", "a/b/c", "../x", "a/..", "a b/c", "a/.git"] {
             assert!(validate_repo_id(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn config_from_variables() {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::write(home.path().join("token"), "hf_from_file\n").unwrap();
+        let home_str = home.path().to_string_lossy().into_owned();
+        let vars = |pairs: Vec<(&'static str, String)>| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.clone())
+            }
+        };
+        let c = HubConfig::from_vars(vars(vec![("HOME", "/home/u".into())]));
+        assert_eq!(c.endpoint, DEFAULT_ENDPOINT);
+        assert_eq!(c.cache_dir, PathBuf::from("/home/u/.cache/huggingface/hub"));
+        assert!(!c.offline);
+
+        let c = HubConfig::from_vars(vars(vec![
+            ("HF_HOME", home_str.clone()),
+            ("HF_ENDPOINT", "http://mirror:8080/".into()),
+            ("HF_HUB_OFFLINE", "1".into()),
+        ]));
+        assert_eq!(c.endpoint, "http://mirror:8080");
+        assert_eq!(c.cache_dir, home.path().join("hub"));
+        assert_eq!(c.token.as_deref(), Some("hf_from_file"));
+        assert!(c.offline);
+        assert!(
+            !format!("{c:?}").contains("hf_from_file"),
+            "the token leaks into Debug"
+        );
+
+        let c = HubConfig::from_vars(vars(vec![
+            ("HF_HOME", home_str),
+            ("HF_TOKEN", "hf_env".into()),
+            ("HF_HUB_CACHE", "/elsewhere".into()),
+            ("HF_HUB_OFFLINE", "0".into()),
+        ]));
+        assert_eq!(c.token.as_deref(), Some("hf_env"));
+        assert_eq!(c.cache_dir, PathBuf::from("/elsewhere"));
+        assert!(!c.offline);
     }
 
     #[test]

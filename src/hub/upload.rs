@@ -118,7 +118,9 @@ pub fn push_folder(config: &HubConfig, dir: &Path, options: &PushOptions) -> Res
         agent: http::agent(),
         auth,
     };
-    let fail = |e: HubHttpError| anyhow::Error::new(e).context(format!("pushing {} to {}", dir.display(), options.repo));
+    let fail = |e: HubHttpError| {
+        anyhow::Error::new(e).context(format!("pushing {} to {}", dir.display(), options.repo))
+    };
     session.create_repo().map_err(fail)?;
     let plan = session.preupload(&files).map_err(fail)?;
 
@@ -131,7 +133,8 @@ pub fn push_folder(config: &HubConfig, dir: &Path, options: &PushOptions) -> Res
         lfs_objects_uploaded: 0,
         lfs_bytes_uploaded: 0,
     };
-    let mut lines = vec![json!({"key": "header", "value": {"summary": options.message, "description": ""}})];
+    let mut lines =
+        vec![json!({"key": "header", "value": {"summary": options.message, "description": ""}})];
     let mut lfs_pending = Vec::new();
     for (file, (mode, ignore, remote_oid)) in files.iter().zip(&plan) {
         if *ignore {
@@ -182,8 +185,14 @@ pub fn push_folder(config: &HubConfig, dir: &Path, options: &PushOptions) -> Res
         body.push(b'\n');
     }
     let commit = session.commit(body).map_err(fail)?;
-    report.commit_oid = commit.get("commitOid").and_then(|v| v.as_str()).map(str::to_string);
-    report.commit_url = commit.get("commitUrl").and_then(|v| v.as_str()).map(str::to_string);
+    report.commit_oid = commit
+        .get("commitOid")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    report.commit_url = commit
+        .get("commitUrl")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
     Ok(report)
 }
 
@@ -201,13 +210,16 @@ fn scan_folder(dir: &Path, prefix: &str) -> Result<Vec<LocalFile>> {
             } else {
                 format!("{prefix}/{rel}")
             };
-            let mut f = File::open(&local).with_context(|| format!("opening {}", local.display()))?;
+            let mut f =
+                File::open(&local).with_context(|| format!("opening {}", local.display()))?;
             let mut hasher = Sha256::new();
             let mut sample = Vec::new();
             let mut size = 0u64;
             let mut buf = vec![0u8; 1 << 20];
             loop {
-                let n = f.read(&mut buf).with_context(|| format!("reading {}", local.display()))?;
+                let n = f
+                    .read(&mut buf)
+                    .with_context(|| format!("reading {}", local.display()))?;
                 if n == 0 {
                     break;
                 }
@@ -237,7 +249,11 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String)>) -> Result<()>
             .expect("walked paths are under the root")
             .to_string_lossy()
             .replace('\\', "/");
-        if rel == ".git" || rel.ends_with("/.git") || rel == ".cache/huggingface" || rel.ends_with("/.cache/huggingface") {
+        if rel == ".git"
+            || rel.ends_with("/.git")
+            || rel == ".cache/huggingface"
+            || rel.ends_with("/.cache/huggingface")
+        {
             continue;
         }
         if path.is_dir() {
@@ -275,7 +291,13 @@ impl Session<'_> {
         )
     }
 
-    fn post_json(&self, what: &str, url: &str, body: &Value, content_type: &str) -> Result<Value, HubHttpError> {
+    fn post_json(
+        &self,
+        what: &str,
+        url: &str,
+        body: &Value,
+        content_type: &str,
+    ) -> Result<Value, HubHttpError> {
         let bytes = serde_json::to_vec(body).expect("JSON values serialize");
         http::with_retries(&self.config.retry, what, || {
             let response = self
@@ -318,12 +340,19 @@ impl Session<'_> {
             RepoType::Model.api_plural(),
             self.options.repo
         );
-        let response = self.agent.get(&url).header("Authorization", &self.auth).call();
+        let response = self
+            .agent
+            .get(&url)
+            .header("Authorization", &self.auth)
+            .call();
         http::check("GET", &url, response).is_ok()
     }
 
     /// Per file: upload mode, whether the repo ignores it, and the oid the branch has at that path.
-    fn preupload(&self, files: &[LocalFile]) -> Result<Vec<(Mode, bool, Option<String>)>, HubHttpError> {
+    fn preupload(
+        &self,
+        files: &[LocalFile],
+    ) -> Result<Vec<(Mode, bool, Option<String>)>, HubHttpError> {
         let url = self.api("preupload");
         let mut plan = Vec::with_capacity(files.len());
         for chunk in files.chunks(BATCH_FILES) {
@@ -352,10 +381,21 @@ impl Session<'_> {
                     // Empty files cannot go through LFS storage; the Hub takes them inline.
                     Some("lfs") if file.size > 0 => Mode::Lfs,
                     Some("lfs") | Some("regular") => Mode::Regular,
-                    other => return Err(malformed(&format!("uploadMode {other:?} for {}", file.path_in_repo))),
+                    other => {
+                        return Err(malformed(&format!(
+                            "uploadMode {other:?} for {}",
+                            file.path_in_repo
+                        )))
+                    }
                 };
-                let ignore = entry.get("shouldIgnore").and_then(|v| v.as_bool()).unwrap_or(false);
-                let oid = entry.get("oid").and_then(|v| v.as_str()).map(str::to_string);
+                let ignore = entry
+                    .get("shouldIgnore")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false);
+                let oid = entry
+                    .get("oid")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string);
                 plan.push((mode, ignore, oid));
             }
         }
@@ -388,7 +428,10 @@ impl Session<'_> {
             .ok_or_else(|| malformed("no `objects` array".into()))?;
         let mut sent = (0, 0);
         for object in objects {
-            let oid = object.get("oid").and_then(|o| o.as_str()).unwrap_or_default();
+            let oid = object
+                .get("oid")
+                .and_then(|o| o.as_str())
+                .unwrap_or_default();
             let file = files
                 .iter()
                 .find(|f| f.sha256 == oid)
@@ -401,12 +444,17 @@ impl Session<'_> {
                     message: format!(
                         "the Hub refused LFS object {oid} ({}): {}",
                         file.path_in_repo,
-                        error.get("message").and_then(|m| m.as_str()).unwrap_or("no message")
+                        error
+                            .get("message")
+                            .and_then(|m| m.as_str())
+                            .unwrap_or("no message")
                     ),
                 });
             }
             // No actions: the Hub's storage already has these bytes.
-            let Some(actions) = object.get("actions") else { continue };
+            let Some(actions) = object.get("actions") else {
+                continue;
+            };
             let upload = actions
                 .get("upload")
                 .ok_or_else(|| malformed(format!("no upload action for {oid}")))?;
@@ -432,7 +480,8 @@ impl Session<'_> {
                     .get("href")
                     .and_then(|h| h.as_str())
                     .ok_or_else(|| malformed(format!("verify action of {oid} has no href")))?;
-                let body = serde_json::to_vec(&json!({"oid": file.sha256, "size": file.size})).expect("JSON");
+                let body = serde_json::to_vec(&json!({"oid": file.sha256, "size": file.size}))
+                    .expect("JSON");
                 http::with_retries(&self.config.retry, "LFS verify", || {
                     let mut request = self
                         .agent
@@ -440,7 +489,12 @@ impl Session<'_> {
                         .header("Authorization", &self.auth)
                         .header("Accept", "application/vnd.git-lfs+json")
                         .content_type("application/vnd.git-lfs+json");
-                    for (k, v) in verify.get("header").and_then(|h| h.as_object()).into_iter().flatten() {
+                    for (k, v) in verify
+                        .get("header")
+                        .and_then(|h| h.as_object())
+                        .into_iter()
+                        .flatten()
+                    {
                         if let Some(v) = v.as_str() {
                             request = request.header(k.as_str(), v);
                         }
@@ -461,7 +515,11 @@ impl Session<'_> {
         href: &str,
         header: Option<&serde_json::Map<String, Value>>,
     ) -> Result<(), HubHttpError> {
-        let progress = progress_bar(self.config, file.size, &format!("uploading {}", file.path_in_repo));
+        let progress = progress_bar(
+            self.config,
+            file.size,
+            &format!("uploading {}", file.path_in_repo),
+        );
         http::with_retries(&self.config.retry, "LFS upload", || {
             progress.set_position(0);
             let mut request = self.agent.put(href);
@@ -495,7 +553,10 @@ impl Session<'_> {
             .collect();
         part_urls.sort();
         let expected = file.size.div_ceil(chunk_size);
-        let numbered_from_one = part_urls.iter().enumerate().all(|(i, (n, _))| *n == i as u64 + 1);
+        let numbered_from_one = part_urls
+            .iter()
+            .enumerate()
+            .all(|(i, (n, _))| *n == i as u64 + 1);
         if part_urls.len() as u64 != expected || !numbered_from_one {
             return Err(HubHttpError {
                 method: "POST".into(),
@@ -509,7 +570,11 @@ impl Session<'_> {
                 ),
             });
         }
-        let progress = progress_bar(self.config, file.size, &format!("uploading {}", file.path_in_repo));
+        let progress = progress_bar(
+            self.config,
+            file.size,
+            &format!("uploading {}", file.path_in_repo),
+        );
         let mut parts = Vec::with_capacity(part_urls.len());
         for (number, url) in part_urls {
             let offset = (number - 1) * chunk_size;
@@ -533,15 +598,23 @@ impl Session<'_> {
                         method: "PUT".into(),
                         url: url.to_string(),
                         status: Some(response.status().as_u16()),
-                        message: format!("part {number} of {} came back without an ETag", file.path_in_repo),
+                        message: format!(
+                            "part {number} of {} came back without an ETag",
+                            file.path_in_repo
+                        ),
                     })
             })?;
             parts.push(json!({"partNumber": number, "etag": etag}));
         }
         progress.finish_and_clear();
         let body = json!({"oid": file.sha256, "parts": parts});
-        self.post_json("LFS multipart completion", completion_url, &body, "application/vnd.git-lfs+json")
-            .map(drop)
+        self.post_json(
+            "LFS multipart completion",
+            completion_url,
+            &body,
+            "application/vnd.git-lfs+json",
+        )
+        .map(drop)
     }
 
     fn commit(&self, ndjson: Vec<u8>) -> Result<Value, HubHttpError> {
@@ -584,8 +657,10 @@ pub(crate) fn progress_bar(config: &HubConfig, total: u64, label: &str) -> Progr
     }
     let bar = ProgressBar::new(total).with_message(label.to_string());
     bar.set_style(
-        ProgressStyle::with_template("{msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-            .expect("static template"),
+        ProgressStyle::with_template(
+            "{msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .expect("static template"),
     );
     bar
 }
@@ -593,14 +668,25 @@ pub(crate) fn progress_bar(config: &HubConfig, total: u64, label: &str) -> Progr
 /// What happened to a checkpoint handed to an [`Uploader`].
 #[derive(Debug, Clone)]
 pub enum UploadEvent {
-    Pushed { dir: PathBuf, report: PushReport },
-    Failed { dir: PathBuf, error: String, attempts: u32 },
+    Pushed {
+        dir: PathBuf,
+        report: PushReport,
+        attempts: u32,
+    },
+    Failed {
+        dir: PathBuf,
+        error: String,
+        attempts: u32,
+    },
 }
 
 /// Pushes directories on a background thread, one at a time in submission order, so that the
 /// caller (the trainer) never waits for the network. A push whose failure is transient (network,
 /// 5xx, 429) is tried again with exponential backoff; every outcome is logged and sent as an
 /// [`UploadEvent`]. Nothing here panics the caller or touches the directories.
+///
+/// Dropping an `Uploader` (or calling [`Uploader::finish`]) waits for the queued pushes, so a
+/// checkpoint submitted at the end of training is not lost.
 pub struct Uploader {
     jobs: Option<mpsc::Sender<(PathBuf, String)>>,
     events: mpsc::Receiver<UploadEvent>,
@@ -617,7 +703,10 @@ impl Uploader {
             .name("kiln-hub-upload".into())
             .spawn(move || {
                 for (dir, message) in job_rx {
-                    let options = PushOptions { message, ..options.clone() };
+                    let options = PushOptions {
+                        message,
+                        ..options.clone()
+                    };
                     let event = push_with_retries(&config, &dir, &options, push_attempts.max(1));
                     // The receiver may be gone when the trainer stopped listening; the log has it.
                     let _ = event_tx.send(event);
@@ -639,7 +728,10 @@ impl Uploader {
             .map(|jobs| jobs.send((dir.to_path_buf(), message.to_string())).is_ok())
             .unwrap_or(false);
         if !sent {
-            tracing::error!("the upload thread is gone; {} will not be pushed", dir.display());
+            tracing::error!(
+                "the upload thread is gone; {} will not be pushed",
+                dir.display()
+            );
         }
     }
 
@@ -670,12 +762,19 @@ impl Drop for Uploader {
     }
 }
 
-fn push_with_retries(config: &HubConfig, dir: &Path, options: &PushOptions, attempts: u32) -> UploadEvent {
+fn push_with_retries(
+    config: &HubConfig,
+    dir: &Path,
+    options: &PushOptions,
+    attempts: u32,
+) -> UploadEvent {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| push_folder(config, dir, options)))
-            .unwrap_or_else(|_| Err(anyhow!("the push panicked")));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            push_folder(config, dir, options)
+        }))
+        .unwrap_or_else(|_| Err(anyhow!("the push panicked")));
         match result {
             Ok(report) => {
                 tracing::info!(
@@ -686,7 +785,11 @@ fn push_with_retries(config: &HubConfig, dir: &Path, options: &PushOptions, atte
                     report.committed_files.len(),
                     report.unchanged_files.len()
                 );
-                return UploadEvent::Pushed { dir: dir.to_path_buf(), report };
+                return UploadEvent::Pushed {
+                    dir: dir.to_path_buf(),
+                    report,
+                    attempts: attempt,
+                };
             }
             Err(e) => {
                 let transient = e
@@ -695,11 +798,18 @@ fn push_with_retries(config: &HubConfig, dir: &Path, options: &PushOptions, atte
                     .is_some_and(HubHttpError::is_transient);
                 if transient && attempt < attempts {
                     let wait = config.retry.backoff(attempt).max(Duration::from_millis(1)) * 4;
-                    tracing::warn!("pushing {} failed ({e:#}); trying again in {wait:?}", dir.display());
+                    tracing::warn!(
+                        "pushing {} failed ({e:#}); trying again in {wait:?}",
+                        dir.display()
+                    );
                     std::thread::sleep(wait);
                     continue;
                 }
-                tracing::error!("pushing {} to {} failed: {e:#}", dir.display(), options.repo);
+                tracing::error!(
+                    "pushing {} to {} failed: {e:#}",
+                    dir.display(),
+                    options.repo
+                );
                 return UploadEvent::Failed {
                     dir: dir.to_path_buf(),
                     error: format!("{e:#}"),
@@ -716,8 +826,14 @@ mod tests {
 
     #[test]
     fn git_blob_ids() {
-        // `printf 'hello\n' | git hash-object --stdin`
-        assert_eq!(git_blob_sha1(b"hello\n"), "ce013625030ba8dba906f756967f9e9ca394464a");
-        assert_eq!(git_blob_sha1(b""), "e69de29bb2d1d6429bd782d11898d0c150b9fd12");
+        // `printf 'hello\n' | git hash-object --stdin` and `git hash-object /dev/null`
+        assert_eq!(
+            git_blob_sha1(b"hello\n"),
+            "ce013625030ba8dba906f756967f9e9ca394464a"
+        );
+        assert_eq!(
+            git_blob_sha1(b""),
+            "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
+        );
     }
 }

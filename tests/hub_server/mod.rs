@@ -25,7 +25,18 @@ pub const READ_TOKEN: &str = "hf_test_alice_read";
 pub const BOB_TOKEN: &str = "hf_test_bob_write";
 
 /// File name suffixes the Hub's default `.gitattributes` routes through LFS.
-const LFS_SUFFIXES: &[&str] = &[".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".parquet", ".arrow", ".zip", ".gz"];
+const LFS_SUFFIXES: &[&str] = &[
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".parquet",
+    ".arrow",
+    ".zip",
+    ".gz",
+];
 
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
@@ -157,7 +168,12 @@ impl HubServer {
                 std::thread::spawn(move || serve_connection(stream, st));
             }
         });
-        HubServer { url, state, stop, port }
+        HubServer {
+            url,
+            state,
+            stop,
+            port,
+        }
     }
 
     pub fn inject(&self, fault: Fault) {
@@ -176,7 +192,11 @@ impl HubServer {
     pub fn tree(&self, repo: &str, rev: &str) -> Option<BTreeMap<String, Entry>> {
         let state = self.state.lock().unwrap();
         let r = state.repos.get(repo)?;
-        let commit = r.branches.get(rev).cloned().unwrap_or_else(|| rev.to_string());
+        let commit = r
+            .branches
+            .get(rev)
+            .cloned()
+            .unwrap_or_else(|| rev.to_string());
         r.commits.get(&commit).cloned()
     }
 
@@ -190,7 +210,13 @@ impl HubServer {
 
     /// Commits on `repo`, the repo's creation included.
     pub fn commit_count(&self, repo: &str) -> usize {
-        self.state.lock().unwrap().repos.get(repo).map(|r| r.commit_count).unwrap_or(0)
+        self.state
+            .lock()
+            .unwrap()
+            .repos
+            .get(repo)
+            .map(|r| r.commit_count)
+            .unwrap_or(0)
     }
 
     /// Puts files straight into a repo (created if needed) as one commit on `main`.
@@ -205,7 +231,10 @@ impl HubServer {
             let entry = if *lfs {
                 let oid = sha256_hex(bytes);
                 state.lfs.insert(oid.clone(), bytes.to_vec());
-                Entry::Lfs { oid, size: bytes.len() as u64 }
+                Entry::Lfs {
+                    oid,
+                    size: bytes.len() as u64,
+                }
             } else {
                 Entry::Regular(bytes.to_vec())
             };
@@ -251,11 +280,20 @@ fn next_commit_id(state: &mut State) -> String {
 
 fn head_tree(state: &State, repo: &str, rev: &str) -> Option<BTreeMap<String, Entry>> {
     let r = state.repos.get(repo)?;
-    let commit = r.branches.get(rev).cloned().unwrap_or_else(|| rev.to_string());
+    let commit = r
+        .branches
+        .get(rev)
+        .cloned()
+        .unwrap_or_else(|| rev.to_string());
     r.commits.get(&commit).cloned()
 }
 
-fn add_commit(state: &mut State, repo: &str, branch: &str, tree: BTreeMap<String, Entry>) -> String {
+fn add_commit(
+    state: &mut State,
+    repo: &str,
+    branch: &str,
+    tree: BTreeMap<String, Entry>,
+) -> String {
     let commit = next_commit_id(state);
     let r = state.repos.get_mut(repo).unwrap();
     r.commits.insert(commit.clone(), tree);
@@ -309,25 +347,46 @@ fn serve_connection(stream: TcpStream, state: Arc<Mutex<State>>) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;
     loop {
-        let Some((method, target, headers)) = read_head(&mut reader) else { return };
+        let Some((method, target, headers)) = read_head(&mut reader) else {
+            return;
+        };
         let (path, query) = split_query(&target);
         let fault = take_fault(&state, &method, &path);
         let chunked = headers
             .get("transfer-encoding")
             .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
         if let Some(FaultAction::DropMidBody) = fault {
-            let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let len: usize = headers
+                .get("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
             let mut partial = vec![0u8; len / 2];
             let _ = reader.read_exact(&mut partial);
             log(&state, &method, &path, partial.len(), chunked, 0);
             let _ = writer.shutdown(Shutdown::Both);
             return;
         }
-        let Some(body) = read_body(&mut reader, &headers, chunked) else { return };
-        let request = Request { method, path, query, headers, body, chunked };
+        let Some(body) = read_body(&mut reader, &headers, chunked) else {
+            return;
+        };
+        let request = Request {
+            method,
+            path,
+            query,
+            headers,
+            body,
+            chunked,
+        };
         let response = match fault {
             Some(FaultAction::DropBeforeResponse) => {
-                log(&state, &request.method, &request.path, request.body.len(), chunked, 0);
+                log(
+                    &state,
+                    &request.method,
+                    &request.path,
+                    request.body.len(),
+                    chunked,
+                    0,
+                );
                 let _ = writer.shutdown(Shutdown::Both);
                 return;
             }
@@ -337,15 +396,31 @@ fn serve_connection(stream: TcpStream, state: Arc<Mutex<State>>) {
                 route(&mut st, &request)
             }
         };
-        log(&state, &request.method, &request.path, request.body.len(), chunked, response.status);
-        let close = request.header("connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
+        log(
+            &state,
+            &request.method,
+            &request.path,
+            request.body.len(),
+            chunked,
+            response.status,
+        );
+        let close = request
+            .header("connection")
+            .is_some_and(|c| c.eq_ignore_ascii_case("close"));
         if write_response(&mut writer, &request.method, &response, close).is_err() || close {
             return;
         }
     }
 }
 
-fn log(state: &Mutex<State>, method: &str, path: &str, body_len: usize, chunked: bool, status: u16) {
+fn log(
+    state: &Mutex<State>,
+    method: &str,
+    path: &str,
+    body_len: usize,
+    chunked: bool,
+    status: u16,
+) {
     state.lock().unwrap().log.push(Logged {
         method: method.to_string(),
         path: path.to_string(),
@@ -396,7 +471,11 @@ fn read_head(reader: &mut impl BufRead) -> Option<Head> {
     Some((method, target, headers))
 }
 
-fn read_body(reader: &mut impl BufRead, headers: &HashMap<String, String>, chunked: bool) -> Option<Vec<u8>> {
+fn read_body(
+    reader: &mut impl BufRead,
+    headers: &HashMap<String, String>,
+    chunked: bool,
+) -> Option<Vec<u8>> {
     let mut body = Vec::new();
     if chunked {
         loop {
@@ -421,13 +500,21 @@ fn read_body(reader: &mut impl BufRead, headers: &HashMap<String, String>, chunk
             reader.read_exact(&mut crlf).ok()?;
         }
     }
-    let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     body.resize(len, 0);
     reader.read_exact(&mut body).ok()?;
     Some(body)
 }
 
-fn write_response(w: &mut TcpStream, method: &str, r: &Response, close: bool) -> std::io::Result<()> {
+fn write_response(
+    w: &mut TcpStream,
+    method: &str,
+    r: &Response,
+    close: bool,
+) -> std::io::Result<()> {
     let reason = match r.status {
         200 => "OK",
         206 => "Partial Content",
@@ -495,7 +582,10 @@ fn percent_decode(s: &str) -> String {
 fn caller(state: &State, req: &Request) -> Result<Option<(String, bool)>, Response> {
     match req.header("authorization") {
         None => Ok(None),
-        Some(h) => match h.strip_prefix("Bearer ").and_then(|t| state.tokens.get(t.trim())) {
+        Some(h) => match h
+            .strip_prefix("Bearer ")
+            .and_then(|t| state.tokens.get(t.trim()))
+        {
             Some(who) => Ok(Some(who.clone())),
             None => Err(error(401, "Invalid credentials in Authorization header")),
         },
@@ -511,7 +601,13 @@ fn require_write(state: &State, req: &Request, repo: &str) -> Result<(), Respons
         return Err(error_code(404, "RepoNotFound", "Repository not found"));
     }
     if !can_write || namespace != user {
-        return Err(error(403, &format!("You don't have write access to {}", &repo[repo.find('/').unwrap() + 1..])));
+        return Err(error(
+            403,
+            &format!(
+                "You don't have write access to {}",
+                &repo[repo.find('/').unwrap() + 1..]
+            ),
+        ));
     }
     Ok(())
 }
@@ -530,16 +626,25 @@ fn require_read(state: &State, req: &Request, repo: &str) -> Result<(), Response
 }
 
 fn route(state: &mut State, req: &Request) -> Response {
-    let segments: Vec<String> = req.path.trim_start_matches('/').split('/').map(percent_decode).collect();
+    let segments: Vec<String> = req
+        .path
+        .trim_start_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect();
     let seg: Vec<&str> = segments.iter().map(String::as_str).collect();
     let m = req.method.as_str();
     let result = match (m, seg.as_slice()) {
         ("POST", ["api", "repos", "create"]) => create_repo(state, req),
-        ("POST", ["api", "validate-yaml"]) => Ok(json_response(200, json!({"errors": [], "warnings": []}))),
+        ("POST", ["api", "validate-yaml"]) => {
+            Ok(json_response(200, json!({"errors": [], "warnings": []})))
+        }
         ("GET", ["api", kind @ ("models" | "datasets"), owner, name]) => {
             revision_info(state, req, &format!("{kind}/{owner}/{name}"), "main")
         }
-        (_, ["api", kind @ ("models" | "datasets"), owner, name, action, rest @ ..]) if !rest.is_empty() => {
+        (_, ["api", kind @ ("models" | "datasets"), owner, name, action, rest @ ..])
+            if !rest.is_empty() =>
+        {
             let repo = format!("{kind}/{owner}/{name}");
             // A revision such as refs/pr/1 arrives percent-encoded as one segment.
             let rev = rest[0];
@@ -553,22 +658,44 @@ fn route(state: &mut State, req: &Request) -> Response {
             }
         }
         ("POST", [owner, git, "info", "lfs", "objects", "batch"]) if git.ends_with(".git") => {
-            lfs_batch(state, req, &format!("models/{owner}/{}", git.trim_end_matches(".git")))
+            lfs_batch(
+                state,
+                req,
+                &format!("models/{owner}/{}", git.trim_end_matches(".git")),
+            )
         }
-        ("POST", ["datasets", owner, git, "info", "lfs", "objects", "batch"]) if git.ends_with(".git") => {
-            lfs_batch(state, req, &format!("datasets/{owner}/{}", git.trim_end_matches(".git")))
+        ("POST", ["datasets", owner, git, "info", "lfs", "objects", "batch"])
+            if git.ends_with(".git") =>
+        {
+            lfs_batch(
+                state,
+                req,
+                &format!("datasets/{owner}/{}", git.trim_end_matches(".git")),
+            )
         }
         ("PUT", ["lfs-storage", oid]) => storage_put(state, req, oid),
         ("PUT", ["lfs-multipart", oid, part]) => multipart_put(state, req, oid, part),
         ("POST", ["lfs-multipart", oid, "complete"]) => multipart_complete(state, req, oid),
         ("POST", ["lfs-verify", oid]) => lfs_verify(state, req, oid),
         ("GET", ["lfs-cdn", oid]) => cdn_get(state, req, oid),
-        ("GET" | "HEAD", ["datasets", owner, name, "resolve", rev, path @ ..]) if !path.is_empty() => {
-            resolve(state, req, &format!("datasets/{owner}/{name}"), rev, &path.join("/"))
+        ("GET" | "HEAD", ["datasets", owner, name, "resolve", rev, path @ ..])
+            if !path.is_empty() =>
+        {
+            resolve(
+                state,
+                req,
+                &format!("datasets/{owner}/{name}"),
+                rev,
+                &path.join("/"),
+            )
         }
-        ("GET" | "HEAD", [owner, name, "resolve", rev, path @ ..]) if !path.is_empty() => {
-            resolve(state, req, &format!("models/{owner}/{name}"), rev, &path.join("/"))
-        }
+        ("GET" | "HEAD", [owner, name, "resolve", rev, path @ ..]) if !path.is_empty() => resolve(
+            state,
+            req,
+            &format!("models/{owner}/{name}"),
+            rev,
+            &path.join("/"),
+        ),
         _ => Err(error(404, "Not Found")),
     };
     result.unwrap_or_else(|e| e)
@@ -583,15 +710,27 @@ fn create_repo(state: &mut State, req: &Request) -> Result<Response, Response> {
         return Err(error(401, "Invalid username or password."));
     };
     let body = parse_json(req)?;
-    let name = body.get("name").and_then(|v| v.as_str()).ok_or_else(|| error(400, "`name` is required"))?;
-    let namespace = body.get("organization").and_then(|v| v.as_str()).unwrap_or(&user).to_string();
+    let name = body
+        .get("name")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| error(400, "`name` is required"))?;
+    let namespace = body
+        .get("organization")
+        .and_then(|v| v.as_str())
+        .unwrap_or(&user)
+        .to_string();
     let kind = match body.get("type").and_then(|v| v.as_str()).unwrap_or("model") {
         "model" => "models",
         "dataset" => "datasets",
         other => return Err(error(400, &format!("unsupported repo type {other}"))),
     };
     if !can_write || namespace != user {
-        return Err(error(403, &format!("You don't have the rights to create a model under the namespace \"{namespace}\"")));
+        return Err(error(
+            403,
+            &format!(
+                "You don't have the rights to create a model under the namespace \"{namespace}\""
+            ),
+        ));
     }
     let repo = format!("{kind}/{namespace}/{name}");
     if state.repos.contains_key(&repo) {
@@ -601,30 +740,55 @@ fn create_repo(state: &mut State, req: &Request) -> Result<Response, Response> {
         || body.get("private").and_then(|v| v.as_bool()) == Some(true);
     let r = new_repo(state, private);
     state.repos.insert(repo, r);
-    Ok(json_response(200, json!({"url": format!("{}/{namespace}/{name}", state.base), "name": format!("{namespace}/{name}")})))
+    Ok(json_response(
+        200,
+        json!({"url": format!("{}/{namespace}/{name}", state.base), "name": format!("{namespace}/{name}")}),
+    ))
 }
 
-fn revision_info(state: &State, req: &Request, repo: &str, rev: &str) -> Result<Response, Response> {
+fn revision_info(
+    state: &State,
+    req: &Request,
+    repo: &str,
+    rev: &str,
+) -> Result<Response, Response> {
     require_read(state, req, repo)?;
     let r = &state.repos[repo];
-    let commit = r.branches.get(rev).cloned().unwrap_or_else(|| rev.to_string());
+    let commit = r
+        .branches
+        .get(rev)
+        .cloned()
+        .unwrap_or_else(|| rev.to_string());
     let tree = r
         .commits
         .get(&commit)
         .ok_or_else(|| error_code(404, "RevisionNotFound", &format!("Invalid rev id: {rev}")))?;
     let id = repo.split_once('/').unwrap().1;
-    Ok(json_response(200, json!({
-        "id": id,
-        "sha": commit,
-        "private": r.private,
-        "siblings": tree.keys().map(|k| json!({"rfilename": k})).collect::<Vec<_>>(),
-    })))
+    Ok(json_response(
+        200,
+        json!({
+            "id": id,
+            "sha": commit,
+            "private": r.private,
+            "siblings": tree.keys().map(|k| json!({"rfilename": k})).collect::<Vec<_>>(),
+        }),
+    ))
 }
 
-fn tree_listing(state: &State, req: &Request, repo: &str, rev: &str, prefix: &str) -> Result<Response, Response> {
+fn tree_listing(
+    state: &State,
+    req: &Request,
+    repo: &str,
+    rev: &str,
+    prefix: &str,
+) -> Result<Response, Response> {
     require_read(state, req, repo)?;
-    let tree = head_tree(state, repo, rev).ok_or_else(|| error_code(404, "RevisionNotFound", &format!("Invalid rev id: {rev}")))?;
-    let recursive = req.query.get("recursive").is_some_and(|v| v == "true" || v == "1");
+    let tree = head_tree(state, repo, rev)
+        .ok_or_else(|| error_code(404, "RevisionNotFound", &format!("Invalid rev id: {rev}")))?;
+    let recursive = req
+        .query
+        .get("recursive")
+        .is_some_and(|v| v == "true" || v == "1");
     let dir = prefix.trim_matches('/');
     let mut entries: Vec<Value> = Vec::new();
     let mut dirs_seen = Vec::new();
@@ -638,7 +802,11 @@ fn tree_listing(state: &State, req: &Request, repo: &str, rev: &str, prefix: &st
         };
         if !recursive {
             if let Some((sub, _)) = rel.split_once('/') {
-                let full = if dir.is_empty() { sub.to_string() } else { format!("{dir}/{sub}") };
+                let full = if dir.is_empty() {
+                    sub.to_string()
+                } else {
+                    format!("{dir}/{sub}")
+                };
                 if !dirs_seen.contains(&full) {
                     entries.push(json!({"type": "directory", "path": full, "oid": "0", "size": 0}));
                     dirs_seen.push(full);
@@ -657,50 +825,80 @@ fn tree_listing(state: &State, req: &Request, repo: &str, rev: &str, prefix: &st
         entries.push(v);
     }
     if entries.is_empty() && !dir.is_empty() {
-        return Err(error_code(404, "EntryNotFound", &format!("{dir} does not exist on \"{rev}\"")));
+        return Err(error_code(
+            404,
+            "EntryNotFound",
+            &format!("{dir} does not exist on \"{rev}\""),
+        ));
     }
     let page = state.options.tree_page_size.max(1);
-    let cursor: usize = req.query.get("cursor").and_then(|c| c.parse().ok()).unwrap_or(0);
+    let cursor: usize = req
+        .query
+        .get("cursor")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     let end = (cursor + page).min(entries.len());
     let mut response = json_response(200, Value::Array(entries[cursor.min(end)..end].to_vec()));
     if end < entries.len() {
-        let link = format!("<{}{}?recursive={}&cursor={end}>; rel=\"next\"", state.base, req.path, recursive);
+        let link = format!(
+            "<{}{}?recursive={}&cursor={end}>; rel=\"next\"",
+            state.base, req.path, recursive
+        );
         response.headers.push(("Link".into(), link));
     }
     Ok(response)
 }
 
 fn is_lfs_path(state: &State, path: &str, size: u64, sample: &[u8]) -> bool {
-    size >= state.options.lfs_threshold || LFS_SUFFIXES.iter().any(|s| path.ends_with(s)) || sample.contains(&0)
+    size >= state.options.lfs_threshold
+        || LFS_SUFFIXES.iter().any(|s| path.ends_with(s))
+        || sample.contains(&0)
 }
 
 fn gitignored(tree: &BTreeMap<String, Entry>, path: &str) -> bool {
-    let Some(Entry::Regular(rules)) = tree.get(".gitignore") else { return false };
+    let Some(Entry::Regular(rules)) = tree.get(".gitignore") else {
+        return false;
+    };
     let name = path.rsplit('/').next().unwrap_or(path);
-    String::from_utf8_lossy(rules).lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).any(|rule| {
-        match rule.strip_prefix('*') {
+    String::from_utf8_lossy(rules)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .any(|rule| match rule.strip_prefix('*') {
             Some(suffix) => name.ends_with(suffix),
             None => rule == path || rule == name,
-        }
-    })
+        })
 }
 
 fn preupload(state: &State, req: &Request, repo: &str, rev: &str) -> Result<Response, Response> {
     require_write(state, req, repo)?;
-    let tree = head_tree(state, repo, rev).ok_or_else(|| error_code(404, "RevisionNotFound", &format!("Invalid rev id: {rev}")))?;
+    let tree = head_tree(state, repo, rev)
+        .ok_or_else(|| error_code(404, "RevisionNotFound", &format!("Invalid rev id: {rev}")))?;
     let body = parse_json(req)?;
-    let files = body.get("files").and_then(|f| f.as_array()).ok_or_else(|| error(400, "`files` must be an array"))?;
+    let files = body
+        .get("files")
+        .and_then(|f| f.as_array())
+        .ok_or_else(|| error(400, "`files` must be an array"))?;
     let mut out = Vec::new();
     for f in files {
-        let path = f.get("path").and_then(|p| p.as_str()).ok_or_else(|| error(400, "each file needs a `path`"))?;
-        let size = f.get("size").and_then(|s| s.as_u64()).ok_or_else(|| error(400, &format!("{path}: `size` must be an integer")))?;
+        let path = f
+            .get("path")
+            .and_then(|p| p.as_str())
+            .ok_or_else(|| error(400, "each file needs a `path`"))?;
+        let size = f
+            .get("size")
+            .and_then(|s| s.as_u64())
+            .ok_or_else(|| error(400, &format!("{path}: `size` must be an integer")))?;
         let sample = f
             .get("sample")
             .and_then(|s| s.as_str())
             .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
             .ok_or_else(|| error(400, &format!("{path}: `sample` must be base64")))?;
         if sample.len() > 512 || sample.len() as u64 > size {
-            return Err(error(400, &format!("{path}: the sample must be the first bytes of the file (at most 512)")));
+            return Err(error(
+                400,
+                &format!("{path}: the sample must be the first bytes of the file (at most 512)"),
+            ));
         }
         let lfs = is_lfs_path(state, path, size, &sample);
         let oid = tree.get(path).map(|e| match e {
@@ -714,19 +912,33 @@ fn preupload(state: &State, req: &Request, repo: &str, rev: &str) -> Result<Resp
             "oid": oid,
         }));
     }
-    Ok(json_response(200, json!({"files": out, "commitOid": state.repos[repo].branches.get(rev)})))
+    Ok(json_response(
+        200,
+        json!({"files": out, "commitOid": state.repos[repo].branches.get(rev)}),
+    ))
 }
 
 fn lfs_batch(state: &mut State, req: &Request, repo: &str) -> Result<Response, Response> {
     require_write(state, req, repo)?;
-    if !req.header("accept").is_some_and(|a| a.contains("application/vnd.git-lfs+json")) {
-        return Err(error(406, "the LFS batch API answers application/vnd.git-lfs+json"));
+    if !req
+        .header("accept")
+        .is_some_and(|a| a.contains("application/vnd.git-lfs+json"))
+    {
+        return Err(error(
+            406,
+            "the LFS batch API answers application/vnd.git-lfs+json",
+        ));
     }
     let body = parse_json(req)?;
     if body.get("operation").and_then(|o| o.as_str()) != Some("upload") {
         return Err(error(422, "only the upload operation is supported"));
     }
-    if body.get("hash_algo").and_then(|h| h.as_str()).unwrap_or("sha256") != "sha256" {
+    if body
+        .get("hash_algo")
+        .and_then(|h| h.as_str())
+        .unwrap_or("sha256")
+        != "sha256"
+    {
         return Err(error(422, "hash_algo must be sha256"));
     }
     let transfers: Vec<&str> = body
@@ -734,13 +946,23 @@ fn lfs_batch(state: &mut State, req: &Request, repo: &str) -> Result<Response, R
         .and_then(|t| t.as_array())
         .map(|t| t.iter().filter_map(|x| x.as_str()).collect())
         .unwrap_or_else(|| vec!["basic"]);
-    let objects = body.get("objects").and_then(|o| o.as_array()).ok_or_else(|| error(422, "`objects` must be an array"))?;
+    let objects = body
+        .get("objects")
+        .and_then(|o| o.as_array())
+        .ok_or_else(|| error(422, "`objects` must be an array"))?;
     let mut out = Vec::new();
     let mut used_multipart = false;
     for o in objects {
-        let oid = o.get("oid").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        let oid = o
+            .get("oid")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
         let size = o.get("size").and_then(|v| v.as_u64());
-        let (true, Some(size)) = (oid.len() == 64 && oid.bytes().all(|b| b.is_ascii_hexdigit()), size) else {
+        let (true, Some(size)) = (
+            oid.len() == 64 && oid.bytes().all(|b| b.is_ascii_hexdigit()),
+            size,
+        ) else {
             out.push(json!({"oid": oid, "size": o.get("size").and_then(|v| v.as_u64()).unwrap_or(0),
                 "error": {"code": 422, "message": "oid must be a sha256 hex digest and size an integer"}}));
             continue;
@@ -760,19 +982,34 @@ fn lfs_batch(state: &mut State, req: &Request, repo: &str) -> Result<Response, R
             let mut header = serde_json::Map::new();
             header.insert("chunk_size".into(), json!(chunk.to_string()));
             for n in 1..=parts {
-                header.insert(n.to_string(), json!(format!("{}/lfs-multipart/{oid}/{n}?sig=s3", state.base)));
+                header.insert(
+                    n.to_string(),
+                    json!(format!("{}/lfs-multipart/{oid}/{n}?sig=s3", state.base)),
+                );
             }
-            state.multipart.insert(oid.clone(), PendingMultipart { size, parts: vec![None; parts as usize] });
+            state.multipart.insert(
+                oid.clone(),
+                PendingMultipart {
+                    size,
+                    parts: vec![None; parts as usize],
+                },
+            );
             actions.insert("upload".into(), json!({"href": format!("{}/lfs-multipart/{oid}/complete", state.base), "header": header}));
         } else {
-            actions.insert("upload".into(), json!({"href": format!("{}/lfs-storage/{oid}?sig=s3", state.base)}));
+            actions.insert(
+                "upload".into(),
+                json!({"href": format!("{}/lfs-storage/{oid}?sig=s3", state.base)}),
+            );
         }
         if state.options.verify {
             actions.insert("verify".into(), json!({"href": format!("{}/lfs-verify/{oid}", state.base), "header": {"X-Verify-Token": "v"}}));
         }
         out.push(json!({"oid": oid, "size": size, "authenticated": true, "actions": actions}));
     }
-    let mut r = json_response(200, json!({"transfer": if used_multipart {"multipart"} else {"basic"}, "objects": out, "hash_algo": "sha256"}));
+    let mut r = json_response(
+        200,
+        json!({"transfer": if used_multipart {"multipart"} else {"basic"}, "objects": out, "hash_algo": "sha256"}),
+    );
     r.headers[0].1 = "application/vnd.git-lfs+json".into();
     Ok(r)
 }
@@ -791,34 +1028,62 @@ fn storage_put(state: &mut State, req: &Request, oid: &str) -> Result<Response, 
     };
     state.lfs_bytes_received += req.body.len() as u64;
     if req.body.len() as u64 != size {
-        return Err(error(400, &format!("IncompleteBody: expected {size} bytes, got {}", req.body.len())));
+        return Err(error(
+            400,
+            &format!(
+                "IncompleteBody: expected {size} bytes, got {}",
+                req.body.len()
+            ),
+        ));
     }
     if sha256_hex(&req.body) != oid {
-        return Err(error(400, "BadDigest: the sha256 of the body does not match the object id"));
+        return Err(error(
+            400,
+            "BadDigest: the sha256 of the body does not match the object id",
+        ));
     }
     state.lfs.insert(oid.to_string(), req.body.clone());
     state.expected.remove(oid);
     let mut r = json_response(200, json!({}));
-    r.headers.push(("ETag".into(), format!("\"{}\"", &oid[..32])));
+    r.headers
+        .push(("ETag".into(), format!("\"{}\"", &oid[..32])));
     Ok(r)
 }
 
-fn multipart_put(state: &mut State, req: &Request, oid: &str, part: &str) -> Result<Response, Response> {
+fn multipart_put(
+    state: &mut State,
+    req: &Request,
+    oid: &str,
+    part: &str,
+) -> Result<Response, Response> {
     signed(req)?;
     let chunk = state.options.chunk_size;
-    let pending = state.multipart.get_mut(oid).ok_or_else(|| error(404, "NoSuchUpload"))?;
+    let pending = state
+        .multipart
+        .get_mut(oid)
+        .ok_or_else(|| error(404, "NoSuchUpload"))?;
     let n: usize = part.parse().map_err(|_| error(400, "bad part number"))?;
     if n == 0 || n > pending.parts.len() {
         return Err(error(400, "InvalidPart"));
     }
     let expected_len = chunk.min(pending.size - (n as u64 - 1) * chunk);
     if req.body.len() as u64 != expected_len {
-        return Err(error(400, &format!("part {n}: expected {expected_len} bytes, got {}", req.body.len())));
+        return Err(error(
+            400,
+            &format!(
+                "part {n}: expected {expected_len} bytes, got {}",
+                req.body.len()
+            ),
+        ));
     }
     let etag = format!("\"{}\"", &sha256_hex(&req.body)[..32]);
     pending.parts[n - 1] = Some((etag.clone(), req.body.clone()));
     state.lfs_bytes_received += req.body.len() as u64;
-    Ok(Response { status: 200, headers: vec![("ETag".into(), etag)], body: vec![] })
+    Ok(Response {
+        status: 200,
+        headers: vec![("ETag".into(), etag)],
+        body: vec![],
+    })
 }
 
 fn multipart_complete(state: &mut State, req: &Request, oid: &str) -> Result<Response, Response> {
@@ -826,10 +1091,23 @@ fn multipart_complete(state: &mut State, req: &Request, oid: &str) -> Result<Res
     if body.get("oid").and_then(|o| o.as_str()) != Some(oid) {
         return Err(error(400, "the completion's oid does not match the upload"));
     }
-    let parts = body.get("parts").and_then(|p| p.as_array()).ok_or_else(|| error(400, "`parts` must be an array"))?;
-    let pending = state.multipart.get(oid).ok_or_else(|| error(404, "NoSuchUpload"))?;
+    let parts = body
+        .get("parts")
+        .and_then(|p| p.as_array())
+        .ok_or_else(|| error(400, "`parts` must be an array"))?;
+    let pending = state
+        .multipart
+        .get(oid)
+        .ok_or_else(|| error(404, "NoSuchUpload"))?;
     if parts.len() != pending.parts.len() {
-        return Err(error(400, &format!("expected {} parts, got {}", pending.parts.len(), parts.len())));
+        return Err(error(
+            400,
+            &format!(
+                "expected {} parts, got {}",
+                pending.parts.len(),
+                parts.len()
+            ),
+        ));
     }
     let mut data = Vec::new();
     for (i, p) in parts.iter().enumerate() {
@@ -839,12 +1117,18 @@ fn multipart_complete(state: &mut State, req: &Request, oid: &str) -> Result<Res
             return Err(error(400, &format!("part {} was never uploaded", i + 1)));
         };
         if number != Some(i as u64 + 1) || etag != Some(stored_etag.as_str()) {
-            return Err(error(400, &format!("InvalidPart: part {} has a wrong number or etag", i + 1)));
+            return Err(error(
+                400,
+                &format!("InvalidPart: part {} has a wrong number or etag", i + 1),
+            ));
         }
         data.extend_from_slice(bytes);
     }
     if data.len() as u64 != pending.size || sha256_hex(&data) != oid {
-        return Err(error(400, "the assembled object does not match its oid and size"));
+        return Err(error(
+            400,
+            "the assembled object does not match its oid and size",
+        ));
     }
     state.multipart.remove(oid);
     state.expected.remove(oid);
@@ -859,37 +1143,64 @@ fn lfs_verify(state: &State, req: &Request, oid: &str) -> Result<Response, Respo
     let body = parse_json(req)?;
     let size = body.get("size").and_then(|s| s.as_u64());
     match state.lfs.get(oid) {
-        Some(bytes) if Some(bytes.len() as u64) == size && body.get("oid").and_then(|o| o.as_str()) == Some(oid) => {
+        Some(bytes)
+            if Some(bytes.len() as u64) == size
+                && body.get("oid").and_then(|o| o.as_str()) == Some(oid) =>
+        {
             Ok(json_response(200, json!({})))
         }
-        _ => Err(error(404, &format!("object {oid} was not uploaded with that size"))),
+        _ => Err(error(
+            404,
+            &format!("object {oid} was not uploaded with that size"),
+        )),
     }
 }
 
 fn commit(state: &mut State, req: &Request, repo: &str, rev: &str) -> Result<Response, Response> {
     require_write(state, req, repo)?;
-    if req.header("content-type").map(|c| c.split(';').next().unwrap_or("").trim()) != Some("application/x-ndjson") {
+    if req
+        .header("content-type")
+        .map(|c| c.split(';').next().unwrap_or("").trim())
+        != Some("application/x-ndjson")
+    {
         return Err(error(415, "the commit body must be application/x-ndjson"));
     }
-    let mut tree = head_tree(state, repo, rev).ok_or_else(|| error_code(404, "RevisionNotFound", &format!("Invalid rev id: {rev}")))?;
+    let mut tree = head_tree(state, repo, rev)
+        .ok_or_else(|| error_code(404, "RevisionNotFound", &format!("Invalid rev id: {rev}")))?;
     if !state.repos[repo].branches.contains_key(rev) {
         return Err(error(400, &format!("{rev} is not a branch")));
     }
-    let text = String::from_utf8(req.body.clone()).map_err(|_| error(400, "the commit body is not UTF-8"))?;
+    let text = String::from_utf8(req.body.clone())
+        .map_err(|_| error(400, "the commit body is not UTF-8"))?;
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Value = serde_json::from_str(lines.next().ok_or_else(|| error(400, "empty commit"))?)
-        .map_err(|e| error(400, &format!("line 1: {e}")))?;
+    let header: Value =
+        serde_json::from_str(lines.next().ok_or_else(|| error(400, "empty commit"))?)
+            .map_err(|e| error(400, &format!("line 1: {e}")))?;
     if header.get("key").and_then(|k| k.as_str()) != Some("header")
-        || header["value"].get("summary").and_then(|s| s.as_str()).is_none_or(|s| s.is_empty())
+        || header["value"]
+            .get("summary")
+            .and_then(|s| s.as_str())
+            .is_none_or(|s| s.is_empty())
     {
-        return Err(error(400, "the first line must be the header with a summary"));
+        return Err(error(
+            400,
+            "the first line must be the header with a summary",
+        ));
     }
     let mut touched = 0;
     for (i, line) in lines.enumerate() {
-        let item: Value = serde_json::from_str(line).map_err(|e| error(400, &format!("line {}: {e}", i + 2)))?;
+        let item: Value =
+            serde_json::from_str(line).map_err(|e| error(400, &format!("line {}: {e}", i + 2)))?;
         let value = &item["value"];
-        let path = value.get("path").and_then(|p| p.as_str()).ok_or_else(|| error(400, &format!("line {}: no path", i + 2)))?;
-        if path.starts_with('/') || path.split('/').any(|p| p.is_empty() || p == ".." || p == ".git") {
+        let path = value
+            .get("path")
+            .and_then(|p| p.as_str())
+            .ok_or_else(|| error(400, &format!("line {}: no path", i + 2)))?;
+        if path.starts_with('/')
+            || path
+                .split('/')
+                .any(|p| p.is_empty() || p == ".." || p == ".git")
+        {
             return Err(error(400, &format!("invalid path {path}")));
         }
         match item.get("key").and_then(|k| k.as_str()) {
@@ -908,18 +1219,38 @@ fn commit(state: &mut State, req: &Request, repo: &str, rev: &str) -> Result<Res
                 if value.get("algo").and_then(|a| a.as_str()) != Some("sha256") {
                     return Err(error(400, &format!("{path}: algo must be sha256")));
                 }
-                let oid = value.get("oid").and_then(|o| o.as_str()).unwrap_or_default();
+                let oid = value
+                    .get("oid")
+                    .and_then(|o| o.as_str())
+                    .unwrap_or_default();
                 let Some(stored) = state.lfs.get(oid) else {
-                    return Err(error(400, &format!("{path}: LFS object {oid} was not uploaded")));
+                    return Err(error(
+                        400,
+                        &format!("{path}: LFS object {oid} was not uploaded"),
+                    ));
                 };
-                let size = value.get("size").and_then(|s| s.as_u64()).unwrap_or(stored.len() as u64);
+                let size = value
+                    .get("size")
+                    .and_then(|s| s.as_u64())
+                    .unwrap_or(stored.len() as u64);
                 if size != stored.len() as u64 {
-                    return Err(error(400, &format!("{path}: size {size} does not match the uploaded object")));
+                    return Err(error(
+                        400,
+                        &format!("{path}: size {size} does not match the uploaded object"),
+                    ));
                 }
-                tree.insert(path.to_string(), Entry::Lfs { oid: oid.to_string(), size });
+                tree.insert(
+                    path.to_string(),
+                    Entry::Lfs {
+                        oid: oid.to_string(),
+                        size,
+                    },
+                );
             }
             Some("deletedFile") => {
-                tree.remove(path).ok_or_else(|| error(404, &format!("A file with this name doesn't exist: {path}")))?;
+                tree.remove(path).ok_or_else(|| {
+                    error(404, &format!("A file with this name doesn't exist: {path}"))
+                })?;
             }
             other => return Err(error(400, &format!("unknown commit operation {other:?}"))),
         }
@@ -930,34 +1261,67 @@ fn commit(state: &mut State, req: &Request, repo: &str, rev: &str) -> Result<Res
     }
     let commit = add_commit(state, repo, rev, tree);
     let id = repo.split_once('/').unwrap().1;
-    Ok(json_response(200, json!({
-        "success": true,
-        "commitOid": commit,
-        "commitUrl": format!("{}/{id}/commit/{commit}", state.base),
-        "pullRequestUrl": null,
-    })))
+    Ok(json_response(
+        200,
+        json!({
+            "success": true,
+            "commitOid": commit,
+            "commitUrl": format!("{}/{id}/commit/{commit}", state.base),
+            "pullRequestUrl": null,
+        }),
+    ))
 }
 
-fn resolve(state: &State, req: &Request, repo: &str, rev: &str, path: &str) -> Result<Response, Response> {
+fn resolve(
+    state: &State,
+    req: &Request,
+    repo: &str,
+    rev: &str,
+    path: &str,
+) -> Result<Response, Response> {
     require_read(state, req, repo)?;
     let r = &state.repos[repo];
-    let commit = r.branches.get(rev).cloned().unwrap_or_else(|| rev.to_string());
-    let tree = r.commits.get(&commit).ok_or_else(|| error_code(404, "RevisionNotFound", &format!("Invalid rev id: {rev}")))?;
-    let entry = tree.get(path).ok_or_else(|| error_code(404, "EntryNotFound", &format!("{path} does not exist on \"{rev}\"")))?;
+    let commit = r
+        .branches
+        .get(rev)
+        .cloned()
+        .unwrap_or_else(|| rev.to_string());
+    let tree = r
+        .commits
+        .get(&commit)
+        .ok_or_else(|| error_code(404, "RevisionNotFound", &format!("Invalid rev id: {rev}")))?;
+    let entry = tree.get(path).ok_or_else(|| {
+        error_code(
+            404,
+            "EntryNotFound",
+            &format!("{path} does not exist on \"{rev}\""),
+        )
+    })?;
     let common = vec![("X-Repo-Commit".to_string(), commit.clone())];
     Ok(match entry {
         Entry::Regular(bytes) => {
             let mut headers = common;
             headers.push(("ETag".into(), format!("\"{}\"", git_blob_sha1(bytes))));
-            Response { status: 200, headers, body: bytes.clone() }
+            Response {
+                status: 200,
+                headers,
+                body: bytes.clone(),
+            }
         }
         Entry::Lfs { oid, size } => {
             let mut headers = common;
             headers.push(("X-Linked-Etag".into(), format!("\"{oid}\"")));
             headers.push(("X-Linked-Size".into(), size.to_string()));
-            headers.push(("ETag".into(), format!("\"{}\"", git_blob_sha1(oid.as_bytes()))));
+            headers.push((
+                "ETag".into(),
+                format!("\"{}\"", git_blob_sha1(oid.as_bytes())),
+            ));
             headers.push(("Location".into(), format!("{}/lfs-cdn/{oid}", state.base)));
-            Response { status: 302, headers, body: vec![] }
+            Response {
+                status: 302,
+                headers,
+                body: vec![],
+            }
         }
     })
 }
@@ -965,15 +1329,25 @@ fn resolve(state: &State, req: &Request, repo: &str, rev: &str, path: &str) -> R
 fn cdn_get(state: &State, req: &Request, oid: &str) -> Result<Response, Response> {
     let bytes = state.lfs.get(oid).ok_or_else(|| error(404, "NoSuchKey"))?;
     if let Some(range) = req.header("range").and_then(|r| r.strip_prefix("bytes=")) {
-        let start: usize = range.trim_end_matches('-').parse().map_err(|_| error(400, "bad range"))?;
+        let start: usize = range
+            .trim_end_matches('-')
+            .parse()
+            .map_err(|_| error(400, "bad range"))?;
         if start >= bytes.len() {
             return Err(error(416, "range not satisfiable"));
         }
         return Ok(Response {
             status: 206,
-            headers: vec![("Content-Range".into(), format!("bytes {start}-{}/{}", bytes.len() - 1, bytes.len()))],
+            headers: vec![(
+                "Content-Range".into(),
+                format!("bytes {start}-{}/{}", bytes.len() - 1, bytes.len()),
+            )],
             body: bytes[start..].to_vec(),
         });
     }
-    Ok(Response { status: 200, headers: vec![], body: bytes.clone() })
+    Ok(Response {
+        status: 200,
+        headers: vec![],
+        body: bytes.clone(),
+    })
 }
