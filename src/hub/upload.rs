@@ -328,7 +328,7 @@ impl Session<'_> {
             Err(e) if e.status == Some(409) => Ok(()),
             // A token may lack the right to create repos in the namespace, yet be allowed to
             // write to one that exists: go on when the repo is there, as the official client does.
-            Err(e) if matches!(e.status, Some(401 | 402 | 403)) && self.repo_exists() => Ok(()),
+            Err(e) if matches!(e.status, Some(401..=403)) && self.repo_exists() => Ok(()),
             Err(e) => Err(e),
         }
     }
