@@ -941,3 +941,98 @@ api.upload_folder(folder_path=folder, repo_id=repo, commit_message="from python"
     );
     assert_eq!(report.unchanged_files.len(), 5);
 }
+
+#[test]
+fn push_into_a_folder_honours_the_repo_gitignore() {
+    let server = HubServer::start(ServerOptions::default());
+    server.seed(
+        "models/alice/runs",
+        false,
+        &[(".gitignore", b"# scratch\n*.tmp\nwandb-id\n", false)],
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("step-100");
+    let files = checkpoint(&dir, 10_000, 22);
+    fs::write(dir.join("scratch.tmp"), b"partial").unwrap();
+    fs::write(dir.join("wandb-id"), b"abc").unwrap();
+    let mut options = PushOptions::new("alice/runs");
+    options.path_in_repo = "checkpoints/step-100".into();
+    let report = hub::push_folder(
+        &config(&server, Some(WRITE_TOKEN), tmp.path()),
+        &dir,
+        &options,
+    )
+    .unwrap();
+    let mut ignored = report.ignored_files.clone();
+    ignored.sort();
+    assert_eq!(
+        ignored,
+        vec![
+            "checkpoints/step-100/scratch.tmp",
+            "checkpoints/step-100/wandb-id"
+        ]
+    );
+    let tree = server.tree("models/alice/runs", "main").unwrap();
+    let mut expected: Vec<String> = files
+        .keys()
+        .map(|k| format!("checkpoints/step-100/{k}"))
+        .collect();
+    expected.push(".gitignore".into());
+    expected.sort();
+    assert_eq!(tree.keys().cloned().collect::<Vec<_>>(), expected);
+    for (name, content) in &files {
+        assert_eq!(
+            &server.content(&tree[&format!("checkpoints/step-100/{name}")]),
+            content,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn offline_push_is_refused_before_any_request() {
+    let server = HubServer::start(ServerOptions::default());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    checkpoint(&dir, 1000, 23);
+    let mut cfg = config(&server, Some(WRITE_TOKEN), tmp.path());
+    cfg.offline = true;
+    let e = format!(
+        "{:#}",
+        hub::push_folder(&cfg, &dir, &PushOptions::new("alice/x")).unwrap_err()
+    );
+    assert!(e.contains("HF_HUB_OFFLINE"), "{e}");
+    assert!(server.requests().is_empty());
+}
+
+#[test]
+fn unreachable_hub_falls_back_to_a_complete_cached_snapshot() {
+    let server = HubServer::start(ServerOptions::default());
+    seed_model(&server, "models/alice/cached", false);
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let dir =
+        hub::resolve_model_with(&config(&server, None, &cache), "alice/cached", None).unwrap();
+    // A port nothing listens on: every connection is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let mut unreachable = HubConfig::new(&url, None, cache.clone(), false);
+    unreachable.retry = RetryPolicy {
+        max_attempts: 2,
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(1),
+    };
+    assert_eq!(
+        hub::resolve_model_with(&unreachable, "alice/cached", None).unwrap(),
+        dir
+    );
+    let e = format!(
+        "{:#}",
+        hub::resolve_model_with(&unreachable, "alice/elsewhere", None).unwrap_err()
+    );
+    assert!(
+        e.contains("alice/elsewhere") && e.contains("revision/main"),
+        "{e}"
+    );
+}

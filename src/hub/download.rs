@@ -48,27 +48,50 @@ pub fn resolve_model_with(
         format!("model `{spec}` is neither an existing directory nor a Hub repo id")
     })?;
     let repo = CachedRepo::new(config, RepoType::Model, spec, revision.unwrap_or("main"));
-    let snapshot = if config.offline {
-        let commit = repo.cached_commit()?;
-        let dir = repo.snapshot_dir(&commit);
-        let missing = missing_model_files(&dir)?;
-        if !missing.is_empty() {
-            bail!(
-                "HF_HUB_OFFLINE is set and model {spec} (revision {}) is incomplete in the cache at {}: missing {}",
-                repo.revision,
-                dir.display(),
-                missing.join(", ")
-            );
-        }
-        dir
-    } else {
-        let (commit, files) = repo.remote_commit()?;
-        for path in model_files_to_fetch(&repo, &commit, &files)? {
-            repo.fetch(&commit, &path)?;
-        }
-        repo.snapshot_dir(&commit)
+    if config.offline {
+        return cached_model(&repo);
+    }
+    let (commit, files) = match repo.remote_commit() {
+        Ok(found) => found,
+        // Like the official client: when the Hub cannot be reached at all, a complete cached
+        // snapshot of the revision will do.
+        Err(e) if is_unreachable(&e) => match cached_model(&repo) {
+            Ok(dir) => {
+                tracing::warn!("{e:#}; using the cached snapshot {}", dir.display());
+                return Ok(dir);
+            }
+            Err(_) => return Err(e),
+        },
+        Err(e) => return Err(e),
     };
-    Ok(snapshot)
+    for path in model_files_to_fetch(&repo, &commit, &files)? {
+        repo.fetch(&commit, &path)?;
+    }
+    Ok(repo.snapshot_dir(&commit))
+}
+
+/// The cached snapshot of a model, complete (config, weights, every shard) or an error naming
+/// what is missing and where.
+fn cached_model(repo: &CachedRepo) -> Result<PathBuf> {
+    let commit = repo.cached_commit()?;
+    let dir = repo.snapshot_dir(&commit);
+    let missing = missing_model_files(&dir)?;
+    if !missing.is_empty() {
+        bail!(
+            "{} is incomplete in the cache at {}: missing {} (the Hub is needed to complete it)",
+            repo.describe(),
+            dir.display(),
+            missing.join(", ")
+        );
+    }
+    Ok(dir)
+}
+
+/// No answer from the Hub at all (as opposed to an answer saying no).
+fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<HubHttpError>())
+        .any(|h| h.status.is_none())
 }
 
 /// Which files make a loadable model, given the repo's file list; shard names come from the
@@ -258,6 +281,11 @@ impl<'a> CachedRepo<'a> {
 
     /// The commit the cache associates with the revision, without touching the network.
     fn cached_commit(&self) -> Result<String> {
+        let reason = if self.config.offline {
+            "HF_HUB_OFFLINE is set and"
+        } else {
+            "the Hub cannot be reached and"
+        };
         if is_commit_hash(self.revision) && self.snapshot_dir(self.revision).is_dir() {
             return Ok(self.revision.to_string());
         }
@@ -268,7 +296,7 @@ impl<'a> CachedRepo<'a> {
         match commit {
             Some(c) if is_commit_hash(&c) && self.snapshot_dir(&c).is_dir() => Ok(c),
             _ => bail!(
-                "HF_HUB_OFFLINE is set and {} is not in the cache at {} (looked for {}); \
+                "{reason} {} is not in the cache at {} (looked for {}); \
                  download it once with network access or unset HF_HUB_OFFLINE",
                 self.describe(),
                 self.config.cache_dir.display(),
@@ -327,7 +355,8 @@ impl<'a> CachedRepo<'a> {
             Some(404) => " (check the repo id and revision)",
             _ => "",
         };
-        anyhow!("{}: {e}{hint}", self.describe())
+        let context = format!("{}{hint}", self.describe());
+        anyhow::Error::new(e).context(context)
     }
 
     fn list_tree(&self, commit: &str, prefix: &str) -> Result<Vec<String>> {
@@ -484,7 +513,12 @@ impl<'a> CachedRepo<'a> {
             &format!("downloading {path}"),
         );
         http::with_retries(&self.config.retry, "download", || {
-            let have = fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+            let mut have = fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+            if meta.size.is_some_and(|size| have >= size) {
+                // Nothing left to ask for: a range request would be refused.
+                fs::remove_file(&partial).ok();
+                have = 0;
+            }
             let mut request = self.agent.get(&meta.download_url);
             if same_origin {
                 if let Some(auth) = http::bearer(self.config) {

@@ -101,6 +101,12 @@ pub fn push_folder(config: &HubConfig, dir: &Path, options: &PushOptions) -> Res
                 .display()
         );
     };
+    if config.offline {
+        bail!(
+            "HF_HUB_OFFLINE is set: pushing to {} needs the network",
+            options.repo
+        );
+    }
     validate_repo_id(&options.repo)?;
     if options.message.trim().is_empty() {
         bail!("the commit message is empty");
@@ -642,8 +648,7 @@ fn open_slice(
     let local_error = |e: std::io::Error| HubHttpError {
         method: "PUT".into(),
         url: url.to_string(),
-        // Not transient: a local file that cannot be read will not get better by retrying.
-        status: Some(0),
+        status: None,
         message: format!("reading {}: {e}", path.display()),
     };
     let mut file = File::open(path).map_err(local_error)?;
