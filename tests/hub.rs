@@ -1036,3 +1036,94 @@ fn unreachable_hub_falls_back_to_a_complete_cached_snapshot() {
         "{e}"
     );
 }
+
+#[test]
+fn cache_is_shared_with_the_official_python_client() {
+    let Some(python) = python() else { return };
+    let server = HubServer::start(ServerOptions::default());
+    let files = seed_model(&server, "models/alice/shared", false);
+    let tmp = tempfile::tempdir().unwrap();
+    let hf_home = tmp.path().join("hf_home");
+    let cache = hf_home.join("hub");
+    let script = r#"
+import sys
+from huggingface_hub import hf_hub_download
+repo, names = sys.argv[1], sys.argv[2:]
+for name in names:
+    print(hf_hub_download(repo, name))
+"#;
+    let run_python = |repo: &str, offline: bool| {
+        let mut cmd = std::process::Command::new(&python);
+        cmd.args(["-c", script, repo])
+            .args(files.keys())
+            .env("HF_ENDPOINT", &server.url)
+            .env("HF_HOME", &hf_home)
+            .env("HF_HUB_DISABLE_XET", "1")
+            .env_remove("HF_TOKEN")
+            .env_remove("HF_HUB_CACHE");
+        if offline {
+            cmd.env("HF_HUB_OFFLINE", "1");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "python: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(PathBuf::from)
+            .collect::<Vec<_>>()
+    };
+    // Python fills the cache; we read it offline.
+    let python_paths = run_python("alice/shared", false);
+    let mut offline = config(&server, None, &cache);
+    offline.offline = true;
+    let dir = hub::resolve_model_with(&offline, "alice/shared", None).unwrap();
+    for (path, name) in python_paths.iter().zip(files.keys()) {
+        assert_eq!(
+            path,
+            &dir.join(name),
+            "both clients agree on where {name} lives"
+        );
+        assert_eq!(&fs::read(path).unwrap(), &files[name]);
+    }
+
+    // We fill the cache; Python reads it offline.
+    server.seed(
+        "models/alice/ours",
+        false,
+        &[
+            ("config.json", b"{}", false),
+            ("model.safetensors", &bytes(5_000, 24), true),
+        ],
+    );
+    let ours = hub::resolve_model_with(&config(&server, None, &cache), "alice/ours", None).unwrap();
+    let mut cmd = std::process::Command::new(&python);
+    let out = cmd
+        .args([
+            "-c",
+            script,
+            "alice/ours",
+            "config.json",
+            "model.safetensors",
+        ])
+        .env("HF_HOME", &hf_home)
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python offline: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let paths: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(PathBuf::from)
+        .collect();
+    assert_eq!(
+        paths,
+        vec![ours.join("config.json"), ours.join("model.safetensors")]
+    );
+}

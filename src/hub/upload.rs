@@ -180,6 +180,9 @@ pub fn push_folder(config: &HubConfig, dir: &Path, options: &PushOptions) -> Res
         );
         return Ok(report);
     }
+    // Two paths with the same content are one LFS object.
+    lfs_pending.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+    lfs_pending.dedup_by(|a, b| a.sha256 == b.sha256);
     for chunk in lfs_pending.chunks(BATCH_FILES) {
         let (count, bytes) = session.upload_lfs(chunk).map_err(fail)?;
         report.lfs_objects_uploaded += count;

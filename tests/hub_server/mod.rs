@@ -4,7 +4,9 @@
 //! It checks what a client sends (tokens, sha256 and sizes of LFS objects, base64 of inline files,
 //! that committed LFS objects were uploaded) and can be told to fail chosen requests.
 //!
-//! HTTP/1.1 over std's TcpListener, one thread per connection, bound to 127.0.0.1.
+//! HTTP/1.1 over std's TcpListener, one thread per connection, bound to 127.0.0.1. As on the real
+//! Hub, LFS storage (presigned upload URLs, the download CDN) is another origin than the Hub
+//! itself: a second port, which must never see the Hub token.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -114,6 +116,8 @@ struct PendingMultipart {
 struct State {
     options: ServerOptions,
     base: String,
+    /// Origin of the storage listener.
+    storage: String,
     tokens: HashMap<String, (String, bool)>,
     repos: HashMap<String, Repo>,
     lfs: HashMap<String, Vec<u8>>,
@@ -130,14 +134,18 @@ pub struct HubServer {
     pub url: String,
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
-    port: u16,
+    ports: [u16; 2],
 }
 
 impl HubServer {
     pub fn start(options: ServerOptions) -> HubServer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
-        let port = listener.local_addr().unwrap().port();
-        let url = format!("http://127.0.0.1:{port}");
+        let hub = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        let storage = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        let ports = [
+            hub.local_addr().unwrap().port(),
+            storage.local_addr().unwrap().port(),
+        ];
+        let url = format!("http://127.0.0.1:{}", ports[0]);
         let tokens = HashMap::from([
             (WRITE_TOKEN.to_string(), ("alice".to_string(), true)),
             (READ_TOKEN.to_string(), ("alice".to_string(), false)),
@@ -146,6 +154,7 @@ impl HubServer {
         let state = Arc::new(Mutex::new(State {
             options,
             base: url.clone(),
+            storage: format!("http://127.0.0.1:{}", ports[1]),
             tokens,
             repos: HashMap::new(),
             lfs: HashMap::new(),
@@ -157,22 +166,24 @@ impl HubServer {
             next_commit: 1,
         }));
         let stop = Arc::new(AtomicBool::new(false));
-        let (st, sp) = (state.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if sp.load(Ordering::SeqCst) {
-                    break;
+        for (listener, is_storage) in [(hub, false), (storage, true)] {
+            let (st, sp) = (state.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if sp.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let st = st.clone();
+                    std::thread::spawn(move || serve_connection(stream, st, is_storage));
                 }
-                let Ok(stream) = stream else { continue };
-                let st = st.clone();
-                std::thread::spawn(move || serve_connection(stream, st));
-            }
-        });
+            });
+        }
         HubServer {
             url,
             state,
             stop,
-            port,
+            ports,
         }
     }
 
@@ -247,8 +258,10 @@ impl HubServer {
 impl Drop for HubServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        // Wake the accept loops so they see the flag.
+        for port in self.ports {
+            let _ = TcpStream::connect(("127.0.0.1", port));
+        }
     }
 }
 
@@ -342,7 +355,7 @@ fn error_code(status: u16, code: &str, message: &str) -> Response {
     r
 }
 
-fn serve_connection(stream: TcpStream, state: Arc<Mutex<State>>) {
+fn serve_connection(stream: TcpStream, state: Arc<Mutex<State>>, is_storage: bool) {
     stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;
@@ -393,7 +406,11 @@ fn serve_connection(stream: TcpStream, state: Arc<Mutex<State>>) {
             Some(FaultAction::Status(status, message)) => error(status, &message),
             _ => {
                 let mut st = state.lock().unwrap();
-                route(&mut st, &request)
+                if is_storage {
+                    route_storage(&mut st, &request)
+                } else {
+                    route(&mut st, &request)
+                }
             }
         };
         log(
@@ -673,11 +690,8 @@ fn route(state: &mut State, req: &Request) -> Response {
                 &format!("datasets/{owner}/{}", git.trim_end_matches(".git")),
             )
         }
-        ("PUT", ["lfs-storage", oid]) => storage_put(state, req, oid),
-        ("PUT", ["lfs-multipart", oid, part]) => multipart_put(state, req, oid, part),
         ("POST", ["lfs-multipart", oid, "complete"]) => multipart_complete(state, req, oid),
         ("POST", ["lfs-verify", oid]) => lfs_verify(state, req, oid),
-        ("GET", ["lfs-cdn", oid]) => cdn_get(state, req, oid),
         ("GET" | "HEAD", ["datasets", owner, name, "resolve", rev, path @ ..])
             if !path.is_empty() =>
         {
@@ -697,6 +711,24 @@ fn route(state: &mut State, req: &Request) -> Response {
             &path.join("/"),
         ),
         _ => Err(error(404, "Not Found")),
+    };
+    result.unwrap_or_else(|e| e)
+}
+
+/// The storage origin: presigned uploads and the download CDN.
+fn route_storage(state: &mut State, req: &Request) -> Response {
+    if req.header("authorization").is_some() {
+        return error(
+            400,
+            "storage URLs are presigned; the Hub token must not be sent here",
+        );
+    }
+    let segments: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+    let result = match (req.method.as_str(), segments.as_slice()) {
+        ("PUT", ["lfs-storage", oid]) => storage_put(state, req, oid),
+        ("PUT", ["lfs-multipart", oid, part]) => multipart_put(state, req, oid, part),
+        ("GET" | "HEAD", ["lfs-cdn", oid]) => cdn_get(state, req, oid),
+        _ => Err(error(404, "NoSuchKey")),
     };
     result.unwrap_or_else(|e| e)
 }
@@ -984,7 +1016,7 @@ fn lfs_batch(state: &mut State, req: &Request, repo: &str) -> Result<Response, R
             for n in 1..=parts {
                 header.insert(
                     n.to_string(),
-                    json!(format!("{}/lfs-multipart/{oid}/{n}?sig=s3", state.base)),
+                    json!(format!("{}/lfs-multipart/{oid}/{n}?sig=s3", state.storage)),
                 );
             }
             state.multipart.insert(
@@ -998,7 +1030,7 @@ fn lfs_batch(state: &mut State, req: &Request, repo: &str) -> Result<Response, R
         } else {
             actions.insert(
                 "upload".into(),
-                json!({"href": format!("{}/lfs-storage/{oid}?sig=s3", state.base)}),
+                json!({"href": format!("{}/lfs-storage/{oid}?sig=s3", state.storage)}),
             );
         }
         if state.options.verify {
@@ -1316,7 +1348,10 @@ fn resolve(
                 "ETag".into(),
                 format!("\"{}\"", git_blob_sha1(oid.as_bytes())),
             ));
-            headers.push(("Location".into(), format!("{}/lfs-cdn/{oid}", state.base)));
+            headers.push((
+                "Location".into(),
+                format!("{}/lfs-cdn/{oid}", state.storage),
+            ));
             Response {
                 status: 302,
                 headers,
