@@ -701,6 +701,23 @@ fn dataset_files_are_listed_and_downloaded() {
     );
     let path = hub::resolve_dataset_file(&cfg, "nyu-mll/glue", None, &files[2]).unwrap();
     assert_eq!(fs::read(&path).unwrap(), mismatched);
+    let split =
+        hub::resolve_parquet_split(&cfg, "nyu-mll/glue", None, "mnli", "validation_mismatched")
+            .unwrap();
+    assert_eq!(
+        split,
+        vec![path.clone()],
+        "validation_mismatched only, not validation_matched"
+    );
+    let e = format!(
+        "{:#}",
+        hub::resolve_parquet_split(&cfg, "nyu-mll/glue", None, "mnli", "test").unwrap_err()
+    );
+    assert!(
+        e.contains("split `test`")
+            && e.contains("train, validation_matched, validation_mismatched"),
+        "{e}"
+    );
     assert!(path.starts_with(tmp.path().join("datasets--nyu-mll--glue/snapshots")));
 
     let mut offline = cfg.clone();

@@ -226,6 +226,49 @@ pub fn list_dataset_files(
     repo.list_tree(&commit, prefix)
 }
 
+/// The parquet files of one split of one config (subset) of a dataset repo, downloaded and sorted
+/// by shard: the layout the Hub's parquet conversion uses, `{subset}/{split}-00000-of-00001.parquet`.
+/// For example `nyu-mll/glue`, subset `mnli`, split `validation_mismatched`.
+pub fn resolve_parquet_split(
+    config: &HubConfig,
+    repo: &str,
+    revision: Option<&str>,
+    subset: &str,
+    split: &str,
+) -> Result<Vec<PathBuf>> {
+    let files = list_dataset_files(config, repo, revision, subset)?;
+    let parquet: Vec<&String> = files.iter().filter(|f| f.ends_with(".parquet")).collect();
+    let shards: Vec<&String> = parquet
+        .iter()
+        .copied()
+        .filter(|f| {
+            let name = f.rsplit('/').next().unwrap_or(f);
+            name == format!("{split}.parquet") || name.starts_with(&format!("{split}-"))
+        })
+        .collect();
+    if shards.is_empty() {
+        let mut splits: Vec<&str> = parquet
+            .iter()
+            .map(|f| {
+                let name = f.rsplit('/').next().unwrap_or(f);
+                name.split_once('-')
+                    .map(|(s, _)| s)
+                    .unwrap_or(name.trim_end_matches(".parquet"))
+            })
+            .collect();
+        splits.dedup();
+        bail!(
+            "dataset {repo} (revision {}) has no parquet files for split `{split}` under `{subset}/`; splits there: {}",
+            revision.unwrap_or("main"),
+            if splits.is_empty() { "none".to_string() } else { splits.join(", ") }
+        );
+    }
+    shards
+        .into_iter()
+        .map(|f| resolve_dataset_file(config, repo, revision, f))
+        .collect()
+}
+
 fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
     if !dir.is_dir() {
         return Ok(());
@@ -507,7 +550,7 @@ impl<'a> CachedRepo<'a> {
         let partial = blob.with_extension("incomplete");
         fs::create_dir_all(blob.parent().expect("blob has a parent"))?;
         let same_origin = http::origin(&meta.download_url) == http::origin(&self.config.endpoint);
-        let progress = super::upload::progress_bar(
+        let progress = super::progress_bar(
             self.config,
             meta.size.unwrap_or(0),
             &format!("downloading {path}"),

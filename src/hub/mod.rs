@@ -8,6 +8,24 @@
 //! client (`models--owner--name/{blobs,refs,snapshots/<commit>}`), so a cache shared with Python
 //! tools works both ways. Uploads ([`upload`]) speak the Hub's commit API: preupload, the LFS batch
 //! API (basic and multipart transfers), then one NDJSON commit.
+//!
+//! ```no_run
+//! use kiln::hub::{self, HubConfig, PushOptions, Uploader};
+//! # fn main() -> anyhow::Result<()> {
+//! // A model directory: local as is, else downloaded (config, weights, tokenizer) into the cache.
+//! let model_dir = hub::resolve_model("EleutherAI/gpt-j-6b", Some("float16"))?;
+//!
+//! // The parquet shards of one split of a dataset config.
+//! let config = HubConfig::from_env();
+//! let shards = hub::resolve_parquet_split(&config, "nyu-mll/glue", None, "mnli", "validation_mismatched")?;
+//!
+//! // Checkpoints pushed in the background while training goes on.
+//! let uploader = Uploader::spawn(config, PushOptions::new("me/my-run"), 3)?;
+//! uploader.submit(std::path::Path::new("out/checkpoint-100"), "step 100");
+//! for event in uploader.poll() { println!("{event:?}"); }
+//! let remaining = uploader.finish(); // waits for queued pushes
+//! # let _ = (model_dir, shards, remaining); Ok(()) }
+//! ```
 
 pub mod download;
 mod http;
@@ -18,7 +36,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
-pub use download::{list_dataset_files, resolve_dataset_file, resolve_model, resolve_model_with};
+pub use download::{
+    list_dataset_files, resolve_dataset_file, resolve_model, resolve_model_with,
+    resolve_parquet_split,
+};
 pub use http::HubHttpError;
 pub use upload::{push_folder, PushOptions, PushReport, UploadEvent, Uploader};
 
@@ -164,6 +185,22 @@ impl std::fmt::Debug for HubConfig {
             .field("retry", &self.retry)
             .finish()
     }
+}
+
+/// A byte-count progress bar on stderr for transfers of at least `config.progress_min_bytes`;
+/// hidden otherwise (and by indicatif when stderr is not a terminal).
+pub(crate) fn progress_bar(config: &HubConfig, total: u64, label: &str) -> indicatif::ProgressBar {
+    if total < config.progress_min_bytes {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total).with_message(label.to_string());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .expect("static template"),
+    );
+    bar
 }
 
 /// Checks a repo id (`name` or `owner/name`) so it can go into URLs and cache folder names.

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -524,7 +524,7 @@ impl Session<'_> {
         href: &str,
         header: Option<&serde_json::Map<String, Value>>,
     ) -> Result<(), HubHttpError> {
-        let progress = progress_bar(
+        let progress = super::progress_bar(
             self.config,
             file.size,
             &format!("uploading {}", file.path_in_repo),
@@ -579,7 +579,7 @@ impl Session<'_> {
                 ),
             });
         }
-        let progress = progress_bar(
+        let progress = super::progress_bar(
             self.config,
             file.size,
             &format!("uploading {}", file.path_in_repo),
@@ -657,20 +657,6 @@ fn open_slice(
     let mut file = File::open(path).map_err(local_error)?;
     file.seek(SeekFrom::Start(offset)).map_err(local_error)?;
     Ok(progress.wrap_read(file.take(len)))
-}
-
-pub(crate) fn progress_bar(config: &HubConfig, total: u64, label: &str) -> ProgressBar {
-    if total < config.progress_min_bytes {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total).with_message(label.to_string());
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-        )
-        .expect("static template"),
-    );
-    bar
 }
 
 /// What happened to a checkpoint handed to an [`Uploader`].
