@@ -659,6 +659,9 @@ fn private_and_missing_repos_give_clear_errors() {
         e.contains("neither an existing directory nor a Hub repo id"),
         "{e}"
     );
+    let cfg = config(&server, Some(READ_TOKEN), tmp.path());
+    let e = hub::resolve_model_with(&cfg, "alice/private", Some("../../escape")).unwrap_err();
+    assert!(format!("{e:#}").contains("is not a revision"), "{e:#}");
 }
 
 #[test]

@@ -47,7 +47,7 @@ pub fn resolve_model_with(
     validate_repo_id(spec).with_context(|| {
         format!("model `{spec}` is neither an existing directory nor a Hub repo id")
     })?;
-    let repo = CachedRepo::new(config, RepoType::Model, spec, revision.unwrap_or("main"));
+    let repo = CachedRepo::new(config, RepoType::Model, spec, revision.unwrap_or("main"))?;
     if config.offline {
         return cached_model(&repo);
     }
@@ -192,8 +192,7 @@ pub fn resolve_dataset_file(
     revision: Option<&str>,
     path: &str,
 ) -> Result<PathBuf> {
-    validate_repo_id(repo)?;
-    let repo = CachedRepo::new(config, RepoType::Dataset, repo, revision.unwrap_or("main"));
+    let repo = CachedRepo::new(config, RepoType::Dataset, repo, revision.unwrap_or("main"))?;
     let commit = if config.offline {
         repo.cached_commit()?
     } else {
@@ -211,8 +210,7 @@ pub fn list_dataset_files(
     revision: Option<&str>,
     prefix: &str,
 ) -> Result<Vec<String>> {
-    validate_repo_id(repo)?;
-    let repo = CachedRepo::new(config, RepoType::Dataset, repo, revision.unwrap_or("main"));
+    let repo = CachedRepo::new(config, RepoType::Dataset, repo, revision.unwrap_or("main"))?;
     let prefix = prefix.trim_matches('/');
     if config.offline {
         let commit = repo.cached_commit()?;
@@ -295,18 +293,28 @@ struct CachedRepo<'a> {
 }
 
 impl<'a> CachedRepo<'a> {
-    fn new(config: &'a HubConfig, kind: RepoType, id: &'a str, revision: &'a str) -> Self {
+    fn new(config: &'a HubConfig, kind: RepoType, id: &'a str, revision: &'a str) -> Result<Self> {
+        validate_repo_id(id)?;
+        // The revision names a file under refs/: it must not climb out of the cache.
+        if revision.is_empty()
+            || revision.starts_with('/')
+            || revision
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == "..")
+        {
+            bail!("`{revision}` is not a revision (a branch, tag or commit of {id})");
+        }
         let dir = config
             .cache_dir
             .join(format!("{}s--{}", kind.name(), id.replace('/', "--")));
-        CachedRepo {
+        Ok(CachedRepo {
             config,
             agent: http::agent(),
             kind,
             id,
             revision,
             dir,
-        }
+        })
     }
 
     fn snapshot_dir(&self, commit: &str) -> PathBuf {
@@ -403,13 +411,16 @@ impl<'a> CachedRepo<'a> {
     }
 
     fn list_tree(&self, commit: &str, prefix: &str) -> Result<Vec<String>> {
+        let folder = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("/{}", encode_path(prefix))
+        };
         let mut url = format!(
-            "{}/api/{}/{}/tree/{}/{}?recursive=true",
+            "{}/api/{}/{}/tree/{commit}{folder}?recursive=true",
             self.config.endpoint,
             self.kind.api_plural(),
             self.id,
-            commit,
-            encode_path(prefix)
         );
         let mut files = Vec::new();
         // The tree API pages its answer; `Link: <...>; rel="next"` points at the next page.
