@@ -3,7 +3,6 @@
 //! downloads into the cache, offline mode, dataset listing, `kiln push`, and — when the official
 //! Python client is installed — that both clients produce the same commit.
 
-mod common;
 mod hub_server;
 
 use std::collections::BTreeMap;

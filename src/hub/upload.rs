@@ -300,23 +300,34 @@ impl Session<'_> {
         )
     }
 
+    /// POSTs `body` as JSON (with retries) and returns the response's JSON, or `Null` when the
+    /// caller does not need it (`want_answer` false: the body is not even read).
     fn post_json(
         &self,
         what: &str,
         url: &str,
         body: &Value,
         content_type: &str,
+        want_answer: bool,
     ) -> Result<Value, HubHttpError> {
         let bytes = serde_json::to_vec(body).expect("JSON values serialize");
+        // The token goes only to the Hub itself, never to a URL a response pointed elsewhere.
+        let same_origin = http::origin(url) == http::origin(&self.config.endpoint);
         http::with_retries(&self.config.retry, what, || {
-            let response = self
+            let mut request = self
                 .agent
                 .post(url)
-                .header("Authorization", &self.auth)
                 .header("Accept", content_type)
-                .content_type(content_type)
-                .send(&bytes[..]);
-            http::read_json("POST", url, http::check("POST", url, response)?)
+                .content_type(content_type);
+            if same_origin {
+                request = request.header("Authorization", &self.auth);
+            }
+            let response = http::check("POST", url, request.send(&bytes[..]))?;
+            if want_answer {
+                http::read_json("POST", url, response)
+            } else {
+                Ok(Value::Null)
+            }
         })
     }
 
@@ -332,7 +343,7 @@ impl Session<'_> {
             "type": RepoType::Model.name(),
             "visibility": if self.options.private { "private" } else { "public" },
         });
-        match self.post_json("create repo", &url, &body, "application/json") {
+        match self.post_json("create repo", &url, &body, "application/json", false) {
             Ok(_) => Ok(()),
             Err(e) if e.status == Some(409) => Ok(()),
             // A token may lack the right to create repos in the namespace, yet be allowed to
@@ -370,7 +381,7 @@ impl Session<'_> {
                 "sample": base64::engine::general_purpose::STANDARD.encode(&f.sample),
                 "size": f.size,
             })).collect::<Vec<_>>()});
-            let answer = self.post_json("preupload", &url, &body, "application/json")?;
+            let answer = self.post_json("preupload", &url, &body, "application/json", true)?;
             let malformed = |why: &str| HubHttpError {
                 method: "POST".into(),
                 url: url.clone(),
@@ -424,7 +435,13 @@ impl Session<'_> {
             "hash_algo": "sha256",
             "ref": {"name": self.options.revision},
         });
-        let answer = self.post_json("LFS batch", &url, &body, "application/vnd.git-lfs+json")?;
+        let answer = self.post_json(
+            "LFS batch",
+            &url,
+            &body,
+            "application/vnd.git-lfs+json",
+            true,
+        )?;
         let malformed = |why: String| HubHttpError {
             method: "POST".into(),
             url: url.clone(),
@@ -491,13 +508,16 @@ impl Session<'_> {
                     .ok_or_else(|| malformed(format!("verify action of {oid} has no href")))?;
                 let body = serde_json::to_vec(&json!({"oid": file.sha256, "size": file.size}))
                     .expect("JSON");
+                let same_origin = http::origin(verify_url) == http::origin(&self.config.endpoint);
                 http::with_retries(&self.config.retry, "LFS verify", || {
                     let mut request = self
                         .agent
                         .post(verify_url)
-                        .header("Authorization", &self.auth)
                         .header("Accept", "application/vnd.git-lfs+json")
                         .content_type("application/vnd.git-lfs+json");
+                    if same_origin {
+                        request = request.header("Authorization", &self.auth);
+                    }
                     for (k, v) in verify
                         .get("header")
                         .and_then(|h| h.as_object())
@@ -622,6 +642,7 @@ impl Session<'_> {
             completion_url,
             &body,
             "application/vnd.git-lfs+json",
+            false,
         )
         .map(drop)
     }
