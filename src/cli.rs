@@ -10,7 +10,11 @@ use crate::model::{self, init::Preset};
 use crate::tokenizer::TextTokenizer;
 
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about = "Fine-tune GPT-J-family language models from recipes")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Fine-tune GPT-J-family language models from recipes"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -22,6 +26,29 @@ pub enum Command {
     Init(InitArgs),
     /// Per-token log-probabilities of texts or token ids under a model.
     Score(ScoreArgs),
+    /// Upload a checkpoint (or any model directory) to a Hugging Face Hub repo as one commit.
+    Push(PushArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// Directory to upload; it is only read.
+    pub checkpoint_dir: PathBuf,
+    /// Target repo, `owner/name`; created if it does not exist.
+    #[arg(long)]
+    pub repo: String,
+    /// Branch to commit to.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// Create the repo private (an existing repo keeps its visibility).
+    #[arg(long)]
+    pub private: bool,
+    /// Commit message.
+    #[arg(long, default_value = "Upload with kiln")]
+    pub message: String,
+    /// Hub URL; defaults to HF_ENDPOINT, else https://huggingface.co.
+    #[arg(long)]
+    pub endpoint: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +123,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init(args) => init(args),
         Command::Score(args) => score(args),
+        Command::Push(args) => push(args),
     }
 }
 
@@ -115,8 +143,13 @@ fn init(args: InitArgs) -> Result<()> {
         config.eos_token_id = Some(tok.eos_id());
         config.bos_token_id = Some(tok.eos_id());
     }
-    let mut files =
-        model::init::write_random_model(&args.out, &config, args.seed, dtype, args.max_shard_bytes)?;
+    let mut files = model::init::write_random_model(
+        &args.out,
+        &config,
+        args.seed,
+        dtype,
+        args.max_shard_bytes,
+    )?;
     if let Some(tok) = &tokenizer {
         files.extend(tok.save_to(&args.out)?);
     }
@@ -162,8 +195,8 @@ fn score(args: ScoreArgs) -> Result<()> {
         config.vocab_size,
         config.n_positions,
     )?;
-    let scored = crate::eval::score::score_rows(&model, &rows, args.batch_size)
-        .context("scoring failed")?;
+    let scored =
+        crate::eval::score::score_rows(&model, &rows, args.batch_size).context("scoring failed")?;
     crate::eval::score::write_jsonl(&args.output, &scored)?;
     let tokens: usize = scored.iter().map(|r| r.ids.len()).sum();
     let total: f64 = scored.iter().map(|r| r.total as f64).sum();
@@ -175,5 +208,39 @@ fn score(args: ScoreArgs) -> Result<()> {
         total / predicted.max(1) as f64,
         (-total / predicted.max(1) as f64).exp()
     );
+    Ok(())
+}
+
+fn push(args: PushArgs) -> Result<()> {
+    let mut config = crate::hub::HubConfig::from_env();
+    if let Some(endpoint) = &args.endpoint {
+        config.endpoint = endpoint.trim_end_matches('/').to_string();
+    }
+    let options = crate::hub::PushOptions {
+        revision: args.revision,
+        private: args.private,
+        message: args.message,
+        ..crate::hub::PushOptions::new(&args.repo)
+    };
+    let report = crate::hub::push_folder(&config, &args.checkpoint_dir, &options)?;
+    match &report.commit_oid {
+        Some(oid) => println!(
+            "pushed {} to {}@{}: commit {oid}, {} files ({} LFS objects, {} bytes uploaded), {} unchanged{}",
+            args.checkpoint_dir.display(),
+            options.repo,
+            options.revision,
+            report.committed_files.len(),
+            report.lfs_objects_uploaded,
+            report.lfs_bytes_uploaded,
+            report.unchanged_files.len(),
+            report.commit_url.as_deref().map(|u| format!(": {u}")).unwrap_or_default()
+        ),
+        None => println!(
+            "{} is already on {}@{}: nothing to commit",
+            args.checkpoint_dir.display(),
+            options.repo,
+            options.revision
+        ),
+    }
     Ok(())
 }

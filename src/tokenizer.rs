@@ -135,16 +135,17 @@ impl TextTokenizer {
             let from = self.source.join(name);
             let to = dir.join(name);
             if from.is_file() && from != to {
-                std::fs::copy(&from, &to).with_context(|| {
-                    format!("copying {} to {}", from.display(), to.display())
-                })?;
+                std::fs::copy(&from, &to)
+                    .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
                 written.push(name.to_string());
             }
         }
         if !dir.join("tokenizer.json").is_file() {
             self.inner
                 .save(dir.join("tokenizer.json"), false)
-                .map_err(|e| anyhow::anyhow!("{}: cannot write tokenizer.json: {e}", dir.display()))?;
+                .map_err(|e| {
+                    anyhow::anyhow!("{}: cannot write tokenizer.json: {e}", dir.display())
+                })?;
             written.push("tokenizer.json".into());
         }
         if !dir.join("tokenizer_config.json").is_file() {
@@ -169,18 +170,15 @@ impl TextTokenizer {
 fn byte_level_bpe(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
     use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-    let bpe = BPE::from_file(
-        &vocab.to_string_lossy(),
-        &merges.to_string_lossy(),
-    )
-    .build()
-    .map_err(|e| {
-        anyhow::anyhow!(
-            "{} / {}: not a valid BPE vocabulary: {e}",
-            vocab.display(),
-            merges.display()
-        )
-    })?;
+    let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+        .build()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{} / {}: not a valid BPE vocabulary: {e}",
+                vocab.display(),
+                merges.display()
+            )
+        })?;
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, false)));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));

@@ -19,7 +19,10 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn load_err(dir: &Path) -> String {
-    format!("{:#}", model::load_model(dir, DType::F32, &Device::Cpu).unwrap_err())
+    format!(
+        "{:#}",
+        model::load_model(dir, DType::F32, &Device::Cpu).unwrap_err()
+    )
 }
 
 #[test]
@@ -29,7 +32,10 @@ fn pytorch_bin_loads_like_safetensors() {
     let a = model::load_model(&st, DType::F32, &Device::Cpu).unwrap();
     let b = model::load_model(&pth, DType::F32, &Device::Cpu).unwrap();
     let batch = Batch::right_padded(&[vec![1, 2, 3, 4, 5]], 0, &Device::Cpu).unwrap();
-    let diff = max_abs_diff(&a.forward(&batch, None).unwrap(), &b.forward(&batch, None).unwrap());
+    let diff = max_abs_diff(
+        &a.forward(&batch, None).unwrap(),
+        &b.forward(&batch, None).unwrap(),
+    );
     assert_eq!(diff, 0.0);
 }
 
@@ -37,12 +43,18 @@ fn pytorch_bin_loads_like_safetensors() {
 fn missing_weights_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let err = load_err(&tmp.path().join("nope"));
-    assert!(err.contains("nope") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("nope") && err.contains("does not exist"),
+        "{err}"
+    );
 
     copy_dir(&fixtures().join("parity/rot8"), tmp.path());
     std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
     let err = load_err(tmp.path());
-    assert!(err.contains("no weights found") && err.contains("model.safetensors"), "{err}");
+    assert!(
+        err.contains("no weights found") && err.contains("model.safetensors"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -53,7 +65,10 @@ fn unknown_model_type_is_refused() {
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replace("\"gptj\"", "\"llama\"")).unwrap();
     let err = load_err(tmp.path());
-    assert!(err.contains("config.json") && err.contains("model_type") && err.contains("llama"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("model_type") && err.contains("llama"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -67,7 +82,9 @@ fn mismatched_shapes_name_file_and_tensor() {
     std::fs::write(&path, json.to_string()).unwrap();
     let err = load_err(tmp.path());
     assert!(
-        err.contains("model.safetensors") && err.contains("transformer.wte.weight") && err.contains("[101, 64]"),
+        err.contains("model.safetensors")
+            && err.contains("transformer.wte.weight")
+            && err.contains("[101, 64]"),
         "{err}"
     );
 }
@@ -80,7 +97,10 @@ fn truncated_safetensors_is_reported() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_err(tmp.path());
-    assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -93,31 +113,51 @@ fn missing_shard_is_reported() {
     let second_shard = std::fs::read_dir(tmp.path())
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("model-00002-of-"))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("model-00002-of-")
+        })
         .expect("the model was sharded");
     std::fs::remove_file(&second_shard).unwrap();
     let err = load_err(tmp.path());
-    assert!(err.contains("model.safetensors.index.json") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("model.safetensors.index.json") && err.contains("missing"),
+        "{err}"
+    );
 }
 
 #[test]
 fn gpt2_tokenizer_known_ids() {
-    let Some(dir) = shared("tokenizers/gpt2") else { return };
+    let Some(dir) = shared("tokenizers/gpt2") else {
+        return;
+    };
     let tok = TextTokenizer::from_dir(&dir).unwrap();
     assert_eq!(tok.encode("Hello world").unwrap(), vec![15496, 995]);
-    let text = "mnli hypothesis: Product and geography are what make cream skimming work. premise: \
+    let text =
+        "mnli hypothesis: Product and geography are what make cream skimming work. premise: \
                 Conceptually cream skimming has two basic dimensions - product and geography. \
                 target: neutral<|endoftext|>";
     let ids = tok.encode(text).unwrap();
     assert_eq!(ids.len(), 35);
-    assert_eq!(&ids[..10], &[10295, 4528, 14078, 25, 8721, 290, 27876, 389, 644, 787]);
+    assert_eq!(
+        &ids[..10],
+        &[10295, 4528, 14078, 25, 8721, 290, 27876, 389, 644, 787]
+    );
     assert_eq!(&ids[32..], &[25, 8500, 50256]);
     assert_eq!(tok.eos_id(), 50256);
     assert_eq!(tok.pad_id(), 50256);
     // GPT-J's 50400-row embedding fits the 50257-token vocabulary; a 128-row one does not.
     tok.check_fits(50400, Path::new("gptj")).unwrap();
-    let err = format!("{:#}", tok.check_fits(128, Path::new("tiny-model")).unwrap_err());
-    assert!(err.contains("tiny-model") && err.contains("128") && err.contains("50256"), "{err}");
+    let err = format!(
+        "{:#}",
+        tok.check_fits(128, Path::new("tiny-model")).unwrap_err()
+    );
+    assert!(
+        err.contains("tiny-model") && err.contains("128") && err.contains("50256"),
+        "{err}"
+    );
 
     // vocab.json + merges.txt build the same tokenizer as tokenizer.json.
     let tmp = tempfile::tempdir().unwrap();
@@ -133,7 +173,15 @@ fn gpt2_tokenizer_known_ids() {
 fn init_then_score_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("tiny");
-    let mut args = vec!["init", "--preset", "tiny", "--out", out.to_str().unwrap(), "--seed", "7"];
+    let mut args = vec![
+        "init",
+        "--preset",
+        "tiny",
+        "--out",
+        out.to_str().unwrap(),
+        "--seed",
+        "7",
+    ];
     let shared_tok = shared("tokenizers/gpt2");
     if let Some(tok) = &shared_tok {
         args.extend(["--tokenizer", tok.to_str().unwrap()]);
@@ -142,21 +190,52 @@ fn init_then_score_end_to_end() {
     assert!(ok, "{stderr}");
     assert!(stdout.contains("tiny"), "{stdout}");
     let config = model::load_config(&out).unwrap();
-    assert_eq!((config.n_layer, config.n_embd, config.n_head, config.rotary_dim), (2, 128, 4, Some(16)));
+    assert_eq!(
+        (
+            config.n_layer,
+            config.n_embd,
+            config.n_head,
+            config.rotary_dim
+        ),
+        (2, 128, 4, Some(16))
+    );
 
     // GPT-J's initialisation: std 0.02 weights, zero biases, unit LayerNorm.
     let params = model::load_parameters(&out, &config, DType::F32, &Device::Cpu).unwrap();
-    let w = params["transformer.h.0.mlp.fc_in.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let w = params["transformer.h.0.mlp.fc_in.weight"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let std = (w.iter().map(|x| x * x).sum::<f32>() / w.len() as f32).sqrt();
     assert!((std - 0.02).abs() < 0.001, "std {std}");
-    let b = params["lm_head.bias"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = params["lm_head.bias"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(b.iter().all(|&x| x == 0.0));
-    let g = params["transformer.ln_f.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let g = params["transformer.ln_f.weight"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(g.iter().all(|&x| x == 1.0));
 
     // Same seed, same weights; other seed, other weights.
     let again = tmp.path().join("again");
-    assert!(kiln(&["init", "--preset", "tiny", "--out", again.to_str().unwrap(), "--seed", "7"]).0);
+    assert!(
+        kiln(&[
+            "init",
+            "--preset",
+            "tiny",
+            "--out",
+            again.to_str().unwrap(),
+            "--seed",
+            "7"
+        ])
+        .0
+    );
     assert_eq!(
         std::fs::read(out.join("model.safetensors")).unwrap(),
         std::fs::read(again.join("model.safetensors")).unwrap()
@@ -176,8 +255,15 @@ fn init_then_score_end_to_end() {
     for batch_size in ["1", "3"] {
         let output = tmp.path().join(format!("out{batch_size}.jsonl"));
         let (ok, stdout, stderr) = kiln(&[
-            "score", "--model", out.to_str().unwrap(), "--input", input.to_str().unwrap(),
-            "--output", output.to_str().unwrap(), "--batch-size", batch_size,
+            "score",
+            "--model",
+            out.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--batch-size",
+            batch_size,
         ]);
         assert!(ok, "{stderr}");
         assert!(stdout.contains("perplexity"), "{stdout}");
@@ -203,7 +289,10 @@ fn init_then_score_end_to_end() {
     }
     for (a, b) in outputs[0].iter().zip(&outputs[1]) {
         for (x, y) in a.logprobs.iter().flatten().zip(b.logprobs.iter().flatten()) {
-            assert!((x - y).abs() <= 1e-5, "batch size changed a logprob: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 1e-5,
+                "batch size changed a logprob: {x} vs {y}"
+            );
         }
     }
 }
@@ -213,7 +302,11 @@ fn score_rejects_bad_rows_by_line() {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = fixtures().join("parity/rot8");
     let cases = [
-        ("{\"ids\": [1, 2]}\n{\"ids\": [1, 500]}\n", "in.jsonl:2", "outside the model's vocabulary"),
+        (
+            "{\"ids\": [1, 2]}\n{\"ids\": [1, 500]}\n",
+            "in.jsonl:2",
+            "outside the model's vocabulary",
+        ),
         ("{\"ids\": [1, 2]}\nnot json\n", "in.jsonl:2", "expected"),
         ("{\"ids\": []}\n", "in.jsonl:1", "no tokens"),
         ("{\"text\": \"hi\"}\n", "in.jsonl:1", "needs a tokenizer"),
@@ -223,19 +316,32 @@ fn score_rejects_bad_rows_by_line() {
         std::fs::write(&input, content).unwrap();
         let output = tmp.path().join("out.jsonl");
         let (ok, _, stderr) = kiln(&[
-            "score", "--model", model_dir.to_str().unwrap(), "--input", input.to_str().unwrap(),
-            "--output", output.to_str().unwrap(),
+            "score",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
         ]);
         assert!(!ok);
-        assert!(stderr.contains(place) && stderr.contains(message), "{stderr}");
+        assert!(
+            stderr.contains(place) && stderr.contains(message),
+            "{stderr}"
+        );
         assert!(!output.exists(), "no partial output is left behind");
     }
     let long: Vec<String> = (0..65).map(|i| (i % 100).to_string()).collect();
     let input = tmp.path().join("in.jsonl");
     std::fs::write(&input, format!("{{\"ids\": [{}]}}\n", long.join(","))).unwrap();
     let (ok, _, stderr) = kiln(&[
-        "score", "--model", model_dir.to_str().unwrap(), "--input", input.to_str().unwrap(),
-        "--output", tmp.path().join("o.jsonl").to_str().unwrap(),
+        "score",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        tmp.path().join("o.jsonl").to_str().unwrap(),
     ]);
     assert!(!ok && stderr.contains("n_positions"), "{stderr}");
 }
@@ -243,9 +349,18 @@ fn score_rejects_bad_rows_by_line() {
 #[test]
 fn presets_have_the_published_shapes() {
     let c = Preset::Gptj6b.config();
-    assert_eq!((c.n_layer, c.n_embd, c.n_head, c.rotary_dim, c.vocab_size), (28, 4096, 16, Some(64), 50400));
-    let n: usize = model::parameter_shapes(&c).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    assert_eq!(
+        (c.n_layer, c.n_embd, c.n_head, c.rotary_dim, c.vocab_size),
+        (28, 4096, 16, Some(64), 50400)
+    );
+    let n: usize = model::parameter_shapes(&c)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
     assert_eq!(n, 6_050_882_784, "GPT-J-6B's parameter count");
     let s = Preset::Small.config();
-    assert_eq!((s.n_layer, s.n_embd, s.n_head, s.rotary_dim, s.vocab_size), (4, 256, 8, Some(16), 50400));
+    assert_eq!(
+        (s.n_layer, s.n_embd, s.n_head, s.rotary_dim, s.vocab_size),
+        (4, 256, 8, Some(16), 50400)
+    );
 }

@@ -50,7 +50,10 @@ fn padded_rows_match_rows_alone() {
         let alone = model.forward(&alone_batch, None).unwrap().get(0).unwrap();
         let in_batch = padded.get(1).unwrap().narrow(0, 0, rows[1].len()).unwrap();
         let diff = max_abs_diff(&in_batch, &alone);
-        assert!(diff <= 1e-5, "{name}: padded row differs from the row alone by {diff}");
+        assert!(
+            diff <= 1e-5,
+            "{name}: padded row differs from the row alone by {diff}"
+        );
         let hf_alone = &io["logits_row1_alone"];
         let diff = max_abs_diff(&alone, hf_alone);
         assert!(diff <= 1e-4, "{name}: row alone differs from HF by {diff}");
@@ -82,7 +85,10 @@ fn loss_and_every_gradient_match_transformers() {
         let ours = loss.to_scalar::<f32>().unwrap();
         let theirs = io["loss"].to_vec1::<f32>().unwrap()[0];
         eprintln!("{name}: loss {ours} vs {theirs}");
-        assert!((ours - theirs).abs() <= 1e-5, "{name}: loss {ours} vs HF {theirs}");
+        assert!(
+            (ours - theirs).abs() <= 1e-5,
+            "{name}: loss {ours} vs HF {theirs}"
+        );
 
         let grads = loss.backward().unwrap();
         let mut checked = 0;
@@ -100,9 +106,17 @@ fn loss_and_every_gradient_match_transformers() {
             }
             checked += 1;
         }
-        eprintln!("{name}: {checked} gradients, worst relative error {:e} ({})", worst.0, worst.1);
+        eprintln!(
+            "{name}: {checked} gradients, worst relative error {:e} ({})",
+            worst.0, worst.1
+        );
         assert_eq!(checked, model::parameter_shapes(&config).len());
-        assert!(worst.0 <= 1e-4, "{name}: gradient of {} off by {}", worst.1, worst.0);
+        assert!(
+            worst.0 <= 1e-4,
+            "{name}: gradient of {} off by {}",
+            worst.1,
+            worst.0
+        );
     }
 }
 
@@ -122,12 +136,22 @@ fn half_precision_forward_is_close_to_fp32_reference() {
             let mut worst = 0f32;
             for (r, row) in rows.iter().enumerate() {
                 let ours = logits.get(r).unwrap().narrow(0, 0, row.len()).unwrap();
-                let theirs = io["logits"].get(r).unwrap().narrow(0, 0, row.len()).unwrap();
+                let theirs = io["logits"]
+                    .get(r)
+                    .unwrap()
+                    .narrow(0, 0, row.len())
+                    .unwrap();
                 worst = worst.max(max_abs_diff(&ours, &theirs));
             }
             eprintln!("{name} {dtype:?}: max abs diff to fp32 reference {worst:e}");
-            assert!(worst <= tolerance, "{name} {dtype:?}: off by {worst} (> {tolerance})");
-            assert!(worst > 0.0, "{name} {dtype:?}: suspiciously exact, was it computed in fp32?");
+            assert!(
+                worst <= tolerance,
+                "{name} {dtype:?}: off by {worst} (> {tolerance})"
+            );
+            assert!(
+                worst > 0.0,
+                "{name} {dtype:?}: suspiciously exact, was it computed in fp32?"
+            );
         }
     }
 }
@@ -141,17 +165,27 @@ fn kiln_written_model_reloads_bit_identically_and_shards() {
         let out = tempfile::tempdir().unwrap();
         let files = model::save_model(out.path(), &config, &params, DType::F32, max_shard).unwrap();
         if max_shard == 40_000 {
-            assert!(files.contains(&"model.safetensors.index.json".to_string()), "{files:?}");
+            assert!(
+                files.contains(&"model.safetensors.index.json".to_string()),
+                "{files:?}"
+            );
             assert!(files.iter().filter(|f| f.starts_with("model-0")).count() > 2);
         } else {
             assert!(files.contains(&"model.safetensors".to_string()));
         }
-        assert_eq!(model::load_config(out.path()).unwrap().n_embd, config.n_embd);
+        assert_eq!(
+            model::load_config(out.path()).unwrap().n_embd,
+            config.n_embd
+        );
         let reloaded =
             model::load_parameters(out.path(), &config, DType::F32, &Device::Cpu).unwrap();
         for (name, original) in &params {
             let a = original.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let b = reloaded[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = reloaded[name]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             assert!(
                 a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{name} changed in the round trip"

@@ -104,7 +104,10 @@ pub fn score_rows(model: &GptJ, rows: &[Vec<u32>], batch_size: usize) -> Result<
             results[row_index] = Some(score_one(&row_logits, ids)?);
         }
     }
-    Ok(results.into_iter().map(|r| r.expect("every row scored")).collect())
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every row scored"))
+        .collect())
 }
 
 /// Scores one row from its logits `[len, vocab]`.
@@ -130,7 +133,10 @@ fn score_one(logits: &Tensor, ids: &[u32]) -> Result<ScoredRow> {
 /// Writes rows as JSON lines into `path`, through a temporary file renamed into place so a
 /// crash never leaves a half-written output behind.
 pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("{}: cannot create a temporary file", dir.display()))?;

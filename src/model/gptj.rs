@@ -330,9 +330,10 @@ impl Attention {
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
-                    Some((k_past, v_past)) => {
-                        (Tensor::cat(&[&k_past, &k], 2)?, Tensor::cat(&[&v_past, &v], 2)?)
-                    }
+                    Some((k_past, v_past)) => (
+                        Tensor::cat(&[&k_past, &k], 2)?,
+                        Tensor::cat(&[&v_past, &v], 2)?,
+                    ),
                     None => (k.contiguous()?, v.contiguous()?),
                 };
                 *slot = Some((k.clone(), v.clone()));
@@ -437,9 +438,7 @@ impl Batch {
             key_mask.push(mask);
         }
         let padded = rows.iter().any(|r| r.len() != seq);
-        let positions: Vec<u32> = (0..rows.len())
-            .flat_map(|_| 0..seq as u32)
-            .collect();
+        let positions: Vec<u32> = (0..rows.len()).flat_map(|_| 0..seq as u32).collect();
         Ok(Self {
             input_ids: Tensor::from_vec(ids, (rows.len(), seq), device)?,
             position_ids: Tensor::from_vec(positions, (rows.len(), seq), device)?,
@@ -468,7 +467,9 @@ impl GptJ {
             .map(|i| Block::load(t.pp("h").pp(i), config))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            wte: t.pp("wte").get((config.vocab_size, config.n_embd), "weight")?,
+            wte: t
+                .pp("wte")
+                .get((config.vocab_size, config.n_embd), "weight")?,
             blocks,
             ln_f: LayerNorm::load(t.pp("ln_f"), config.n_embd, config.layer_norm_epsilon)?,
             lm_head: Linear::load(vb.pp("lm_head"), config.n_embd, config.vocab_size, true)?,

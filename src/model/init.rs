@@ -11,7 +11,9 @@ use sha2::{Digest, Sha256};
 use super::{parameter_specs, weights, write_config, Config};
 
 /// The presets users ask for by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
     /// 2 layers, d 128, 4 heads, rotary 16: tests and the quickstart.
@@ -79,7 +81,9 @@ pub fn init_parameter(cfg: &Config, name: &str, shape: &[usize], seed: u64) -> R
         .par_chunks_mut(CHUNK)
         .enumerate()
         .for_each(|(i, chunk)| {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(tensor_seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(
+                tensor_seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
             for v in chunk.iter_mut() {
                 *v = normal.sample(&mut rng);
             }

@@ -94,7 +94,10 @@ pub fn load_parameters(
     let mut params = HashMap::new();
     for (name, shape) in parameter_shapes(config) {
         let found = store.shape(&name).with_context(|| {
-            format!("{}: tensor {name} is missing from the weights", dir.display())
+            format!(
+                "{}: tensor {name} is missing from the weights",
+                dir.display()
+            )
         })?;
         if found != shape.as_slice() {
             bail!(

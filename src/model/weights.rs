@@ -26,8 +26,14 @@ struct Location {
 }
 
 enum WeightFile {
-    Safetensors { path: PathBuf, mmap: memmap2::Mmap },
-    Pytorch { path: PathBuf, tensors: candle_core::pickle::PthTensors },
+    Safetensors {
+        path: PathBuf,
+        mmap: memmap2::Mmap,
+    },
+    Pytorch {
+        path: PathBuf,
+        tensors: candle_core::pickle::PthTensors,
+    },
 }
 
 impl WeightFile {
@@ -48,7 +54,10 @@ pub struct WeightStore {
 impl std::fmt::Debug for WeightStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WeightStore")
-            .field("files", &self.files.iter().map(|w| w.path()).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.files.iter().map(|w| w.path()).collect::<Vec<_>>(),
+            )
             .field("tensors", &self.index.len())
             .finish()
     }
@@ -94,8 +103,9 @@ impl WeightStore {
         let is_pytorch = path.extension().is_some_and(|e| e == "bin" || e == "pt");
         let names_and_shapes: Vec<(String, Vec<usize>)>;
         let weight_file = if is_pytorch {
-            let tensors = candle_core::pickle::PthTensors::new(&path, None)
-                .with_context(|| format!("{}: not a readable PyTorch checkpoint", path.display()))?;
+            let tensors = candle_core::pickle::PthTensors::new(&path, None).with_context(|| {
+                format!("{}: not a readable PyTorch checkpoint", path.display())
+            })?;
             names_and_shapes = tensors
                 .tensor_infos()
                 .iter()
@@ -103,7 +113,8 @@ impl WeightStore {
                 .collect();
             WeightFile::Pytorch { path, tensors }
         } else {
-            let file = File::open(&path).with_context(|| format!("{}: cannot open", path.display()))?;
+            let file =
+                File::open(&path).with_context(|| format!("{}: cannot open", path.display()))?;
             // SAFETY: the mapping is read-only; a file changed underneath us while loading is
             // caught by safetensors' bounds checks or shows as wrong values, never as UB in safe
             // code that outlives this function's borrow rules.
@@ -123,7 +134,8 @@ impl WeightStore {
             WeightFile::Safetensors { path, mmap }
         };
         for (name, shape) in names_and_shapes {
-            self.index.insert(name.clone(), Location { file: file_index });
+            self.index
+                .insert(name.clone(), Location { file: file_index });
             self.shapes.insert(name, shape);
         }
         self.files.push(weight_file);
@@ -160,9 +172,12 @@ impl WeightStore {
                 .with_context(|| format!("{}: cannot read tensor {name}", path.display()))?
                 .with_context(|| format!("{}: tensor {name} is missing", path.display()))?,
         };
-        tensor
-            .to_dtype(dtype)
-            .with_context(|| format!("{}: cannot convert {name} to {dtype:?}", file.path().display()))
+        tensor.to_dtype(dtype).with_context(|| {
+            format!(
+                "{}: cannot convert {name} to {dtype:?}",
+                file.path().display()
+            )
+        })
     }
 
     fn describe_files(&self) -> String {
@@ -359,7 +374,10 @@ pub fn write_safetensors_streaming(
         }
         write_tensor_bytes(&mut out, &tensor).with_context(write_err)?;
     }
-    let file = out.into_inner().map_err(|e| e.into_error()).with_context(write_err)?;
+    let file = out
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .with_context(write_err)?;
     file.sync_all().with_context(write_err)?;
     Ok(())
 }
