@@ -116,6 +116,16 @@ impl TextTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Token ids of `text` with each token's byte span in `text`, to find which tokens a part of
+    /// the text produced without tokenizing the parts separately.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizing {text:?}: {e}"))?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
+    }
+
     /// Decodes ids to text; ids without a token (GPT-J's padding rows) are dropped.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner

@@ -10,6 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::init::Preset;
 
+mod load;
+mod resolve;
+
+pub use load::{apply_override, load, parse};
+pub use resolve::{check, recipe_dir, tokenizer_for, Derived, Resolved};
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
@@ -97,9 +103,15 @@ fn yes() -> bool {
 pub struct DatasetSpec {
     pub source: SourceSpec,
     pub template: TemplateSpec,
-    /// Label value (as written in the data, e.g. `0`) → label word.
+    /// Label value (as written in the data, e.g. `0`) → label word. Default: the preset's
+    /// (mnli: 0/1/2 → entailment/neutral/contradiction; sentiment: 0/1 → negative/positive),
+    /// else the dataset's ClassLabel names (Parquet from the Hub), else the value as written.
     #[serde(default)]
     pub label_map: Option<BTreeMap<String, String>>,
+    /// Template field → source column, for data whose columns are named differently
+    /// (e.g. `{text: sentence}` for SST-2 with the sentiment preset).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub columns: BTreeMap<String, String>,
     #[serde(default)]
     pub limit: Option<usize>,
     #[serde(default)]
@@ -434,6 +446,37 @@ impl Default for TrackingSpec {
         Self {
             log_dir: default_log_dir(),
             log_every: 1,
+        }
+    }
+}
+
+impl Recipe {
+    /// Micro-batches each replica runs per optimizer step.
+    pub fn accumulation_steps(&self) -> usize {
+        self.batch.global / (self.batch.micro * self.batch.replicas).max(1)
+    }
+
+    pub fn tokens_per_step(&self) -> usize {
+        self.batch.global * self.data.seq_len
+    }
+
+    /// Optimizer steps of the run: `steps`, or `ceil(epochs × sequences per epoch / global)`.
+    pub fn total_steps(&self, sequences_per_epoch: usize) -> u64 {
+        match (self.steps, self.epochs) {
+            (Some(steps), _) => steps,
+            (None, Some(epochs)) => {
+                let sequences = epochs * sequences_per_epoch as f64;
+                ((sequences / self.batch.global as f64).ceil() as u64).max(1)
+            }
+            (None, None) => 0,
+        }
+    }
+
+    /// Warmup steps: as given, or `ceil(fraction × total)` (as HF `TrainingArguments`).
+    pub fn warmup_steps(&self, total_steps: u64) -> u64 {
+        match self.schedule.warmup {
+            Warmup::Steps(steps) => steps,
+            Warmup::Fraction(f) => (f * total_steps as f64).ceil() as u64,
         }
     }
 }
