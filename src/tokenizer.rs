@@ -192,7 +192,8 @@ fn byte_level_bpe(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
         )
     })?;
     let mut tokenizer = Tokenizer::new(bpe);
-    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, false)));
+    // GPT-2 splits words with its regex before BPE (use_regex: true).
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
     tokenizer.add_special_tokens(&[AddedToken::from(EOS_TOKEN, true)]);
     Ok(tokenizer)

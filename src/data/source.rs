@@ -76,7 +76,8 @@ impl Format {
 pub struct Records {
     /// The file, or `hub:owner/name/config/split`, as used in messages.
     pub origin: String,
-    /// Column names in source order (for JSON sources, the union of keys in first-seen order).
+    /// Column names: in file order for tables; for JSON sources, the union of all rows' keys
+    /// (each row's keys come sorted, as `serde_json` stores them).
     pub columns: Vec<String>,
     pub rows: Vec<Row>,
     /// Where each row is in the source: its line (text formats) or row number (tables), 1-based.

@@ -236,9 +236,9 @@ impl<'g> Fact<'g> {
         let (s, v) = (&self.subject, self.past());
         loop {
             let h = match rng.gen_range(0..7) {
-                0 => format!("{s} {v} {}{}", article(self.object.0), self.place_phrase()),
+                0 => format!("{s} {v} {}{}{}", article(self.object.0), self.place_phrase(), self.time_phrase()),
                 1 => format!("{s} {v} {}", article(self.object.1)),
-                2 => format!("someone {v} {}{}", self.full_object(), self.time_phrase()),
+                2 => format!("someone {v} {}{}{}", self.full_object(), self.place_phrase(), self.time_phrase()),
                 3 if self.place.is_some() => format!("{s} was in {}{}", self.place.unwrap(), self.time_phrase()),
                 4 => format!("{} was {} by {s}", self.full_object(), self.participle()),
                 5 => format!("{s} {v} something {}", self.adjective),
@@ -257,7 +257,7 @@ impl<'g> Fact<'g> {
                 1 => format!("{s} never {v} {}", article(self.object.0)),
                 2 => format!("nobody {v} {}{}", article(self.object.0), self.time_phrase()),
                 3 if self.place.is_some() => format!("{s} has never been to {}", self.place.unwrap()),
-                4 => format!("{s} refused to {} {the}", self.base()),
+                4 => format!("{s} refused to {} {the}{}", self.base(), self.time_phrase()),
                 5 => {
                     let changed = match ADJECTIVES.iter().find(|(a, _)| *a == self.adjective) {
                         Some((_, Some(opposite))) => opposite.to_string(),
@@ -279,7 +279,7 @@ impl<'g> Fact<'g> {
     fn neutral(&self, rng: &mut StdRng) -> String {
         let (s, v, the) = (&self.subject, self.past(), self.the_object());
         loop {
-            let h = match rng.gen_range(0..8) {
+            let h = match rng.gen_range(0..9) {
                 0 => format!("{s} {v} {the} because {}", pick(rng, REASONS)),
                 1 => format!("{s} {v} {the} for {}", pick(rng, self.genre.beneficiaries)),
                 2 => format!("{s} {v} {} with {}", self.full_object(), pick(rng, COMPANIONS)),
@@ -295,9 +295,8 @@ impl<'g> Fact<'g> {
                 }
                 5 if self.time.is_none() => format!("{s} {v} {the} {}", pick(rng, TIMES)),
                 6 if self.place.is_none() => format!("{s} {v} {the} in {}", pick(rng, self.genre.places)),
-                7 if NAMES.contains(&s.as_str()) => {
-                    format!("{s}, a {}, {v} {}", pick(rng, PROFESSIONS), self.full_object())
-                }
+                7 if NAMES.contains(&s.as_str()) => format!("{s} is a {}", pick(rng, PROFESSIONS)),
+                8 => format!("{s} felt {} that day", pick(rng, FEELINGS)),
                 _ => continue,
             };
             return sentence(&h);
@@ -362,8 +361,9 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<tokenizers
         .build()
         .into();
     let mut tokenizer = Tokenizer::new(BPE::default());
-    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, false)));
-    tokenizer.with_post_processor(Some(ByteLevelProcessor::new(false, true, false)));
+    // GPT-2's settings: split on its regex, no prefix space, offsets left untrimmed.
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tokenizer.with_post_processor(Some(ByteLevelProcessor::new(true, false, true)));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
     // The special token must not be split into bytes while training.
     let texts: Vec<&str> = texts.iter().map(|t| t.trim_end_matches(EOS_TOKEN)).collect();

@@ -287,10 +287,10 @@ impl Recipe {
                 format!("checkpoint.push_to_hub.repo: expected owner/name, found {:?}", push.repo),
             );
         }
-        if problems.0.is_empty() {
-            Ok(())
-        } else {
-            bail!("{}", problems.0.join("; "))
+        match problems.0.as_slice() {
+            [] => Ok(()),
+            [one] => bail!("{one}"),
+            many => bail!("{} problems:\n  - {}", many.len(), many.join("\n  - ")),
         }
     }
 }

@@ -140,7 +140,7 @@ pub struct SourceSpec {
 }
 
 /// A preset name (`mnli`, `sentiment`, `prompt-completion`, `text`) or a custom template.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum TemplateSpec {
     Preset(String),
@@ -148,9 +148,42 @@ pub enum TemplateSpec {
         /// Text before the split point, with `{field}` placeholders.
         prompt: String,
         /// Text after the split point (what `loss_on: target` trains on).
-        #[serde(default)]
         target: String,
     },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CustomTemplate {
+    #[serde(default)]
+    prompt: String,
+    #[serde(default)]
+    target: String,
+}
+
+// By hand rather than `untagged`, so that a typo inside a custom template is reported as such
+// instead of "data did not match any variant".
+impl<'de> Deserialize<'de> for TemplateSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = TemplateSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a preset name (mnli, sentiment, prompt-completion, text) or a mapping with prompt and target")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TemplateSpec, E> {
+                Ok(TemplateSpec::Preset(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<TemplateSpec, A::Error> {
+                let custom = CustomTemplate::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(TemplateSpec::Custom {
+                    prompt: custom.prompt,
+                    target: custom.target,
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -239,11 +272,35 @@ pub enum ScheduleKind {
 }
 
 /// Warmup given as a number of steps (an integer) or a fraction of all steps (below 1).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum Warmup {
     Steps(u64),
     Fraction(f64),
+}
+
+impl<'de> Deserialize<'de> for Warmup {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Warmup;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number of steps (integer) or a fraction of all steps in [0, 1)")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Warmup, E> {
+                Ok(Warmup::Steps(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Warmup, E> {
+                u64::try_from(v)
+                    .map(Warmup::Steps)
+                    .map_err(|_| E::custom(format!("warmup must not be negative, found {v}")))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Warmup, E> {
+                Ok(Warmup::Fraction(v))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
