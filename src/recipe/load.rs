@@ -41,8 +41,9 @@ pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Recipe> {
     Ok(recipe)
 }
 
-/// A typing error of the overridden tree carries no location: report it at the file's line and
-/// column when the file alone has the same error, else name the first override that causes it.
+/// A typing error of the overridden tree carries no location: when the file alone does not type
+/// either, report the file's error at its line and column; else name the first override after
+/// which the tree no longer types.
 fn blame(
     text: &str,
     file: &impl std::fmt::Display,
@@ -51,9 +52,7 @@ fn blame(
 ) -> anyhow::Error {
     let message = strip_location(&error.to_string());
     if let Err(fe) = serde_norway::from_str::<Recipe>(text) {
-        if overrides.is_empty() || strip_location(&fe.to_string()) == message {
-            return located(file, &fe);
-        }
+        return located(file, &fe);
     }
     let Ok(mut tree) = serde_norway::from_str::<Value>(text) else {
         return anyhow!("{file}: {message}");
