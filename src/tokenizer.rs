@@ -11,6 +11,9 @@ use tokenizers::{AddedToken, Tokenizer};
 
 pub const EOS_TOKEN: &str = "<|endoftext|>";
 
+/// Distinct words whose BPE result is remembered (MNLI has about 100,000).
+const WORD_CACHE_CAPACITY: usize = 1 << 20;
+
 /// Files that make up a tokenizer in a HF model directory; copied along with checkpoints.
 pub const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
@@ -55,6 +58,12 @@ impl TextTokenizer {
                 dir.display()
             );
         };
+        let mut inner = inner;
+        // BPE caches each word's tokens, but only its first 10,000 distinct words; a fine-tuning
+        // corpus has far more, and the cache then misses for most of the text.
+        let mut model = inner.get_model().clone();
+        model.resize_cache(WORD_CACHE_CAPACITY);
+        inner.with_model(model);
         let eos_id = inner.token_to_id(EOS_TOKEN).with_context(|| {
             format!("{}: the tokenizer has no {EOS_TOKEN} token", dir.display())
         })?;
@@ -67,6 +76,11 @@ impl TextTokenizer {
             pad_id,
             source: dir.to_path_buf(),
         })
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
     }
 
     pub fn source(&self) -> &Path {

@@ -633,3 +633,44 @@ fn bundled_nli_is_learnable_by_bag_of_words_but_not_by_length() {
     eprintln!("bag-of-words {accuracy:.3}, hypothesis length only {length_accuracy:.3}");
     assert!(length_accuracy < 0.5, "length alone gets {length_accuracy}");
 }
+
+fn assert_fast_path_matches(tokenizer: &TextTokenizer, texts: &[String]) {
+    let fast = kiln::data::fast_bpe::FastBpe::new(tokenizer).expect("a GPT-2-style tokenizer");
+    for text in texts {
+        let (ids, offsets) = fast.encode(text).unwrap();
+        let (hf_ids, hf_offsets) = tokenizer.encode_with_offsets(text).unwrap();
+        assert_eq!(ids, hf_ids, "{text:?}");
+        // HF widens offsets of partial UTF-8 characters to whole characters; ends agree on ASCII.
+        if text.is_ascii() {
+            assert_eq!(offsets, hf_offsets, "{text:?}");
+        }
+    }
+}
+
+const EDGE_CASES: &[&str] = &[
+    "",
+    " ",
+    "Hello world",
+    "  two  spaces   three\tand\ttabs\n\nnewlines \n end  ",
+    "don't we'll they've I'm she'd it's 'quoted' ''s",
+    "numbers 123 4.5 1,000,000 ²³ ⅷ",
+    "unicode: naïve café Ünïcödé 日本語 😀👍🏽 — “quotes” …",
+    "a<|endoftext|>b <|endoftext|> <|endoftext|><|endoftext|>end",
+    "<|endoftext|",
+    "trailing space then eos <|endoftext|>",
+    "mixed\r\nline\u{a0}nbsp\u{2003}em",
+];
+
+#[test]
+fn fast_bpe_matches_the_tokenizers_crate() {
+    let texts: Vec<String> = EDGE_CASES.iter().map(|s| s.to_string()).collect();
+    assert_fast_path_matches(&nli_tokenizer(), &texts);
+    let Some(dir) = common::shared("tokenizers/gpt2") else { return };
+    let gpt2 = TextTokenizer::from_dir(&dir).unwrap();
+    assert_fast_path_matches(&gpt2, &texts);
+    let Some(data) = common::shared("data/mnli/train.jsonl") else { return };
+    let records = read_file(&data, Format::Jsonl, Some(3000)).unwrap();
+    let caster = Caster::new(&dataset(preset("mnli")), &records).unwrap();
+    let rendered: Vec<String> = (0..caster.len()).map(|i| caster.render(i).unwrap().text()).collect();
+    assert_fast_path_matches(&gpt2, &rendered);
+}

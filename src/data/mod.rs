@@ -1,5 +1,6 @@
 //! From datasets to token batches: sources → text-to-text templates → tokenize → pack or pad.
 
+pub mod fast_bpe;
 pub mod pack;
 pub mod prepare;
 pub mod preview;

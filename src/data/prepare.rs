@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use super::fast_bpe::FastBpe;
 use super::pack::{one_per_row, pack};
 use super::source::{load_records, Records};
 use super::template::{Caster, Rendered};
@@ -91,23 +92,33 @@ pub fn render_datasets(datasets: &[LoadedDataset]) -> Result<Vec<Rendered>> {
 /// (tokenizing the parts separately can merge differently at the boundary); a token belongs to
 /// the target when it ends past the prompt's last byte.
 pub fn tokenize_example(tokenizer: &TextTokenizer, example: &Rendered, loss_on: LossOn) -> Result<Sequence> {
+    tokenize_with(tokenizer, FastBpe::new(tokenizer).as_ref(), example, loss_on)
+}
+
+fn tokenize_with(tokenizer: &TextTokenizer, fast: Option<&FastBpe>, example: &Rendered, loss_on: LossOn) -> Result<Sequence> {
     let text = example.text();
-    let tokenized = match loss_on {
-        LossOn::All => tokenizer.encode(&text).map(Sequence::all_trained),
-        LossOn::Target => tokenizer.encode_with_offsets(&text).map(|(ids, offsets)| {
+    let tokenized = match (fast, loss_on) {
+        (Some(fast), _) => fast.encode(&text),
+        (None, LossOn::All) => tokenizer.encode(&text).map(|ids| (ids, Vec::new())),
+        (None, LossOn::Target) => tokenizer.encode_with_offsets(&text),
+    };
+    let (ids, offsets) = tokenized.with_context(|| example.origin.clone())?;
+    Ok(match loss_on {
+        LossOn::All => Sequence::all_trained(ids),
+        LossOn::Target => {
             let split = example.prompt.len();
             let loss_mask = offsets.iter().map(|&(_, end)| end > split).collect();
             Sequence { ids, loss_mask }
-        }),
-    };
-    tokenized.with_context(|| example.origin.clone())
+        }
+    })
 }
 
 /// Tokenizes examples in parallel, in order.
 pub fn tokenize_all(tokenizer: &TextTokenizer, examples: &[Rendered], loss_on: LossOn) -> Result<Vec<Sequence>> {
+    let fast = FastBpe::new(tokenizer);
     examples
         .par_iter()
-        .map(|e| tokenize_example(tokenizer, e, loss_on))
+        .map(|e| tokenize_with(tokenizer, fast.as_ref(), e, loss_on))
         .collect()
 }
 
