@@ -24,10 +24,20 @@ fn main() {
         eprintln!("SKIPPED: {} or {} is absent", data.display(), tok.display());
         return;
     }
-    let repeat: usize = std::env::var("KILN_BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let repeat: usize = std::env::var("KILN_BENCH_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
     let tokenizer = TextTokenizer::from_dir(&tok).expect("GPT-2 tokenizer");
     let spec = DatasetSpec {
-        source: SourceSpec { path: Some(data.clone()), format: None, hub: None, config: None, split: None, revision: None },
+        source: SourceSpec {
+            path: Some(data.clone()),
+            format: None,
+            hub: None,
+            config: None,
+            split: None,
+            revision: None,
+        },
         template: TemplateSpec::Preset("mnli".into()),
         label_map: None,
         columns: Default::default(),
@@ -49,7 +59,13 @@ fn main() {
     }
 }
 
-fn run(data: &Path, spec: &DatasetSpec, tokenizer: &TextTokenizer, repeat: usize, loss_on: LossOn) -> (usize, usize, usize) {
+fn run(
+    data: &Path,
+    spec: &DatasetSpec,
+    tokenizer: &TextTokenizer,
+    repeat: usize,
+    loss_on: LossOn,
+) -> (usize, usize, usize) {
     let t0 = Instant::now();
     let mut records = Records::default();
     for _ in 0..repeat {
@@ -66,14 +82,22 @@ fn run(data: &Path, spec: &DatasetSpec, tokenizer: &TextTokenizer, repeat: usize
         eprint!("load {:.2}s ", (t_load - t0).as_secs_f64());
     }
     let caster = Caster::new(spec, &records).expect("mnli columns");
-    let rendered: Vec<Rendered> = (0..caster.len()).into_par_iter().map(|i| caster.render(i).unwrap()).collect();
+    let rendered: Vec<Rendered> = (0..caster.len())
+        .into_par_iter()
+        .map(|i| caster.render(i).unwrap())
+        .collect();
     let t_render = Instant::now();
     let examples = tokenize_all(tokenizer, &rendered, loss_on).expect("tokenizes");
     let t_tok = Instant::now();
     let tokens = examples.iter().map(|e| e.len()).sum();
     let (blocks, _) = pack(&examples, 1024);
     if std::env::var_os("KILN_BENCH_STAGES").is_some() {
-        eprintln!("render {:.2}s tokenize {:.2}s pack {:.2}s", (t_render - t_load).as_secs_f64(), (t_tok - t_render).as_secs_f64(), t_tok.elapsed().as_secs_f64());
+        eprintln!(
+            "render {:.2}s tokenize {:.2}s pack {:.2}s",
+            (t_render - t_load).as_secs_f64(),
+            (t_tok - t_render).as_secs_f64(),
+            t_tok.elapsed().as_secs_f64()
+        );
     }
     (examples.len(), tokens, blocks.len())
 }

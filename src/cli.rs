@@ -245,7 +245,9 @@ fn recipe_check(args: RecipeArgs) -> Result<()> {
 }
 
 /// The recipe and the tokenizer its data is tokenized with (which must be on this machine).
-fn recipe_and_tokenizer(args: &RecipeArgs) -> Result<(crate::recipe::Recipe, PathBuf, TextTokenizer)> {
+fn recipe_and_tokenizer(
+    args: &RecipeArgs,
+) -> Result<(crate::recipe::Recipe, PathBuf, TextTokenizer)> {
     let recipe = crate::recipe::load(&args.recipe, &args.set)?;
     let dir = crate::recipe::recipe_dir(&args.recipe);
     let tokenizer = crate::recipe::tokenizer_for(&recipe, &dir)?.with_context(|| {

@@ -11,6 +11,9 @@ use tokenizers::{AddedToken, Tokenizer};
 
 pub const EOS_TOKEN: &str = "<|endoftext|>";
 
+/// Byte span in the encoded text of each token.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// Distinct words whose BPE result is remembered (MNLI has about 100,000).
 const WORD_CACHE_CAPACITY: usize = 1 << 20;
 
@@ -132,7 +135,7 @@ impl TextTokenizer {
 
     /// Token ids of `text` with each token's byte span in `text`, to find which tokens a part of
     /// the text produced without tokenizing the parts separately.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Offsets)> {
         let encoding = self
             .inner
             .encode(text, false)

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow_array::{
-    ArrayRef, BooleanArray, DictionaryArray, Float32Array, Float64Array, Int16Array, Int32Array, Int64Array,
-    Int8Array, LargeStringArray, RecordBatch, StringArray, UInt16Array, UInt32Array, UInt64Array, UInt8Array,
+    ArrayRef, BooleanArray, DictionaryArray, Float32Array, Float64Array, Int16Array, Int32Array,
+    Int64Array, Int8Array, LargeStringArray, RecordBatch, StringArray, UInt16Array, UInt32Array,
+    UInt64Array, UInt8Array,
 };
 use arrow_schema::{DataType, Field, Schema};
 use kiln::data::pack::{one_per_row, pack};
@@ -57,7 +58,10 @@ fn preset(name: &str) -> TemplateSpec {
 
 fn records(origin: &str, rows: Vec<serde_json::Value>) -> Records {
     let mut columns: Vec<String> = Vec::new();
-    let rows: Vec<_> = rows.into_iter().map(|r| r.as_object().unwrap().clone()).collect();
+    let rows: Vec<_> = rows
+        .into_iter()
+        .map(|r| r.as_object().unwrap().clone())
+        .collect();
     for row in &rows {
         for k in row.keys() {
             if !columns.contains(k) {
@@ -112,19 +116,33 @@ fn mnli_preset_renders_graphcores_format_byte_for_byte() {
 
 #[test]
 fn mnli_example_tokenizes_to_the_known_gpt2_ids() {
-    let Some(dir) = common::shared("tokenizers/gpt2") else { return };
+    let Some(dir) = common::shared("tokenizers/gpt2") else {
+        return;
+    };
     let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
     let rows = cream_skimming();
-    let rendered = Caster::new(&dataset(preset("mnli")), &rows).unwrap().render(0).unwrap();
+    let rendered = Caster::new(&dataset(preset("mnli")), &rows)
+        .unwrap()
+        .render(0)
+        .unwrap();
     for loss_on in [LossOn::All, LossOn::Target] {
         let seq = tokenize_example(&tokenizer, &rendered, loss_on).unwrap();
         assert_eq!(seq.ids.len(), 35);
-        assert_eq!(seq.ids[..10], [10295, 4528, 14078, 25, 8721, 290, 27876, 389, 644, 787]);
+        assert_eq!(
+            seq.ids[..10],
+            [10295, 4528, 14078, 25, 8721, 290, 27876, 389, 644, 787]
+        );
         assert_eq!(seq.ids[32..], [25, 8500, 50256]);
     }
     let target = tokenize_example(&tokenizer, &rendered, LossOn::Target).unwrap();
     // " neutral" and <|endoftext|> are the target; the ":" before them is prompt.
-    let trained: Vec<u32> = target.ids.iter().zip(&target.loss_mask).filter(|(_, &m)| m).map(|(&i, _)| i).collect();
+    let trained: Vec<u32> = target
+        .ids
+        .iter()
+        .zip(&target.loss_mask)
+        .filter(|(_, &m)| m)
+        .map(|(&i, _)| i)
+        .collect();
     assert_eq!(trained, [8500, 50256]);
     assert_eq!(target.labels(35).iter().filter(|&&l| l != -100).count(), 2);
 }
@@ -132,8 +150,16 @@ fn mnli_example_tokenizes_to_the_known_gpt2_ids() {
 #[test]
 fn loss_on_target_masks_prompt_tokens_and_keeps_full_text_ids() {
     let tokenizer = nli_tokenizer();
-    let rows = records("r", vec![json!({"premise": "Maria bought a red map.", "hypothesis": "Maria bought a map.", "label": 0})]);
-    let rendered = Caster::new(&dataset(preset("mnli")), &rows).unwrap().render(0).unwrap();
+    let rows = records(
+        "r",
+        vec![
+            json!({"premise": "Maria bought a red map.", "hypothesis": "Maria bought a map.", "label": 0}),
+        ],
+    );
+    let rendered = Caster::new(&dataset(preset("mnli")), &rows)
+        .unwrap()
+        .render(0)
+        .unwrap();
     let all = tokenize_example(&tokenizer, &rendered, LossOn::All).unwrap();
     let target = tokenize_example(&tokenizer, &rendered, LossOn::Target).unwrap();
     assert_eq!(all.ids, target.ids);
@@ -141,23 +167,33 @@ fn loss_on_target_masks_prompt_tokens_and_keeps_full_text_ids() {
     assert!(all.loss_mask.iter().all(|&m| m));
     let first_target = target.loss_mask.iter().position(|&m| m).unwrap();
     assert!(target.loss_mask[first_target..].iter().all(|&m| m));
-    let decoded = tokenizer.decode(&target.ids[first_target..], false).unwrap();
+    let decoded = tokenizer
+        .decode(&target.ids[first_target..], false)
+        .unwrap();
     assert_eq!(decoded, " entailment<|endoftext|>");
 }
 
 #[test]
 fn a_token_spanning_the_split_counts_as_target_and_ids_match_the_whole_text() {
-    let Some(dir) = common::shared("tokenizers/gpt2") else { return };
+    let Some(dir) = common::shared("tokenizers/gpt2") else {
+        return;
+    };
     let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
     // "hel" + "lo world": tokenized apart, "hel"/"lo" differ from the single token "hello".
     let rows = records("r", vec![json!({"a": "hel", "b": "lo world"})]);
-    let spec = dataset(TemplateSpec::Custom { prompt: "{a}".into(), target: "{b}".into() });
+    let spec = dataset(TemplateSpec::Custom {
+        prompt: "{a}".into(),
+        target: "{b}".into(),
+    });
     let rendered = Caster::new(&spec, &rows).unwrap().render(0).unwrap();
     let seq = tokenize_example(&tokenizer, &rendered, LossOn::Target).unwrap();
     let whole = tokenizer.encode("hello world").unwrap();
     let mut apart = tokenizer.encode("hel").unwrap();
     apart.extend(tokenizer.encode("lo world").unwrap());
-    assert_ne!(whole, apart, "the example must be one where separate tokenization differs");
+    assert_ne!(
+        whole, apart,
+        "the example must be one where separate tokenization differs"
+    );
     assert_eq!(seq.ids, whole);
     assert_eq!(seq.loss_mask, vec![true; whole.len()]);
 }
@@ -165,17 +201,41 @@ fn a_token_spanning_the_split_counts_as_target_and_ids_match_the_whole_text() {
 #[test]
 fn presets_render_as_documented() {
     let rows = records("s", vec![json!({"text": "Great soup.", "label": 1})]);
-    let r = Caster::new(&dataset(preset("sentiment")), &rows).unwrap().render(0).unwrap();
-    assert_eq!((r.prompt.as_str(), r.target.as_str()), ("Review: Great soup.\nSentiment:", " positive<|endoftext|>"));
-    let rows = records("p", vec![json!({"prompt": "Country: Peru\nCapital:", "completion": " Lima"})]);
-    let r = Caster::new(&dataset(preset("prompt-completion")), &rows).unwrap().render(0).unwrap();
-    assert_eq!((r.prompt.as_str(), r.target.as_str()), ("Country: Peru\nCapital:", " Lima<|endoftext|>"));
+    let r = Caster::new(&dataset(preset("sentiment")), &rows)
+        .unwrap()
+        .render(0)
+        .unwrap();
+    assert_eq!(
+        (r.prompt.as_str(), r.target.as_str()),
+        ("Review: Great soup.\nSentiment:", " positive<|endoftext|>")
+    );
+    let rows = records(
+        "p",
+        vec![json!({"prompt": "Country: Peru\nCapital:", "completion": " Lima"})],
+    );
+    let r = Caster::new(&dataset(preset("prompt-completion")), &rows)
+        .unwrap()
+        .render(0)
+        .unwrap();
+    assert_eq!(
+        (r.prompt.as_str(), r.target.as_str()),
+        ("Country: Peru\nCapital:", " Lima<|endoftext|>")
+    );
     let rows = records("t", vec![json!({"text": "Once upon a time."})]);
-    let r = Caster::new(&dataset(preset("text")), &rows).unwrap().render(0).unwrap();
-    assert_eq!((r.prompt.as_str(), r.target.as_str()), ("", "Once upon a time.<|endoftext|>"));
+    let r = Caster::new(&dataset(preset("text")), &rows)
+        .unwrap()
+        .render(0)
+        .unwrap();
+    assert_eq!(
+        (r.prompt.as_str(), r.target.as_str()),
+        ("", "Once upon a time.<|endoftext|>")
+    );
     // Custom templates: literal braces, column renames, a label map for string labels.
     let rows = records("c", vec![json!({"sentence": "ok", "label": "pos"})]);
-    let mut spec = dataset(TemplateSpec::Custom { prompt: "{{x}} {text} =".into(), target: " {label}".into() });
+    let mut spec = dataset(TemplateSpec::Custom {
+        prompt: "{{x}} {text} =".into(),
+        target: " {label}".into(),
+    });
     spec.columns.insert("text".into(), "sentence".into());
     spec.label_map = Some([("pos".to_string(), "good".to_string())].into());
     let r = Caster::new(&spec, &rows).unwrap().render(0).unwrap();
@@ -186,23 +246,48 @@ fn presets_render_as_documented() {
 fn template_errors_name_the_column_row_and_label() {
     let rows = records("data.jsonl", vec![json!({"premise": "a", "label": 0})]);
     let e = err_text(Caster::new(&dataset(preset("mnli")), &rows));
-    assert!(e.contains("data.jsonl") && e.contains("\"hypothesis\"") && e.contains("columns: label, premise"), "{e}");
+    assert!(
+        e.contains("data.jsonl")
+            && e.contains("\"hypothesis\"")
+            && e.contains("columns: label, premise"),
+        "{e}"
+    );
 
-    let rows = records("data.jsonl", vec![
-        json!({"premise": "a", "hypothesis": "b", "label": 0}),
-        json!({"premise": "a", "hypothesis": "b", "label": 7}),
-    ]);
+    let rows = records(
+        "data.jsonl",
+        vec![
+            json!({"premise": "a", "hypothesis": "b", "label": 0}),
+            json!({"premise": "a", "hypothesis": "b", "label": 7}),
+        ],
+    );
     let caster = Caster::new(&dataset(preset("mnli")), &rows).unwrap();
     let e = err_text(caster.render(1));
-    assert!(e.contains("data.jsonl:line 2") && e.contains("unknown label 7") && e.contains("0 → entailment"), "{e}");
+    assert!(
+        e.contains("data.jsonl:line 2")
+            && e.contains("unknown label 7")
+            && e.contains("0 → entailment"),
+        "{e}"
+    );
 
-    let rows = records("data.jsonl", vec![json!({"premise": "a", "label": 0}), json!({"premise": "a", "hypothesis": "b", "label": 0})]);
+    let rows = records(
+        "data.jsonl",
+        vec![
+            json!({"premise": "a", "label": 0}),
+            json!({"premise": "a", "hypothesis": "b", "label": 0}),
+        ],
+    );
     let caster = Caster::new(&dataset(preset("mnli")), &rows).unwrap();
     let e = err_text(caster.render(0));
-    assert!(e.contains("data.jsonl:line 1") && e.contains("no column \"hypothesis\""), "{e}");
+    assert!(
+        e.contains("data.jsonl:line 1") && e.contains("no column \"hypothesis\""),
+        "{e}"
+    );
 
     for bad in ["{unclosed", "close}", "{}"] {
-        let spec = dataset(TemplateSpec::Custom { prompt: bad.into(), target: String::new() });
+        let spec = dataset(TemplateSpec::Custom {
+            prompt: bad.into(),
+            target: String::new(),
+        });
         let e = err_text(Caster::new(&spec, &rows));
         assert!(e.contains(bad), "{e}");
     }
@@ -210,18 +295,36 @@ fn template_errors_name_the_column_row_and_label() {
 
 #[test]
 fn string_labels_pass_through_and_classlabel_names_are_used() {
-    let rows = records("g", vec![json!({"premise": "a", "hypothesis": "b", "label": "contradiction"})]);
-    let r = Caster::new(&dataset(preset("mnli")), &rows).unwrap().render(0).unwrap();
+    let rows = records(
+        "g",
+        vec![json!({"premise": "a", "hypothesis": "b", "label": "contradiction"})],
+    );
+    let r = Caster::new(&dataset(preset("mnli")), &rows)
+        .unwrap()
+        .render(0)
+        .unwrap();
     assert_eq!(r.label.as_deref(), Some("contradiction"));
     let mut rows = records("g", vec![json!({"q": "a", "label": 1})]);
-    rows.class_labels.insert("label".into(), vec!["no".into(), "yes".into()]);
-    let spec = dataset(TemplateSpec::Custom { prompt: "{q}".into(), target: " {label}".into() });
-    assert_eq!(Caster::new(&spec, &rows).unwrap().render(0).unwrap().target, " yes");
+    rows.class_labels
+        .insert("label".into(), vec!["no".into(), "yes".into()]);
+    let spec = dataset(TemplateSpec::Custom {
+        prompt: "{q}".into(),
+        target: " {label}".into(),
+    });
+    assert_eq!(
+        Caster::new(&spec, &rows).unwrap().render(0).unwrap().target,
+        " yes"
+    );
 }
 
 #[test]
 fn few_shot_prefix_is_deterministic_and_excludes_the_example() {
-    let rows = records("p", (0..20).map(|i| json!({"prompt": format!("Q{i}:"), "completion": format!(" A{i}")})).collect());
+    let rows = records(
+        "p",
+        (0..20)
+            .map(|i| json!({"prompt": format!("Q{i}:"), "completion": format!(" A{i}")}))
+            .collect(),
+    );
     let mut spec = dataset(preset("prompt-completion"));
     spec.few_shot = Some(FewShotSpec { k: 3, seed: 7 });
     let caster = Caster::new(&spec, &rows).unwrap();
@@ -232,7 +335,10 @@ fn few_shot_prefix_is_deterministic_and_excludes_the_example() {
         let shots: Vec<&str> = r.prompt.split("\n\n").collect();
         assert_eq!(shots.len(), 4, "{:?}", r.prompt);
         assert_eq!(shots[3], format!("Q{i}:"));
-        assert!(!shots[..3].contains(&format!("Q{i}: A{i}").as_str()), "row {i} is its own shot");
+        assert!(
+            !shots[..3].contains(&format!("Q{i}: A{i}").as_str()),
+            "row {i} is its own shot"
+        );
         assert!(!r.prompt.contains("<|endoftext|>"));
     }
     spec.few_shot = Some(FewShotSpec { k: 3, seed: 8 });
@@ -262,7 +368,13 @@ fn packing_groups_1000_examples_and_drops_each_groups_remainder() {
     let (blocks, dropped) = pack(&examples[..2], 7);
     assert_eq!((blocks.len(), dropped), (0, 6));
     // Loss masks travel with their tokens.
-    let masked = vec![Sequence { ids: vec![1, 2, 3], loss_mask: vec![false, true, true] }; 4];
+    let masked = vec![
+        Sequence {
+            ids: vec![1, 2, 3],
+            loss_mask: vec![false, true, true]
+        };
+        4
+    ];
     let (blocks, _) = pack(&masked, 4);
     assert_eq!(blocks[0].loss_mask, [false, true, true, false]);
     assert_eq!(blocks[1].loss_mask, [true, true, false, true]);
@@ -271,22 +383,34 @@ fn packing_groups_1000_examples_and_drops_each_groups_remainder() {
 #[test]
 fn pad_mode_truncation_is_counted_or_an_error_naming_the_example() {
     let examples = vec![seq(0..3), seq(0..10), seq(0..5), seq(0..6)];
-    let (rows, truncated) = one_per_row(examples.clone(), 5, Truncation::Right, |i| format!("row {i}")).unwrap();
+    let (rows, truncated) = one_per_row(examples.clone(), 5, Truncation::Right, |i| {
+        format!("row {i}")
+    })
+    .unwrap();
     assert_eq!(truncated, 2);
     assert_eq!(rows[1].ids, [0, 1, 2, 3, 4]);
     assert_eq!(rows[0].ids, [0, 1, 2]);
-    let (rows, truncated) = one_per_row(examples.clone(), 5, Truncation::Left, |i| format!("row {i}")).unwrap();
+    let (rows, truncated) = one_per_row(examples.clone(), 5, Truncation::Left, |i| {
+        format!("row {i}")
+    })
+    .unwrap();
     assert_eq!(truncated, 2);
     assert_eq!(rows[1].ids, [5, 6, 7, 8, 9]);
     assert_eq!(rows[3].ids, [1, 2, 3, 4, 5]);
-    let e = err_text(one_per_row(examples, 5, Truncation::Error, |i| format!("f.jsonl:line {}", i + 1)));
-    assert!(e.contains("f.jsonl:line 2") && e.contains("10 tokens") && e.contains("seq_len = 5"), "{e}");
+    let e = err_text(one_per_row(examples, 5, Truncation::Error, |i| {
+        format!("f.jsonl:line {}", i + 1)
+    }));
+    assert!(
+        e.contains("f.jsonl:line 2") && e.contains("10 tokens") && e.contains("seq_len = 5"),
+        "{e}"
+    );
 }
 
 #[test]
 fn shuffling_is_deterministic_per_seed_and_epoch_and_resumable() {
     let sequences: Vec<Sequence> = (0..50u32).map(|i| seq(i..i + 1)).collect();
-    let order = |s: &mut SequenceStream, n| s.next_batch(n).iter().map(|q| q.ids[0]).collect::<Vec<_>>();
+    let order =
+        |s: &mut SequenceStream, n| s.next_batch(n).iter().map(|q| q.ids[0]).collect::<Vec<_>>();
     let mut a = SequenceStream::new(sequences.clone(), 3, true);
     let mut b = SequenceStream::new(sequences.clone(), 3, true);
     let epoch0 = order(&mut a, 50);
@@ -311,21 +435,46 @@ fn shuffling_is_deterministic_per_seed_and_epoch_and_resumable() {
 #[test]
 fn jsonl_and_json_sources_report_lines_and_rows() {
     let dir = tempfile::tempdir().unwrap();
-    let p = write(dir.path(), "a.jsonl", "{\"x\": 1}\n\n{\"x\": 2, \"y\": \"b\"}\n");
+    let p = write(
+        dir.path(),
+        "a.jsonl",
+        "{\"x\": 1}\n\n{\"x\": 2, \"y\": \"b\"}\n",
+    );
     let r = load_records(&local(Path::new("a.jsonl")), dir.path(), None).unwrap();
-    assert_eq!((r.len(), r.columns.clone(), r.positions.clone()), (2, vec!["x".to_string(), "y".to_string()], vec![1, 3]));
+    assert_eq!(
+        (r.len(), r.columns.clone(), r.positions.clone()),
+        (2, vec!["x".to_string(), "y".to_string()], vec![1, 3])
+    );
     assert_eq!(r.locate(1), format!("{}:line 3", p.display()));
     let r = load_records(&local(Path::new("a.jsonl")), dir.path(), Some(1)).unwrap();
     assert_eq!(r.len(), 1);
 
     write(dir.path(), "bad.jsonl", "{\"x\": 1}\n{\"x\": 2,\n");
-    let e = err_text(read_file(&dir.path().join("bad.jsonl"), Format::Jsonl, None));
-    assert!(e.contains("bad.jsonl:line 2") && e.contains("malformed JSON"), "{e}");
+    let e = err_text(read_file(
+        &dir.path().join("bad.jsonl"),
+        Format::Jsonl,
+        None,
+    ));
+    assert!(
+        e.contains("bad.jsonl:line 2") && e.contains("malformed JSON"),
+        "{e}"
+    );
     write(dir.path(), "arr.jsonl", "[1, 2]\n");
-    let e = err_text(read_file(&dir.path().join("arr.jsonl"), Format::Jsonl, None));
-    assert!(e.contains("arr.jsonl:line 1") && e.contains("expected a JSON object"), "{e}");
+    let e = err_text(read_file(
+        &dir.path().join("arr.jsonl"),
+        Format::Jsonl,
+        None,
+    ));
+    assert!(
+        e.contains("arr.jsonl:line 1") && e.contains("expected a JSON object"),
+        "{e}"
+    );
     write(dir.path(), "empty.jsonl", "\n");
-    let e = err_text(read_file(&dir.path().join("empty.jsonl"), Format::Jsonl, None));
+    let e = err_text(read_file(
+        &dir.path().join("empty.jsonl"),
+        Format::Jsonl,
+        None,
+    ));
     assert!(e.contains("empty.jsonl") && e.contains("no rows"), "{e}");
 
     write(dir.path(), "a.json", "[{\"x\": 1}, {\"x\": 2}]");
@@ -346,7 +495,8 @@ fn csv_and_tsv_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let mut w = csv::Writer::from_path(dir.path().join("a.csv")).unwrap();
     w.write_record(["text", "label"]).unwrap();
-    w.write_record(["Good, \"really\" good\nsoup", "1"]).unwrap();
+    w.write_record(["Good, \"really\" good\nsoup", "1"])
+        .unwrap();
     w.write_record(["bad", "0"]).unwrap();
     w.flush().unwrap();
     let r = load_records(&local(Path::new("a.csv")), dir.path(), None).unwrap();
@@ -357,14 +507,21 @@ fn csv_and_tsv_round_trip() {
     assert_eq!(caster.render(1).unwrap().target, " negative<|endoftext|>");
 
     // TSV does not quote: a stray quote stays in the text.
-    write(dir.path(), "a.tsv", "text\tlabel\n\"quoted start\t1\nplain\t0\n");
+    write(
+        dir.path(),
+        "a.tsv",
+        "text\tlabel\n\"quoted start\t1\nplain\t0\n",
+    );
     let r = load_records(&local(Path::new("a.tsv")), dir.path(), None).unwrap();
     assert_eq!(r.rows[0]["text"], json!("\"quoted start"));
     assert_eq!(r.len(), 2);
 
     write(dir.path(), "ragged.csv", "a,b\n1,2\n3\n");
     let e = err_text(read_file(&dir.path().join("ragged.csv"), Format::Csv, None));
-    assert!(e.contains("ragged.csv:line 3") && e.contains("header names 2 columns"), "{e}");
+    assert!(
+        e.contains("ragged.csv:line 3") && e.contains("header names 2 columns"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -388,18 +545,32 @@ fn glue_mnli_tsv_renames_columns_and_drops_unlabelled_rows() {
         caster.render(1).unwrap().text(),
         "mnli hypothesis: It is small. premise: It's \"big\" here. target: contradiction<|endoftext|>"
     );
-    write(dir.path(), "test.tsv", "index\tsentence1\tsentence2\n0\ta\tb\n");
+    write(
+        dir.path(),
+        "test.tsv",
+        "index\tsentence1\tsentence2\n0\ta\tb\n",
+    );
     let mut spec = local(Path::new("test.tsv"));
     spec.format = Some("glue-tsv".into());
     let e = err_text(load_records(&spec, dir.path(), None));
-    assert!(e.contains("gold_label") && e.contains("index, sentence1, sentence2"), "{e}");
+    assert!(
+        e.contains("gold_label") && e.contains("index, sentence1, sentence2"),
+        "{e}"
+    );
 }
 
 fn typed_batch() -> RecordBatch {
-    let dict: DictionaryArray<arrow_array::types::Int32Type> = vec!["fiction", "slate", "fiction"].into_iter().collect();
+    let dict: DictionaryArray<arrow_array::types::Int32Type> =
+        vec!["fiction", "slate", "fiction"].into_iter().collect();
     let columns: Vec<(&str, ArrayRef)> = vec![
-        ("premise", Arc::new(StringArray::from(vec![Some("p0"), Some("p1"), None]))),
-        ("hypothesis", Arc::new(LargeStringArray::from(vec!["h0", "h1", "h2"]))),
+        (
+            "premise",
+            Arc::new(StringArray::from(vec![Some("p0"), Some("p1"), None])),
+        ),
+        (
+            "hypothesis",
+            Arc::new(LargeStringArray::from(vec!["h0", "h1", "h2"])),
+        ),
         ("label", Arc::new(Int64Array::from(vec![0, 1, 2]))),
         ("genre", Arc::new(dict)),
         ("i8", Arc::new(Int8Array::from(vec![-1, 0, 1]))),
@@ -411,12 +582,25 @@ fn typed_batch() -> RecordBatch {
         ("u64", Arc::new(UInt64Array::from(vec![1, 2, u64::MAX]))),
         ("f32", Arc::new(Float32Array::from(vec![0.5, 1.5, 2.5]))),
         ("f64", Arc::new(Float64Array::from(vec![0.25, 1.25, 2.25]))),
-        ("flag", Arc::new(BooleanArray::from(vec![true, false, true]))),
+        (
+            "flag",
+            Arc::new(BooleanArray::from(vec![true, false, true])),
+        ),
     ];
     let features = json!({"info": {"features": {"label": {"names": ["entailment", "neutral", "contradiction"], "_type": "ClassLabel"}}}});
-    let fields: Vec<Field> = columns.iter().map(|(n, a)| Field::new(*n, a.data_type().clone(), true)).collect();
-    let schema = Schema::new(fields).with_metadata(HashMap::from([("huggingface".to_string(), features.to_string())]));
-    RecordBatch::try_new(Arc::new(schema), columns.into_iter().map(|(_, a)| a).collect()).unwrap()
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
+        .collect();
+    let schema = Schema::new(fields).with_metadata(HashMap::from([(
+        "huggingface".to_string(),
+        features.to_string(),
+    )]));
+    RecordBatch::try_new(
+        Arc::new(schema),
+        columns.into_iter().map(|(_, a)| a).collect(),
+    )
+    .unwrap()
 }
 
 fn check_typed(r: &Records) {
@@ -426,17 +610,35 @@ fn check_typed(r: &Records) {
     assert_eq!(row["premise"], json!("p1"));
     assert_eq!(row["hypothesis"], json!("h1"));
     assert_eq!(row["genre"], json!("slate"));
-    assert_eq!((row["i8"].clone(), row["i16"].clone(), row["i32"].clone()), (json!(0), json!(0), json!(0)));
+    assert_eq!(
+        (row["i8"].clone(), row["i16"].clone(), row["i32"].clone()),
+        (json!(0), json!(0), json!(0))
+    );
     assert_eq!(r.rows[2]["u64"], json!(u64::MAX));
     assert_eq!(r.rows[0]["i8"], json!(-1));
-    assert_eq!((row["f32"].clone(), row["f64"].clone(), row["flag"].clone()), (json!(1.5), json!(1.25), json!(false)));
+    assert_eq!(
+        (row["f32"].clone(), row["f64"].clone(), row["flag"].clone()),
+        (json!(1.5), json!(1.25), json!(false))
+    );
     assert_eq!(r.rows[2]["premise"], json!(null));
-    assert_eq!(r.class_labels["label"], ["entailment", "neutral", "contradiction"]);
+    assert_eq!(
+        r.class_labels["label"],
+        ["entailment", "neutral", "contradiction"]
+    );
     assert_eq!(r.locate(2), format!("{}:row 3", r.origin));
-    let spec = dataset(TemplateSpec::Custom { prompt: "{hypothesis}".into(), target: " {label}".into() });
-    assert_eq!(Caster::new(&spec, r).unwrap().render(2).unwrap().target, " contradiction");
+    let spec = dataset(TemplateSpec::Custom {
+        prompt: "{hypothesis}".into(),
+        target: " {label}".into(),
+    });
+    assert_eq!(
+        Caster::new(&spec, r).unwrap().render(2).unwrap().target,
+        " contradiction"
+    );
     let e = err_text(Caster::new(&dataset(preset("mnli")), r).unwrap().render(2));
-    assert!(e.contains(":row 3") && e.contains("\"premise\" is null"), "{e}");
+    assert!(
+        e.contains(":row 3") && e.contains("\"premise\" is null"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -444,7 +646,12 @@ fn parquet_round_trip_with_every_supported_type() {
     let dir = tempfile::tempdir().unwrap();
     let batch = typed_batch();
     let path = dir.path().join("t.parquet");
-    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&path).unwrap(),
+        batch.schema(),
+        None,
+    )
+    .unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
     check_typed(&load_records(&local(Path::new("t.parquet")), dir.path(), None).unwrap());
@@ -452,8 +659,15 @@ fn parquet_round_trip_with_every_supported_type() {
     assert_eq!(r.len(), 2);
 
     write(dir.path(), "broken.parquet", "PAR1 this is not parquet");
-    let e = err_text(read_file(&dir.path().join("broken.parquet"), Format::Parquet, None));
-    assert!(e.contains("broken.parquet") && e.contains("unreadable Parquet"), "{e}");
+    let e = err_text(read_file(
+        &dir.path().join("broken.parquet"),
+        Format::Parquet,
+        None,
+    ));
+    assert!(
+        e.contains("broken.parquet") && e.contains("unreadable Parquet"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -461,28 +675,52 @@ fn arrow_ipc_file_and_stream_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let batch = typed_batch();
     let file = dir.path().join("t.arrow");
-    let mut w = arrow_ipc::writer::FileWriter::try_new(std::fs::File::create(&file).unwrap(), &batch.schema()).unwrap();
+    let mut w = arrow_ipc::writer::FileWriter::try_new(
+        std::fs::File::create(&file).unwrap(),
+        &batch.schema(),
+    )
+    .unwrap();
     w.write(&batch).unwrap();
     w.finish().unwrap();
     check_typed(&load_records(&local(Path::new("t.arrow")), dir.path(), None).unwrap());
     let stream = dir.path().join("s.arrow");
-    let mut w = arrow_ipc::writer::StreamWriter::try_new(std::fs::File::create(&stream).unwrap(), &batch.schema()).unwrap();
+    let mut w = arrow_ipc::writer::StreamWriter::try_new(
+        std::fs::File::create(&stream).unwrap(),
+        &batch.schema(),
+    )
+    .unwrap();
     w.write(&batch).unwrap();
     w.finish().unwrap();
     check_typed(&load_records(&local(Path::new("s.arrow")), dir.path(), None).unwrap());
     write(dir.path(), "junk.arrow", "junk");
-    let e = err_text(read_file(&dir.path().join("junk.arrow"), Format::Arrow, None));
-    assert!(e.contains("junk.arrow") && e.contains("not an Arrow IPC"), "{e}");
+    let e = err_text(read_file(
+        &dir.path().join("junk.arrow"),
+        Format::Arrow,
+        None,
+    ));
+    assert!(
+        e.contains("junk.arrow") && e.contains("not an Arrow IPC"),
+        "{e}"
+    );
     // Unsupported column types name the column.
-    let schema = Arc::new(Schema::new(vec![Field::new("when", DataType::Date32, false)]));
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "when",
+        DataType::Date32,
+        false,
+    )]));
     let dates: ArrayRef = Arc::new(arrow_array::Date32Array::from(vec![1]));
     let batch = RecordBatch::try_new(schema.clone(), vec![dates]).unwrap();
     let path = dir.path().join("d.arrow");
-    let mut w = arrow_ipc::writer::FileWriter::try_new(std::fs::File::create(&path).unwrap(), &schema).unwrap();
+    let mut w =
+        arrow_ipc::writer::FileWriter::try_new(std::fs::File::create(&path).unwrap(), &schema)
+            .unwrap();
     w.write(&batch).unwrap();
     w.finish().unwrap();
     let e = err_text(read_file(&path, Format::Arrow, None));
-    assert!(e.contains("column \"when\"") && e.contains("unsupported type"), "{e}");
+    assert!(
+        e.contains("column \"when\"") && e.contains("unsupported type"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -500,39 +738,63 @@ fn hub_sources_read_the_hf_cache_layout_or_say_what_is_missing() {
     };
     let e = err_text(hub_parquet_files(&spec));
     assert!(
-        e.contains("nyu-mll/glue") && e.contains("config mnli") && e.contains("split validation_mismatched")
+        e.contains("nyu-mll/glue")
+            && e.contains("config mnli")
+            && e.contains("split validation_mismatched")
             && e.contains(&cache.path().display().to_string()),
         "{e}"
     );
-    let snapshot = cache.path().join("datasets--nyu-mll--glue/snapshots/abc123/mnli");
+    let snapshot = cache
+        .path()
+        .join("datasets--nyu-mll--glue/snapshots/abc123/mnli");
     std::fs::create_dir_all(&snapshot).unwrap();
     let batch = typed_batch();
-    for shard in ["validation_mismatched-00001-of-00002.parquet", "validation_mismatched-00000-of-00002.parquet"] {
-        let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(snapshot.join(shard)).unwrap(), batch.schema(), None).unwrap();
+    for shard in [
+        "validation_mismatched-00001-of-00002.parquet",
+        "validation_mismatched-00000-of-00002.parquet",
+    ] {
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            std::fs::File::create(snapshot.join(shard)).unwrap(),
+            batch.schema(),
+            None,
+        )
+        .unwrap();
         w.write(&batch).unwrap();
         w.close().unwrap();
     }
-    std::fs::write(snapshot.join("validation_matched-00000-of-00001.parquet"), "not read").unwrap();
+    std::fs::write(
+        snapshot.join("validation_matched-00000-of-00001.parquet"),
+        "not read",
+    )
+    .unwrap();
     let files = hub_parquet_files(&spec).unwrap();
     assert_eq!(files.len(), 2);
     assert!(files[0].ends_with("validation_mismatched-00000-of-00002.parquet"));
     let r = load_records(&spec, Path::new("."), None).unwrap();
     assert_eq!(r.len(), 6);
     assert_eq!(r.origin, "hub:nyu-mll/glue/mnli/validation_mismatched");
-    assert_eq!(load_records(&spec, Path::new("."), Some(4)).unwrap().len(), 4);
+    assert_eq!(
+        load_records(&spec, Path::new("."), Some(4)).unwrap().len(),
+        4
+    );
     std::env::remove_var("HF_HUB_CACHE");
 }
 
 #[test]
 fn shared_mnli_sample_packs_like_run_clm() {
-    let (Some(tok), Some(data)) = (common::shared("tokenizers/gpt2"), common::shared("data/mnli/train.jsonl")) else {
+    let (Some(tok), Some(data)) = (
+        common::shared("tokenizers/gpt2"),
+        common::shared("data/mnli/train.jsonl"),
+    ) else {
         return;
     };
     let tokenizer = TextTokenizer::from_dir(&tok).unwrap();
     let records = read_file(&data, Format::Jsonl, None).unwrap();
     assert_eq!(records.len(), 19_999);
     let caster = Caster::new(&dataset(preset("mnli")), &records).unwrap();
-    let rendered: Vec<Rendered> = (0..caster.len()).map(|i| caster.render(i).unwrap()).collect();
+    let rendered: Vec<Rendered> = (0..caster.len())
+        .map(|i| caster.render(i).unwrap())
+        .collect();
     let examples = kiln::data::tokenize_all(&tokenizer, &rendered, LossOn::All).unwrap();
     let tokens: usize = examples.iter().map(Sequence::len).sum();
     let (blocks, dropped) = pack(&examples, 1024);
@@ -546,12 +808,24 @@ fn shared_mnli_sample_packs_like_run_clm() {
 #[test]
 fn bundled_nli_dataset_is_reproducible_from_its_seed() {
     let dir = tempfile::tempdir().unwrap();
-    let config = synth::SynthConfig { seed: 0, train_rows: 6000, validation_rows: 600, vocab_size: 1024 };
+    let config = synth::SynthConfig {
+        seed: 0,
+        train_rows: 6000,
+        validation_rows: 600,
+        vocab_size: 1024,
+    };
     synth::write_dataset(dir.path(), &config).unwrap();
-    for file in ["train.jsonl", "validation.jsonl", "tokenizer/tokenizer.json"] {
+    for file in [
+        "train.jsonl",
+        "validation.jsonl",
+        "tokenizer/tokenizer.json",
+    ] {
         let shipped = std::fs::read(repo().join("datasets/nli").join(file)).unwrap();
         let fresh = std::fs::read(dir.path().join(file)).unwrap();
-        assert!(shipped == fresh, "datasets/nli/{file} differs from `kiln data synth-nli --seed 0`");
+        assert!(
+            shipped == fresh,
+            "datasets/nli/{file} differs from `kiln data synth-nli --seed 0`"
+        );
     }
 }
 
@@ -564,7 +838,10 @@ fn nli_rows(file: &str) -> Vec<synth::NliRow> {
 }
 
 fn words(s: &str) -> Vec<String> {
-    s.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect()
+    s.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
 }
 
 /// Bag of words: the hypothesis' words, and which of them the premise lacks.
@@ -600,13 +877,20 @@ fn bundled_nli_is_learnable_by_bag_of_words_but_not_by_length() {
             totals[row.label as usize] += 1.0;
         }
     }
-    let vocab = counts.iter().flat_map(|c| c.keys()).collect::<std::collections::HashSet<_>>().len() as f64;
+    let vocab = counts
+        .iter()
+        .flat_map(|c| c.keys())
+        .collect::<std::collections::HashSet<_>>()
+        .len() as f64;
     let predict = |row: &synth::NliRow| {
         (0..3)
             .map(|l| {
                 let score: f64 = features(row)
                     .iter()
-                    .map(|f| ((counts[l].get(f).copied().unwrap_or(0.0) + 1.0) / (totals[l] + vocab)).ln())
+                    .map(|f| {
+                        ((counts[l].get(f).copied().unwrap_or(0.0) + 1.0) / (totals[l] + vocab))
+                            .ln()
+                    })
                     .sum();
                 (score, l)
             })
@@ -614,7 +898,10 @@ fn bundled_nli_is_learnable_by_bag_of_words_but_not_by_length() {
             .unwrap()
             .1
     };
-    let correct = validation.iter().filter(|r| predict(r) == r.label as usize).count();
+    let correct = validation
+        .iter()
+        .filter(|r| predict(r) == r.label as usize)
+        .count();
     let accuracy = correct as f64 / validation.len() as f64;
     assert!(accuracy > 0.70, "bag-of-words accuracy {accuracy}");
     // Hypothesis length alone: predict the majority label of each length (in words) seen in train.
@@ -625,7 +912,10 @@ fn bundled_nli_is_learnable_by_bag_of_words_but_not_by_length() {
     let length_correct = validation
         .iter()
         .filter(|r| {
-            let c = by_length.get(&words(&r.hypothesis).len()).copied().unwrap_or([1, 0, 0]);
+            let c = by_length
+                .get(&words(&r.hypothesis).len())
+                .copied()
+                .unwrap_or([1, 0, 0]);
             (0..3).max_by_key(|&l| c[l]).unwrap() == r.label as usize
         })
         .count();
@@ -665,12 +955,18 @@ const EDGE_CASES: &[&str] = &[
 fn fast_bpe_matches_the_tokenizers_crate() {
     let texts: Vec<String> = EDGE_CASES.iter().map(|s| s.to_string()).collect();
     assert_fast_path_matches(&nli_tokenizer(), &texts);
-    let Some(dir) = common::shared("tokenizers/gpt2") else { return };
+    let Some(dir) = common::shared("tokenizers/gpt2") else {
+        return;
+    };
     let gpt2 = TextTokenizer::from_dir(&dir).unwrap();
     assert_fast_path_matches(&gpt2, &texts);
-    let Some(data) = common::shared("data/mnli/train.jsonl") else { return };
+    let Some(data) = common::shared("data/mnli/train.jsonl") else {
+        return;
+    };
     let records = read_file(&data, Format::Jsonl, Some(3000)).unwrap();
     let caster = Caster::new(&dataset(preset("mnli")), &records).unwrap();
-    let rendered: Vec<String> = (0..caster.len()).map(|i| caster.render(i).unwrap().text()).collect();
+    let rendered: Vec<String> = (0..caster.len())
+        .map(|i| caster.render(i).unwrap().text())
+        .collect();
     assert_fast_path_matches(&gpt2, &rendered);
 }

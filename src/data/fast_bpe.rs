@@ -15,11 +15,12 @@ use tokenizers::models::ModelWrapper;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::Model;
 
-use crate::tokenizer::TextTokenizer;
+use crate::tokenizer::{Offsets, TextTokenizer};
 
 /// GPT-2's pattern without the final `\s+(?!\S)` alternative, which `split_words` emulates.
 static WORDS: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+").expect("valid pattern")
+    Regex::new(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+")
+        .expect("valid pattern")
 });
 
 /// GPT-2's reversible byte → printable char map.
@@ -87,7 +88,7 @@ impl<'a> FastBpe<'a> {
     }
 
     /// Token ids of `text` and each token's byte span in it.
-    pub fn encode(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode(&self, text: &str) -> Result<(Vec<u32>, Offsets)> {
         let mut ids = Vec::with_capacity(text.len() / 3);
         let mut offsets = Vec::with_capacity(text.len() / 3);
         let mut start = 0;
@@ -95,7 +96,11 @@ impl<'a> FastBpe<'a> {
         let mut i = 0;
         while i < bytes.len() {
             if self.added_first_bytes[bytes[i] as usize] {
-                if let Some((content, id)) = self.added.iter().find(|(c, _)| text[i..].starts_with(c.as_str())) {
+                if let Some((content, id)) = self
+                    .added
+                    .iter()
+                    .find(|(c, _)| text[i..].starts_with(c.as_str()))
+                {
                     self.encode_words(&text[start..i], start, &mut ids, &mut offsets)?;
                     ids.push(*id);
                     offsets.push((i, i + content.len()));
@@ -110,11 +115,21 @@ impl<'a> FastBpe<'a> {
         Ok((ids, offsets))
     }
 
-    fn encode_words(&self, text: &str, base: usize, ids: &mut Vec<u32>, offsets: &mut Vec<(usize, usize)>) -> Result<()> {
+    fn encode_words(
+        &self,
+        text: &str,
+        base: usize,
+        ids: &mut Vec<u32>,
+        offsets: &mut Offsets,
+    ) -> Result<()> {
         let mut mapped = String::new();
         for (start, end) in split_words(text) {
             mapped.clear();
-            mapped.extend(text.as_bytes()[start..end].iter().map(|&b| self.byte_chars[b as usize]));
+            mapped.extend(
+                text.as_bytes()[start..end]
+                    .iter()
+                    .map(|&b| self.byte_chars[b as usize]),
+            );
             let tokens = self
                 .model
                 .tokenize(&mapped)
@@ -138,11 +153,17 @@ pub fn split_words(text: &str) -> Vec<(usize, usize)> {
     let mut spans = Vec::with_capacity(text.len() / 4);
     let mut at = 0;
     while at < text.len() {
-        let Some(m) = WORDS.find_at(text, at) else { break };
+        let Some(m) = WORDS.find_at(text, at) else {
+            break;
+        };
         let (start, mut end) = (m.start(), m.end());
         let is_space_run = text[start..end].chars().all(char::is_whitespace);
         if is_space_run && end < text.len() {
-            let last = text[start..end].char_indices().last().map(|(i, _)| start + i).unwrap_or(start);
+            let last = text[start..end]
+                .char_indices()
+                .last()
+                .map(|(i, _)| start + i)
+                .unwrap_or(start);
             if last > start {
                 end = last;
             }

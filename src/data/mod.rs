@@ -10,8 +10,8 @@ pub mod synth;
 pub mod template;
 
 pub use prepare::{
-    load_split_records, prepare, render_split, tokenize_all, tokenize_example, DataStats, LoadedDataset,
-    Prepared, Split,
+    load_split_records, prepare, render_split, tokenize_all, tokenize_example, DataStats,
+    LoadedDataset, Prepared, Split,
 };
 pub use source::{load_records, Records};
 pub use stream::{SequenceStream, StreamState};

@@ -46,7 +46,11 @@ pub struct LoadedDataset {
 }
 
 /// The rows of every dataset of a split. Eval splits are also capped by `eval.limit`.
-pub fn load_split_records(recipe: &Recipe, recipe_dir: &Path, split: Split) -> Result<Vec<LoadedDataset>> {
+pub fn load_split_records(
+    recipe: &Recipe,
+    recipe_dir: &Path,
+    split: Split,
+) -> Result<Vec<LoadedDataset>> {
     split
         .datasets(recipe)
         .iter()
@@ -91,11 +95,25 @@ pub fn render_datasets(datasets: &[LoadedDataset]) -> Result<Vec<Rendered>> {
 /// Tokenizes `prompt + target` as one text, so the ids are exactly those of the whole string
 /// (tokenizing the parts separately can merge differently at the boundary); a token belongs to
 /// the target when it ends past the prompt's last byte.
-pub fn tokenize_example(tokenizer: &TextTokenizer, example: &Rendered, loss_on: LossOn) -> Result<Sequence> {
-    tokenize_with(tokenizer, FastBpe::new(tokenizer).as_ref(), example, loss_on)
+pub fn tokenize_example(
+    tokenizer: &TextTokenizer,
+    example: &Rendered,
+    loss_on: LossOn,
+) -> Result<Sequence> {
+    tokenize_with(
+        tokenizer,
+        FastBpe::new(tokenizer).as_ref(),
+        example,
+        loss_on,
+    )
 }
 
-fn tokenize_with(tokenizer: &TextTokenizer, fast: Option<&FastBpe>, example: &Rendered, loss_on: LossOn) -> Result<Sequence> {
+fn tokenize_with(
+    tokenizer: &TextTokenizer,
+    fast: Option<&FastBpe>,
+    example: &Rendered,
+    loss_on: LossOn,
+) -> Result<Sequence> {
     let text = example.text();
     let tokenized = match (fast, loss_on) {
         (Some(fast), _) => fast.encode(&text),
@@ -114,7 +132,11 @@ fn tokenize_with(tokenizer: &TextTokenizer, fast: Option<&FastBpe>, example: &Re
 }
 
 /// Tokenizes examples in parallel, in order.
-pub fn tokenize_all(tokenizer: &TextTokenizer, examples: &[Rendered], loss_on: LossOn) -> Result<Vec<Sequence>> {
+pub fn tokenize_all(
+    tokenizer: &TextTokenizer,
+    examples: &[Rendered],
+    loss_on: LossOn,
+) -> Result<Vec<Sequence>> {
     let fast = FastBpe::new(tokenizer);
     examples
         .par_iter()
@@ -157,7 +179,12 @@ pub struct Prepared {
 }
 
 /// Loads, casts, tokenizes and packs (or pads) a split of a recipe's data.
-pub fn prepare(recipe: &Recipe, recipe_dir: &Path, tokenizer: &TextTokenizer, split: Split) -> Result<Prepared> {
+pub fn prepare(
+    recipe: &Recipe,
+    recipe_dir: &Path,
+    tokenizer: &TextTokenizer,
+    split: Split,
+) -> Result<Prepared> {
     let datasets = load_split_records(recipe, recipe_dir, split)?;
     let rendered = render_datasets(&datasets)?;
     let examples = tokenize_all(tokenizer, &rendered, recipe.data.loss_on)?;
@@ -184,8 +211,9 @@ pub fn prepare(recipe: &Recipe, recipe_dir: &Path, tokenizer: &TextTokenizer, sp
             (blocks, 0, dropped)
         }
         BatchMode::Pad => {
-            let (rows, truncated) =
-                one_per_row(examples, seq_len, recipe.data.truncation, |i| rendered[i].origin.clone())?;
+            let (rows, truncated) = one_per_row(examples, seq_len, recipe.data.truncation, |i| {
+                rendered[i].origin.clone()
+            })?;
             (rows, truncated, 0)
         }
     };

@@ -14,7 +14,13 @@ pub const SPLIT_MARK: &str = "⟦|⟧";
 
 /// The first `n` examples of a split exactly as the model sees them: prompt and target as
 /// escaped strings, the joined text with the split marked, and token counts.
-pub fn preview(recipe: &Recipe, recipe_dir: &Path, tokenizer: &TextTokenizer, split: Split, n: usize) -> Result<String> {
+pub fn preview(
+    recipe: &Recipe,
+    recipe_dir: &Path,
+    tokenizer: &TextTokenizer,
+    split: Split,
+    n: usize,
+) -> Result<String> {
     let mut datasets = load_split_records(recipe, recipe_dir, split)?;
     // Few-shot pools need the whole dataset, so cap rows only when nothing samples from them.
     for d in &mut datasets {

@@ -196,7 +196,8 @@ fn read_jsonl(path: &Path, limit: Option<usize>) -> Result<Records> {
             break;
         }
         let number = index + 1;
-        let line = line.with_context(|| format!("{}:line {number}: cannot read", path.display()))?;
+        let line =
+            line.with_context(|| format!("{}:line {number}: cannot read", path.display()))?;
         if line.trim().is_empty() {
             continue;
         }
@@ -266,7 +267,12 @@ fn json_kind(value: &Value) -> &'static str {
 
 /// CSV quotes fields; TSV (GLUE's included) does not, and its text contains stray quotes that a
 /// quoting reader would swallow across lines.
-fn read_delimited(path: &Path, delimiter: u8, quoting: bool, limit: Option<usize>) -> Result<Records> {
+fn read_delimited(
+    path: &Path,
+    delimiter: u8,
+    quoting: bool,
+    limit: Option<usize>,
+) -> Result<Records> {
     let mut records = Records::new(path.display().to_string(), "line");
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
@@ -280,7 +286,10 @@ fn read_delimited(path: &Path, delimiter: u8, quoting: bool, limit: Option<usize
         .map(str::to_string)
         .collect();
     if header.iter().all(|h| h.is_empty()) {
-        bail!("{}: no header row (the first line must name the columns)", path.display());
+        bail!(
+            "{}: no header row (the first line must name the columns)",
+            path.display()
+        );
     }
     records.columns = header.clone();
     for result in reader.records() {
@@ -290,7 +299,9 @@ fn read_delimited(path: &Path, delimiter: u8, quoting: bool, limit: Option<usize
         let record = result.map_err(|e| {
             let line = e.position().map(|p| p.line()).unwrap_or(0);
             match e.kind() {
-                csv::ErrorKind::UnequalLengths { expected_len, len, .. } => anyhow!(
+                csv::ErrorKind::UnequalLengths {
+                    expected_len, len, ..
+                } => anyhow!(
                     "{}:line {line}: {len} fields, but the header names {expected_len} columns",
                     path.display()
                 ),
@@ -322,10 +333,10 @@ fn read_glue_tsv(path: &Path, limit: Option<usize>) -> Result<Records> {
     }
     fn rename(c: &str) -> &str {
         match c {
-        "sentence1" => "premise",
-        "sentence2" => "hypothesis",
-        "gold_label" => "label",
-        other => other,
+            "sentence1" => "premise",
+            "sentence2" => "hypothesis",
+            "gold_label" => "label",
+            other => other,
         }
     }
     // Renamed columns replace any same-named ones the file already had (GLUE has a `label1`..
@@ -347,7 +358,10 @@ fn read_glue_tsv(path: &Path, limit: Option<usize>) -> Result<Records> {
         if kept.full(limit) {
             break;
         }
-        let row: Row = row.into_iter().map(|(k, v)| (rename(&k).to_string(), v)).collect();
+        let row: Row = row
+            .into_iter()
+            .map(|(k, v)| (rename(&k).to_string(), v))
+            .collect();
         kept.rows.push(row);
         kept.positions.push(position);
     }
@@ -359,11 +373,16 @@ fn read_glue_tsv(path: &Path, limit: Option<usize>) -> Result<Records> {
 
 fn read_parquet_into(path: &Path, records: &mut Records, limit: Option<usize>) -> Result<()> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let unreadable = |e: &dyn std::fmt::Display| anyhow!("{}: unreadable Parquet: {e}", path.display());
-    let builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?).map_err(|e| unreadable(&e))?;
+    let unreadable =
+        |e: &dyn std::fmt::Display| anyhow!("{}: unreadable Parquet: {e}", path.display());
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(open(path)?).map_err(|e| unreadable(&e))?;
     let schema = builder.schema().clone();
     merge_class_labels(records, &schema);
-    let reader = builder.with_batch_size(8192).build().map_err(|e| unreadable(&e))?;
+    let reader = builder
+        .with_batch_size(8192)
+        .build()
+        .map_err(|e| unreadable(&e))?;
     let mut first_row = 0usize;
     for batch in reader {
         if records.full(limit) {
@@ -384,29 +403,33 @@ fn read_arrow(path: &Path, limit: Option<usize>) -> Result<Records> {
     use arrow_ipc::reader::{FileReader, StreamReader};
     let mut records = Records::new(path.display().to_string(), "row");
     let mut first_row = 0usize;
-    let batches: Box<dyn Iterator<Item = std::result::Result<RecordBatch, arrow_schema::ArrowError>>> =
-        match FileReader::try_new_buffered(open(path)?, None) {
-            Ok(reader) => {
-                merge_class_labels(&mut records, &reader.schema());
-                Box::new(reader)
-            }
-            Err(file_error) => {
-                let reader = StreamReader::try_new_buffered(open(path)?, None).map_err(|e| {
-                    anyhow!(
-                        "{}: not an Arrow IPC file ({file_error}) nor stream ({e})",
-                        path.display()
-                    )
-                })?;
-                merge_class_labels(&mut records, &reader.schema());
-                Box::new(reader)
-            }
-        };
+    let batches: Box<
+        dyn Iterator<Item = std::result::Result<RecordBatch, arrow_schema::ArrowError>>,
+    > = match FileReader::try_new_buffered(open(path)?, None) {
+        Ok(reader) => {
+            merge_class_labels(&mut records, &reader.schema());
+            Box::new(reader)
+        }
+        Err(file_error) => {
+            let reader = StreamReader::try_new_buffered(open(path)?, None).map_err(|e| {
+                anyhow!(
+                    "{}: not an Arrow IPC file ({file_error}) nor stream ({e})",
+                    path.display()
+                )
+            })?;
+            merge_class_labels(&mut records, &reader.schema());
+            Box::new(reader)
+        }
+    };
     for batch in batches {
         if records.full(limit) {
             break;
         }
         let batch = batch.map_err(|e| {
-            anyhow!("{}: unreadable Arrow after row {first_row}: {e}", path.display())
+            anyhow!(
+                "{}: unreadable Arrow after row {first_row}: {e}",
+                path.display()
+            )
         })?;
         append_batch(path, &batch, &mut records, &mut first_row, limit)?;
     }
@@ -427,8 +450,14 @@ fn merge_class_labels(records: &mut Records, schema: &Arc<Schema>) {
     };
     for (column, feature) in features {
         let is_class_label = feature.get("_type").and_then(Value::as_str) == Some("ClassLabel");
-        if let (true, Some(names)) = (is_class_label, feature.get("names").and_then(Value::as_array)) {
-            let names = names.iter().filter_map(|n| n.as_str().map(str::to_string)).collect();
+        if let (true, Some(names)) = (
+            is_class_label,
+            feature.get("names").and_then(Value::as_array),
+        ) {
+            let names = names
+                .iter()
+                .filter_map(|n| n.as_str().map(str::to_string))
+                .collect();
             records.class_labels.insert(column.clone(), names);
         }
     }
@@ -444,9 +473,8 @@ fn append_batch(
     let schema = batch.schema();
     let mut columns = Vec::with_capacity(batch.num_columns());
     for (field, array) in schema.fields().iter().zip(batch.columns()) {
-        let values = array_values(array.as_ref()).map_err(|e| {
-            anyhow!("{}: column {:?}: {e}", path.display(), field.name())
-        })?;
+        let values = array_values(array.as_ref())
+            .map_err(|e| anyhow!("{}: column {:?}: {e}", path.display(), field.name()))?;
         columns.push((field.name().clone(), values));
         if !records.columns.contains(field.name()) {
             records.columns.push(field.name().clone());
@@ -456,7 +484,10 @@ fn append_batch(
         Some(l) => batch.num_rows().min(l.saturating_sub(records.rows.len())),
         None => batch.num_rows(),
     };
-    let mut iters: Vec<_> = columns.into_iter().map(|(n, v)| (n, v.into_iter())).collect();
+    let mut iters: Vec<_> = columns
+        .into_iter()
+        .map(|(n, v)| (n, v.into_iter()))
+        .collect();
     for i in 0..take {
         let row: Row = iters
             .iter_mut()
@@ -476,7 +507,13 @@ fn array_values(array: &dyn Array) -> Result<Vec<Value>> {
         T: Into<Value>,
     {
         (0..n)
-            .map(|i| if array.is_null(i) { Value::Null } else { get(i).into() })
+            .map(|i| {
+                if array.is_null(i) {
+                    Value::Null
+                } else {
+                    get(i).into()
+                }
+            })
             .collect()
     }
     let n = array.len();
@@ -579,7 +616,9 @@ pub fn hf_hub_cache() -> PathBuf {
     if let Some(home) = std::env::var_os("HF_HOME") {
         return PathBuf::from(home).join("hub");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     home.join(".cache/huggingface/hub")
 }
 
@@ -589,7 +628,10 @@ pub fn hf_hub_cache() -> PathBuf {
 pub fn hub_parquet_files(spec: &SourceSpec) -> Result<Vec<PathBuf>> {
     let repo = spec.hub.as_deref().context("not a Hub source")?;
     let config = spec.config.as_deref().unwrap_or("default");
-    let split = spec.split.as_deref().context("a Hub source needs a split")?;
+    let split = spec
+        .split
+        .as_deref()
+        .context("a Hub source needs a split")?;
     let cache = hf_hub_cache();
     let repo_dir = cache.join(format!("datasets--{}", repo.replace('/', "--")));
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");

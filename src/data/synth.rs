@@ -49,96 +49,260 @@ struct Genre {
 const GENRES: &[Genre] = &[
     Genre {
         name: "travel",
-        subjects: &["the tourist", "the guide", "the pilot", "a backpacker", "the hotel manager", "the driver"],
-        objects: &[
-            ("suitcase", "bag"), ("map", "document"), ("ticket", "document"), ("camera", "device"),
-            ("jacket", "garment"), ("backpack", "bag"), ("guidebook", "book"), ("umbrella", "thing"),
+        subjects: &[
+            "the tourist",
+            "the guide",
+            "the pilot",
+            "a backpacker",
+            "the hotel manager",
+            "the driver",
         ],
-        places: &["Lisbon", "the station", "the airport", "Rome", "the harbour", "Kyoto", "the old town", "the ferry"],
-        relatives: &["who had just landed", "who was travelling alone", "who spoke four languages"],
+        objects: &[
+            ("suitcase", "bag"),
+            ("map", "document"),
+            ("ticket", "document"),
+            ("camera", "device"),
+            ("jacket", "garment"),
+            ("backpack", "bag"),
+            ("guidebook", "book"),
+            ("umbrella", "thing"),
+        ],
+        places: &[
+            "Lisbon",
+            "the station",
+            "the airport",
+            "Rome",
+            "the harbour",
+            "Kyoto",
+            "the old town",
+            "the ferry",
+        ],
+        relatives: &[
+            "who had just landed",
+            "who was travelling alone",
+            "who spoke four languages",
+        ],
         beneficiaries: &["a fellow traveller", "the hotel", "a cousin abroad"],
     },
     Genre {
         name: "fiction",
-        subjects: &["the knight", "the old witch", "the young prince", "the sailor", "the thief", "the queen"],
-        objects: &[
-            ("sword", "weapon"), ("letter", "document"), ("lantern", "lamp"), ("ring", "jewel"),
-            ("key", "thing"), ("diary", "book"), ("cloak", "garment"), ("mirror", "thing"),
+        subjects: &[
+            "the knight",
+            "the old witch",
+            "the young prince",
+            "the sailor",
+            "the thief",
+            "the queen",
         ],
-        places: &["the castle", "the forest", "the tower", "the village", "the cave", "the marsh", "the palace"],
+        objects: &[
+            ("sword", "weapon"),
+            ("letter", "document"),
+            ("lantern", "lamp"),
+            ("ring", "jewel"),
+            ("key", "thing"),
+            ("diary", "book"),
+            ("cloak", "garment"),
+            ("mirror", "thing"),
+        ],
+        places: &[
+            "the castle",
+            "the forest",
+            "the tower",
+            "the village",
+            "the cave",
+            "the marsh",
+            "the palace",
+        ],
         relatives: &["who feared the dark", "who had a secret", "who never slept"],
         beneficiaries: &["the king", "a lost child", "an old friend"],
     },
     Genre {
         name: "news",
-        subjects: &["the mayor", "the minister", "a reporter", "the senator", "the police chief", "the clerk"],
-        objects: &[
-            ("report", "document"), ("laptop", "computer"), ("flag", "thing"), ("microphone", "device"),
-            ("car", "vehicle"), ("file", "document"), ("badge", "thing"), ("phone", "device"),
+        subjects: &[
+            "the mayor",
+            "the minister",
+            "a reporter",
+            "the senator",
+            "the police chief",
+            "the clerk",
         ],
-        places: &["the city hall", "the parliament", "the courthouse", "the press room", "Berlin", "the capital"],
-        relatives: &["who was up for election", "who had resigned", "who led the inquiry"],
+        objects: &[
+            ("report", "document"),
+            ("laptop", "computer"),
+            ("flag", "thing"),
+            ("microphone", "device"),
+            ("car", "vehicle"),
+            ("file", "document"),
+            ("badge", "thing"),
+            ("phone", "device"),
+        ],
+        places: &[
+            "the city hall",
+            "the parliament",
+            "the courthouse",
+            "the press room",
+            "Berlin",
+            "the capital",
+        ],
+        relatives: &[
+            "who was up for election",
+            "who had resigned",
+            "who led the inquiry",
+        ],
         beneficiaries: &["the council", "a local charity", "the committee"],
     },
     Genre {
         name: "science",
-        subjects: &["the chemist", "the biologist", "a student", "the astronomer", "the lab assistant", "the professor"],
-        objects: &[
-            ("microscope", "instrument"), ("sample", "specimen"), ("telescope", "instrument"),
-            ("notebook", "book"), ("battery", "device"), ("fossil", "specimen"), ("thermometer", "instrument"),
+        subjects: &[
+            "the chemist",
+            "the biologist",
+            "a student",
+            "the astronomer",
+            "the lab assistant",
+            "the professor",
         ],
-        places: &["the laboratory", "the museum", "the observatory", "the field station", "the library", "Geneva"],
-        relatives: &["who studied beetles", "who had won a prize", "who worked at night"],
+        objects: &[
+            ("microscope", "instrument"),
+            ("sample", "specimen"),
+            ("telescope", "instrument"),
+            ("notebook", "book"),
+            ("battery", "device"),
+            ("fossil", "specimen"),
+            ("thermometer", "instrument"),
+        ],
+        places: &[
+            "the laboratory",
+            "the museum",
+            "the observatory",
+            "the field station",
+            "the library",
+            "Geneva",
+        ],
+        relatives: &[
+            "who studied beetles",
+            "who had won a prize",
+            "who worked at night",
+        ],
         beneficiaries: &["the department", "a rival team", "the museum"],
     },
     Genre {
         name: "sports",
-        subjects: &["the coach", "the goalkeeper", "a runner", "the captain", "the referee", "the cyclist"],
-        objects: &[
-            ("ball", "piece of equipment"), ("bicycle", "vehicle"), ("racket", "piece of equipment"),
-            ("helmet", "piece of equipment"), ("trophy", "prize"), ("medal", "prize"), ("shoe", "garment"),
+        subjects: &[
+            "the coach",
+            "the goalkeeper",
+            "a runner",
+            "the captain",
+            "the referee",
+            "the cyclist",
         ],
-        places: &["the stadium", "the gym", "the track", "the locker room", "Madrid", "the training ground"],
-        relatives: &["who had been injured", "who trained every day", "who was new to the team"],
+        objects: &[
+            ("ball", "piece of equipment"),
+            ("bicycle", "vehicle"),
+            ("racket", "piece of equipment"),
+            ("helmet", "piece of equipment"),
+            ("trophy", "prize"),
+            ("medal", "prize"),
+            ("shoe", "garment"),
+        ],
+        places: &[
+            "the stadium",
+            "the gym",
+            "the track",
+            "the locker room",
+            "Madrid",
+            "the training ground",
+        ],
+        relatives: &[
+            "who had been injured",
+            "who trained every day",
+            "who was new to the team",
+        ],
         beneficiaries: &["the team", "a young fan", "the club"],
     },
 ];
 
 const NAMES: &[&str] = &[
-    "Maria", "John", "Aiko", "Pedro", "Fatima", "Lars", "Chen", "Amara", "Tomas", "Priya", "Omar", "Elena",
-    "Kofi", "Sofia", "Ivan", "Grace", "Mateo", "Yuki", "Hannah", "Ravi",
+    "Maria", "John", "Aiko", "Pedro", "Fatima", "Lars", "Chen", "Amara", "Tomas", "Priya", "Omar",
+    "Elena", "Kofi", "Sofia", "Ivan", "Grace", "Mateo", "Yuki", "Hannah", "Ravi",
 ];
 
 /// (past, base, past participle) and the verb that undoes it.
 const VERBS: &[([&str; 3], [&str; 3])] = &[
     (["bought", "buy", "bought"], ["sold", "sell", "sold"]),
     (["found", "find", "found"], ["lost", "lose", "lost"]),
-    (["repaired", "repair", "repaired"], ["broke", "break", "broken"]),
-    (["kept", "keep", "kept"], ["threw away", "throw away", "thrown away"]),
-    (["carried", "carry", "carried"], ["left behind", "leave behind", "left behind"]),
-    (["cleaned", "clean", "cleaned"], ["damaged", "damage", "damaged"]),
-    (["borrowed", "borrow", "borrowed"], ["gave away", "give away", "given away"]),
+    (
+        ["repaired", "repair", "repaired"],
+        ["broke", "break", "broken"],
+    ),
+    (
+        ["kept", "keep", "kept"],
+        ["threw away", "throw away", "thrown away"],
+    ),
+    (
+        ["carried", "carry", "carried"],
+        ["left behind", "leave behind", "left behind"],
+    ),
+    (
+        ["cleaned", "clean", "cleaned"],
+        ["damaged", "damage", "damaged"],
+    ),
+    (
+        ["borrowed", "borrow", "borrowed"],
+        ["gave away", "give away", "given away"],
+    ),
 ];
 
 /// Each adjective's opposite; colours have none and change to another colour.
 const ADJECTIVES: &[(&str, Option<&str>)] = &[
-    ("old", Some("new")), ("new", Some("old")), ("small", Some("large")), ("large", Some("small")),
-    ("cheap", Some("expensive")), ("expensive", Some("cheap")), ("heavy", Some("light")), ("light", Some("heavy")),
-    ("red", None), ("blue", None), ("green", None), ("black", None), ("white", None), ("yellow", None),
+    ("old", Some("new")),
+    ("new", Some("old")),
+    ("small", Some("large")),
+    ("large", Some("small")),
+    ("cheap", Some("expensive")),
+    ("expensive", Some("cheap")),
+    ("heavy", Some("light")),
+    ("light", Some("heavy")),
+    ("red", None),
+    ("blue", None),
+    ("green", None),
+    ("black", None),
+    ("white", None),
+    ("yellow", None),
 ];
 const COLOURS: &[&str] = &["red", "blue", "green", "black", "white", "yellow"];
 
 const TIMES: &[&str] = &[
-    "on Monday", "last summer", "in the morning", "after lunch", "yesterday", "at dawn", "in the evening",
-    "last week", "on Friday night", "during the storm",
+    "on Monday",
+    "last summer",
+    "in the morning",
+    "after lunch",
+    "yesterday",
+    "at dawn",
+    "in the evening",
+    "last week",
+    "on Friday night",
+    "during the storm",
 ];
 const REASONS: &[&str] = &[
-    "it was on sale", "a friend had asked", "the weather was bad", "it reminded them of home",
-    "the old one was useless", "there was nothing else to do", "everyone else had one",
+    "it was on sale",
+    "a friend had asked",
+    "the weather was bad",
+    "it reminded them of home",
+    "the old one was useless",
+    "there was nothing else to do",
+    "everyone else had one",
 ];
-const COMPANIONS: &[&str] = &["a colleague", "two friends", "a neighbour", "the whole family", "a stranger"];
+const COMPANIONS: &[&str] = &[
+    "a colleague",
+    "two friends",
+    "a neighbour",
+    "the whole family",
+    "a stranger",
+];
 const FEELINGS: &[&str] = &["happy", "proud", "nervous", "sad", "relieved", "surprised"];
-const PROFESSIONS: &[&str] = &["teacher", "nurse", "baker", "lawyer", "farmer", "painter", "engineer"];
+const PROFESSIONS: &[&str] = &[
+    "teacher", "nurse", "baker", "lawyer", "farmer", "painter", "engineer",
+];
 
 /// One fact a premise states.
 struct Fact<'g> {
@@ -225,9 +389,16 @@ impl<'g> Fact<'g> {
         let (s, v, o) = (&self.subject, self.past(), self.full_object());
         let (place, time) = (self.place_phrase(), self.time_phrase());
         match rng.gen_range(0..4) {
-            0 if self.time.is_some() => sentence(&format!("{}, {s} {v} {o}{place}", self.time.unwrap())),
-            1 if self.place.is_some() => sentence(&format!("in {}, {s} {v} {o}{time}", self.place.unwrap())),
-            2 => sentence(&format!("{s}, {}, {v} {o}{place}{time}", pick(rng, self.genre.relatives))),
+            0 if self.time.is_some() => {
+                sentence(&format!("{}, {s} {v} {o}{place}", self.time.unwrap()))
+            }
+            1 if self.place.is_some() => {
+                sentence(&format!("in {}, {s} {v} {o}{time}", self.place.unwrap()))
+            }
+            2 => sentence(&format!(
+                "{s}, {}, {v} {o}{place}{time}",
+                pick(rng, self.genre.relatives)
+            )),
             _ => sentence(&format!("{s} {v} {o}{place}{time}")),
         }
     }
@@ -236,13 +407,29 @@ impl<'g> Fact<'g> {
         let (s, v) = (&self.subject, self.past());
         loop {
             let h = match rng.gen_range(0..7) {
-                0 => format!("{s} {v} {}{}{}", article(self.object.0), self.place_phrase(), self.time_phrase()),
+                0 => format!(
+                    "{s} {v} {}{}{}",
+                    article(self.object.0),
+                    self.place_phrase(),
+                    self.time_phrase()
+                ),
                 1 => format!("{s} {v} {}", article(self.object.1)),
-                2 => format!("someone {v} {}{}{}", self.full_object(), self.place_phrase(), self.time_phrase()),
-                3 if self.place.is_some() => format!("{s} was in {}{}", self.place.unwrap(), self.time_phrase()),
+                2 => format!(
+                    "someone {v} {}{}{}",
+                    self.full_object(),
+                    self.place_phrase(),
+                    self.time_phrase()
+                ),
+                3 if self.place.is_some() => {
+                    format!("{s} was in {}{}", self.place.unwrap(), self.time_phrase())
+                }
                 4 => format!("{} was {} by {s}", self.full_object(), self.participle()),
                 5 => format!("{s} {v} something {}", self.adjective),
-                6 => format!("a person {v} {}{}", article(self.object.1), self.place_phrase()),
+                6 => format!(
+                    "a person {v} {}{}",
+                    article(self.object.1),
+                    self.place_phrase()
+                ),
                 _ => continue,
             };
             return sentence(&h);
@@ -255,15 +442,25 @@ impl<'g> Fact<'g> {
             let h = match rng.gen_range(0..8) {
                 0 => format!("{s} did not {} {the}{}", self.base(), self.place_phrase()),
                 1 => format!("{s} never {v} {}", article(self.object.0)),
-                2 => format!("nobody {v} {}{}", article(self.object.0), self.time_phrase()),
-                3 if self.place.is_some() => format!("{s} has never been to {}", self.place.unwrap()),
+                2 => format!(
+                    "nobody {v} {}{}",
+                    article(self.object.0),
+                    self.time_phrase()
+                ),
+                3 if self.place.is_some() => {
+                    format!("{s} has never been to {}", self.place.unwrap())
+                }
                 4 => format!("{s} refused to {} {the}{}", self.base(), self.time_phrase()),
                 5 => {
                     let changed = match ADJECTIVES.iter().find(|(a, _)| *a == self.adjective) {
                         Some((_, Some(opposite))) => opposite.to_string(),
                         _ => other(rng, COLOURS, self.adjective).to_string(),
                     };
-                    format!("{s} {v} {}{}", article(&format!("{changed} {}", self.object.0)), self.time_phrase())
+                    format!(
+                        "{s} {v} {}{}",
+                        article(&format!("{changed} {}", self.object.0)),
+                        self.time_phrase()
+                    )
                 }
                 6 if self.place.is_some() => {
                     let elsewhere = other(rng, self.genre.places, self.place.unwrap());
@@ -282,7 +479,11 @@ impl<'g> Fact<'g> {
             let h = match rng.gen_range(0..9) {
                 0 => format!("{s} {v} {the} because {}", pick(rng, REASONS)),
                 1 => format!("{s} {v} {the} for {}", pick(rng, self.genre.beneficiaries)),
-                2 => format!("{s} {v} {} with {}", self.full_object(), pick(rng, COMPANIONS)),
+                2 => format!(
+                    "{s} {v} {} with {}",
+                    self.full_object(),
+                    pick(rng, COMPANIONS)
+                ),
                 3 => format!("{s} was {} to {} {the}", pick(rng, FEELINGS), self.base()),
                 4 => {
                     let second = loop {
@@ -294,7 +495,9 @@ impl<'g> Fact<'g> {
                     format!("{s} also {v} {}", article(second))
                 }
                 5 if self.time.is_none() => format!("{s} {v} {the} {}", pick(rng, TIMES)),
-                6 if self.place.is_none() => format!("{s} {v} {the} in {}", pick(rng, self.genre.places)),
+                6 if self.place.is_none() => {
+                    format!("{s} {v} {the} in {}", pick(rng, self.genre.places))
+                }
                 7 if NAMES.contains(&s.as_str()) => format!("{s} is a {}", pick(rng, PROFESSIONS)),
                 8 => format!("{s} felt {} that day", pick(rng, FEELINGS)),
                 _ => continue,
@@ -366,7 +569,10 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<tokenizers
     tokenizer.with_post_processor(Some(ByteLevelProcessor::new(true, false, true)));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
     // The special token must not be split into bytes while training.
-    let texts: Vec<&str> = texts.iter().map(|t| t.trim_end_matches(EOS_TOKEN)).collect();
+    let texts: Vec<&str> = texts
+        .iter()
+        .map(|t| t.trim_end_matches(EOS_TOKEN))
+        .collect();
     tokenizer
         .train(&mut trainer, texts.into_iter())
         .map_err(|e| anyhow!("training the tokenizer: {e}"))?;
@@ -393,8 +599,10 @@ pub struct SynthSummary {
 pub fn write_dataset(out: &Path, config: &SynthConfig) -> Result<SynthSummary> {
     let mut rng = StdRng::seed_from_u64(config.seed);
     let train = generate(&mut rng, config.train_rows, &HashSet::new());
-    let seen: HashSet<(String, String)> =
-        train.iter().map(|r| (r.premise.clone(), r.hypothesis.clone())).collect();
+    let seen: HashSet<(String, String)> = train
+        .iter()
+        .map(|r| (r.premise.clone(), r.hypothesis.clone()))
+        .collect();
     let validation = generate(&mut rng, config.validation_rows, &seen);
     let texts: Vec<String> = train.iter().chain(&validation).map(mnli_text).collect();
     let tokenizer = train_tokenizer(&texts, config.vocab_size)?;

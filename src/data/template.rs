@@ -53,7 +53,10 @@ impl Preset {
                 "mnli hypothesis: {hypothesis} premise: {premise} target:",
                 format!(" {{label}}{EOS_TOKEN}"),
             ),
-            Preset::Sentiment => ("Review: {text}\nSentiment:", format!(" {{label}}{EOS_TOKEN}")),
+            Preset::Sentiment => (
+                "Review: {text}\nSentiment:",
+                format!(" {{label}}{EOS_TOKEN}"),
+            ),
             Preset::PromptCompletion => ("{prompt}", format!("{{completion}}{EOS_TOKEN}")),
             Preset::Text => ("", format!("{{text}}{EOS_TOKEN}")),
         }
@@ -149,7 +152,9 @@ fn parse_pieces(text: &str) -> Result<Vec<Piece>> {
             '{' => {
                 let rest = &text[at + 1..];
                 let end = rest.find('}').ok_or_else(|| {
-                    anyhow!("unclosed `{{` at byte {at} in {text:?} (write `{{{{` for a literal brace)")
+                    anyhow!(
+                        "unclosed `{{` at byte {at} in {text:?} (write `{{{{` for a literal brace)"
+                    )
                 })?;
                 let name = &rest[..end];
                 if name.is_empty() || name.contains(['{', ' ']) {
@@ -163,7 +168,9 @@ fn parse_pieces(text: &str) -> Result<Vec<Piece>> {
                     chars.next();
                 }
             }
-            '}' => bail!("unmatched `}}` at byte {at} in {text:?} (write `}}}}` for a literal brace)"),
+            '}' => {
+                bail!("unmatched `}}` at byte {at} in {text:?} (write `}}}}` for a literal brace)")
+            }
             c => literal.push(c),
         }
     }
@@ -211,7 +218,11 @@ impl<'a> Caster<'a> {
         let template = Template::from_spec(&spec.template)?;
         let mut columns = BTreeMap::new();
         for field in template.fields() {
-            let column = spec.columns.get(field).cloned().unwrap_or_else(|| field.to_string());
+            let column = spec
+                .columns
+                .get(field)
+                .cloned()
+                .unwrap_or_else(|| field.to_string());
             if !records.columns.contains(&column) {
                 let via = if column == field {
                     String::new()
@@ -234,7 +245,13 @@ impl<'a> Caster<'a> {
             .or_else(|| {
                 let column = columns.get(LABEL_FIELD)?;
                 let names = records.class_labels.get(column)?;
-                Some(names.iter().enumerate().map(|(i, n)| (i.to_string(), n.clone())).collect())
+                Some(
+                    names
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| (i.to_string(), n.clone()))
+                        .collect(),
+                )
             });
         let few_shot = match &spec.few_shot {
             Some(few) if few.k >= records.len() => bail!(
@@ -344,7 +361,10 @@ impl<'a> Caster<'a> {
             Value::String(s) => s.clone(),
             Value::Number(n) => n.to_string(),
             Value::Bool(b) => b.to_string(),
-            Value::Null => bail!("{}: label column {column:?} is null", self.records.locate(i)),
+            Value::Null => bail!(
+                "{}: label column {column:?} is null",
+                self.records.locate(i)
+            ),
             other => bail!(
                 "{}: label column {column:?} holds {other}, expected a string or an integer",
                 self.records.locate(i)

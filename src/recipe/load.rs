@@ -23,7 +23,9 @@ pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Recipe> {
     let file = path.display();
     let mut tree: Value = serde_norway::from_str(text).map_err(|e| located(&file, &e))?;
     if tree.is_null() {
-        bail!("{file}: the recipe is empty (expected a mapping with name, model, data, batch, ...)");
+        bail!(
+            "{file}: the recipe is empty (expected a mapping with name, model, data, batch, ...)"
+        );
     }
     if !tree.is_mapping() {
         bail!("{file}: a recipe must be a mapping of keys (name, model, data, batch, ...)");
@@ -35,9 +37,7 @@ pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Recipe> {
         Ok(recipe) => recipe,
         Err(e) => return Err(blame(text, &file, overrides, &e)),
     };
-    recipe
-        .validate()
-        .map_err(|e| anyhow!("{file}: {e}"))?;
+    recipe.validate().map_err(|e| anyhow!("{file}: {e}"))?;
     Ok(recipe)
 }
 
@@ -95,10 +95,16 @@ pub fn apply_override(tree: &mut Value, set: &str) -> Result<()> {
         .ok_or_else(|| anyhow!("expected key.path=value"))?;
     let key_path = key_path.trim();
     if key_path.is_empty() || key_path.split('.').any(str::is_empty) {
-        bail!("`{key_path}` is not a key path (expected keys separated by dots, e.g. optimizer.lr)");
+        bail!(
+            "`{key_path}` is not a key path (expected keys separated by dots, e.g. optimizer.lr)"
+        );
     }
-    let value: Value = serde_norway::from_str(raw)
-        .map_err(|e| anyhow!("the value `{raw}` is not valid YAML: {}", strip_location(&e.to_string())))?;
+    let value: Value = serde_norway::from_str(raw).map_err(|e| {
+        anyhow!(
+            "the value `{raw}` is not valid YAML: {}",
+            strip_location(&e.to_string())
+        )
+    })?;
     let segments: Vec<&str> = key_path.split('.').collect();
     let mut node = tree;
     for (depth, segment) in segments.iter().enumerate() {
@@ -116,13 +122,20 @@ pub fn apply_override(tree: &mut Value, set: &str) -> Result<()> {
             }
             Value::Null => {
                 *node = Value::Mapping(Mapping::new());
-                let Value::Mapping(map) = node else { unreachable!() };
+                let Value::Mapping(map) = node else {
+                    unreachable!()
+                };
                 map.entry(Value::String(segment.to_string()))
                     .or_insert(Value::Null)
             }
-            Value::Mapping(map) => map
-                .entry(Value::String(segment.to_string()))
-                .or_insert(if last { Value::Null } else { Value::Mapping(Mapping::new()) }),
+            Value::Mapping(map) => {
+                map.entry(Value::String(segment.to_string()))
+                    .or_insert(if last {
+                        Value::Null
+                    } else {
+                        Value::Mapping(Mapping::new())
+                    })
+            }
             other => bail!(
                 "`{here}` is {}, not a mapping; cannot set `{segment}` inside it",
                 describe(other)
@@ -149,10 +162,16 @@ impl Recipe {
     /// Checks everything that can be checked without reading data: the messages name the key.
     pub fn validate(&self) -> Result<()> {
         let mut problems = Problems::default();
-        problems.check(!self.name.trim().is_empty(), "name: must not be empty".into());
+        problems.check(
+            !self.name.trim().is_empty(),
+            "name: must not be empty".into(),
+        );
         problems.check(
             !self.name.contains(['/', '\\']) && self.name != "." && self.name != "..",
-            format!("name: {:?} is used as a directory name; it must not contain / or \\", self.name),
+            format!(
+                "name: {:?} is used as a directory name; it must not contain / or \\",
+                self.name
+            ),
         );
         match (&self.model.from, &self.model.init) {
             (Some(_), Some(_)) => problems.push(
@@ -168,10 +187,14 @@ impl Recipe {
             _ => {}
         }
         if let Some(from) = &self.model.from {
-            problems.check(!from.trim().is_empty(), "model.from: must not be empty".into());
+            problems.check(
+                !from.trim().is_empty(),
+                "model.from: must not be empty".into(),
+            );
         }
         if self.model.init.is_some() && self.model.revision.is_some() {
-            problems.push("model.revision: only applies to `model.from`, not to `model.init`".into());
+            problems
+                .push("model.revision: only applies to `model.from`, not to `model.init`".into());
         }
         match (self.steps, self.epochs) {
             (Some(_), Some(_)) => {
@@ -188,7 +211,11 @@ impl Recipe {
         problems.check(b.global > 0, "batch.global: must be at least 1".into());
         problems.check(b.micro > 0, "batch.micro: must be at least 1".into());
         problems.check(b.replicas > 0, "batch.replicas: must be at least 1".into());
-        if b.global > 0 && b.micro > 0 && b.replicas > 0 && b.global % (b.micro * b.replicas) != 0 {
+        if b.global > 0
+            && b.micro > 0
+            && b.replicas > 0
+            && !b.global.is_multiple_of(b.micro * b.replicas)
+        {
             problems.push(format!(
                 "batch.global: {} is not divisible by batch.micro × batch.replicas = {} × {} = {} \
                  (gradient accumulation steps = global / (micro × replicas) must be a whole number)",
@@ -215,7 +242,10 @@ impl Recipe {
         );
         problems.check(
             o.weight_decay.is_finite() && o.weight_decay >= 0.0,
-            format!("optimizer.weight_decay: must be zero or positive, found {}", o.weight_decay),
+            format!(
+                "optimizer.weight_decay: must be zero or positive, found {}",
+                o.weight_decay
+            ),
         );
         if let Some(clip) = o.grad_clip {
             problems.check(
@@ -248,15 +278,27 @@ impl Recipe {
         );
         problems.check(
             s.min_lr.is_finite() && s.min_lr >= 0.0 && s.min_lr <= o.lr,
-            format!("schedule.min_lr: must be in [0, optimizer.lr = {}], found {}", o.lr, s.min_lr),
+            format!(
+                "schedule.min_lr: must be in [0, optimizer.lr = {}], found {}",
+                o.lr, s.min_lr
+            ),
         );
         let p = &self.precision;
         problems.check(
             p.initial_loss_scale.is_finite() && p.initial_loss_scale >= 1.0,
-            format!("precision.initial_loss_scale: must be at least 1, found {}", p.initial_loss_scale),
+            format!(
+                "precision.initial_loss_scale: must be at least 1, found {}",
+                p.initial_loss_scale
+            ),
         );
-        problems.check(p.growth_interval > 0, "precision.growth_interval: must be at least 1".into());
-        problems.check(self.data.seq_len > 0, "data.seq_len: must be at least 1".into());
+        problems.check(
+            p.growth_interval > 0,
+            "precision.growth_interval: must be at least 1".into(),
+        );
+        problems.check(
+            self.data.seq_len > 0,
+            "data.seq_len: must be at least 1".into(),
+        );
         problems.check(
             !self.data.train.is_empty(),
             "data.train: needs at least one dataset".into(),
@@ -270,20 +312,32 @@ impl Recipe {
         }
         problems.check(
             is_device(&self.device),
-            format!("device: expected cpu, cuda or cuda:N, found {:?}", self.device),
+            format!(
+                "device: expected cpu, cuda or cuda:N, found {:?}",
+                self.device
+            ),
         );
-        problems.check(self.eval.batch_size > 0, "eval.batch_size: must be at least 1".into());
+        problems.check(
+            self.eval.batch_size > 0,
+            "eval.batch_size: must be at least 1".into(),
+        );
         if self.eval.task == super::EvalTask::Mnli {
             problems.check(
                 !self.data.eval.is_empty(),
                 "eval.task: mnli needs an eval dataset under data.eval".into(),
             );
         }
-        problems.check(self.tracking.log_every > 0, "tracking.log_every: must be at least 1".into());
+        problems.check(
+            self.tracking.log_every > 0,
+            "tracking.log_every: must be at least 1".into(),
+        );
         if let Some(push) = &self.checkpoint.push_to_hub {
             problems.check(
                 push.repo.split('/').count() == 2,
-                format!("checkpoint.push_to_hub.repo: expected owner/name, found {:?}", push.repo),
+                format!(
+                    "checkpoint.push_to_hub.repo: expected owner/name, found {:?}",
+                    push.repo
+                ),
             );
         }
         match problems.0.as_slice() {
@@ -323,14 +377,23 @@ impl super::DatasetSpec {
         let s = &self.source;
         match (&s.path, &s.hub) {
             (Some(_), Some(_)) => bail!("source: set exactly one of `path` and `hub`, not both"),
-            (None, None) => bail!("source: set exactly one of `path` (a local file) and `hub` (a Hub dataset)"),
+            (None, None) => {
+                bail!("source: set exactly one of `path` (a local file) and `hub` (a Hub dataset)")
+            }
             (Some(path), None) => {
-                for (key, set) in [("config", &s.config), ("split", &s.split), ("revision", &s.revision)] {
+                for (key, set) in [
+                    ("config", &s.config),
+                    ("split", &s.split),
+                    ("revision", &s.revision),
+                ] {
                     if set.is_some() {
-                        bail!("source.{key}: only applies to Hub datasets (`hub:`), not to `path:`");
+                        bail!(
+                            "source.{key}: only applies to Hub datasets (`hub:`), not to `path:`"
+                        );
                     }
                 }
-                crate::data::source::Format::for_source(s, path).map_err(|e| anyhow!("source.format: {e}"))?;
+                crate::data::source::Format::for_source(s, path)
+                    .map_err(|e| anyhow!("source.format: {e}"))?;
             }
             (None, Some(hub)) => {
                 if hub.split('/').count() != 2 {

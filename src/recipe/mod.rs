@@ -174,8 +174,12 @@ impl<'de> Deserialize<'de> for TemplateSpec {
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TemplateSpec, E> {
                 Ok(TemplateSpec::Preset(v.to_string()))
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<TemplateSpec, A::Error> {
-                let custom = CustomTemplate::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<TemplateSpec, A::Error> {
+                let custom =
+                    CustomTemplate::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
                 Ok(TemplateSpec::Custom {
                     prompt: custom.prompt,
                     target: custom.target,

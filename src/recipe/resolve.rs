@@ -118,7 +118,9 @@ pub fn check(recipe_path: &Path, overrides: &[String]) -> Result<Resolved> {
     }
     let epochs = match (recipe.epochs, sequences_per_epoch, total_steps) {
         (Some(e), _, _) => Some(e),
-        (None, Some(n), Some(t)) => Some((t as f64 * recipe.batch.global as f64 / n as f64 * 1000.0).round() / 1000.0),
+        (None, Some(n), Some(t)) => {
+            Some((t as f64 * recipe.batch.global as f64 / n as f64 * 1000.0).round() / 1000.0)
+        }
         _ => None,
     };
     let derived = Derived {
