@@ -970,3 +970,73 @@ fn fast_bpe_matches_the_tokenizers_crate() {
         .collect();
     assert_fast_path_matches(&gpt2, &rendered);
 }
+
+#[test]
+fn preview_and_stats_commands_show_what_the_model_sees() {
+    let recipe = repo().join("recipes/quickstart.yaml");
+    let recipe = recipe.to_str().unwrap();
+    let (ok, out, err) = common::kiln(&["data", "preview", recipe, "--n", "2", "--split", "eval"]);
+    assert!(ok, "{err}");
+    let first = nli_rows("validation.jsonl").remove(0);
+    let word = synth::LABEL_WORDS[first.label as usize];
+    assert!(
+        out.contains("eval example 1 · ") && out.contains("validation.jsonl:line 1"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("target: \" {word}<|endoftext|>\"")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "premise: {} target:⟦|⟧ {word}<|endoftext|>",
+            first.premise
+        )),
+        "{out}"
+    );
+    assert!(out.contains("2 target;"), "{out}");
+    assert_eq!(out.matches("── eval example").count(), 2);
+
+    let (ok, out, err) = common::kiln(&[
+        "data",
+        "stats",
+        recipe,
+        "--json",
+        "--set",
+        "data.mode=pack",
+        "--set",
+        "data.seq_len=128",
+    ]);
+    assert!(ok, "{err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats[0]["split"], "train");
+    assert_eq!(stats[0]["examples"], 6000);
+    let tokens = stats[0]["tokens"].as_u64().unwrap();
+    let sequences = stats[0]["sequences"].as_u64().unwrap();
+    let dropped = stats[0]["dropped_tokens"].as_u64().unwrap();
+    assert_eq!(sequences * 128 + dropped, tokens);
+    assert_eq!(stats[1]["split"], "eval");
+    assert_eq!(stats[1]["examples"], 600);
+
+    let (ok, out, err) = common::kiln(&[
+        "data",
+        "stats",
+        recipe,
+        "--set",
+        "data.seq_len=20",
+        "--set",
+        "data.truncation=left",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("padded rows:")
+            && out.contains("truncated)")
+            && !out.contains("(0 truncated)"),
+        "{out}"
+    );
+    let (ok, _, err) = common::kiln(&["data", "stats", recipe, "--set", "data.seq_len=20"]);
+    assert!(
+        !ok && err.contains("train.jsonl:line ") && err.contains("more than data.seq_len = 20"),
+        "{err}"
+    );
+}

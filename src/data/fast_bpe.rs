@@ -173,3 +173,37 @@ pub fn split_words(text: &str) -> Vec<(usize, usize)> {
     }
     spans
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(text: &str) -> Vec<&str> {
+        split_words(text)
+            .into_iter()
+            .map(|(s, e)| &text[s..e])
+            .collect()
+    }
+
+    #[test]
+    fn whitespace_runs_leave_their_last_char_to_the_next_word() {
+        assert_eq!(words("a  b"), ["a", " ", " b"]);
+        assert_eq!(words("a\n b"), ["a", "\n", " b"]);
+        assert_eq!(words("a \nb"), ["a", " ", "\n", "b"]);
+        assert_eq!(words("end   "), ["end", "   "]);
+        assert_eq!(
+            words("it's 12 o'clock!!"),
+            ["it", "'s", " 12", " o", "'", "clock", "!!"]
+        );
+    }
+
+    #[test]
+    fn byte_chars_are_gpt2s_printable_map() {
+        let map = byte_chars();
+        assert_eq!(map[b'A' as usize], 'A');
+        assert_eq!(map[b' ' as usize], 'Ġ');
+        assert_eq!(map[b'\n' as usize], 'Ċ');
+        let distinct: std::collections::HashSet<char> = map.iter().copied().collect();
+        assert_eq!(distinct.len(), 256);
+    }
+}

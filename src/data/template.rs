@@ -388,3 +388,26 @@ impl<'a> Caster<'a> {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_and_escaped_braces() {
+        let pieces = parse_pieces("{{a}} {b} x{c}}}").unwrap();
+        assert_eq!(
+            pieces,
+            [
+                Piece::Text("{a} ".into()),
+                Piece::Field("b".into()),
+                Piece::Text(" x".into()),
+                Piece::Field("c".into()),
+                Piece::Text("}".into()),
+            ]
+        );
+        let t = Template::from_spec(&TemplateSpec::Preset("mnli".into())).unwrap();
+        assert_eq!(t.fields(), ["hypothesis", "premise", "label"]);
+        assert!(parse_pieces("{a b}").is_err());
+    }
+}

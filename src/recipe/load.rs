@@ -423,3 +423,27 @@ impl super::DatasetSpec {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_create_mappings_and_index_lists() {
+        let mut tree: Value = serde_norway::from_str("a: {b: 1}\nl: [{x: 1}, {x: 2}]").unwrap();
+        apply_override(&mut tree, "a.c.d=[1, 2]").unwrap();
+        apply_override(&mut tree, "l.1.x=hello").unwrap();
+        apply_override(&mut tree, "a.b=null").unwrap();
+        let expected: Value =
+            serde_norway::from_str("a: {b: null, c: {d: [1, 2]}}\nl: [{x: 1}, {x: hello}]")
+                .unwrap();
+        assert_eq!(tree, expected);
+        let e = apply_override(&mut tree, "l.x=1").unwrap_err().to_string();
+        assert!(
+            e.contains("`l` is a list; expected an index, found `x`"),
+            "{e}"
+        );
+        let e = apply_override(&mut tree, "a.b=[").unwrap_err().to_string();
+        assert!(e.contains("not valid YAML"), "{e}");
+    }
+}
