@@ -777,6 +777,17 @@ fn hub_sources_read_the_hf_cache_layout_or_say_what_is_missing() {
         load_records(&spec, Path::new("."), Some(4)).unwrap().len(),
         4
     );
+    // A named revision resolves through refs/; one that is not cached is an error naming it.
+    let refs = cache.path().join("datasets--nyu-mll--glue/refs");
+    std::fs::create_dir_all(&refs).unwrap();
+    std::fs::write(refs.join("main"), "abc123\n").unwrap();
+    assert_eq!(hub_parquet_files(&spec).unwrap().len(), 2);
+    let mut pinned = spec.clone();
+    pinned.revision = Some("main".into());
+    assert_eq!(hub_parquet_files(&pinned).unwrap().len(), 2);
+    pinned.revision = Some("v2".into());
+    let e = err_text(hub_parquet_files(&pinned));
+    assert!(e.contains("at revision v2"), "{e}");
     std::env::remove_var("HF_HUB_CACHE");
 }
 

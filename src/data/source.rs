@@ -635,8 +635,11 @@ pub fn hub_parquet_files(spec: &SourceSpec) -> Result<Vec<PathBuf>> {
     let cache = hf_hub_cache();
     let repo_dir = cache.join(format!("datasets--{}", repo.replace('/', "--")));
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
-    let snapshots: Vec<PathBuf> = match resolve_revision(&repo_dir, spec.revision.as_deref()) {
+    // The requested revision; without one, the snapshot `main` points at, else any cached one.
+    let revision = spec.revision.as_deref().or(Some("main"));
+    let snapshots: Vec<PathBuf> = match resolve_revision(&repo_dir, revision) {
         Some(snapshot) => vec![snapshot],
+        None if spec.revision.is_some() => Vec::new(),
         None => {
             let mut all: Vec<PathBuf> = std::fs::read_dir(repo_dir.join("snapshots"))
                 .map(|dir| dir.filter_map(|e| e.ok().map(|e| e.path())).collect())
@@ -670,13 +673,18 @@ pub fn hub_parquet_files(spec: &SourceSpec) -> Result<Vec<PathBuf>> {
             return Ok(files);
         }
     }
+    let at = spec
+        .revision
+        .as_deref()
+        .map(|r| format!(" at revision {r}"))
+        .unwrap_or_default();
     let why = if offline {
         "HF_HUB_OFFLINE is set and it is not in the cache"
     } else {
         "it is not in the local cache (download it first, or run with network access)"
     };
     bail!(
-        "Hub dataset {repo} (config {config}, split {split}): {why}; looked for \
+        "Hub dataset {repo} (config {config}, split {split}{at}): {why}; looked for \
          {}/snapshots/*/{config}/{split}-*.parquet",
         repo_dir.display()
     )
