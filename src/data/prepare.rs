@@ -178,7 +178,8 @@ pub struct Prepared {
     pub stats: DataStats,
 }
 
-/// Loads, casts, tokenizes and packs (or pads) a split of a recipe's data.
+/// Loads, casts, tokenizes and packs (or pads) a split of a recipe's data. A split with no
+/// datasets (no `data.eval`) gives no sequences; datasets that give none are an error.
 pub fn prepare(
     recipe: &Recipe,
     recipe_dir: &Path,
@@ -217,7 +218,7 @@ pub fn prepare(
             (rows, truncated, 0)
         }
     };
-    if sequences.is_empty() {
+    if sequences.is_empty() && !datasets.is_empty() {
         anyhow::bail!(
             "data.{}: {example_count} examples ({tokens} tokens) make no sequence of {seq_len} tokens \
              (packing drops each 1000-example group's remainder; lower seq_len or use mode: pad)",

@@ -41,9 +41,9 @@ pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Recipe> {
     Ok(recipe)
 }
 
-/// A typing error of the overridden tree carries no location: when the file alone does not type
-/// either, report the file's error at its line and column; else name the first override after
-/// which the tree no longer types.
+/// A typing error of the overridden tree carries no location: when the file alone has the same
+/// error, report it at the file's line and column; else name the first override after which the
+/// tree no longer types.
 fn blame(
     text: &str,
     file: &impl std::fmt::Display,
@@ -51,8 +51,11 @@ fn blame(
     error: &serde_norway::Error,
 ) -> anyhow::Error {
     let message = strip_location(&error.to_string());
+    // Typing the file reports the key path before the message; typing the tree does not.
     if let Err(fe) = serde_norway::from_str::<Recipe>(text) {
-        return located(file, &fe);
+        if strip_location(&fe.to_string()).ends_with(&message) {
+            return located(file, &fe);
+        }
     }
     let Ok(mut tree) = serde_norway::from_str::<Value>(text) else {
         return anyhow!("{file}: {message}");
