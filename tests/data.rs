@@ -1051,3 +1051,24 @@ fn preview_and_stats_commands_show_what_the_model_sees() {
         "{err}"
     );
 }
+
+#[test]
+fn prepare_gives_the_trainer_sequences_and_stats() {
+    let path = repo().join("recipes/quickstart.yaml");
+    let sets = ["data.eval=[]".to_string(), "eval.task=loss".to_string()];
+    let recipe = kiln::recipe::load(&path, &sets).unwrap();
+    let dir = kiln::recipe::recipe_dir(&path);
+    let tokenizer = kiln::recipe::tokenizer_for(&recipe, &dir).unwrap().unwrap();
+    let train = kiln::data::prepare(&recipe, &dir, &tokenizer, kiln::data::Split::Train).unwrap();
+    assert_eq!(train.sequences.len(), 6000);
+    assert_eq!(train.stats.examples, 6000);
+    // loss_on: target — the label word and <|endoftext|> of each example.
+    assert_eq!(train.stats.target_tokens, 12_000);
+    assert!(train
+        .sequences
+        .iter()
+        .all(|s| s.target_count() == 2 && s.len() <= 64));
+    assert_eq!(train.sequences[0].ids.last(), Some(&tokenizer.eos_id()));
+    let eval = kiln::data::prepare(&recipe, &dir, &tokenizer, kiln::data::Split::Eval).unwrap();
+    assert!(eval.sequences.is_empty());
+}
