@@ -28,6 +28,12 @@ pub enum Command {
     Score(ScoreArgs),
     /// Upload a checkpoint (or any model directory) to a Hugging Face Hub repo as one commit.
     Push(PushArgs),
+    /// Check a recipe and print it fully resolved.
+    #[command(subcommand)]
+    Recipe(RecipeCommand),
+    /// Look at a recipe's data, or generate the bundled dataset.
+    #[command(subcommand)]
+    Data(DataCommand),
 }
 
 #[derive(Debug, Args)]
@@ -49,6 +55,58 @@ pub struct PushArgs {
     /// Hub URL; defaults to HF_ENDPOINT, else https://huggingface.co.
     #[arg(long)]
     pub endpoint: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecipeCommand {
+    /// Validate a recipe against its data and print it with every default and derived value.
+    Check(RecipeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RecipeArgs {
+    /// Recipe YAML file.
+    pub recipe: PathBuf,
+    /// Override a recipe key: `--set optimizer.lr=3e-5` (the value is YAML). Repeatable.
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Print examples exactly as the model sees them, with the prompt/target split marked.
+    Preview {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        #[arg(long, value_enum, default_value = "train")]
+        split: crate::data::Split,
+        /// Number of examples.
+        #[arg(long, default_value_t = 5)]
+        n: usize,
+    },
+    /// Count examples, tokens, sequences per epoch, truncated and dropped rows.
+    Stats {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate the bundled NLI dataset (MNLI schema) and train its tokenizer.
+    SynthNli {
+        /// Output directory (train.jsonl, validation.jsonl, tokenizer/tokenizer.json).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 6000)]
+        train_rows: usize,
+        #[arg(long, default_value_t = 600)]
+        validation_rows: usize,
+        /// Tokenizer vocabulary size, `<|endoftext|>` included.
+        #[arg(long, default_value_t = 1024)]
+        vocab_size: usize,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -124,6 +182,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Init(args) => init(args),
         Command::Score(args) => score(args),
         Command::Push(args) => push(args),
+        Command::Recipe(RecipeCommand::Check(args)) => recipe_check(args),
+        Command::Data(command) => data(command),
     }
 }
 
@@ -241,6 +301,78 @@ fn push(args: PushArgs) -> Result<()> {
             options.repo,
             options.revision
         ),
+    }
+    Ok(())
+}
+
+fn recipe_check(args: RecipeArgs) -> Result<()> {
+    let resolved = crate::recipe::check(&args.recipe, &args.set)?;
+    print!("{}", serde_norway::to_string(&resolved)?);
+    Ok(())
+}
+
+/// The recipe and the tokenizer its data is tokenized with (which must be on this machine).
+fn recipe_and_tokenizer(
+    args: &RecipeArgs,
+) -> Result<(crate::recipe::Recipe, PathBuf, TextTokenizer)> {
+    let recipe = crate::recipe::load(&args.recipe, &args.set)?;
+    let dir = crate::recipe::recipe_dir(&args.recipe);
+    let tokenizer = crate::recipe::tokenizer_for(&recipe, &dir)?.with_context(|| {
+        format!(
+            "{}: no local tokenizer (set `tokenizer:` to a directory, or `model.from` to a local \
+             model directory with one)",
+            args.recipe.display()
+        )
+    })?;
+    Ok((recipe, dir, tokenizer))
+}
+
+fn data(command: DataCommand) -> Result<()> {
+    use crate::data::{prepare, preview, synth, Split};
+    match command {
+        DataCommand::Preview { recipe, split, n } => {
+            let (r, dir, tokenizer) = recipe_and_tokenizer(&recipe)?;
+            print!("{}", preview::preview(&r, &dir, &tokenizer, split, n)?);
+        }
+        DataCommand::Stats { recipe, json } => {
+            let (r, dir, tokenizer) = recipe_and_tokenizer(&recipe)?;
+            let mut all = vec![prepare(&r, &dir, &tokenizer, Split::Train)?.stats];
+            if !r.data.eval.is_empty() {
+                all.push(prepare(&r, &dir, &tokenizer, Split::Eval)?.stats);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                for stats in &all {
+                    print!("{}", preview::stats_text(stats));
+                }
+            }
+        }
+        DataCommand::SynthNli {
+            out,
+            seed,
+            train_rows,
+            validation_rows,
+            vocab_size,
+        } => {
+            let config = synth::SynthConfig {
+                seed,
+                train_rows,
+                validation_rows,
+                vocab_size,
+            };
+            let summary = synth::write_dataset(&out, &config)?;
+            println!(
+                "wrote {} (seed {seed}; tokenizer vocabulary {})",
+                summary
+                    .files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                summary.vocab_size
+            );
+        }
     }
     Ok(())
 }

@@ -11,6 +11,12 @@ use tokenizers::{AddedToken, Tokenizer};
 
 pub const EOS_TOKEN: &str = "<|endoftext|>";
 
+/// Byte span in the encoded text of each token.
+pub type Offsets = Vec<(usize, usize)>;
+
+/// Distinct words whose BPE result is remembered (MNLI has about 100,000).
+const WORD_CACHE_CAPACITY: usize = 1 << 20;
+
 /// Files that make up a tokenizer in a HF model directory; copied along with checkpoints.
 pub const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
@@ -55,6 +61,12 @@ impl TextTokenizer {
                 dir.display()
             );
         };
+        let mut inner = inner;
+        // BPE caches each word's tokens, but only its first 10,000 distinct words; a fine-tuning
+        // corpus has far more, and the cache then misses for most of the text.
+        let mut model = inner.get_model().clone();
+        model.resize_cache(WORD_CACHE_CAPACITY);
+        inner.with_model(model);
         let eos_id = inner.token_to_id(EOS_TOKEN).with_context(|| {
             format!("{}: the tokenizer has no {EOS_TOKEN} token", dir.display())
         })?;
@@ -67,6 +79,11 @@ impl TextTokenizer {
             pad_id,
             source: dir.to_path_buf(),
         })
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
     }
 
     pub fn source(&self) -> &Path {
@@ -114,6 +131,16 @@ impl TextTokenizer {
             .encode_fast(text, false)
             .map_err(|e| anyhow::anyhow!("tokenizing {text:?}: {e}"))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` with each token's byte span in `text`, to find which tokens a part of
+    /// the text produced without tokenizing the parts separately.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Offsets)> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizing {text:?}: {e}"))?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
     }
 
     /// Decodes ids to text; ids without a token (GPT-J's padding rows) are dropped.
@@ -180,7 +207,8 @@ fn byte_level_bpe(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
             )
         })?;
     let mut tokenizer = Tokenizer::new(bpe);
-    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, false)));
+    // GPT-2 splits words with its regex before BPE (use_regex: true).
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
     tokenizer.add_special_tokens(&[AddedToken::from(EOS_TOKEN, true)]);
     Ok(tokenizer)

@@ -1,8 +1,21 @@
 //! From datasets to token batches: sources → text-to-text templates → tokenize → pack or pad.
 
+pub mod fast_bpe;
+pub mod pack;
+pub mod prepare;
+pub mod preview;
+pub mod source;
 pub mod stream;
+pub mod synth;
+pub mod template;
 
+pub use prepare::{
+    load_split_records, prepare, render_split, tokenize_all, tokenize_example, DataStats,
+    LoadedDataset, Prepared, Split,
+};
+pub use source::{load_records, Records};
 pub use stream::{SequenceStream, StreamState};
+pub use template::Rendered;
 
 /// One training row as the model sees it: token ids and, per token, whether predicting that
 /// token counts towards the loss (`loss_on: target` clears it for prompt tokens and padding).

@@ -10,6 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::init::Preset;
 
+mod load;
+mod resolve;
+
+pub use load::{apply_override, load, parse};
+pub use resolve::{check, recipe_dir, tokenizer_for, Derived, Resolved};
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
@@ -97,9 +103,15 @@ fn yes() -> bool {
 pub struct DatasetSpec {
     pub source: SourceSpec,
     pub template: TemplateSpec,
-    /// Label value (as written in the data, e.g. `0`) → label word.
+    /// Label value (as written in the data, e.g. `0`) → label word. Default: the preset's
+    /// (mnli: 0/1/2 → entailment/neutral/contradiction; sentiment: 0/1 → negative/positive),
+    /// else the dataset's ClassLabel names (Parquet from the Hub), else the value as written.
     #[serde(default)]
     pub label_map: Option<BTreeMap<String, String>>,
+    /// Template field → source column, for data whose columns are named differently
+    /// (e.g. `{text: sentence}` for SST-2 with the sentiment preset).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub columns: BTreeMap<String, String>,
     #[serde(default)]
     pub limit: Option<usize>,
     #[serde(default)]
@@ -128,7 +140,7 @@ pub struct SourceSpec {
 }
 
 /// A preset name (`mnli`, `sentiment`, `prompt-completion`, `text`) or a custom template.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum TemplateSpec {
     Preset(String),
@@ -136,9 +148,46 @@ pub enum TemplateSpec {
         /// Text before the split point, with `{field}` placeholders.
         prompt: String,
         /// Text after the split point (what `loss_on: target` trains on).
-        #[serde(default)]
         target: String,
     },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CustomTemplate {
+    #[serde(default)]
+    prompt: String,
+    #[serde(default)]
+    target: String,
+}
+
+// By hand rather than `untagged`, so that a typo inside a custom template is reported as such
+// instead of "data did not match any variant".
+impl<'de> Deserialize<'de> for TemplateSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = TemplateSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a preset name (mnli, sentiment, prompt-completion, text) or a mapping with prompt and target")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TemplateSpec, E> {
+                Ok(TemplateSpec::Preset(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<TemplateSpec, A::Error> {
+                let custom =
+                    CustomTemplate::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(TemplateSpec::Custom {
+                    prompt: custom.prompt,
+                    target: custom.target,
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -227,11 +276,35 @@ pub enum ScheduleKind {
 }
 
 /// Warmup given as a number of steps (an integer) or a fraction of all steps (below 1).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum Warmup {
     Steps(u64),
     Fraction(f64),
+}
+
+impl<'de> Deserialize<'de> for Warmup {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Warmup;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number of steps (integer) or a fraction of all steps in [0, 1)")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Warmup, E> {
+                Ok(Warmup::Steps(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Warmup, E> {
+                u64::try_from(v)
+                    .map(Warmup::Steps)
+                    .map_err(|_| E::custom(format!("warmup must not be negative, found {v}")))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Warmup, E> {
+                Ok(Warmup::Fraction(v))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -434,6 +507,37 @@ impl Default for TrackingSpec {
         Self {
             log_dir: default_log_dir(),
             log_every: 1,
+        }
+    }
+}
+
+impl Recipe {
+    /// Micro-batches each replica runs per optimizer step.
+    pub fn accumulation_steps(&self) -> usize {
+        self.batch.global / (self.batch.micro * self.batch.replicas).max(1)
+    }
+
+    pub fn tokens_per_step(&self) -> usize {
+        self.batch.global * self.data.seq_len
+    }
+
+    /// Optimizer steps of the run: `steps`, or `ceil(epochs × sequences per epoch / global)`.
+    pub fn total_steps(&self, sequences_per_epoch: usize) -> u64 {
+        match (self.steps, self.epochs) {
+            (Some(steps), _) => steps,
+            (None, Some(epochs)) => {
+                let sequences = epochs * sequences_per_epoch as f64;
+                ((sequences / self.batch.global as f64).ceil() as u64).max(1)
+            }
+            (None, None) => 0,
+        }
+    }
+
+    /// Warmup steps: as given, or `ceil(fraction × total)` (as HF `TrainingArguments`).
+    pub fn warmup_steps(&self, total_steps: u64) -> u64 {
+        match self.schedule.warmup {
+            Warmup::Steps(steps) => steps,
+            Warmup::Fraction(f) => (f * total_steps as f64).ceil() as u64,
         }
     }
 }

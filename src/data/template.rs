@@ -1,0 +1,413 @@
+//! Casting rows to text: a prompt and a target, each a template with `{field}` placeholders.
+//!
+//! The split between prompt and target is kept so that the loss can cover only the target.
+//! `{{` and `}}` write literal braces.
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, bail, Result};
+use rand::SeedableRng;
+use serde_json::Value;
+
+use super::source::Records;
+use crate::recipe::{DatasetSpec, TemplateSpec};
+use crate::tokenizer::EOS_TOKEN;
+
+/// The field whose values go through the label map.
+pub const LABEL_FIELD: &str = "label";
+
+/// Named templates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// Graphcore's GPT-J MNLI format, byte for byte:
+    /// `mnli hypothesis: {hypothesis} premise: {premise} target: {label}<|endoftext|>`.
+    Mnli,
+    /// `Review: {text}\nSentiment: {label}<|endoftext|>`, labels 0/1 → negative/positive.
+    Sentiment,
+    /// OpenAI fine-tuning JSONL: the prompt as written, then `{completion}<|endoftext|>`.
+    PromptCompletion,
+    /// Plain language modelling on a `text` column: all target, eos appended.
+    Text,
+}
+
+impl Preset {
+    pub const NAMES: &'static str = "mnli, sentiment, prompt-completion, text";
+
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "mnli" => Preset::Mnli,
+            "sentiment" => Preset::Sentiment,
+            "prompt-completion" => Preset::PromptCompletion,
+            "text" => Preset::Text,
+            other => bail!(
+                "unknown preset {other:?} (expected one of {}, or a mapping with prompt and target)",
+                Self::NAMES
+            ),
+        })
+    }
+
+    /// (prompt, target) template text.
+    pub fn templates(self) -> (&'static str, String) {
+        match self {
+            Preset::Mnli => (
+                "mnli hypothesis: {hypothesis} premise: {premise} target:",
+                format!(" {{label}}{EOS_TOKEN}"),
+            ),
+            Preset::Sentiment => (
+                "Review: {text}\nSentiment:",
+                format!(" {{label}}{EOS_TOKEN}"),
+            ),
+            Preset::PromptCompletion => ("{prompt}", format!("{{completion}}{EOS_TOKEN}")),
+            Preset::Text => ("", format!("{{text}}{EOS_TOKEN}")),
+        }
+    }
+
+    pub fn default_label_map(self) -> Option<BTreeMap<String, String>> {
+        let words: &[&str] = match self {
+            Preset::Mnli => &["entailment", "neutral", "contradiction"],
+            Preset::Sentiment => &["negative", "positive"],
+            _ => return None,
+        };
+        Some(
+            words
+                .iter()
+                .enumerate()
+                .map(|(i, w)| (i.to_string(), w.to_string()))
+                .collect(),
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Field(String),
+}
+
+/// A parsed prompt/target template pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    prompt: Vec<Piece>,
+    target: Vec<Piece>,
+    preset: Option<Preset>,
+}
+
+impl Template {
+    pub fn from_spec(spec: &TemplateSpec) -> Result<Self> {
+        match spec {
+            TemplateSpec::Preset(name) => {
+                let preset = Preset::parse(name)?;
+                let (prompt, target) = preset.templates();
+                Ok(Self {
+                    prompt: parse_pieces(prompt).map_err(|e| anyhow!("prompt: {e}"))?,
+                    target: parse_pieces(&target).map_err(|e| anyhow!("target: {e}"))?,
+                    preset: Some(preset),
+                })
+            }
+            TemplateSpec::Custom { prompt, target } => {
+                if prompt.is_empty() && target.is_empty() {
+                    bail!("prompt and target are both empty");
+                }
+                Ok(Self {
+                    prompt: parse_pieces(prompt).map_err(|e| anyhow!("prompt: {e}"))?,
+                    target: parse_pieces(target).map_err(|e| anyhow!("target: {e}"))?,
+                    preset: None,
+                })
+            }
+        }
+    }
+
+    pub fn preset(&self) -> Option<Preset> {
+        self.preset
+    }
+
+    /// Placeholder names, in order of first use.
+    pub fn fields(&self) -> Vec<&str> {
+        let mut fields: Vec<&str> = Vec::new();
+        for piece in self.prompt.iter().chain(&self.target) {
+            if let Piece::Field(f) = piece {
+                if !fields.contains(&f.as_str()) {
+                    fields.push(f);
+                }
+            }
+        }
+        fields
+    }
+}
+
+fn parse_pieces(text: &str) -> Result<Vec<Piece>> {
+    let mut pieces = Vec::new();
+    let mut literal = String::new();
+    let mut chars = text.char_indices().peekable();
+    while let Some((at, c)) = chars.next() {
+        match c {
+            '{' if chars.peek().map(|&(_, c)| c) == Some('{') => {
+                chars.next();
+                literal.push('{');
+            }
+            '}' if chars.peek().map(|&(_, c)| c) == Some('}') => {
+                chars.next();
+                literal.push('}');
+            }
+            '{' => {
+                let rest = &text[at + 1..];
+                let end = rest.find('}').ok_or_else(|| {
+                    anyhow!(
+                        "unclosed `{{` at byte {at} in {text:?} (write `{{{{` for a literal brace)"
+                    )
+                })?;
+                let name = &rest[..end];
+                if name.is_empty() || name.contains(['{', ' ']) {
+                    bail!("`{{{name}}}` at byte {at} in {text:?} is not a placeholder (expected {{column}})");
+                }
+                if !literal.is_empty() {
+                    pieces.push(Piece::Text(std::mem::take(&mut literal)));
+                }
+                pieces.push(Piece::Field(name.to_string()));
+                for _ in 0..name.chars().count() + 1 {
+                    chars.next();
+                }
+            }
+            '}' => {
+                bail!("unmatched `}}` at byte {at} in {text:?} (write `}}}}` for a literal brace)")
+            }
+            c => literal.push(c),
+        }
+    }
+    if !literal.is_empty() {
+        pieces.push(Piece::Text(literal));
+    }
+    Ok(pieces)
+}
+
+/// One example as text: the model sees `prompt + target`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Rendered {
+    /// `file:line N` of the source row.
+    pub origin: String,
+    /// Few-shot prefix (if any) and the prompt.
+    pub prompt: String,
+    pub target: String,
+    /// The label word, when the template has a `{label}`.
+    pub label: Option<String>,
+}
+
+impl Rendered {
+    pub fn text(&self) -> String {
+        format!("{}{}", self.prompt, self.target)
+    }
+}
+
+/// A dataset's template bound to its rows: field → column, label map, few-shot pool.
+#[derive(Debug)]
+pub struct Caster<'a> {
+    records: &'a Records,
+    template: Template,
+    /// template field → source column
+    columns: BTreeMap<String, String>,
+    label_map: Option<BTreeMap<String, String>>,
+    few_shot: Option<(usize, u64)>,
+}
+
+/// Shots are separated from each other and from the example by a blank line.
+pub const SHOT_SEPARATOR: &str = "\n\n";
+
+impl<'a> Caster<'a> {
+    /// Binds a dataset spec to its records, checking that every placeholder names a column.
+    pub fn new(spec: &DatasetSpec, records: &'a Records) -> Result<Self> {
+        let template = Template::from_spec(&spec.template)?;
+        let mut columns = BTreeMap::new();
+        for field in template.fields() {
+            let column = spec
+                .columns
+                .get(field)
+                .cloned()
+                .unwrap_or_else(|| field.to_string());
+            if !records.columns.contains(&column) {
+                let via = if column == field {
+                    String::new()
+                } else {
+                    format!(" (mapped from template field {{{field}}} by `columns`)")
+                };
+                bail!(
+                    "{}: the template uses column {column:?}{via}, which the data does not have; \
+                     columns: {}",
+                    records.origin,
+                    records.columns.join(", ")
+                );
+            }
+            columns.insert(field.to_string(), column);
+        }
+        let label_map = spec
+            .label_map
+            .clone()
+            .or_else(|| template.preset().and_then(Preset::default_label_map))
+            .or_else(|| {
+                let column = columns.get(LABEL_FIELD)?;
+                let names = records.class_labels.get(column)?;
+                Some(
+                    names
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| (i.to_string(), n.clone()))
+                        .collect(),
+                )
+            });
+        let few_shot = match &spec.few_shot {
+            Some(few) if few.k >= records.len() => bail!(
+                "{}: few_shot.k = {} needs more than {} rows (the example itself is excluded)",
+                records.origin,
+                few.k,
+                records.len()
+            ),
+            Some(few) => Some((few.k, few.seed)),
+            None => None,
+        };
+        Ok(Self {
+            records,
+            template,
+            columns,
+            label_map,
+            few_shot,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Row `i` as text, with its few-shot prefix.
+    pub fn render(&self, i: usize) -> Result<Rendered> {
+        let (prompt, target, label) = self.render_plain(i)?;
+        let prompt = match self.few_shot {
+            None => prompt,
+            Some((k, seed)) => {
+                let mut prefix = String::new();
+                for shot in self.shots(i, k, seed) {
+                    let (p, t, _) = self.render_plain(shot)?;
+                    let t = t.strip_suffix(EOS_TOKEN).unwrap_or(&t);
+                    prefix.push_str(&p);
+                    prefix.push_str(t);
+                    prefix.push_str(SHOT_SEPARATOR);
+                }
+                prefix + &prompt
+            }
+        };
+        Ok(Rendered {
+            origin: self.records.locate(i),
+            prompt,
+            target,
+            label,
+        })
+    }
+
+    /// `k` distinct other rows for row `i`, a function of (seed, i) only.
+    fn shots(&self, i: usize, k: usize, seed: u64) -> Vec<usize> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(
+            seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        rand::seq::index::sample(&mut rng, self.records.len() - 1, k)
+            .into_iter()
+            .map(|j| if j >= i { j + 1 } else { j })
+            .collect()
+    }
+
+    fn render_plain(&self, i: usize) -> Result<(String, String, Option<String>)> {
+        let row = &self.records.rows[i];
+        let mut label = None;
+        let mut value_of = |field: &str| -> Result<String> {
+            let column = &self.columns[field];
+            let value = row.get(column).ok_or_else(|| {
+                anyhow!(
+                    "{}: no column {column:?} in this row; it has: {}",
+                    self.records.locate(i),
+                    row.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
+            })?;
+            if field == LABEL_FIELD {
+                let word = self.label_word(i, column, value)?;
+                label = Some(word.clone());
+                return Ok(word);
+            }
+            match value {
+                Value::String(s) => Ok(s.clone()),
+                Value::Null => bail!("{}: column {column:?} is null", self.records.locate(i)),
+                Value::Number(n) => Ok(n.to_string()),
+                Value::Bool(b) => Ok(b.to_string()),
+                other => Ok(other.to_string()),
+            }
+        };
+        let mut fill = |pieces: &[Piece]| -> Result<String> {
+            let mut out = String::new();
+            for piece in pieces {
+                match piece {
+                    Piece::Text(t) => out.push_str(t),
+                    Piece::Field(f) => out.push_str(&value_of(f)?),
+                }
+            }
+            Ok(out)
+        };
+        let prompt = fill(&self.template.prompt)?;
+        let target = fill(&self.template.target)?;
+        Ok((prompt, target, label))
+    }
+
+    fn label_word(&self, i: usize, column: &str, value: &Value) -> Result<String> {
+        let key = match value {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::Null => bail!(
+                "{}: label column {column:?} is null",
+                self.records.locate(i)
+            ),
+            other => bail!(
+                "{}: label column {column:?} holds {other}, expected a string or an integer",
+                self.records.locate(i)
+            ),
+        };
+        let Some(map) = &self.label_map else {
+            return Ok(key);
+        };
+        if let Some(word) = map.get(&key) {
+            return Ok(word.clone());
+        }
+        // Data that already spells the label words (GLUE TSV's gold_label) needs no mapping.
+        if value.is_string() && map.values().any(|w| *w == key) {
+            return Ok(key);
+        }
+        let known: Vec<String> = map.iter().map(|(k, v)| format!("{k} → {v}")).collect();
+        bail!(
+            "{}: unknown label {value} in column {column:?} (label map: {})",
+            self.records.locate(i),
+            known.join(", ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_and_escaped_braces() {
+        let pieces = parse_pieces("{{a}} {b} x{c}}}").unwrap();
+        assert_eq!(
+            pieces,
+            [
+                Piece::Text("{a} ".into()),
+                Piece::Field("b".into()),
+                Piece::Text(" x".into()),
+                Piece::Field("c".into()),
+                Piece::Text("}".into()),
+            ]
+        );
+        let t = Template::from_spec(&TemplateSpec::Preset("mnli".into())).unwrap();
+        assert_eq!(t.fields(), ["hypothesis", "premise", "label"]);
+        assert!(parse_pieces("{a b}").is_err());
+    }
+}

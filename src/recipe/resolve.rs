@@ -1,0 +1,137 @@
+//! `kiln recipe check`: a recipe with everything it implies worked out, checked against its data.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use super::Recipe;
+use crate::data::source::load_records;
+use crate::data::template::Caster;
+use crate::data::{prepare, Split};
+use crate::tokenizer::TextTokenizer;
+
+/// Values a recipe implies but does not state.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Derived {
+    pub recipe_file: PathBuf,
+    /// Gradient accumulation steps: global / (micro × replicas).
+    pub accumulation_steps: usize,
+    /// global × seq_len.
+    pub tokens_per_step: usize,
+    /// Known when the tokenizer and the training data are available here.
+    pub sequences_per_epoch: Option<usize>,
+    pub total_steps: Option<u64>,
+    pub warmup_steps: Option<u64>,
+    /// Epochs the run covers (from `steps`, when the epoch size is known).
+    pub epochs: Option<f64>,
+    /// Checks that could not be made here, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// The recipe, fully defaulted, with its derived values (printed as one YAML document).
+#[derive(Debug, Clone, Serialize)]
+pub struct Resolved {
+    #[serde(flatten)]
+    pub recipe: Recipe,
+    pub derived: Derived,
+}
+
+/// The directory relative paths in a recipe are relative to.
+pub fn recipe_dir(recipe_path: &Path) -> PathBuf {
+    match recipe_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// The recipe's tokenizer when it is on this machine: `tokenizer:` (a directory relative to the
+/// recipe), else the `model.from` directory's own. `None` for Hub ids (downloaded by the trainer)
+/// and for `model.init` without `tokenizer:`.
+pub fn tokenizer_for(recipe: &Recipe, recipe_dir: &Path) -> Result<Option<TextTokenizer>> {
+    let candidate = match (&recipe.tokenizer, &recipe.model.from) {
+        (Some(t), _) => Some(recipe_dir.join(t)),
+        (None, Some(from)) => Some(recipe_dir.join(from)),
+        (None, None) => None,
+    };
+    match candidate {
+        Some(dir) if dir.is_dir() => TextTokenizer::from_dir(&dir)
+            .map(Some)
+            .with_context(|| format!("tokenizer of recipe {}", recipe.name)),
+        _ => Ok(None),
+    }
+}
+
+/// Loads and validates a recipe, checks every template against its source's columns, and works
+/// out the derived values (tokenizing the training data when the tokenizer is local).
+pub fn check(recipe_path: &Path, overrides: &[String]) -> Result<Resolved> {
+    let recipe = super::load(recipe_path, overrides)?;
+    let dir = recipe_dir(recipe_path);
+    let file = recipe_path.display();
+    let mut notes = Vec::new();
+    let mut all_local = true;
+    for split in [Split::Train, Split::Eval] {
+        for (i, spec) in split.datasets(&recipe).iter().enumerate() {
+            let key = format!("data.{}[{i}]", split.name());
+            // One row tells the columns of typed formats; JSON rows may differ, so read them all.
+            let records = match load_records(&spec.source, &dir, None) {
+                Ok(records) => records,
+                Err(e) if spec.source.hub.is_some() => {
+                    all_local = false;
+                    notes.push(format!("{key}: column check skipped: {e:#}"));
+                    continue;
+                }
+                Err(e) => return Err(e.context(format!("{file}: {key}"))),
+            };
+            Caster::new(spec, &records).with_context(|| format!("{file}: {key}.template"))?;
+        }
+    }
+    let tokenizer = tokenizer_for(&recipe, &dir)?;
+    if tokenizer.is_none() {
+        all_local = false;
+        notes.push(
+            "sequences per epoch unknown: the tokenizer is not a local directory (a Hub id is \
+             downloaded by `kiln train`)"
+                .into(),
+        );
+    }
+    let sequences_per_epoch = match (&tokenizer, all_local) {
+        (Some(tokenizer), true) => Some(
+            prepare(&recipe, &dir, tokenizer, Split::Train)
+                .with_context(|| format!("{file}: preparing the training data"))?
+                .stats
+                .sequences,
+        ),
+        _ => None,
+    };
+    let total_steps = match (recipe.steps, sequences_per_epoch) {
+        (Some(steps), _) => Some(steps),
+        (None, Some(n)) => Some(recipe.total_steps(n)),
+        (None, None) => None,
+    };
+    let warmup_steps = total_steps.map(|t| recipe.warmup_steps(t));
+    if let (Some(total), Some(warmup)) = (total_steps, warmup_steps) {
+        if warmup >= total {
+            anyhow::bail!("{file}: schedule.warmup: {warmup} warmup steps leave none of the {total} steps for training");
+        }
+    }
+    let epochs = match (recipe.epochs, sequences_per_epoch, total_steps) {
+        (Some(e), _, _) => Some(e),
+        (None, Some(n), Some(t)) => {
+            Some((t as f64 * recipe.batch.global as f64 / n as f64 * 1000.0).round() / 1000.0)
+        }
+        _ => None,
+    };
+    let derived = Derived {
+        recipe_file: recipe_path.to_path_buf(),
+        accumulation_steps: recipe.accumulation_steps(),
+        tokens_per_step: recipe.tokens_per_step(),
+        sequences_per_epoch,
+        total_steps,
+        warmup_steps,
+        epochs,
+        notes,
+    };
+    Ok(Resolved { recipe, derived })
+}

@@ -1,0 +1,401 @@
+//! Recipes: parsing with locations, `--set` overrides, validation, derived values, and every
+//! shipped recipe passing `kiln recipe check`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use kiln::recipe::{self, BatchMode, Warmup};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+const BASE: &str = "\
+name: t
+model:
+  init: {preset: tiny}
+tokenizer: tok
+data:
+  train:
+    - source: {path: train.jsonl}
+      template: mnli
+  seq_len: 32
+batch:
+  global: 8
+  micro: 2
+  replicas: 2
+steps: 100
+";
+
+fn parse(text: &str, sets: &[&str]) -> anyhow::Result<recipe::Recipe> {
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    recipe::parse(text, Path::new("r.yaml"), &sets)
+}
+
+fn error(text: &str, sets: &[&str]) -> String {
+    format!("{:#}", parse(text, sets).unwrap_err())
+}
+
+#[test]
+fn defaults_fill_everything_not_written() {
+    let r = parse(BASE, &[]).unwrap();
+    assert_eq!(r.data.mode, BatchMode::Pack);
+    assert_eq!(r.optimizer.lr, 1e-4);
+    assert_eq!(r.optimizer.betas, [0.9, 0.999]);
+    assert_eq!(r.optimizer.grad_clip, Some(1.0));
+    assert_eq!(r.device, "cpu");
+    assert!(r.data.shuffle);
+    assert_eq!(r.accumulation_steps(), 2);
+    assert_eq!(r.tokens_per_step(), 8 * 32);
+}
+
+#[test]
+fn yaml_errors_give_file_line_column_and_what_was_expected() {
+    let e = error(&BASE.replace("  micro: 2", "  micro: 2\n  mikro: 3"), &[]);
+    assert!(e.starts_with("r.yaml:13:3: batch: unknown field `mikro`, expected one of `global`, `micro`, `replicas`"), "{e}");
+    let e = error(&BASE.replace("seq_len: 32", "seq_len: many"), &[]);
+    assert!(
+        e.starts_with("r.yaml:9:12: data.seq_len: invalid type: string \"many\", expected usize"),
+        "{e}"
+    );
+    let e = error("name: t\nmodel: [\n", &[]);
+    assert!(e.starts_with("r.yaml:3:1:"), "{e}");
+    let e = error(
+        &BASE.replace("steps: 100\n", "").replace("name: t\n", ""),
+        &[],
+    );
+    assert!(e.contains("missing field `name`"), "{e}");
+    let e = error(
+        &BASE.replace("template: mnli", "template: {prompt: x, tagret: y}"),
+        &[],
+    );
+    assert!(
+        e.starts_with("r.yaml:8:")
+            && e.contains("unknown field `tagret`, expected `prompt` or `target`"),
+        "{e}"
+    );
+    let e = error("", &[]);
+    assert!(e.contains("r.yaml: the recipe is empty"), "{e}");
+}
+
+#[test]
+fn overrides_set_values_create_sections_and_name_bad_paths() {
+    let r = parse(
+        BASE,
+        &[
+            "optimizer.lr=3e-5",
+            "optimizer.betas=[0.8, 0.9]",
+            "data.train.0.limit=10",
+            "schedule.warmup=0.1",
+        ],
+    )
+    .unwrap();
+    assert_eq!(r.optimizer.lr, 3e-5);
+    assert_eq!(r.optimizer.betas, [0.8, 0.9]);
+    assert_eq!(r.data.train[0].limit, Some(10));
+    assert_eq!(r.schedule.warmup, Warmup::Fraction(0.1));
+    let r = parse(BASE, &["steps=null", "epochs=2"]).unwrap();
+    assert_eq!((r.steps, r.epochs), (None, Some(2.0)));
+
+    let e = error(BASE, &["optimizer.lrr=1"]);
+    assert!(
+        e.contains("--set optimizer.lrr=1: unknown field `lrr`, expected one of `lr`"),
+        "{e}"
+    );
+    let e = error(BASE, &["data.seq_len=abc"]);
+    assert!(
+        e.contains("--set data.seq_len=abc: invalid type: string \"abc\", expected usize"),
+        "{e}"
+    );
+    let e = error(BASE, &["data.train.3.limit=1"]);
+    assert!(
+        e.contains("--set data.train.3.limit=1") && e.contains("`data.train` has 1 entries"),
+        "{e}"
+    );
+    let e = error(BASE, &["name.first=x"]);
+    assert!(
+        e.contains("--set name.first=x") && e.contains("`name` is the string \"t\""),
+        "{e}"
+    );
+    let e = error(BASE, &["optimizer.lr"]);
+    assert!(
+        e.contains("--set optimizer.lr: expected key.path=value"),
+        "{e}"
+    );
+    let e = error(BASE, &["optimizer..lr=1"]);
+    assert!(e.contains("is not a key path"), "{e}");
+    // A mistake in the file is still reported at its line, whatever the overrides.
+    let e = error(
+        &BASE.replace("seq_len: 32", "seq_len: x"),
+        &["optimizer.lr=1e-5"],
+    );
+    assert!(e.starts_with("r.yaml:9:12:"), "{e}");
+    // An override that fixes the file does not hide another override's mistake.
+    let e = error(&BASE.replace("name: t\n", ""), &["name=x", "data.seq_len=abc"]);
+    assert!(e.starts_with("--set data.seq_len=abc: invalid type"), "{e}");
+    // Overrides are validated like the file.
+    let e = error(BASE, &["batch.micro=3"]);
+    assert!(
+        e.contains("batch.global: 8 is not divisible by batch.micro × batch.replicas = 3 × 2 = 6"),
+        "{e}"
+    );
+}
+
+#[test]
+fn validation_explains_each_rule() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["model.from=gpt2"], "model: set exactly one of `from`"),
+        (&["model.init=null"], "model: set exactly one of `from`"),
+        (
+            &["epochs=1"],
+            "steps / epochs: set exactly one of them, not both",
+        ),
+        (&["steps=null"], "steps / epochs: set exactly one of them"),
+        (&["steps=0"], "steps: must be at least 1"),
+        (
+            &["steps=null", "epochs=-1"],
+            "epochs: must be a positive number",
+        ),
+        (&["batch.global=10"], "not divisible"),
+        (
+            &["optimizer.lr=0"],
+            "optimizer.lr: must be a positive number",
+        ),
+        (
+            &["optimizer.betas=[0.9, 1.0]"],
+            "optimizer.betas[1]: must be in [0, 1), found 1",
+        ),
+        (
+            &["optimizer.eps=0"],
+            "optimizer.eps: must be a positive number",
+        ),
+        (
+            &["optimizer.weight_decay=-0.1"],
+            "optimizer.weight_decay: must be zero or positive",
+        ),
+        (
+            &["optimizer.grad_clip=0"],
+            "optimizer.grad_clip: must be positive",
+        ),
+        (
+            &["schedule.warmup=1.0"],
+            "schedule.warmup: a fraction of all steps must be in [0, 1), found 1",
+        ),
+        (
+            &["schedule.warmup=100"],
+            "100 warmup steps leave no training steps",
+        ),
+        (
+            &["schedule.min_lr=1"],
+            "schedule.min_lr: must be in [0, optimizer.lr",
+        ),
+        (&["data.seq_len=0"], "data.seq_len: must be at least 1"),
+        (&["data.train=[]"], "data.train: needs at least one dataset"),
+        (
+            &["data.train.0.template=mnlii"],
+            "data.train[0].template: unknown preset \"mnlii\"",
+        ),
+        (
+            &["data.train.0.template={prompt: \"{a\"}"],
+            "data.train[0].template: prompt: unclosed `{`",
+        ),
+        (
+            &["data.train.0.source.hub=nyu-mll/glue"],
+            "data.train[0].source: set exactly one of `path` and `hub`",
+        ),
+        (
+            &["data.train.0.source.split=train"],
+            "source.split: only applies to Hub datasets",
+        ),
+        (
+            &["data.train.0.source.path=a.xlsx"],
+            "data.train[0].source.format: cannot tell the format",
+        ),
+        (
+            &["data.train.0.source.format=xml"],
+            "unknown format \"xml\"",
+        ),
+        (
+            &["data.train.0.limit=0"],
+            "data.train[0].limit: must be at least 1",
+        ),
+        (&["device=gpu"], "device: expected cpu, cuda or cuda:N"),
+        (&["eval.task=mnli"], "eval.task: mnli needs an eval dataset"),
+        (&["name=a/b"], "name: \"a/b\" is used as a directory name"),
+    ];
+    for (sets, expected) in cases {
+        let e = error(BASE, sets);
+        assert!(
+            e.starts_with("r.yaml: ") && e.contains(expected),
+            "{sets:?}: {e}"
+        );
+    }
+    // All problems at once.
+    let e = error(BASE, &["optimizer.lr=0", "data.seq_len=0"]);
+    assert!(
+        e.contains("2 problems") && e.contains("optimizer.lr") && e.contains("data.seq_len"),
+        "{e}"
+    );
+}
+
+#[test]
+fn derived_steps_come_from_epochs_and_warmup_fractions_round_up() {
+    let r = parse(BASE, &["schedule.warmup=0.006", "steps=300"]).unwrap();
+    assert_eq!(r.total_steps(17_762), 300);
+    assert_eq!(r.warmup_steps(300), 2);
+    let r = parse(BASE, &["steps=null", "epochs=1.5"]).unwrap();
+    // ceil(1.5 × 101 / 8)
+    assert_eq!(r.total_steps(101), 19);
+}
+
+fn write_fixture_recipe(dir: &Path, recipe: &str) -> PathBuf {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut rows = String::new();
+    for i in 0..40 {
+        rows.push_str(&format!(
+            "{{\"premise\": \"Maria bought a red map number {i}.\", \"hypothesis\": \"Maria bought a map.\", \"label\": {}}}\n",
+            i % 3
+        ));
+    }
+    std::fs::write(data.join("train.jsonl"), rows).unwrap();
+    let recipes = dir.join("recipes");
+    std::fs::create_dir_all(&recipes).unwrap();
+    let path = recipes.join("r.yaml");
+    std::fs::write(&path, recipe).unwrap();
+    path
+}
+
+fn tokenizer_path() -> String {
+    repo().join("datasets/nli/tokenizer").display().to_string()
+}
+
+#[test]
+fn check_reads_data_relative_to_the_recipe_and_counts_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = BASE
+        .replace(
+            "tokenizer: tok",
+            &format!("tokenizer: {}", tokenizer_path()),
+        )
+        .replace("path: train.jsonl", "path: ../data/train.jsonl")
+        .replace("steps: 100", "epochs: 2")
+        .replace("seq_len: 32", "seq_len: 32\n  mode: pad");
+    let path = write_fixture_recipe(dir.path(), &recipe);
+    let resolved = recipe::check(&path, &[]).unwrap();
+    assert_eq!(resolved.derived.sequences_per_epoch, Some(40));
+    assert_eq!(resolved.derived.total_steps, Some(10));
+    assert_eq!(resolved.derived.accumulation_steps, 2);
+    assert_eq!(resolved.derived.tokens_per_step, 256);
+    assert!(resolved.derived.notes.is_empty());
+
+    // The binary prints the whole recipe with derived values, from any working directory.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "recipe",
+            "check",
+            &path.display().to_string(),
+            "--set",
+            "optimizer.lr=0.001",
+        ])
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml: serde_norway::Value = serde_norway::from_str(&stdout).unwrap();
+    assert_eq!(yaml["optimizer"]["lr"].as_f64(), Some(0.001));
+    assert_eq!(yaml["optimizer"]["eps"].as_f64(), Some(1e-8));
+    assert_eq!(yaml["derived"]["total_steps"].as_u64(), Some(10));
+    assert_eq!(yaml["derived"]["warmup_steps"].as_u64(), Some(0));
+
+    // A placeholder with no column is caught here, before any training.
+    let bad = recipe.replace(
+        "template: mnli",
+        "template: {prompt: \"{premise} {question}\", target: \" {label}\"}",
+    );
+    std::fs::write(&path, bad).unwrap();
+    let (ok, _, stderr) = common::kiln(&["recipe", "check", &path.display().to_string()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("r.yaml: data.train[0].template")
+            && stderr.contains("column \"question\"")
+            && stderr.contains("columns: hypothesis, label, premise"),
+        "{stderr}"
+    );
+    // A missing data file names it.
+    std::fs::remove_file(dir.path().join("data/train.jsonl")).unwrap();
+    let (ok, _, stderr) = common::kiln(&["recipe", "check", &path.display().to_string()]);
+    assert!(
+        !ok && stderr.contains("train.jsonl: cannot open"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn every_shipped_recipe_passes_check() {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(repo().join("recipes")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            names.push(path);
+        }
+    }
+    names.sort();
+    assert!(names.len() >= 4, "{names:?}");
+    for path in names {
+        let resolved =
+            recipe::check(&path, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        let uses_hub = resolved
+            .recipe
+            .data
+            .train
+            .iter()
+            .chain(&resolved.recipe.data.eval)
+            .any(|d| d.source.hub.is_some());
+        if uses_hub && resolved.derived.sequences_per_epoch.is_none() {
+            eprintln!(
+                "NOTE: {}: Hub-dependent checks skipped here: {}",
+                path.display(),
+                resolved.derived.notes.join("; ")
+            );
+        } else {
+            assert!(
+                resolved.derived.sequences_per_epoch.is_some(),
+                "{}",
+                path.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn gptj_mnli_recipe_mirrors_graphcore() {
+    let r = recipe::load(&repo().join("recipes/gptj-6b-mnli.yaml"), &[]).unwrap();
+    assert_eq!(r.model.from.as_deref(), Some("EleutherAI/gpt-j-6b"));
+    assert_eq!(r.model.revision.as_deref(), Some("float16"));
+    assert_eq!(
+        (
+            r.optimizer.lr,
+            r.optimizer.betas,
+            r.optimizer.eps,
+            r.optimizer.weight_decay
+        ),
+        (5e-6, [0.9, 0.999], 1e-6, 0.0)
+    );
+    assert_eq!(r.schedule.warmup, Warmup::Fraction(0.006));
+    assert_eq!(r.schedule.warmup_from, 1e-7);
+    assert_eq!(
+        (r.batch.global, r.steps, r.data.seq_len, r.data.mode),
+        (128, Some(300), 1024, BatchMode::Pack)
+    );
+    assert_eq!(
+        r.data.eval[0].source.split.as_deref(),
+        Some("validation_mismatched")
+    );
+}
