@@ -726,8 +726,10 @@ fn arrow_ipc_file_and_stream_round_trip() {
 #[test]
 fn hub_sources_read_the_hf_cache_layout_or_say_what_is_missing() {
     let cache = tempfile::tempdir().unwrap();
-    // The only test that reads HF_HUB_CACHE.
+    // The only test that reads the HF_* variables. Offline, so a cache miss is reported instead
+    // of downloaded (downloads are tested against a local Hub in tests/hub.rs).
     std::env::set_var("HF_HUB_CACHE", cache.path());
+    std::env::set_var("HF_HUB_OFFLINE", "1");
     let spec = SourceSpec {
         path: None,
         format: None,
@@ -789,6 +791,7 @@ fn hub_sources_read_the_hf_cache_layout_or_say_what_is_missing() {
     let e = err_text(hub_parquet_files(&pinned));
     assert!(e.contains("at revision v2"), "{e}");
     std::env::remove_var("HF_HUB_CACHE");
+    std::env::remove_var("HF_HUB_OFFLINE");
 }
 
 #[test]

@@ -610,16 +610,7 @@ fn hub_origin(spec: &SourceSpec) -> String {
 
 /// The Hugging Face Hub cache: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
 pub fn hf_hub_cache() -> PathBuf {
-    if let Some(dir) = std::env::var_os("HF_HUB_CACHE") {
-        return PathBuf::from(dir);
-    }
-    if let Some(home) = std::env::var_os("HF_HOME") {
-        return PathBuf::from(home).join("hub");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    home.join(".cache/huggingface/hub")
+    crate::hub::HubConfig::from_env().cache_dir
 }
 
 /// The parquet files of a Hub dataset split, from the local HF cache, in shard order. The Hub's
@@ -634,7 +625,7 @@ pub fn hub_parquet_files(spec: &SourceSpec) -> Result<Vec<PathBuf>> {
         .context("a Hub source needs a split")?;
     let cache = hf_hub_cache();
     let repo_dir = cache.join(format!("datasets--{}", repo.replace('/', "--")));
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
+    let offline = crate::hub::HubConfig::from_env().offline;
     // The requested revision; without one, the snapshot `main` points at, else any cached one.
     let revision = spec.revision.as_deref().or(Some("main"));
     let snapshots: Vec<PathBuf> = match resolve_revision(&repo_dir, revision) {
@@ -672,6 +663,11 @@ pub fn hub_parquet_files(spec: &SourceSpec) -> Result<Vec<PathBuf>> {
             files.sort();
             return Ok(files);
         }
+    }
+    if !offline {
+        let hub = crate::hub::HubConfig::from_env();
+        return crate::hub::resolve_parquet_split(&hub, repo, spec.revision.as_deref(), config, split)
+            .with_context(|| format!("Hub dataset {repo} (config {config}, split {split})"));
     }
     let at = spec
         .revision
