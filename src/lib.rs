@@ -10,3 +10,6 @@ pub mod eval;
 pub mod model;
 pub mod recipe;
 pub mod tokenizer;
+pub mod checkpoint;
+pub mod track;
+pub mod train;
