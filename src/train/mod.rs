@@ -7,6 +7,7 @@
 //! and replicas, padded or packed. (HF Trainer instead averages per-micro-batch means, which
 //! weights tokens of short micro-batches more; with packed, unpadded rows both agree.)
 
+pub mod loss;
 pub mod optimizer;
 pub mod precision;
 pub mod schedule;
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{Sequence, SequenceStream};
@@ -80,6 +81,9 @@ pub struct TrainSummary {
     pub losses: Vec<f64>,
     /// Pre-clip gradient norm of each step this call ran.
     pub grad_norms: Vec<f64>,
+    /// Wall-clock seconds of each step this call ran (forward, backward and update; not
+    /// evaluation or checkpointing).
+    pub step_seconds: Vec<f64>,
     /// Metrics of the last evaluation.
     pub eval: BTreeMap<String, f64>,
     pub last_checkpoint: Option<PathBuf>,
@@ -187,6 +191,7 @@ pub fn run(
         stopped_early: false,
         losses: Vec::new(),
         grad_norms: Vec::new(),
+        step_seconds: Vec::new(),
         eval: BTreeMap::new(),
         last_checkpoint: None,
         run_dir: run_logs.clone(),
@@ -319,6 +324,7 @@ pub fn run(
         let tokens_per_sec = tokens as f64 / elapsed.max(1e-9);
         summary.losses.push(loss);
         summary.grad_norms.push(grad_norm);
+        summary.step_seconds.push(elapsed);
         summary.step = step;
         let log_now = step % recipe.tracking.log_every.max(1) == 0 || step == total_steps;
         let scalars = [
@@ -350,8 +356,10 @@ pub fn run(
                 step,
                 options.eval_hook.as_mut(),
             )? {
-                let line: Vec<String> = results.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
-                progress.println(&format!("step {step}: {}", line.join(", ")));
+                if !results.is_empty() {
+                    let line: Vec<String> = results.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+                    progress.println(&format!("step {step}: {}", line.join(", ")));
+                }
                 for (name, value) in results {
                     let tag = format!("eval/{name}");
                     tracker.scalar(&tag, step, value)?;
@@ -454,7 +462,7 @@ fn shard_backward(model: &GptJ, vars: &[&Var], shard: &[Sequence], pad_id: u32, 
     }
     let (batch, labels) = make_batch(shard, pad_id, model.device())?;
     let logits = model.forward(&batch, None)?;
-    let nll = nll_sum(&logits, &labels)?;
+    let nll = loss::cross_entropy_sum(&logits, &labels)?;
     let nll_sum = nll.to_scalar::<f32>()? as f64;
     let grad_store = (nll * weight)?.backward()?;
     let grads = vars
@@ -473,28 +481,6 @@ fn make_batch(rows: &[Sequence], pad_id: u32, device: &Device) -> Result<(Batch,
     let seq = batch.input_ids.dim(1)?;
     let labels = rows.iter().flat_map(|s| s.labels(seq)).collect();
     Ok((batch, labels))
-}
-
-/// Sum of next-token cross-entropy over positions whose label is not -100, in fp32.
-fn nll_sum(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
-    let vocab = logits.dim(D::Minus1)?;
-    let flat = logits.reshape(((), vocab))?;
-    let (rows, targets): (Vec<u32>, Vec<u32>) = labels
-        .iter()
-        .enumerate()
-        .filter(|(_, &l)| l >= 0)
-        .map(|(i, &l)| (i as u32, l as u32))
-        .unzip();
-    let device = logits.device();
-    let n = rows.len();
-    let picked = if n == labels.len() {
-        flat
-    } else {
-        flat.index_select(&Tensor::from_vec(rows, n, device)?, 0)?
-    };
-    let log_probs = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
-    let targets = Tensor::from_vec(targets, (n, 1), device)?;
-    Ok(log_probs.gather(&targets, 1)?.neg()?.sum_all()?)
 }
 
 /// Eval loss (token-weighted mean over `sequences`) plus whatever the hook reports; `None` when
@@ -531,7 +517,7 @@ fn evaluate(
             }
             let (batch, labels) = make_batch(rows, pad_id, device)?;
             let logits = model.forward(&batch, None)?;
-            nll += nll_sum(&logits, &labels)?.to_scalar::<f32>()? as f64;
+            nll += loss::cross_entropy_sum(&logits, &labels)?.to_scalar::<f32>()? as f64;
             count += trained;
         }
         if count > 0 {
