@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Storage, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::recipe::OptimizerSpec;
 
@@ -54,20 +55,21 @@ impl AdamW {
         let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
         let step_size = lr / bias1;
         let decay = 1.0 - lr * self.spec.weight_decay;
+        let constants = StepConstants {
+            b1: b1 as f32,
+            b2: b2 as f32,
+            step_size: step_size as f32,
+            bias2_sqrt: bias2_sqrt as f32,
+            eps: self.spec.eps as f32,
+            decay: decay as f32,
+        };
         for (((name, param), grad), moments) in params.iter().zip(grads).zip(&mut self.moments) {
-            let mut update = || -> candle_core::Result<()> {
-                moments.exp_avg = ((&moments.exp_avg * b1)? + (grad * (1.0 - b1))?)?;
-                moments.exp_avg_sq = ((&moments.exp_avg_sq * b2)? + (grad.sqr()? * (1.0 - b2))?)?;
-                let denom = ((moments.exp_avg_sq.sqrt()? / bias2_sqrt)? + self.spec.eps)?;
-                let decayed = if self.spec.weight_decay != 0.0 {
-                    (param.as_tensor() * decay)?
-                } else {
-                    param.as_tensor().clone()
-                };
-                let new = (decayed - ((&moments.exp_avg / denom)? * step_size)?)?;
-                param.set(&new)
+            let updated = if param.device().is_cpu() {
+                fused_cpu_update(param, grad, moments, &constants)
+            } else {
+                tensor_update(param, grad, moments, &constants)
             };
-            update().with_context(|| format!("AdamW update of {name}"))?;
+            updated.with_context(|| format!("AdamW update of {name}"))?;
         }
         Ok(())
     }
@@ -133,4 +135,71 @@ pub fn clip(grads: &mut [Tensor], norm: f64, max_norm: f64) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Per-step scalars of the update, in the fp32 the arithmetic runs in.
+struct StepConstants {
+    b1: f32,
+    b2: f32,
+    step_size: f32,
+    bias2_sqrt: f32,
+    eps: f32,
+    decay: f32,
+}
+
+/// The update in one parallel pass over each tensor (a dozen tensor ops would each read and
+/// write the whole parameter).
+fn fused_cpu_update(param: &Var, grad: &Tensor, moments: &mut Moments, c: &StepConstants) -> candle_core::Result<()> {
+    let grad = grad.contiguous()?;
+    let n = param.elem_count();
+    let (mut new_p, mut new_m, mut new_v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    {
+        let p = param.as_tensor().contiguous()?;
+        let guards = [p.storage_and_layout(), grad.storage_and_layout(), moments.exp_avg.storage_and_layout(), moments.exp_avg_sq.storage_and_layout()];
+        let mut slices = Vec::with_capacity(4);
+        for (storage, layout) in &guards {
+            let Storage::Cpu(cpu) = &**storage else {
+                candle_core::bail!("fused AdamW runs on CPU tensors");
+            };
+            let (start, end) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::msg("AdamW state is not contiguous"))?;
+            slices.push(&cpu.as_slice::<f32>()?[start..end]);
+        }
+        let (p, g, m, v) = (slices[0], slices[1], slices[2], slices[3]);
+        const CHUNK: usize = 1 << 14;
+        new_p
+            .par_chunks_mut(CHUNK)
+            .zip(new_m.par_chunks_mut(CHUNK))
+            .zip(new_v.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(chunk, ((out_p, out_m), out_v))| {
+                let base = chunk * CHUNK;
+                for i in 0..out_p.len() {
+                    let j = base + i;
+                    let m = c.b1 * m[j] + (1.0 - c.b1) * g[j];
+                    let v = c.b2 * v[j] + (1.0 - c.b2) * g[j] * g[j];
+                    let denom = v.sqrt() / c.bias2_sqrt + c.eps;
+                    out_p[i] = p[j] * c.decay - c.step_size * (m / denom);
+                    out_m[i] = m;
+                    out_v[i] = v;
+                }
+            });
+    }
+    let shape = param.shape().clone();
+    let device = param.device().clone();
+    moments.exp_avg = Tensor::from_vec(new_m, shape.clone(), &device)?;
+    moments.exp_avg_sq = Tensor::from_vec(new_v, shape.clone(), &device)?;
+    param.set(&Tensor::from_vec(new_p, shape, &device)?)
+}
+
+/// The same update from tensor ops, for devices other than the CPU.
+fn tensor_update(param: &Var, grad: &Tensor, moments: &mut Moments, c: &StepConstants) -> candle_core::Result<()> {
+    let (b1, b2) = (c.b1 as f64, c.b2 as f64);
+    moments.exp_avg = ((&moments.exp_avg * b1)? + (grad * (1.0 - b1))?)?;
+    moments.exp_avg_sq = ((&moments.exp_avg_sq * b2)? + (grad.sqr()? * (1.0 - b2))?)?;
+    let denom = ((moments.exp_avg_sq.sqrt()? / c.bias2_sqrt as f64)? + c.eps as f64)?;
+    let decayed = (param.as_tensor() * c.decay as f64)?;
+    let new = (decayed - ((&moments.exp_avg / denom)? * c.step_size as f64)?)?;
+    param.set(&new)
 }
