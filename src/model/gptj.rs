@@ -490,6 +490,12 @@ impl GptJ {
         self.wte.device()
     }
 
+    /// The lm_head's weight `[vocab, n_embd]` and bias `[vocab]` in the compute dtype, for a
+    /// loss that fuses the head with the cross-entropy.
+    pub fn lm_head(&self) -> (&Tensor, Option<&Tensor>) {
+        (&self.lm_head.weight, self.lm_head.bias.as_ref())
+    }
+
     /// The additive attention mask, `[batch, 1, seq, cached + seq]` in fp32: 0 where a query may
     /// look, the most negative float where it may not (later positions, padding).
     fn attention_mask(&self, batch: &Batch, cached: usize) -> Result<Tensor> {

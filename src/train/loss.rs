@@ -1,37 +1,135 @@
-//! Summed next-token cross-entropy as one fused CPU op with its own backward.
+//! The lm_head and next-token cross-entropy fused, computed in row chunks with its gradient.
 //!
-//! Over GPT-J's 50400-word vocabulary the logits of a training micro-batch are hundreds of MB;
-//! the composite log-softmax/gather graph makes about ten full-size temporaries forward and
-//! backward. This op reads the logits once forward (per-row log-sum-exp) and writes the
-//! gradient `softmax - onehot` in a single pass backward, parallel over rows.
+//! Over GPT-J's 50400-word vocabulary the logits of a micro-batch (2048 tokens) are 400 MB in
+//! fp32, and candle's autograd would hold them, their softmax, and several same-size gradient
+//! buffers at once. Here the logits exist one chunk of rows at a time: each chunk's loss and
+//! its gradient `softmax - onehot` are computed, pushed through the head's matmuls at once, and
+//! dropped. What autograd sees is a *surrogate*: `sum(h * dh) + sum(W * dW) + sum(b * db)` with
+//! the precomputed gradients as constants, whose backward delivers exactly those gradients
+//! into the rest of the graph (the transformer below `h`, the cast to the fp32 master weights).
 
-use std::sync::Mutex;
-
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 use rayon::prelude::*;
 
-/// Sum over rows with a label (>= 0) of `logsumexp(row) - row[label]`; logits `[rows, vocab]`
-/// f32, labels one per row, -100 (any negative) for rows that do not count.
-pub fn cross_entropy_sum(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
-    let vocab = logits.dim(D::Minus1)?;
-    let logits = logits.reshape(((), vocab))?.to_dtype(DType::F32)?;
-    if logits.dim(0)? != labels.len() {
-        candle_core::bail!("{} labels for {} logit rows", labels.len(), logits.dim(0)?);
-    }
-    if labels.iter().any(|&l| l >= vocab as i64) {
-        candle_core::bail!("a label is outside the vocabulary of {vocab}");
-    }
-    if !logits.device().is_cpu() {
-        return composite(&logits, labels);
-    }
-    logits.contiguous()?.apply_op1(CrossEntropySum {
-        labels: labels.to_vec(),
-        log_sum_exp: Mutex::new(Vec::new()),
-    })
+/// Rows of logits materialised at once: 256 × 50400 fp32 is 52 MB.
+const CHUNK_ROWS: usize = 256;
+
+pub struct LmLoss {
+    /// Sum of the cross-entropy over rows with a label.
+    pub nll_sum: f64,
+    /// A scalar whose gradient is `grad_scale ×` the gradient of `nll_sum` (when asked for).
+    pub surrogate: Option<Tensor>,
 }
 
-/// The same loss from differentiable primitives, for devices the fused op does not cover.
-fn composite(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
+/// Cross-entropy summed over rows of `hidden` (`[..., n_embd]`, flattened) whose label is not
+/// negative, through the head `weight` `[vocab, n_embd]` and `bias`. With `grad_scale`, also the
+/// surrogate for backward.
+pub fn lm_head_loss(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    labels: &[i64],
+    grad_scale: Option<f64>,
+) -> Result<LmLoss> {
+    let (vocab, n_embd) = weight.dims2()?;
+    let hidden = hidden.reshape(((), n_embd))?;
+    if hidden.dim(0)? != labels.len() {
+        candle_core::bail!("{} labels for {} positions", labels.len(), hidden.dim(0)?);
+    }
+    if let Some(&bad) = labels.iter().find(|&&l| l >= vocab as i64) {
+        candle_core::bail!("label {bad} is outside the vocabulary of {vocab}");
+    }
+    let (rows, targets): (Vec<u32>, Vec<u32>) = labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l >= 0)
+        .map(|(i, &l)| (i as u32, l as u32))
+        .unzip();
+    let device = hidden.device();
+    let dtype = hidden.dtype();
+    let n = rows.len();
+    let row_index = Tensor::from_vec(rows, n, device)?;
+    let picked = hidden.detach().index_select(&row_index, 0)?;
+    let w = weight.detach();
+    let b = bias.map(Tensor::detach);
+    let mut nll_sum = 0f64;
+    let mut grad_hidden = Vec::new();
+    let mut grad_w: Option<Tensor> = None;
+    let mut grad_b: Option<Tensor> = None;
+    for start in (0..n).step_by(CHUNK_ROWS) {
+        let len = CHUNK_ROWS.min(n - start);
+        let h = picked.narrow(0, start, len)?;
+        let mut logits = h.matmul(&w.t()?)?;
+        if let Some(b) = &b {
+            logits = logits.broadcast_add(b)?;
+        }
+        let mut values = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        drop(logits);
+        let chunk_targets = &targets[start..start + len];
+        let scale = grad_scale.unwrap_or(0.0) as f32;
+        let want_grad = grad_scale.is_some();
+        nll_sum += values
+            .par_chunks_mut(vocab)
+            .zip(chunk_targets.par_iter())
+            .map(|(row, &target)| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+                let lse = max + sum.ln();
+                let nll = (lse - row[target as usize]) as f64;
+                if want_grad {
+                    for x in row.iter_mut() {
+                        *x = (*x - lse).exp() * scale;
+                    }
+                    row[target as usize] -= scale;
+                }
+                nll
+            })
+            .sum::<f64>();
+        if !want_grad {
+            continue;
+        }
+        let g = Tensor::from_vec(values, (len, vocab), device)?.to_dtype(dtype)?;
+        grad_hidden.push(g.matmul(&w)?);
+        let gw = g.t()?.matmul(&h)?;
+        grad_w = Some(match grad_w {
+            Some(acc) => (acc + gw)?,
+            None => gw,
+        });
+        if b.is_some() {
+            let gb = g.to_dtype(DType::F32)?.sum(0)?;
+            grad_b = Some(match grad_b {
+                Some(acc) => (acc + gb)?,
+                None => gb,
+            });
+        }
+    }
+    let surrogate = match grad_scale {
+        None => None,
+        Some(_) if n == 0 => None,
+        Some(_) => {
+            let grad_picked = Tensor::cat(&grad_hidden, 0)?;
+            // Scatter the picked rows' gradients back to their positions.
+            let grad_h = hidden
+                .zeros_like()?
+                .detach()
+                .index_add(&row_index, &grad_picked, 0)?;
+            let mut surrogate = (hidden * grad_h)?.sum_all()?.to_dtype(DType::F32)?;
+            let gw = grad_w.expect("chunks ran");
+            surrogate = (surrogate + (weight * gw)?.sum_all()?.to_dtype(DType::F32)?)?;
+            if let (Some(bias), Some(gb)) = (bias, grad_b) {
+                let gb = gb.to_dtype(bias.dtype())?;
+                surrogate = (surrogate + (bias * gb)?.sum_all()?.to_dtype(DType::F32)?)?;
+            }
+            Some(surrogate)
+        }
+    };
+    Ok(LmLoss { nll_sum, surrogate })
+}
+
+/// Reference: the same loss from candle's differentiable primitives over full logits.
+pub fn composite_nll_sum(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
+    let vocab = logits.dim(D::Minus1)?;
+    let flat = logits.reshape(((), vocab))?.to_dtype(DType::F32)?;
     let (rows, targets): (Vec<u32>, Vec<u32>) = labels
         .iter()
         .enumerate()
@@ -40,80 +138,10 @@ fn composite(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
         .unzip();
     let device = logits.device();
     let n = rows.len();
-    let picked = logits.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
+    let picked = flat.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
     let log_probs = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
     let targets = Tensor::from_vec(targets, (n, 1), device)?;
     log_probs.gather(&targets, 1)?.neg()?.sum_all()
-}
-
-struct CrossEntropySum {
-    labels: Vec<i64>,
-    /// Per-row log-sum-exp from the forward pass, reused by the backward pass.
-    log_sum_exp: Mutex<Vec<f32>>,
-}
-
-fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-    max + sum.ln()
-}
-
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("cross_entropy_sum needs contiguous logits"),
-    }
-}
-
-impl CustomOp1 for CrossEntropySum {
-    fn name(&self) -> &'static str {
-        "cross-entropy-sum"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let logits = contiguous_f32(storage, layout)?;
-        let vocab = layout.dims()[1];
-        let lse: Vec<f32> = logits
-            .par_chunks(vocab)
-            .zip(&self.labels)
-            .map(|(row, &label)| if label >= 0 { log_sum_exp(row) } else { 0.0 })
-            .collect();
-        let total: f64 = logits
-            .chunks(vocab)
-            .zip(&self.labels)
-            .zip(&lse)
-            .filter(|((_, &label), _)| label >= 0)
-            .map(|((row, &label), &lse)| (lse - row[label as usize]) as f64)
-            .sum();
-        *self.log_sum_exp.lock().expect("not poisoned") = lse;
-        Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let scale = grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        let lse = self.log_sum_exp.lock().expect("not poisoned");
-        let (storage, layout) = arg.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("cross_entropy_sum runs on the CPU only");
-        };
-        let logits = contiguous_f32(cpu, layout)?;
-        let vocab = layout.dims()[1];
-        let mut grad = vec![0f32; logits.len()];
-        grad.par_chunks_mut(vocab)
-            .zip(logits.par_chunks(vocab))
-            .zip(self.labels.par_iter().zip(lse.par_iter()))
-            .for_each(|((out, row), (&label, &lse))| {
-                if label < 0 {
-                    return;
-                }
-                for (o, &x) in out.iter_mut().zip(row) {
-                    *o = (x - lse).exp() * scale;
-                }
-                out[label as usize] -= scale;
-            });
-        Ok(Some(Tensor::from_vec(grad, layout.dims(), arg.device())?))
-    }
 }
 
 #[cfg(test)]
@@ -122,18 +150,27 @@ mod tests {
     use candle_core::{Device, Var};
 
     #[test]
-    fn fused_loss_and_gradient_match_the_composite() -> Result<()> {
+    fn fused_loss_and_gradients_match_the_composite() -> Result<()> {
         let device = Device::Cpu;
-        let logits = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (6, 37), &device)?))?;
-        let labels = [3, -100, 36, 0, -100, 17];
-        let fused = cross_entropy_sum(logits.as_tensor(), &labels)?;
-        let reference = composite(logits.as_tensor(), &labels)?;
-        let (a, b) = (fused.to_scalar::<f32>()?, reference.to_scalar::<f32>()?);
-        assert!((a - b).abs() < 1e-5 * b.abs(), "{a} vs {b}");
-        let g_fused = (fused * 0.5)?.backward()?.get(&logits).unwrap().clone();
-        let g_ref = (reference * 0.5)?.backward()?.get(&logits).unwrap().clone();
-        let diff = (g_fused - g_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "gradients differ by {diff}");
+        // More rows than one chunk, so chunk accumulation is exercised.
+        let rows = CHUNK_ROWS + 37;
+        let hidden = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, 16), &device)?)?;
+        let weight = Var::from_tensor(&Tensor::randn(0f32, 0.5, (29, 16), &device)?)?;
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.5, 29, &device)?)?;
+        let labels: Vec<i64> = (0..rows as i64).map(|i| if i % 5 == 0 { -100 } else { i % 29 }).collect();
+        let fused = lm_head_loss(&hidden, &weight, Some(&bias), &labels, Some(0.25))?;
+        let logits = hidden.matmul(&weight.t()?)?.broadcast_add(&bias)?;
+        let reference = composite_nll_sum(&logits, &labels)?;
+        let expected = reference.to_scalar::<f32>()? as f64;
+        assert!((fused.nll_sum - expected).abs() < 1e-5 * expected, "{} vs {expected}", fused.nll_sum);
+        let ours = fused.surrogate.unwrap().backward()?;
+        let theirs = (reference * 0.25)?.backward()?;
+        for var in [&hidden, &weight, &bias] {
+            let a = ours.get(var).unwrap();
+            let b = theirs.get(var).unwrap();
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "gradients differ by {diff}");
+        }
         Ok(())
     }
 }

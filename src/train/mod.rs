@@ -461,10 +461,11 @@ fn shard_backward(model: &GptJ, vars: &[&Var], shard: &[Sequence], pad_id: u32, 
         return Ok(None);
     }
     let (batch, labels) = make_batch(shard, pad_id, model.device())?;
-    let logits = model.forward(&batch, None)?;
-    let nll = loss::cross_entropy_sum(&logits, &labels)?;
-    let nll_sum = nll.to_scalar::<f32>()? as f64;
-    let grad_store = (nll * weight)?.backward()?;
+    let hidden = model.hidden_states(&batch, None)?;
+    let (head_weight, head_bias) = model.lm_head();
+    let loss = loss::lm_head_loss(&hidden, head_weight, head_bias, &labels, Some(weight))?;
+    let grad_store = loss.surrogate.expect("the shard has targets").backward()?;
+    let nll_sum = loss.nll_sum;
     let grads = vars
         .iter()
         .map(|v| match grad_store.get(v.as_tensor()) {
@@ -516,8 +517,9 @@ fn evaluate(
                 continue;
             }
             let (batch, labels) = make_batch(rows, pad_id, device)?;
-            let logits = model.forward(&batch, None)?;
-            nll += loss::cross_entropy_sum(&logits, &labels)?.to_scalar::<f32>()? as f64;
+            let hidden = model.hidden_states(&batch, None)?;
+            let (head_weight, head_bias) = model.lm_head();
+            nll += loss::lm_head_loss(&hidden, head_weight, head_bias, &labels, None)?.nll_sum;
             count += trained;
         }
         if count > 0 {
