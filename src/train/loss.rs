@@ -51,7 +51,10 @@ pub fn lm_head_loss(
     let row_index = Tensor::from_vec(rows, n, device)?;
     let picked = hidden.detach().index_select(&row_index, 0)?;
     let w = weight.detach();
-    let b = bias.map(Tensor::detach);
+    // The bias is added while each row of logits is read anyway, instead of as a broadcast op.
+    let bias_values: Option<Vec<f32>> = bias
+        .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+        .transpose()?;
     let mut nll_sum = 0f64;
     let mut grad_hidden = Vec::new();
     let mut grad_w: Option<Tensor> = None;
@@ -59,10 +62,7 @@ pub fn lm_head_loss(
     for start in (0..n).step_by(CHUNK_ROWS) {
         let len = CHUNK_ROWS.min(n - start);
         let h = picked.narrow(0, start, len)?;
-        let mut logits = h.matmul(&w.t()?)?;
-        if let Some(b) = &b {
-            logits = logits.broadcast_add(b)?;
-        }
+        let logits = h.matmul(&w.t()?)?;
         let mut values = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         drop(logits);
         let chunk_targets = &targets[start..start + len];
@@ -72,6 +72,9 @@ pub fn lm_head_loss(
             .par_chunks_mut(vocab)
             .zip(chunk_targets.par_iter())
             .map(|(row, &target)| {
+                if let Some(bias) = &bias_values {
+                    row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+                }
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
                 let lse = max + sum.ln();
@@ -95,8 +98,10 @@ pub fn lm_head_loss(
             Some(acc) => (acc + gw)?,
             None => gw,
         });
-        if b.is_some() {
-            let gb = g.to_dtype(DType::F32)?.sum(0)?;
+        if bias.is_some() {
+            // Column sums as a matmul: a reduction over the leading dim is slow in candle.
+            let ones = Tensor::ones((1, len), dtype, device)?;
+            let gb = ones.matmul(&g)?.squeeze(0)?.to_dtype(DType::F32)?;
             grad_b = Some(match grad_b {
                 Some(acc) => (acc + gb)?,
                 None => gb,
