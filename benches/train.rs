@@ -89,11 +89,19 @@ fn bench(compute: &str, replicas: usize, warmup: u64, timed: u64) -> Result<(f64
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--bench")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--bench"))
+        .collect();
     let growth = args.iter().any(|a| a == "--growth");
     let only: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| *o == name);
-    println!("load average: {}", std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
+    println!(
+        "load average: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
     for compute in ["fp32", "bf16"] {
         if wanted(compute) {
             let (tps, _) = bench(compute, 1, 2, 5)?;

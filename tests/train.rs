@@ -90,7 +90,10 @@ fn padded(n: usize, vocab: u32, seed: u64) -> Vec<Sequence> {
 }
 
 fn final_weights(summary: &train::TrainSummary) -> HashMap<String, Tensor> {
-    let dir = summary.last_checkpoint.as_ref().expect("a final checkpoint");
+    let dir = summary
+        .last_checkpoint
+        .as_ref()
+        .expect("a final checkpoint");
     load_tensors(&dir.join("model.safetensors"))
 }
 
@@ -137,9 +140,17 @@ fn twenty_adamw_steps_match_pytorch() {
         .enumerate()
     {
         let rel = (ours - *theirs as f64).abs() / (*theirs as f64).abs();
-        assert!(rel < 1e-4, "step {}: loss {ours} vs PyTorch {theirs} (rel {rel:e})", step + 1);
+        assert!(
+            rel < 1e-4,
+            "step {}: loss {ours} vs PyTorch {theirs} (rel {rel:e})",
+            step + 1
+        );
         let rel = (our_norm - *their_norm as f64).abs() / (*their_norm as f64);
-        assert!(rel < 1e-4, "step {}: grad norm {our_norm} vs PyTorch {their_norm}", step + 1);
+        assert!(
+            rel < 1e-4,
+            "step {}: grad norm {our_norm} vs PyTorch {their_norm}",
+            step + 1
+        );
     }
     // Max absolute difference over every element of every parameter.
     let ours = final_weights(&summary);
@@ -148,7 +159,10 @@ fn twenty_adamw_steps_match_pytorch() {
         let theirs = &reference[&format!("final.{name}")];
         worst = worst.max(max_abs_diff(tensor, theirs));
     }
-    assert!(worst < 1e-4, "final weights differ from PyTorch's by up to {worst:e}");
+    assert!(
+        worst < 1e-4,
+        "final weights differ from PyTorch's by up to {worst:e}"
+    );
 }
 
 /// Trains rot8 with AdamW's eps raised to 1e-6: on the first steps Adam divides each gradient by
@@ -158,31 +172,62 @@ fn twenty_adamw_steps_match_pytorch() {
 fn train_with(out: &Path, extra: &str, rows: Vec<Sequence>) -> HashMap<String, Tensor> {
     let mut recipe = recipe(out, extra);
     recipe.optimizer.eps = 1e-6;
-    let summary = train::run(&recipe, init_from(&rot8()), SequenceStream::new(rows, 0, false), None, quiet()).unwrap();
+    let summary = train::run(
+        &recipe,
+        init_from(&rot8()),
+        SequenceStream::new(rows, 0, false),
+        None,
+        quiet(),
+    )
+    .unwrap();
     final_weights(&summary)
 }
 
 #[test]
 fn accumulation_matches_one_big_micro_batch() {
-    for (kind, rows) in [("packed", packed(24, 16, 101, 1)), ("padded", padded(24, 101, 2))] {
+    for (kind, rows) in [
+        ("packed", packed(24, 16, 101, 1)),
+        ("padded", padded(24, 101, 2)),
+    ] {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
-        let accumulated = train_with(a.path(), "{steps: 3, batch: {global: 8, micro: 2}}", rows.clone());
-        let accumulated_4 = train_with(a.path(), "{steps: 3, batch: {global: 8, micro: 4}}", rows.clone());
+        let accumulated = train_with(
+            a.path(),
+            "{steps: 3, batch: {global: 8, micro: 2}}",
+            rows.clone(),
+        );
+        let accumulated_4 = train_with(
+            a.path(),
+            "{steps: 3, batch: {global: 8, micro: 4}}",
+            rows.clone(),
+        );
         let whole = train_with(b.path(), "{steps: 3, batch: {global: 8, micro: 8}}", rows);
         let diff = max_weight_diff(&accumulated, &whole);
-        assert!(diff < 1e-5, "{kind}: micro 2 × 4 accumulation differs from micro 8 by {diff:e}");
+        assert!(
+            diff < 1e-5,
+            "{kind}: micro 2 × 4 accumulation differs from micro 8 by {diff:e}"
+        );
         let diff = max_weight_diff(&accumulated_4, &whole);
-        assert!(diff < 1e-5, "{kind}: micro 4 × 2 accumulation differs from micro 8 by {diff:e}");
+        assert!(
+            diff < 1e-5,
+            "{kind}: micro 4 × 2 accumulation differs from micro 8 by {diff:e}"
+        );
     }
 }
 
 #[test]
 fn two_replicas_match_one() {
-    for (kind, rows) in [("packed", packed(24, 16, 101, 3)), ("padded", padded(24, 101, 4))] {
+    for (kind, rows) in [
+        ("packed", packed(24, 16, 101, 3)),
+        ("padded", padded(24, 101, 4)),
+    ] {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
-        let replicated = train_with(a.path(), "{steps: 3, batch: {global: 8, micro: 4, replicas: 2}}", rows.clone());
+        let replicated = train_with(
+            a.path(),
+            "{steps: 3, batch: {global: 8, micro: 4, replicas: 2}}",
+            rows.clone(),
+        );
         let single = train_with(b.path(), "{steps: 3, batch: {global: 8, micro: 8}}", rows);
         let diff = max_weight_diff(&replicated, &single);
         assert!(diff < 1e-5, "{kind}: 2 replicas differ from 1 by {diff:e}");
@@ -201,11 +246,19 @@ fn losses_in(run_dir: &Path) -> Vec<(u64, f64)> {
 #[test]
 fn interrupted_and_resumed_run_is_bit_identical() {
     let rows = packed(40, 16, 101, 5);
-    let extra = "{steps: 8, batch: {global: 4, micro: 2}, checkpoint: {every: 2}, eval: {every: 1}}";
+    let extra =
+        "{steps: 8, batch: {global: 4, micro: 2}, checkpoint: {every: 2}, eval: {every: 1}}";
 
     let whole_dir = tempfile::tempdir().unwrap();
     let whole_recipe = recipe(whole_dir.path(), extra);
-    let whole = train::run(&whole_recipe, init_from(&rot8()), SequenceStream::new(rows.clone(), 7, true), None, quiet()).unwrap();
+    let whole = train::run(
+        &whole_recipe,
+        init_from(&rot8()),
+        SequenceStream::new(rows.clone(), 7, true),
+        None,
+        quiet(),
+    )
+    .unwrap();
 
     // A crash after step 5 was logged but before it was checkpointed: the last checkpoint is
     // step 4 and metrics.jsonl already holds step 5.
@@ -243,7 +296,11 @@ fn interrupted_and_resumed_run_is_bit_identical() {
         },
     )
     .unwrap();
-    assert_eq!(resumed.losses.len(), 4, "the resumed run continues after step 4");
+    assert_eq!(
+        resumed.losses.len(),
+        4,
+        "the resumed run continues after step 4"
+    );
     let a = final_weights(&whole);
     let b = final_weights(&resumed);
     for (name, t) in &a {
@@ -254,14 +311,20 @@ fn interrupted_and_resumed_run_is_bit_identical() {
             "{name} differs after resume"
         );
     }
-    assert_eq!(losses_in(&run_logs), losses_in(&whole_dir.path().join("runs/test")));
+    assert_eq!(
+        losses_in(&run_logs),
+        losses_in(&whole_dir.path().join("runs/test"))
+    );
 }
 
 #[test]
 fn stop_request_saves_and_resume_refuses_incompatible_recipes() {
     let rows = packed(16, 16, 101, 6);
     let dir = tempfile::tempdir().unwrap();
-    let recipe_ = recipe(dir.path(), "{steps: 6, checkpoint: {every: 2, keep_last: 1}, eval: {every: 1}}");
+    let recipe_ = recipe(
+        dir.path(),
+        "{steps: 6, checkpoint: {every: 2, keep_last: 1}, eval: {every: 1}}",
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let summary = train::run(
@@ -287,10 +350,22 @@ fn stop_request_saves_and_resume_refuses_incompatible_recipes() {
     let run = dir.path().join("checkpoints/test");
     // keep_last 1: step-2 was pruned once step-3 was complete.
     assert!(!run.join("step-2").exists());
-    assert_eq!(std::fs::read_to_string(run.join("latest")).unwrap().trim(), "step-3");
+    assert_eq!(
+        std::fs::read_to_string(run.join("latest")).unwrap().trim(),
+        "step-3"
+    );
     let step3 = run.join("step-3");
-    for file in ["config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json", "README.md"] {
-        assert!(step3.join(file).is_file(), "{file} missing from the checkpoint");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+        "README.md",
+    ] {
+        assert!(
+            step3.join(file).is_file(),
+            "{file} missing from the checkpoint"
+        );
     }
     let state = kiln::checkpoint::verify(&step3).unwrap();
     assert_eq!(state.step, 3);
@@ -312,7 +387,10 @@ fn stop_request_saves_and_resume_refuses_incompatible_recipes() {
     assert!(message.contains("batch"), "{message}");
 
     // More steps is a safe change.
-    let longer = recipe(dir.path(), "{steps: 7, checkpoint: {every: 2, keep_last: 1}, eval: {every: 1}}");
+    let longer = recipe(
+        dir.path(),
+        "{steps: 7, checkpoint: {every: 2, keep_last: 1}, eval: {every: 1}}",
+    );
     let summary = train::run(
         &longer,
         init_from(&rot8()),
@@ -333,7 +411,14 @@ fn corrupt_checkpoint_is_skipped_for_the_previous_good_one() {
     let rows = packed(16, 16, 101, 8);
     let dir = tempfile::tempdir().unwrap();
     let recipe = recipe(dir.path(), "{steps: 4, checkpoint: {every: 2}}");
-    train::run(&recipe, init_from(&rot8()), SequenceStream::new(rows, 0, false), None, quiet()).unwrap();
+    train::run(
+        &recipe,
+        init_from(&rot8()),
+        SequenceStream::new(rows, 0, false),
+        None,
+        quiet(),
+    )
+    .unwrap();
     let run = dir.path().join("checkpoints/test");
     let optimizer = run.join("step-4/optimizer.safetensors");
     let mut bytes = std::fs::read(&optimizer).unwrap();
@@ -349,7 +434,10 @@ fn corrupt_checkpoint_is_skipped_for_the_previous_good_one() {
 
     std::fs::remove_file(run.join("step-2/README.md")).unwrap();
     let err = kiln::checkpoint::verify(&run.join("step-2")).unwrap_err();
-    assert!(format!("{err:#}").contains("README.md: file is missing"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("README.md: file is missing"),
+        "{err:#}"
+    );
 }
 
 #[test]
@@ -361,7 +449,14 @@ fn fp16_overflow_skips_the_step_and_halves_the_scale() {
         dir.path(),
         "{steps: 2, precision: {compute: fp16, initial_loss_scale: 1.152921504606847e18, growth_interval: 1}}",
     );
-    let summary = train::run(&recipe, init_from(&rot8()), SequenceStream::new(rows, 0, false), None, quiet()).unwrap();
+    let summary = train::run(
+        &recipe,
+        init_from(&rot8()),
+        SequenceStream::new(rows, 0, false),
+        None,
+        quiet(),
+    )
+    .unwrap();
     assert!(!summary.grad_norms[0].is_finite());
     let scales: Vec<f64> = kiln::track::read_metrics(&dir.path().join("runs/test/metrics.jsonl"))
         .unwrap()
@@ -379,7 +474,9 @@ fn fp16_overflow_skips_the_step_and_halves_the_scale() {
 
 /// Python with the `tensorboard` package: `KILN_PYTHON`, else `python3` if it has it.
 fn python_with_tensorboard() -> Option<String> {
-    let candidates = std::env::var("KILN_PYTHON").into_iter().chain(["python3".to_string()]);
+    let candidates = std::env::var("KILN_PYTHON")
+        .into_iter()
+        .chain(["python3".to_string()]);
     for python in candidates {
         let ok = std::process::Command::new(&python)
             .args(["-c", "import tensorboard"])
@@ -401,16 +498,34 @@ fn tensorboard_reads_the_event_files() {
     let rows = packed(16, 16, 101, 10);
     let dir = tempfile::tempdir().unwrap();
     let recipe = recipe(dir.path(), "{steps: 3, eval: {every: 2}}");
-    train::run(&recipe, init_from(&rot8()), SequenceStream::new(rows.clone(), 0, false), Some(rows[..4].to_vec()), quiet()).unwrap();
+    train::run(
+        &recipe,
+        init_from(&rot8()),
+        SequenceStream::new(rows.clone(), 0, false),
+        Some(rows[..4].to_vec()),
+        quiet(),
+    )
+    .unwrap();
     let run_dir = dir.path().join("runs/test");
     let output = std::process::Command::new(&python)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_tensorboard.py"))
         .arg(&run_dir)
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let dump: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    for tag in ["train/loss", "train/lr", "train/grad_norm", "train/loss_scale", "train/tokens_per_sec", "train/epoch"] {
+    for tag in [
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/loss_scale",
+        "train/tokens_per_sec",
+        "train/epoch",
+    ] {
         let steps: Vec<u64> = dump["scalars"][tag]
             .as_array()
             .unwrap_or_else(|| panic!("{tag} missing: {dump}"))
@@ -419,10 +534,19 @@ fn tensorboard_reads_the_event_files() {
             .collect();
         assert_eq!(steps, [1, 2, 3], "{tag}");
     }
-    let eval_steps: Vec<u64> = dump["scalars"]["eval/loss"].as_array().unwrap().iter().map(|p| p[0].as_u64().unwrap()).collect();
+    let eval_steps: Vec<u64> = dump["scalars"]["eval/loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_u64().unwrap())
+        .collect();
     assert_eq!(eval_steps, [2, 3]);
     let metrics = kiln::track::read_metrics(&run_dir.join("metrics.jsonl")).unwrap();
-    let first_loss = metrics.iter().find(|r| r.tag == "train/loss").unwrap().value;
+    let first_loss = metrics
+        .iter()
+        .find(|r| r.tag == "train/loss")
+        .unwrap()
+        .value;
     let tb_loss = dump["scalars"]["train/loss"][0][1].as_f64().unwrap();
     assert!((first_loss - tb_loss).abs() < 1e-6 * first_loss);
     let text = dump["text"]["recipe"][0].as_str().unwrap();

@@ -122,11 +122,16 @@ pub fn save(run_dir: &Path, contents: Contents, keep_last: usize) -> Result<Path
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("{}: cannot create", run_dir.display()))?;
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .with_context(|| format!("{}: cannot remove a stale partial checkpoint", tmp.display()))?;
+        std::fs::remove_dir_all(&tmp).with_context(|| {
+            format!(
+                "{}: cannot remove a stale partial checkpoint",
+                tmp.display()
+            )
+        })?;
     }
     std::fs::create_dir_all(&tmp)?;
-    write_contents(&tmp, contents).with_context(|| format!("writing checkpoint {}", tmp.display()))?;
+    write_contents(&tmp, contents)
+        .with_context(|| format!("writing checkpoint {}", tmp.display()))?;
     if final_dir.exists() {
         // Only a checkpoint of the same step (e.g. a rerun after a crash during pruning).
         std::fs::remove_dir_all(&final_dir)
@@ -264,7 +269,10 @@ pub fn verify(dir: &Path) -> Result<TrainerState> {
             );
         }
         if found.sha256 != expected.sha256 {
-            bail!("{}: sha256 does not match trainer_state.json", file.display());
+            bail!(
+                "{}: sha256 does not match trainer_state.json",
+                file.display()
+            );
         }
     }
     Ok(state)
@@ -272,7 +280,10 @@ pub fn verify(dir: &Path) -> Result<TrainerState> {
 
 /// The newest checkpoint of a run that passes verification: the one `latest` names, else the
 /// next older `step-*` directory. Each rejected checkpoint is reported through `warn`.
-pub fn latest_good(run_dir: &Path, warn: &mut dyn FnMut(String)) -> Result<(PathBuf, TrainerState)> {
+pub fn latest_good(
+    run_dir: &Path,
+    warn: &mut dyn FnMut(String),
+) -> Result<(PathBuf, TrainerState)> {
     let mut candidates: Vec<(u64, PathBuf)> = std::fs::read_dir(run_dir)
         .with_context(|| format!("{}: no checkpoints to resume from", run_dir.display()))?
         .filter_map(|e| e.ok())
@@ -282,7 +293,7 @@ pub fn latest_good(run_dir: &Path, warn: &mut dyn FnMut(String)) -> Result<(Path
             Some((step, e.path()))
         })
         .collect();
-    candidates.sort_by(|a, b| b.0.cmp(&a.0));
+    candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
     // `latest` normally names the newest; a pointer to an older step (newer ones written by a
     // run that crashed before updating it) is honoured by starting there.
     if let Ok(pointer) = std::fs::read_to_string(run_dir.join(LATEST)) {
@@ -300,7 +311,10 @@ pub fn latest_good(run_dir: &Path, warn: &mut dyn FnMut(String)) -> Result<(Path
             )),
         }
     }
-    bail!("{}: no complete checkpoint to resume from", run_dir.display())
+    bail!(
+        "{}: no complete checkpoint to resume from",
+        run_dir.display()
+    )
 }
 
 /// Removes all but the newest `keep_last` step directories.
@@ -312,7 +326,7 @@ fn prune(run_dir: &Path, keep_last: usize) -> Result<()> {
             Some((name.strip_prefix("step-")?.parse::<u64>().ok()?, e.path()))
         })
         .collect();
-    steps.sort_by(|a, b| b.0.cmp(&a.0));
+    steps.sort_by_key(|s| std::cmp::Reverse(s.0));
     for (_, dir) in steps.into_iter().skip(keep_last) {
         std::fs::remove_dir_all(&dir)
             .with_context(|| format!("{}: cannot prune", dir.display()))?;

@@ -38,7 +38,12 @@ pub struct Tracker {
 impl Tracker {
     /// Opens (creating) the run directory. `resumed_from` is the step of the checkpoint a
     /// resumed run continues from: later metrics of the interrupted run are dropped.
-    pub fn open(run_dir: &Path, recipe_yaml: &str, device: &str, resumed_from: Option<u64>) -> Result<Self> {
+    pub fn open(
+        run_dir: &Path,
+        recipe_yaml: &str,
+        device: &str,
+        resumed_from: Option<u64>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(run_dir)
             .with_context(|| format!("{}: cannot create the run directory", run_dir.display()))?;
         write_file(&run_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
@@ -85,7 +90,10 @@ impl Tracker {
         let line = if value.is_finite() {
             serde_json::to_string(&record)?
         } else {
-            format!("{{\"step\":{step},\"tag\":{},\"value\":null}}", serde_json::to_string(tag)?)
+            format!(
+                "{{\"step\":{step},\"tag\":{},\"value\":null}}",
+                serde_json::to_string(tag)?
+            )
         };
         writeln!(self.metrics, "{line}").context("cannot write metrics.jsonl")
     }
@@ -116,7 +124,11 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricRecord>> {
             })
         })();
         records.push(parsed.with_context(|| {
-            format!("{}:{}: expected {{\"step\", \"tag\", \"value\"}}", path.display(), i + 1)
+            format!(
+                "{}:{}: expected {{\"step\", \"tag\", \"value\"}}",
+                path.display(),
+                i + 1
+            )
         })?);
     }
     Ok(records)
@@ -127,7 +139,8 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     if !path.exists() {
         return write_file(path, b"");
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
     let mut kept = String::new();
     for line in text.lines() {
         let keep = serde_json::from_str::<serde_json::Value>(line)
@@ -229,7 +242,15 @@ impl Progress {
         Self { bar }
     }
 
-    pub fn step(&self, step: u64, total: u64, loss: f64, lr: f64, tokens_per_sec: f64, log_line: bool) {
+    pub fn step(
+        &self,
+        step: u64,
+        total: u64,
+        loss: f64,
+        lr: f64,
+        tokens_per_sec: f64,
+        log_line: bool,
+    ) {
         let msg = format!("loss {loss:.4} lr {lr:.3e} {tokens_per_sec:.0} tok/s");
         match &self.bar {
             Some(bar) => {

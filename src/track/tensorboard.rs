@@ -32,7 +32,8 @@ impl EventWriter {
             now.subsec_nanos()
         );
         let path = dir.join(name);
-        let file = File::create(&path).with_context(|| format!("{}: cannot create", path.display()))?;
+        let file =
+            File::create(&path).with_context(|| format!("{}: cannot create", path.display()))?;
         let mut writer = Self {
             file: BufWriter::new(file),
             path,

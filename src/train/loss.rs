@@ -64,7 +64,10 @@ pub fn lm_head_loss(
         let len = CHUNK_ROWS.min(n - start);
         let h = picked.narrow(0, start, len)?;
         let logits = h.matmul(&w.t()?)?;
-        let mut values = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut values = logits
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         drop(logits);
         let chunk_targets = &targets[start..start + len];
         let scale = grad_scale.unwrap_or(0.0) as f32;
@@ -167,12 +170,18 @@ mod tests {
         let hidden = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, 16), &device)?)?;
         let weight = Var::from_tensor(&Tensor::randn(0f32, 0.5, (29, 16), &device)?)?;
         let bias = Var::from_tensor(&Tensor::randn(0f32, 0.5, 29, &device)?)?;
-        let labels: Vec<i64> = (0..rows as i64).map(|i| if i % 5 == 0 { -100 } else { i % 29 }).collect();
+        let labels: Vec<i64> = (0..rows as i64)
+            .map(|i| if i % 5 == 0 { -100 } else { i % 29 })
+            .collect();
         let fused = lm_head_loss(&hidden, &weight, Some(&bias), &labels, Some(0.25))?;
         let logits = hidden.matmul(&weight.t()?)?.broadcast_add(&bias)?;
         let reference = composite_nll_sum(&logits, &labels)?;
         let expected = reference.to_scalar::<f32>()? as f64;
-        assert!((fused.nll_sum - expected).abs() < 1e-5 * expected, "{} vs {expected}", fused.nll_sum);
+        assert!(
+            (fused.nll_sum - expected).abs() < 1e-5 * expected,
+            "{} vs {expected}",
+            fused.nll_sum
+        );
         let ours = fused.surrogate.unwrap().backward()?;
         let theirs = (reference * 0.25)?.backward()?;
         for var in [&hidden, &weight, &bias] {

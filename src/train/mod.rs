@@ -107,10 +107,13 @@ pub fn run(
         Compute::Bf16 => DType::BF16,
     };
     let batch = &recipe.batch;
-    ensure!(batch.micro > 0 && batch.replicas > 0, "batch.micro and batch.replicas must be positive");
+    ensure!(
+        batch.micro > 0 && batch.replicas > 0,
+        "batch.micro and batch.replicas must be positive"
+    );
     let per_micro_step = batch.micro * batch.replicas;
     ensure!(
-        batch.global > 0 && batch.global % per_micro_step == 0,
+        batch.global > 0 && batch.global.is_multiple_of(per_micro_step),
         "batch.global ({}) must be a positive multiple of batch.micro × batch.replicas ({} × {})",
         batch.global,
         batch.micro,
@@ -128,8 +131,15 @@ pub fn run(
             .params
             .get(&name)
             .with_context(|| format!("initial weights lack {name}"))?;
-        ensure!(tensor.dims() == shape.as_slice(), "initial weight {name} has shape {:?}, expected {shape:?}", tensor.dims());
-        params.push((name, Var::from_tensor(&tensor.to_dtype(DType::F32)?.to_device(&device)?)?));
+        ensure!(
+            tensor.dims() == shape.as_slice(),
+            "initial weight {name} has shape {:?}, expected {shape:?}",
+            tensor.dims()
+        );
+        params.push((
+            name,
+            Var::from_tensor(&tensor.to_dtype(DType::F32)?.to_device(&device)?)?,
+        ));
     }
     drop(init.params);
     let mut adamw = AdamW::new(&recipe.optimizer, &params)?;
@@ -162,7 +172,8 @@ pub fn run(
     let stop = options.stop.clone().unwrap_or_default();
     if options.handle_signals {
         for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            signal_hook::flag::register(signal, stop.clone()).context("installing a signal handler")?;
+            signal_hook::flag::register(signal, stop.clone())
+                .context("installing a signal handler")?;
         }
     }
     let threads = options
@@ -199,11 +210,11 @@ pub fn run(
         checkpoint_dir: run_checkpoints.clone(),
     };
     let save = |step: u64,
-                    params: &[(String, Var)],
-                    adamw: &AdamW,
-                    scaler: &LossScaler,
-                    stream: &SequenceStream,
-                    metrics: &BTreeMap<String, f64>|
+                params: &[(String, Var)],
+                adamw: &AdamW,
+                scaler: &LossScaler,
+                stream: &SequenceStream,
+                metrics: &BTreeMap<String, f64>|
      -> Result<PathBuf> {
         let tensors: HashMap<String, Tensor> = params
             .iter()
@@ -262,7 +273,8 @@ pub fn run(
         for micro_step in sequences.chunks(per_micro_step) {
             let shards: Vec<&[Sequence]> = micro_step.chunks(batch.micro).collect();
             let results: Vec<Result<ShardResult>> = if shards.len() == 1 {
-                vec![pools[0].install(|| shard_backward(&model, &vars, shards[0], pad_id, shard_weight))]
+                vec![pools[0]
+                    .install(|| shard_backward(&model, &vars, shards[0], pad_id, shard_weight))]
             } else {
                 std::thread::scope(|scope| {
                     let handles: Vec<_> = shards
@@ -271,13 +283,19 @@ pub fn run(
                         .map(|(shard, pool)| {
                             let (model, vars) = (&model, &vars);
                             scope.spawn(move || {
-                                pool.install(|| shard_backward(model, vars, shard, pad_id, shard_weight))
+                                pool.install(|| {
+                                    shard_backward(model, vars, shard, pad_id, shard_weight)
+                                })
                             })
                         })
                         .collect();
                     handles
                         .into_iter()
-                        .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a replica thread panicked"))))
+                        .map(|h| {
+                            h.join().unwrap_or_else(|_| {
+                                Err(anyhow::anyhow!("a replica thread panicked"))
+                            })
+                        })
                         .collect()
                 })
             };
@@ -358,7 +376,8 @@ pub fn run(
                 options.eval_hook.as_mut(),
             )? {
                 if !results.is_empty() {
-                    let line: Vec<String> = results.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+                    let line: Vec<String> =
+                        results.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
                     progress.println(&format!("step {step}: {}", line.join(", ")));
                 }
                 for (name, value) in results {
@@ -377,7 +396,8 @@ pub fn run(
             let dir = save(step, &params, &adamw, &scaler, &train, &last_metrics)?;
             progress.println(&format!("saved checkpoint {}", dir.display()));
             if let Some(hook) = options.checkpoint_hook.as_mut() {
-                hook(&dir, step).with_context(|| format!("checkpoint hook for {}", dir.display()))?;
+                hook(&dir, step)
+                    .with_context(|| format!("checkpoint hook for {}", dir.display()))?;
             }
             summary.last_checkpoint = Some(dir);
         }
@@ -413,7 +433,10 @@ pub fn total_steps(recipe: &Recipe, sequences_per_epoch: usize) -> Result<u64> {
     match (recipe.steps, recipe.epochs) {
         (Some(steps), _) if steps > 0 => Ok(steps),
         (_, Some(epochs)) if epochs > 0.0 => {
-            ensure!(sequences_per_epoch > 0, "the training data has no sequences");
+            ensure!(
+                sequences_per_epoch > 0,
+                "the training data has no sequences"
+            );
             Ok(((epochs * sequences_per_epoch as f64) / recipe.batch.global as f64).ceil() as u64)
         }
         _ => bail!("the recipe needs a positive `steps` or `epochs`"),
@@ -446,7 +469,11 @@ fn restore(
         .cloned()
         .collect::<Vec<_>>()
         .into_iter()
-        .filter_map(|k| optimizer_state.remove(&k).map(|t| (k["master.".len()..].to_string(), t)))
+        .filter_map(|k| {
+            optimizer_state
+                .remove(&k)
+                .map(|t| (k["master.".len()..].to_string(), t))
+        })
         .collect();
     let weights = if masters.is_empty() {
         model::load_parameters(dir, config, DType::F32, device)?
@@ -459,7 +486,12 @@ fn restore(
             .with_context(|| format!("{}: weight {name} is missing", dir.display()))?;
         var.set(&tensor.to_dtype(DType::F32)?)?;
     }
-    adamw.load_state(params, optimizer_state, state.optimizer_steps, &optimizer_path)
+    adamw.load_state(
+        params,
+        optimizer_state,
+        state.optimizer_steps,
+        &optimizer_path,
+    )
 }
 
 /// `None` when the shard trains on no token.
@@ -471,7 +503,13 @@ struct Shard {
 }
 
 /// Forward and backward of one micro-batch shard; gradients of `weight × nll sum`.
-fn shard_backward(model: &GptJ, vars: &[&Var], shard: &[Sequence], pad_id: u32, weight: f64) -> Result<ShardResult> {
+fn shard_backward(
+    model: &GptJ,
+    vars: &[&Var],
+    shard: &[Sequence],
+    pad_id: u32,
+    weight: f64,
+) -> Result<ShardResult> {
     if shard.iter().all(|s| s.target_count() == 0) {
         return Ok(None);
     }
@@ -542,7 +580,8 @@ fn evaluate(
         }
     }
     if let Some(hook) = hook {
-        results.extend(hook(&model, step).with_context(|| format!("evaluation hook at step {step}"))?);
+        results
+            .extend(hook(&model, step).with_context(|| format!("evaluation hook at step {step}"))?);
     }
     Ok(Some(results))
 }

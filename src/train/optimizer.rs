@@ -98,9 +98,9 @@ impl AdamW {
                 (format!("exp_avg.{name}"), &mut m.exp_avg),
                 (format!("exp_avg_sq.{name}"), &mut m.exp_avg_sq),
             ] {
-                let tensor = saved.remove(&key).with_context(|| {
-                    format!("{}: tensor {key} is missing", source.display())
-                })?;
+                let tensor = saved
+                    .remove(&key)
+                    .with_context(|| format!("{}: tensor {key} is missing", source.display()))?;
                 anyhow::ensure!(
                     tensor.dims() == param.dims(),
                     "{}: tensor {key} has shape {:?}, expected {:?}",
@@ -120,7 +120,11 @@ impl AdamW {
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sum = 0f64;
     for g in grads {
-        sum += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        sum += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
     }
     Ok(sum.sqrt())
 }
@@ -149,13 +153,23 @@ struct StepConstants {
 
 /// The update in one parallel pass over each tensor (a dozen tensor ops would each read and
 /// write the whole parameter).
-fn fused_cpu_update(param: &Var, grad: &Tensor, moments: &mut Moments, c: &StepConstants) -> candle_core::Result<()> {
+fn fused_cpu_update(
+    param: &Var,
+    grad: &Tensor,
+    moments: &mut Moments,
+    c: &StepConstants,
+) -> candle_core::Result<()> {
     let grad = grad.contiguous()?;
     let n = param.elem_count();
     let (mut new_p, mut new_m, mut new_v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
     {
         let p = param.as_tensor().contiguous()?;
-        let guards = [p.storage_and_layout(), grad.storage_and_layout(), moments.exp_avg.storage_and_layout(), moments.exp_avg_sq.storage_and_layout()];
+        let guards = [
+            p.storage_and_layout(),
+            grad.storage_and_layout(),
+            moments.exp_avg.storage_and_layout(),
+            moments.exp_avg_sq.storage_and_layout(),
+        ];
         let mut slices = Vec::with_capacity(4);
         for (storage, layout) in &guards {
             let Storage::Cpu(cpu) = &**storage else {
@@ -194,7 +208,12 @@ fn fused_cpu_update(param: &Var, grad: &Tensor, moments: &mut Moments, c: &StepC
 }
 
 /// The same update from tensor ops, for devices other than the CPU.
-fn tensor_update(param: &Var, grad: &Tensor, moments: &mut Moments, c: &StepConstants) -> candle_core::Result<()> {
+fn tensor_update(
+    param: &Var,
+    grad: &Tensor,
+    moments: &mut Moments,
+    c: &StepConstants,
+) -> candle_core::Result<()> {
     let (b1, b2) = (c.b1 as f64, c.b2 as f64);
     moments.exp_avg = ((&moments.exp_avg * b1)? + (grad * (1.0 - b1))?)?;
     moments.exp_avg_sq = ((&moments.exp_avg_sq * b2)? + (grad.sqr()? * (1.0 - b2))?)?;

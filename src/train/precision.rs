@@ -26,7 +26,11 @@ impl LossScaler {
     pub fn new(spec: &PrecisionSpec) -> Self {
         let enabled = spec.compute == Compute::Fp16;
         Self {
-            scale: if enabled { spec.initial_loss_scale } else { 1.0 },
+            scale: if enabled {
+                spec.initial_loss_scale
+            } else {
+                1.0
+            },
             growth_tracker: 0,
             growth_interval: spec.growth_interval.max(1),
             enabled,
