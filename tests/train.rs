@@ -553,3 +553,32 @@ fn tensorboard_reads_the_event_files() {
     assert!(text.contains("name: test"), "{text}");
     assert!(run_dir.join("recipe.yaml").is_file() && run_dir.join("run.json").is_file());
 }
+
+#[test]
+fn bf16_compute_tracks_fp32() {
+    let rows = packed(8, 16, 101, 11);
+    let run = |compute: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe = recipe(
+            dir.path(),
+            &format!("{{steps: 2, precision: {{compute: {compute}}}}}"),
+        );
+        let summary = train::run(
+            &recipe,
+            init_from(&rot8()),
+            SequenceStream::new(rows.clone(), 0, false),
+            None,
+            quiet(),
+        )
+        .unwrap();
+        (summary, dir)
+    };
+    let ((full, _full_dir), (half, _half_dir)) = (run("fp32"), run("bf16"));
+    for (a, b) in full.losses.iter().zip(&half.losses) {
+        assert!((a - b).abs() < 1e-2 * a, "bf16 loss {b} vs fp32 {a}");
+    }
+    // Master weights stay fp32 and the update is applied to them.
+    let weights = final_weights(&half);
+    assert!(weights.values().all(|t| t.dtype() == DType::F32));
+    assert!(max_weight_diff(&weights, &init_from(&rot8()).params) > 1e-4);
+}
