@@ -12,9 +12,7 @@ pub fn fixtures() -> PathBuf {
 
 /// `../shared` beside the repo, or `None` (with a message) so a test can skip.
 pub fn shared(sub: &str) -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared")
-        .join(sub);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared").join(sub);
     if path.exists() {
         Some(path)
     } else {
