@@ -349,11 +349,80 @@ impl Attention {
     }
 }
 
-/// Softmax built from differentiable primitives (candle's fused kernel has no backward pass).
+/// Softmax over the last dim with a backward pass (candle's fused kernel has none). On the CPU
+/// it is one op forward and one backward, instead of five graph nodes whose backward each
+/// allocate score-sized buffers; elsewhere it is built from differentiable primitives.
 fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+        return xs.contiguous()?.apply_op1(SoftmaxLastDim);
+    }
     let max = xs.max_keepdim(D::Minus1)?;
     let exp = xs.broadcast_sub(&max)?.exp()?;
     exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+struct SoftmaxLastDim;
+
+fn contiguous_f32<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("softmax needs a contiguous input"),
+    }
+}
+
+impl candle_core::CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let xs = contiguous_f32(storage, layout)?;
+        let dim = *layout.dims().last().expect("softmax input has a last dim");
+        let mut out = xs.to_vec();
+        out.par_chunks_mut(dim).for_each(|row| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            row.iter_mut().for_each(|x| *x /= sum);
+        });
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    /// With y = softmax(x): dx = y * (dy - sum(dy * y)) per row.
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let grad_res = grad_res.contiguous()?;
+        let (y_storage, y_layout) = res.storage_and_layout();
+        let (g_storage, g_layout) = grad_res.storage_and_layout();
+        let (candle_core::Storage::Cpu(y), candle_core::Storage::Cpu(g)) = (&*y_storage, &*g_storage)
+        else {
+            candle_core::bail!("the fused softmax runs on the CPU only");
+        };
+        let (y, g) = (contiguous_f32(y, y_layout)?, contiguous_f32(g, g_layout)?);
+        let dim = *y_layout.dims().last().expect("softmax output has a last dim");
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(dim)
+            .zip(y.par_chunks(dim).zip(g.par_chunks(dim)))
+            .for_each(|(out, (y, g))| {
+                let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                for ((o, &y), &g) in out.iter_mut().zip(y).zip(g) {
+                    *o = y * (g - dot);
+                }
+            });
+        Ok(Some(Tensor::from_vec(dx, y_layout.shape(), res.device())?))
+    }
 }
 
 #[derive(Debug, Clone)]
