@@ -264,7 +264,6 @@ pub fn run(
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
         let model = model::model_from_parameters(&init.config, &tensors, compute_dtype, &device)?;
-        let vars: Vec<&Var> = params.iter().map(|(_, v)| v).collect();
         // Scaled so that the sum over all shards is the global batch's mean loss (times the
         // fp16 loss scale).
         let shard_weight = scaler.scale / targets as f64;
@@ -274,17 +273,17 @@ pub fn run(
             let shards: Vec<&[Sequence]> = micro_step.chunks(batch.micro).collect();
             let results: Vec<Result<ShardResult>> = if shards.len() == 1 {
                 vec![pools[0]
-                    .install(|| shard_backward(&model, &vars, shards[0], pad_id, shard_weight))]
+                    .install(|| shard_backward(&model, &params, shards[0], pad_id, shard_weight))]
             } else {
                 std::thread::scope(|scope| {
                     let handles: Vec<_> = shards
                         .iter()
                         .zip(&pools)
                         .map(|(shard, pool)| {
-                            let (model, vars) = (&model, &vars);
+                            let (model, params) = (&model, &params);
                             scope.spawn(move || {
                                 pool.install(|| {
-                                    shard_backward(model, vars, shard, pad_id, shard_weight)
+                                    shard_backward(model, params, shard, pad_id, shard_weight)
                                 })
                             })
                         })
@@ -505,7 +504,7 @@ struct Shard {
 /// Forward and backward of one micro-batch shard; gradients of `weight × nll sum`.
 fn shard_backward(
     model: &GptJ,
-    vars: &[&Var],
+    params: &[(String, Var)],
     shard: &[Sequence],
     pad_id: u32,
     weight: f64,
@@ -519,11 +518,19 @@ fn shard_backward(
     let loss = loss::lm_head_loss(&hidden, head_weight, head_bias, &labels, Some(weight))?;
     let grad_store = loss.surrogate.expect("the shard has targets").backward()?;
     let nll_sum = loss.nll_sum;
-    let grads = vars
+    let (head_weight_grad, head_bias_grad) = loss.head_grads.expect("the shard has targets");
+    let grads = params
         .iter()
-        .map(|v| match grad_store.get(v.as_tensor()) {
-            Some(g) => Ok(g.to_dtype(DType::F32)?),
-            None => Ok(v.zeros_like()?),
+        .map(|(name, v)| {
+            let grad = match name.as_str() {
+                "lm_head.weight" => Some(&head_weight_grad),
+                "lm_head.bias" => head_bias_grad.as_ref(),
+                _ => grad_store.get(v.as_tensor()),
+            };
+            match grad {
+                Some(g) => Ok(g.to_dtype(DType::F32)?),
+                None => Ok(v.zeros_like()?),
+            }
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Some(Shard { nll_sum, grads }))
