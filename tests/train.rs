@@ -582,3 +582,31 @@ fn bf16_compute_tracks_fp32() {
     assert!(weights.values().all(|t| t.dtype() == DType::F32));
     assert!(max_weight_diff(&weights, &init_from(&rot8()).params) > 1e-4);
 }
+
+#[test]
+fn sigterm_finishes_the_step_and_saves() {
+    let rows = packed(16, 16, 101, 12);
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = recipe(dir.path(), "{steps: 6, eval: {every: 1}}");
+    let summary = train::run(
+        &recipe,
+        init_from(&rot8()),
+        SequenceStream::new(rows, 0, false),
+        None,
+        TrainOptions {
+            handle_signals: true,
+            eval_hook: Some(Box::new(|_: &kiln::model::GptJ, step: u64| {
+                if step == 2 {
+                    signal_hook::low_level::raise(signal_hook::consts::SIGTERM)?;
+                }
+                Ok(vec![])
+            })),
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert!(summary.stopped_early);
+    assert_eq!(summary.step, 2);
+    let saved = summary.last_checkpoint.unwrap();
+    assert_eq!(kiln::checkpoint::verify(&saved).unwrap().step, 2);
+}

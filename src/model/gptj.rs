@@ -388,7 +388,8 @@ impl candle_core::CustomOp1 for GeluNew {
         let grad_res = grad_res.contiguous()?;
         let (x_storage, x_layout) = arg.storage_and_layout();
         let (g_storage, g_layout) = grad_res.storage_and_layout();
-        let (candle_core::Storage::Cpu(x), candle_core::Storage::Cpu(g)) = (&*x_storage, &*g_storage)
+        let (candle_core::Storage::Cpu(x), candle_core::Storage::Cpu(g)) =
+            (&*x_storage, &*g_storage)
         else {
             candle_core::bail!("the fused gelu runs on the CPU only");
         };
@@ -464,12 +465,16 @@ impl candle_core::CustomOp1 for SoftmaxLastDim {
         let grad_res = grad_res.contiguous()?;
         let (y_storage, y_layout) = res.storage_and_layout();
         let (g_storage, g_layout) = grad_res.storage_and_layout();
-        let (candle_core::Storage::Cpu(y), candle_core::Storage::Cpu(g)) = (&*y_storage, &*g_storage)
+        let (candle_core::Storage::Cpu(y), candle_core::Storage::Cpu(g)) =
+            (&*y_storage, &*g_storage)
         else {
             candle_core::bail!("the fused softmax runs on the CPU only");
         };
         let (y, g) = (contiguous_f32(y, y_layout)?, contiguous_f32(g, g_layout)?);
-        let dim = *y_layout.dims().last().expect("softmax output has a last dim");
+        let dim = *y_layout
+            .dims()
+            .last()
+            .expect("softmax output has a last dim");
         let mut dx = vec![0f32; y.len()];
         dx.par_chunks_mut(dim)
             .zip(y.par_chunks(dim).zip(g.par_chunks(dim)))

@@ -194,7 +194,10 @@ mod tests {
             (&weight, &grad_w),
             (&bias, &grad_b.unwrap()),
         ] {
-            assert!(ours.get(&weight).is_none(), "the head is outside the surrogate");
+            assert!(
+                ours.get(&weight).is_none(),
+                "the head is outside the surrogate"
+            );
             let b = theirs.get(var).unwrap();
             let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "gradients differ by {diff}");

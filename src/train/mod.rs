@@ -170,12 +170,11 @@ pub fn run(
     }
 
     let stop = options.stop.clone().unwrap_or_default();
-    if options.handle_signals {
-        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            signal_hook::flag::register(signal, stop.clone())
-                .context("installing a signal handler")?;
-        }
-    }
+    let _signals = if options.handle_signals {
+        Some(SignalGuard::install(&stop)?)
+    } else {
+        None
+    };
     let threads = options
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -411,6 +410,35 @@ pub fn run(
     }
     progress.finish();
     Ok(summary)
+}
+
+/// SIGINT/SIGTERM handlers for the duration of a run: the first signal sets the stop flag (the
+/// run saves and returns); a second one while it is set exits at once, as users expect from a
+/// repeated Ctrl-C.
+struct SignalGuard(Vec<signal_hook::SigId>);
+
+impl SignalGuard {
+    fn install(stop: &Arc<AtomicBool>) -> Result<Self> {
+        let mut ids = Vec::new();
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            // Registered first, so it sees the flag before this signal's own handler sets it.
+            ids.push(signal_hook::flag::register_conditional_shutdown(
+                signal,
+                130,
+                stop.clone(),
+            )?);
+            ids.push(signal_hook::flag::register(signal, stop.clone())?);
+        }
+        Ok(Self(ids))
+    }
+}
+
+impl Drop for SignalGuard {
+    fn drop(&mut self) {
+        for id in self.0.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
 }
 
 /// Every step allocates and frees the same large activation and gradient buffers. By default
