@@ -12,3 +12,6 @@ pub mod hub;
 pub mod model;
 pub mod recipe;
 pub mod tokenizer;
+pub mod checkpoint;
+pub mod track;
+pub mod train;

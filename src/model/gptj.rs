@@ -350,11 +350,143 @@ impl Attention {
     }
 }
 
-/// Softmax built from differentiable primitives (candle's fused kernel has no backward pass).
+/// HF's `gelu_new` (the tanh approximation, as candle's `gelu`). On the CPU in fp32 it is one op
+/// with a one-pass backward; candle's `gelu` backward takes a dozen full-size tensor ops.
+fn gelu_new(xs: &Tensor) -> Result<Tensor> {
+    if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+        return xs.contiguous()?.apply_op1(GeluNew);
+    }
+    xs.gelu()
+}
+
+struct GeluNew;
+
+const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+const GELU_COEF: f32 = 0.044_715;
+
+impl candle_core::CustomOp1 for GeluNew {
+    fn name(&self) -> &'static str {
+        "gelu-new"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let xs = contiguous_f32(storage, layout)?;
+        let out: Vec<f32> = xs
+            .par_iter()
+            .with_min_len(4096)
+            .map(|&x| 0.5 * x * (1.0 + (SQRT_TWO_OVER_PI * (x + GELU_COEF * x * x * x)).tanh()))
+            .collect();
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let grad_res = grad_res.contiguous()?;
+        let (x_storage, x_layout) = arg.storage_and_layout();
+        let (g_storage, g_layout) = grad_res.storage_and_layout();
+        let (candle_core::Storage::Cpu(x), candle_core::Storage::Cpu(g)) =
+            (&*x_storage, &*g_storage)
+        else {
+            candle_core::bail!("the fused gelu runs on the CPU only");
+        };
+        let (x, g) = (contiguous_f32(x, x_layout)?, contiguous_f32(g, g_layout)?);
+        let dx: Vec<f32> = x
+            .par_iter()
+            .zip(g.par_iter())
+            .with_min_len(4096)
+            .map(|(&x, &g)| {
+                let t = (SQRT_TWO_OVER_PI * (x + GELU_COEF * x * x * x)).tanh();
+                let inner = SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_COEF * x * x);
+                g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * inner)
+            })
+            .collect();
+        Ok(Some(Tensor::from_vec(dx, x_layout.shape(), arg.device())?))
+    }
+}
+
+/// Softmax over the last dim with a backward pass (candle's fused kernel has none). On the CPU
+/// it is one op forward and one backward, instead of five graph nodes whose backward each
+/// allocate score-sized buffers; elsewhere it is built from differentiable primitives.
 fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+        return xs.contiguous()?.apply_op1(SoftmaxLastDim);
+    }
     let max = xs.max_keepdim(D::Minus1)?;
     let exp = xs.broadcast_sub(&max)?.exp()?;
     exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+struct SoftmaxLastDim;
+
+fn contiguous_f32<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("softmax needs a contiguous input"),
+    }
+}
+
+impl candle_core::CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let xs = contiguous_f32(storage, layout)?;
+        let dim = *layout.dims().last().expect("softmax input has a last dim");
+        let mut out = xs.to_vec();
+        out.par_chunks_mut(dim).for_each(|row| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            row.iter_mut().for_each(|x| *x /= sum);
+        });
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    /// With y = softmax(x): dx = y * (dy - sum(dy * y)) per row.
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let grad_res = grad_res.contiguous()?;
+        let (y_storage, y_layout) = res.storage_and_layout();
+        let (g_storage, g_layout) = grad_res.storage_and_layout();
+        let (candle_core::Storage::Cpu(y), candle_core::Storage::Cpu(g)) =
+            (&*y_storage, &*g_storage)
+        else {
+            candle_core::bail!("the fused softmax runs on the CPU only");
+        };
+        let (y, g) = (contiguous_f32(y, y_layout)?, contiguous_f32(g, g_layout)?);
+        let dim = *y_layout
+            .dims()
+            .last()
+            .expect("softmax output has a last dim");
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(dim)
+            .zip(y.par_chunks(dim).zip(g.par_chunks(dim)))
+            .for_each(|(out, (y, g))| {
+                let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                for ((o, &y), &g) in out.iter_mut().zip(y).zip(g) {
+                    *o = y * (g - dot);
+                }
+            });
+        Ok(Some(Tensor::from_vec(dx, y_layout.shape(), res.device())?))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -374,8 +506,7 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        // candle's `gelu` is the tanh approximation, which is exactly HF's `gelu_new`.
-        self.fc_out.forward(&self.fc_in.forward(xs)?.gelu()?)
+        self.fc_out.forward(&gelu_new(&self.fc_in.forward(xs)?)?)
     }
 }
 
@@ -489,6 +620,12 @@ impl GptJ {
 
     pub fn device(&self) -> &Device {
         self.wte.device()
+    }
+
+    /// The lm_head's weight `[vocab, n_embd]` and bias `[vocab]` in the compute dtype, for a
+    /// loss that fuses the head with the cross-entropy.
+    pub fn lm_head(&self) -> (&Tensor, Option<&Tensor>) {
+        (&self.lm_head.weight, self.lm_head.bias.as_ref())
     }
 
     /// The additive attention mask, `[batch, 1, seq, cached + seq]` in fp32: 0 where a query may

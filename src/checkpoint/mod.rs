@@ -1,0 +1,335 @@
+//! Checkpoints: `<checkpoint.dir>/<run>/step-<N>/`, each a complete HF model directory plus the
+//! trainer's state, written atomically and verified before a resume trusts it.
+//!
+//! Layout of one checkpoint:
+//! - `config.json`, `model*.safetensors`, tokenizer files: loadable by HF `from_pretrained`.
+//! - `optimizer.safetensors`: fp32 Adam moments `exp_avg.<param>` / `exp_avg_sq.<param>`, and
+//!   `master.<param>` fp32 master weights when the model weights were saved in a lower precision.
+//! - `trainer_state.json`: [`TrainerState`], including the size and sha256 of every other file.
+//! - `README.md`: a model card.
+//!
+//! A checkpoint is built in `.tmp-step-<N>`, every file and the directory are fsynced, and only
+//! then is it renamed into place and the `latest` pointer (a file naming the step directory)
+//! replaced through its own rename. Pruning by `keep_last` happens after that.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::data::StreamState;
+use crate::model::{self, Config};
+use crate::recipe::Recipe;
+use crate::tokenizer::TextTokenizer;
+use crate::train::precision::LossScaler;
+
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const LATEST: &str = "latest";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// `trainer_state.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Epochs of the training data consumed, fractional.
+    pub epoch: f64,
+    /// Where the training stream continues. The stream's shuffle is a pure function of
+    /// (recipe seed, epoch), so this is all the randomness a resume needs: the model has no
+    /// dropout and the trainer draws no other random numbers.
+    pub stream: StreamState,
+    /// AdamW's own step count (lower than `step` when fp16 overflow skipped updates).
+    pub optimizer_steps: u64,
+    pub loss_scaler: LossScaler,
+    /// sha256 of the recipe parts a resume must not change (see [`compatibility_hash`]).
+    pub recipe_hash: String,
+    pub recipe: Recipe,
+    /// Last value of every logged metric, for the model card and the user.
+    pub metrics: BTreeMap<String, f64>,
+    /// Every file of the checkpoint except this one.
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+/// The recipe parts whose change would make a resumed run a different experiment: the model,
+/// the tokenizer, the data (and its order, via the seed) and the batch geometry.
+pub fn compatibility_hash(recipe: &Recipe) -> String {
+    let parts = serde_json::json!({
+        "model": recipe.model,
+        "tokenizer": recipe.tokenizer,
+        "data": recipe.data,
+        "batch": recipe.batch,
+        "seed": recipe.seed,
+    });
+    hex::encode(Sha256::digest(parts.to_string().as_bytes()))
+}
+
+/// Explains why `new` cannot resume a run started with `old`, or lists the safe changes.
+pub fn check_compatible(old: &Recipe, new: &Recipe) -> Result<Vec<String>> {
+    let old_json = serde_json::to_value(old)?;
+    let new_json = serde_json::to_value(new)?;
+    let mut unsafe_changes = Vec::new();
+    let mut safe_changes = Vec::new();
+    for (key, old_value) in old_json.as_object().expect("recipe is an object") {
+        let new_value = &new_json[key];
+        if old_value == new_value {
+            continue;
+        }
+        let change = format!("{key}: {old_value} -> {new_value}");
+        match key.as_str() {
+            "model" | "tokenizer" | "data" | "batch" | "seed" => unsafe_changes.push(change),
+            _ => safe_changes.push(change),
+        }
+    }
+    if !unsafe_changes.is_empty() {
+        bail!(
+            "the recipe differs from the checkpoint's in what a resume must keep (model, tokenizer, \
+             data, batch, seed): {}. Start a new run (another `name`) instead",
+            unsafe_changes.join("; ")
+        );
+    }
+    Ok(safe_changes)
+}
+
+/// What goes into one checkpoint.
+pub struct Contents<'a> {
+    pub config: &'a Config,
+    /// fp32 master weights by HF name.
+    pub params: &'a HashMap<String, Tensor>,
+    pub weights_dtype: DType,
+    pub tokenizer: Option<&'a TextTokenizer>,
+    pub optimizer: HashMap<String, Tensor>,
+    pub state: TrainerState,
+    pub base_model: &'a str,
+}
+
+/// Writes `run_dir/step-<N>` atomically, points `latest` at it, then prunes to `keep_last`.
+pub fn save(run_dir: &Path, contents: Contents, keep_last: usize) -> Result<PathBuf> {
+    let step = contents.state.step;
+    let name = step_dir_name(step);
+    let final_dir = run_dir.join(&name);
+    let tmp = run_dir.join(format!(".tmp-{name}"));
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("{}: cannot create", run_dir.display()))?;
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| {
+            format!(
+                "{}: cannot remove a stale partial checkpoint",
+                tmp.display()
+            )
+        })?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    write_contents(&tmp, contents)
+        .with_context(|| format!("writing checkpoint {}", tmp.display()))?;
+    if final_dir.exists() {
+        // Only a checkpoint of the same step (e.g. a rerun after a crash during pruning).
+        std::fs::remove_dir_all(&final_dir)
+            .with_context(|| format!("{}: cannot replace", final_dir.display()))?;
+    }
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
+    sync_dir(run_dir)?;
+    let pointer_tmp = run_dir.join(format!(".{LATEST}.tmp"));
+    {
+        let mut file = File::create(&pointer_tmp)?;
+        writeln!(file, "{name}")?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&pointer_tmp, run_dir.join(LATEST))?;
+    sync_dir(run_dir)?;
+    if keep_last > 0 {
+        prune(run_dir, keep_last)?;
+    }
+    Ok(final_dir)
+}
+
+fn write_contents(dir: &Path, contents: Contents) -> Result<()> {
+    let mut optimizer = contents.optimizer;
+    if contents.weights_dtype != DType::F32 {
+        for (name, tensor) in contents.params {
+            optimizer.insert(format!("master.{name}"), tensor.clone());
+        }
+    }
+    model::save_model(
+        dir,
+        contents.config,
+        contents.params,
+        contents.weights_dtype,
+        model::DEFAULT_MAX_SHARD_BYTES,
+    )?;
+    if let Some(tokenizer) = contents.tokenizer {
+        tokenizer.save_to(dir)?;
+    }
+    candle_core::safetensors::save(&optimizer, dir.join(OPTIMIZER_FILE))?;
+    std::fs::write(
+        dir.join("README.md"),
+        model_card(contents.base_model, &contents.state)?,
+    )?;
+    let mut state = contents.state;
+    state.files = hash_files(dir)?;
+    let path = dir.join(STATE_FILE);
+    std::fs::write(&path, serde_json::to_string_pretty(&state)? + "\n")?;
+    for entry in std::fs::read_dir(dir)? {
+        File::open(entry?.path())?.sync_all()?;
+    }
+    sync_dir(dir)
+}
+
+fn model_card(base_model: &str, state: &TrainerState) -> Result<String> {
+    let recipe = serde_norway::to_string(&state.recipe)?;
+    let metrics: String = state
+        .metrics
+        .iter()
+        .map(|(k, v)| format!("| {k} | {v:.6} |\n"))
+        .collect();
+    Ok(format!(
+        "---\nlibrary_name: transformers\ntags:\n- gptj\n- kiln\n---\n\n# {name} (step {step})\n\n\
+         Fine-tuned with Kiln {version} from `{base_model}`: {step} optimizer steps, {epoch:.3} \
+         epochs of the training data.\n\n## Metrics so far\n\n| metric | value |\n|---|---|\n{metrics}\n\
+         ## Recipe\n\n```yaml\n{recipe}```\n",
+        name = state.recipe.name,
+        step = state.step,
+        epoch = state.epoch,
+        version = env!("CARGO_PKG_VERSION"),
+    ))
+}
+
+fn hash_files(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name == STATE_FILE || !entry.file_type()?.is_file() {
+            continue;
+        }
+        files.insert(name, hash_file(&entry.path())?);
+    }
+    Ok(files)
+}
+
+fn hash_file(path: &Path) -> Result<FileEntry> {
+    let mut file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok(FileEntry {
+        size,
+        sha256: hex::encode(hasher.finalize()),
+    })
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("{}: cannot fsync", dir.display()))
+}
+
+fn step_dir_name(step: u64) -> String {
+    format!("step-{step}")
+}
+
+/// Reads a checkpoint's state and checks every file it lists (presence, size, sha256).
+pub fn verify(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a valid trainer state", path.display()))?;
+    for (name, expected) in &state.files {
+        let file = dir.join(name);
+        if !file.is_file() {
+            bail!("{}: file is missing", file.display());
+        }
+        let found = hash_file(&file)?;
+        if found.size != expected.size {
+            bail!(
+                "{}: size is {} bytes, trainer_state.json says {}",
+                file.display(),
+                found.size,
+                expected.size
+            );
+        }
+        if found.sha256 != expected.sha256 {
+            bail!(
+                "{}: sha256 does not match trainer_state.json",
+                file.display()
+            );
+        }
+    }
+    Ok(state)
+}
+
+/// The newest checkpoint of a run that passes verification: the one `latest` names, else the
+/// next older `step-*` directory. Each rejected checkpoint is reported through `warn`.
+pub fn latest_good(
+    run_dir: &Path,
+    warn: &mut dyn FnMut(String),
+) -> Result<(PathBuf, TrainerState)> {
+    let mut candidates: Vec<(u64, PathBuf)> = std::fs::read_dir(run_dir)
+        .with_context(|| format!("{}: no checkpoints to resume from", run_dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
+    // `latest` normally names the newest; a pointer to an older step (newer ones written by a
+    // run that crashed before updating it) is honoured by starting there.
+    if let Ok(pointer) = std::fs::read_to_string(run_dir.join(LATEST)) {
+        let named = run_dir.join(pointer.trim());
+        if let Some(i) = candidates.iter().position(|(_, p)| *p == named) {
+            candidates.drain(..i);
+        }
+    }
+    for (_, dir) in &candidates {
+        match verify(dir) {
+            Ok(state) => return Ok((dir.clone(), state)),
+            Err(e) => warn(format!(
+                "checkpoint {} failed verification and is skipped: {e:#}",
+                dir.display()
+            )),
+        }
+    }
+    bail!(
+        "{}: no complete checkpoint to resume from",
+        run_dir.display()
+    )
+}
+
+/// Removes all but the newest `keep_last` step directories.
+fn prune(run_dir: &Path, keep_last: usize) -> Result<()> {
+    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(run_dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            Some((name.strip_prefix("step-")?.parse::<u64>().ok()?, e.path()))
+        })
+        .collect();
+    steps.sort_by_key(|s| std::cmp::Reverse(s.0));
+    for (_, dir) in steps.into_iter().skip(keep_last) {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("{}: cannot prune", dir.display()))?;
+    }
+    Ok(())
+}

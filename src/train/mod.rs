@@ -1,0 +1,622 @@
+//! The training loop: one readable function, [`run`], from initial weights to the last checkpoint.
+//!
+//! Loss normalisation: every optimizer step minimises the token-weighted mean next-token
+//! cross-entropy over its whole global batch, `sum(nll over trained tokens) / trained tokens`.
+//! Each micro-batch shard backpropagates `its nll sum / tokens of the global batch`, so the
+//! summed gradients are the same however the batch is cut into micro-batches, accumulation steps
+//! and replicas, padded or packed. (HF Trainer instead averages per-micro-batch means, which
+//! weights tokens of short micro-batches more; with packed, unpadded rows both agree.)
+
+pub mod loss;
+pub mod optimizer;
+pub mod precision;
+pub mod schedule;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::data::{Sequence, SequenceStream};
+use crate::model::{self, Batch, Config, GptJ};
+use crate::recipe::{Compute, Recipe};
+use crate::tokenizer::TextTokenizer;
+use crate::track::{Progress, Tracker};
+
+pub use optimizer::AdamW;
+pub use precision::{LossScaler, StepVerdict};
+pub use schedule::Schedule;
+
+/// The model a run starts from.
+pub struct ModelInit {
+    pub config: Config,
+    /// Every parameter by HF name, any dtype (converted to fp32 master weights).
+    pub params: HashMap<String, Tensor>,
+    /// Saved into every checkpoint so that it is a complete HF model directory.
+    pub tokenizer: Option<TextTokenizer>,
+    /// Where the weights came from (a path, a Hub id or `init:<preset>`), for the model card.
+    pub base_model: String,
+}
+
+pub enum Resume {
+    /// The newest checkpoint of this run that passes verification.
+    Latest,
+    /// This checkpoint directory.
+    Dir(PathBuf),
+}
+
+/// Metrics from the caller's evaluator (e.g. `("accuracy", 0.81)`), logged as `eval/<name>`.
+pub type EvalHook<'a> = Box<dyn FnMut(&GptJ, u64) -> Result<Vec<(String, f64)>> + 'a>;
+/// Called with each completed checkpoint directory and its step (e.g. to upload it).
+pub type CheckpointHook<'a> = Box<dyn FnMut(&Path, u64) -> Result<()> + 'a>;
+
+#[derive(Default)]
+pub struct TrainOptions<'a> {
+    /// No progress bar; plain log lines.
+    pub quiet: bool,
+    pub resume: Option<Resume>,
+    /// When set (by the caller, or by SIGINT/SIGTERM if `handle_signals`), the run finishes the
+    /// current step, saves a checkpoint and returns with `stopped_early`.
+    pub stop: Option<Arc<AtomicBool>>,
+    pub handle_signals: bool,
+    /// CPU threads for the whole run, shared out among replicas (default: all cores).
+    pub threads: Option<usize>,
+    pub eval_hook: Option<EvalHook<'a>>,
+    pub checkpoint_hook: Option<CheckpointHook<'a>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// Last completed optimizer step.
+    pub step: u64,
+    pub total_steps: u64,
+    /// True when a stop request ended the run before `total_steps`.
+    pub stopped_early: bool,
+    /// Training loss of each step this call ran (a resumed run starts after the checkpoint).
+    pub losses: Vec<f64>,
+    /// Pre-clip gradient norm of each step this call ran.
+    pub grad_norms: Vec<f64>,
+    /// Wall-clock seconds of each step this call ran (forward, backward and update; not
+    /// evaluation or checkpointing).
+    pub step_seconds: Vec<f64>,
+    /// Metrics of the last evaluation.
+    pub eval: BTreeMap<String, f64>,
+    pub last_checkpoint: Option<PathBuf>,
+    pub run_dir: PathBuf,
+    pub checkpoint_dir: PathBuf,
+}
+
+/// Trains `init` on `train` as `recipe` says; see the module docs for the loss.
+pub fn run(
+    recipe: &Recipe,
+    init: ModelInit,
+    mut train: SequenceStream,
+    eval: Option<Vec<Sequence>>,
+    mut options: TrainOptions,
+) -> Result<TrainSummary> {
+    let device = model::parse_device(&recipe.device)?;
+    keep_freed_memory();
+    let compute_dtype = match recipe.precision.compute {
+        Compute::Fp32 => DType::F32,
+        Compute::Fp16 => DType::F16,
+        Compute::Bf16 => DType::BF16,
+    };
+    let batch = &recipe.batch;
+    ensure!(
+        batch.micro > 0 && batch.replicas > 0,
+        "batch.micro and batch.replicas must be positive"
+    );
+    let per_micro_step = batch.micro * batch.replicas;
+    ensure!(
+        batch.global > 0 && batch.global.is_multiple_of(per_micro_step),
+        "batch.global ({}) must be a positive multiple of batch.micro × batch.replicas ({} × {})",
+        batch.global,
+        batch.micro,
+        batch.replicas
+    );
+    let total_steps = total_steps(recipe, train.sequences_per_epoch())?;
+    let schedule = Schedule::new(&recipe.schedule, recipe.optimizer.lr, total_steps);
+    let run_checkpoints = recipe.checkpoint.dir.join(&recipe.name);
+    let run_logs = recipe.tracking.log_dir.join(&recipe.name);
+
+    // fp32 master weights as autograd variables, in HF state_dict order.
+    let mut params: Vec<(String, Var)> = Vec::new();
+    for (name, shape) in model::parameter_shapes(&init.config) {
+        let tensor = init
+            .params
+            .get(&name)
+            .with_context(|| format!("initial weights lack {name}"))?;
+        ensure!(
+            tensor.dims() == shape.as_slice(),
+            "initial weight {name} has shape {:?}, expected {shape:?}",
+            tensor.dims()
+        );
+        params.push((
+            name,
+            Var::from_tensor(&tensor.to_dtype(DType::F32)?.to_device(&device)?)?,
+        ));
+    }
+    drop(init.params);
+    let mut adamw = AdamW::new(&recipe.optimizer, &params)?;
+    let mut scaler = LossScaler::new(&recipe.precision);
+    let mut start_step = 0u64;
+    let mut last_metrics: BTreeMap<String, f64> = BTreeMap::new();
+
+    if let Some(resume) = &options.resume {
+        let mut warnings = Vec::new();
+        let (dir, state) = match resume {
+            Resume::Latest => checkpoint::latest_good(&run_checkpoints, &mut |w| warnings.push(w))?,
+            Resume::Dir(dir) => (dir.clone(), checkpoint::verify(dir)?),
+        };
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
+        let changes = checkpoint::check_compatible(&state.recipe, recipe)
+            .with_context(|| format!("cannot resume from {}", dir.display()))?;
+        for change in changes {
+            println!("resume: recipe change allowed: {change}");
+        }
+        restore(&dir, &state, &init.config, &params, &mut adamw, &device)?;
+        train.restore(state.stream);
+        scaler = state.loss_scaler;
+        start_step = state.step;
+        last_metrics = state.metrics;
+        println!("resumed from {} at step {start_step}", dir.display());
+    }
+
+    let stop = options.stop.clone().unwrap_or_default();
+    let _signals = if options.handle_signals {
+        Some(SignalGuard::install(&stop)?)
+    } else {
+        None
+    };
+    let threads = options
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let pools = (0..batch.replicas)
+        .map(|_| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads((threads / batch.replicas).max(1))
+                .build()
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+
+    let recipe_yaml = serde_norway::to_string(recipe)?;
+    let mut tracker = Tracker::open(
+        &run_logs,
+        &recipe_yaml,
+        &recipe.device,
+        (start_step > 0).then_some(start_step),
+    )?;
+    let progress = Progress::new(total_steps, start_step, options.quiet);
+    let pad_id = init.tokenizer.as_ref().map_or(0, |t| t.pad_id());
+    let eval_every = recipe.eval.every;
+    let mut summary = TrainSummary {
+        step: start_step,
+        total_steps,
+        stopped_early: false,
+        losses: Vec::new(),
+        grad_norms: Vec::new(),
+        step_seconds: Vec::new(),
+        eval: BTreeMap::new(),
+        last_checkpoint: None,
+        run_dir: run_logs.clone(),
+        checkpoint_dir: run_checkpoints.clone(),
+    };
+    let save = |step: u64,
+                params: &[(String, Var)],
+                adamw: &AdamW,
+                scaler: &LossScaler,
+                stream: &SequenceStream,
+                metrics: &BTreeMap<String, f64>|
+     -> Result<PathBuf> {
+        let tensors: HashMap<String, Tensor> = params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let state = TrainerState {
+            step,
+            epoch: stream.epoch_progress(),
+            stream: stream.state(),
+            optimizer_steps: adamw.step,
+            loss_scaler: *scaler,
+            recipe_hash: checkpoint::compatibility_hash(recipe),
+            recipe: recipe.clone(),
+            metrics: metrics.clone(),
+            files: BTreeMap::new(),
+        };
+        let weights_dtype = match recipe.checkpoint.dtype.unwrap_or(Compute::Fp32) {
+            Compute::Fp32 => DType::F32,
+            Compute::Fp16 => DType::F16,
+            Compute::Bf16 => DType::BF16,
+        };
+        checkpoint::save(
+            &run_checkpoints,
+            checkpoint::Contents {
+                config: &init.config,
+                params: &tensors,
+                weights_dtype,
+                tokenizer: init.tokenizer.as_ref(),
+                optimizer: adamw.state_tensors(params),
+                state,
+                base_model: &init.base_model,
+            },
+            recipe.checkpoint.keep_last,
+        )
+    };
+
+    for step in start_step + 1..=total_steps {
+        let started = Instant::now();
+        let lr = schedule.lr_at(step);
+        let sequences = train.next_batch(batch.global);
+        let targets: usize = sequences.iter().map(Sequence::target_count).sum();
+        if targets == 0 {
+            bail!("step {step}: no token of the batch is trained on (check data.loss_on and the templates)");
+        }
+        let tensors: HashMap<String, Tensor> = params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let model = model::model_from_parameters(&init.config, &tensors, compute_dtype, &device)?;
+        // Scaled so that the sum over all shards is the global batch's mean loss (times the
+        // fp16 loss scale).
+        let shard_weight = scaler.scale / targets as f64;
+        let mut grads: Option<Vec<Tensor>> = None;
+        let mut nll_total = 0f64;
+        for micro_step in sequences.chunks(per_micro_step) {
+            let shards: Vec<&[Sequence]> = micro_step.chunks(batch.micro).collect();
+            let results: Vec<Result<ShardResult>> = if shards.len() == 1 {
+                vec![pools[0]
+                    .install(|| shard_backward(&model, &params, shards[0], pad_id, shard_weight))]
+            } else {
+                std::thread::scope(|scope| {
+                    let handles: Vec<_> = shards
+                        .iter()
+                        .zip(&pools)
+                        .map(|(shard, pool)| {
+                            let (model, params) = (&model, &params);
+                            scope.spawn(move || {
+                                pool.install(|| {
+                                    shard_backward(model, params, shard, pad_id, shard_weight)
+                                })
+                            })
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| {
+                            h.join().unwrap_or_else(|_| {
+                                Err(anyhow::anyhow!("a replica thread panicked"))
+                            })
+                        })
+                        .collect()
+                })
+            };
+            // Summed in replica order, so the result does not depend on which thread finished first.
+            for result in results {
+                let Some(result) = result.with_context(|| format!("step {step}"))? else {
+                    continue;
+                };
+                nll_total += result.nll_sum;
+                grads = Some(match grads {
+                    None => result.grads,
+                    Some(acc) => acc
+                        .iter()
+                        .zip(&result.grads)
+                        .map(|(a, g)| a + g)
+                        .collect::<candle_core::Result<Vec<_>>>()?,
+                });
+            }
+        }
+        drop(model);
+        let mut grads = grads.expect("at least one shard has targets");
+        if scaler.scale != 1.0 {
+            for g in grads.iter_mut() {
+                *g = (&*g / scaler.scale)?;
+            }
+        }
+        let loss = nll_total / targets as f64;
+        let grad_norm = optimizer::global_norm(&grads)?;
+        let verdict = scaler.update(grad_norm.is_finite());
+        if verdict == StepVerdict::Apply {
+            if let Some(max_norm) = recipe.optimizer.grad_clip {
+                optimizer::clip(&mut grads, grad_norm, max_norm)?;
+            }
+            adamw.update(&params, &grads, lr)?;
+        } else {
+            progress.println(&format!(
+                "step {step}: non-finite gradients, update skipped, loss scale now {}",
+                scaler.scale
+            ));
+        }
+        drop(grads);
+
+        let elapsed = started.elapsed().as_secs_f64();
+        let tokens: usize = sequences.iter().map(Sequence::len).sum();
+        let tokens_per_sec = tokens as f64 / elapsed.max(1e-9);
+        summary.losses.push(loss);
+        summary.grad_norms.push(grad_norm);
+        summary.step_seconds.push(elapsed);
+        summary.step = step;
+        let log_now = step % recipe.tracking.log_every.max(1) == 0 || step == total_steps;
+        let scalars = [
+            ("train/loss", loss),
+            ("train/lr", lr),
+            ("train/grad_norm", grad_norm),
+            ("train/loss_scale", scaler.scale),
+            ("train/tokens_per_sec", tokens_per_sec),
+            ("train/epoch", train.epoch_progress()),
+        ];
+        if log_now {
+            for (tag, value) in scalars {
+                tracker.scalar(tag, step, value)?;
+            }
+        }
+        last_metrics.extend(scalars.iter().map(|(t, v)| (t.to_string(), *v)));
+        progress.step(step, total_steps, loss, lr, tokens_per_sec, log_now);
+
+        let last = step == total_steps;
+        if (eval_every > 0 && step % eval_every == 0) || last {
+            if let Some(results) = evaluate(
+                &init.config,
+                &params,
+                compute_dtype,
+                &device,
+                eval.as_deref(),
+                recipe.eval.batch_size,
+                pad_id,
+                step,
+                options.eval_hook.as_mut(),
+            )? {
+                if !results.is_empty() {
+                    let line: Vec<String> =
+                        results.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+                    progress.println(&format!("step {step}: {}", line.join(", ")));
+                }
+                for (name, value) in results {
+                    let tag = format!("eval/{name}");
+                    tracker.scalar(&tag, step, value)?;
+                    last_metrics.insert(tag, value);
+                    summary.eval.insert(name, value);
+                }
+            }
+        }
+        tracker.flush()?;
+
+        let stopping = stop.load(Ordering::SeqCst) && !last;
+        let every = recipe.checkpoint.every;
+        if (every > 0 && step % every == 0) || last || stopping {
+            let dir = save(step, &params, &adamw, &scaler, &train, &last_metrics)?;
+            progress.println(&format!("saved checkpoint {}", dir.display()));
+            if let Some(hook) = options.checkpoint_hook.as_mut() {
+                hook(&dir, step)
+                    .with_context(|| format!("checkpoint hook for {}", dir.display()))?;
+            }
+            summary.last_checkpoint = Some(dir);
+        }
+        if stopping {
+            progress.finish();
+            println!(
+                "stopped at step {step} of {total_steps} on request; resume with --resume latest"
+            );
+            summary.stopped_early = true;
+            return Ok(summary);
+        }
+    }
+    progress.finish();
+    Ok(summary)
+}
+
+/// SIGINT/SIGTERM handlers for the duration of a run: the first signal sets the stop flag (the
+/// run saves and returns); a second one while it is set exits at once, as users expect from a
+/// repeated Ctrl-C.
+struct SignalGuard(Vec<signal_hook::SigId>);
+
+impl SignalGuard {
+    fn install(stop: &Arc<AtomicBool>) -> Result<Self> {
+        let mut ids = Vec::new();
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            // Registered first, so it sees the flag before this signal's own handler sets it.
+            ids.push(signal_hook::flag::register_conditional_shutdown(
+                signal,
+                130,
+                stop.clone(),
+            )?);
+            ids.push(signal_hook::flag::register(signal, stop.clone())?);
+        }
+        Ok(Self(ids))
+    }
+}
+
+impl Drop for SignalGuard {
+    fn drop(&mut self) {
+        for id in self.0.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
+}
+
+/// Every step allocates and frees the same large activation and gradient buffers. By default
+/// glibc serves blocks above a (dynamic) threshold with fresh mmaps and unmaps them on free, so
+/// each step page-faults its working set back in (over 10% of a CPU step). A fixed threshold at
+/// glibc's maximum (32 MB) and a high trim threshold keep freed blocks for reuse; peak RSS is
+/// unchanged since it is set by the largest step anyway.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; it is called before training allocates.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+/// Optimizer steps of the run: `steps`, or enough global batches to cover `epochs`.
+pub fn total_steps(recipe: &Recipe, sequences_per_epoch: usize) -> Result<u64> {
+    match (recipe.steps, recipe.epochs) {
+        (Some(steps), _) if steps > 0 => Ok(steps),
+        (_, Some(epochs)) if epochs > 0.0 => {
+            ensure!(
+                sequences_per_epoch > 0,
+                "the training data has no sequences"
+            );
+            Ok(((epochs * sequences_per_epoch as f64) / recipe.batch.global as f64).ceil() as u64)
+        }
+        _ => bail!("the recipe needs a positive `steps` or `epochs`"),
+    }
+}
+
+fn restore(
+    dir: &Path,
+    state: &TrainerState,
+    config: &Config,
+    params: &[(String, Var)],
+    adamw: &mut AdamW,
+    device: &Device,
+) -> Result<()> {
+    let saved_config = model::load_config(dir)?;
+    ensure!(
+        saved_config.n_embd == config.n_embd
+            && saved_config.n_layer == config.n_layer
+            && saved_config.n_head == config.n_head
+            && saved_config.vocab_size == config.vocab_size,
+        "{}: the checkpoint's model shape differs from the recipe's model",
+        dir.display()
+    );
+    let optimizer_path = dir.join(checkpoint::OPTIMIZER_FILE);
+    let mut optimizer_state = candle_core::safetensors::load(&optimizer_path, device)
+        .with_context(|| format!("{}: cannot read", optimizer_path.display()))?;
+    let masters: HashMap<String, Tensor> = optimizer_state
+        .keys()
+        .filter(|k| k.starts_with("master."))
+        .cloned()
+        .collect::<Vec<_>>()
+        .into_iter()
+        .filter_map(|k| {
+            optimizer_state
+                .remove(&k)
+                .map(|t| (k["master.".len()..].to_string(), t))
+        })
+        .collect();
+    let weights = if masters.is_empty() {
+        model::load_parameters(dir, config, DType::F32, device)?
+    } else {
+        masters
+    };
+    for (name, var) in params {
+        let tensor = weights
+            .get(name)
+            .with_context(|| format!("{}: weight {name} is missing", dir.display()))?;
+        var.set(&tensor.to_dtype(DType::F32)?)?;
+    }
+    adamw.load_state(
+        params,
+        optimizer_state,
+        state.optimizer_steps,
+        &optimizer_path,
+    )
+}
+
+/// `None` when the shard trains on no token.
+type ShardResult = Option<Shard>;
+
+struct Shard {
+    nll_sum: f64,
+    grads: Vec<Tensor>,
+}
+
+/// Forward and backward of one micro-batch shard; gradients of `weight × nll sum`.
+fn shard_backward(
+    model: &GptJ,
+    params: &[(String, Var)],
+    shard: &[Sequence],
+    pad_id: u32,
+    weight: f64,
+) -> Result<ShardResult> {
+    if shard.iter().all(|s| s.target_count() == 0) {
+        return Ok(None);
+    }
+    let (batch, labels) = make_batch(shard, pad_id, model.device())?;
+    let hidden = model.hidden_states(&batch, None)?;
+    let (head_weight, head_bias) = model.lm_head();
+    let loss = loss::lm_head_loss(&hidden, head_weight, head_bias, &labels, Some(weight))?;
+    let grad_store = loss.surrogate.expect("the shard has targets").backward()?;
+    let nll_sum = loss.nll_sum;
+    let (head_weight_grad, head_bias_grad) = loss.head_grads.expect("the shard has targets");
+    let grads = params
+        .iter()
+        .map(|(name, v)| {
+            let grad = match name.as_str() {
+                "lm_head.weight" => Some(&head_weight_grad),
+                "lm_head.bias" => head_bias_grad.as_ref(),
+                _ => grad_store.get(v.as_tensor()),
+            };
+            match grad {
+                Some(g) => Ok(g.to_dtype(DType::F32)?),
+                None => Ok(v.zeros_like()?),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(Shard { nll_sum, grads }))
+}
+
+fn make_batch(rows: &[Sequence], pad_id: u32, device: &Device) -> Result<(Batch, Vec<i64>)> {
+    let ids: Vec<Vec<u32>> = rows.iter().map(|s| s.ids.clone()).collect();
+    let batch = Batch::right_padded(&ids, pad_id, device)?;
+    let seq = batch.input_ids.dim(1)?;
+    let labels = rows.iter().flat_map(|s| s.labels(seq)).collect();
+    Ok((batch, labels))
+}
+
+/// Eval loss (token-weighted mean over `sequences`) plus whatever the hook reports; `None` when
+/// there is neither.
+#[allow(clippy::too_many_arguments)]
+fn evaluate(
+    config: &Config,
+    params: &[(String, Var)],
+    dtype: DType,
+    device: &Device,
+    sequences: Option<&[Sequence]>,
+    batch_size: usize,
+    pad_id: u32,
+    step: u64,
+    hook: Option<&mut EvalHook>,
+) -> Result<Option<Vec<(String, f64)>>> {
+    let sequences = sequences.filter(|s| !s.is_empty());
+    if sequences.is_none() && hook.is_none() {
+        return Ok(None);
+    }
+    // Detached copies: evaluation must not extend the training graph.
+    let tensors: HashMap<String, Tensor> = params
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+        .collect();
+    let model = model::model_from_parameters(config, &tensors, dtype, device)?;
+    let mut results = Vec::new();
+    if let Some(sequences) = sequences {
+        let (mut nll, mut count) = (0f64, 0usize);
+        for rows in sequences.chunks(batch_size.max(1)) {
+            let trained: usize = rows.iter().map(Sequence::target_count).sum();
+            if trained == 0 {
+                continue;
+            }
+            let (batch, labels) = make_batch(rows, pad_id, device)?;
+            let hidden = model.hidden_states(&batch, None)?;
+            let (head_weight, head_bias) = model.lm_head();
+            nll += loss::lm_head_loss(&hidden, head_weight, head_bias, &labels, None)?.nll_sum;
+            count += trained;
+        }
+        if count > 0 {
+            results.push(("loss".to_string(), nll / count as f64));
+        }
+    }
+    if let Some(hook) = hook {
+        results
+            .extend(hook(&model, step).with_context(|| format!("evaluation hook at step {step}"))?);
+    }
+    Ok(Some(results))
+}

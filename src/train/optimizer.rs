@@ -1,0 +1,224 @@
+//! AdamW exactly as `torch.optim.AdamW` computes it, on fp32 master weights.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Storage, Tensor, Var};
+use rayon::prelude::*;
+
+use crate::recipe::OptimizerSpec;
+
+/// Adam moments of one parameter, always fp32.
+#[derive(Debug)]
+pub struct Moments {
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+}
+
+/// AdamW over a fixed list of named fp32 parameters (HF `state_dict()` order).
+#[derive(Debug)]
+pub struct AdamW {
+    spec: OptimizerSpec,
+    /// Optimizer steps taken so far; torch's `state["step"]`, shared by all parameters because
+    /// every parameter is updated on every step.
+    pub step: u64,
+    pub moments: Vec<Moments>,
+}
+
+impl AdamW {
+    pub fn new(spec: &OptimizerSpec, params: &[(String, Var)]) -> Result<Self> {
+        let moments = params
+            .iter()
+            .map(|(_, p)| {
+                Ok(Moments {
+                    exp_avg: p.zeros_like()?.to_dtype(DType::F32)?,
+                    exp_avg_sq: p.zeros_like()?.to_dtype(DType::F32)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            spec: spec.clone(),
+            step: 0,
+            moments,
+        })
+    }
+
+    /// One update with learning rate `lr`; `grads[i]` (fp32, already unscaled and clipped)
+    /// belongs to `params[i]`. Follows torch's single-tensor `_single_tensor_adamw`:
+    /// `p *= 1 - lr*wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+    /// p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`.
+    pub fn update(&mut self, params: &[(String, Var)], grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step += 1;
+        let [b1, b2] = self.spec.betas;
+        let t = self.step as i32;
+        let bias1 = 1.0 - b1.powi(t);
+        let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
+        let step_size = lr / bias1;
+        let decay = 1.0 - lr * self.spec.weight_decay;
+        let constants = StepConstants {
+            b1: b1 as f32,
+            b2: b2 as f32,
+            step_size: step_size as f32,
+            bias2_sqrt: bias2_sqrt as f32,
+            eps: self.spec.eps as f32,
+            decay: decay as f32,
+        };
+        for (((name, param), grad), moments) in params.iter().zip(grads).zip(&mut self.moments) {
+            let updated = if param.device().is_cpu() {
+                fused_cpu_update(param, grad, moments, &constants)
+            } else {
+                tensor_update(param, grad, moments, &constants)
+            };
+            updated.with_context(|| format!("AdamW update of {name}"))?;
+        }
+        Ok(())
+    }
+
+    /// The moments as `exp_avg.<param>` / `exp_avg_sq.<param>`, for `optimizer.safetensors`.
+    pub fn state_tensors(&self, params: &[(String, Var)]) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for ((name, _), m) in params.iter().zip(&self.moments) {
+            out.insert(format!("exp_avg.{name}"), m.exp_avg.clone());
+            out.insert(format!("exp_avg_sq.{name}"), m.exp_avg_sq.clone());
+        }
+        out
+    }
+
+    /// Restores moments saved by [`AdamW::state_tensors`]; every tensor must be present with
+    /// its parameter's shape.
+    pub fn load_state(
+        &mut self,
+        params: &[(String, Var)],
+        mut saved: HashMap<String, Tensor>,
+        step: u64,
+        source: &std::path::Path,
+    ) -> Result<()> {
+        for ((name, param), m) in params.iter().zip(&mut self.moments) {
+            for (key, slot) in [
+                (format!("exp_avg.{name}"), &mut m.exp_avg),
+                (format!("exp_avg_sq.{name}"), &mut m.exp_avg_sq),
+            ] {
+                let tensor = saved
+                    .remove(&key)
+                    .with_context(|| format!("{}: tensor {key} is missing", source.display()))?;
+                anyhow::ensure!(
+                    tensor.dims() == param.dims(),
+                    "{}: tensor {key} has shape {:?}, expected {:?}",
+                    source.display(),
+                    tensor.dims(),
+                    param.dims()
+                );
+                *slot = tensor.to_dtype(DType::F32)?.to_device(param.device())?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// L2 norm over all gradients together (torch's `clip_grad_norm_` total norm), in f64.
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut sum = 0f64;
+    for g in grads {
+        sum += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    Ok(sum.sqrt())
+}
+
+/// Scales gradients as `clip_grad_norm_` does: by `max_norm / (norm + 1e-6)` when that is
+/// below 1.
+pub fn clip(grads: &mut [Tensor], norm: f64, max_norm: f64) -> Result<()> {
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.iter_mut() {
+            *g = (&*g * coef)?;
+        }
+    }
+    Ok(())
+}
+
+/// Per-step scalars of the update, in the fp32 the arithmetic runs in.
+struct StepConstants {
+    b1: f32,
+    b2: f32,
+    step_size: f32,
+    bias2_sqrt: f32,
+    eps: f32,
+    decay: f32,
+}
+
+/// The update in one parallel pass over each tensor (a dozen tensor ops would each read and
+/// write the whole parameter).
+fn fused_cpu_update(
+    param: &Var,
+    grad: &Tensor,
+    moments: &mut Moments,
+    c: &StepConstants,
+) -> candle_core::Result<()> {
+    let grad = grad.contiguous()?;
+    let n = param.elem_count();
+    let (mut new_p, mut new_m, mut new_v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    {
+        let p = param.as_tensor().contiguous()?;
+        let guards = [
+            p.storage_and_layout(),
+            grad.storage_and_layout(),
+            moments.exp_avg.storage_and_layout(),
+            moments.exp_avg_sq.storage_and_layout(),
+        ];
+        let mut slices = Vec::with_capacity(4);
+        for (storage, layout) in &guards {
+            let Storage::Cpu(cpu) = &**storage else {
+                candle_core::bail!("fused AdamW runs on CPU tensors");
+            };
+            let (start, end) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::msg("AdamW state is not contiguous"))?;
+            slices.push(&cpu.as_slice::<f32>()?[start..end]);
+        }
+        let (p, g, m, v) = (slices[0], slices[1], slices[2], slices[3]);
+        const CHUNK: usize = 1 << 14;
+        new_p
+            .par_chunks_mut(CHUNK)
+            .zip(new_m.par_chunks_mut(CHUNK))
+            .zip(new_v.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(chunk, ((out_p, out_m), out_v))| {
+                let base = chunk * CHUNK;
+                for i in 0..out_p.len() {
+                    let j = base + i;
+                    let m = c.b1 * m[j] + (1.0 - c.b1) * g[j];
+                    let v = c.b2 * v[j] + (1.0 - c.b2) * g[j] * g[j];
+                    let denom = v.sqrt() / c.bias2_sqrt + c.eps;
+                    out_p[i] = p[j] * c.decay - c.step_size * (m / denom);
+                    out_m[i] = m;
+                    out_v[i] = v;
+                }
+            });
+    }
+    let shape = param.shape().clone();
+    let device = param.device().clone();
+    moments.exp_avg = Tensor::from_vec(new_m, shape.clone(), &device)?;
+    moments.exp_avg_sq = Tensor::from_vec(new_v, shape.clone(), &device)?;
+    param.set(&Tensor::from_vec(new_p, shape, &device)?)
+}
+
+/// The same update from tensor ops, for devices other than the CPU.
+fn tensor_update(
+    param: &Var,
+    grad: &Tensor,
+    moments: &mut Moments,
+    c: &StepConstants,
+) -> candle_core::Result<()> {
+    let (b1, b2) = (c.b1 as f64, c.b2 as f64);
+    moments.exp_avg = ((&moments.exp_avg * b1)? + (grad * (1.0 - b1))?)?;
+    moments.exp_avg_sq = ((&moments.exp_avg_sq * b2)? + (grad.sqr()? * (1.0 - b2))?)?;
+    let denom = ((moments.exp_avg_sq.sqrt()? / c.bias2_sqrt as f64)? + c.eps as f64)?;
+    let decayed = (param.as_tensor() * c.decay as f64)?;
+    let new = (decayed - ((&moments.exp_avg / denom)? * c.step_size as f64)?)?;
+    param.set(&new)
+}
