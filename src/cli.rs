@@ -22,6 +22,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Train (fine-tune) a model as a recipe says: checkpoints, TensorBoard logs, evaluation.
+    #[command(visible_alias = "finetune")]
+    Train(TrainArgs),
     /// Write a randomly initialised GPT-J as a Hugging Face model directory.
     Init(InitArgs),
     /// Per-token log-probabilities of texts or token ids under a model.
@@ -38,6 +41,21 @@ pub enum Command {
     /// Look at a recipe's data, or generate the bundled dataset.
     #[command(subcommand)]
     Data(DataCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    /// Continue a run: `latest` (the newest good checkpoint of this run) or a checkpoint directory.
+    #[arg(long, value_name = "latest|CHECKPOINT_DIR")]
+    pub resume: Option<String>,
+    /// Plain log lines instead of a progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -267,6 +285,7 @@ fn init_logging() {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Train(args) => train(args),
         Command::Init(args) => init(args),
         Command::Score(args) => score(args),
         Command::Eval(args) => eval(args),
@@ -275,6 +294,20 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Recipe(RecipeCommand::Check(args)) => recipe_check(args),
         Command::Data(command) => data(command),
     }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    use crate::train::launch::{parse_resume, train_recipe, LaunchOptions};
+    train_recipe(
+        &args.recipe.recipe,
+        LaunchOptions {
+            overrides: args.recipe.set,
+            resume: args.resume.as_deref().map(parse_resume),
+            quiet: args.quiet,
+            threads: args.threads,
+        },
+    )?;
+    Ok(())
 }
 
 fn init(args: InitArgs) -> Result<()> {
@@ -366,9 +399,13 @@ fn eval(args: EvalArgs) -> Result<()> {
     let dtype = model::parse_dtype(&args.dtype)?;
     let device = model::parse_device(&args.device)?;
     let model = model::load_model(&args.model, dtype, &device)?;
-    let tokenizer = model_tokenizer(&args.model, model.config().vocab_size)?.with_context(|| {
-        format!("{}: the model directory has no tokenizer", args.model.display())
-    })?;
+    let tokenizer =
+        model_tokenizer(&args.model, model.config().vocab_size)?.with_context(|| {
+            format!(
+                "{}: the model directory has no tokenizer",
+                args.model.display()
+            )
+        })?;
     let rows = mnli::read_nli_rows(&args.data, args.split.as_deref(), args.limit)?;
     let mut report = mnli::evaluate_mnli(&model, &tokenizer, &rows, args.mode, args.batch_size)?;
     report.split = args.split.clone().unwrap_or_else(|| args.data.clone());
@@ -383,7 +420,11 @@ fn eval(args: EvalArgs) -> Result<()> {
         report.correct,
         report.n,
         report.badly_formed,
-        files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+        files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(())
 }
@@ -412,7 +453,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
     params.validate()?;
     let need_tokenizer = || {
         tokenizer.as_ref().with_context(|| {
-            format!("{}: text prompts need a tokenizer in the model directory", args.model.display())
+            format!(
+                "{}: text prompts need a tokenizer in the model directory",
+                args.model.display()
+            )
         })
     };
     if let Some(prompt) = &args.prompt {
@@ -442,8 +486,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let input = args.input.as_ref().expect("clap requires --input without --prompt");
-    let output = args.output.as_ref().expect("clap requires --output with --input");
+    let input = args
+        .input
+        .as_ref()
+        .expect("clap requires --input without --prompt");
+    let output = args
+        .output
+        .as_ref()
+        .expect("clap requires --output with --input");
     let prompts = read_prompts(input, tokenizer.as_ref())?;
     let mut rows = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(args.batch_size.max(1)) {
@@ -459,7 +509,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
     }
     crate::eval::score::write_jsonl(output, &rows)?;
-    println!("generated {} completions -> {}", rows.len(), output.display());
+    println!(
+        "generated {} completions -> {}",
+        rows.len(),
+        output.display()
+    );
     Ok(())
 }
 
@@ -476,18 +530,30 @@ fn read_prompts(
             continue;
         }
         let at = || format!("{}:{}", path.display(), i + 1);
-        let value: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}: expected {{\"prompt\": \"...\"}} or {{\"ids\": [...]}}", at()))?;
+        let value: serde_json::Value = serde_json::from_str(line).with_context(|| {
+            format!(
+                "{}: expected {{\"prompt\": \"...\"}} or {{\"ids\": [...]}}",
+                at()
+            )
+        })?;
         let ids = match (&value["prompt"], &value["ids"]) {
             (serde_json::Value::String(p), serde_json::Value::Null) => tokenizer
-                .with_context(|| format!("{}: a text prompt needs a tokenizer in the model directory", at()))?
+                .with_context(|| {
+                    format!(
+                        "{}: a text prompt needs a tokenizer in the model directory",
+                        at()
+                    )
+                })?
                 .encode(p)?,
             (serde_json::Value::Null, serde_json::Value::Array(ids)) => ids
                 .iter()
                 .map(|v| v.as_u64().map(|id| id as u32))
                 .collect::<Option<Vec<u32>>>()
                 .with_context(|| format!("{}: \"ids\" must be a list of token ids", at()))?,
-            _ => anyhow::bail!("{}: give exactly one of \"prompt\" (text) and \"ids\"", at()),
+            _ => anyhow::bail!(
+                "{}: give exactly one of \"prompt\" (text) and \"ids\"",
+                at()
+            ),
         };
         prompts.push((value, ids));
     }

@@ -4,6 +4,8 @@
 //! tokenize, pack) → `model` (GPT-J, HF model directories) and `tokenizer` → `eval` (scoring and
 //! task evaluation); `cli` wires them to the `kiln` binary.
 
+pub mod atomic_file;
+pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod eval;
@@ -12,6 +14,5 @@ pub mod hub;
 pub mod model;
 pub mod recipe;
 pub mod tokenizer;
-pub mod checkpoint;
 pub mod track;
 pub mod train;

@@ -19,7 +19,11 @@ fn fixture() -> (GptJ, Vec<Case>, usize) {
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("generate.json")).unwrap()).unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
     };
     let cases = doc["cases"]
         .as_array()
@@ -31,7 +35,11 @@ fn fixture() -> (GptJ, Vec<Case>, usize) {
             repetition_penalty: c["repetition_penalty"].as_f64().unwrap_or(1.0),
         })
         .collect();
-    (model, cases, doc["max_new_tokens"].as_u64().unwrap() as usize)
+    (
+        model,
+        cases,
+        doc["max_new_tokens"].as_u64().unwrap() as usize,
+    )
 }
 
 fn greedy(max_new_tokens: usize, repetition_penalty: f64) -> GenerationParams {
@@ -48,7 +56,14 @@ fn greedy_matches_transformers_token_for_token() {
     let mut saw_eos = false;
     for case in &cases {
         let params = greedy(max_new, case.repetition_penalty);
-        let out = generate(&model, None, &[case.prompt.clone()], &params, &mut |_, _| {}).unwrap();
+        let out = generate(
+            &model,
+            None,
+            std::slice::from_ref(&case.prompt),
+            &params,
+            &mut |_, _| {},
+        )
+        .unwrap();
         assert_eq!(out[0].ids, case.expected, "prompt {:?}", case.prompt);
         let reason = if case.expected.last() == Some(&100) {
             saw_eos = true;
@@ -64,17 +79,31 @@ fn greedy_matches_transformers_token_for_token() {
 #[test]
 fn batched_generation_equals_each_prompt_alone() {
     let (model, cases, max_new) = fixture();
-    let plain: Vec<&Case> = cases.iter().filter(|c| c.repetition_penalty == 1.0).collect();
+    let plain: Vec<&Case> = cases
+        .iter()
+        .filter(|c| c.repetition_penalty == 1.0)
+        .collect();
     let prompts: Vec<Vec<u32>> = plain.iter().map(|c| c.prompt.clone()).collect();
     let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    assert!(lengths.iter().min() != lengths.iter().max(), "prompts of different lengths");
+    assert!(
+        lengths.iter().min() != lengths.iter().max(),
+        "prompts of different lengths"
+    );
     let mut streamed = vec![Vec::new(); prompts.len()];
-    let out = generate(&model, None, &prompts, &greedy(max_new, 1.0), &mut |row, token| {
-        streamed[row].push(token)
-    })
+    let out = generate(
+        &model,
+        None,
+        &prompts,
+        &greedy(max_new, 1.0),
+        &mut |row, token| streamed[row].push(token),
+    )
     .unwrap();
     for ((case, got), stream) in plain.iter().zip(&out).zip(&streamed) {
-        assert_eq!(got.ids, case.expected, "prompt {:?} in a batch", case.prompt);
+        assert_eq!(
+            got.ids, case.expected,
+            "prompt {:?} in a batch",
+            case.prompt
+        );
         assert_eq!(&got.ids, stream, "the callback saw every token in order");
     }
 }
@@ -99,15 +128,32 @@ fn sampling_is_seeded_and_top_k_one_is_greedy() {
             .map(|g| g.ids)
             .collect::<Vec<_>>()
     };
-    assert_eq!(sample(7, None, None), sample(7, None, None), "same seed, same samples");
-    assert_ne!(sample(7, None, None), sample(8, None, None), "another seed, other samples");
-    let greedy_out: Vec<Vec<u32>> = generate(&model, None, &prompts, &greedy(10, 1.0), &mut |_, _| {})
-        .unwrap()
-        .into_iter()
-        .map(|g| g.ids)
-        .collect();
-    assert_eq!(sample(3, Some(1), None), greedy_out, "top_k 1 leaves only the argmax");
-    assert_eq!(sample(3, None, Some(1e-9)), greedy_out, "a tiny top_p keeps only the argmax");
+    assert_eq!(
+        sample(7, None, None),
+        sample(7, None, None),
+        "same seed, same samples"
+    );
+    assert_ne!(
+        sample(7, None, None),
+        sample(8, None, None),
+        "another seed, other samples"
+    );
+    let greedy_out: Vec<Vec<u32>> =
+        generate(&model, None, &prompts, &greedy(10, 1.0), &mut |_, _| {})
+            .unwrap()
+            .into_iter()
+            .map(|g| g.ids)
+            .collect();
+    assert_eq!(
+        sample(3, Some(1), None),
+        greedy_out,
+        "top_k 1 leaves only the argmax"
+    );
+    assert_eq!(
+        sample(3, None, Some(1e-9)),
+        greedy_out,
+        "a tiny top_p keeps only the argmax"
+    );
 }
 
 #[test]
@@ -122,17 +168,52 @@ fn min_new_tokens_suppresses_eos_and_limits_are_respected() {
         min_new_tokens: max_new,
         ..Default::default()
     };
-    let out = generate(&model, None, &[eos_case.prompt.clone()], &params, &mut |_, _| {}).unwrap();
+    let out = generate(
+        &model,
+        None,
+        std::slice::from_ref(&eos_case.prompt),
+        &params,
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!(out[0].ids.len(), max_new);
     assert!(!out[0].ids.contains(&100));
     assert_eq!(out[0].finish_reason, FinishReason::Length);
 
     // max_length counts the prompt; the context (n_positions 64) caps everything.
     let prompt = cases[0].prompt.clone();
-    let params = GenerationParams { max_new_tokens: 50, max_length: Some(prompt.len() + 3), min_new_tokens: 50, ..Default::default() };
-    assert_eq!(generate(&model, None, &[prompt.clone()], &params, &mut |_, _| {}).unwrap()[0].ids.len(), 3);
-    let params = GenerationParams { max_new_tokens: 500, min_new_tokens: 500, ..Default::default() };
-    let out = generate(&model, None, &[prompt.clone()], &params, &mut |_, _| {}).unwrap();
+    let params = GenerationParams {
+        max_new_tokens: 50,
+        max_length: Some(prompt.len() + 3),
+        min_new_tokens: 50,
+        ..Default::default()
+    };
+    assert_eq!(
+        generate(
+            &model,
+            None,
+            std::slice::from_ref(&prompt),
+            &params,
+            &mut |_, _| {}
+        )
+        .unwrap()[0]
+            .ids
+            .len(),
+        3
+    );
+    let params = GenerationParams {
+        max_new_tokens: 500,
+        min_new_tokens: 500,
+        ..Default::default()
+    };
+    let out = generate(
+        &model,
+        None,
+        std::slice::from_ref(&prompt),
+        &params,
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!(prompt.len() + out[0].ids.len(), 64);
 
     // max_new_tokens 0 is answered with no new tokens.
@@ -144,24 +225,61 @@ fn min_new_tokens_suppresses_eos_and_limits_are_respected() {
 fn bad_parameters_and_prompts_are_clear_errors() {
     let (model, _, _) = fixture();
     let err = |prompts: &[Vec<u32>], params: GenerationParams| {
-        format!("{:#}", generate(&model, None, prompts, &params, &mut |_, _| {}).unwrap_err())
+        format!(
+            "{:#}",
+            generate(&model, None, prompts, &params, &mut |_, _| {}).unwrap_err()
+        )
     };
     let ok = vec![vec![1, 2, 3]];
     assert!(err(&[vec![]], greedy(5, 1.0)).contains("prompt 0 is empty"));
     let long = vec![(0..70).map(|i| i % 50).collect::<Vec<u32>>()];
     let e = err(&long, greedy(5, 1.0));
-    assert!(e.contains("70 tokens") && e.contains("n_positions 64"), "{e}");
-    let truncated = GenerationParams { truncate_left: true, ..greedy(5, 1.0) };
+    assert!(
+        e.contains("70 tokens") && e.contains("n_positions 64"),
+        "{e}"
+    );
+    let truncated = GenerationParams {
+        truncate_left: true,
+        ..greedy(5, 1.0)
+    };
     let out = generate(&model, None, &long, &truncated, &mut |_, _| {}).unwrap();
     assert_eq!(out[0].prompt_ids.len(), 59);
-    assert_eq!(out[0].prompt_ids, long[0][11..].to_vec(), "the last tokens are kept");
-    let e = err(&ok, GenerationParams { top_p: Some(0.0), ..Default::default() });
+    assert_eq!(
+        out[0].prompt_ids,
+        long[0][11..].to_vec(),
+        "the last tokens are kept"
+    );
+    let e = err(
+        &ok,
+        GenerationParams {
+            top_p: Some(0.0),
+            ..Default::default()
+        },
+    );
     assert!(e.contains("top_p must be in (0, 1]"), "{e}");
-    let e = err(&ok, GenerationParams { top_p: Some(1.5), ..Default::default() });
+    let e = err(
+        &ok,
+        GenerationParams {
+            top_p: Some(1.5),
+            ..Default::default()
+        },
+    );
     assert!(e.contains("top_p"), "{e}");
-    let e = err(&ok, GenerationParams { temperature: -0.1, ..Default::default() });
+    let e = err(
+        &ok,
+        GenerationParams {
+            temperature: -0.1,
+            ..Default::default()
+        },
+    );
     assert!(e.contains("temperature must be >= 0"), "{e}");
-    let e = err(&ok, GenerationParams { top_k: Some(0), ..Default::default() });
+    let e = err(
+        &ok,
+        GenerationParams {
+            top_k: Some(0),
+            ..Default::default()
+        },
+    );
     assert!(e.contains("top_k"), "{e}");
     let e = err(&[vec![1, 500]], greedy(5, 1.0));
     assert!(e.contains("500") && e.contains("vocabulary"), "{e}");
@@ -169,40 +287,85 @@ fn bad_parameters_and_prompts_are_clear_errors() {
 
 #[test]
 fn stop_strings_cut_the_completion() {
-    let Some(tok_dir) = shared("tokenizers/gpt2") else { return };
+    let Some(tok_dir) = shared("tokenizers/gpt2") else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let out_dir = tmp.path().join("m");
     let (ok, _, stderr) = kiln(&[
-        "init", "--preset", "tiny", "--out", out_dir.to_str().unwrap(), "--seed", "3",
-        "--tokenizer", tok_dir.to_str().unwrap(),
+        "init",
+        "--preset",
+        "tiny",
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--seed",
+        "3",
+        "--tokenizer",
+        tok_dir.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
     let model = model::load_model(&out_dir, DType::F32, &Device::Cpu).unwrap();
     let tokenizer = kiln::tokenizer::TextTokenizer::from_dir(&out_dir).unwrap();
     let prompt = tokenizer.encode("The weather today is").unwrap();
-    let free = generate(&model, Some(&tokenizer), &[prompt.clone()], &greedy(8, 1.0), &mut |_, _| {}).unwrap();
+    let free = generate(
+        &model,
+        Some(&tokenizer),
+        std::slice::from_ref(&prompt),
+        &greedy(8, 1.0),
+        &mut |_, _| {},
+    )
+    .unwrap();
     let text = free[0].text.clone();
     assert!(text.chars().count() >= 3, "{text:?}");
     // Stop at a piece of what it would say anyway.
-    let stop: String = text.chars().skip(text.chars().count() / 2).take(2).collect();
-    let params = GenerationParams { stop: vec![stop.clone()], ..greedy(8, 1.0) };
+    let stop: String = text
+        .chars()
+        .skip(text.chars().count() / 2)
+        .take(2)
+        .collect();
+    let params = GenerationParams {
+        stop: vec![stop.clone()],
+        ..greedy(8, 1.0)
+    };
     let cut = generate(&model, Some(&tokenizer), &[prompt], &params, &mut |_, _| {}).unwrap();
     assert_eq!(cut[0].finish_reason, FinishReason::Stop);
-    assert!(!cut[0].text.contains(&stop) && text.starts_with(&cut[0].text), "{:?} vs {text:?}", cut[0].text);
+    assert!(
+        !cut[0].text.contains(&stop) && text.starts_with(&cut[0].text),
+        "{:?} vs {text:?}",
+        cut[0].text
+    );
 
     // The CLI streams nothing special when not on a terminal: it prints the completion.
     let (ok, stdout, stderr) = kiln(&[
-        "generate", "--model", out_dir.to_str().unwrap(), "--prompt", "The weather today is",
-        "--max-new-tokens", "8",
+        "generate",
+        "--model",
+        out_dir.to_str().unwrap(),
+        "--prompt",
+        "The weather today is",
+        "--max-new-tokens",
+        "8",
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains(&text), "{stdout:?} should contain {text:?}");
     let input = tmp.path().join("prompts.jsonl");
-    std::fs::write(&input, "{\"prompt\": \"The weather today is\"}\n{\"ids\": [464, 3290]}\n").unwrap();
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"The weather today is\"}\n{\"ids\": [464, 3290]}\n",
+    )
+    .unwrap();
     let output = tmp.path().join("out.jsonl");
     let (ok, _, stderr) = kiln(&[
-        "generate", "--model", out_dir.to_str().unwrap(), "--input", input.to_str().unwrap(),
-        "--output", output.to_str().unwrap(), "--max-new-tokens", "8", "--batch-size", "2",
+        "generate",
+        "--model",
+        out_dir.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "2",
     ]);
     assert!(ok, "{stderr}");
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(&output)

@@ -1146,3 +1146,100 @@ for name in names:
         vec![ours.join("config.json"), ours.join("model.safetensors")]
     );
 }
+
+/// `kiln train` with `checkpoint.push_to_hub`, against `server`, as `token`.
+fn train_with_push(server: &HubServer, token: &str, out: &Path) -> (bool, String, String) {
+    let bundled = |p: &str| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("datasets/nli")
+            .join(p)
+            .display()
+            .to_string()
+    };
+    let recipe = out.join("recipe.yaml");
+    fs::write(
+        &recipe,
+        format!(
+            "name: pushed\n\
+             model: {{init: {{preset: tiny, vocab_size: 1024}}}}\n\
+             tokenizer: {}\n\
+             data: {{train: [{{source: {{path: {}}}, template: mnli, limit: 64}}], seq_len: 64, mode: pad}}\n\
+             batch: {{global: 4, micro: 4}}\n\
+             steps: 4\n\
+             checkpoint: {{every: 2, dir: {}, push_to_hub: {{repo: alice/kiln-run, private: true}}}}\n\
+             tracking: {{log_dir: {}}}\n",
+            bundled("tokenizer"),
+            bundled("train.jsonl"),
+            out.join("checkpoints").display(),
+            out.join("runs").display()
+        ),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", recipe.to_str().unwrap(), "--quiet"])
+        .env("HF_ENDPOINT", &server.url)
+        .env("HF_TOKEN", token)
+        .env("HF_HOME", out.join("hf"))
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn training_uploads_every_checkpoint_in_the_background() {
+    let server = HubServer::start(ServerOptions::default());
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = train_with_push(&server, WRITE_TOKEN, tmp.path());
+    assert!(ok, "{stdout}\n{stderr}");
+    assert_eq!(stdout.matches("uploaded ").count(), 2, "{stdout}");
+    // The repo's creation, then one commit per checkpoint (steps 2 and 4).
+    assert_eq!(server.commit_count("models/alice/kiln-run"), 3);
+    let tree = server.tree("models/alice/kiln-run", "main").unwrap();
+    let local = tmp.path().join("checkpoints/pushed/step-4");
+    let mut names: Vec<String> = fs::read_dir(&local)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(tree.keys().cloned().collect::<Vec<_>>(), names);
+    for (name, entry) in &tree {
+        assert_eq!(
+            server.content(entry),
+            fs::read(local.join(name)).unwrap(),
+            "{name} on the Hub differs from the local checkpoint"
+        );
+    }
+}
+
+#[test]
+fn a_refused_upload_never_stops_training_or_touches_the_checkpoint() {
+    let server = HubServer::start(ServerOptions::default());
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = train_with_push(&server, READ_TOKEN, tmp.path());
+    assert!(ok, "training must finish: {stdout}\n{stderr}");
+    assert!(
+        stderr.contains("uploading") && stderr.contains("failed"),
+        "{stderr}"
+    );
+    assert_eq!(server.commit_count("models/alice/kiln-run"), 0);
+    for step in [2, 4] {
+        let dir = tmp.path().join(format!("checkpoints/pushed/step-{step}"));
+        kiln::checkpoint::verify(&dir).expect("the local checkpoint is intact");
+    }
+}
+
+#[test]
+fn push_to_hub_without_a_token_fails_before_training() {
+    let server = HubServer::start(ServerOptions::default());
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = train_with_push(&server, "", tmp.path());
+    assert!(!ok);
+    assert!(stderr.contains("HF_TOKEN"), "{stderr}");
+    assert!(!tmp.path().join("checkpoints").exists());
+    assert!(server.requests().is_empty(), "no byte is sent");
+}

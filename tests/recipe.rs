@@ -132,7 +132,10 @@ fn overrides_set_values_create_sections_and_name_bad_paths() {
     );
     assert!(e.starts_with("r.yaml:9:12:"), "{e}");
     // An override that fixes the file does not hide another override's mistake.
-    let e = error(&BASE.replace("name: t\n", ""), &["name=x", "data.seq_len=abc"]);
+    let e = error(
+        &BASE.replace("name: t\n", ""),
+        &["name=x", "data.seq_len=abc"],
+    );
     assert!(e.starts_with("--set data.seq_len=abc: invalid type"), "{e}");
     // Overrides are validated like the file.
     let e = error(BASE, &["batch.micro=3"]);

@@ -666,8 +666,14 @@ pub fn hub_parquet_files(spec: &SourceSpec) -> Result<Vec<PathBuf>> {
     }
     if !offline {
         let hub = crate::hub::HubConfig::from_env();
-        return crate::hub::resolve_parquet_split(&hub, repo, spec.revision.as_deref(), config, split)
-            .with_context(|| format!("Hub dataset {repo} (config {config}, split {split})"));
+        return crate::hub::resolve_parquet_split(
+            &hub,
+            repo,
+            spec.revision.as_deref(),
+            config,
+            split,
+        )
+        .with_context(|| format!("Hub dataset {repo} (config {config}, split {split})"));
     }
     let at = spec
         .revision

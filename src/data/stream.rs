@@ -68,7 +68,10 @@ impl SequenceStream {
 
     /// The next `n` sequences, crossing into the next epoch (reshuffled) when this one ends.
     pub fn next_batch(&mut self, n: usize) -> Vec<Sequence> {
-        assert!(!self.sequences.is_empty(), "a stream needs at least one sequence");
+        assert!(
+            !self.sequences.is_empty(),
+            "a stream needs at least one sequence"
+        );
         let mut batch = Vec::with_capacity(n);
         while batch.len() < n {
             if self.state.position as usize >= self.order.len() {

@@ -14,7 +14,6 @@
 //! genre, idx). Nothing here comes from MNLI.
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
@@ -617,35 +616,17 @@ pub fn write_dataset(out: &Path, config: &SynthConfig) -> Result<SynthSummary> {
             text.push('\n');
         }
         let path = out.join(name);
-        write_atomic(&path, text.as_bytes())?;
+        crate::atomic_file::write(&path, text.as_bytes())?;
         files.push(path);
     }
     let json = tokenizer
         .to_string(false)
         .map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;
     let path = tokenizer_dir.join("tokenizer.json");
-    write_atomic(&path, json.as_bytes())?;
+    crate::atomic_file::write(&path, json.as_bytes())?;
     files.push(path);
     Ok(SynthSummary {
         files,
         vocab_size: tokenizer.get_vocab_size(true),
     })
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("{}: cannot create a temporary file", dir.display()))?;
-    tmp.write_all(bytes)?;
-    // tempfile creates files readable by the owner only; these are data meant to be shared.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
-    }
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .map_err(|e| anyhow!("{}: cannot write: {e}", path.display()))?;
-    Ok(())
 }

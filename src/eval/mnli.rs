@@ -92,7 +92,13 @@ impl EntailmentPipeline<'_> {
         let prompts = self.prompt_ids(pairs)?;
         let mut predictions = Vec::with_capacity(pairs.len());
         for chunk in prompts.chunks(self.batch_size.max(1)) {
-            for generated in generate(self.model, Some(self.tokenizer), chunk, &params, &mut |_, _| {})? {
+            for generated in generate(
+                self.model,
+                Some(self.tokenizer),
+                chunk,
+                &params,
+                &mut |_, _| {},
+            )? {
                 // Keep special tokens so the completion is read exactly as Graphcore reads it.
                 let raw = self.tokenizer.decode(&generated.ids, false)?;
                 predictions.push(Prediction {
@@ -210,13 +216,26 @@ pub fn summarize(rows: &[NliRow], predictions: &[Prediction], mode: EvalMode) ->
             } else {
                 2.0 * precision * recall / (precision + recall)
             };
-            let metrics = LabelMetrics { precision, recall, f1, support };
+            let metrics = LabelMetrics {
+                precision,
+                recall,
+                f1,
+                support,
+            };
             (name.to_string(), metrics)
         })
         .collect();
     let per_genre = genres
         .into_iter()
-        .map(|(g, (n, c))| (g, GenreAccuracy { n, accuracy: ratio(c, n) }))
+        .map(|(g, (n, c))| {
+            (
+                g,
+                GenreAccuracy {
+                    n,
+                    accuracy: ratio(c, n),
+                },
+            )
+        })
         .collect();
     MnliReport {
         task: "mnli".into(),
@@ -246,7 +265,12 @@ pub fn evaluate_mnli(
     if rows.is_empty() {
         bail!("no evaluation rows");
     }
-    let pipeline = EntailmentPipeline { model, tokenizer, mode, batch_size };
+    let pipeline = EntailmentPipeline {
+        model,
+        tokenizer,
+        mode,
+        batch_size,
+    };
     let pairs: Vec<(&str, &str)> = rows
         .iter()
         .map(|r| (r.premise.as_str(), r.hypothesis.as_str()))
@@ -276,7 +300,9 @@ pub fn nli_rows(records: &Records) -> Result<Vec<NliRow>> {
                 .as_u64()
                 .map(|i| i as usize)
                 .filter(|&i| i < 3)
-                .filter(|&i| class_names.is_none_or(|names| names.get(i).is_some_and(|n| n == LABELS[i]))),
+                .filter(|&i| {
+                    class_names.is_none_or(|names| names.get(i).is_some_and(|n| n == LABELS[i]))
+                }),
             Some(serde_json::Value::String(s)) => LABELS.iter().position(|l| l == s),
             _ => None,
         };
@@ -290,7 +316,8 @@ pub fn nli_rows(records: &Records) -> Result<Vec<NliRow>> {
             _ => bad.push(format!(
                 "{} {position}: label {}",
                 records.unit,
-                row.get("label").map_or("missing".to_string(), |v| v.to_string())
+                row.get("label")
+                    .map_or("missing".to_string(), |v| v.to_string())
             )),
         }
     }
@@ -301,7 +328,11 @@ pub fn nli_rows(records: &Records) -> Result<Vec<NliRow>> {
             records.origin,
             bad.len(),
             LABELS.join("/"),
-            shown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("; "),
+            shown
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
             if bad.len() > 10 { "; ..." } else { "" }
         );
     }
@@ -310,13 +341,24 @@ pub fn nli_rows(records: &Records) -> Result<Vec<NliRow>> {
 
 /// `--data SOURCE [--split S]`: a file, a directory holding `S.jsonl`, or a Hub dataset id
 /// (GLUE's `mnli` config, e.g. `nyu-mll/glue --split validation_mismatched`).
-pub fn read_nli_rows(source: &str, split: Option<&str>, limit: Option<usize>) -> Result<Vec<NliRow>> {
+pub fn read_nli_rows(
+    source: &str,
+    split: Option<&str>,
+    limit: Option<usize>,
+) -> Result<Vec<NliRow>> {
     let path = PathBuf::from(source);
     let spec = if path.is_file() {
-        SourceSpec { path: Some(path), ..empty_source() }
+        SourceSpec {
+            path: Some(path),
+            ..empty_source()
+        }
     } else if path.is_dir() {
-        let split = split.with_context(|| format!("{source} is a directory: name the split with --split"))?;
-        SourceSpec { path: Some(path.join(format!("{split}.jsonl"))), ..empty_source() }
+        let split = split
+            .with_context(|| format!("{source} is a directory: name the split with --split"))?;
+        SourceSpec {
+            path: Some(path.join(format!("{split}.jsonl"))),
+            ..empty_source()
+        }
     } else if source.contains('/') && !source.starts_with('.') && !source.starts_with('/') {
         SourceSpec {
             hub: Some(source.to_string()),
@@ -335,7 +377,14 @@ pub fn read_nli_rows(source: &str, split: Option<&str>, limit: Option<usize>) ->
 }
 
 fn empty_source() -> SourceSpec {
-    SourceSpec { path: None, format: None, hub: None, config: None, split: None, revision: None }
+    SourceSpec {
+        path: None,
+        format: None,
+        hub: None,
+        config: None,
+        split: None,
+        revision: None,
+    }
 }
 
 /// sha256 over every weight file of a model directory, in name order.
@@ -345,14 +394,18 @@ pub fn weights_sha256(dir: &Path) -> Result<String> {
         .with_context(|| format!("{}: cannot list", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             name.ends_with(".safetensors") || name.ends_with(".bin")
         })
         .collect();
     files.sort();
     let mut hasher = Sha256::new();
     for file in files {
-        let mut f = std::fs::File::open(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+        let mut f = std::fs::File::open(&file)
+            .with_context(|| format!("{}: cannot read", file.display()))?;
         std::io::copy(&mut f, &mut hasher)?;
     }
     Ok(hex::encode(hasher.finalize()))
@@ -392,10 +445,7 @@ pub fn write_report(dir: &Path, report: &MnliReport) -> Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     for (name, content) in files {
         let path = dir.join(name);
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        std::io::Write::write_all(&mut tmp, content.as_bytes())?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(&path).with_context(|| format!("{}: cannot write", path.display()))?;
+        crate::atomic_file::write(&path, content.as_bytes())?;
         written.push(path);
     }
     Ok(written)
@@ -459,7 +509,11 @@ fn confusion_svg(r: &MnliReport) -> String {
         let row_total: usize = r.confusion[i].iter().sum();
         for j in 0..4 {
             let count = r.confusion[i][j];
-            let share = if row_total == 0 { 0.0 } else { count as f64 / row_total as f64 };
+            let share = if row_total == 0 {
+                0.0
+            } else {
+                count as f64 / row_total as f64
+            };
             let shade = (255.0 - 200.0 * share) as u8;
             let ink = if share > 0.5 { "white" } else { "black" };
             svg += &format!(

@@ -3,7 +3,7 @@
 //! Rows are batched by length to waste little on padding, but every row's numbers are computed
 //! from its own positions only, so they do not depend on the batch size or on the other rows.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -133,23 +133,10 @@ fn score_one(logits: &Tensor, ids: &[u32]) -> Result<ScoredRow> {
 /// Writes rows as JSON lines into `path`, through a temporary file renamed into place so a
 /// crash never leaves a half-written output behind.
 pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("{}: cannot create a temporary file", dir.display()))?;
-    {
-        let mut out = std::io::BufWriter::new(tmp.as_file_mut());
-        for row in rows {
-            serde_json::to_writer(&mut out, row)?;
-            out.write_all(b"\n")?;
-        }
-        out.flush()?;
+    let mut out = Vec::new();
+    for row in rows {
+        serde_json::to_writer(&mut out, row)?;
+        out.push(b'\n');
     }
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .with_context(|| format!("{}: cannot write", path.display()))?;
-    Ok(())
+    crate::atomic_file::write(path, &out)
 }

@@ -66,7 +66,10 @@ impl GenerationParams {
         if let Some(p) = self.top_p {
             ensure!(p > 0.0 && p <= 1.0, "top_p must be in (0, 1], got {p}");
         }
-        ensure!(self.top_k != Some(0), "top_k must be at least 1 (leave it unset to disable)");
+        ensure!(
+            self.top_k != Some(0),
+            "top_k must be at least 1 (leave it unset to disable)"
+        );
         ensure!(
             self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite(),
             "repetition_penalty must be > 0, got {}",
@@ -138,7 +141,10 @@ pub fn generate(
             bail!("prompt {index} is empty: there is nothing to continue from");
         }
         if let Some(bad) = prompt.iter().find(|&&id| id as usize >= config.vocab_size) {
-            bail!("prompt {index}: token id {bad} is outside the vocabulary ({})", config.vocab_size);
+            bail!(
+                "prompt {index}: token id {bad} is outside the vocabulary ({})",
+                config.vocab_size
+            );
         }
         let mut prompt = prompt.clone();
         if prompt.len() > n_positions {
@@ -248,7 +254,10 @@ pub fn generate(
         let n = active.len();
         let step = Batch {
             input_ids: Tensor::from_vec(
-                active.iter().map(|r| *r.new.last().expect("a token")).collect::<Vec<u32>>(),
+                active
+                    .iter()
+                    .map(|r| *r.new.last().expect("a token"))
+                    .collect::<Vec<u32>>(),
                 (n, 1),
                 device,
             )?,
@@ -264,7 +273,10 @@ pub fn generate(
         };
         logits = model.forward_last(&step, &vec![0; n], Some(&mut cache))?;
     }
-    Ok(results.into_iter().map(|r| r.expect("every row finished")).collect())
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every row finished"))
+        .collect())
 }
 
 fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
@@ -309,7 +321,10 @@ fn choose_token(
         order.truncate(k.max(1));
     }
     let max = scores[order[0]];
-    let mut probs: Vec<f64> = order.iter().map(|&i| ((scores[i] - max) as f64).exp()).collect();
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| ((scores[i] - max) as f64).exp())
+        .collect();
     let sum: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= sum);
     if let Some(top_p) = params.top_p {

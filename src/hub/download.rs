@@ -70,6 +70,60 @@ pub fn resolve_model_with(
     Ok(repo.snapshot_dir(&commit))
 }
 
+/// A tokenizer directory for `spec`: a local directory as is, otherwise only the tokenizer files
+/// of a Hub model repo (not its weights), downloaded into the cache.
+pub fn resolve_tokenizer(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
+    let config = HubConfig::from_env();
+    let local = Path::new(spec);
+    if local.is_dir() {
+        return Ok(local.to_path_buf());
+    }
+    validate_repo_id(spec).with_context(|| {
+        format!("tokenizer `{spec}` is neither an existing directory nor a Hub repo id")
+    })?;
+    let repo = CachedRepo::new(&config, RepoType::Model, spec, revision.unwrap_or("main"))?;
+    let complete = |dir: &Path| {
+        dir.join("tokenizer.json").is_file()
+            || (dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file())
+    };
+    let cached = || -> Result<PathBuf> {
+        let dir = repo.snapshot_dir(&repo.cached_commit()?);
+        if !complete(&dir) {
+            bail!(
+                "{} has no tokenizer files in the cache at {} (the Hub is needed to fetch them)",
+                repo.describe(),
+                dir.display()
+            );
+        }
+        Ok(dir)
+    };
+    if config.offline {
+        return cached();
+    }
+    let (commit, files) = match repo.remote_commit() {
+        Ok(found) => found,
+        Err(e) if is_unreachable(&e) => return cached().map_err(|c| e.context(c)),
+        Err(e) => return Err(e),
+    };
+    let wanted: Vec<&String> = files
+        .iter()
+        .filter(|f| MODEL_EXTRA_FILES[1..].contains(&f.as_str()))
+        .collect();
+    for path in &wanted {
+        repo.fetch(&commit, path)?;
+    }
+    let dir = repo.snapshot_dir(&commit);
+    if !complete(&dir) {
+        bail!(
+            "Hub repo {} (revision {}) has no tokenizer.json nor vocab.json + merges.txt; its files: {}",
+            repo.id,
+            repo.revision,
+            files.join(", ")
+        );
+    }
+    Ok(dir)
+}
+
 /// The cached snapshot of a model, complete (config, weights, every shard) or an error naming
 /// what is missing and where.
 fn cached_model(repo: &CachedRepo) -> Result<PathBuf> {
@@ -393,7 +447,7 @@ impl<'a> CachedRepo<'a> {
             .unwrap_or_default();
         if commit != self.revision {
             let ref_path = self.dir.join("refs").join(self.revision);
-            write_atomically(&ref_path, commit.as_bytes())?;
+            crate::atomic_file::write(&ref_path, commit.as_bytes())?;
         }
         Ok((commit, files))
     }
@@ -685,17 +739,6 @@ pub(crate) fn sha256_file(path: &Path) -> Result<String> {
         hasher.update(&buf[..n]);
     }
     Ok(hex::encode(hasher.finalize()))
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().expect("cache paths have a parent");
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 /// Points `target` (in a snapshot) at `blob` with a relative symlink, as the official client does,

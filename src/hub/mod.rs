@@ -38,7 +38,7 @@ use anyhow::{bail, Result};
 
 pub use download::{
     list_dataset_files, resolve_dataset_file, resolve_model, resolve_model_with,
-    resolve_parquet_split,
+    resolve_parquet_split, resolve_tokenizer,
 };
 pub use http::HubHttpError;
 pub use upload::{push_folder, PushOptions, PushReport, UploadEvent, Uploader};

@@ -97,14 +97,14 @@ impl Config {
                 return Err(format!("{field} must be positive"));
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(format!(
                 "n_embd ({}) is not divisible by n_head ({})",
                 self.n_embd, self.n_head
             ));
         }
         let rotary = self.rotary_dim();
-        if rotary == 0 || rotary % 2 != 0 || rotary > self.head_dim() {
+        if rotary == 0 || !rotary.is_multiple_of(2) || rotary > self.head_dim() {
             return Err(format!(
                 "rotary_dim ({rotary}) must be even, positive and at most the head dim ({})",
                 self.head_dim()

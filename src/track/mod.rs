@@ -46,16 +46,16 @@ impl Tracker {
     ) -> Result<Self> {
         std::fs::create_dir_all(run_dir)
             .with_context(|| format!("{}: cannot create the run directory", run_dir.display()))?;
-        write_file(&run_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
+        crate::atomic_file::write(&run_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
         let info = RunInfo::collect(device);
-        write_file(
+        crate::atomic_file::write(
             &run_dir.join("run.json"),
             (serde_json::to_string_pretty(&info)? + "\n").as_bytes(),
         )?;
         let metrics_path = run_dir.join("metrics.jsonl");
         match resumed_from {
             Some(step) => truncate_metrics(&metrics_path, step)?,
-            None => write_file(&metrics_path, b"")?,
+            None => crate::atomic_file::write(&metrics_path, b"")?,
         }
         let metrics = OpenOptions::new()
             .append(true)
@@ -137,7 +137,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricRecord>> {
 /// Keeps only records up to `step`. A line cut short by a crash (the last one) is dropped too.
 fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     if !path.exists() {
-        return write_file(path, b"");
+        return crate::atomic_file::write(path, b"");
     }
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
@@ -152,19 +152,7 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
             kept.push('\n');
         }
     }
-    write_file(path, kept.as_bytes())
-}
-
-/// Writes through a temporary file and a rename, so a reader never sees half a file.
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("{}: cannot create a temporary file", dir.display()))?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .with_context(|| format!("{}: cannot write", path.display()))?;
-    Ok(())
+    crate::atomic_file::write(path, kept.as_bytes())
 }
 
 /// What produced a run: `run.json`.

@@ -7,6 +7,7 @@
 //! and replicas, padded or packed. (HF Trainer instead averages per-micro-batch means, which
 //! weights tokens of short micro-batches more; with packed, unpadded rows both agree.)
 
+pub mod launch;
 pub mod loss;
 pub mod optimizer;
 pub mod precision;
@@ -119,7 +120,15 @@ pub fn run(
         batch.micro,
         batch.replicas
     );
-    let total_steps = total_steps(recipe, train.sequences_per_epoch())?;
+    ensure!(
+        train.sequences_per_epoch() > 0,
+        "the training data has no sequences"
+    );
+    let total_steps = recipe.total_steps(train.sequences_per_epoch());
+    ensure!(
+        total_steps > 0,
+        "the recipe needs a positive `steps` or `epochs`"
+    );
     let schedule = Schedule::new(&recipe.schedule, recipe.optimizer.lr, total_steps);
     let run_checkpoints = recipe.checkpoint.dir.join(&recipe.name);
     let run_logs = recipe.tracking.log_dir.join(&recipe.name);
@@ -452,21 +461,6 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-}
-
-/// Optimizer steps of the run: `steps`, or enough global batches to cover `epochs`.
-pub fn total_steps(recipe: &Recipe, sequences_per_epoch: usize) -> Result<u64> {
-    match (recipe.steps, recipe.epochs) {
-        (Some(steps), _) if steps > 0 => Ok(steps),
-        (_, Some(epochs)) if epochs > 0.0 => {
-            ensure!(
-                sequences_per_epoch > 0,
-                "the training data has no sequences"
-            );
-            Ok(((epochs * sequences_per_epoch as f64) / recipe.batch.global as f64).ceil() as u64)
-        }
-        _ => bail!("the recipe needs a positive `steps` or `epochs`"),
     }
 }
 

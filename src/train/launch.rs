@@ -1,0 +1,352 @@
+//! `kiln train RECIPE`: everything between a recipe file and [`super::run`] — the starting
+//! weights, the tokenizer, the prepared data, the evaluator and the Hub uploader.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+
+use super::{CheckpointHook, EvalHook, ModelInit, Resume, TrainOptions, TrainSummary};
+use crate::data::{self, load_split_records, prepare, SequenceStream, Split};
+use crate::eval::mnli::{evaluate_mnli, nli_rows, write_report, NliRow};
+use crate::hub::{HubConfig, PushOptions, UploadEvent, Uploader};
+use crate::model::{self, init};
+use crate::recipe::{self, EvalTask, Recipe};
+use crate::tokenizer::TextTokenizer;
+
+/// How `kiln train` runs a recipe, beyond what the recipe says.
+#[derive(Default)]
+pub struct LaunchOptions {
+    pub overrides: Vec<String>,
+    pub resume: Option<Resume>,
+    pub quiet: bool,
+    /// CPU threads for the run (default: all cores).
+    pub threads: Option<usize>,
+}
+
+/// Whole pushes are tried this often before a checkpoint's upload is reported as failed.
+const PUSH_ATTEMPTS: u32 = 4;
+
+/// Loads the recipe, prepares everything it names, trains, and reports.
+pub fn train_recipe(recipe_path: &Path, options: LaunchOptions) -> Result<TrainSummary> {
+    let recipe = recipe::load(recipe_path, &options.overrides)?;
+    let dir = recipe::recipe_dir(recipe_path);
+    let file = recipe_path.display();
+
+    let (init, tokenizer) =
+        starting_model(&recipe, &dir).with_context(|| format!("{file}: model"))?;
+    let train_data = prepare(&recipe, &dir, &tokenizer, Split::Train)
+        .with_context(|| format!("{file}: preparing the training data"))?;
+    let eval_data = if recipe.data.eval.is_empty() {
+        None
+    } else {
+        Some(
+            prepare(&recipe, &dir, &tokenizer, Split::Eval)
+                .with_context(|| format!("{file}: preparing the eval data"))?,
+        )
+    };
+    let stats = &train_data.stats;
+    println!(
+        "{}: {} examples, {} tokens → {} sequences of ≤{} tokens per epoch; model {} ({} parameters)",
+        recipe.name,
+        stats.examples,
+        stats.tokens,
+        stats.sequences,
+        stats.seq_len,
+        init.base_model,
+        parameter_count(&init.config)
+    );
+
+    // Everything that can be wrong with the evaluation or the upload is found before step 1.
+    let nli = match recipe.eval.task {
+        EvalTask::Mnli => Some(
+            mnli_eval_rows(&recipe, &dir).with_context(|| format!("{file}: eval.task: mnli"))?,
+        ),
+        EvalTask::Loss => None,
+    };
+    let uploader = match &recipe.checkpoint.push_to_hub {
+        Some(push) => {
+            let config = HubConfig::from_env();
+            if config.token.is_none() {
+                bail!(
+                    "{file}: checkpoint.push_to_hub needs a Hub token with write access: set \
+                     HF_TOKEN (or log in with `huggingface-cli login`)"
+                );
+            }
+            let push_options = PushOptions {
+                revision: push.revision.clone().unwrap_or_else(|| "main".into()),
+                private: push.private,
+                ..PushOptions::new(&push.repo)
+            };
+            Some(Uploader::spawn(config, push_options, PUSH_ATTEMPTS)?)
+        }
+        None => None,
+    };
+
+    let run_dir = recipe.tracking.log_dir.join(&recipe.name);
+    let eval_hook: Option<EvalHook> = nli.map(|rows| {
+        let tokenizer = tokenizer.clone();
+        let (mode, batch_size) = (recipe.eval.mode, recipe.eval.batch_size);
+        let reports = run_dir.join("eval");
+        Box::new(move |model: &model::GptJ, step: u64| {
+            let mut report = evaluate_mnli(model, &tokenizer, &rows, mode, batch_size)?;
+            report.model = format!("step {step}");
+            write_report(&reports.join(format!("step-{step}")), &report)?;
+            Ok(vec![
+                ("accuracy".to_string(), report.accuracy),
+                (
+                    "badly_formed".to_string(),
+                    report.badly_formed as f64 / report.n as f64,
+                ),
+            ])
+        }) as EvalHook
+    });
+    let checkpoint_hook: Option<CheckpointHook> = uploader.as_ref().map(|uploader| {
+        let name = recipe.name.clone();
+        Box::new(move |dir: &Path, step: u64| {
+            // Outcomes of earlier pushes are reported as they arrive; training never waits.
+            report_uploads(uploader.poll());
+            uploader.submit(dir, &format!("kiln: {name} step {step}"));
+            Ok(())
+        }) as CheckpointHook
+    });
+
+    let stream = SequenceStream::new(train_data.sequences, recipe.seed, recipe.data.shuffle);
+    let result = super::run(
+        &recipe,
+        init,
+        stream,
+        eval_data.map(|d| d.sequences),
+        TrainOptions {
+            quiet: options.quiet,
+            resume: options.resume,
+            stop: None,
+            handle_signals: true,
+            threads: options.threads,
+            eval_hook,
+            checkpoint_hook,
+        },
+    );
+    if let Some(uploader) = uploader {
+        println!("waiting for checkpoint uploads to finish…");
+        report_uploads(uploader.finish());
+    }
+    let summary = result?;
+    print_summary(&recipe, &summary);
+    Ok(summary)
+}
+
+/// The starting weights and the tokenizer: a model directory (local, relative to the recipe, or
+/// a Hub repo) or a fresh initialisation sized for the tokenizer.
+fn starting_model(recipe: &Recipe, recipe_dir: &Path) -> Result<(ModelInit, TextTokenizer)> {
+    let explicit_tokenizer = match &recipe.tokenizer {
+        Some(spec) => {
+            let local = recipe_dir.join(spec);
+            let dir = if local.is_dir() {
+                local
+            } else {
+                crate::hub::resolve_tokenizer(spec, None)
+                    .with_context(|| format!("tokenizer {spec}"))?
+            };
+            Some(TextTokenizer::from_dir(&dir)?)
+        }
+        None => None,
+    };
+    match (&recipe.model.from, &recipe.model.init) {
+        (Some(from), None) => {
+            let local = recipe_dir.join(from);
+            let model_dir = if local.is_dir() {
+                local
+            } else {
+                crate::hub::resolve_model(from, recipe.model.revision.as_deref())?
+            };
+            let tokenizer = match explicit_tokenizer {
+                Some(t) => t,
+                None => TextTokenizer::from_dir(&model_dir).with_context(|| {
+                    format!(
+                        "{} has no tokenizer; name one with `tokenizer:`",
+                        model_dir.display()
+                    )
+                })?,
+            };
+            let config = model::load_config(&model_dir)?;
+            tokenizer.check_fits(config.vocab_size, &model_dir)?;
+            let params = model::load_parameters(&model_dir, &config, DType::F32, &Device::Cpu)?;
+            Ok((
+                ModelInit {
+                    config,
+                    params,
+                    tokenizer: Some(tokenizer.clone()),
+                    base_model: from.clone(),
+                },
+                tokenizer,
+            ))
+        }
+        (None, Some(spec)) => {
+            let tokenizer = explicit_tokenizer.context(
+                "model.init needs `tokenizer:` (a tokenizer directory or Hub id, e.g. \
+                 EleutherAI/gpt-j-6b) to tokenize the data with",
+            )?;
+            let mut config = spec.preset.config();
+            config.vocab_size = spec
+                .vocab_size
+                .unwrap_or_else(|| tokenizer.vocab_size().div_ceil(64) * 64);
+            config.eos_token_id = Some(tokenizer.eos_id());
+            config.bos_token_id = Some(tokenizer.eos_id());
+            config
+                .validate()
+                .map_err(|e| anyhow::anyhow!("model.init: {e}"))?;
+            tokenizer.check_fits(config.vocab_size, Path::new("model.init"))?;
+            let params = model::parameter_shapes(&config)
+                .into_iter()
+                .map(|(name, shape)| {
+                    let tensor = init::init_parameter(&config, &name, &shape, spec.seed)?;
+                    Ok((name, tensor))
+                })
+                .collect::<Result<_>>()?;
+            let preset = serde_json::to_value(spec.preset)?;
+            Ok((
+                ModelInit {
+                    config,
+                    params,
+                    tokenizer: Some(tokenizer.clone()),
+                    base_model: format!(
+                        "init:{} (seed {})",
+                        preset.as_str().unwrap_or("preset"),
+                        spec.seed
+                    ),
+                },
+                tokenizer,
+            ))
+        }
+        _ => bail!("set exactly one of model.from and model.init"),
+    }
+}
+
+/// The eval split's rows as premise / hypothesis / label, capped by `eval.limit`.
+fn mnli_eval_rows(recipe: &Recipe, recipe_dir: &Path) -> Result<Vec<NliRow>> {
+    let datasets = load_split_records(recipe, recipe_dir, Split::Eval)?;
+    if datasets.is_empty() {
+        bail!("there is no data.eval to measure accuracy on");
+    }
+    let mut rows = Vec::new();
+    for (i, dataset) in datasets.iter().enumerate() {
+        let records = renamed_columns(dataset)?;
+        rows.extend(nli_rows(&records).with_context(|| format!("data.eval[{i}]"))?);
+    }
+    if let Some(limit) = recipe.eval.limit {
+        rows.truncate(limit);
+    }
+    Ok(rows)
+}
+
+/// The records with `columns:` applied (template field ← source column), so the evaluator finds
+/// premise, hypothesis and label under the names the template uses.
+fn renamed_columns(dataset: &data::LoadedDataset) -> Result<data::Records> {
+    let mut records = dataset.records.clone();
+    for (field, column) in &dataset.spec.columns {
+        for row in records.rows.iter_mut() {
+            if let Some(value) = row.remove(column) {
+                row.insert(field.clone(), value);
+            }
+        }
+        for c in records.columns.iter_mut() {
+            if c == column {
+                *c = field.clone();
+            }
+        }
+        if let Some(names) = records.class_labels.remove(column) {
+            records.class_labels.insert(field.clone(), names);
+        }
+    }
+    Ok(records)
+}
+
+fn report_uploads(events: Vec<UploadEvent>) {
+    for event in events {
+        match event {
+            UploadEvent::Pushed {
+                dir,
+                report,
+                attempts,
+            } => match report.commit_oid {
+                Some(oid) => println!(
+                    "uploaded {} (commit {oid}, {} files, attempt {attempts})",
+                    dir.display(),
+                    report.committed_files.len()
+                ),
+                None => println!("{} was already on the Hub", dir.display()),
+            },
+            UploadEvent::Failed {
+                dir,
+                error,
+                attempts,
+            } => eprintln!(
+                "warning: uploading {} failed after {attempts} attempts: {error} (the local \
+                 checkpoint is intact; push it later with `kiln push`)",
+                dir.display()
+            ),
+        }
+    }
+}
+
+fn parameter_count(config: &model::Config) -> String {
+    let n: usize = model::parameter_shapes(config)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2} B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2} M", n as f64 / 1e6),
+        n => format!("{:.1} k", n as f64 / 1e3),
+    }
+}
+
+fn print_summary(recipe: &Recipe, summary: &TrainSummary) {
+    let steps = summary.losses.len();
+    if steps > 0 {
+        let seconds: f64 = summary.step_seconds.iter().sum();
+        println!(
+            "trained steps {}..={} of {} in {:.1} s; last loss {:.4}",
+            summary.step + 1 - steps as u64,
+            summary.step,
+            summary.total_steps,
+            seconds,
+            summary.losses[steps - 1]
+        );
+    }
+    if let Some(accuracy) = summary.eval.get("accuracy") {
+        println!(
+            "eval accuracy {:.2}% ({} mode){}",
+            accuracy * 100.0,
+            serde_json::to_value(recipe.eval.mode)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            summary
+                .eval
+                .get("loss")
+                .map(|l| format!(", eval loss {l:.4}"))
+                .unwrap_or_default()
+        );
+    } else if let Some(loss) = summary.eval.get("loss") {
+        println!("eval loss {loss:.4}");
+    }
+    if let Some(dir) = &summary.last_checkpoint {
+        println!("checkpoint: {}", dir.display());
+    }
+    println!(
+        "logs: {} (tensorboard --logdir {})",
+        summary.run_dir.display(),
+        recipe.tracking.log_dir.display()
+    );
+}
+
+/// `--resume latest|DIR`.
+pub fn parse_resume(value: &str) -> Resume {
+    if value == "latest" {
+        Resume::Latest
+    } else {
+        Resume::Dir(PathBuf::from(value))
+    }
+}

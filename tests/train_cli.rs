@@ -1,0 +1,245 @@
+//! `kiln train` as users run it: a process that may be killed at any moment, a recipe that may be
+//! wrong, and the evaluator inside training.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::kiln;
+
+fn bundled(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("datasets/nli")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+/// A small recipe on the bundled NLI data writing into `out`; `extra` is appended YAML.
+fn write_recipe(out: &Path, extra: &str) -> PathBuf {
+    let text = format!(
+        "name: run\n\
+         seed: 3\n\
+         model: {{init: {{preset: tiny, seed: 1, vocab_size: 1024}}}}\n\
+         tokenizer: {tokenizer}\n\
+         data:\n  \
+           train: [{{source: {{path: {train}}}, template: mnli, limit: 400}}]\n  \
+           eval: [{{source: {{path: {eval}}}, template: mnli, limit: 40}}]\n  \
+           seq_len: 64\n  mode: pad\n  loss_on: target\n\
+         optimizer: {{lr: 2.0e-3, weight_decay: 0.01}}\n\
+         schedule: {{kind: cosine, warmup: 2}}\n\
+         batch: {{global: 8, micro: 4}}\n\
+         steps: 10\n\
+         checkpoint: {{every: 1, dir: {ckpt}}}\n\
+         tracking: {{log_dir: {logs}}}\n\
+         {extra}",
+        tokenizer = bundled("tokenizer"),
+        train = bundled("train.jsonl"),
+        eval = bundled("validation.jsonl"),
+        ckpt = out.join("checkpoints").display(),
+        logs = out.join("runs").display(),
+    );
+    let path = out.join("recipe.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn train_losses(run_dir: &Path) -> Vec<(u64, u64)> {
+    kiln::track::read_metrics(&run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.tag == "train/loss")
+        .map(|r| (r.step, r.value.to_bits()))
+        .collect()
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let (ok, stdout, stderr) = kiln(args);
+    assert!(ok, "kiln {args:?} failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
+#[test]
+fn sigkill_then_resume_latest_is_bit_identical() {
+    let whole = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(whole.path(), "");
+    run_ok(&[
+        "train",
+        recipe.to_str().unwrap(),
+        "--quiet",
+        "--threads",
+        "2",
+    ]);
+
+    let killed = tempfile::tempdir().unwrap();
+    let recipe_k = write_recipe(killed.path(), "");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "train",
+            recipe_k.to_str().unwrap(),
+            "--quiet",
+            "--threads",
+            "2",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut saw_checkpoint = false;
+    for line in stdout.lines() {
+        if line.unwrap().contains("saved checkpoint") && checkpointed_step_4(killed.path()) {
+            saw_checkpoint = true;
+            break;
+        }
+    }
+    assert!(saw_checkpoint, "the run ended before it could be killed");
+    // SIGKILL: no handler runs, whatever the process was doing (a step, a checkpoint write).
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let ckpt = killed.path().join("checkpoints/run");
+    assert!(
+        !ckpt.join("step-10").exists(),
+        "the process was killed before the end"
+    );
+
+    let out = run_ok(&[
+        "train",
+        recipe_k.to_str().unwrap(),
+        "--quiet",
+        "--threads",
+        "2",
+        "--resume",
+        "latest",
+    ]);
+    assert!(out.contains("resumed from"), "{out}");
+
+    let a = std::fs::read(
+        whole
+            .path()
+            .join("checkpoints/run/step-10/model.safetensors"),
+    )
+    .unwrap();
+    let b = std::fs::read(ckpt.join("step-10/model.safetensors")).unwrap();
+    assert!(a == b, "final weights differ from the uninterrupted run");
+    let a = std::fs::read(
+        whole
+            .path()
+            .join("checkpoints/run/step-10/optimizer.safetensors"),
+    )
+    .unwrap();
+    let b = std::fs::read(ckpt.join("step-10/optimizer.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "optimizer moments differ from the uninterrupted run"
+    );
+    let whole_losses = train_losses(&whole.path().join("runs/run"));
+    assert_eq!(whole_losses.len(), 10);
+    assert_eq!(train_losses(&killed.path().join("runs/run")), whole_losses);
+}
+
+/// True once the run has a checkpoint of step 4 or later, so the kill lands mid-run.
+fn checkpointed_step_4(out: &Path) -> bool {
+    std::fs::read_to_string(out.join("checkpoints/run/latest"))
+        .ok()
+        .and_then(|s| s.trim().strip_prefix("step-")?.parse::<u64>().ok())
+        .is_some_and(|step| step >= 4)
+}
+
+#[test]
+fn mnli_accuracy_is_evaluated_during_training_and_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(
+        dir.path(),
+        "eval: {every: 5, task: mnli, mode: rank, batch_size: 16}\n",
+    );
+    let out = run_ok(&[
+        "train",
+        recipe.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        "checkpoint.every=0",
+    ]);
+    assert!(out.contains("eval accuracy"), "{out}");
+    let metrics = kiln::track::read_metrics(&dir.path().join("runs/run/metrics.jsonl")).unwrap();
+    let accuracy: Vec<(u64, f64)> = metrics
+        .iter()
+        .filter(|r| r.tag == "eval/accuracy")
+        .map(|r| (r.step, r.value))
+        .collect();
+    assert_eq!(
+        accuracy.iter().map(|a| a.0).collect::<Vec<_>>(),
+        vec![5, 10]
+    );
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("runs/run/eval/step-10/report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["n"], 40);
+    assert_eq!(report["mode"], "rank");
+    assert_eq!(report["accuracy"].as_f64().unwrap(), accuracy[1].1);
+    assert!(metrics.iter().any(|r| r.tag == "eval/loss" && r.step == 10));
+    // The checkpoint is a model directory that `kiln eval` reads, and it agrees with training.
+    let report_dir = dir.path().join("report");
+    run_ok(&[
+        "eval",
+        "--model",
+        dir.path().join("checkpoints/run/step-10").to_str().unwrap(),
+        "--data",
+        &bundled("validation.jsonl"),
+        "--limit",
+        "40",
+        "--mode",
+        "rank",
+        "--report",
+        report_dir.to_str().unwrap(),
+    ]);
+    let again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report_dir.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(again["confusion"], report["confusion"]);
+}
+
+#[test]
+fn bad_recipes_fail_before_training_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), "");
+    let path = recipe.to_str().unwrap();
+
+    let (ok, _, err) = kiln(&["train", path, "--set", "tokenizer=null"]);
+    assert!(!ok);
+    assert!(err.contains("model.init needs `tokenizer:`"), "{err}");
+
+    let (ok, _, err) = kiln(&["train", path, "--set", "batch.micro=3"]);
+    assert!(!ok);
+    assert!(err.contains("batch"), "{err}");
+
+    let (ok, _, err) = kiln(&[
+        "train",
+        path,
+        "--set",
+        "eval.task=mnli",
+        "--set",
+        "data.eval=[]",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("eval.task: mnli") && err.contains("data.eval"),
+        "{err}"
+    );
+
+    let (ok, _, err) = kiln(&["train", path, "--set", "model.init.vocab_size=512"]);
+    assert!(!ok);
+    assert!(err.contains("embedding rows"), "{err}");
+
+    let (ok, _, err) = kiln(&["train", path, "--resume", "latest"]);
+    assert!(!ok);
+    assert!(err.contains("checkpoint"), "{err}");
+
+    assert!(
+        !dir.path().join("checkpoints/run").join("latest").exists(),
+        "nothing was trained"
+    );
+}
