@@ -189,7 +189,11 @@ pub fn generate(
     }
 
     let device = model.device();
-    let mut cache = KvCache::new(config.n_layer);
+    let longest_budget = active.iter().map(|r| r.budget).max().unwrap_or(0);
+    let mut cache = KvCache::with_capacity(
+        config.n_layer,
+        active.iter().map(|r| r.prompt.len()).max().unwrap_or(0) + longest_budget,
+    );
     let longest = active.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
     let mut key_mask: Vec<Vec<u8>> = Vec::with_capacity(active.len());
     let mut ids = Vec::with_capacity(active.len() * longest);
@@ -210,7 +214,8 @@ pub fn generate(
         position_ids: Tensor::from_vec(positions, (n, longest), device)?,
         key_mask: Some(key_mask.clone()),
     };
-    let mut logits = model.forward_last(&prefill, &vec![longest - 1; n], Some(&mut cache))?;
+    crate::model::keep_freed_memory();
+    let mut logits = forward_on_pool(model, &prefill, &vec![longest - 1; n], &mut cache)?;
 
     loop {
         let mut next = Vec::with_capacity(active.len());
@@ -224,15 +229,28 @@ pub fn generate(
         for (i, (mut row, token)) in active.into_iter().zip(next).enumerate() {
             row.new.push(token);
             on_token(row.index, token);
+            // Decoding every step is only needed to look for stop strings; otherwise a row's
+            // text is decoded once, when it finishes.
             let text = match tokenizer {
-                Some(t) => t.decode(&row.new, true)?,
-                None => String::new(),
+                Some(t) if !params.stop.is_empty() => Some(t.decode(&row.new, true)?),
+                _ => None,
             };
+            let final_text = |row: &Row, text: Option<String>| -> Result<String> {
+                match (text, tokenizer) {
+                    (Some(text), _) => Ok(text),
+                    (None, Some(t)) => t.decode(&row.new, true),
+                    (None, None) => Ok(String::new()),
+                }
+            };
+            let stop_at = text.as_deref().and_then(|t| first_stop(t, &params.stop));
             if Some(token) == eos {
+                let text = final_text(&row, text)?;
                 finish(row, FinishReason::Eos, text);
-            } else if let Some(cut) = first_stop(&text, &params.stop) {
-                finish(row, FinishReason::Stop, text[..cut].to_string());
+            } else if let (Some(cut), Some(text)) = (stop_at, &text) {
+                let text = text[..cut].to_string();
+                finish(row, FinishReason::Stop, text);
             } else if row.new.len() >= row.budget {
+                let text = final_text(&row, text)?;
                 finish(row, FinishReason::Length, text);
             } else {
                 keep.push(i as u32);
@@ -271,12 +289,24 @@ pub fn generate(
             )?,
             key_mask: Some(key_mask.clone()),
         };
-        logits = model.forward_last(&step, &vec![0; n], Some(&mut cache))?;
+        logits = forward_on_pool(model, &step, &vec![0; n], &mut cache)?;
     }
     Ok(results
         .into_iter()
         .map(|r| r.expect("every row finished"))
         .collect())
+}
+
+/// One forward pass run on a rayon worker: the dozens of small parallel operations of a decode
+/// step then start from inside the pool instead of each waking it from outside, which at batch
+/// 16 on the `small` preset made a step about a fifth slower.
+fn forward_on_pool(
+    model: &GptJ,
+    batch: &Batch,
+    last_index: &[usize],
+    cache: &mut KvCache,
+) -> Result<Tensor> {
+    rayon::scope(|_| model.forward_last(batch, last_index, Some(cache))).map_err(Into::into)
 }
 
 fn first_stop(text: &str, stops: &[String]) -> Option<usize> {

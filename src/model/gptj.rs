@@ -149,7 +149,11 @@ impl Module for Linear {
         let dims = xs.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has a last dim");
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let ys = xs.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let xs2 = xs.reshape((rows, in_dim))?;
+        let ys = match super::skinny::try_matmul_transposed(&xs2, &self.weight)? {
+            Some(ys) => ys,
+            None => xs2.matmul(&self.weight.t()?)?,
+        };
         let ys = match &self.bias {
             Some(bias) => ys.broadcast_add(bias)?,
             None => ys,
@@ -244,22 +248,64 @@ impl Rotary {
 /// Keys (after rotary, fp32) and values (compute dtype) of earlier positions, one entry a layer.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerCache>,
+    /// Positions to allocate room for at the first append.
+    capacity: usize,
+}
+
+/// One layer's keys and values, `[batch, heads, room, head_dim]`, of which the first `len`
+/// positions are filled. Appending writes in place; the buffers are only reallocated (doubled)
+/// when full, so a decode step does not copy the whole cache as concatenation would.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    buffers: Option<(Tensor, Tensor)>,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Appends `k` and `v` (`[batch, heads, t, head_dim]`) and returns views of everything cached.
+    fn append(&mut self, k: &Tensor, v: &Tensor, capacity: usize) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let needed = self.len + t;
+        let room = self
+            .buffers
+            .as_ref()
+            .map_or(0, |(kb, _)| kb.dim(2).unwrap_or(0));
+        if needed > room {
+            let grown = needed.max(capacity).max(room * 2);
+            let (b, h, _, d) = k.dims4()?;
+            let kb = Tensor::zeros((b, h, grown, d), k.dtype(), k.device())?;
+            let vb = Tensor::zeros((b, h, grown, d), v.dtype(), v.device())?;
+            if let Some((old_k, old_v)) = &self.buffers {
+                kb.slice_set(&old_k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                vb.slice_set(&old_v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            self.buffers = Some((kb, vb));
+        }
+        let (kb, vb) = self.buffers.as_ref().expect("allocated above");
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = needed;
+        Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?))
+    }
 }
 
 impl KvCache {
     pub fn new(n_layer: usize) -> Self {
+        Self::with_capacity(n_layer, 0)
+    }
+
+    /// A cache that allocates room for `positions` at once (prompt plus new tokens).
+    pub fn with_capacity(n_layer: usize, positions: usize) -> Self {
         Self {
-            layers: vec![None; n_layer],
+            layers: vec![LayerCache::default(); n_layer],
+            capacity: positions,
         }
     }
 
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
-        match self.layers.first() {
-            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
-            _ => 0,
-        }
+        self.layers.first().map_or(0, |l| l.len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -268,9 +314,11 @@ impl KvCache {
 
     /// Keeps only the given batch rows (used when finished rows leave a batched generation).
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(rows, 0)?;
-            *v = v.index_select(rows, 0)?;
+        for layer in self.layers.iter_mut() {
+            if let Some((k, v)) = &mut layer.buffers {
+                *k = k.index_select(rows, 0)?;
+                *v = v.index_select(rows, 0)?;
+            }
         }
         Ok(())
     }
@@ -316,7 +364,7 @@ impl Attention {
         rotary: &Rotary,
         position_ids: &Tensor,
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut LayerCache, usize)>,
     ) -> Result<Tensor> {
         let (b, t, e) = xs.dims3()?;
         let dtype = xs.dtype();
@@ -328,23 +376,13 @@ impl Attention {
         let k = self.rotate(k, rotary, position_ids)?.transpose(1, 2)?;
         let v = v.transpose(1, 2)?;
         let (k, v) = match cache {
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((k_past, v_past)) => (
-                        Tensor::cat(&[&k_past, &k], 2)?,
-                        Tensor::cat(&[&v_past, &v], 2)?,
-                    ),
-                    None => (k.contiguous()?, v.contiguous()?),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
+            Some((slot, capacity)) => slot.append(&k, &v, capacity)?,
             None => (k.contiguous()?, v.contiguous()?),
         };
         let scale = (self.head_dim as f64).sqrt();
         let scores = (q.contiguous()?.matmul(&k.t()?)? / scale)?.broadcast_add(mask)?;
         let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let out = probs.matmul(&v.contiguous()?)?;
+        let out = probs.matmul(&v)?;
         let out = out.transpose(1, 2)?.reshape((b, t, e))?;
         self.out_proj.forward(&out)
     }
@@ -532,7 +570,7 @@ impl Block {
         rotary: &Rotary,
         position_ids: &Tensor,
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut LayerCache, usize)>,
     ) -> Result<Tensor> {
         let normed = self.ln_1.forward(xs)?;
         let attn = self
@@ -659,7 +697,7 @@ impl GptJ {
             .reshape((b, t, self.config.n_embd))?
             .to_dtype(self.dtype)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let slot = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.capacity));
             xs = block.forward(&xs, &self.rotary, &batch.position_ids, &mask, slot)?;
         }
         self.ln_f.forward(&xs)

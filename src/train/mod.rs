@@ -101,7 +101,7 @@ pub fn run(
     mut options: TrainOptions,
 ) -> Result<TrainSummary> {
     let device = model::parse_device(&recipe.device)?;
-    keep_freed_memory();
+    model::keep_freed_memory();
     let compute_dtype = match recipe.precision.compute {
         Compute::Fp32 => DType::F32,
         Compute::Fp16 => DType::F16,
@@ -447,20 +447,6 @@ impl Drop for SignalGuard {
         for id in self.0.drain(..) {
             signal_hook::low_level::unregister(id);
         }
-    }
-}
-
-/// Every step allocates and frees the same large activation and gradient buffers. By default
-/// glibc serves blocks above a (dynamic) threshold with fresh mmaps and unmaps them on free, so
-/// each step page-faults its working set back in (over 10% of a CPU step). A fixed threshold at
-/// glibc's maximum (32 MB) and a high trim threshold keep freed blocks for reuse; peak RSS is
-/// unchanged since it is set by the largest step anyway.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tunables; it is called before training allocates.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
 
