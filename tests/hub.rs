@@ -3,6 +3,7 @@
 //! downloads into the cache, offline mode, dataset listing, `kiln push`, and — when the official
 //! Python client is installed — that both clients produce the same commit.
 
+mod common;
 mod hub_server;
 
 use std::collections::BTreeMap;
@@ -812,25 +813,11 @@ fn kiln_push_cli() {
     );
 }
 
-fn python() -> Option<PathBuf> {
-    let python = PathBuf::from("/work/pyref/bin/python");
-    let ok = python.is_file()
-        && std::process::Command::new(&python)
-            .args(["-c", "import huggingface_hub"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!(
-            "SKIPPED: the official huggingface_hub Python client is not installed at {}",
-            python.display()
-        );
-    }
-    ok.then_some(python)
-}
-
 #[test]
 fn official_python_client_makes_the_same_commit() {
-    let Some(python) = python() else { return };
+    let Some(python) = common::python_with("huggingface_hub") else {
+        return;
+    };
     let server = HubServer::start(ServerOptions::default());
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ckpt");
@@ -908,7 +895,9 @@ print("AGAIN", again.oid)
 fn official_python_client_uploads_lfs_through_the_same_server() {
     // The Python client uploading new LFS objects (multipart and basic), then our client finding
     // them all present: proves the server's LFS side matches what the official client speaks.
-    let Some(python) = python() else { return };
+    let Some(python) = common::python_with("huggingface_hub") else {
+        return;
+    };
     let server = HubServer::start(ServerOptions::default());
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ckpt");
@@ -1058,7 +1047,9 @@ fn unreachable_hub_falls_back_to_a_complete_cached_snapshot() {
 
 #[test]
 fn cache_is_shared_with_the_official_python_client() {
-    let Some(python) = python() else { return };
+    let Some(python) = common::python_with("huggingface_hub") else {
+        return;
+    };
     let server = HubServer::start(ServerOptions::default());
     let files = seed_model(&server, "models/alice/shared", false);
     let tmp = tempfile::tempdir().unwrap();

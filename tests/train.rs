@@ -473,26 +473,10 @@ fn fp16_overflow_skips_the_step_and_halves_the_scale() {
 }
 
 /// Python with the `tensorboard` package: `KILN_PYTHON`, else `python3` if it has it.
-fn python_with_tensorboard() -> Option<String> {
-    let candidates = std::env::var("KILN_PYTHON")
-        .into_iter()
-        .chain(["python3".to_string()]);
-    for python in candidates {
-        let ok = std::process::Command::new(&python)
-            .args(["-c", "import tensorboard"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if ok {
-            return Some(python);
-        }
-    }
-    eprintln!("SKIPPED: no Python with the tensorboard package (set KILN_PYTHON)");
-    None
-}
 
 #[test]
 fn tensorboard_reads_the_event_files() {
-    let Some(python) = python_with_tensorboard() else {
+    let Some(python) = common::python_with("tensorboard") else {
         return;
     };
     let rows = packed(16, 16, 101, 10);

@@ -72,7 +72,7 @@ pub struct InitSpec {
     pub preset: Preset,
     #[serde(default)]
     pub seed: u64,
-    /// Embedding rows; default: the preset's (50400), or the tokenizer's size rounded up to 64.
+    /// Embedding rows; default: the tokenizer's size rounded up to a multiple of 64.
     #[serde(default)]
     pub vocab_size: Option<usize>,
 }

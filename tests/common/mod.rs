@@ -84,3 +84,22 @@ pub fn kiln(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// A Python that can `import module`: `$KILN_PYTHON` (set by `.ci/run`), else `python3`. `None`
+/// (with a SKIPPED line naming what is missing) when neither can.
+pub fn python_with(module: &str) -> Option<String> {
+    let candidates = std::env::var("KILN_PYTHON")
+        .into_iter()
+        .chain(["python3".to_string()]);
+    for python in candidates {
+        let ok = std::process::Command::new(&python)
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return Some(python);
+        }
+    }
+    eprintln!("SKIPPED: no Python with the {module} package (set KILN_PYTHON)");
+    None
+}
