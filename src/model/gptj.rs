@@ -461,14 +461,15 @@ fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
 
 struct SoftmaxLastDim;
 
-fn contiguous_f32<'a>(
+/// The elements of a contiguous fp32 CPU tensor, for the fused CPU ops.
+pub(crate) fn contiguous_f32<'a>(
     storage: &'a candle_core::CpuStorage,
     layout: &candle_core::Layout,
 ) -> Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("softmax needs a contiguous input"),
+        None => candle_core::bail!("the fused CPU ops need contiguous inputs"),
     }
 }
 

@@ -9,6 +9,8 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::gptj::contiguous_f32;
+
 /// Inputs with at most this many rows take this path; larger ones are GEMM's job.
 pub const MAX_ROWS: usize = 32;
 
@@ -51,17 +53,9 @@ impl CustomOp2 for SkinnyOp {
         if k != k_w {
             candle_core::bail!("skinny matmul: input has {k} columns, weight {k_w}");
         }
-        let (x, w) = (contiguous(xs, x_layout)?, contiguous(ws, w_layout)?);
+        let (x, w) = (contiguous_f32(xs, x_layout)?, contiguous_f32(ws, w_layout)?);
         let y = matmul_transposed(x, rows, w, n, k);
         Ok((CpuStorage::F32(y), Shape::from((rows, n))))
-    }
-}
-
-fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("skinny matmul needs contiguous inputs"),
     }
 }
 

@@ -17,6 +17,16 @@ use rayon::prelude::*;
 /// threshold, so chunk buffers are reused from the heap instead of freshly mapped and faulted in.
 const CHUNK_ROWS: usize = 128;
 
+/// Positions that have a label (not HF's -100) and their labels.
+fn labelled_positions(labels: &[i64]) -> (Vec<u32>, Vec<u32>) {
+    labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l >= 0)
+        .map(|(i, &l)| (i as u32, l as u32))
+        .unzip()
+}
+
 pub struct LmLoss {
     /// Sum of the cross-entropy over rows with a label.
     pub nll_sum: f64,
@@ -45,12 +55,7 @@ pub fn lm_head_loss(
     if let Some(&bad) = labels.iter().find(|&&l| l >= vocab as i64) {
         candle_core::bail!("label {bad} is outside the vocabulary of {vocab}");
     }
-    let (rows, targets): (Vec<u32>, Vec<u32>) = labels
-        .iter()
-        .enumerate()
-        .filter(|(_, &l)| l >= 0)
-        .map(|(i, &l)| (i as u32, l as u32))
-        .unzip();
+    let (rows, targets) = labelled_positions(labels);
     let device = hidden.device();
     let dtype = hidden.dtype();
     let n = rows.len();
@@ -147,12 +152,7 @@ pub fn lm_head_loss(
 pub fn composite_nll_sum(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
     let vocab = logits.dim(D::Minus1)?;
     let flat = logits.reshape(((), vocab))?.to_dtype(DType::F32)?;
-    let (rows, targets): (Vec<u32>, Vec<u32>) = labels
-        .iter()
-        .enumerate()
-        .filter(|(_, &l)| l >= 0)
-        .map(|(i, &l)| (i as u32, l as u32))
-        .unzip();
+    let (rows, targets) = labelled_positions(labels);
     let device = logits.device();
     let n = rows.len();
     let picked = flat.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
