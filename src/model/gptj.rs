@@ -8,6 +8,7 @@
 //! rotary embedding, the attention scores and their softmax are computed in fp32 (HF upcasts query
 //! and key before `q @ k^T`), and the final logits are returned in fp32.
 
+use super::cpu_gemm::Operands;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -129,17 +130,28 @@ impl Config {
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    operands: Operands,
 }
 
 impl Linear {
-    fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        operands: Operands,
+    ) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            operands,
+        })
     }
 }
 
@@ -150,9 +162,14 @@ impl Module for Linear {
         let in_dim = *dims.last().expect("linear input has a last dim");
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let xs2 = xs.reshape((rows, in_dim))?;
-        let ys = match super::skinny::try_matmul_transposed(&xs2, &self.weight)? {
-            Some(ys) => ys,
-            None => xs2.matmul(&self.weight.t()?)?,
+        let ys = if self.operands == Operands::Bf16 {
+            xs2.contiguous()?
+                .apply_op2(&self.weight.contiguous()?, super::fused::Bf16Linear)?
+        } else {
+            match super::skinny::try_matmul_transposed(&xs2, &self.weight)? {
+                Some(ys) => ys,
+                None => xs2.matmul(&self.weight.t()?)?,
+            }
         };
         let ys = match &self.bias {
             Some(bias) => ys.broadcast_add(bias)?,
@@ -185,6 +202,10 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let dtype = xs.dtype();
+        if xs.device().is_cpu() && dtype == DType::F32 && self.weight.dtype() == DType::F32 {
+            let op = super::fused::LayerNormOp { eps: self.eps };
+            return xs.contiguous()?.apply_op3(&self.weight, &self.bias, op);
+        }
         let xs = xs.to_dtype(DType::F32)?;
         let mean = xs.mean_keepdim(D::Minus1)?;
         let centered = xs.broadcast_sub(&mean)?;
@@ -336,13 +357,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Config, operands: Operands) -> Result<Self> {
         let e = cfg.n_embd;
         Ok(Self {
-            q_proj: Linear::load(vb.pp("q_proj"), e, e, false)?,
-            k_proj: Linear::load(vb.pp("k_proj"), e, e, false)?,
-            v_proj: Linear::load(vb.pp("v_proj"), e, e, false)?,
-            out_proj: Linear::load(vb.pp("out_proj"), e, e, false)?,
+            q_proj: Linear::load(vb.pp("q_proj"), e, e, false, operands)?,
+            k_proj: Linear::load(vb.pp("k_proj"), e, e, false, operands)?,
+            v_proj: Linear::load(vb.pp("v_proj"), e, e, false, operands)?,
+            out_proj: Linear::load(vb.pp("out_proj"), e, e, false, operands)?,
             n_head: cfg.n_head,
             head_dim: cfg.head_dim(),
             rotary_dim: cfg.rotary_dim(),
@@ -369,6 +390,25 @@ impl Attention {
         let (b, t, e) = xs.dims3()?;
         let dtype = xs.dtype();
         let split = |ys: Tensor| ys.reshape((b, t, self.n_head, self.head_dim));
+        if cache.is_none() && xs.device().is_cpu() && dtype == DType::F32 {
+            let positions = position_ids.flatten_all()?;
+            let table = |t: &Tensor| t.index_select(&positions, 0)?.flatten_all()?.to_vec1();
+            let op = super::fused::CausalSelfAttention {
+                sin: table(&rotary.sin)?,
+                cos: table(&rotary.cos)?,
+                mask: mask.flatten_all()?.to_vec1()?,
+                rotary_dim: self.rotary_dim,
+            };
+            let (q, k, v) = (
+                split(self.q_proj.forward(xs)?)?,
+                split(self.k_proj.forward(xs)?)?,
+                split(self.v_proj.forward(xs)?)?,
+            );
+            let out = q
+                .contiguous()?
+                .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+            return self.out_proj.forward(&out.reshape((b, t, e))?);
+        }
         let q = split(self.q_proj.forward(xs)?)?.to_dtype(DType::F32)?;
         let k = split(self.k_proj.forward(xs)?)?.to_dtype(DType::F32)?;
         let v = split(self.v_proj.forward(xs)?)?;
@@ -392,59 +432,9 @@ impl Attention {
 /// with a one-pass backward; candle's `gelu` backward takes a dozen full-size tensor ops.
 fn gelu_new(xs: &Tensor) -> Result<Tensor> {
     if xs.device().is_cpu() && xs.dtype() == DType::F32 {
-        return xs.contiguous()?.apply_op1(GeluNew);
+        return xs.contiguous()?.apply_op1(super::fused::GeluNew);
     }
     xs.gelu()
-}
-
-struct GeluNew;
-
-const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
-const GELU_COEF: f32 = 0.044_715;
-
-impl candle_core::CustomOp1 for GeluNew {
-    fn name(&self) -> &'static str {
-        "gelu-new"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let xs = contiguous_f32(storage, layout)?;
-        let out: Vec<f32> = xs
-            .par_iter()
-            .with_min_len(4096)
-            .map(|&x| 0.5 * x * (1.0 + (SQRT_TWO_OVER_PI * (x + GELU_COEF * x * x * x)).tanh()))
-            .collect();
-        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        use rayon::prelude::*;
-        let grad_res = grad_res.contiguous()?;
-        let (x_storage, x_layout) = arg.storage_and_layout();
-        let (g_storage, g_layout) = grad_res.storage_and_layout();
-        let (candle_core::Storage::Cpu(x), candle_core::Storage::Cpu(g)) =
-            (&*x_storage, &*g_storage)
-        else {
-            candle_core::bail!("the fused gelu runs on the CPU only");
-        };
-        let (x, g) = (contiguous_f32(x, x_layout)?, contiguous_f32(g, g_layout)?);
-        let dx: Vec<f32> = x
-            .par_iter()
-            .zip(g.par_iter())
-            .with_min_len(4096)
-            .map(|(&x, &g)| {
-                let t = (SQRT_TWO_OVER_PI * (x + GELU_COEF * x * x * x)).tanh();
-                let inner = SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_COEF * x * x);
-                g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * inner)
-            })
-            .collect();
-        Ok(Some(Tensor::from_vec(dx, x_layout.shape(), arg.device())?))
-    }
 }
 
 /// Softmax over the last dim with a backward pass (candle's fused kernel has none). On the CPU
@@ -452,80 +442,11 @@ impl candle_core::CustomOp1 for GeluNew {
 /// allocate score-sized buffers; elsewhere it is built from differentiable primitives.
 fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     if xs.device().is_cpu() && xs.dtype() == DType::F32 {
-        return xs.contiguous()?.apply_op1(SoftmaxLastDim);
+        return xs.contiguous()?.apply_op1(super::fused::SoftmaxLastDim);
     }
     let max = xs.max_keepdim(D::Minus1)?;
     let exp = xs.broadcast_sub(&max)?.exp()?;
     exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
-}
-
-struct SoftmaxLastDim;
-
-/// The elements of a contiguous fp32 CPU tensor, for the fused CPU ops.
-pub(crate) fn contiguous_f32<'a>(
-    storage: &'a candle_core::CpuStorage,
-    layout: &candle_core::Layout,
-) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("the fused CPU ops need contiguous inputs"),
-    }
-}
-
-impl candle_core::CustomOp1 for SoftmaxLastDim {
-    fn name(&self) -> &'static str {
-        "softmax-last-dim"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let xs = contiguous_f32(storage, layout)?;
-        let dim = *layout.dims().last().expect("softmax input has a last dim");
-        let mut out = xs.to_vec();
-        out.par_chunks_mut(dim).for_each(|row| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for x in row.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            row.iter_mut().for_each(|x| *x /= sum);
-        });
-        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
-    }
-
-    /// With y = softmax(x): dx = y * (dy - sum(dy * y)) per row.
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        use rayon::prelude::*;
-        let grad_res = grad_res.contiguous()?;
-        let (y_storage, y_layout) = res.storage_and_layout();
-        let (g_storage, g_layout) = grad_res.storage_and_layout();
-        let (candle_core::Storage::Cpu(y), candle_core::Storage::Cpu(g)) =
-            (&*y_storage, &*g_storage)
-        else {
-            candle_core::bail!("the fused softmax runs on the CPU only");
-        };
-        let (y, g) = (contiguous_f32(y, y_layout)?, contiguous_f32(g, g_layout)?);
-        let dim = *y_layout
-            .dims()
-            .last()
-            .expect("softmax output has a last dim");
-        let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(dim)
-            .zip(y.par_chunks(dim).zip(g.par_chunks(dim)))
-            .for_each(|(out, (y, g))| {
-                let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-                for ((o, &y), &g) in out.iter_mut().zip(y).zip(g) {
-                    *o = y * (g - dot);
-                }
-            });
-        Ok(Some(Tensor::from_vec(dx, y_layout.shape(), res.device())?))
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -535,10 +456,11 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Config, operands: Operands) -> Result<Self> {
+        let (e, inner) = (cfg.n_embd, cfg.inner_dim());
         Ok(Self {
-            fc_in: Linear::load(vb.pp("fc_in"), cfg.n_embd, cfg.inner_dim(), true)?,
-            fc_out: Linear::load(vb.pp("fc_out"), cfg.inner_dim(), cfg.n_embd, true)?,
+            fc_in: Linear::load(vb.pp("fc_in"), e, inner, true, operands)?,
+            fc_out: Linear::load(vb.pp("fc_out"), inner, e, true, operands)?,
         })
     }
 }
@@ -557,11 +479,11 @@ struct Block {
 }
 
 impl Block {
-    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Config, operands: Operands) -> Result<Self> {
         Ok(Self {
             ln_1: LayerNorm::load(vb.pp("ln_1"), cfg.n_embd, cfg.layer_norm_epsilon)?,
-            attn: Attention::load(vb.pp("attn"), cfg)?,
-            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            attn: Attention::load(vb.pp("attn"), cfg, operands)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg, operands)?,
         })
     }
 
@@ -626,15 +548,26 @@ pub struct GptJ {
     rotary: Rotary,
     config: Config,
     dtype: DType,
+    operands: Operands,
 }
 
 impl GptJ {
     /// Builds the model from HF-named weights. The `VarBuilder`'s dtype is the compute dtype.
+    ///
+    /// bf16 on the CPU keeps weights and activations in fp32 and rounds only the linear
+    /// layers' operands to bf16 (fp32 accumulation, as torch's autocast matmuls): AMX multiplies
+    /// those at several times the fp32 rate, while the CPU has no faster bf16 element-wise
+    /// arithmetic, so converting activations would only cost time and accuracy.
     pub fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
         config.validate().map_err(candle_core::Error::msg)?;
+        let (vb, operands) = if vb.device().is_cpu() && vb.dtype() == DType::BF16 {
+            (vb.set_dtype(DType::F32), Operands::Bf16)
+        } else {
+            (vb, Operands::F32)
+        };
         let t = vb.pp("transformer");
         let blocks = (0..config.n_layer)
-            .map(|i| Block::load(t.pp("h").pp(i), config))
+            .map(|i| Block::load(t.pp("h").pp(i), config, operands))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             wte: t
@@ -642,10 +575,17 @@ impl GptJ {
                 .get((config.vocab_size, config.n_embd), "weight")?,
             blocks,
             ln_f: LayerNorm::load(t.pp("ln_f"), config.n_embd, config.layer_norm_epsilon)?,
-            lm_head: Linear::load(vb.pp("lm_head"), config.n_embd, config.vocab_size, true)?,
+            lm_head: Linear::load(
+                vb.pp("lm_head"),
+                config.n_embd,
+                config.vocab_size,
+                true,
+                operands,
+            )?,
             rotary: Rotary::new(config, vb.device())?,
             config: config.clone(),
             dtype: vb.dtype(),
+            operands,
         })
     }
 
@@ -659,6 +599,11 @@ impl GptJ {
 
     pub fn device(&self) -> &Device {
         self.wte.device()
+    }
+
+    /// The precision of the linear layers' operands when activations are fp32 on the CPU.
+    pub fn matmul_operands(&self) -> Operands {
+        self.operands
     }
 
     /// The lm_head's weight `[vocab, n_embd]` and bias `[vocab]` in the compute dtype, for a

@@ -1,8 +1,12 @@
 //! GPT-J and the Hugging Face model directory it lives in.
 
+pub mod amx;
+pub mod cpu_gemm;
+pub mod fused;
 pub mod gptj;
 pub mod init;
 pub mod skinny;
+pub mod vmath;
 pub mod weights;
 
 use std::collections::HashMap;

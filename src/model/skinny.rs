@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gptj::contiguous_f32;
+use super::fused::contiguous_f32;
 
 /// Inputs with at most this many rows take this path; larger ones are GEMM's job.
 pub const MAX_ROWS: usize = 32;

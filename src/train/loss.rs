@@ -13,6 +13,9 @@
 use candle_core::{DType, Result, Tensor, D};
 use rayon::prelude::*;
 
+use crate::model::cpu_gemm::{self, MatRef, Operands, Rhs};
+use crate::model::vmath::{exp_nonpositive, vectorized};
+
 /// Rows of logits materialised at once: 128 × 50400 fp32 is 26 MB, below glibc's largest mmap
 /// threshold, so chunk buffers are reused from the heap instead of freshly mapped and faulted in.
 const CHUNK_ROWS: usize = 128;
@@ -39,13 +42,16 @@ pub struct LmLoss {
 
 /// Cross-entropy summed over rows of `hidden` (`[..., n_embd]`, flattened) whose label is not
 /// negative, through the head `weight` `[vocab, n_embd]` and `bias`. With `grad_scale`, also the
-/// surrogate for backward.
+/// surrogate for backward. `operands` is the head matmuls' precision when the tensors are fp32
+/// on the CPU (the model's [`crate::model::GptJ::matmul_operands`]); otherwise the tensors'
+/// dtype decides.
 pub fn lm_head_loss(
     hidden: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     labels: &[i64],
     grad_scale: Option<f64>,
+    operands: Operands,
 ) -> Result<LmLoss> {
     let (vocab, n_embd) = weight.dims2()?;
     let hidden = hidden.reshape(((), n_embd))?;
@@ -61,6 +67,45 @@ pub fn lm_head_loss(
     let n = rows.len();
     let row_index = Tensor::from_vec(rows, n, device)?;
     let picked = hidden.detach().index_select(&row_index, 0)?;
+    let on_cpu_in_fp32 = device.is_cpu() && dtype == DType::F32 && weight.dtype() == DType::F32;
+    let (nll_sum, grad_picked, head_grads) = if on_cpu_in_fp32 {
+        cpu_chunks(&picked, weight, bias, &targets, grad_scale, operands)?
+    } else {
+        generic_chunks(&picked, weight, bias, &targets, grad_scale)?
+    };
+    let Some(grad_picked) = grad_picked else {
+        return Ok(LmLoss {
+            nll_sum,
+            surrogate: None,
+            head_grads: None,
+        });
+    };
+    // Scatter the picked rows' gradients back to their positions.
+    let grad_h = hidden
+        .zeros_like()?
+        .detach()
+        .index_add(&row_index, &grad_picked, 0)?;
+    let surrogate = (hidden * grad_h)?.sum_all()?.to_dtype(DType::F32)?;
+    Ok(LmLoss {
+        nll_sum,
+        surrogate: Some(surrogate),
+        head_grads,
+    })
+}
+
+/// Loss sum, gradient of the picked rows (in their dtype) and the head's fp32 gradients.
+type ChunkResults = (f64, Option<Tensor>, Option<(Tensor, Option<Tensor>)>);
+
+/// Any device and dtype, from candle ops.
+fn generic_chunks(
+    picked: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    targets: &[u32],
+    grad_scale: Option<f64>,
+) -> Result<ChunkResults> {
+    let (vocab, _) = weight.dims2()?;
+    let (device, dtype, n) = (picked.device(), picked.dtype(), picked.dim(0)?);
     let w = weight.detach();
     // The bias is added while each row of logits is read anyway, instead of as a broadcast op.
     let bias_values: Option<Vec<f32>> = bias
@@ -127,25 +172,157 @@ pub fn lm_head_loss(
         }
     }
     if grad_scale.is_none() || n == 0 {
-        return Ok(LmLoss {
-            nll_sum,
-            surrogate: None,
-            head_grads: None,
-        });
+        return Ok((nll_sum, None, None));
     }
     let grad_picked = Tensor::cat(&grad_hidden, 0)?;
-    // Scatter the picked rows' gradients back to their positions.
-    let grad_h = hidden
-        .zeros_like()?
-        .detach()
-        .index_add(&row_index, &grad_picked, 0)?;
-    let surrogate = (hidden * grad_h)?.sum_all()?.to_dtype(DType::F32)?;
     let grad_w = grad_w.expect("chunks ran");
-    Ok(LmLoss {
-        nll_sum,
-        surrogate: Some(surrogate),
-        head_grads: Some((grad_w, grad_b)),
-    })
+    Ok((nll_sum, Some(grad_picked), Some((grad_w, grad_b))))
+}
+
+/// fp32 tensors on the CPU: the head's products straight into reused buffers, the weight's
+/// gradient accumulated in place, softmax and its gradient in one vectorised pass per row.
+fn cpu_chunks(
+    picked: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    targets: &[u32],
+    grad_scale: Option<f64>,
+    operands: Operands,
+) -> Result<ChunkResults> {
+    let (vocab, d) = weight.dims2()?;
+    let n = picked.dim(0)?;
+    let device = picked.device();
+    let h = picked.flatten_all()?.to_vec1::<f32>()?;
+    let bias_values: Option<Vec<f32>> = bias
+        .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+        .transpose()?;
+    let (storage, layout) = weight.storage_and_layout();
+    let candle_core::Storage::Cpu(storage) = &*storage else {
+        candle_core::bail!("the CPU loss needs the head weight on the CPU");
+    };
+    let w = MatRef::row_major(
+        crate::model::fused::contiguous_f32(storage, layout)?,
+        vocab,
+        d,
+    );
+    let head_t = Rhs::prepare(operands, w.t());
+    let head = grad_scale.map(|_| Rhs::prepare(operands, w));
+    let want_grad = grad_scale.is_some();
+    let scale = grad_scale.unwrap_or(0.0) as f32;
+    let mut nll_sum = 0f64;
+    let mut grad_h = vec![0f32; if want_grad { n * d } else { 0 }];
+    let mut grad_w = vec![0f32; if want_grad { vocab * d } else { 0 }];
+    let mut grad_b = vec![
+        0f32;
+        if want_grad && bias.is_some() {
+            vocab
+        } else {
+            0
+        }
+    ];
+    let mut logits = vec![0f32; CPU_CHUNK_ROWS.min(n) * vocab];
+    for start in (0..n).step_by(CPU_CHUNK_ROWS) {
+        let len = CPU_CHUNK_ROWS.min(n - start);
+        let h_chunk = MatRef::row_major(&h[start * d..(start + len) * d], len, d);
+        let values = &mut logits[..len * vocab];
+        cpu_gemm::matmul_prepared(h_chunk, &head_t, values, false);
+        let chunk_targets = &targets[start..start + len];
+        nll_sum += values
+            .par_chunks_mut(vocab)
+            .zip(chunk_targets.par_iter())
+            .map(|(row, &target)| {
+                softmax_cross_entropy(
+                    row,
+                    bias_values.as_deref(),
+                    target as usize,
+                    want_grad.then_some(scale),
+                )
+            })
+            .sum::<f64>();
+        let Some(head) = &head else { continue };
+        let g = MatRef::row_major(values, len, vocab);
+        cpu_gemm::matmul_prepared(g, head, &mut grad_h[start * d..(start + len) * d], false);
+        cpu_gemm::matmul(operands, g.t(), h_chunk, &mut grad_w, start > 0);
+        if !grad_b.is_empty() {
+            for row in values.chunks_exact(vocab) {
+                grad_b.iter_mut().zip(row).for_each(|(acc, x)| *acc += x);
+            }
+        }
+    }
+    if !want_grad || n == 0 {
+        return Ok((nll_sum, None, None));
+    }
+    let grad_picked = Tensor::from_vec(grad_h, (n, d), device)?;
+    let grad_w = Tensor::from_vec(grad_w, (vocab, d), device)?;
+    let grad_b = bias
+        .map(|_| Tensor::from_vec(grad_b, vocab, device))
+        .transpose()?;
+    Ok((nll_sum, Some(grad_picked), Some((grad_w, grad_b))))
+}
+
+/// Rows of logits per chunk on the CPU: 256 × 50400 fp32 is 52 MB, one buffer reused for every
+/// chunk; larger chunks mean fewer passes over the 50 MB weight gradient.
+const CPU_CHUNK_ROWS: usize = 256;
+
+/// One row of logits (plus `bias`) to its cross-entropy against `target`; with `grad_scale`,
+/// the row becomes `grad_scale × (softmax - onehot)`, the gradient of the loss.
+fn softmax_cross_entropy(
+    row: &mut [f32],
+    bias: Option<&[f32]>,
+    target: usize,
+    grad_scale: Option<f32>,
+) -> f64 {
+    vectorized(|| softmax_cross_entropy_lanes(row, bias, target, grad_scale))
+}
+
+/// Written as 16 independent lanes so the compiler vectorises the reductions (it may not
+/// reorder a single float sum by itself).
+#[inline(always)]
+fn softmax_cross_entropy_lanes(
+    row: &mut [f32],
+    bias: Option<&[f32]>,
+    target: usize,
+    grad_scale: Option<f32>,
+) -> f64 {
+    const LANES: usize = 16;
+    if let Some(bias) = bias {
+        row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+    }
+    let target_logit = row[target];
+    // `>` rather than f32::max so that the vectoriser sees a plain select.
+    let greater = |a: f32, b: f32| if b > a { b } else { a };
+    let mut maxes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (m, &x) in maxes.iter_mut().zip(chunk) {
+            *m = greater(*m, x);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&maxes)
+        .fold(f32::NEG_INFINITY, |m, &x| greater(m, x));
+    let mut sums = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (s, x) in sums.iter_mut().zip(chunk) {
+            *x = exp_nonpositive(*x - max);
+            *s += *x;
+        }
+    }
+    let mut sum = 0f32;
+    for x in chunks.into_remainder() {
+        *x = exp_nonpositive(*x - max);
+        sum += *x;
+    }
+    let sum = sum + sums.iter().sum::<f32>();
+    if let Some(scale) = grad_scale {
+        let factor = scale / sum;
+        row.iter_mut().for_each(|x| *x *= factor);
+        row[target] -= scale;
+    }
+    (max as f64) + (sum as f64).ln() - target_logit as f64
 }
 
 /// Reference: the same loss from candle's differentiable primitives over full logits.
@@ -170,14 +347,21 @@ mod tests {
     fn fused_loss_and_gradients_match_the_composite() -> Result<()> {
         let device = Device::Cpu;
         // More rows than one chunk, so chunk accumulation is exercised.
-        let rows = CHUNK_ROWS + 37;
+        let rows = CPU_CHUNK_ROWS + 37;
         let hidden = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, 16), &device)?)?;
         let weight = Var::from_tensor(&Tensor::randn(0f32, 0.5, (29, 16), &device)?)?;
         let bias = Var::from_tensor(&Tensor::randn(0f32, 0.5, 29, &device)?)?;
         let labels: Vec<i64> = (0..rows as i64)
             .map(|i| if i % 5 == 0 { -100 } else { i % 29 })
             .collect();
-        let fused = lm_head_loss(&hidden, &weight, Some(&bias), &labels, Some(0.25))?;
+        let fused = lm_head_loss(
+            &hidden,
+            &weight,
+            Some(&bias),
+            &labels,
+            Some(0.25),
+            Operands::F32,
+        )?;
         let logits = hidden.matmul(&weight.t()?)?.broadcast_add(&bias)?;
         let reference = composite_nll_sum(&logits, &labels)?;
         let expected = reference.to_scalar::<f32>()? as f64;
@@ -203,5 +387,127 @@ mod tests {
             assert!(diff < 1e-5, "gradients differ by {diff}");
         }
         Ok(())
+    }
+
+    fn chunk_inputs(
+        rows: usize,
+        vocab: usize,
+        d: usize,
+    ) -> Result<(Tensor, Tensor, Tensor, Vec<u32>)> {
+        let device = Device::Cpu;
+        let picked = Tensor::randn(0f32, 1.0, (rows, d), &device)?;
+        let weight = Tensor::randn(0f32, 0.5, (vocab, d), &device)?;
+        let bias = Tensor::randn(0f32, 0.5, vocab, &device)?;
+        let targets = (0..rows as u32).map(|i| (i * 7) % vocab as u32).collect();
+        Ok((picked, weight, bias, targets))
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    fn max_abs(a: &Tensor) -> f32 {
+        a.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn cpu_and_generic_chunk_paths_agree() -> Result<()> {
+        // Two CPU chunks and seven generic ones, with a ragged last chunk in both.
+        let (picked, weight, bias, targets) = chunk_inputs(2 * CPU_CHUNK_ROWS + 5, 333, 24)?;
+        let (nll_a, gh_a, heads_a) = cpu_chunks(
+            &picked,
+            &weight,
+            Some(&bias),
+            &targets,
+            Some(0.5),
+            Operands::F32,
+        )?;
+        let (nll_b, gh_b, heads_b) =
+            generic_chunks(&picked, &weight, Some(&bias), &targets, Some(0.5))?;
+        assert!((nll_a - nll_b).abs() < 1e-5 * nll_b, "{nll_a} vs {nll_b}");
+        let ((gw_a, gb_a), (gw_b, gb_b)) = (heads_a.unwrap(), heads_b.unwrap());
+        for (a, b) in [
+            (gh_a.unwrap(), gh_b.unwrap()),
+            (gw_a, gw_b),
+            (gb_a.unwrap(), gb_b.unwrap()),
+        ] {
+            assert!(
+                max_diff(&a, &b) < 1e-5 * max_abs(&b).max(1.0),
+                "gradients differ"
+            );
+        }
+        // Without a gradient scale only the loss comes back.
+        let (nll_c, none, no_heads) =
+            cpu_chunks(&picked, &weight, None, &targets, None, Operands::F32)?;
+        assert!(none.is_none() && no_heads.is_none());
+        assert!(
+            (nll_c - nll_a).abs() > 1e-3,
+            "the bias was left out, so the loss differs"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_operands_round_the_head_products() -> Result<()> {
+        let (picked, weight, bias, targets) = chunk_inputs(CPU_CHUNK_ROWS + 9, 300, 40)?;
+        let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        let (nll, grad_h, heads) = cpu_chunks(
+            &picked,
+            &weight,
+            Some(&bias),
+            &targets,
+            Some(1.0),
+            Operands::Bf16,
+        )?;
+        // The same loss as fp32 products of the rounded operands.
+        let (nll_rounded, grad_h_rounded, heads_rounded) = cpu_chunks(
+            &round(&picked)?,
+            &round(&weight)?,
+            Some(&bias),
+            &targets,
+            Some(1.0),
+            Operands::F32,
+        )?;
+        assert!(
+            (nll - nll_rounded).abs() < 1e-5 * nll_rounded,
+            "{nll} vs {nll_rounded}"
+        );
+        let (nll_fp32, _, _) =
+            cpu_chunks(&picked, &weight, Some(&bias), &targets, None, Operands::F32)?;
+        assert!(
+            (nll - nll_fp32).abs() > 1e-6 * nll_fp32,
+            "bf16 products equal fp32 ones: not rounded?"
+        );
+        // Gradients: the softmax gradient is rounded too before its products, 8 bits of it.
+        let (gw, _) = heads.unwrap();
+        let (gw_rounded, _) = heads_rounded.unwrap();
+        for (a, b) in [(grad_h.unwrap(), grad_h_rounded.unwrap()), (gw, gw_rounded)] {
+            let (diff, scale) = (max_diff(&a, &b), max_abs(&b));
+            assert!(
+                diff < 1e-2 * scale,
+                "bf16 gradient off by {diff} (scale {scale})"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_nan_logit_makes_loss_and_gradient_nan() {
+        // A NaN logit makes the loss and its gradient NaN, so fp16 loss scaling sees it.
+        let mut row = vec![0.5f32, f32::NAN, 1.0];
+        assert!(softmax_cross_entropy(&mut row, None, 0, Some(1.0)).is_nan());
+        assert!(row.iter().all(|x| x.is_nan()));
     }
 }

@@ -523,7 +523,14 @@ fn shard_backward(
     let (batch, labels) = make_batch(shard, pad_id, model.device())?;
     let hidden = model.hidden_states(&batch, None)?;
     let (head_weight, head_bias) = model.lm_head();
-    let loss = loss::lm_head_loss(&hidden, head_weight, head_bias, &labels, Some(weight))?;
+    let loss = loss::lm_head_loss(
+        &hidden,
+        head_weight,
+        head_bias,
+        &labels,
+        Some(weight),
+        model.matmul_operands(),
+    )?;
     let grad_store = loss.surrogate.expect("the shard has targets").backward()?;
     let nll_sum = loss.nll_sum;
     let (head_weight_grad, head_bias_grad) = loss.head_grads.expect("the shard has targets");
@@ -587,7 +594,15 @@ fn evaluate(
             let (batch, labels) = make_batch(rows, pad_id, device)?;
             let hidden = model.hidden_states(&batch, None)?;
             let (head_weight, head_bias) = model.lm_head();
-            nll += loss::lm_head_loss(&hidden, head_weight, head_bias, &labels, None)?.nll_sum;
+            nll += loss::lm_head_loss(
+                &hidden,
+                head_weight,
+                head_bias,
+                &labels,
+                None,
+                model.matmul_operands(),
+            )?
+            .nll_sum;
             count += trained;
         }
         if count > 0 {

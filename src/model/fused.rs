@@ -1,0 +1,743 @@
+//! Fused CPU ops with hand-written backward passes, for fp32 activations on the CPU: LayerNorm,
+//! GPT-J's attention core, gelu_new, softmax, and the bf16-operand linear layer.
+//!
+//! candle builds LayerNorm and attention out of a dozen element-wise graph nodes, each
+//! allocating an activation-sized (for attention, score-sized: batch × heads × seq²) tensor
+//! forward and several more backward. On a CPU that traffic costs more than the arithmetic, so
+//! these ops make one pass each way. Reductions use fixed blocks summed in order, so results do
+//! not depend on thread scheduling (exact resume relies on it). Every op is checked against
+//! the composite it replaces in the tests below.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu_gemm::{self, matmul_serial, MatRef, Operands};
+use super::vmath::{exp_nonpositive, tanh, vectorized};
+
+/// The values of a CPU tensor, contiguous.
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// `x · Wᵀ` with both operands rounded to bf16 and fp32 accumulation, on fp32 CPU tensors;
+/// its backward rounds the same way (`dx = dy · W`, `dW = dyᵀ · x`).
+pub struct Bf16Linear;
+
+impl candle_core::CustomOp2 for Bf16Linear {
+    fn name(&self) -> &'static str {
+        "bf16-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &candle_core::CpuStorage,
+        x_layout: &candle_core::Layout,
+        w: &candle_core::CpuStorage,
+        w_layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (rows, k) = x_layout.shape().dims2()?;
+        let (n, w_k) = w_layout.shape().dims2()?;
+        if k != w_k {
+            candle_core::bail!("bf16 linear: input width {k}, weight width {w_k}");
+        }
+        let x = MatRef::row_major(contiguous_f32(x, x_layout)?, rows, k);
+        let w = MatRef::row_major(contiguous_f32(w, w_layout)?, n, k);
+        let mut out = vec![0f32; rows * n];
+        cpu_gemm::matmul(Operands::Bf16, x, w.t(), &mut out, false);
+        Ok((candle_core::CpuStorage::F32(out), (rows, n).into()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (xs, ws, dys) = (values(x)?, values(w)?, values(grad_out)?);
+        let ((rows, k), n) = (x.dims2()?, w.dim(0)?);
+        let dy = MatRef::row_major(&dys, rows, n);
+        let mut grad_x = vec![0f32; rows * k];
+        cpu_gemm::matmul(
+            Operands::Bf16,
+            dy,
+            MatRef::row_major(&ws, n, k),
+            &mut grad_x,
+            false,
+        );
+        let mut grad_w = vec![0f32; n * k];
+        cpu_gemm::matmul(
+            Operands::Bf16,
+            dy.t(),
+            MatRef::row_major(&xs, rows, k),
+            &mut grad_w,
+            false,
+        );
+        let grad_x = Tensor::from_vec(grad_x, (rows, k), x.device())?;
+        let grad_w = Tensor::from_vec(grad_w, (n, k), x.device())?;
+        Ok((Some(grad_x), Some(grad_w)))
+    }
+}
+
+pub struct GeluNew;
+
+const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+const GELU_COEF: f32 = 0.044_715;
+
+impl candle_core::CustomOp1 for GeluNew {
+    fn name(&self) -> &'static str {
+        "gelu-new"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let xs = contiguous_f32(storage, layout)?;
+        let mut out = vec![0f32; xs.len()];
+        out.par_chunks_mut(4096)
+            .zip(xs.par_chunks(4096))
+            .for_each(|(out, xs)| {
+                vectorized(|| {
+                    for (o, &x) in out.iter_mut().zip(xs) {
+                        *o = 0.5 * x * (1.0 + tanh(SQRT_TWO_OVER_PI * (x + GELU_COEF * x * x * x)));
+                    }
+                })
+            });
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let grad_res = grad_res.contiguous()?;
+        let (x_storage, x_layout) = arg.storage_and_layout();
+        let (g_storage, g_layout) = grad_res.storage_and_layout();
+        let (candle_core::Storage::Cpu(x), candle_core::Storage::Cpu(g)) =
+            (&*x_storage, &*g_storage)
+        else {
+            candle_core::bail!("the fused gelu runs on the CPU only");
+        };
+        let (x, g) = (contiguous_f32(x, x_layout)?, contiguous_f32(g, g_layout)?);
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
+            .for_each(|(dx, (x, g))| {
+                vectorized(|| {
+                    for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                        let t = tanh(SQRT_TWO_OVER_PI * (x + GELU_COEF * x * x * x));
+                        let inner = SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_COEF * x * x);
+                        *d = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * inner);
+                    }
+                })
+            });
+        Ok(Some(Tensor::from_vec(dx, x_layout.shape(), arg.device())?))
+    }
+}
+
+pub struct SoftmaxLastDim;
+
+/// The elements of a contiguous fp32 CPU tensor, for the fused CPU ops.
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("the fused CPU ops need contiguous inputs"),
+    }
+}
+
+impl candle_core::CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let xs = contiguous_f32(storage, layout)?;
+        let dim = *layout.dims().last().expect("softmax input has a last dim");
+        let mut out = xs.to_vec();
+        out.par_chunks_mut(dim).for_each(|row| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            vectorized(|| {
+                // Lanes of partial sums: a single float sum would not vectorise.
+                let mut sums = [0f32; 16];
+                for (i, x) in row.iter_mut().enumerate() {
+                    *x = exp_nonpositive(*x - max);
+                    sums[i % 16] += *x;
+                }
+                let sum: f32 = sums.iter().sum();
+                row.iter_mut().for_each(|x| *x /= sum);
+            })
+        });
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    /// With y = softmax(x): dx = y * (dy - sum(dy * y)) per row.
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let grad_res = grad_res.contiguous()?;
+        let (y_storage, y_layout) = res.storage_and_layout();
+        let (g_storage, g_layout) = grad_res.storage_and_layout();
+        let (candle_core::Storage::Cpu(y), candle_core::Storage::Cpu(g)) =
+            (&*y_storage, &*g_storage)
+        else {
+            candle_core::bail!("the fused softmax runs on the CPU only");
+        };
+        let (y, g) = (contiguous_f32(y, y_layout)?, contiguous_f32(g, g_layout)?);
+        let dim = *y_layout
+            .dims()
+            .last()
+            .expect("softmax output has a last dim");
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(dim)
+            .zip(y.par_chunks(dim).zip(g.par_chunks(dim)))
+            .for_each(|(out, (y, g))| {
+                let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                for ((o, &y), &g) in out.iter_mut().zip(y).zip(g) {
+                    *o = y * (g - dot);
+                }
+            });
+        Ok(Some(Tensor::from_vec(dx, y_layout.shape(), res.device())?))
+    }
+}
+
+/// Fixed row blocks for the parameter-gradient reductions.
+const REDUCTION_BLOCKS: usize = 16;
+
+/// LayerNorm over the last dim: `(x - mean) / sqrt(var + eps) * weight + bias`.
+pub struct LayerNormOp {
+    pub eps: f64,
+}
+
+impl LayerNormOp {
+    /// Mean and `1 / sqrt(var + eps)` of one row.
+    #[inline(always)]
+    fn stats(&self, row: &[f32]) -> (f32, f32) {
+        let d = row.len() as f32;
+        let mean = row.iter().sum::<f32>() / d;
+        let var = row.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / d;
+        (mean, 1.0 / (var + self.eps as f32).sqrt())
+    }
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(x, x_layout)?;
+        let (w, b) = (contiguous_f32(w, w_layout)?, contiguous_f32(b, b_layout)?);
+        let d = w.len();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .with_min_len(64)
+            .for_each(|(out, row)| {
+                let (mean, rstd) = self.stats(row);
+                for (((o, &x), &w), &b) in out.iter_mut().zip(row).zip(w).zip(b) {
+                    *o = (x - mean) * rstd * w + b;
+                }
+            });
+        Ok((CpuStorage::F32(out), x_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (xs, ws, dys) = (values(x)?, values(w)?, values(grad_out)?);
+        let d = ws.len();
+        let rows = xs.len() / d;
+        let mut dx = vec![0f32; xs.len()];
+        let block_rows = rows.div_ceil(REDUCTION_BLOCKS).max(1);
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(block_rows * d)
+            .zip(
+                xs.par_chunks(block_rows * d)
+                    .zip(dys.par_chunks(block_rows * d)),
+            )
+            .map(|(dx, (x, dy))| {
+                let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+                let mut xhat = vec![0f32; d];
+                for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
+                    let (mean, rstd) = self.stats(x);
+                    let (mut mean_g, mut mean_gx) = (0f32, 0f32);
+                    for j in 0..d {
+                        xhat[j] = (x[j] - mean) * rstd;
+                        let g = dy[j] * ws[j];
+                        mean_g += g;
+                        mean_gx += g * xhat[j];
+                        dw[j] += dy[j] * xhat[j];
+                        db[j] += dy[j];
+                    }
+                    let (mean_g, mean_gx) = (mean_g / d as f32, mean_gx / d as f32);
+                    for j in 0..d {
+                        dx[j] = rstd * (dy[j] * ws[j] - mean_g - xhat[j] * mean_gx);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+        for (pw, pb) in &partials {
+            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+        }
+        let device = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), device)?),
+            Some(Tensor::from_vec(dw, d, device)?),
+            Some(Tensor::from_vec(db, d, device)?),
+        ))
+    }
+}
+
+/// GPT-J's self-attention core on `q`, `k`, `v` as the projections give them
+/// (`[batch, seq, heads, head_dim]`): rotary on the first `rotary_dim` dims of q and k
+/// (interleaved pairs), scores `q·kᵀ / sqrt(head_dim)` plus the additive mask, softmax, times
+/// v. The output has the input layout, so merging heads is a reshape. Backward recomputes the
+/// probabilities per (batch, head) instead of keeping score-sized tensors alive.
+pub struct CausalSelfAttention {
+    /// `[batch × seq, rotary_dim / 2]`: the sin and cos of each token's position.
+    pub sin: Vec<f32>,
+    pub cos: Vec<f32>,
+    /// `[batch, seq, seq]` additive mask (0 or the most negative float).
+    pub mask: Vec<f32>,
+    pub rotary_dim: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Rotation {
+    None,
+    Forward,
+    Inverse,
+}
+
+struct Dims {
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+}
+
+impl CausalSelfAttention {
+    fn dims(shape: &Shape) -> Result<Dims> {
+        let (b, t, h, d) = shape.dims4()?;
+        Ok(Dims { b, t, h, d })
+    }
+
+    /// One head's rows of `x` (`[t, d]`, strided inside `[b, t, h, d]`), rotated as asked.
+    fn head(&self, x: &[f32], dims: &Dims, bi: usize, hi: usize, rotation: Rotation) -> Vec<f32> {
+        let Dims { t, h, d, .. } = *dims;
+        self.rows(x, (bi * t * h + hi) * d, h * d, dims, bi, rotation)
+    }
+
+    /// `t` rows of `d` values, the i-th at `x[offset + i * stride..]`, copied out and rotated
+    /// with the positions of batch row `bi`.
+    fn rows(
+        &self,
+        x: &[f32],
+        offset: usize,
+        stride: usize,
+        dims: &Dims,
+        bi: usize,
+        rotation: Rotation,
+    ) -> Vec<f32> {
+        let Dims { t, d, .. } = *dims;
+        let half = self.rotary_dim / 2;
+        let mut out = vec![0f32; t * d];
+        for ti in 0..t {
+            let src = &x[offset + ti * stride..][..d];
+            let dst = &mut out[ti * d..][..d];
+            dst.copy_from_slice(src);
+            let table = (bi * t + ti) * half;
+            for p in 0..half {
+                let (sin, cos) = (self.sin[table + p], self.cos[table + p]);
+                let (even, odd) = (src[2 * p], src[2 * p + 1]);
+                match rotation {
+                    Rotation::None => break,
+                    Rotation::Forward => {
+                        dst[2 * p] = even * cos - odd * sin;
+                        dst[2 * p + 1] = odd * cos + even * sin;
+                    }
+                    // The transpose of the rotation, for gradients.
+                    Rotation::Inverse => {
+                        dst[2 * p] = even * cos + odd * sin;
+                        dst[2 * p + 1] = odd * cos - even * sin;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Softmax probabilities `[t, t]` of one (batch, head) from its rotated q and k.
+    fn probabilities(&self, q: &[f32], k: &[f32], dims: &Dims, bi: usize) -> Vec<f32> {
+        let Dims { t, d, .. } = *dims;
+        let mut scores = vec![0f32; t * t];
+        matmul_serial(
+            MatRef::row_major(q, t, d),
+            MatRef::row_major(k, t, d).t(),
+            &mut scores,
+            false,
+        );
+        let scale = (d as f32).sqrt();
+        let mask = &self.mask[bi * t * t..][..t * t];
+        vectorized(|| {
+            for (row, mask) in scores.chunks_exact_mut(t).zip(mask.chunks_exact(t)) {
+                let mut max = f32::NEG_INFINITY;
+                for (s, &m) in row.iter_mut().zip(mask) {
+                    *s = *s / scale + m;
+                    max = if *s > max { *s } else { max };
+                }
+                let mut sums = [0f32; 16];
+                for (i, s) in row.iter_mut().enumerate() {
+                    *s = exp_nonpositive(*s - max);
+                    sums[i % 16] += *s;
+                }
+                let sum: f32 = sums.iter().sum();
+                row.iter_mut().for_each(|s| *s /= sum);
+            }
+        });
+        scores
+    }
+
+    /// Writes one head's `[t, d]` rows into `[b, t, h, d]`.
+    fn scatter(out: &mut [f32], head: &[f32], dims: &Dims, bi: usize, hi: usize) {
+        let Dims { t, h, d, .. } = *dims;
+        for ti in 0..t {
+            out[((bi * t + ti) * h + hi) * d..][..d].copy_from_slice(&head[ti * d..][..d]);
+        }
+    }
+}
+
+impl CustomOp3 for CausalSelfAttention {
+    fn name(&self) -> &'static str {
+        "causal-self-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_layout: &Layout,
+        k: &CpuStorage,
+        k_layout: &Layout,
+        v: &CpuStorage,
+        v_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = Self::dims(q_layout.shape())?;
+        if k_layout.shape() != q_layout.shape() || v_layout.shape() != q_layout.shape() {
+            candle_core::bail!("attention: q, k and v shapes differ");
+        }
+        let (q, k, v) = (
+            contiguous_f32(q, q_layout)?,
+            contiguous_f32(k, k_layout)?,
+            contiguous_f32(v, v_layout)?,
+        );
+        let Dims { b, t, h, d } = dims;
+        let heads: Vec<Vec<f32>> = (0..b * h)
+            .into_par_iter()
+            .map(|bh| {
+                let (bi, hi) = (bh / h, bh % h);
+                let qr = self.head(q, &dims, bi, hi, Rotation::Forward);
+                let kr = self.head(k, &dims, bi, hi, Rotation::Forward);
+                let probs = self.probabilities(&qr, &kr, &dims, bi);
+                let vh = self.head(v, &dims, bi, hi, Rotation::None);
+                let mut out = vec![0f32; t * d];
+                matmul_serial(
+                    MatRef::row_major(&probs, t, t),
+                    MatRef::row_major(&vh, t, d),
+                    &mut out,
+                    false,
+                );
+                out
+            })
+            .collect();
+        let mut out = vec![0f32; b * t * h * d];
+        for (bh, head) in heads.iter().enumerate() {
+            Self::scatter(&mut out, head, &dims, bh / h, bh % h);
+        }
+        Ok((CpuStorage::F32(out), q_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dims = Self::dims(q.shape())?;
+        let (qs, ks, vs, dos) = (values(q)?, values(k)?, values(v)?, values(grad_out)?);
+        let Dims { b, t, h, d } = dims;
+        let scale = (d as f32).sqrt();
+        let grads: Vec<[Vec<f32>; 3]> = (0..b * h)
+            .into_par_iter()
+            .map(|bh| {
+                let (bi, hi) = (bh / h, bh % h);
+                let qr = self.head(&qs, &dims, bi, hi, Rotation::Forward);
+                let kr = self.head(&ks, &dims, bi, hi, Rotation::Forward);
+                let vh = self.head(&vs, &dims, bi, hi, Rotation::None);
+                let dout = self.head(&dos, &dims, bi, hi, Rotation::None);
+                let probs = self.probabilities(&qr, &kr, &dims, bi);
+                let p = MatRef::row_major(&probs, t, t);
+                let mut dv = vec![0f32; t * d];
+                matmul_serial(p.t(), MatRef::row_major(&dout, t, d), &mut dv, false);
+                let mut dp = vec![0f32; t * t];
+                matmul_serial(
+                    MatRef::row_major(&dout, t, d),
+                    MatRef::row_major(&vh, t, d).t(),
+                    &mut dp,
+                    false,
+                );
+                // dS = P ∘ (dP - rowsum(dP ∘ P)), then through the 1/scale.
+                vectorized(|| {
+                    for (dp, p) in dp.chunks_exact_mut(t).zip(probs.chunks_exact(t)) {
+                        let mut dots = [0f32; 16];
+                        for (i, (a, b)) in dp.iter().zip(p).enumerate() {
+                            dots[i % 16] += a * b;
+                        }
+                        let dot: f32 = dots.iter().sum();
+                        for (g, &p) in dp.iter_mut().zip(p) {
+                            *g = p * (*g - dot) / scale;
+                        }
+                    }
+                });
+                let ds = MatRef::row_major(&dp, t, t);
+                let (mut dq, mut dk) = (vec![0f32; t * d], vec![0f32; t * d]);
+                matmul_serial(ds, MatRef::row_major(&kr, t, d), &mut dq, false);
+                matmul_serial(ds.t(), MatRef::row_major(&qr, t, d), &mut dk, false);
+                let unrotate = |g: Vec<f32>| self.rows(&g, 0, d, &dims, bi, Rotation::Inverse);
+                [unrotate(dq), unrotate(dk), dv]
+            })
+            .collect();
+        let mut out = [
+            vec![0f32; b * t * h * d],
+            vec![0f32; b * t * h * d],
+            vec![0f32; b * t * h * d],
+        ];
+        for (bh, head_grads) in grads.iter().enumerate() {
+            for (o, g) in out.iter_mut().zip(head_grads) {
+                Self::scatter(o, g, &dims, bh / h, bh % h);
+            }
+        }
+        let [dq, dk, dv] = out;
+        let device = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), device)?),
+            Some(Tensor::from_vec(dk, q.shape(), device)?),
+            Some(Tensor::from_vec(dv, q.shape(), device)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var, D};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let values = super::super::cpu_gemm::tests::random(shape.iter().product(), seed);
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Output and the gradients of `sum(output · r)` for a random `r`, fused vs composite.
+    fn compare(
+        inputs: &[Var],
+        fused: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+        composite: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+        tolerance: f32,
+    ) {
+        let tensors: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+        let (ours, theirs) = (fused(&tensors).unwrap(), composite(&tensors).unwrap());
+        assert!(max_diff(&ours, &theirs) < tolerance, "outputs differ");
+        let r = random(ours.dims(), 99);
+        let grads_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads_theirs = (theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (i, v) in inputs.iter().enumerate() {
+            let (a, b) = (
+                grads_ours.get(v).expect("fused gradient"),
+                grads_theirs.get(v).expect("composite gradient"),
+            );
+            let diff = max_diff(a, b);
+            assert!(diff < tolerance, "gradient of input {i} differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_the_composite() {
+        let inputs = [
+            Var::from_tensor(&random(&[3, 5, 24], 1)).unwrap(),
+            Var::from_tensor(&(random(&[24], 2) + 1.0).unwrap()).unwrap(),
+            Var::from_tensor(&random(&[24], 3)).unwrap(),
+        ];
+        compare(
+            &inputs,
+            |t| t[0].apply_op3(&t[1], &t[2], LayerNormOp { eps: 1e-5 }),
+            |t| {
+                let centered = t[0].broadcast_sub(&t[0].mean_keepdim(D::Minus1)?)?;
+                let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+                centered
+                    .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+                    .broadcast_mul(&t[1])?
+                    .broadcast_add(&t[2])
+            },
+            1e-5,
+        );
+    }
+
+    /// The attention core from candle primitives: GPT-J's interleaved rotary on the first
+    /// `rotary` dims, masked softmax, times v.
+    fn composite_attention(
+        t: &[Tensor],
+        sin: &Tensor,
+        cos: &Tensor,
+        mask: &Tensor,
+        rotary: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, h, d) = t[0].dims4()?;
+        let rotate = |x: &Tensor| -> candle_core::Result<Tensor> {
+            let pairs = x.narrow(3, 0, rotary)?.reshape((b, s, h, rotary / 2, 2))?;
+            let even = pairs.narrow(4, 0, 1)?.squeeze(4)?;
+            let odd = pairs.narrow(4, 1, 1)?.squeeze(4)?;
+            let rotated = Tensor::stack(
+                &[
+                    (even.broadcast_mul(cos)? - odd.broadcast_mul(sin)?)?,
+                    (odd.broadcast_mul(cos)? + even.broadcast_mul(sin)?)?,
+                ],
+                4,
+            )?
+            .reshape((b, s, h, rotary))?;
+            Tensor::cat(&[rotated, x.narrow(3, rotary, d - rotary)?], 3)
+        };
+        let q = rotate(&t[0])?.transpose(1, 2)?.contiguous()?;
+        let k = rotate(&t[1])?.transpose(1, 2)?.contiguous()?;
+        let v = t[2].transpose(1, 2)?.contiguous()?;
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        probs.matmul(&v)?.transpose(1, 2)?.contiguous()
+    }
+
+    #[test]
+    fn attention_matches_the_composite_with_padding_and_partial_rotary() {
+        let (b, s, h, d, rotary) = (2, 7, 3, 8, 4);
+        let inputs = [
+            Var::from_tensor(&random(&[b, s, h, d], 4)).unwrap(),
+            Var::from_tensor(&random(&[b, s, h, d], 5)).unwrap(),
+            Var::from_tensor(&random(&[b, s, h, d], 6)).unwrap(),
+        ];
+        // Row 1 has two padding positions at the end; row 0 starts at position 3.
+        let positions: Vec<usize> = (0..s).map(|i| i + 3).chain(0..s).collect();
+        let mut mask = vec![0f32; b * s * s];
+        for row in 0..b {
+            for i in 0..s {
+                for j in 0..s {
+                    if j > i || (row == 1 && j >= s - 2) {
+                        mask[(row * s + i) * s + j] = f32::MIN;
+                    }
+                }
+            }
+        }
+        let angles: Vec<f32> = positions
+            .iter()
+            .flat_map(|&p| (0..rotary / 2).map(move |i| p as f32 / (1.0 + i as f32)))
+            .collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let table = |v: &[f32]| Tensor::from_vec(v.to_vec(), (b, s, 1, rotary / 2), &Device::Cpu);
+        let (sin_t, cos_t) = (table(&sin).unwrap(), table(&cos).unwrap());
+        let mask_t = Tensor::from_vec(mask.clone(), (b, 1, s, s), &Device::Cpu).unwrap();
+        compare(
+            &inputs,
+            |t| {
+                let op = CausalSelfAttention {
+                    sin: sin.clone(),
+                    cos: cos.clone(),
+                    mask: mask.clone(),
+                    rotary_dim: rotary,
+                };
+                t[0].apply_op3(&t[1], &t[2], op)
+            },
+            |t| composite_attention(t, &sin_t, &cos_t, &mask_t, rotary),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn gelu_and_softmax_match_candle() {
+        let x = [Var::from_tensor(&(random(&[6, 40], 7) * 4.0).unwrap()).unwrap()];
+        compare(&x, |t| t[0].apply_op1(GeluNew), |t| t[0].gelu(), 1e-5);
+        compare(
+            &x,
+            |t| t[0].apply_op1(SoftmaxLastDim),
+            |t| candle_nn::ops::softmax(&t[0], D::Minus1),
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn bf16_linear_is_the_product_of_rounded_operands() {
+        let inputs = [
+            Var::from_tensor(&random(&[37, 40], 8)).unwrap(),
+            Var::from_tensor(&random(&[29, 40], 9)).unwrap(),
+        ];
+        let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        let x = inputs[0].as_tensor();
+        let w = inputs[1].as_tensor();
+        let ours = x.apply_op2(w, Bf16Linear).unwrap();
+        let rounded = round(x)
+            .unwrap()
+            .matmul(&round(w).unwrap().t().unwrap())
+            .unwrap();
+        assert!(max_diff(&ours, &rounded) < 1e-5, "forward");
+        let exact = x.matmul(&w.t().unwrap()).unwrap();
+        assert!(max_diff(&ours, &exact) > 1e-4, "operands were not rounded");
+        // Gradients: those of the fp32 product, up to the bf16 rounding of all three operands.
+        compare(
+            &inputs,
+            |t| t[0].apply_op2(&t[1], Bf16Linear),
+            |t| t[0].matmul(&t[1].t()?),
+            0.03,
+        );
+    }
+}
