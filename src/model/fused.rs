@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu_gemm::{self, matmul_serial, MatRef, Operands};
-use super::vmath::{exp_nonpositive, tanh, vectorized};
+use super::vmath::{exp_shifted_in_place, lane_max, lane_sum, simd_kernel, tanh};
 
 /// The values of a CPU tensor, contiguous.
 fn values(t: &Tensor) -> Result<Vec<f32>> {
@@ -81,6 +81,58 @@ impl candle_core::CustomOp2 for Bf16Linear {
 
 pub struct GeluNew;
 
+simd_kernel! {
+    fn gelu_forward(xs: &[f32], out: &mut [f32]) {
+        for (o, &x) in out.iter_mut().zip(xs) {
+            *o = 0.5 * x * (1.0 + tanh(SQRT_TWO_OVER_PI * (x + GELU_COEF * x * x * x)));
+        }
+    }
+}
+
+simd_kernel! {
+    fn gelu_backward(xs: &[f32], grads: &[f32], dx: &mut [f32]) {
+        for ((d, &x), &g) in dx.iter_mut().zip(xs).zip(grads) {
+            let t = tanh(SQRT_TWO_OVER_PI * (x + GELU_COEF * x * x * x));
+            let inner = SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_COEF * x * x);
+            *d = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * inner);
+        }
+    }
+}
+
+simd_kernel! {
+    /// Each `width`-long row of `scores` becomes `softmax(row / scale + mask row)`.
+    fn masked_softmax_rows(scores: &mut [f32], mask: Option<&[f32]>, scale: f32, width: usize) {
+        for (r, row) in scores.chunks_exact_mut(width).enumerate() {
+            match mask {
+                Some(mask) => {
+                    let mask = &mask[r * width..][..width];
+                    row.iter_mut().zip(mask).for_each(|(s, m)| *s = *s / scale + m);
+                }
+                None if scale != 1.0 => row.iter_mut().for_each(|s| *s /= scale),
+                None => {}
+            }
+            let max = lane_max(row);
+            let sum = exp_shifted_in_place(row, max);
+            row.iter_mut().for_each(|s| *s /= sum);
+        }
+    }
+}
+
+simd_kernel! {
+    /// Rows of `dp` become `P ∘ (dP - rowsum(dP ∘ P)) / scale`: softmax's backward, then the
+    /// scores' scaling.
+    fn softmax_backward_rows(dp: &mut [f32], probs: &[f32], scale: f32, width: usize) {
+        let mut products = vec![0f32; width];
+        for (dp, p) in dp.chunks_exact_mut(width).zip(probs.chunks_exact(width)) {
+            products.iter_mut().zip(dp.iter().zip(p)).for_each(|(o, (a, b))| *o = a * b);
+            let dot = lane_sum(&products);
+            for (g, &p) in dp.iter_mut().zip(p) {
+                *g = p * (*g - dot) / scale;
+            }
+        }
+    }
+}
+
 const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
 const GELU_COEF: f32 = 0.044_715;
 
@@ -99,13 +151,7 @@ impl candle_core::CustomOp1 for GeluNew {
         let mut out = vec![0f32; xs.len()];
         out.par_chunks_mut(4096)
             .zip(xs.par_chunks(4096))
-            .for_each(|(out, xs)| {
-                vectorized(|| {
-                    for (o, &x) in out.iter_mut().zip(xs) {
-                        *o = 0.5 * x * (1.0 + tanh(SQRT_TWO_OVER_PI * (x + GELU_COEF * x * x * x)));
-                    }
-                })
-            });
+            .for_each(|(out, xs)| gelu_forward(xs, out));
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 
@@ -123,15 +169,7 @@ impl candle_core::CustomOp1 for GeluNew {
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(4096)
             .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
-            .for_each(|(dx, (x, g))| {
-                vectorized(|| {
-                    for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                        let t = tanh(SQRT_TWO_OVER_PI * (x + GELU_COEF * x * x * x));
-                        let inner = SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_COEF * x * x);
-                        *d = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * inner);
-                    }
-                })
-            });
+            .for_each(|(dx, (x, g))| gelu_backward(x, g, dx));
         Ok(Some(Tensor::from_vec(dx, x_layout.shape(), arg.device())?))
     }
 }
@@ -164,19 +202,8 @@ impl candle_core::CustomOp1 for SoftmaxLastDim {
         let xs = contiguous_f32(storage, layout)?;
         let dim = *layout.dims().last().expect("softmax input has a last dim");
         let mut out = xs.to_vec();
-        out.par_chunks_mut(dim).for_each(|row| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            vectorized(|| {
-                // Lanes of partial sums: a single float sum would not vectorise.
-                let mut sums = [0f32; 16];
-                for (i, x) in row.iter_mut().enumerate() {
-                    *x = exp_nonpositive(*x - max);
-                    sums[i % 16] += *x;
-                }
-                let sum: f32 = sums.iter().sum();
-                row.iter_mut().for_each(|x| *x /= sum);
-            })
-        });
+        out.par_chunks_mut(dim)
+            .for_each(|row| masked_softmax_rows(row, None, 1.0, dim));
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 
@@ -200,10 +227,8 @@ impl candle_core::CustomOp1 for SoftmaxLastDim {
         dx.par_chunks_mut(dim)
             .zip(y.par_chunks(dim).zip(g.par_chunks(dim)))
             .for_each(|(out, (y, g))| {
-                let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-                for ((o, &y), &g) in out.iter_mut().zip(y).zip(g) {
-                    *o = y * (g - dot);
-                }
+                out.copy_from_slice(g);
+                softmax_backward_rows(out, y, 1.0, dim);
             });
         Ok(Some(Tensor::from_vec(dx, y_layout.shape(), res.device())?))
     }
@@ -217,14 +242,67 @@ pub struct LayerNormOp {
     pub eps: f64,
 }
 
-impl LayerNormOp {
-    /// Mean and `1 / sqrt(var + eps)` of one row.
-    #[inline(always)]
-    fn stats(&self, row: &[f32]) -> (f32, f32) {
-        let d = row.len() as f32;
-        let mean = row.iter().sum::<f32>() / d;
-        let var = row.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / d;
-        (mean, 1.0 / (var + self.eps as f32).sqrt())
+/// Mean and `1 / sqrt(var + eps)` of one row.
+#[inline(always)]
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let d = row.len() as f32;
+    let mean = lane_sum(row) / d;
+    let mut lanes = [0f32; 16];
+    let mut chunks = row.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (l, x) in lanes.iter_mut().zip(chunk) {
+            *l += (x - mean) * (x - mean);
+        }
+    }
+    let tail: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|x| (x - mean) * (x - mean))
+        .sum();
+    let var = (tail + lanes.iter().sum::<f32>()) / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+simd_kernel! {
+    fn layer_norm_rows(xs: &[f32], w: &[f32], b: &[f32], out: &mut [f32], eps: f32) {
+        let d = w.len();
+        for (out, row) in out.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+            let (mean, rstd) = row_stats(row, eps);
+            for (((o, &x), &w), &b) in out.iter_mut().zip(row).zip(w).zip(b) {
+                *o = (x - mean) * rstd * w + b;
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// Rows' input gradients into `dx`; their weight and bias gradients added to `dw`, `db`.
+    fn layer_norm_backward_rows(
+        xs: &[f32],
+        dys: &[f32],
+        w: &[f32],
+        eps: f32,
+        dx: &mut [f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+    ) {
+        let d = w.len();
+        let (mut xhat, mut g) = (vec![0f32; d], vec![0f32; d]);
+        for ((dx, x), dy) in dx.chunks_exact_mut(d).zip(xs.chunks_exact(d)).zip(dys.chunks_exact(d)) {
+            let (mean, rstd) = row_stats(x, eps);
+            for j in 0..d {
+                xhat[j] = (x[j] - mean) * rstd;
+                g[j] = dy[j] * w[j];
+                dw[j] += dy[j] * xhat[j];
+                db[j] += dy[j];
+            }
+            let mean_g = lane_sum(&g) / d as f32;
+            g.iter_mut().zip(&xhat).for_each(|(g, x)| *g *= x);
+            let mean_gx = lane_sum(&g) / d as f32;
+            for j in 0..d {
+                dx[j] = rstd * (dy[j] * w[j] - mean_g - xhat[j] * mean_gx);
+            }
+        }
     }
 }
 
@@ -246,15 +324,10 @@ impl CustomOp3 for LayerNormOp {
         let (w, b) = (contiguous_f32(w, w_layout)?, contiguous_f32(b, b_layout)?);
         let d = w.len();
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .with_min_len(64)
-            .for_each(|(out, row)| {
-                let (mean, rstd) = self.stats(row);
-                for (((o, &x), &w), &b) in out.iter_mut().zip(row).zip(w).zip(b) {
-                    *o = (x - mean) * rstd * w + b;
-                }
-            });
+        let eps = self.eps as f32;
+        out.par_chunks_mut(64 * d)
+            .zip(x.par_chunks(64 * d))
+            .for_each(|(out, rows)| layer_norm_rows(rows, w, b, out, eps));
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
 
@@ -279,23 +352,7 @@ impl CustomOp3 for LayerNormOp {
             )
             .map(|(dx, (x, dy))| {
                 let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
-                let mut xhat = vec![0f32; d];
-                for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
-                    let (mean, rstd) = self.stats(x);
-                    let (mut mean_g, mut mean_gx) = (0f32, 0f32);
-                    for j in 0..d {
-                        xhat[j] = (x[j] - mean) * rstd;
-                        let g = dy[j] * ws[j];
-                        mean_g += g;
-                        mean_gx += g * xhat[j];
-                        dw[j] += dy[j] * xhat[j];
-                        db[j] += dy[j];
-                    }
-                    let (mean_g, mean_gx) = (mean_g / d as f32, mean_gx / d as f32);
-                    for j in 0..d {
-                        dx[j] = rstd * (dy[j] * ws[j] - mean_g - xhat[j] * mean_gx);
-                    }
-                }
+                layer_norm_backward_rows(x, dy, &ws, self.eps as f32, dx, &mut dw, &mut db);
                 (dw, db)
             })
             .collect();
@@ -404,22 +461,7 @@ impl CausalSelfAttention {
         );
         let scale = (d as f32).sqrt();
         let mask = &self.mask[bi * t * t..][..t * t];
-        vectorized(|| {
-            for (row, mask) in scores.chunks_exact_mut(t).zip(mask.chunks_exact(t)) {
-                let mut max = f32::NEG_INFINITY;
-                for (s, &m) in row.iter_mut().zip(mask) {
-                    *s = *s / scale + m;
-                    max = if *s > max { *s } else { max };
-                }
-                let mut sums = [0f32; 16];
-                for (i, s) in row.iter_mut().enumerate() {
-                    *s = exp_nonpositive(*s - max);
-                    sums[i % 16] += *s;
-                }
-                let sum: f32 = sums.iter().sum();
-                row.iter_mut().for_each(|s| *s /= sum);
-            }
-        });
+        masked_softmax_rows(&mut scores, Some(mask), scale, t);
         scores
     }
 
@@ -512,19 +554,7 @@ impl CustomOp3 for CausalSelfAttention {
                     &mut dp,
                     false,
                 );
-                // dS = P ∘ (dP - rowsum(dP ∘ P)), then through the 1/scale.
-                vectorized(|| {
-                    for (dp, p) in dp.chunks_exact_mut(t).zip(probs.chunks_exact(t)) {
-                        let mut dots = [0f32; 16];
-                        for (i, (a, b)) in dp.iter().zip(p).enumerate() {
-                            dots[i % 16] += a * b;
-                        }
-                        let dot: f32 = dots.iter().sum();
-                        for (g, &p) in dp.iter_mut().zip(p) {
-                            *g = p * (*g - dot) / scale;
-                        }
-                    }
-                });
+                softmax_backward_rows(&mut dp, &probs, scale, t);
                 let ds = MatRef::row_major(&dp, t, t);
                 let (mut dq, mut dk) = (vec![0f32; t * d], vec![0f32; t * d]);
                 matmul_serial(ds, MatRef::row_major(&kr, t, d), &mut dq, false);

@@ -39,34 +39,92 @@ pub fn tanh(x: f32) -> f32 {
     }
 }
 
-/// Runs `f` compiled for the widest vector unit this CPU has (it is inlined into a function
-/// built for that unit, so its loops vectorise with it).
-#[inline(always)]
-pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has the feature the wrapper is compiled for.
-            return unsafe { with_avx512(f) };
+/// Defines `fn name(args) -> ret { body }` compiled three times, for AVX-512, for AVX2+FMA and
+/// portably, choosing at run time. The body is inlined into each variant, so its loops (written
+/// with independent lanes, since the compiler may not reorder a float sum) vectorise for it.
+macro_rules! simd_kernel {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn portable($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    portable($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    portable($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512dq")
+                    && std::is_x86_feature_detected!("avx512vl")
+                {
+                    // SAFETY: the CPU has the features the variant is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            portable($($arg),*)
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { with_avx2(f) };
+    };
+}
+pub(crate) use simd_kernel;
+
+/// Sum of a slice in 16 independent lanes (vectorises; a plain fold would not).
+#[inline(always)]
+pub fn lane_sum(xs: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (l, x) in lanes.iter_mut().zip(chunk) {
+            *l += x;
         }
     }
-    f()
+    chunks.remainder().iter().sum::<f32>() + lanes.iter().sum::<f32>()
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
+/// Maximum of a slice in 16 lanes; NaNs are skipped (as `f32::max` does).
+#[inline(always)]
+pub fn lane_max(xs: &[f32]) -> f32 {
+    let greater = |a: f32, b: f32| if b > a { b } else { a };
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(chunk) {
+            *l = greater(*l, x);
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &x| greater(m, x))
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
+/// `x ← e^(x - max)` over the slice; returns the sum of the new values.
+#[inline(always)]
+pub fn exp_shifted_in_place(xs: &mut [f32], max: f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = xs.chunks_exact_mut(16);
+    for chunk in &mut chunks {
+        for (l, x) in lanes.iter_mut().zip(chunk) {
+            *x = exp_nonpositive(*x - max);
+            *l += *x;
+        }
+    }
+    let mut sum = 0f32;
+    for x in chunks.into_remainder() {
+        *x = exp_nonpositive(*x - max);
+        sum += *x;
+    }
+    sum + lanes.iter().sum::<f32>()
 }
 
 #[cfg(test)]

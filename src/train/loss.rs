@@ -14,7 +14,7 @@ use candle_core::{DType, Result, Tensor, D};
 use rayon::prelude::*;
 
 use crate::model::cpu_gemm::{self, MatRef, Operands, Rhs};
-use crate::model::vmath::{exp_nonpositive, vectorized};
+use crate::model::vmath::{exp_shifted_in_place, lane_max, simd_kernel};
 
 /// Rows of logits materialised at once: 128 × 50400 fp32 is 26 MB, below glibc's largest mmap
 /// threshold, so chunk buffers are reused from the heap instead of freshly mapped and faulted in.
@@ -264,65 +264,28 @@ fn cpu_chunks(
 /// chunk; larger chunks mean fewer passes over the 50 MB weight gradient.
 const CPU_CHUNK_ROWS: usize = 256;
 
-/// One row of logits (plus `bias`) to its cross-entropy against `target`; with `grad_scale`,
-/// the row becomes `grad_scale × (softmax - onehot)`, the gradient of the loss.
-fn softmax_cross_entropy(
-    row: &mut [f32],
-    bias: Option<&[f32]>,
-    target: usize,
-    grad_scale: Option<f32>,
-) -> f64 {
-    vectorized(|| softmax_cross_entropy_lanes(row, bias, target, grad_scale))
-}
-
-/// Written as 16 independent lanes so the compiler vectorises the reductions (it may not
-/// reorder a single float sum by itself).
-#[inline(always)]
-fn softmax_cross_entropy_lanes(
-    row: &mut [f32],
-    bias: Option<&[f32]>,
-    target: usize,
-    grad_scale: Option<f32>,
-) -> f64 {
-    const LANES: usize = 16;
-    if let Some(bias) = bias {
-        row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
-    }
-    let target_logit = row[target];
-    // `>` rather than f32::max so that the vectoriser sees a plain select.
-    let greater = |a: f32, b: f32| if b > a { b } else { a };
-    let mut maxes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (m, &x) in maxes.iter_mut().zip(chunk) {
-            *m = greater(*m, x);
+simd_kernel! {
+    /// One row of logits (plus `bias`) to its cross-entropy against `target`; with
+    /// `grad_scale`, the row becomes `grad_scale × (softmax - onehot)`, the loss's gradient.
+    fn softmax_cross_entropy(
+        row: &mut [f32],
+        bias: Option<&[f32]>,
+        target: usize,
+        grad_scale: Option<f32>,
+    ) -> f64 {
+        if let Some(bias) = bias {
+            row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
         }
-    }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(&maxes)
-        .fold(f32::NEG_INFINITY, |m, &x| greater(m, x));
-    let mut sums = [0f32; LANES];
-    let mut chunks = row.chunks_exact_mut(LANES);
-    for chunk in &mut chunks {
-        for (s, x) in sums.iter_mut().zip(chunk) {
-            *x = exp_nonpositive(*x - max);
-            *s += *x;
+        let target_logit = row[target];
+        let max = lane_max(row);
+        let sum = exp_shifted_in_place(row, max);
+        if let Some(scale) = grad_scale {
+            let factor = scale / sum;
+            row.iter_mut().for_each(|x| *x *= factor);
+            row[target] -= scale;
         }
+        (max as f64) + (sum as f64).ln() - target_logit as f64
     }
-    let mut sum = 0f32;
-    for x in chunks.into_remainder() {
-        *x = exp_nonpositive(*x - max);
-        sum += *x;
-    }
-    let sum = sum + sums.iter().sum::<f32>();
-    if let Some(scale) = grad_scale {
-        let factor = scale / sum;
-        row.iter_mut().for_each(|x| *x *= factor);
-        row[target] -= scale;
-    }
-    (max as f64) + (sum as f64).ln() - target_logit as f64
 }
 
 /// Reference: the same loss from candle's differentiable primitives over full logits.
