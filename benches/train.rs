@@ -89,6 +89,7 @@ fn bench(compute: &str, replicas: usize, warmup: u64, timed: u64) -> Result<(f64
 }
 
 fn main() -> Result<()> {
+    kiln::model::configure_process();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--bench"))
@@ -119,9 +120,13 @@ fn main() -> Result<()> {
     if growth {
         let (_, rss) = bench("fp32", 1, 0, 200)?;
         let (at20, at200) = (rss[19], rss[199]);
+        let trail: Vec<String> = (1..=10)
+            .map(|i| format!("{:.0}", rss[i * 20 - 1]))
+            .collect();
         println!(
-            "RSS at step 20: {at20:.0} MiB, at step 200: {at200:.0} MiB ({:+.1}%)",
-            (at200 / at20 - 1.0) * 100.0
+            "RSS at step 20: {at20:.0} MiB, at step 200: {at200:.0} MiB ({:+.1}%); every 20 steps: {}",
+            (at200 / at20 - 1.0) * 100.0,
+            trail.join(" ")
         );
     }
     Ok(())

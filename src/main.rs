@@ -1,3 +1,4 @@
 fn main() -> std::process::ExitCode {
+    kiln::model::configure_process();
     kiln::cli::main()
 }

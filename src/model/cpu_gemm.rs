@@ -2,7 +2,8 @@
 //!
 //! `Operands::F32` is gemm's AVX-512/AVX2 SGEMM. `Operands::Bf16` rounds both operands to
 //! bfloat16 and accumulates in fp32, which is what torch's bf16 autocast and tensor cores do:
-//! on CPUs with AMX the tile unit computes it (`amx.rs`, ~8x the fp32 SIMD rate); elsewhere the
+//! on CPUs with AMX the tile unit computes it (`amx.rs`; 1.5-3x the fp32 GEMM on the training
+//! shapes here, where memory traffic rather than arithmetic bounds it); elsewhere the
 //! operands are rounded into fp32 copies and multiplied by the SGEMM, the same products with
 //! only the summation order differing.
 
@@ -80,11 +81,16 @@ impl<'a> Rhs<'a> {
         match operands {
             Operands::F32 => Rhs::F32(b),
             Operands::Bf16 if super::amx::available() => Rhs::Tiles(super::amx::PackedB::new(b)),
-            Operands::Bf16 => Rhs::Rounded {
-                values: rounded_copy(b),
-                rows: b.rows,
-                cols: b.cols,
-            },
+            Operands::Bf16 => Self::rounded(b),
+        }
+    }
+
+    /// bf16 operands through the fp32 GEMM (what machines without AMX use).
+    pub fn rounded(b: MatRef) -> Self {
+        Rhs::Rounded {
+            values: rounded_copy(b),
+            rows: b.rows,
+            cols: b.cols,
         }
     }
 
@@ -273,6 +279,14 @@ pub(crate) mod tests {
                     matmul(operands, a, b, &mut c, false);
                     let mut twice = c.clone();
                     matmul(operands, a, b, &mut twice, true);
+                    if operands == Operands::Bf16 {
+                        // The portable path too, whether or not this machine has AMX.
+                        let mut portable = vec![f32::NAN; m * n];
+                        matmul_prepared(a, &Rhs::rounded(b), &mut portable, false);
+                        for (x, y) in portable.iter().zip(&expected) {
+                            assert!((x - y).abs() <= 1e-5 * (k as f32), "portable {x} vs {y}");
+                        }
+                    }
                     for ((x, y), z) in c.iter().zip(&expected).zip(&twice) {
                         assert!(
                             (x - y).abs() <= 1e-5 * (k as f32),

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Storage, Tensor, Var};
 use rayon::prelude::*;
 
+use crate::model::vmath::simd_kernel;
 use crate::recipe::OptimizerSpec;
 
 /// Adam moments of one parameter, always fp32.
@@ -120,13 +121,40 @@ impl AdamW {
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sum = 0f64;
     for g in grads {
-        sum += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        sum += if g.device().is_cpu() && g.dtype() == DType::F32 {
+            let g = g.contiguous()?;
+            let (storage, layout) = g.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                unreachable!("checked to be on the CPU")
+            };
+            let values = crate::model::fused::contiguous_f32(cpu, layout)?;
+            // Fixed chunks summed in order: the same value whatever the thread scheduling.
+            let partials: Vec<f64> = values
+                .par_chunks(1 << 14)
+                .map(|chunk| sum_of_squares(chunk) as f64)
+                .collect();
+            partials.iter().sum::<f64>()
+        } else {
+            g.sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?
+        };
     }
     Ok(sum.sqrt())
+}
+
+simd_kernel! {
+    fn sum_of_squares(xs: &[f32]) -> f32 {
+        let mut lanes = [0f32; 16];
+        let mut chunks = xs.chunks_exact(16);
+        for chunk in &mut chunks {
+            for (l, x) in lanes.iter_mut().zip(chunk) {
+                *l += x * x;
+            }
+        }
+        chunks.remainder().iter().map(|x| x * x).sum::<f32>() + lanes.iter().sum::<f32>()
+    }
 }
 
 /// Scales gradients as `clip_grad_norm_` does: by `max_norm / (norm + 1e-6)` when that is
@@ -188,16 +216,17 @@ fn fused_cpu_update(
             .zip(new_v.par_chunks_mut(CHUNK))
             .enumerate()
             .for_each(|(chunk, ((out_p, out_m), out_v))| {
-                let base = chunk * CHUNK;
-                for i in 0..out_p.len() {
-                    let j = base + i;
-                    let m = c.b1 * m[j] + (1.0 - c.b1) * g[j];
-                    let v = c.b2 * v[j] + (1.0 - c.b2) * g[j] * g[j];
-                    let denom = v.sqrt() / c.bias2_sqrt + c.eps;
-                    out_p[i] = p[j] * c.decay - c.step_size * (m / denom);
-                    out_m[i] = m;
-                    out_v[i] = v;
-                }
+                let range = chunk * CHUNK..chunk * CHUNK + out_p.len();
+                adamw_chunk(
+                    [
+                        &p[range.clone()],
+                        &g[range.clone()],
+                        &m[range.clone()],
+                        &v[range],
+                    ],
+                    [out_p, out_m, out_v],
+                    c,
+                );
             });
     }
     let shape = param.shape().clone();
@@ -205,6 +234,22 @@ fn fused_cpu_update(
     moments.exp_avg = Tensor::from_vec(new_m, shape.clone(), &device)?;
     moments.exp_avg_sq = Tensor::from_vec(new_v, shape.clone(), &device)?;
     param.set(&Tensor::from_vec(new_p, shape, &device)?)
+}
+
+simd_kernel! {
+    /// AdamW on one chunk: inputs `[p, g, m, v]`, outputs the new `[p, m, v]`.
+    fn adamw_chunk(inputs: [&[f32]; 4], outputs: [&mut [f32]; 3], c: &StepConstants) {
+        let [p, g, m, v] = inputs;
+        let [out_p, out_m, out_v] = outputs;
+        for i in 0..out_p.len() {
+            let m = c.b1 * m[i] + (1.0 - c.b1) * g[i];
+            let v = c.b2 * v[i] + (1.0 - c.b2) * g[i] * g[i];
+            let denom = v.sqrt() / c.bias2_sqrt + c.eps;
+            out_p[i] = p[i] * c.decay - c.step_size * (m / denom);
+            out_m[i] = m;
+            out_v[i] = v;
+        }
+    }
 }
 
 /// The same update from tensor ops, for devices other than the CPU.
