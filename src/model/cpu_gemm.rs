@@ -68,11 +68,7 @@ pub fn matmul(operands: Operands, a: MatRef, b: MatRef, c: &mut [f32], accumulat
 pub enum Rhs<'a> {
     F32(MatRef<'a>),
     /// bf16 operands without AMX: the values rounded, kept as fp32.
-    Rounded {
-        values: Vec<f32>,
-        rows: usize,
-        cols: usize,
-    },
+    Rounded(Rounded),
     Tiles(super::amx::PackedB),
 }
 
@@ -87,17 +83,13 @@ impl<'a> Rhs<'a> {
 
     /// bf16 operands through the fp32 GEMM (what machines without AMX use).
     pub fn rounded(b: MatRef) -> Self {
-        Rhs::Rounded {
-            values: rounded_copy(b),
-            rows: b.rows,
-            cols: b.cols,
-        }
+        Rhs::Rounded(Rounded::of(b))
     }
 
     fn dims(&self) -> (usize, usize) {
         match self {
             Rhs::F32(b) => (b.rows, b.cols),
-            Rhs::Rounded { rows, cols, .. } => (*rows, *cols),
+            Rhs::Rounded(b) => (b.rows, b.cols),
             Rhs::Tiles(packed) => (packed.rows(), packed.cols()),
         }
     }
@@ -119,15 +111,7 @@ pub fn matmul_prepared(a: MatRef, b: &Rhs, c: &mut [f32], accumulate: bool) {
     }
     match b {
         Rhs::F32(b) => sgemm(a, *b, c, accumulate),
-        Rhs::Rounded { values, rows, cols } => {
-            let a_rounded = rounded_copy(a);
-            sgemm(
-                MatRef::row_major(&a_rounded, a.rows, a.cols),
-                MatRef::row_major(values, *rows, *cols),
-                c,
-                accumulate,
-            )
-        }
+        Rhs::Rounded(b) => sgemm(Rounded::of(a).view(), b.view(), c, accumulate),
         Rhs::Tiles(packed) => super::amx::matmul_packed(a, packed, c, accumulate),
     }
 }
@@ -209,16 +193,72 @@ pub fn round_to_bf16(x: f32) -> f32 {
     f32::from_bits((round_to_bf16_bits(x) as u32) << 16)
 }
 
-fn rounded_copy(m: MatRef) -> Vec<f32> {
-    let mut out = vec![0f32; m.rows * m.cols];
-    out.par_chunks_mut(m.cols.max(1))
-        .enumerate()
-        .for_each(|(i, row)| {
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = round_to_bf16(m.at(i, j));
+/// A bf16-rounded copy of a view, in the view's own memory order: rounding a transposed matrix
+/// element by element in its logical order would stride across the whole buffer.
+pub struct Rounded {
+    values: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl Rounded {
+    pub fn of(m: MatRef) -> Self {
+        let row_major = m.row_stride == m.cols && m.col_stride == 1;
+        let column_major = m.col_stride == m.rows && m.row_stride == 1;
+        if row_major || column_major {
+            let span = m.rows * m.cols;
+            let mut values = vec![0f32; span];
+            values
+                .par_chunks_mut(1 << 14)
+                .zip(m.data[..span].par_chunks(1 << 14))
+                .for_each(|(out, src)| round_slice(src, out));
+            Self {
+                values,
+                rows: m.rows,
+                cols: m.cols,
+                row_stride: m.row_stride,
+                col_stride: m.col_stride,
             }
-        });
-    out
+        } else {
+            // A sparse view (a block of a bigger matrix): gather it row-major.
+            let mut values = vec![0f32; m.rows * m.cols];
+            values
+                .par_chunks_mut(m.cols.max(1))
+                .enumerate()
+                .for_each(|(i, row)| {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = round_to_bf16(m.at(i, j));
+                    }
+                });
+            Self {
+                values,
+                rows: m.rows,
+                cols: m.cols,
+                row_stride: m.cols,
+                col_stride: 1,
+            }
+        }
+    }
+
+    fn view(&self) -> MatRef<'_> {
+        MatRef {
+            data: &self.values,
+            rows: self.rows,
+            cols: self.cols,
+            row_stride: self.row_stride,
+            col_stride: self.col_stride,
+        }
+    }
+}
+
+crate::model::vmath::simd_kernel! {
+    fn round_slice(src: &[f32], out: &mut [f32]) {
+        for (o, &x) in out.iter_mut().zip(src) {
+            *o = round_to_bf16(x);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -269,11 +309,37 @@ pub(crate) mod tests {
                 let b_data = random(k * n, 2);
                 // Transposed storage exercises the strided reads.
                 let a_t: Vec<f32> = (0..k * m).map(|x| a_data[(x % m) * k + x / m]).collect();
-                for a in [
-                    MatRef::row_major(&a_data, m, k),
-                    MatRef::row_major(&a_t, k, m).t(),
-                ] {
-                    let b = MatRef::row_major(&b_data, k, n);
+                let b_t: Vec<f32> = (0..n * k).map(|x| b_data[(x % k) * n + x / k]).collect();
+                // A block of a wider matrix: neither row- nor column-major contiguous.
+                let b_wide: Vec<f32> = (0..k * (n + 3))
+                    .map(|x| {
+                        let (row, col) = (x / (n + 3), x % (n + 3));
+                        if col < n {
+                            b_data[row * n + col]
+                        } else {
+                            f32::NAN
+                        }
+                    })
+                    .collect();
+                let b_block = MatRef {
+                    data: &b_wide,
+                    rows: k,
+                    cols: n,
+                    row_stride: n + 3,
+                    col_stride: 1,
+                };
+                let layouts = [
+                    (
+                        MatRef::row_major(&a_data, m, k),
+                        MatRef::row_major(&b_data, k, n),
+                    ),
+                    (
+                        MatRef::row_major(&a_t, k, m).t(),
+                        MatRef::row_major(&b_t, n, k).t(),
+                    ),
+                    (MatRef::row_major(&a_data, m, k), b_block),
+                ];
+                for (a, b) in layouts {
                     let expected = reference(operands, a, b);
                     let mut c = vec![f32::NAN; m * n];
                     matmul(operands, a, b, &mut c, false);
