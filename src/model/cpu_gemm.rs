@@ -207,23 +207,15 @@ impl Rounded {
     pub fn of(m: MatRef) -> Self {
         let row_major = m.row_stride == m.cols && m.col_stride == 1;
         let column_major = m.col_stride == m.rows && m.row_stride == 1;
-        if row_major || column_major {
-            let span = m.rows * m.cols;
-            let mut values = vec![0f32; span];
+        let mut values = vec![0f32; m.rows * m.cols];
+        let (row_stride, col_stride) = if row_major || column_major {
             values
                 .par_chunks_mut(1 << 14)
-                .zip(m.data[..span].par_chunks(1 << 14))
+                .zip(m.data[..m.rows * m.cols].par_chunks(1 << 14))
                 .for_each(|(out, src)| round_slice(src, out));
-            Self {
-                values,
-                rows: m.rows,
-                cols: m.cols,
-                row_stride: m.row_stride,
-                col_stride: m.col_stride,
-            }
+            (m.row_stride, m.col_stride)
         } else {
             // A sparse view (a block of a bigger matrix): gather it row-major.
-            let mut values = vec![0f32; m.rows * m.cols];
             values
                 .par_chunks_mut(m.cols.max(1))
                 .enumerate()
@@ -232,13 +224,14 @@ impl Rounded {
                         *v = round_to_bf16(m.at(i, j));
                     }
                 });
-            Self {
-                values,
-                rows: m.rows,
-                cols: m.cols,
-                row_stride: m.cols,
-                col_stride: 1,
-            }
+            (m.cols, 1)
+        };
+        Self {
+            values,
+            rows: m.rows,
+            cols: m.cols,
+            row_stride,
+            col_stride,
         }
     }
 
