@@ -1,5 +1,5 @@
 //! Fused CPU ops with hand-written backward passes, for fp32 activations on the CPU: LayerNorm,
-//! GPT-J's attention core, gelu_new, softmax, and the bf16-operand linear layer.
+//! GPT-J's attention core, gelu_new, softmax, and the linear layer (fp32 or bf16 operands).
 //!
 //! candle builds LayerNorm and attention out of a dozen element-wise graph nodes, each
 //! allocating an activation-sized (for attention, score-sized: batch × heads × seq²) tensor
@@ -19,32 +19,91 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
     t.contiguous()?.flatten_all()?.to_vec1::<f32>()
 }
 
-/// `x · Wᵀ` with both operands rounded to bf16 and fp32 accumulation, on fp32 CPU tensors;
-/// its backward rounds the same way (`dx = dy · W`, `dW = dyᵀ · x`).
-pub struct Bf16Linear;
+/// The linear layer `x · Wᵀ (+ b)` on fp32 CPU tensors, `x` `[rows, in]`, `W` `[out, in]`, in the
+/// given operand precision (bf16 operands round both sides, as autocast does). One node instead
+/// of candle's matmul, transpose and broadcast add: the bias is the product's starting value,
+/// and the backward makes `dx = dy · W`, `dW = dyᵀ · x` and `db = Σ dy` in one call, reading
+/// the tensors in place, with `dW` already in the weight's layout.
+pub struct LinearOp {
+    pub operands: Operands,
+}
 
-impl candle_core::CustomOp2 for Bf16Linear {
+impl LinearOp {
+    fn forward(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, k) = x.1.shape().dims2()?;
+        let (n, w_k) = w.1.shape().dims2()?;
+        if k != w_k {
+            candle_core::bail!("linear: input width {k}, weight width {w_k}");
+        }
+        let x = MatRef::row_major(contiguous_f32(x.0, x.1)?, rows, k);
+        let w = MatRef::row_major(contiguous_f32(w.0, w.1)?, n, k);
+        let mut out = zeroed(rows * n);
+        if let Some((storage, layout)) = bias {
+            let bias = contiguous_f32(storage, layout)?;
+            if bias.len() != n {
+                candle_core::bail!("linear: {} bias values for {n} outputs", bias.len());
+            }
+            out.par_chunks_mut(n)
+                .for_each(|row| row.copy_from_slice(bias));
+        }
+        cpu_gemm::matmul(self.operands, x, w.t(), &mut out, bias.is_some());
+        Ok((CpuStorage::F32(out), (rows, n).into()))
+    }
+
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        with_bias: bool,
+        grad_out: &Tensor,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let ((rows, k), n) = (x.dims2()?, w.dim(0)?);
+        let (mut grad_x, mut grad_w) = (zeroed(rows * k), zeroed(n * k));
+        let mut grad_b = if with_bias { Some(zeroed(n)) } else { None };
+        with_values(grad_out, |dy| {
+            let dy_rows = MatRef::row_major(dy, rows, n);
+            with_values(w, |w| {
+                let w = MatRef::row_major(w, n, k);
+                cpu_gemm::matmul(self.operands, dy_rows, w, &mut grad_x, false);
+                Ok(())
+            })?;
+            with_values(x, |x| {
+                let x = MatRef::row_major(x, rows, k);
+                cpu_gemm::matmul(self.operands, dy_rows.t(), x, &mut grad_w, false);
+                Ok(())
+            })?;
+            if let Some(grad_b) = grad_b.as_mut() {
+                add_column_sums(dy, n, grad_b);
+            }
+            Ok(())
+        })?;
+        let device = x.device();
+        Ok((
+            Tensor::from_vec(grad_x, (rows, k), device)?,
+            Tensor::from_vec(grad_w, (n, k), device)?,
+            grad_b.map(|b| Tensor::from_vec(b, n, device)).transpose()?,
+        ))
+    }
+}
+
+impl candle_core::CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
-        "bf16-linear"
+        "linear"
     }
 
     fn cpu_fwd(
         &self,
-        x: &candle_core::CpuStorage,
-        x_layout: &candle_core::Layout,
-        w: &candle_core::CpuStorage,
-        w_layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (rows, k) = x_layout.shape().dims2()?;
-        let (n, w_k) = w_layout.shape().dims2()?;
-        if k != w_k {
-            candle_core::bail!("bf16 linear: input width {k}, weight width {w_k}");
-        }
-        let x = MatRef::row_major(contiguous_f32(x, x_layout)?, rows, k);
-        let w = MatRef::row_major(contiguous_f32(w, w_layout)?, n, k);
-        let mut out = vec![0f32; rows * n];
-        cpu_gemm::matmul(Operands::Bf16, x, w.t(), &mut out, false);
-        Ok((candle_core::CpuStorage::F32(out), (rows, n).into()))
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((x, x_layout), (w, w_layout), None)
     }
 
     fn bwd(
@@ -54,29 +113,73 @@ impl candle_core::CustomOp2 for Bf16Linear {
         _out: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (xs, ws, dys) = (values(x)?, values(w)?, values(grad_out)?);
-        let ((rows, k), n) = (x.dims2()?, w.dim(0)?);
-        let dy = MatRef::row_major(&dys, rows, n);
-        let mut grad_x = vec![0f32; rows * k];
-        cpu_gemm::matmul(
-            Operands::Bf16,
-            dy,
-            MatRef::row_major(&ws, n, k),
-            &mut grad_x,
-            false,
-        );
-        let mut grad_w = vec![0f32; n * k];
-        cpu_gemm::matmul(
-            Operands::Bf16,
-            dy.t(),
-            MatRef::row_major(&xs, rows, k),
-            &mut grad_w,
-            false,
-        );
-        let grad_x = Tensor::from_vec(grad_x, (rows, k), x.device())?;
-        let grad_w = Tensor::from_vec(grad_w, (n, k), x.device())?;
+        let (grad_x, grad_w, _) = self.backward(x, w, false, grad_out)?;
         Ok((Some(grad_x), Some(grad_w)))
     }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((x, x_layout), (w, w_layout), Some((b, b_layout)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (grad_x, grad_w, grad_b) = self.backward(x, w, true, grad_out)?;
+        Ok((Some(grad_x), Some(grad_w), grad_b))
+    }
+}
+
+/// Runs `f` on a CPU fp32 tensor's values, borrowed in place when contiguous.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    if t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
+        if let candle_core::Storage::Cpu(storage) = &*storage {
+            return f(contiguous_f32(storage, layout)?);
+        }
+    }
+    f(&values(t)?)
+}
+
+/// A zero-filled buffer, written by all threads: a serial memset of a large buffer leaves the
+/// other cores idle.
+pub(crate) fn zeroed(len: usize) -> Vec<f32> {
+    let mut buffer = Vec::with_capacity(len);
+    buffer.par_extend(rayon::iter::repeat_n(0f32, len));
+    buffer
+}
+
+/// `sums[j] += Σ_r rows[r][j]` over row-major rows of `width`, in parallel over column blocks;
+/// each column is summed in row order, so the result does not depend on the thread count.
+pub(crate) fn add_column_sums(rows: &[f32], width: usize, sums: &mut [f32]) {
+    const BLOCK: usize = 2048;
+    sums.par_chunks_mut(BLOCK)
+        .enumerate()
+        .for_each(|(block, sums)| {
+            let first = block * BLOCK;
+            for row in rows.chunks_exact(width) {
+                let row = &row[first..first + sums.len()];
+                sums.iter_mut().zip(row).for_each(|(acc, x)| *acc += x);
+            }
+        });
 }
 
 pub struct GeluNew;
@@ -746,15 +849,42 @@ mod tests {
     }
 
     #[test]
+    fn linear_matches_matmul_plus_bias() {
+        let inputs = [
+            Var::from_tensor(&random(&[37, 40], 8)).unwrap(),
+            Var::from_tensor(&random(&[2100, 40], 9)).unwrap(),
+            Var::from_tensor(&random(&[2100], 10)).unwrap(),
+        ];
+        let op = || LinearOp {
+            operands: Operands::F32,
+        };
+        compare(
+            &inputs,
+            |t| t[0].apply_op3(&t[1], &t[2], op()),
+            |t| t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2]),
+            1e-4,
+        );
+        compare(
+            &inputs[..2],
+            |t| t[0].apply_op2(&t[1], op()),
+            |t| t[0].matmul(&t[1].t()?),
+            1e-4,
+        );
+    }
+
+    #[test]
     fn bf16_linear_is_the_product_of_rounded_operands() {
         let inputs = [
             Var::from_tensor(&random(&[37, 40], 8)).unwrap(),
             Var::from_tensor(&random(&[29, 40], 9)).unwrap(),
         ];
+        let op = || LinearOp {
+            operands: Operands::Bf16,
+        };
         let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
         let x = inputs[0].as_tensor();
         let w = inputs[1].as_tensor();
-        let ours = x.apply_op2(w, Bf16Linear).unwrap();
+        let ours = x.apply_op2(w, op()).unwrap();
         let rounded = round(x)
             .unwrap()
             .matmul(&round(w).unwrap().t().unwrap())
@@ -765,7 +895,7 @@ mod tests {
         // Gradients: those of the fp32 product, up to the bf16 rounding of all three operands.
         compare(
             &inputs,
-            |t| t[0].apply_op2(&t[1], Bf16Linear),
+            |t| t[0].apply_op2(&t[1], op()),
             |t| t[0].matmul(&t[1].t()?),
             0.03,
         );

@@ -162,18 +162,32 @@ impl Module for Linear {
         let in_dim = *dims.last().expect("linear input has a last dim");
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let xs2 = xs.reshape((rows, in_dim))?;
-        let ys = if self.operands == Operands::Bf16 {
-            xs2.contiguous()?
-                .apply_op2(&self.weight.contiguous()?, super::fused::Bf16Linear)?
-        } else {
-            match super::skinny::try_matmul_transposed(&xs2, &self.weight)? {
-                Some(ys) => ys,
-                None => xs2.matmul(&self.weight.t()?)?,
-            }
+        let skinny = match self.operands {
+            Operands::F32 => super::skinny::try_matmul_transposed(&xs2, &self.weight)?,
+            Operands::Bf16 => None,
         };
-        let ys = match &self.bias {
-            Some(bias) => ys.broadcast_add(bias)?,
-            None => ys,
+        let fused_on_cpu =
+            xs.device().is_cpu() && xs.dtype() == DType::F32 && self.weight.dtype() == DType::F32;
+        let ys = match (skinny, &self.bias) {
+            (Some(ys), Some(bias)) => ys.broadcast_add(bias)?,
+            (Some(ys), None) => ys,
+            (None, bias) if fused_on_cpu => {
+                let op = super::fused::LinearOp {
+                    operands: self.operands,
+                };
+                let (xs2, weight) = (xs2.contiguous()?, self.weight.contiguous()?);
+                match bias {
+                    Some(bias) => xs2.apply_op3(&weight, &bias.contiguous()?, op)?,
+                    None => xs2.apply_op2(&weight, op)?,
+                }
+            }
+            (None, bias) => {
+                let ys = xs2.matmul(&self.weight.t()?)?;
+                match bias {
+                    Some(bias) => ys.broadcast_add(bias)?,
+                    None => ys,
+                }
+            }
         };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.weight.dim(0)?;

@@ -1,11 +1,13 @@
 //! AdamW exactly as `torch.optim.AdamW` computes it, on fp32 master weights.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Storage, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor, Var};
 use rayon::prelude::*;
 
+use crate::model::fused::zeroed;
 use crate::model::vmath::simd_kernel;
 use crate::recipe::OptimizerSpec;
 
@@ -189,63 +191,100 @@ fn fused_cpu_update(
 ) -> candle_core::Result<()> {
     let grad = grad.contiguous()?;
     let n = param.elem_count();
-    let (mut new_p, mut new_m, mut new_v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let (mut new_m, mut new_v) = (zeroed(n), zeroed(n));
     {
-        let p = param.as_tensor().contiguous()?;
         let guards = [
-            p.storage_and_layout(),
             grad.storage_and_layout(),
             moments.exp_avg.storage_and_layout(),
             moments.exp_avg_sq.storage_and_layout(),
         ];
-        let mut slices = Vec::with_capacity(4);
+        let mut slices = Vec::with_capacity(3);
         for (storage, layout) in &guards {
-            let Storage::Cpu(cpu) = &**storage else {
-                candle_core::bail!("fused AdamW runs on CPU tensors");
-            };
-            let (start, end) = layout
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::msg("AdamW state is not contiguous"))?;
-            slices.push(&cpu.as_slice::<f32>()?[start..end]);
+            slices.push(cpu_f32(storage, layout)?);
         }
-        let (p, g, m, v) = (slices[0], slices[1], slices[2], slices[3]);
-        const CHUNK: usize = 1 << 14;
-        new_p
-            .par_chunks_mut(CHUNK)
-            .zip(new_m.par_chunks_mut(CHUNK))
-            .zip(new_v.par_chunks_mut(CHUNK))
-            .enumerate()
-            .for_each(|(chunk, ((out_p, out_m), out_v))| {
-                let range = chunk * CHUNK..chunk * CHUNK + out_p.len();
-                adamw_chunk(
-                    [
-                        &p[range.clone()],
-                        &g[range.clone()],
-                        &m[range.clone()],
-                        &v[range],
-                    ],
-                    [out_p, out_m, out_v],
-                    c,
-                );
-            });
+        // The parameter is updated in its own storage: a new tensor would cost a serial copy
+        // back into the variable (51 MB for GPT-J's embedding) on top of the update.
+        param.as_tensor().inplace_op1(&InPlaceAdamW {
+            grad: slices[0],
+            moments: [slices[1], slices[2]],
+            new_moments: Mutex::new([&mut new_m, &mut new_v]),
+            constants: c,
+        })?;
     }
     let shape = param.shape().clone();
     let device = param.device().clone();
     moments.exp_avg = Tensor::from_vec(new_m, shape.clone(), &device)?;
-    moments.exp_avg_sq = Tensor::from_vec(new_v, shape.clone(), &device)?;
-    param.set(&Tensor::from_vec(new_p, shape, &device)?)
+    moments.exp_avg_sq = Tensor::from_vec(new_v, shape, &device)?;
+    Ok(())
+}
+
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    let Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("fused AdamW runs on CPU tensors");
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::msg("AdamW state is not contiguous"))?;
+    Ok(&cpu.as_slice::<f32>()?[start..end])
+}
+
+/// One parameter's AdamW step, applied to the parameter's storage in place.
+struct InPlaceAdamW<'a> {
+    grad: &'a [f32],
+    moments: [&'a [f32]; 2],
+    /// Behind a lock only because candle hands the op over by shared reference.
+    new_moments: Mutex<[&'a mut Vec<f32>; 2]>,
+    constants: &'a StepConstants,
+}
+
+impl InplaceOp1 for InPlaceAdamW<'_> {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::msg("the parameter is not contiguous"))?;
+        let CpuStorage::F32(values) = storage else {
+            candle_core::bail!("AdamW: the parameter is not fp32");
+        };
+        let p = &mut values[start..end];
+        let [m, v] = self.moments;
+        let g = self.grad;
+        if [g.len(), m.len(), v.len()] != [p.len(); 3] {
+            candle_core::bail!("AdamW: parameter, gradient and moments differ in size");
+        }
+        let mut new_moments = self.new_moments.lock().expect("not poisoned");
+        let [new_m, new_v] = &mut *new_moments;
+        const CHUNK: usize = 1 << 14;
+        p.par_chunks_mut(CHUNK)
+            .zip(new_m.par_chunks_mut(CHUNK))
+            .zip(new_v.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(chunk, ((p, out_m), out_v))| {
+                let range = chunk * CHUNK..chunk * CHUNK + p.len();
+                adamw_chunk(
+                    p,
+                    [&g[range.clone()], &m[range.clone()], &v[range]],
+                    [out_m, out_v],
+                    self.constants,
+                );
+            });
+        Ok(())
+    }
 }
 
 simd_kernel! {
-    /// AdamW on one chunk: inputs `[p, g, m, v]`, outputs the new `[p, m, v]`.
-    fn adamw_chunk(inputs: [&[f32]; 4], outputs: [&mut [f32]; 3], c: &StepConstants) {
-        let [p, g, m, v] = inputs;
-        let [out_p, out_m, out_v] = outputs;
-        for i in 0..out_p.len() {
+    /// AdamW on one chunk: `p` updated in place from `[g, m, v]`, the new moments to `[m, v]`.
+    fn adamw_chunk(p: &mut [f32], inputs: [&[f32]; 3], outputs: [&mut [f32]; 2], c: &StepConstants) {
+        let [g, m, v] = inputs;
+        let [out_m, out_v] = outputs;
+        for i in 0..p.len() {
             let m = c.b1 * m[i] + (1.0 - c.b1) * g[i];
             let v = c.b2 * v[i] + (1.0 - c.b2) * g[i] * g[i];
             let denom = v.sqrt() / c.bias2_sqrt + c.eps;
-            out_p[i] = p[i] * c.decay - c.step_size * (m / denom);
+            p[i] = p[i] * c.decay - c.step_size * (m / denom);
             out_m[i] = m;
             out_v[i] = v;
         }
