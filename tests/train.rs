@@ -170,6 +170,15 @@ fn twenty_adamw_steps_match_pytorch() {
 /// would move its weight by a full `lr` in a direction decided by summation order. With
 /// eps 1e-6 the update reflects the gradient itself, which is what these tests compare.
 fn train_with(out: &Path, extra: &str, rows: Vec<Sequence>) -> HashMap<String, Tensor> {
+    train_with_threads(out, extra, rows, 2)
+}
+
+fn train_with_threads(
+    out: &Path,
+    extra: &str,
+    rows: Vec<Sequence>,
+    threads: usize,
+) -> HashMap<String, Tensor> {
     let mut recipe = recipe(out, extra);
     recipe.optimizer.eps = 1e-6;
     let summary = train::run(
@@ -177,10 +186,38 @@ fn train_with(out: &Path, extra: &str, rows: Vec<Sequence>) -> HashMap<String, T
         init_from(&rot8()),
         SequenceStream::new(rows, 0, false),
         None,
-        quiet(),
+        TrainOptions {
+            threads: Some(threads),
+            ..quiet()
+        },
     )
     .unwrap();
     final_weights(&summary)
+}
+
+/// On the CPU each thread takes its own rows of the micro-batch (three workers of 3, 3 and 2
+/// rows here); the update must be the one of the whole micro-batch at once (one thread).
+#[test]
+fn rows_split_over_threads_match_one_worker() {
+    for (kind, rows) in [
+        ("packed", packed(24, 16, 101, 6)),
+        ("padded", padded(24, 101, 7)),
+    ] {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let extra = "{steps: 3, batch: {global: 8, micro: 8}}";
+        let split = train_with_threads(a.path(), extra, rows.clone(), 3);
+        let whole = train_with_threads(b.path(), extra, rows, 1);
+        let diff = max_weight_diff(&split, &whole);
+        assert!(
+            diff > 0.0,
+            "{kind}: bit-identical, so the rows were not split"
+        );
+        assert!(
+            diff < 1e-5,
+            "{kind}: split rows differ from one worker by {diff:e}"
+        );
+    }
 }
 
 #[test]

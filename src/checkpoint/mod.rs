@@ -59,6 +59,11 @@ pub struct TrainerState {
     pub metrics: BTreeMap<String, f64>,
     /// Every file of the checkpoint except this one.
     pub files: BTreeMap<String, FileEntry>,
+    /// CPU workers per replica the micro-batches' rows were split over (absent from older
+    /// checkpoints). Resuming with another count gives the same updates up to float rounding,
+    /// not bit-identical ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_workers: Option<usize>,
 }
 
 /// The recipe parts whose change would make a resumed run a different experiment: the model,

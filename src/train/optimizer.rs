@@ -119,6 +119,39 @@ impl AdamW {
     }
 }
 
+/// `acc += g`; on the CPU in `acc`'s own storage, in parallel (summing workers' gradients).
+pub fn add_in_place(acc: &mut Tensor, g: &Tensor) -> candle_core::Result<()> {
+    let fused = acc.device().is_cpu()
+        && acc.dtype() == DType::F32
+        && g.dtype() == DType::F32
+        && acc.is_contiguous()
+        && acc.dims() == g.dims();
+    if !fused {
+        *acc = (&*acc + g)?;
+        return Ok(());
+    }
+    let g = g.contiguous()?;
+    let (storage, layout) = g.storage_and_layout();
+    acc.inplace_op1(&AddInPlace(cpu_f32(&storage, layout)?))
+}
+
+struct AddInPlace<'a>(&'a [f32]);
+
+impl InplaceOp1 for AddInPlace<'_> {
+    fn name(&self) -> &'static str {
+        "add-in-place"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let acc = cpu_f32_mut(storage, layout)?;
+        const CHUNK: usize = 1 << 14;
+        acc.par_chunks_mut(CHUNK)
+            .zip(self.0.par_chunks(CHUNK))
+            .for_each(|(acc, g)| acc.iter_mut().zip(g).for_each(|(a, g)| *a += g));
+        Ok(())
+    }
+}
+
 /// L2 norm over all gradients together (torch's `clip_grad_norm_` total norm), in f64.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sum = 0f64;
@@ -228,6 +261,19 @@ fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a
     Ok(&cpu.as_slice::<f32>()?[start..end])
 }
 
+fn cpu_f32_mut<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a mut [f32]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::msg("in-place update of a non-contiguous tensor"))?;
+    let CpuStorage::F32(values) = storage else {
+        candle_core::bail!("in-place update of a tensor that is not fp32");
+    };
+    Ok(&mut values[start..end])
+}
+
 /// One parameter's AdamW step, applied to the parameter's storage in place.
 struct InPlaceAdamW<'a> {
     grad: &'a [f32],
@@ -243,13 +289,7 @@ impl InplaceOp1 for InPlaceAdamW<'_> {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::msg("the parameter is not contiguous"))?;
-        let CpuStorage::F32(values) = storage else {
-            candle_core::bail!("AdamW: the parameter is not fp32");
-        };
-        let p = &mut values[start..end];
+        let p = cpu_f32_mut(storage, layout)?;
         let [m, v] = self.moments;
         let g = self.grad;
         if [g.len(), m.len(), v.len()] != [p.len(); 3] {
