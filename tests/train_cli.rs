@@ -243,3 +243,37 @@ fn bad_recipes_fail_before_training_with_the_reason() {
         "nothing was trained"
     );
 }
+
+/// On the CPU each thread trains its own rows, so the thread count is part of what makes a resume
+/// bit-exact: the checkpoint records it, and a resume with another count says so.
+#[test]
+fn resume_with_other_threads_says_it_is_not_bit_exact() {
+    let out = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(out.path(), "");
+    let recipe = recipe.to_str().unwrap();
+    run_ok(&["train", recipe, "--quiet", "--threads", "2"]);
+    let state = std::fs::read_to_string(
+        out.path()
+            .join("checkpoints/run/step-10/trainer_state.json"),
+    )
+    .unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(state["cpu_workers"], 2, "{state}");
+
+    let resumed = run_ok(&[
+        "train",
+        recipe,
+        "--quiet",
+        "--threads",
+        "1",
+        "--resume",
+        "latest",
+        "--set",
+        "steps=11",
+    ]);
+    assert!(
+        resumed.contains("split over 2 CPU workers per replica and now over 1"),
+        "{resumed}"
+    );
+    assert!(resumed.contains("no longer bit-identical"), "{resumed}");
+}
