@@ -159,10 +159,7 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
         sum += if g.device().is_cpu() && g.dtype() == DType::F32 {
             let g = g.contiguous()?;
             let (storage, layout) = g.storage_and_layout();
-            let Storage::Cpu(cpu) = &*storage else {
-                unreachable!("checked to be on the CPU")
-            };
-            let values = crate::model::fused::contiguous_f32(cpu, layout)?;
+            let values = cpu_f32(&storage, layout)?;
             // Fixed chunks summed in order: the same value whatever the thread scheduling.
             let partials: Vec<f64> = values
                 .par_chunks(1 << 14)
@@ -253,12 +250,9 @@ fn fused_cpu_update(
 
 fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
     let Storage::Cpu(cpu) = storage else {
-        candle_core::bail!("fused AdamW runs on CPU tensors");
+        candle_core::bail!("the fused optimizer kernels run on CPU tensors");
     };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::msg("AdamW state is not contiguous"))?;
-    Ok(&cpu.as_slice::<f32>()?[start..end])
+    crate::model::fused::contiguous_f32(cpu, layout)
 }
 
 fn cpu_f32_mut<'a>(
