@@ -185,7 +185,7 @@ pub(crate) fn add_column_sums(rows: &[f32], width: usize, sums: &mut [f32]) {
 pub struct GeluNew;
 
 simd_kernel! {
-    fn gelu_forward(xs: &[f32], out: &mut [f32]) {
+    pub(super) fn gelu_forward(xs: &[f32], out: &mut [f32]) {
         for (o, &x) in out.iter_mut().zip(xs) {
             *o = 0.5 * x * (1.0 + tanh(SQRT_TWO_OVER_PI * (x + GELU_COEF * x * x * x)));
         }
@@ -193,7 +193,7 @@ simd_kernel! {
 }
 
 simd_kernel! {
-    fn gelu_backward(xs: &[f32], grads: &[f32], dx: &mut [f32]) {
+    pub(super) fn gelu_backward(xs: &[f32], grads: &[f32], dx: &mut [f32]) {
         for ((d, &x), &g) in dx.iter_mut().zip(xs).zip(grads) {
             let t = tanh(SQRT_TWO_OVER_PI * (x + GELU_COEF * x * x * x));
             let inner = SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_COEF * x * x);
@@ -204,7 +204,12 @@ simd_kernel! {
 
 simd_kernel! {
     /// Each `width`-long row of `scores` becomes `softmax(row / scale + mask row)`.
-    fn masked_softmax_rows(scores: &mut [f32], mask: Option<&[f32]>, scale: f32, width: usize) {
+    pub(super) fn masked_softmax_rows(
+        scores: &mut [f32],
+        mask: Option<&[f32]>,
+        scale: f32,
+        width: usize,
+    ) {
         for (r, row) in scores.chunks_exact_mut(width).enumerate() {
             match mask {
                 Some(mask) => {
@@ -224,7 +229,7 @@ simd_kernel! {
 simd_kernel! {
     /// Rows of `dp` become `P ∘ (dP - rowsum(dP ∘ P)) / scale`: softmax's backward, then the
     /// scores' scaling.
-    fn softmax_backward_rows(dp: &mut [f32], probs: &[f32], scale: f32, width: usize) {
+    pub(super) fn softmax_backward_rows(dp: &mut [f32], probs: &[f32], scale: f32, width: usize) {
         let mut products = vec![0f32; width];
         for (dp, p) in dp.chunks_exact_mut(width).zip(probs.chunks_exact(width)) {
             products.iter_mut().zip(dp.iter().zip(p)).for_each(|(o, (a, b))| *o = a * b);
@@ -367,7 +372,7 @@ fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
 }
 
 simd_kernel! {
-    fn layer_norm_rows(xs: &[f32], w: &[f32], b: &[f32], out: &mut [f32], eps: f32) {
+    pub(super) fn layer_norm_rows(xs: &[f32], w: &[f32], b: &[f32], out: &mut [f32], eps: f32) {
         let d = w.len();
         for (out, row) in out.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
             let (mean, rstd) = row_stats(row, eps);
@@ -380,7 +385,7 @@ simd_kernel! {
 
 simd_kernel! {
     /// Rows' input gradients into `dx`; their weight and bias gradients added to `dw`, `db`.
-    fn layer_norm_backward_rows(
+    pub(super) fn layer_norm_backward_rows(
         xs: &[f32],
         dys: &[f32],
         w: &[f32],

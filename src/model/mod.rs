@@ -5,6 +5,8 @@ pub mod cpu_gemm;
 pub mod fused;
 pub mod gptj;
 pub mod init;
+#[cfg(test)]
+mod simd_variants;
 pub mod skinny;
 pub mod vmath;
 pub mod weights;

@@ -157,9 +157,11 @@ mod simd {
     }
 
     pub static LEVEL: LazyLock<Level> = LazyLock::new(|| {
-        if is_x86_feature_detected!("avx512f") {
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        // The AVX-512 kernels finish their sums with the AVX2+FMA helpers, so they need both.
+        if is_x86_feature_detected!("avx512f") && avx2 {
             Level::Avx512
-        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        } else if avx2 {
             Level::Avx2
         } else {
             Level::Portable

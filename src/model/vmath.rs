@@ -19,7 +19,10 @@ pub fn exp_nonpositive(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let value = poly * f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // `n` is in [-126, 0], so the add cannot overflow; `wrapping_add` says so, and keeps the
+    // overflow check of test and debug builds from stopping the loops around it vectorising
+    // (the variant tests would then compare scalar code only).
+    let value = poly * f32::from_bits(((n as i32).wrapping_add(127) << 23) as u32);
     if x < -87.0 {
         0.0
     } else {
@@ -40,8 +43,11 @@ pub fn tanh(x: f32) -> f32 {
 }
 
 /// Defines `fn name(args) -> ret { body }` compiled three times, for AVX-512, for AVX2+FMA and
-/// portably, choosing at run time. The body is inlined into each variant, so its loops (written
-/// with independent lanes, since the compiler may not reorder a float sum) vectorise for it.
+/// portably, running the variant [`Isa::selected`] names. The body is inlined into each variant,
+/// so its loops (written with independent lanes, since the compiler may not reorder a float sum)
+/// vectorise for it. Rust never fuses a multiply and an add on its own, so every variant does
+/// the same IEEE operations in the same order and gives the same bits (the tests in
+/// `simd_variants.rs` hold each kernel to that).
 macro_rules! simd_kernel {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
@@ -50,6 +56,7 @@ macro_rules! simd_kernel {
             fn portable($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                // These lists and `Isa::missing_features` must name the same features.
                 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
                 unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
                     portable($($arg),*)
@@ -58,17 +65,12 @@ macro_rules! simd_kernel {
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     portable($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx512f")
-                    && std::is_x86_feature_detected!("avx512bw")
-                    && std::is_x86_feature_detected!("avx512dq")
-                    && std::is_x86_feature_detected!("avx512vl")
-                {
-                    // SAFETY: the CPU has the features the variant is compiled for.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                match $crate::model::vmath::Isa::selected() {
+                    // SAFETY: `selected` names only instruction sets this CPU has.
+                    $crate::model::vmath::Isa::Avx512 => return unsafe { avx512($($arg),*) },
                     // SAFETY: as above.
-                    return unsafe { avx2($($arg),*) };
+                    $crate::model::vmath::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::model::vmath::Isa::Portable => {}
                 }
             }
             portable($($arg),*)
@@ -76,6 +78,65 @@ macro_rules! simd_kernel {
     };
 }
 pub(crate) use simd_kernel;
+
+/// The instruction sets a `simd_kernel!` function is compiled for, widest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 3] = [Isa::Avx512, Isa::Avx2, Isa::Portable];
+
+    /// The variant the kernels run: the widest this CPU has, decided once per process (in unit
+    /// tests, the one `Isa::run` asked for on this thread, so that each variant can be tested).
+    #[inline]
+    pub fn selected() -> Isa {
+        #[cfg(test)]
+        if let Some(isa) = variants::FORCED.with(std::cell::Cell::get) {
+            return isa;
+        }
+        static WIDEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *WIDEST.get_or_init(|| {
+            Isa::ALL
+                .into_iter()
+                .find(|isa| isa.missing_features().is_empty())
+                .unwrap_or(Isa::Portable)
+        })
+    }
+
+    /// The CPU features this variant needs and this CPU lacks: empty when it can run,
+    /// `["x86_64"]` off x86_64, where only the portable variant is compiled. A variant may use
+    /// every feature its `target_feature` list turns on, and rustc also turns on what those imply
+    /// (`rustc --print cfg -C target-feature=+avx512f,...` lists them), so all are checked.
+    pub fn missing_features(self) -> Vec<&'static str> {
+        #[cfg(target_arch = "x86_64")]
+        macro_rules! lacking {
+            ($($feature:tt),*) => {
+                [$(($feature, std::is_x86_feature_detected!($feature))),*]
+                    .into_iter()
+                    .filter(|&(_, present)| !present)
+                    .map(|(feature, _)| feature)
+                    .collect()
+            };
+        }
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => lacking!(
+                "avx512f", "avx512bw", "avx512dq", "avx512vl", "fma", "avx2", "f16c", "avx",
+                "sse4.2", "sse4.1", "ssse3", "sse3"
+            ),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => lacking!("avx2", "fma", "avx", "sse4.2", "sse4.1", "ssse3", "sse3"),
+            // Off x86_64 only the portable variant is compiled.
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx512 | Isa::Avx2 => vec!["x86_64"],
+            Isa::Portable => Vec::new(),
+        }
+    }
+}
 
 /// Sum of a slice in 16 independent lanes (vectorises; a plain fold would not).
 #[inline(always)]
@@ -127,6 +188,168 @@ pub fn exp_shifted_in_place(xs: &mut [f32], max: f32) -> f32 {
     sum + lanes.iter().sum::<f32>()
 }
 
+/// Running and comparing the variants of `simd_kernel!` functions, for unit tests anywhere in
+/// the crate (a kernel is usually private to its module, so its test lives there too).
+#[cfg(test)]
+pub(crate) mod variants {
+    use super::Isa;
+    use rand::{Rng, SeedableRng};
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Set only by `Isa::run`, after checking that this CPU can run the variant.
+        pub(super) static FORCED: Cell<Option<Isa>> = const { Cell::new(None) };
+    }
+
+    impl Isa {
+        /// Runs `f` with every `simd_kernel!` function it calls on this thread in this variant;
+        /// `None` when this CPU cannot run it.
+        pub(crate) fn run<R>(self, f: impl FnOnce() -> R) -> Option<R> {
+            if !self.missing_features().is_empty() {
+                return None;
+            }
+            struct Restore(Option<Isa>);
+            impl Drop for Restore {
+                fn drop(&mut self) {
+                    FORCED.set(self.0);
+                }
+            }
+            let _restore = Restore(FORCED.replace(Some(self)));
+            Some(f())
+        }
+    }
+
+    /// What a kernel produced (its return value and the slices it wrote), to compare by bits.
+    pub(crate) trait Outputs {
+        fn append_to(&self, values: &mut Vec<f64>);
+    }
+
+    impl Outputs for f32 {
+        fn append_to(&self, values: &mut Vec<f64>) {
+            values.push(*self as f64);
+        }
+    }
+
+    impl Outputs for f64 {
+        fn append_to(&self, values: &mut Vec<f64>) {
+            values.push(*self);
+        }
+    }
+
+    impl Outputs for u16 {
+        fn append_to(&self, values: &mut Vec<f64>) {
+            values.push(*self as f64);
+        }
+    }
+
+    impl<T: Outputs> Outputs for Vec<T> {
+        fn append_to(&self, values: &mut Vec<f64>) {
+            self.iter().for_each(|x| x.append_to(values));
+        }
+    }
+
+    impl<A: Outputs, B: Outputs> Outputs for (A, B) {
+        fn append_to(&self, values: &mut Vec<f64>) {
+            self.0.append_to(values);
+            self.1.append_to(values);
+        }
+    }
+
+    impl<A: Outputs, B: Outputs, C: Outputs> Outputs for (A, B, C) {
+        fn append_to(&self, values: &mut Vec<f64>) {
+            self.0.append_to(values);
+            self.1.append_to(values);
+            self.2.append_to(values);
+        }
+    }
+
+    /// Runs `kernel` on every case in each variant this CPU has and asserts that the AVX-512 and
+    /// AVX2 variants give the portable variant's bits (any NaN matches any NaN: which operand's
+    /// payload survives may differ). Prints which variants ran, and why any did not.
+    pub(crate) fn check_variants<T, R: Outputs>(kernel: &str, cases: &[T], run: impl Fn(&T) -> R) {
+        let outputs = |isa: Isa, case: &T| {
+            let mut values = Vec::new();
+            isa.run(|| run(case))?.append_to(&mut values);
+            Some(values)
+        };
+        let portable: Vec<Vec<f64>> = cases
+            .iter()
+            .map(|case| outputs(Isa::Portable, case).expect("the portable variant always runs"))
+            .collect();
+        let (mut compared, mut not_run) = (Vec::new(), Vec::new());
+        for isa in [Isa::Avx512, Isa::Avx2] {
+            let missing = isa.missing_features();
+            if missing == ["x86_64"] {
+                not_run.push(format!("{isa:?} not run: not an x86_64 build"));
+                continue;
+            }
+            if !missing.is_empty() {
+                not_run.push(format!(
+                    "{isa:?} not run: this CPU lacks {}",
+                    missing.join(", ")
+                ));
+                continue;
+            }
+            for (i, (case, expected)) in cases.iter().zip(&portable).enumerate() {
+                let got = outputs(isa, case).expect("checked above");
+                assert_eq!(got.len(), expected.len(), "{kernel} case {i}: output sizes");
+                for (at, (x, y)) in got.iter().zip(expected).enumerate() {
+                    assert!(
+                        x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()),
+                        "{kernel} case {i}, output {at}: {isa:?} gives {x:e}, Portable {y:e}"
+                    );
+                }
+            }
+            compared.push(format!("{isa:?}"));
+        }
+        let compared = match compared.as_slice() {
+            [] => "no variant but Portable ran".to_string(),
+            names => format!("{} equal Portable bit for bit", names.join(" and ")),
+        };
+        let not_run = not_run.iter().map(|s| format!("; {s}")).collect::<String>();
+        eprintln!("{kernel} ({} cases): {compared}{not_run}", cases.len());
+    }
+
+    /// Lengths around the kernels' 16-lane blocks: empty, short, ragged and long.
+    pub(crate) const LENGTHS: [usize; 13] = [0, 1, 2, 7, 15, 16, 17, 31, 32, 33, 64, 100, 1029];
+
+    /// Zeros of both signs, infinities, NaN, subnormals, the extreme floats, exp's cut-off at
+    /// -87 and bf16 rounding ties (1 + 2⁻⁸ rounds down to even, 1 + 3·2⁻⁸ up).
+    pub(crate) const EDGES: [f32; 16] = [
+        0.0,
+        -0.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MIN_POSITIVE,
+        1e-40,
+        -1e-40,
+        f32::MAX,
+        f32::MIN,
+        -87.0,
+        -87.5,
+        88.7,
+        1.0 + 1.0 / 256.0,
+        -(1.0 + 3.0 / 256.0),
+        1e-8,
+    ];
+
+    /// `len` values uniform in ±`scale`.
+    pub(crate) fn random(len: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..len).map(|_| rng.gen_range(-scale..scale)).collect()
+    }
+
+    /// `values` with every fifth one (from `offset`) replaced by the next of [`EDGES`].
+    pub(crate) fn with_edges(mut values: Vec<f32>, offset: usize) -> Vec<f32> {
+        let slots = values.iter_mut().skip(offset).step_by(5);
+        for (slot, edge) in slots.zip(EDGES.iter().cycle()) {
+            *slot = *edge;
+        }
+        values
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +367,24 @@ mod tests {
         assert_eq!(exp_nonpositive(0.0), 1.0);
         assert_eq!(exp_nonpositive(f32::MIN), 0.0);
         assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn a_variant_runs_only_where_the_cpu_has_it() {
+        for isa in Isa::ALL {
+            let runs = isa.missing_features().is_empty();
+            assert_eq!(isa.run(Isa::selected), runs.then_some(isa), "{isa:?}");
+        }
+        assert_eq!(Isa::Portable.missing_features(), Vec::<&str>::new());
+        // The choice is the widest variant this CPU has, and forcing one does not outlive `run`.
+        let widest = Isa::ALL
+            .into_iter()
+            .find(|isa| isa.missing_features().is_empty());
+        assert_eq!(Some(Isa::selected()), widest);
+        eprintln!(
+            "the kernels run the {:?} variant on this CPU",
+            Isa::selected()
+        );
     }
 
     #[test]

@@ -523,3 +523,32 @@ mod tests {
         assert!(row.iter().all(|x| x.is_nan()));
     }
 }
+
+#[cfg(test)]
+mod kernel_variants {
+    use super::*;
+    use crate::model::vmath::variants::{check_variants, random, with_edges};
+
+    #[test]
+    fn softmax_cross_entropy_variants_agree() {
+        let widths = [1, 2, 15, 16, 17, 33, 100, 1029];
+        let mut cases = Vec::new();
+        for (i, &width) in widths.iter().enumerate() {
+            let row = random(width, i as u64, 8.0);
+            let bias = random(width, 50 + i as u64, 1.0);
+            let target = (i * 7) % width;
+            cases.push((row.clone(), None, target, None));
+            cases.push((row.clone(), Some(bias.clone()), target, Some(0.25f32)));
+            cases.push((with_edges(row, i), Some(bias), target, Some(1.0)));
+        }
+        check_variants(
+            "softmax_cross_entropy",
+            &cases,
+            |(row, bias, target, scale)| {
+                let mut row = row.clone();
+                let loss = softmax_cross_entropy(&mut row, bias.as_deref(), *target, *scale);
+                (row, loss)
+            },
+        );
+    }
+}
