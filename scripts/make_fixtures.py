@@ -220,6 +220,145 @@ def make_train(out: Path, seed: int) -> None:
     )
 
 
+# HF Trainer's grouping, as Kiln's `optimizer.no_decay: [bias, ln_]` names it: parameters whose
+# name contains one of these get weight_decay 0. The decay is large so that exempting a parameter
+# moves it measurably within 20 steps (at 0.1 the difference would hide in the tolerance).
+NO_DECAY = dict(patterns=["bias", "ln_"], weight_decay=5.0)
+
+
+def make_train_no_decay(out: Path, seed: int) -> None:
+    """train_adamw's model and batches, AdamW with two parameter groups (HF Trainer style)."""
+    d = out / "train_adamw"
+    model = build_model(ROT8, seed)
+    hp = TRAIN_HPARAMS
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches = torch.randint(
+        0, ROT8["vocab_size"], (hp["steps"], hp["batch_size"], hp["seq_len"]), generator=gen, dtype=torch.int64
+    )
+    named = list(model.named_parameters())
+    exempt = [p for n, p in named if any(pat in n for pat in NO_DECAY["patterns"])]
+    decayed = [p for n, p in named if not any(pat in n for pat in NO_DECAY["patterns"])]
+    opt = torch.optim.AdamW(
+        [
+            dict(params=decayed, weight_decay=NO_DECAY["weight_decay"]),
+            dict(params=exempt, weight_decay=0.0),
+        ],
+        lr=hp["lr"],
+        betas=tuple(hp["betas"]),
+        eps=hp["eps"],
+    )
+    params = [p for _, p in named]
+    model.train()
+    losses, norms = [], []
+    for step in range(hp["steps"]):
+        opt.zero_grad(set_to_none=True)
+        ids = batches[step]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm=1.0).item())
+        opt.step()
+        losses.append(loss.item())
+    tensors = {
+        "losses": torch.tensor(losses, dtype=torch.float32),
+        "grad_norms": torch.tensor(norms, dtype=torch.float32),
+    }
+    for pname, p in named:
+        tensors[f"final.{pname}"] = p.detach().float().contiguous()
+    save_file(tensors, str(d / "train_no_decay.safetensors"))
+    (d / "train_no_decay.json").write_text(
+        json.dumps(dict(seed=seed, no_decay=NO_DECAY, exempt=[n for n, _ in named if any(
+            pat in n for pat in NO_DECAY["patterns"])]), indent=2) + "\n"
+    )
+    print(f"train_adamw/no_decay: {len(exempt)} of {len(named)} parameters exempt, loss {losses[-1]:.4f}")
+
+
+# fp16 mixed precision as torch runs it: autocast to float16 (on the CPU), fp32 master weights
+# and AdamW states, torch.amp.GradScaler. The first step overflows for sure (scale 2^40), the
+# backoff drops the scale to 2^8 where nothing can overflow, and growth doubles it every 2 clean
+# steps. The LR scheduler is stepped only when the optimizer step was applied (HF Trainer /
+# accelerate skip scheduler.step() after a skipped step).
+FP16_HPARAMS = dict(
+    steps=8,
+    batch_size=4,
+    seq_len=16,
+    lr=1e-3,
+    betas=[0.9, 0.95],
+    eps=1e-8,
+    weight_decay=0.1,
+    grad_clip=1.0,
+    init_scale=2.0**40,
+    growth_factor=2.0,
+    backoff_factor=2.0**-32,
+    growth_interval=2,
+    warmup_steps=2,
+    schedule="linear warmup from 0 over warmup_steps, then linear decay to 0 at step `steps`; "
+    "the k-th applied update uses lr_at(k), lr_at(s) = lr*s/warmup for s <= warmup, "
+    "lr*(1 - (s-warmup)/(steps-warmup)) after",
+    autocast="torch.autocast('cpu', dtype=torch.float16)",
+)
+
+
+def kiln_linear_lr(s: int, hp: dict) -> float:
+    w, total = hp["warmup_steps"], hp["steps"]
+    if s <= w:
+        return hp["lr"] * s / w
+    return hp["lr"] * (1.0 - min(1.0, (s - w) / (total - w)))
+
+
+def make_train_fp16(out: Path, seed: int) -> None:
+    d = fresh_dir(out / "train_fp16")
+    model = build_model(ROT8, seed)
+    hp = FP16_HPARAMS
+    gen = torch.Generator().manual_seed(seed + 7)
+    batches = torch.randint(
+        0, ROT8["vocab_size"], (hp["steps"], hp["batch_size"], hp["seq_len"]), generator=gen, dtype=torch.int64
+    )
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"], weight_decay=hp["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: kiln_linear_lr(k + 1, hp) / hp["lr"])
+    scaler = torch.amp.GradScaler(
+        "cpu",
+        init_scale=hp["init_scale"],
+        growth_factor=hp["growth_factor"],
+        backoff_factor=hp["backoff_factor"],
+        growth_interval=hp["growth_interval"],
+    )
+    model.train()
+    losses, norms, scales, lrs, applied = [], [], [], [], []
+    for step in range(hp["steps"]):
+        opt.zero_grad(set_to_none=True)
+        ids = batches[step]
+        scales.append(scaler.get_scale())
+        lrs.append(opt.param_groups[0]["lr"])
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(input_ids=ids, labels=ids).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm=hp["grad_clip"]).item())
+        before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        skipped = scaler.get_scale() < before
+        applied.append(0.0 if skipped else 1.0)
+        if not skipped:
+            sched.step()
+        losses.append(loss.item())
+    assert applied[0] == 0.0 and all(applied[1:]), applied
+    tensors = {
+        "batches": batches.contiguous(),
+        "losses": torch.tensor(losses, dtype=torch.float32),
+        "grad_norms": torch.tensor(norms, dtype=torch.float32),
+        "loss_scales": torch.tensor(scales, dtype=torch.float64),
+        "lrs": torch.tensor(lrs, dtype=torch.float64),
+        "applied": torch.tensor(applied, dtype=torch.float32),
+    }
+    for pname, p in model.named_parameters():
+        tensors[f"final.{pname}"] = p.detach().float().contiguous()
+    save_file(tensors, str(d / "train.safetensors"))
+    (d / "train.json").write_text(json.dumps(dict(seed=seed, **hp), indent=2) + "\n")
+    print(f"train_fp16: scales {scales}, losses {losses[0]:.4f} -> {losses[-1]:.4f}, norms {norms}")
+
+
 def make_generate(out: Path, seed: int) -> None:
     d = fresh_dir(out / "generate")
     model = build_model(ROT8, seed, pad_token_id=100)
@@ -299,16 +438,24 @@ def make_pytorch_bin_copy(out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
+    makers = {
+        "parity": lambda out: (
+            make_parity(out, "rot8", ROT8, seed=1000),
+            make_parity(out, "full12", FULL12, seed=2000),
+            make_pytorch_bin_copy(out),
+        ),
+        "train_adamw": lambda out: (make_train(out, seed=3000), make_train_no_decay(out, seed=3000)),
+        "train_fp16": lambda out: make_train_fp16(out, seed=3000),
+        # Seed picked (by scanning 4000..4059) so that one greedy case emits eos
+        # mid-way; otherwise early stopping would go untested.
+        "generate": lambda out: make_generate(out, seed=4045),
+    }
+    ap.add_argument("--only", nargs="+", choices=sorted(makers), help="regenerate only these fixtures")
     args = ap.parse_args()
     out = Path(args.out)
-
-    make_parity(out, "rot8", ROT8, seed=1000)
-    make_parity(out, "full12", FULL12, seed=2000)
-    make_pytorch_bin_copy(out)
-    make_train(out, seed=3000)
-    # Seed picked (by scanning 4000..4059) so that one greedy case emits eos
-    # mid-way; otherwise early stopping would go untested.
-    make_generate(out, seed=4045)
+    for name, make in makers.items():
+        if args.only is None or name in args.only:
+            make(out)
 
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"total fixture size: {total / 1e6:.2f} MB")

@@ -56,6 +56,10 @@ pub struct TrainArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Resume even though a training file differs from the one the checkpoint recorded (size and
+    /// sha256); the data position then continues over the changed data.
+    #[arg(long, requires = "resume")]
+    pub allow_data_change: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -305,6 +309,7 @@ fn train(args: TrainArgs) -> Result<()> {
             resume: args.resume.as_deref().map(parse_resume),
             quiet: args.quiet,
             threads: args.threads,
+            allow_data_change: args.allow_data_change,
         },
     )?;
     Ok(())

@@ -200,6 +200,115 @@ fn mnli_accuracy_is_evaluated_during_training_and_printed() {
         serde_json::from_str(&std::fs::read_to_string(report_dir.join("report.json")).unwrap())
             .unwrap();
     assert_eq!(again["confusion"], report["confusion"]);
+    // The in-training report names the weights as `kiln eval` does for the step's checkpoint.
+    let sha = report["model_sha256"].as_str().unwrap();
+    assert_eq!(sha.len(), 64, "{report}");
+    assert_eq!(again["model_sha256"], report["model_sha256"]);
+    let split = report["split"].as_str().unwrap();
+    assert!(
+        split.ends_with("datasets/nli/validation.jsonl (first 40 rows)"),
+        "{split}"
+    );
+    // The step-5 report hashes other weights (no checkpoint was written then).
+    let report_5: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("runs/run/eval/step-5/report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report_5["model_sha256"].as_str().unwrap().len(), 64);
+    assert_ne!(report_5["model_sha256"], report["model_sha256"]);
+}
+
+/// `schedule.warmup: 0.12` of 10 steps is 1.2 steps: `kiln recipe check` reports 2 (rounded up),
+/// and training warms up over exactly those 2 steps.
+#[test]
+fn fractional_warmup_trains_as_recipe_check_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), "");
+    let recipe = recipe.to_str().unwrap();
+    let set = [
+        "--set",
+        "schedule.warmup=0.12",
+        "--set",
+        "checkpoint.every=0",
+    ];
+    let checked = run_ok(&[&["recipe", "check", recipe], &set[..]].concat());
+    let checked: serde_json::Value = serde_norway::from_str(&checked).unwrap();
+    let warmup = checked["derived"]["warmup_steps"].as_u64().unwrap();
+    assert_eq!(warmup, 2, "{checked}");
+    run_ok(&[&["train", recipe, "--quiet"], &set[..]].concat());
+    let lrs: Vec<f64> = kiln::track::read_metrics(&dir.path().join("runs/run/metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.tag == "train/lr")
+        .map(|r| r.value)
+        .collect();
+    let peak = 2.0e-3;
+    for step in 1..=warmup {
+        let expected = peak * step as f64 / warmup as f64;
+        let logged = lrs[step as usize - 1];
+        assert!(
+            (logged - expected).abs() < 1e-12,
+            "step {step}: lr {logged}, recipe check's warmup of {warmup} steps gives {expected}"
+        );
+    }
+    assert!(lrs[warmup as usize] < peak, "decay starts after the warmup");
+}
+
+/// The checkpoint records the training files' size and sha256; resuming over a changed file is
+/// refused and names it, unless `--allow-data-change`.
+#[test]
+fn resume_over_changed_data_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.jsonl");
+    std::fs::copy(bundled("train.jsonl"), &train).unwrap();
+    let recipe = write_recipe(dir.path(), "");
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace(&bundled("train.jsonl"), train.to_str().unwrap());
+    std::fs::write(&recipe, text).unwrap();
+    let recipe = recipe.to_str().unwrap();
+    run_ok(&["train", recipe, "--quiet", "--set", "steps=3"]);
+    let state =
+        std::fs::read_to_string(dir.path().join("checkpoints/run/step-3/trainer_state.json"))
+            .unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(state["data"][0]["key"], "data.train[0]", "{state}");
+    assert_eq!(state["data"][0]["sha256"].as_str().unwrap().len(), 64);
+
+    // Unchanged data resumes.
+    run_ok(&[
+        "train", recipe, "--quiet", "--set", "steps=4", "--resume", "latest",
+    ]);
+
+    // The same number of rows, one word changed: only the content tells.
+    let changed = std::fs::read_to_string(&train).unwrap().replacen(
+        "{\"premise\":\"",
+        "{\"premise\":\"Indeed, ",
+        1,
+    );
+    std::fs::write(&train, changed).unwrap();
+    let resume = [
+        "train", recipe, "--quiet", "--set", "steps=5", "--resume", "latest",
+    ];
+    let (ok, _, err) = kiln(&resume);
+    assert!(!ok, "a resume over changed data must be refused");
+    assert!(
+        err.contains("data.train[0]")
+            && err.contains(train.to_str().unwrap())
+            && err.contains("has changed")
+            && err.contains("--allow-data-change"),
+        "{err}"
+    );
+    assert!(!dir.path().join("checkpoints/run/step-5").exists());
+
+    let out = run_ok(&[&resume[..], &["--allow-data-change"]].concat());
+    assert!(out.contains("the training data changed"), "{out}");
+    let state =
+        std::fs::read_to_string(dir.path().join("checkpoints/run/step-5/trainer_state.json"))
+            .unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let new_sha = kiln::data::fingerprint::file_digest(&train).unwrap().sha256;
+    assert_eq!(state["data"][0]["sha256"], new_sha.as_str());
 }
 
 #[test]

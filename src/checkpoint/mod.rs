@@ -10,11 +10,14 @@
 //!
 //! A checkpoint is built in `.tmp-step-<N>`, every file and the directory are fsynced, and only
 //! then is it renamed into place and the `latest` pointer (a file naming the step directory)
-//! replaced through its own rename. Pruning by `keep_last` happens after that.
+//! replaced through its own rename. A checkpoint of the same step that already exists (a resumed
+//! run passing it again) is first moved aside to `.old-step-<N>` and removed only once the new
+//! one is in place; [`recover`] puts it back if a crash came in between. Pruning by `keep_last`
+//! ([`prune`]) is a separate call, made once the caller knows which checkpoints are still in use.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -22,7 +25,8 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::data::StreamState;
+use crate::data::fingerprint::file_digest;
+use crate::data::{FileDigest, SourceFingerprint, StreamState};
 use crate::model::{self, Config};
 use crate::recipe::Recipe;
 use crate::tokenizer::TextTokenizer;
@@ -32,11 +36,8 @@ pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const LATEST: &str = "latest";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FileEntry {
-    pub size: u64,
-    pub sha256: String,
-}
+/// Size and sha256 of one checkpoint file.
+pub type FileEntry = FileDigest;
 
 /// `trainer_state.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,6 +65,10 @@ pub struct TrainerState {
     /// not bit-identical ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_workers: Option<usize>,
+    /// Every file the training data was read from (empty in older checkpoints and when the
+    /// caller trained on data held in memory): a resume over changed files is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<SourceFingerprint>,
 }
 
 /// The recipe parts whose change would make a resumed run a different experiment: the model,
@@ -118,32 +123,36 @@ pub struct Contents<'a> {
     pub base_model: &'a str,
 }
 
-/// Writes `run_dir/step-<N>` atomically, points `latest` at it, then prunes to `keep_last`.
-pub fn save(run_dir: &Path, contents: Contents, keep_last: usize) -> Result<PathBuf> {
+/// Writes `run_dir/step-<N>` atomically and points `latest` at it. Does not prune: see [`prune`].
+pub fn save(run_dir: &Path, contents: Contents) -> Result<PathBuf> {
     let step = contents.state.step;
     let name = step_dir_name(step);
     let final_dir = run_dir.join(&name);
     let tmp = run_dir.join(format!(".tmp-{name}"));
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("{}: cannot create", run_dir.display()))?;
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| {
-            format!(
-                "{}: cannot remove a stale partial checkpoint",
-                tmp.display()
-            )
-        })?;
-    }
+    recover(run_dir)?;
     std::fs::create_dir_all(&tmp)?;
     write_contents(&tmp, contents)
         .with_context(|| format!("writing checkpoint {}", tmp.display()))?;
+    let rename = |from: &Path, to: &Path| {
+        std::fs::rename(from, to)
+            .with_context(|| format!("renaming {} to {}", from.display(), to.display()))
+    };
     if final_dir.exists() {
-        // Only a checkpoint of the same step (e.g. a rerun after a crash during pruning).
-        std::fs::remove_dir_all(&final_dir)
-            .with_context(|| format!("{}: cannot replace", final_dir.display()))?;
+        // A complete checkpoint of this step exists at every moment: the old one is only moved
+        // aside (and put back by `recover` after a crash) until the new one has its name.
+        let aside = run_dir.join(format!("{REPLACED_PREFIX}{name}"));
+        rename(&final_dir, &aside)?;
+        sync_dir(run_dir)?;
+        rename(&tmp, &final_dir)?;
+        sync_dir(run_dir)?;
+        std::fs::remove_dir_all(&aside).with_context(|| {
+            format!("{}: cannot remove the replaced checkpoint", aside.display())
+        })?;
+    } else {
+        rename(&tmp, &final_dir)?;
     }
-    std::fs::rename(&tmp, &final_dir)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
     sync_dir(run_dir)?;
     let pointer_tmp = run_dir.join(format!(".{LATEST}.tmp"));
     {
@@ -153,10 +162,47 @@ pub fn save(run_dir: &Path, contents: Contents, keep_last: usize) -> Result<Path
     }
     std::fs::rename(&pointer_tmp, run_dir.join(LATEST))?;
     sync_dir(run_dir)?;
-    if keep_last > 0 {
-        prune(run_dir, keep_last)?;
-    }
     Ok(final_dir)
+}
+
+/// Where a checkpoint being replaced by one of the same step waits until the new one is in place.
+const REPLACED_PREFIX: &str = ".old-";
+
+/// Finishes a replacement a crash interrupted: a `.old-step-<N>` whose `step-<N>` is missing is
+/// renamed back (it is the complete checkpoint); one whose successor is in place is removed; and
+/// partial `.tmp-step-<N>` directories of a write that never finished are removed.
+pub fn recover(run_dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return Ok(());
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let file_name = entry.file_name().to_string_lossy().to_string();
+        if file_name.starts_with(".tmp-step-") {
+            std::fs::remove_dir_all(entry.path())
+                .with_context(|| format!("{}: cannot remove", entry.path().display()))?;
+            continue;
+        }
+        let Some(name) = file_name.strip_prefix(REPLACED_PREFIX) else {
+            continue;
+        };
+        if !name.starts_with("step-") {
+            continue;
+        }
+        let (aside, target) = (entry.path(), run_dir.join(name));
+        if target.exists() {
+            std::fs::remove_dir_all(&aside)
+                .with_context(|| format!("{}: cannot remove", aside.display()))?;
+        } else {
+            std::fs::rename(&aside, &target).with_context(|| {
+                format!("restoring {} to {}", aside.display(), target.display())
+            })?;
+            tracing::warn!(
+                "{}: restored the checkpoint a crash left moved aside",
+                target.display()
+            );
+        }
+    }
+    sync_dir(run_dir)
 }
 
 fn write_contents(dir: &Path, contents: Contents) -> Result<()> {
@@ -224,22 +270,7 @@ fn hash_files(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
 }
 
 fn hash_file(path: &Path) -> Result<FileEntry> {
-    let mut file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        hasher.update(&buf[..n]);
-    }
-    Ok(FileEntry {
-        size,
-        sha256: hex::encode(hasher.finalize()),
-    })
+    file_digest(path)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -289,6 +320,7 @@ pub fn latest_good(
     run_dir: &Path,
     warn: &mut dyn FnMut(String),
 ) -> Result<(PathBuf, TrainerState)> {
+    recover(run_dir)?;
     let mut candidates: Vec<(u64, PathBuf)> = std::fs::read_dir(run_dir)
         .with_context(|| format!("{}: no checkpoints to resume from", run_dir.display()))?
         .filter_map(|e| e.ok())
@@ -322,19 +354,68 @@ pub fn latest_good(
     )
 }
 
-/// Removes all but the newest `keep_last` step directories.
-fn prune(run_dir: &Path, keep_last: usize) -> Result<()> {
+/// Removes step directories beyond `keep_last`, and says what it kept beyond that and why.
+///
+/// The checkpoint just written (`current`) and the one `latest` names always stay, and so does
+/// any in `in_use` (e.g. a Hub upload still running: pruned by a later call once it is done).
+/// "Newest" follows the run's history, not the step numbers: after a resume from an older step,
+/// `current` comes first, then the steps below it, newest first, and last the higher steps left
+/// by the run that was resumed from earlier (they would be overwritten as training reaches them).
+pub fn prune(
+    run_dir: &Path,
+    keep_last: usize,
+    current: &Path,
+    in_use: &[PathBuf],
+) -> Result<Vec<String>> {
+    if keep_last == 0 {
+        return Ok(Vec::new());
+    }
+    let current_step = step_of(current).unwrap_or(u64::MAX);
+    let latest = std::fs::read_to_string(run_dir.join(LATEST))
+        .ok()
+        .map(|name| run_dir.join(name.trim()));
     let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(run_dir)?
         .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            Some((name.strip_prefix("step-")?.parse::<u64>().ok()?, e.path()))
-        })
+        .filter_map(|e| Some((step_of(&e.path())?, e.path())))
         .collect();
-    steps.sort_by_key(|s| std::cmp::Reverse(s.0));
+    let rank = |step: u64| match step.cmp(&current_step) {
+        std::cmp::Ordering::Equal => (0, 0),
+        std::cmp::Ordering::Less => (1, u64::MAX - step),
+        std::cmp::Ordering::Greater => (2, u64::MAX - step),
+    };
+    steps.sort_by_key(|(step, _)| rank(*step));
+    let mut notes = Vec::new();
     for (_, dir) in steps.into_iter().skip(keep_last) {
+        let same = |other: &Path| same_dir(other, &dir);
+        if same(current) || latest.as_deref().is_some_and(same) {
+            continue;
+        }
+        if in_use.iter().any(|d| same(d)) {
+            notes.push(format!(
+                "keeping {} beyond keep_last {keep_last}: its Hub upload has not finished (it is \
+                 pruned once it has)",
+                dir.display()
+            ));
+            continue;
+        }
         std::fs::remove_dir_all(&dir)
             .with_context(|| format!("{}: cannot prune", dir.display()))?;
     }
-    Ok(())
+    Ok(notes)
+}
+
+fn step_of(dir: &Path) -> Option<u64> {
+    dir.file_name()?
+        .to_str()?
+        .strip_prefix("step-")?
+        .parse()
+        .ok()
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!(
+            (a.canonicalize(), b.canonicalize()),
+            (Ok(x), Ok(y)) if x == y
+        )
 }

@@ -1,6 +1,7 @@
 //! From datasets to token batches: sources → text-to-text templates → tokenize → pack or pad.
 
 pub mod fast_bpe;
+pub mod fingerprint;
 pub mod pack;
 pub mod prepare;
 pub mod preview;
@@ -9,6 +10,7 @@ pub mod stream;
 pub mod synth;
 pub mod template;
 
+pub use fingerprint::{FileDigest, SourceFingerprint};
 pub use prepare::{
     load_split_records, prepare, render_split, tokenize_all, tokenize_example, DataStats,
     LoadedDataset, Prepared, Split,

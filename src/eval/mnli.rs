@@ -387,7 +387,8 @@ fn empty_source() -> SourceSpec {
     }
 }
 
-/// sha256 over every weight file of a model directory, in name order.
+/// sha256 over the weight files of a model directory (`model*.safetensors` and
+/// `pytorch_model*.bin`), in name order.
 pub fn weights_sha256(dir: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -398,7 +399,9 @@ pub fn weights_sha256(dir: &Path) -> Result<String> {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            name.ends_with(".safetensors") || name.ends_with(".bin")
+            // The model's own weights only: a checkpoint's optimizer.safetensors is not the model.
+            (name.starts_with("model") && name.ends_with(".safetensors"))
+                || (name.starts_with("pytorch_model") && name.ends_with(".bin"))
         })
         .collect();
     files.sort();

@@ -9,7 +9,7 @@
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -704,6 +704,8 @@ pub enum UploadEvent {
 /// checkpoint submitted at the end of training is not lost.
 pub struct Uploader {
     jobs: Option<mpsc::Sender<(PathBuf, String)>>,
+    /// Directories submitted whose push has not finished (queued or running), in order.
+    pending: Arc<Mutex<Vec<PathBuf>>>,
     events: mpsc::Receiver<UploadEvent>,
     worker: Option<JoinHandle<()>>,
 }
@@ -714,6 +716,8 @@ impl Uploader {
     pub fn spawn(config: HubConfig, options: PushOptions, push_attempts: u32) -> Result<Uploader> {
         let (job_tx, job_rx) = mpsc::channel::<(PathBuf, String)>();
         let (event_tx, event_rx) = mpsc::channel();
+        let pending = Arc::new(Mutex::new(Vec::<PathBuf>::new()));
+        let still_pending = pending.clone();
         let worker = std::thread::Builder::new()
             .name("kiln-hub-upload".into())
             .spawn(move || {
@@ -723,6 +727,11 @@ impl Uploader {
                         ..options.clone()
                     };
                     let event = push_with_retries(&config, &dir, &options, push_attempts.max(1));
+                    let mut pending = still_pending.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(i) = pending.iter().position(|d| *d == dir) {
+                        pending.remove(i);
+                    }
+                    drop(pending);
                     // The receiver may be gone when the trainer stopped listening; the log has it.
                     let _ = event_tx.send(event);
                 }
@@ -730,6 +739,7 @@ impl Uploader {
             .context("starting the upload thread")?;
         Ok(Uploader {
             jobs: Some(job_tx),
+            pending,
             events: event_rx,
             worker: Some(worker),
         })
@@ -737,17 +747,29 @@ impl Uploader {
 
     /// Queues `dir` for pushing with commit message `message`; returns at once.
     pub fn submit(&self, dir: &Path, message: &str) {
+        self.lock_pending().push(dir.to_path_buf());
         let sent = self
             .jobs
             .as_ref()
             .map(|jobs| jobs.send((dir.to_path_buf(), message.to_string())).is_ok())
             .unwrap_or(false);
         if !sent {
+            self.lock_pending().pop();
             tracing::error!(
                 "the upload thread is gone; {} will not be pushed",
                 dir.display()
             );
         }
+    }
+
+    /// Directories submitted whose push has not finished yet: they must stay on disk.
+    pub fn pending(&self) -> Vec<PathBuf> {
+        self.lock_pending().clone()
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
+        // A panic while holding the lock leaves a list that is still right.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Events of pushes finished so far, without waiting.

@@ -154,6 +154,22 @@ pub fn save_model(
     Ok(files)
 }
 
+/// sha256 over the weight files [`save_model`] would write for `params` in `dtype` (what
+/// `eval::mnli::weights_sha256` reads back from the directory), without writing them.
+pub fn weights_sha256(
+    config: &Config,
+    params: &HashMap<String, Tensor>,
+    dtype: DType,
+    max_shard_bytes: usize,
+) -> Result<String> {
+    weights::weights_digest(&parameter_specs(config, dtype), max_shard_bytes, |spec| {
+        let tensor = params
+            .get(&spec.name)
+            .with_context(|| format!("parameter {} is missing", spec.name))?;
+        Ok(tensor.to_dtype(dtype)?)
+    })
+}
+
 pub fn write_config(dir: &Path, config: &Config, dtype: DType) -> Result<()> {
     let mut json = config.to_hf_json();
     json["dtype"] = serde_json::json!(dtype_name_hf(dtype));

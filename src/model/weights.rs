@@ -330,6 +330,25 @@ pub fn write_safetensors_streaming(
     path: &Path,
     specs: &[TensorSpec],
     metadata: &BTreeMap<String, String>,
+    produce: impl FnMut(&TensorSpec) -> Result<Tensor>,
+) -> Result<()> {
+    let file = File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let write_err = || format!("{}: write failed", path.display());
+    write_safetensors_to(&mut out, specs, metadata, produce).with_context(write_err)?;
+    let file = out
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .with_context(write_err)?;
+    file.sync_all().with_context(write_err)?;
+    Ok(())
+}
+
+/// The bytes of a safetensors file, streamed into `out` (a file, or a hasher).
+fn write_safetensors_to(
+    out: &mut impl Write,
+    specs: &[TensorSpec],
+    metadata: &BTreeMap<String, String>,
     mut produce: impl FnMut(&TensorSpec) -> Result<Tensor>,
 ) -> Result<()> {
     let mut header = serde_json::Map::new();
@@ -354,12 +373,8 @@ pub fn write_safetensors_streaming(
     while header_bytes.len() % 8 != 0 {
         header_bytes.push(b' ');
     }
-    let file = File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    let write_err = || format!("{}: write failed", path.display());
-    out.write_all(&(header_bytes.len() as u64).to_le_bytes())
-        .with_context(write_err)?;
-    out.write_all(&header_bytes).with_context(write_err)?;
+    out.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
+    out.write_all(&header_bytes)?;
     for spec in specs {
         let tensor = produce(spec)?;
         if tensor.dims() != spec.shape.as_slice() || tensor.dtype() != spec.dtype {
@@ -372,13 +387,8 @@ pub fn write_safetensors_streaming(
                 spec.shape
             );
         }
-        write_tensor_bytes(&mut out, &tensor).with_context(write_err)?;
+        write_tensor_bytes(out, &tensor)?;
     }
-    let file = out
-        .into_inner()
-        .map_err(|e| e.into_error())
-        .with_context(write_err)?;
-    file.sync_all().with_context(write_err)?;
     Ok(())
 }
 
@@ -429,6 +439,24 @@ pub fn plan_shards(specs: &[TensorSpec], max_shard_bytes: usize) -> Vec<Vec<Tens
         shards.push(current);
     }
     shards
+}
+
+/// sha256 over the weight files [`write_weights`] would write, in file-name order: what
+/// `weights_sha256` of the resulting directory gives, computed without writing anything.
+pub fn weights_digest(
+    specs: &[TensorSpec],
+    max_shard_bytes: usize,
+    mut produce: impl FnMut(&TensorSpec) -> Result<Tensor>,
+) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let mut hasher = std::io::BufWriter::with_capacity(1 << 20, Sha256::new());
+    // Shard names (`model-00001-of-0000n`) sort in shard order.
+    for shard in plan_shards(specs, max_shard_bytes) {
+        write_safetensors_to(&mut hasher, &shard, &metadata, &mut produce)?;
+    }
+    let hasher = hasher.into_inner().map_err(|e| e.into_error())?;
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// Writes a model's weights into `dir` the way `save_pretrained` does: `model.safetensors`, or

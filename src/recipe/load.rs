@@ -299,6 +299,26 @@ impl Recipe {
             "precision.growth_interval: must be at least 1".into(),
         );
         problems.check(
+            p.growth_factor.is_finite() && p.growth_factor > 1.0,
+            format!(
+                "precision.growth_factor: must be above 1, found {}",
+                p.growth_factor
+            ),
+        );
+        problems.check(
+            p.backoff_factor > 0.0 && p.backoff_factor < 1.0,
+            format!(
+                "precision.backoff_factor: must be in (0, 1), found {}",
+                p.backoff_factor
+            ),
+        );
+        for (i, pattern) in o.no_decay.iter().enumerate() {
+            problems.check(
+                !pattern.is_empty(),
+                format!("optimizer.no_decay[{i}]: an empty pattern would match every parameter"),
+            );
+        }
+        problems.check(
             self.data.seq_len > 0,
             "data.seq_len: must be at least 1".into(),
         );

@@ -236,6 +236,11 @@ pub struct OptimizerSpec {
     pub eps: f64,
     #[serde(default)]
     pub weight_decay: f64,
+    /// Parameters exempt from weight decay: those whose HF name contains one of these strings.
+    /// Empty (the default) decays every parameter, as `torch.optim.AdamW` does; `[bias, ln_]`
+    /// reproduces HF Trainer (no decay for biases and LayerNorm weights).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub no_decay: Vec<String>,
     /// Clip the global gradient norm to this; `null` disables clipping.
     #[serde(default = "default_grad_clip")]
     pub grad_clip: Option<f64>,
@@ -261,6 +266,7 @@ impl Default for OptimizerSpec {
             betas: default_betas(),
             eps: default_eps(),
             weight_decay: 0.0,
+            no_decay: Vec::new(),
             grad_clip: default_grad_clip(),
         }
     }
@@ -281,6 +287,18 @@ pub enum ScheduleKind {
 pub enum Warmup {
     Steps(u64),
     Fraction(f64),
+}
+
+impl Warmup {
+    /// Warmup steps of a run of `total_steps`: as given, or `ceil(fraction × total)` (as HF
+    /// `TrainingArguments.get_warmup_steps`). The one definition `kiln recipe check` reports and
+    /// the trainer's schedule uses.
+    pub fn steps(self, total_steps: u64) -> u64 {
+        match self {
+            Warmup::Steps(steps) => steps,
+            Warmup::Fraction(f) => (f * total_steps as f64).ceil() as u64,
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Warmup {
@@ -346,6 +364,25 @@ pub enum Compute {
     Bf16,
 }
 
+impl Compute {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Compute::Fp32 => candle_core::DType::F32,
+            Compute::Fp16 => candle_core::DType::F16,
+            Compute::Bf16 => candle_core::DType::BF16,
+        }
+    }
+
+    /// As written in a recipe.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compute::Fp32 => "fp32",
+            Compute::Fp16 => "fp16",
+            Compute::Bf16 => "bf16",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PrecisionSpec {
@@ -357,6 +394,21 @@ pub struct PrecisionSpec {
     pub initial_loss_scale: f64,
     #[serde(default = "default_growth_interval")]
     pub growth_interval: u64,
+    /// fp16 only: the scale is multiplied by this after `growth_interval` clean steps (torch's
+    /// `GradScaler(growth_factor=2.0)`).
+    #[serde(default = "default_growth_factor")]
+    pub growth_factor: f64,
+    /// fp16 only: the scale is multiplied by this when gradients overflow (torch's
+    /// `backoff_factor=0.5`).
+    #[serde(default = "default_backoff_factor")]
+    pub backoff_factor: f64,
+}
+
+fn default_growth_factor() -> f64 {
+    2.0
+}
+fn default_backoff_factor() -> f64 {
+    0.5
 }
 
 fn default_initial_scale() -> f64 {
@@ -372,6 +424,8 @@ impl Default for PrecisionSpec {
             compute: Compute::Fp32,
             initial_loss_scale: default_initial_scale(),
             growth_interval: default_growth_interval(),
+            growth_factor: default_growth_factor(),
+            backoff_factor: default_backoff_factor(),
         }
     }
 }
@@ -533,11 +587,8 @@ impl Recipe {
         }
     }
 
-    /// Warmup steps: as given, or `ceil(fraction × total)` (as HF `TrainingArguments`).
+    /// Warmup steps of a run of `total_steps`; see [`Warmup::steps`].
     pub fn warmup_steps(&self, total_steps: u64) -> u64 {
-        match self.schedule.warmup {
-            Warmup::Steps(steps) => steps,
-            Warmup::Fraction(f) => (f * total_steps as f64).ceil() as u64,
-        }
+        self.schedule.warmup.steps(total_steps)
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
-use super::{CheckpointHook, EvalHook, ModelInit, Resume, TrainOptions, TrainSummary};
+use super::{CheckpointHook, EvalHook, EvalPoint, ModelInit, Resume, TrainOptions, TrainSummary};
 use crate::data::{self, load_split_records, prepare, SequenceStream, Split};
 use crate::eval::mnli::{evaluate_mnli, nli_rows, write_report, NliRow};
 use crate::hub::{HubConfig, PushOptions, UploadEvent, Uploader};
@@ -22,6 +22,8 @@ pub struct LaunchOptions {
     pub quiet: bool,
     /// CPU threads for the run (default: all cores).
     pub threads: Option<usize>,
+    /// Resume over training files that differ from the checkpoint's.
+    pub allow_data_change: bool,
 }
 
 /// Whole pushes are tried this often before a checkpoint's upload is reported as failed.
@@ -45,6 +47,8 @@ pub fn train_recipe(recipe_path: &Path, options: LaunchOptions) -> Result<TrainS
                 .with_context(|| format!("{file}: preparing the eval data"))?,
         )
     };
+    let data_fingerprint = data::fingerprint::training_data(&recipe, &dir)
+        .with_context(|| format!("{file}: fingerprinting the training data"))?;
     let stats = &train_data.stats;
     println!(
         "{}: {} examples, {} tokens → {} sequences of ≤{} tokens per epoch; model {} ({} parameters)",
@@ -88,9 +92,14 @@ pub fn train_recipe(recipe_path: &Path, options: LaunchOptions) -> Result<TrainS
         let tokenizer = tokenizer.clone();
         let (mode, batch_size) = (recipe.eval.mode, recipe.eval.batch_size);
         let reports = run_dir.join("eval");
-        Box::new(move |model: &model::GptJ, step: u64| {
+        let split = eval_split_name(&recipe);
+        let run_name = recipe.name.clone();
+        Box::new(move |model: &model::GptJ, point: &EvalPoint| {
+            let step = point.step;
             let mut report = evaluate_mnli(model, &tokenizer, &rows, mode, batch_size)?;
-            report.model = format!("step {step}");
+            report.model = format!("{run_name} step {step}");
+            report.model_sha256 = point.weights_sha256.clone();
+            report.split = split.clone();
             write_report(&reports.join(format!("step-{step}")), &report)?;
             Ok(vec![
                 ("accuracy".to_string(), report.accuracy),
@@ -107,7 +116,7 @@ pub fn train_recipe(recipe_path: &Path, options: LaunchOptions) -> Result<TrainS
             // Outcomes of earlier pushes are reported as they arrive; training never waits.
             report_uploads(uploader.poll());
             uploader.submit(dir, &format!("kiln: {name} step {step}"));
-            Ok(())
+            Ok(uploader.pending())
         }) as CheckpointHook
     });
 
@@ -125,11 +134,20 @@ pub fn train_recipe(recipe_path: &Path, options: LaunchOptions) -> Result<TrainS
             threads: options.threads,
             eval_hook,
             checkpoint_hook,
+            data_fingerprint,
+            allow_data_change: options.allow_data_change,
         },
     );
     if let Some(uploader) = uploader {
         println!("waiting for checkpoint uploads to finish…");
         report_uploads(uploader.finish());
+        // Checkpoints kept only while their upload ran can go now.
+        if let Ok(summary) = &result {
+            if let Some(last) = &summary.last_checkpoint {
+                let run = &summary.checkpoint_dir;
+                crate::checkpoint::prune(run, recipe.checkpoint.keep_last, last, &[])?;
+            }
+        }
     }
     let summary = result?;
     print_summary(&recipe, &summary);
@@ -221,6 +239,34 @@ fn starting_model(recipe: &Recipe, recipe_dir: &Path) -> Result<(ModelInit, Text
         }
         _ => bail!("set exactly one of model.from and model.init"),
     }
+}
+
+/// The eval data as a report names it: each source's file or Hub dataset/config/split.
+fn eval_split_name(recipe: &Recipe) -> String {
+    let names: Vec<String> = recipe
+        .data
+        .eval
+        .iter()
+        .map(|d| {
+            let source = match (&d.source.path, &d.source.hub) {
+                (Some(path), _) => path.display().to_string(),
+                (None, hub) => format!(
+                    "{}/{}/{}",
+                    hub.as_deref().unwrap_or(""),
+                    d.source.config.as_deref().unwrap_or("default"),
+                    d.source.split.as_deref().unwrap_or("")
+                ),
+            };
+            source + &first_rows(d.limit)
+        })
+        .collect();
+    names.join(" + ") + &first_rows(recipe.eval.limit)
+}
+
+fn first_rows(limit: Option<usize>) -> String {
+    limit
+        .map(|n| format!(" (first {n} rows)"))
+        .unwrap_or_default()
 }
 
 /// The eval split's rows as premise / hypothesis / label, capped by `eval.limit`.

@@ -23,7 +23,8 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::data::{Sequence, SequenceStream};
+use crate::data::fingerprint::first_difference;
+use crate::data::{Sequence, SequenceStream, SourceFingerprint};
 use crate::model::{self, Batch, Config, GptJ};
 use crate::recipe::{Compute, Recipe};
 use crate::tokenizer::TextTokenizer;
@@ -52,9 +53,19 @@ pub enum Resume {
 }
 
 /// Metrics from the caller's evaluator (e.g. `("accuracy", 0.81)`), logged as `eval/<name>`.
-pub type EvalHook<'a> = Box<dyn FnMut(&GptJ, u64) -> Result<Vec<(String, f64)>> + 'a>;
-/// Called with each completed checkpoint directory and its step (e.g. to upload it).
-pub type CheckpointHook<'a> = Box<dyn FnMut(&Path, u64) -> Result<()> + 'a>;
+pub type EvalHook<'a> = Box<dyn FnMut(&GptJ, &EvalPoint) -> Result<Vec<(String, f64)>> + 'a>;
+/// Called with each completed checkpoint directory and its step (e.g. to upload it); returns the
+/// checkpoint directories it still uses (e.g. uploads not finished), which pruning must keep.
+pub type CheckpointHook<'a> = Box<dyn FnMut(&Path, u64) -> Result<Vec<PathBuf>> + 'a>;
+
+/// The weights an [`EvalHook`] is handed, for its report.
+pub struct EvalPoint {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// sha256 over the weight files a checkpoint of these weights holds (what
+    /// `eval::mnli::weights_sha256` gives for that checkpoint's directory).
+    pub weights_sha256: String,
+}
 
 #[derive(Default)]
 pub struct TrainOptions<'a> {
@@ -69,6 +80,11 @@ pub struct TrainOptions<'a> {
     pub threads: Option<usize>,
     pub eval_hook: Option<EvalHook<'a>>,
     pub checkpoint_hook: Option<CheckpointHook<'a>>,
+    /// The files the training data was read from, recorded in every checkpoint; a resume whose
+    /// files differ from the checkpoint's is refused unless `allow_data_change`. Empty when the
+    /// caller trains on data it holds in memory (nothing to compare).
+    pub data_fingerprint: Vec<SourceFingerprint>,
+    pub allow_data_change: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -102,11 +118,7 @@ pub fn run(
 ) -> Result<TrainSummary> {
     let device = model::parse_device(&recipe.device)?;
     model::keep_freed_memory();
-    let compute_dtype = match recipe.precision.compute {
-        Compute::Fp32 => DType::F32,
-        Compute::Fp16 => DType::F16,
-        Compute::Bf16 => DType::BF16,
-    };
+    let compute_dtype = recipe.precision.compute.dtype();
     let batch = &recipe.batch;
     ensure!(
         batch.micro > 0 && batch.replicas > 0,
@@ -156,6 +168,8 @@ pub fn run(
     let mut start_step = 0u64;
     let mut last_metrics: BTreeMap<String, f64> = BTreeMap::new();
     let mut resumed_workers = None;
+    // The newest checkpoint known to be complete, named when training has to stop.
+    let mut last_good: Option<PathBuf> = None;
 
     if let Some(resume) = &options.resume {
         let mut warnings = Vec::new();
@@ -171,13 +185,19 @@ pub fn run(
         for change in changes {
             println!("resume: recipe change allowed: {change}");
         }
+        check_same_data(&dir, &state, &options)?;
         restore(&dir, &state, &init.config, &params, &mut adamw, &device)?;
         train.restore(state.stream);
-        scaler = state.loss_scaler;
+        let (resumed_scaler, note) = LossScaler::resumed(state.loss_scaler, &recipe.precision);
+        scaler = resumed_scaler;
+        if let Some(note) = note {
+            println!("{note}");
+        }
         start_step = state.step;
         last_metrics = state.metrics;
         resumed_workers = state.cpu_workers;
         println!("resumed from {} at step {start_step}", dir.display());
+        last_good = Some(dir);
     }
 
     let stop = options.stop.clone().unwrap_or_default();
@@ -209,6 +229,7 @@ pub fn run(
         })
         .collect::<std::result::Result<Vec<_>, _>>()?;
 
+    let weights_dtype = recipe.checkpoint.dtype.unwrap_or(Compute::Fp32).dtype();
     let recipe_yaml = serde_norway::to_string(recipe)?;
     let mut tracker = Tracker::open(
         &run_logs,
@@ -253,11 +274,7 @@ pub fn run(
             metrics: metrics.clone(),
             files: BTreeMap::new(),
             cpu_workers: Some(workers),
-        };
-        let weights_dtype = match recipe.checkpoint.dtype.unwrap_or(Compute::Fp32) {
-            Compute::Fp32 => DType::F32,
-            Compute::Fp16 => DType::F16,
-            Compute::Bf16 => DType::BF16,
+            data: options.data_fingerprint.clone(),
         };
         checkpoint::save(
             &run_checkpoints,
@@ -270,13 +287,14 @@ pub fn run(
                 state,
                 base_model: &init.base_model,
             },
-            recipe.checkpoint.keep_last,
         )
     };
 
     for step in start_step + 1..=total_steps {
         let started = Instant::now();
-        let lr = schedule.lr_at(step);
+        // The schedule follows applied updates: a step fp16 skipped on overflow does not advance
+        // it (as HF Trainer / accelerate skip `scheduler.step()` then).
+        let lr = schedule.lr_at(adamw.step + 1);
         let sequences = train.next_batch(batch.global);
         let targets: usize = sequences.iter().map(Sequence::target_count).sum();
         if targets == 0 {
@@ -355,6 +373,14 @@ pub fn run(
                 optimizer::clip(&mut grads, grad_norm, max_norm)?;
             }
             adamw.update(&params, &grads, lr)?;
+        } else if !scaler.enabled {
+            bail!(non_finite_stop(
+                step,
+                loss,
+                grad_norm,
+                recipe.precision.compute,
+                last_good.as_deref()
+            ));
         } else {
             progress.println(&format!(
                 "step {step}: non-finite gradients, update skipped, loss scale now {}",
@@ -392,7 +418,7 @@ pub fn run(
             if let Some(results) = evaluate(
                 &init.config,
                 &params,
-                compute_dtype,
+                (compute_dtype, weights_dtype),
                 &device,
                 eval.as_deref(),
                 recipe.eval.batch_size,
@@ -420,9 +446,15 @@ pub fn run(
         if (every > 0 && step % every == 0) || last || stopping {
             let dir = save(step, &params, &adamw, &scaler, &train, &last_metrics)?;
             progress.println(&format!("saved checkpoint {}", dir.display()));
-            if let Some(hook) = options.checkpoint_hook.as_mut() {
-                hook(&dir, step)
-                    .with_context(|| format!("checkpoint hook for {}", dir.display()))?;
+            last_good = Some(dir.clone());
+            let in_use = match options.checkpoint_hook.as_mut() {
+                Some(hook) => hook(&dir, step)
+                    .with_context(|| format!("checkpoint hook for {}", dir.display()))?,
+                None => Vec::new(),
+            };
+            let keep_last = recipe.checkpoint.keep_last;
+            for note in checkpoint::prune(&run_checkpoints, keep_last, &dir, &in_use)? {
+                progress.println(&note);
             }
             summary.last_checkpoint = Some(dir);
         }
@@ -437,6 +469,61 @@ pub fn run(
     }
     progress.finish();
     Ok(summary)
+}
+
+/// Refuses a resume whose training files differ from those the checkpoint recorded, unless the
+/// caller allows it (then says so).
+fn check_same_data(dir: &Path, state: &TrainerState, options: &TrainOptions) -> Result<()> {
+    let now = &options.data_fingerprint;
+    if now.is_empty() {
+        return Ok(());
+    }
+    if state.data.is_empty() {
+        println!(
+            "resume: {} records no fingerprint of its training data (an older checkpoint), so a \
+             change of the data cannot be detected",
+            dir.display()
+        );
+        return Ok(());
+    }
+    let Some(difference) = first_difference(&state.data, now) else {
+        return Ok(());
+    };
+    if options.allow_data_change {
+        println!("resume: the training data changed, continuing as --allow-data-change asks: {difference}");
+        return Ok(());
+    }
+    bail!(
+        "cannot resume from {}: {difference}. The saved data position would continue over \
+         other examples; start a new run (another `name`), or pass --allow-data-change to resume \
+         over the changed data anyway",
+        dir.display()
+    )
+}
+
+/// Why a run with unscaled (fp32/bf16) compute stops at non-finite gradients instead of skipping
+/// the step: without a loss scale to lower, the next step would meet the same weights and
+/// overflow again, skipping forever.
+fn non_finite_stop(
+    step: u64,
+    loss: f64,
+    grad_norm: f64,
+    compute: Compute,
+    last_good: Option<&Path>,
+) -> String {
+    let compute = compute.name();
+    let checkpoint = match last_good {
+        Some(dir) => format!(
+            "the last good checkpoint is {} (`--resume latest` continues from it)",
+            dir.display()
+        ),
+        None => "no checkpoint was written before it".to_string(),
+    };
+    format!(
+        "step {step}: the gradients are not finite (loss {loss}, gradient norm {grad_norm}) with \
+         {compute} compute, so the update was not applied and training stopped; {checkpoint}. \
+         Lower optimizer.lr, keep optimizer.grad_clip on, or check the data of this step"
+    )
 }
 
 /// SIGINT/SIGTERM handlers for the duration of a run: the first signal sets the stop flag (the
@@ -616,7 +703,7 @@ fn make_batch(rows: &[Sequence], pad_id: u32, device: &Device) -> Result<(Batch,
 fn evaluate(
     config: &Config,
     params: &[(String, Var)],
-    dtype: DType,
+    (dtype, weights_dtype): (DType, DType),
     device: &Device,
     sequences: Option<&[Sequence]>,
     batch_size: usize,
@@ -661,8 +748,18 @@ fn evaluate(
         }
     }
     if let Some(hook) = hook {
-        results
-            .extend(hook(&model, step).with_context(|| format!("evaluation hook at step {step}"))?);
+        let point = EvalPoint {
+            step,
+            weights_sha256: model::weights_sha256(
+                config,
+                &tensors,
+                weights_dtype,
+                model::DEFAULT_MAX_SHARD_BYTES,
+            )?,
+        };
+        results.extend(
+            hook(&model, &point).with_context(|| format!("evaluation hook at step {step}"))?,
+        );
     }
     Ok(Some(results))
 }

@@ -26,10 +26,30 @@ pub struct AdamW {
     /// every parameter is updated on every step.
     pub step: u64,
     pub moments: Vec<Moments>,
+    /// Per parameter: whether weight decay applies (false where `optimizer.no_decay` matches).
+    decays: Vec<bool>,
 }
 
 impl AdamW {
+    /// Fails when an `optimizer.no_decay` pattern matches no parameter (a typo would otherwise
+    /// decay everything silently).
     pub fn new(spec: &OptimizerSpec, params: &[(String, Var)]) -> Result<Self> {
+        let exempt = |name: &str| spec.no_decay.iter().any(|p| name.contains(p.as_str()));
+        for (i, pattern) in spec.no_decay.iter().enumerate() {
+            anyhow::ensure!(
+                params
+                    .iter()
+                    .any(|(name, _)| name.contains(pattern.as_str())),
+                "optimizer.no_decay[{i}]: `{pattern}` is in no parameter name (names look like {})",
+                params
+                    .iter()
+                    .take(3)
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let decays = params.iter().map(|(name, _)| !exempt(name)).collect();
         let moments = params
             .iter()
             .map(|(_, p)| {
@@ -43,6 +63,7 @@ impl AdamW {
             spec: spec.clone(),
             step: 0,
             moments,
+            decays,
         })
     }
 
@@ -57,8 +78,7 @@ impl AdamW {
         let bias1 = 1.0 - b1.powi(t);
         let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
         let step_size = lr / bias1;
-        let decay = 1.0 - lr * self.spec.weight_decay;
-        let constants = StepConstants {
+        let constants = |decay: f64| StepConstants {
             b1: b1 as f32,
             b2: b2 as f32,
             step_size: step_size as f32,
@@ -66,11 +86,15 @@ impl AdamW {
             eps: self.spec.eps as f32,
             decay: decay as f32,
         };
-        for (((name, param), grad), moments) in params.iter().zip(grads).zip(&mut self.moments) {
+        let decayed = constants(1.0 - lr * self.spec.weight_decay);
+        let exempt = constants(1.0);
+        let updates = params.iter().zip(grads).zip(&mut self.moments);
+        for ((((name, param), grad), moments), &decays) in updates.zip(&self.decays) {
+            let constants = if decays { &decayed } else { &exempt };
             let updated = if param.device().is_cpu() {
-                fused_cpu_update(param, grad, moments, &constants)
+                fused_cpu_update(param, grad, moments, constants)
             } else {
-                tensor_update(param, grad, moments, &constants)
+                tensor_update(param, grad, moments, constants)
             };
             updated.with_context(|| format!("AdamW update of {name}"))?;
         }
@@ -339,4 +363,39 @@ fn tensor_update(
     let decayed = (param.as_tensor() * c.decay as f64)?;
     let new = (decayed - ((&moments.exp_avg / denom)? * c.step_size as f64)?)?;
     param.set(&new)
+}
+
+#[cfg(test)]
+mod kernel_variants {
+    use super::*;
+    use crate::model::vmath::variants::{check_variants, random, with_edges, LENGTHS};
+
+    #[test]
+    fn optimizer_kernel_variants_agree() {
+        let cases: Vec<Vec<f32>> = LENGTHS
+            .iter()
+            .flat_map(|&len| {
+                let plain = random(len, len as u64, 3.0);
+                let edged = with_edges(random(len, 100 + len as u64, 3.0), len % 5);
+                [plain, edged]
+            })
+            .collect();
+        check_variants("sum_of_squares", &cases, |xs| sum_of_squares(xs));
+        let c = StepConstants {
+            b1: 0.9,
+            b2: 0.999,
+            step_size: 1e-3,
+            bias2_sqrt: 0.03,
+            eps: 1e-8,
+            decay: 0.999,
+        };
+        check_variants("adamw_chunk", &cases, |g| {
+            let n = g.len();
+            let (mut p, m) = (random(n, 1, 1.0), random(n, 2, 0.1));
+            let v: Vec<f32> = random(n, 3, 0.01).iter().map(|x| x.abs()).collect();
+            let (mut out_m, mut out_v) = (vec![0f32; n], vec![0f32; n]);
+            adamw_chunk(&mut p, [g, &m, &v], [&mut out_m, &mut out_v], &c);
+            (p, out_m, out_v)
+        });
+    }
 }

@@ -1,6 +1,6 @@
 //! Learning rate per optimizer step.
 
-use crate::recipe::{ScheduleKind, ScheduleSpec, Warmup};
+use crate::recipe::{ScheduleKind, ScheduleSpec};
 
 /// A resolved schedule: the recipe's shape with the run's step count filled in.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,10 +15,7 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn new(spec: &ScheduleSpec, lr: f64, total_steps: u64) -> Self {
-        let warmup_steps = match spec.warmup {
-            Warmup::Steps(n) => n,
-            Warmup::Fraction(f) => (f * total_steps as f64).round() as u64,
-        };
+        let warmup_steps = spec.warmup.steps(total_steps);
         Self {
             kind: spec.kind,
             lr,
@@ -61,6 +58,8 @@ impl Schedule {
 mod tests {
     use super::*;
 
+    use crate::recipe::Warmup;
+
     fn schedule(kind: ScheduleKind, warmup: Warmup, from: f64, min_lr: f64) -> Schedule {
         let spec = ScheduleSpec {
             kind,
@@ -95,5 +94,22 @@ mod tests {
         assert_eq!(s.warmup_steps, 10);
         assert!((s.lr_at(55) - (1e-5 + (1e-3 - 1e-5) * 0.5)).abs() < 1e-12);
         assert!((s.lr_at(100) - 1e-5).abs() < 1e-15);
+    }
+
+    /// `0.006 × 200 = 1.2`: rounded up to 2 steps, as `kiln recipe check` reports (rounding to
+    /// nearest trained 1).
+    #[test]
+    fn fractional_warmup_rounds_up_like_recipe_check() {
+        let spec = ScheduleSpec {
+            kind: ScheduleKind::Linear,
+            warmup: Warmup::Fraction(0.006),
+            warmup_from: 0.0,
+            min_lr: 0.0,
+        };
+        let s = Schedule::new(&spec, 1e-3, 200);
+        assert_eq!(s.warmup_steps, 2);
+        assert_eq!(s.warmup_steps, spec.warmup.steps(200));
+        assert_eq!(s.lr_at(1), 0.5e-3);
+        assert_eq!(s.lr_at(2), 1e-3);
     }
 }

@@ -10,7 +10,22 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// `../shared` beside the repo, or `None` (with a message) so a test can skip.
+/// True under CI (`CI=true`), where a test must not pass by skipping what it checks.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// A test's missing prerequisite: under CI the test fails with `what`; locally it says loudly
+/// that it is skipped.
+fn missing(what: &str) {
+    if in_ci() {
+        panic!("{what}; CI=true, so this test fails instead of skipping");
+    }
+    eprintln!("SKIPPED (not a pass): {what}");
+}
+
+/// `../shared` beside the repo, or `None` (with a message) so a test can skip — except under
+/// CI, where its absence fails the test.
 pub fn shared(sub: &str) -> Option<PathBuf> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../shared")
@@ -18,10 +33,10 @@ pub fn shared(sub: &str) -> Option<PathBuf> {
     if path.exists() {
         Some(path)
     } else {
-        eprintln!(
-            "SKIPPED: {} is absent (this test needs the shared data beside the repo)",
+        missing(&format!(
+            "{} is absent (this test needs the shared data beside the repo)",
             path.display()
-        );
+        ));
         None
     }
 }
@@ -86,7 +101,7 @@ pub fn kiln(args: &[&str]) -> (bool, String, String) {
 }
 
 /// A Python that can `import module`: `$KILN_PYTHON` (set by `.ci/run`), else `python3`. `None`
-/// (with a SKIPPED line naming what is missing) when neither can.
+/// (with a SKIPPED line naming what is missing) when neither can; under CI that fails the test.
 pub fn python_with(module: &str) -> Option<String> {
     let candidates = std::env::var("KILN_PYTHON")
         .into_iter()
@@ -100,6 +115,8 @@ pub fn python_with(module: &str) -> Option<String> {
             return Some(python);
         }
     }
-    eprintln!("SKIPPED: no Python with the {module} package (set KILN_PYTHON)");
+    missing(&format!(
+        "no Python with the {module} package (set KILN_PYTHON)"
+    ));
     None
 }
