@@ -845,9 +845,13 @@ fn pruning_keeps_checkpoints_in_use() {
         notes[0].contains("step-1") && notes[0].contains("upload"),
         "{notes:?}"
     );
-    assert!(kiln::checkpoint::prune(&run, 1, &run.join("step-3"), &[])
-        .unwrap()
-        .is_empty());
+    // `latest` naming another checkpoint than the one just written keeps it too.
+    std::fs::write(run.join("latest"), "step-1\n").unwrap();
+    let notes = kiln::checkpoint::prune(&run, 1, &run.join("step-3"), &[]).unwrap();
+    assert!(notes.is_empty(), "{notes:?}");
+    assert_eq!(step_dirs(&run), ["step-1", "step-3"]);
+    std::fs::write(run.join("latest"), "step-3\n").unwrap();
+    kiln::checkpoint::prune(&run, 1, &run.join("step-3"), &[]).unwrap();
     assert_eq!(step_dirs(&run), ["step-3"]);
 }
 

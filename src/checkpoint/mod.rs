@@ -356,11 +356,11 @@ pub fn latest_good(
 
 /// Removes step directories beyond `keep_last`, and says what it kept beyond that and why.
 ///
-/// The checkpoint just written (`current`) and the one `latest` names always stay, and so does
-/// any in `in_use` (e.g. a Hub upload still running: pruned by a later call once it is done).
-/// "Newest" follows the run's history, not the step numbers: after a resume from an older step,
-/// `current` comes first, then the steps below it, newest first, and last the higher steps left
-/// by the run that was resumed from earlier (they would be overwritten as training reaches them).
+/// "Newest" follows the run's history, not the step numbers: the checkpoint just written
+/// (`current`) comes first, so it always stays, then the steps below it, newest first, and last
+/// the higher steps left by a run that was resumed from an earlier step (they would be
+/// overwritten as training reaches them). The checkpoint `latest` names always stays too, and so
+/// does any in `in_use` (e.g. a Hub upload still running: pruned by a later call once it is done).
 pub fn prune(
     run_dir: &Path,
     keep_last: usize,
@@ -387,7 +387,7 @@ pub fn prune(
     let mut notes = Vec::new();
     for (_, dir) in steps.into_iter().skip(keep_last) {
         let same = |other: &Path| same_dir(other, &dir);
-        if same(current) || latest.as_deref().is_some_and(same) {
+        if latest.as_deref().is_some_and(same) {
             continue;
         }
         if in_use.iter().any(|d| same(d)) {
