@@ -600,7 +600,7 @@ fn push(args: PushArgs) -> Result<()> {
 }
 
 fn recipe_check(args: RecipeArgs) -> Result<()> {
-    let resolved = crate::recipe::check(&args.recipe, &args.set)?;
+    let resolved = crate::data::check(&args.recipe, &args.set)?;
     print!("{}", serde_norway::to_string(&resolved)?);
     Ok(())
 }

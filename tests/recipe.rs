@@ -286,7 +286,7 @@ fn check_reads_data_relative_to_the_recipe_and_counts_sequences() {
         .replace("steps: 100", "epochs: 2")
         .replace("seq_len: 32", "seq_len: 32\n  mode: pad");
     let path = write_fixture_recipe(dir.path(), &recipe);
-    let resolved = recipe::check(&path, &[]).unwrap();
+    let resolved = kiln::data::check(&path, &[]).unwrap();
     assert_eq!(resolved.derived.sequences_per_epoch, Some(40));
     assert_eq!(resolved.derived.total_steps, Some(10));
     assert_eq!(resolved.derived.accumulation_steps, 2);
@@ -353,7 +353,7 @@ fn every_shipped_recipe_passes_check() {
     assert!(names.len() >= 4, "{names:?}");
     for path in names {
         let resolved =
-            recipe::check(&path, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            kiln::data::check(&path, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
         let uses_hub = resolved
             .recipe
             .data

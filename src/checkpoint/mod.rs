@@ -30,7 +30,6 @@ use crate::data::{FileDigest, SourceFingerprint, StreamState};
 use crate::model::{self, Config};
 use crate::recipe::Recipe;
 use crate::tokenizer::TextTokenizer;
-use crate::train::precision::LossScaler;
 
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -109,6 +108,30 @@ pub fn check_compatible(old: &Recipe, new: &Recipe) -> Result<Vec<String>> {
         );
     }
     Ok(safe_changes)
+}
+
+/// The fp16 loss scaler's state as a checkpoint keeps it (`train::precision` gives it its
+/// behaviour: `new`, `update`, `resumed`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossScaler {
+    /// Multiplier applied to the loss before backward; 1 when scaling is off.
+    pub scale: f64,
+    /// Clean (finite-gradient) steps since the scale last changed.
+    pub growth_tracker: u64,
+    pub growth_interval: u64,
+    /// Absent from older checkpoints, which always doubled and halved.
+    #[serde(default = "two")]
+    pub growth_factor: f64,
+    #[serde(default = "half")]
+    pub backoff_factor: f64,
+    pub enabled: bool,
+}
+
+fn two() -> f64 {
+    2.0
+}
+fn half() -> f64 {
+    0.5
 }
 
 /// What goes into one checkpoint.

@@ -1,5 +1,6 @@
 //! From datasets to token batches: sources → text-to-text templates → tokenize → pack or pad.
 
+pub mod check;
 pub mod fast_bpe;
 pub mod fingerprint;
 pub mod pack;
@@ -10,6 +11,7 @@ pub mod stream;
 pub mod synth;
 pub mod template;
 
+pub use check::{check, Derived, Resolved};
 pub use fingerprint::{FileDigest, SourceFingerprint};
 pub use prepare::{
     load_split_records, prepare, render_split, tokenize_all, tokenize_example, DataStats,

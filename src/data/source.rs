@@ -16,60 +16,10 @@ use arrow_array::{Array, RecordBatch};
 use arrow_schema::{DataType, Schema};
 use serde_json::{Map, Value};
 
+pub use crate::recipe::Format;
 use crate::recipe::SourceSpec;
 
 pub type Row = Map<String, Value>;
-
-/// File formats a local source can have.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Jsonl,
-    Json,
-    Csv,
-    Tsv,
-    /// GLUE's MNLI TSV: sentence1 / sentence2 / gold_label become premise / hypothesis / label,
-    /// rows without a gold label (`-`) are dropped.
-    GlueTsv,
-    Parquet,
-    /// Arrow IPC, file or stream format (HF `datasets` cache files are streams).
-    Arrow,
-}
-
-impl Format {
-    pub const NAMES: &'static str = "jsonl, json, csv, tsv, glue-tsv, parquet, arrow";
-
-    pub fn parse(name: &str) -> Result<Self> {
-        Ok(match name {
-            "jsonl" | "ndjson" => Format::Jsonl,
-            "json" => Format::Json,
-            "csv" => Format::Csv,
-            "tsv" => Format::Tsv,
-            "glue-tsv" => Format::GlueTsv,
-            "parquet" => Format::Parquet,
-            "arrow" | "ipc" | "feather" => Format::Arrow,
-            other => bail!("unknown format {other:?} (expected one of {})", Self::NAMES),
-        })
-    }
-
-    /// The format a source names, else the one its file extension implies.
-    pub fn for_source(spec: &SourceSpec, path: &Path) -> Result<Self> {
-        if let Some(name) = &spec.format {
-            return Self::parse(name);
-        }
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase)
-            .unwrap_or_default();
-        Self::parse(&ext).map_err(|_| {
-            anyhow!(
-                "cannot tell the format of {} from its extension; set `format:` to one of {}",
-                path.display(),
-                Self::NAMES
-            )
-        })
-    }
-}
 
 /// The rows of one source.
 #[derive(Debug, Clone, Default)]

@@ -8,10 +8,11 @@
 //! rotary embedding, the attention scores and their softmax are computed in fp32 (HF upcasts query
 //! and key before `q @ k^T`), and the final logits are returned in fp32.
 
-use super::cpu_gemm::Operands;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
+
+use crate::ops::{self, KvCache, LayerCache, LayerNorm, Linear, Operands, Rotary};
 
 /// `config.json` of a HF `gptj` model, read as is. Unknown keys are kept so that a config we
 /// rewrite (e.g. in a checkpoint) loses nothing HF or the user put there.
@@ -125,240 +126,6 @@ impl Config {
     }
 }
 
-/// A linear layer stored as HF stores it: weight `[out, in]`, optional bias `[out]`.
-#[derive(Debug, Clone)]
-struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    operands: Operands,
-}
-
-impl Linear {
-    fn load(
-        vb: VarBuilder,
-        in_dim: usize,
-        out_dim: usize,
-        bias: bool,
-        operands: Operands,
-    ) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias {
-            Some(vb.get(out_dim, "bias")?)
-        } else {
-            None
-        };
-        Ok(Self {
-            weight,
-            bias,
-            operands,
-        })
-    }
-}
-
-impl Module for Linear {
-    // Flattening to 2-D gives one large GEMM instead of a batch of small ones.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dims = xs.dims().to_vec();
-        let in_dim = *dims.last().expect("linear input has a last dim");
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let xs2 = xs.reshape((rows, in_dim))?;
-        let skinny = match self.operands {
-            Operands::F32 => super::skinny::try_matmul_transposed(&xs2, &self.weight)?,
-            Operands::Bf16 => None,
-        };
-        let fused_on_cpu =
-            xs.device().is_cpu() && xs.dtype() == DType::F32 && self.weight.dtype() == DType::F32;
-        let ys = match (skinny, &self.bias) {
-            (Some(ys), Some(bias)) => ys.broadcast_add(bias)?,
-            (Some(ys), None) => ys,
-            (None, bias) if fused_on_cpu => {
-                let op = super::fused::LinearOp {
-                    operands: self.operands,
-                };
-                let (xs2, weight) = (xs2.contiguous()?, self.weight.contiguous()?);
-                match bias {
-                    Some(bias) => xs2.apply_op3(&weight, &bias.contiguous()?, op)?,
-                    None => xs2.apply_op2(&weight, op)?,
-                }
-            }
-            (None, bias) => {
-                let ys = xs2.matmul(&self.weight.t()?)?;
-                match bias {
-                    Some(bias) => ys.broadcast_add(bias)?,
-                    None => ys,
-                }
-            }
-        };
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
-        ys.reshape(out_dims)
-    }
-}
-
-/// LayerNorm with its statistics in fp32, whatever the compute dtype (as torch's autocast does).
-#[derive(Debug, Clone)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            bias: vb.get(dim, "bias")?,
-            eps,
-        })
-    }
-}
-
-impl Module for LayerNorm {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dtype = xs.dtype();
-        if xs.device().is_cpu() && dtype == DType::F32 && self.weight.dtype() == DType::F32 {
-            let op = super::fused::LayerNormOp { eps: self.eps };
-            return xs.contiguous()?.apply_op3(&self.weight, &self.bias, op);
-        }
-        let xs = xs.to_dtype(DType::F32)?;
-        let mean = xs.mean_keepdim(D::Minus1)?;
-        let centered = xs.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let ys = normed
-            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
-            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?;
-        ys.to_dtype(dtype)
-    }
-}
-
-/// sin/cos tables for the rotary embedding, `[n_positions, rotary_dim / 2]`, fp32.
-#[derive(Debug, Clone)]
-pub struct Rotary {
-    sin: Tensor,
-    cos: Tensor,
-}
-
-impl Rotary {
-    pub fn new(cfg: &Config, device: &Device) -> Result<Self> {
-        let dim = cfg.rotary_dim();
-        let inv_freq: Vec<f32> = (0..dim)
-            .step_by(2)
-            .map(|i| 1.0 / 10000f32.powf(i as f32 / dim as f32))
-            .collect();
-        let half = inv_freq.len();
-        let mut angles = Vec::with_capacity(cfg.n_positions * half);
-        for pos in 0..cfg.n_positions {
-            angles.extend(inv_freq.iter().map(|f| pos as f32 * f));
-        }
-        let angles = Tensor::from_vec(angles, (cfg.n_positions, half), device)?;
-        Ok(Self {
-            sin: angles.sin()?,
-            cos: angles.cos()?,
-        })
-    }
-
-    /// Rotates `xs` (`[batch, seq, heads, rotary_dim]`, fp32) in GPT-J's interleaved form: the
-    /// pairs are (0, 1), (2, 3), ... rather than the two halves of the head.
-    fn apply(&self, xs: &Tensor, position_ids: &Tensor) -> Result<Tensor> {
-        let (b, t, h, r) = xs.dims4()?;
-        let flat_positions = position_ids.flatten_all()?;
-        let sin = self
-            .sin
-            .index_select(&flat_positions, 0)?
-            .reshape((b, t, 1, r / 2))?;
-        let cos = self
-            .cos
-            .index_select(&flat_positions, 0)?
-            .reshape((b, t, 1, r / 2))?;
-        let pairs = xs.reshape((b, t, h, r / 2, 2))?;
-        let even = pairs.narrow(4, 0, 1)?.squeeze(4)?;
-        let odd = pairs.narrow(4, 1, 1)?.squeeze(4)?;
-        let rotated_even = (even.broadcast_mul(&cos)? - odd.broadcast_mul(&sin)?)?;
-        let rotated_odd = (odd.broadcast_mul(&cos)? + even.broadcast_mul(&sin)?)?;
-        Tensor::stack(&[rotated_even, rotated_odd], 4)?.reshape((b, t, h, r))
-    }
-}
-
-/// Keys (after rotary, fp32) and values (compute dtype) of earlier positions, one entry a layer.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    layers: Vec<LayerCache>,
-    /// Positions to allocate room for at the first append.
-    capacity: usize,
-}
-
-/// One layer's keys and values, `[batch, heads, room, head_dim]`, of which the first `len`
-/// positions are filled. Appending writes in place; the buffers are only reallocated (doubled)
-/// when full, so a decode step does not copy the whole cache as concatenation would.
-#[derive(Debug, Clone, Default)]
-pub struct LayerCache {
-    buffers: Option<(Tensor, Tensor)>,
-    len: usize,
-}
-
-impl LayerCache {
-    /// Appends `k` and `v` (`[batch, heads, t, head_dim]`) and returns views of everything cached.
-    fn append(&mut self, k: &Tensor, v: &Tensor, capacity: usize) -> Result<(Tensor, Tensor)> {
-        let t = k.dim(2)?;
-        let needed = self.len + t;
-        let room = self
-            .buffers
-            .as_ref()
-            .map_or(0, |(kb, _)| kb.dim(2).unwrap_or(0));
-        if needed > room {
-            let grown = needed.max(capacity).max(room * 2);
-            let (b, h, _, d) = k.dims4()?;
-            let kb = Tensor::zeros((b, h, grown, d), k.dtype(), k.device())?;
-            let vb = Tensor::zeros((b, h, grown, d), v.dtype(), v.device())?;
-            if let Some((old_k, old_v)) = &self.buffers {
-                kb.slice_set(&old_k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                vb.slice_set(&old_v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-            }
-            self.buffers = Some((kb, vb));
-        }
-        let (kb, vb) = self.buffers.as_ref().expect("allocated above");
-        kb.slice_set(&k.contiguous()?, 2, self.len)?;
-        vb.slice_set(&v.contiguous()?, 2, self.len)?;
-        self.len = needed;
-        Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?))
-    }
-}
-
-impl KvCache {
-    pub fn new(n_layer: usize) -> Self {
-        Self::with_capacity(n_layer, 0)
-    }
-
-    /// A cache that allocates room for `positions` at once (prompt plus new tokens).
-    pub fn with_capacity(n_layer: usize, positions: usize) -> Self {
-        Self {
-            layers: vec![LayerCache::default(); n_layer],
-            capacity: positions,
-        }
-    }
-
-    /// Number of positions already cached.
-    pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.len)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Keeps only the given batch rows (used when finished rows leave a batched generation).
-    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
-        for layer in self.layers.iter_mut() {
-            if let Some((k, v)) = &mut layer.buffers {
-                *k = k.index_select(rows, 0)?;
-                *v = v.index_select(rows, 0)?;
-            }
-        }
-        Ok(())
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Attention {
     q_proj: Linear,
@@ -367,7 +134,6 @@ struct Attention {
     out_proj: Linear,
     n_head: usize,
     head_dim: usize,
-    rotary_dim: usize,
 }
 
 impl Attention {
@@ -380,17 +146,7 @@ impl Attention {
             out_proj: Linear::load(vb.pp("out_proj"), e, e, false, operands)?,
             n_head: cfg.n_head,
             head_dim: cfg.head_dim(),
-            rotary_dim: cfg.rotary_dim(),
         })
-    }
-
-    fn rotate(&self, xs: Tensor, rotary: &Rotary, position_ids: &Tensor) -> Result<Tensor> {
-        if self.rotary_dim == self.head_dim {
-            return rotary.apply(&xs, position_ids);
-        }
-        let rot = xs.narrow(3, 0, self.rotary_dim)?;
-        let pass = xs.narrow(3, self.rotary_dim, self.head_dim - self.rotary_dim)?;
-        Tensor::cat(&[rotary.apply(&rot, position_ids)?, pass], 3)
     }
 
     fn forward(
@@ -402,65 +158,13 @@ impl Attention {
         cache: Option<(&mut LayerCache, usize)>,
     ) -> Result<Tensor> {
         let (b, t, e) = xs.dims3()?;
-        let dtype = xs.dtype();
-        let split = |ys: Tensor| ys.reshape((b, t, self.n_head, self.head_dim));
-        if cache.is_none() && xs.device().is_cpu() && dtype == DType::F32 {
-            let positions = position_ids.flatten_all()?;
-            let table = |t: &Tensor| t.index_select(&positions, 0)?.flatten_all()?.to_vec1();
-            let op = super::fused::CausalSelfAttention {
-                sin: table(&rotary.sin)?,
-                cos: table(&rotary.cos)?,
-                mask: mask.flatten_all()?.to_vec1()?,
-                rotary_dim: self.rotary_dim,
-            };
-            let (q, k, v) = (
-                split(self.q_proj.forward(xs)?)?,
-                split(self.k_proj.forward(xs)?)?,
-                split(self.v_proj.forward(xs)?)?,
-            );
-            let out = q
-                .contiguous()?
-                .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
-            return self.out_proj.forward(&out.reshape((b, t, e))?);
-        }
-        let q = split(self.q_proj.forward(xs)?)?.to_dtype(DType::F32)?;
-        let k = split(self.k_proj.forward(xs)?)?.to_dtype(DType::F32)?;
-        let v = split(self.v_proj.forward(xs)?)?;
-        let q = self.rotate(q, rotary, position_ids)?.transpose(1, 2)?;
-        let k = self.rotate(k, rotary, position_ids)?.transpose(1, 2)?;
-        let v = v.transpose(1, 2)?;
-        let (k, v) = match cache {
-            Some((slot, capacity)) => slot.append(&k, &v, capacity)?,
-            None => (k.contiguous()?, v.contiguous()?),
-        };
-        let scale = (self.head_dim as f64).sqrt();
-        let scores = (q.contiguous()?.matmul(&k.t()?)? / scale)?.broadcast_add(mask)?;
-        let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let out = probs.matmul(&v)?;
-        let out = out.transpose(1, 2)?.reshape((b, t, e))?;
-        self.out_proj.forward(&out)
+        let heads = |ys: Tensor| ys.reshape((b, t, self.n_head, self.head_dim));
+        let q = heads(self.q_proj.forward(xs)?)?;
+        let k = heads(self.k_proj.forward(xs)?)?;
+        let v = heads(self.v_proj.forward(xs)?)?;
+        let out = ops::causal_attention(&q, &k, &v, rotary, position_ids, mask, cache)?;
+        self.out_proj.forward(&out.reshape((b, t, e))?)
     }
-}
-
-/// HF's `gelu_new` (the tanh approximation, as candle's `gelu`). On the CPU in fp32 it is one op
-/// with a one-pass backward; candle's `gelu` backward takes a dozen full-size tensor ops.
-fn gelu_new(xs: &Tensor) -> Result<Tensor> {
-    if xs.device().is_cpu() && xs.dtype() == DType::F32 {
-        return xs.contiguous()?.apply_op1(super::fused::GeluNew);
-    }
-    xs.gelu()
-}
-
-/// Softmax over the last dim with a backward pass (candle's fused kernel has none). On the CPU
-/// it is one op forward and one backward, instead of five graph nodes whose backward each
-/// allocate score-sized buffers; elsewhere it is built from differentiable primitives.
-fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    if xs.device().is_cpu() && xs.dtype() == DType::F32 {
-        return xs.contiguous()?.apply_op1(super::fused::SoftmaxLastDim);
-    }
-    let max = xs.max_keepdim(D::Minus1)?;
-    let exp = xs.broadcast_sub(&max)?.exp()?;
-    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
 }
 
 #[derive(Debug, Clone)]
@@ -481,7 +185,8 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc_out.forward(&gelu_new(&self.fc_in.forward(xs)?)?)
+        self.fc_out
+            .forward(&ops::gelu_new(&self.fc_in.forward(xs)?)?)
     }
 }
 
@@ -566,19 +271,12 @@ pub struct GptJ {
 }
 
 impl GptJ {
-    /// Builds the model from HF-named weights. The `VarBuilder`'s dtype is the compute dtype.
-    ///
-    /// bf16 on the CPU keeps weights and activations in fp32 and rounds only the linear
-    /// layers' operands to bf16 (fp32 accumulation, as torch's autocast matmuls): AMX multiplies
-    /// those at several times the fp32 rate, while the CPU has no faster bf16 element-wise
-    /// arithmetic, so converting activations would only cost time and accuracy.
+    /// Builds the model from HF-named weights. The `VarBuilder`'s dtype is the compute dtype
+    /// (see [`ops::weight_dtype_and_operands`] for what bf16 means on the CPU).
     pub fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
         config.validate().map_err(candle_core::Error::msg)?;
-        let (vb, operands) = if vb.device().is_cpu() && vb.dtype() == DType::BF16 {
-            (vb.set_dtype(DType::F32), Operands::Bf16)
-        } else {
-            (vb, Operands::F32)
-        };
+        let (weight_dtype, operands) = ops::weight_dtype_and_operands(vb.device(), vb.dtype());
+        let vb = vb.set_dtype(weight_dtype);
         let t = vb.pp("transformer");
         let blocks = (0..config.n_layer)
             .map(|i| Block::load(t.pp("h").pp(i), config, operands))
@@ -596,7 +294,12 @@ impl GptJ {
                 true,
                 operands,
             )?,
-            rotary: Rotary::new(config, vb.device())?,
+            rotary: Rotary::new(
+                config.rotary_dim(),
+                config.n_positions,
+                10_000.0,
+                vb.device(),
+            )?,
             config: config.clone(),
             dtype: vb.dtype(),
             operands,
@@ -657,7 +360,7 @@ impl GptJ {
             .reshape((b, t, self.config.n_embd))?
             .to_dtype(self.dtype)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.capacity));
+            let slot = cache.as_deref_mut().map(|c| c.layer(i));
             xs = block.forward(&xs, &self.rotary, &batch.position_ids, &mask, slot)?;
         }
         self.ln_f.forward(&xs)

@@ -1,14 +1,7 @@
 //! GPT-J and the Hugging Face model directory it lives in.
 
-pub mod amx;
-pub mod cpu_gemm;
-pub mod fused;
 pub mod gptj;
 pub mod init;
-#[cfg(test)]
-mod simd_variants;
-pub mod skinny;
-pub mod vmath;
 pub mod weights;
 
 use std::collections::HashMap;
@@ -19,7 +12,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-pub use gptj::{Batch, Config, GptJ, KvCache};
+pub use crate::ops::KvCache;
+pub use gptj::{Batch, Config, GptJ};
 pub use weights::{TensorSpec, WeightStore};
 
 /// HF's default `max_shard_size` for `save_pretrained`.

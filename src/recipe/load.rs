@@ -415,8 +415,7 @@ impl super::DatasetSpec {
                         );
                     }
                 }
-                crate::data::source::Format::for_source(s, path)
-                    .map_err(|e| anyhow!("source.format: {e}"))?;
+                super::Format::for_source(s, path).map_err(|e| anyhow!("source.format: {e}"))?;
             }
             (None, Some(hub)) => {
                 if hub.split('/').count() != 2 {
@@ -439,9 +438,9 @@ impl super::DatasetSpec {
             }
         }
         if let TemplateSpec::Preset(name) = &self.template {
-            crate::data::template::Preset::parse(name).map_err(|e| anyhow!("template: {e}"))?;
+            super::template::Preset::parse(name).map_err(|e| anyhow!("template: {e}"))?;
         }
-        crate::data::template::Template::from_spec(&self.template)
+        super::template::Template::from_spec(&self.template)
             .map_err(|e| anyhow!("template: {e}"))?;
         Ok(())
     }

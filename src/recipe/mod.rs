@@ -4,17 +4,18 @@
 //! instead of being silently ignored. Defaults are documented in `recipes/README.md`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::model::init::Preset;
+use crate::tokenizer::TextTokenizer;
 
 mod load;
-mod resolve;
+pub mod template;
 
 pub use load::{apply_override, load, parse};
-pub use resolve::{check, recipe_dir, tokenizer_for, Derived, Resolved};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -590,5 +591,81 @@ impl Recipe {
     /// Warmup steps of a run of `total_steps`; see [`Warmup::steps`].
     pub fn warmup_steps(&self, total_steps: u64) -> u64 {
         self.schedule.warmup.steps(total_steps)
+    }
+}
+
+/// The directory relative paths in a recipe are relative to.
+pub fn recipe_dir(recipe_path: &Path) -> PathBuf {
+    match recipe_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// The recipe's tokenizer when it is on this machine: `tokenizer:` (a directory relative to the
+/// recipe), else the `model.from` directory's own. `None` for Hub ids (downloaded by the trainer)
+/// and for `model.init` without `tokenizer:`.
+pub fn tokenizer_for(recipe: &Recipe, recipe_dir: &Path) -> Result<Option<TextTokenizer>> {
+    let candidate = match (&recipe.tokenizer, &recipe.model.from) {
+        (Some(t), _) => Some(recipe_dir.join(t)),
+        (None, Some(from)) => Some(recipe_dir.join(from)),
+        (None, None) => None,
+    };
+    match candidate {
+        Some(dir) if dir.is_dir() => TextTokenizer::from_dir(&dir)
+            .map(Some)
+            .with_context(|| format!("tokenizer of recipe {}", recipe.name)),
+        _ => Ok(None),
+    }
+}
+
+/// File formats a local source can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Jsonl,
+    Json,
+    Csv,
+    Tsv,
+    /// GLUE's MNLI TSV: sentence1 / sentence2 / gold_label become premise / hypothesis / label,
+    /// rows without a gold label (`-`) are dropped.
+    GlueTsv,
+    Parquet,
+    /// Arrow IPC, file or stream format (HF `datasets` cache files are streams).
+    Arrow,
+}
+
+impl Format {
+    pub const NAMES: &'static str = "jsonl, json, csv, tsv, glue-tsv, parquet, arrow";
+
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "jsonl" | "ndjson" => Format::Jsonl,
+            "json" => Format::Json,
+            "csv" => Format::Csv,
+            "tsv" => Format::Tsv,
+            "glue-tsv" => Format::GlueTsv,
+            "parquet" => Format::Parquet,
+            "arrow" | "ipc" | "feather" => Format::Arrow,
+            other => bail!("unknown format {other:?} (expected one of {})", Self::NAMES),
+        })
+    }
+
+    /// The format a source names, else the one its file extension implies.
+    pub fn for_source(spec: &SourceSpec, path: &Path) -> Result<Self> {
+        if let Some(name) = &spec.format {
+            return Self::parse(name);
+        }
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_default();
+        Self::parse(&ext).map_err(|_| {
+            anyhow!(
+                "cannot tell the format of {} from its extension; set `format:` to one of {}",
+                path.display(),
+                Self::NAMES
+            )
+        })
     }
 }

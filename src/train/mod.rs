@@ -8,7 +8,6 @@
 //! weights tokens of short micro-batches more; with packed, unpadded rows both agree.)
 
 pub mod launch;
-pub mod loss;
 pub mod optimizer;
 pub mod precision;
 pub mod schedule;
@@ -26,6 +25,7 @@ use crate::checkpoint::{self, TrainerState};
 use crate::data::fingerprint::first_difference;
 use crate::data::{Sequence, SequenceStream, SourceFingerprint};
 use crate::model::{self, Batch, Config, GptJ};
+use crate::ops;
 use crate::recipe::{Compute, Recipe};
 use crate::tokenizer::TextTokenizer;
 use crate::track::{Progress, Tracker};
@@ -211,7 +211,7 @@ pub fn run(
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let threads_per_replica = (threads / batch.replicas).max(1);
     let gradient_bytes: usize = params.iter().map(|(_, v)| v.elem_count() * 4).sum();
-    let workers = cpu_workers_per_replica(&device, threads_per_replica, gradient_bytes);
+    let workers = ops::workers_per_replica(&device, threads_per_replica, gradient_bytes);
     if let Some(before) = resumed_workers.filter(|&before| before != workers) {
         println!(
             "resume: the micro-batch rows were split over {before} CPU workers per replica and now \
@@ -352,7 +352,7 @@ pub fn run(
                     None => grads = Some(result.grads),
                     Some(acc) => {
                         for (a, g) in acc.iter_mut().zip(&result.grads) {
-                            optimizer::add_in_place(a, g)?;
+                            ops::add_in_place(a, g)?;
                         }
                     }
                 }
@@ -366,7 +366,7 @@ pub fn run(
             }
         }
         let loss = nll_total / targets as f64;
-        let grad_norm = optimizer::global_norm(&grads)?;
+        let grad_norm = ops::global_norm(&grads)?;
         let verdict = scaler.update(grad_norm.is_finite());
         if verdict == StepVerdict::Apply {
             if let Some(max_norm) = recipe.optimizer.grad_clip {
@@ -606,25 +606,6 @@ fn restore(
     )
 }
 
-/// Workers each replica's micro-batch rows are split over on the CPU, one thread each.
-///
-/// On a few cores, one worker per thread beats sharing every op between the threads: the
-/// training shapes' GEMMs scale well under 2x over threads and the small ops between them run on
-/// one core, whereas separate rows keep every core on its own work all step (on the 2-core
-/// benchmark VM, about 20% more tokens/s). Each worker holds a full gradient of the model, so
-/// models whose extra gradients would exceed [`WORKER_GRADIENT_BUDGET`] share ops instead.
-fn cpu_workers_per_replica(device: &Device, threads: usize, gradient_bytes: usize) -> usize {
-    let affordable = 1 + WORKER_GRADIENT_BUDGET / gradient_bytes.max(1);
-    if device.is_cpu() {
-        threads.min(affordable).max(1)
-    } else {
-        1
-    }
-}
-
-/// Memory the extra per-worker gradients may take (GPT-J `small`: 116 MB each).
-const WORKER_GRADIENT_BUDGET: usize = 1 << 30;
-
 /// `rows` in at most `parts` contiguous, non-empty pieces whose sizes differ by at most one.
 fn split_rows(rows: &[Sequence], parts: usize) -> Vec<&[Sequence]> {
     let parts = parts.clamp(1, rows.len().max(1));
@@ -661,7 +642,7 @@ fn shard_backward(
     let (batch, labels) = make_batch(shard, pad_id, model.device())?;
     let hidden = model.hidden_states(&batch, None)?;
     let (head_weight, head_bias) = model.lm_head();
-    let loss = loss::lm_head_loss(
+    let loss = ops::lm_head_loss(
         &hidden,
         head_weight,
         head_bias,
@@ -732,7 +713,7 @@ fn evaluate(
             let (batch, labels) = make_batch(rows, pad_id, device)?;
             let hidden = model.hidden_states(&batch, None)?;
             let (head_weight, head_bias) = model.lm_head();
-            nll += loss::lm_head_loss(
+            nll += ops::lm_head_loss(
                 &hidden,
                 head_weight,
                 head_bias,
@@ -780,16 +761,5 @@ mod tests {
         let pieces = split_rows(&rows, 3);
         assert_eq!(pieces[1][0].ids, rows[3].ids, "pieces keep the row order");
         assert_eq!(split_rows(&rows[..0], 2).len(), 1);
-    }
-
-    #[test]
-    fn workers_stop_where_their_gradients_outgrow_the_budget() {
-        let cpu = Device::Cpu;
-        let small = 116 << 20;
-        assert_eq!(cpu_workers_per_replica(&cpu, 2, small), 2);
-        assert_eq!(cpu_workers_per_replica(&cpu, 16, small), 9);
-        assert_eq!(cpu_workers_per_replica(&cpu, 1, small), 1);
-        let gpt_j_6b = 6 << 32;
-        assert_eq!(cpu_workers_per_replica(&cpu, 16, gpt_j_6b), 1);
     }
 }

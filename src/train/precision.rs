@@ -1,30 +1,10 @@
 //! Dynamic loss scaling for fp16 compute (as `torch.amp.GradScaler`); fp32 and bf16 run unscaled.
+//!
+//! The scaler's state is a type of the checkpoint format ([`crate::checkpoint::LossScaler`]),
+//! so that checkpoints need nothing from the trainer; its behaviour is here.
 
-use serde::{Deserialize, Serialize};
-
+pub use crate::checkpoint::LossScaler;
 use crate::recipe::{Compute, PrecisionSpec};
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct LossScaler {
-    /// Multiplier applied to the loss before backward; 1 when scaling is off.
-    pub scale: f64,
-    /// Clean (finite-gradient) steps since the scale last changed.
-    pub growth_tracker: u64,
-    pub growth_interval: u64,
-    /// Absent from older checkpoints, which always doubled and halved.
-    #[serde(default = "two")]
-    pub growth_factor: f64,
-    #[serde(default = "half")]
-    pub backoff_factor: f64,
-    pub enabled: bool,
-}
-
-fn two() -> f64 {
-    2.0
-}
-fn half() -> f64 {
-    0.5
-}
 
 /// What the scaler decided after looking at one step's gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,11 +4,11 @@
 //! their own modules).
 
 use super::amx::{pack_row_pairs, round_slice_to_bits};
-use super::cpu_gemm::{round_slice, MatRef};
 use super::fused::{
     gelu_backward, gelu_forward, layer_norm_backward_rows, layer_norm_rows, masked_softmax_rows,
     softmax_backward_rows,
 };
+use super::gemm::{round_slice, MatRef};
 use super::vmath::variants::{check_variants, random, with_edges, LENGTHS};
 
 /// For the element-wise kernels: each length in plain values of magnitude up to `scale`, and

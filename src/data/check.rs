@@ -5,11 +5,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use super::Recipe;
-use crate::data::source::load_records;
-use crate::data::template::Caster;
-use crate::data::{prepare, Split};
-use crate::tokenizer::TextTokenizer;
+use super::source::load_records;
+use super::template::Caster;
+use super::{prepare, Split};
+use crate::recipe::{self, recipe_dir, tokenizer_for, Recipe};
 
 /// Values a recipe implies but does not state.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -38,35 +37,10 @@ pub struct Resolved {
     pub derived: Derived,
 }
 
-/// The directory relative paths in a recipe are relative to.
-pub fn recipe_dir(recipe_path: &Path) -> PathBuf {
-    match recipe_path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// The recipe's tokenizer when it is on this machine: `tokenizer:` (a directory relative to the
-/// recipe), else the `model.from` directory's own. `None` for Hub ids (downloaded by the trainer)
-/// and for `model.init` without `tokenizer:`.
-pub fn tokenizer_for(recipe: &Recipe, recipe_dir: &Path) -> Result<Option<TextTokenizer>> {
-    let candidate = match (&recipe.tokenizer, &recipe.model.from) {
-        (Some(t), _) => Some(recipe_dir.join(t)),
-        (None, Some(from)) => Some(recipe_dir.join(from)),
-        (None, None) => None,
-    };
-    match candidate {
-        Some(dir) if dir.is_dir() => TextTokenizer::from_dir(&dir)
-            .map(Some)
-            .with_context(|| format!("tokenizer of recipe {}", recipe.name)),
-        _ => Ok(None),
-    }
-}
-
 /// Loads and validates a recipe, checks every template against its source's columns, and works
 /// out the derived values (tokenizing the training data when the tokenizer is local).
 pub fn check(recipe_path: &Path, overrides: &[String]) -> Result<Resolved> {
-    let recipe = super::load(recipe_path, overrides)?;
+    let recipe = recipe::load(recipe_path, overrides)?;
     let dir = recipe_dir(recipe_path);
     let file = recipe_path.display();
     let mut notes = Vec::new();

@@ -13,9 +13,10 @@
 use candle_core::{DType, Result, Tensor, D};
 use rayon::prelude::*;
 
-use crate::model::cpu_gemm::{self, MatRef, Operands, Rhs};
-use crate::model::fused::{add_column_sums, zeroed};
-use crate::model::vmath::{exp_shifted_in_place, lane_max, simd_kernel};
+use super::use_fused;
+use crate::cpu::fused::{add_column_sums, zeroed};
+use crate::cpu::gemm::{self, MatRef, Operands, Rhs};
+use crate::cpu::vmath::{exp_shifted_in_place, lane_max, simd_kernel};
 
 /// Rows of logits materialised at once: 128 × 50400 fp32 is 26 MB, below glibc's largest mmap
 /// threshold, so chunk buffers are reused from the heap instead of freshly mapped and faulted in.
@@ -64,12 +65,10 @@ pub fn lm_head_loss(
     }
     let (rows, targets) = labelled_positions(labels);
     let device = hidden.device();
-    let dtype = hidden.dtype();
     let n = rows.len();
     let row_index = Tensor::from_vec(rows, n, device)?;
     let picked = hidden.detach().index_select(&row_index, 0)?;
-    let on_cpu_in_fp32 = device.is_cpu() && dtype == DType::F32 && weight.dtype() == DType::F32;
-    let (nll_sum, grad_picked, head_grads) = if on_cpu_in_fp32 {
+    let (nll_sum, grad_picked, head_grads) = if use_fused(&hidden) && weight.dtype() == DType::F32 {
         cpu_chunks(&picked, weight, bias, &targets, grad_scale, operands)?
     } else {
         generic_chunks(&picked, weight, bias, &targets, grad_scale)?
@@ -97,7 +96,8 @@ pub fn lm_head_loss(
 /// Loss sum, gradient of the picked rows (in their dtype) and the head's fp32 gradients.
 type ChunkResults = (f64, Option<Tensor>, Option<(Tensor, Option<Tensor>)>);
 
-/// Any device and dtype, from candle ops.
+/// Any device and dtype, from candle ops on the tensors' device: the logits of a chunk are
+/// upcast to fp32 (as HF does), and the only value that leaves the device is the loss sum.
 fn generic_chunks(
     picked: &Tensor,
     weight: &Tensor,
@@ -108,54 +108,35 @@ fn generic_chunks(
     let (vocab, _) = weight.dims2()?;
     let (device, dtype, n) = (picked.device(), picked.dtype(), picked.dim(0)?);
     let w = weight.detach();
-    // The bias is added while each row of logits is read anyway, instead of as a broadcast op.
-    let bias_values: Option<Vec<f32>> = bias
-        .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
-        .transpose()?;
-    let mut nll_sum = 0f64;
+    let bias = bias.map(|b| b.detach().to_dtype(DType::F32)).transpose()?;
+    let targets = Tensor::from_slice(targets, n, device)?;
+    let mut nll_sum = Tensor::zeros((), DType::F64, device)?;
     let mut grad_hidden = Vec::new();
     let mut grad_w: Option<Tensor> = None;
     let mut grad_b: Option<Tensor> = None;
     for start in (0..n).step_by(CHUNK_ROWS) {
         let len = CHUNK_ROWS.min(n - start);
         let h = picked.narrow(0, start, len)?;
-        let logits = h.matmul(&w.t()?)?;
-        let mut values = logits
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        drop(logits);
-        let chunk_targets = &targets[start..start + len];
-        let scale = grad_scale.unwrap_or(0.0) as f32;
-        let want_grad = grad_scale.is_some();
-        nll_sum += values
-            .par_chunks_mut(vocab)
-            .zip(chunk_targets.par_iter())
-            .map(|(row, &target)| {
-                if let Some(bias) = &bias_values {
-                    row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
-                }
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let target_logit = row[target as usize];
-                // The row becomes exp(x - max) in place, so the gradient needs no second exp.
-                let mut sum = 0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                let nll = (max + sum.ln() - target_logit) as f64;
-                if want_grad {
-                    let factor = scale / sum;
-                    row.iter_mut().for_each(|x| *x *= factor);
-                    row[target as usize] -= scale;
-                }
-                nll
-            })
-            .sum::<f64>();
-        if !want_grad {
-            continue;
-        }
-        let g = Tensor::from_vec(values, (len, vocab), device)?.to_dtype(dtype)?;
+        let logits = h.matmul(&w.t()?)?.to_dtype(DType::F32)?;
+        let logits = match &bias {
+            Some(b) => logits.broadcast_add(b)?,
+            None => logits,
+        };
+        let chunk_targets = targets.narrow(0, start, len)?.unsqueeze(1)?;
+        let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?)?;
+        let exp = shifted.exp()?;
+        let sum = exp.sum_keepdim(1)?;
+        // nll = log Σ exp(x - max) - (x_target - max)
+        let nll = (sum.log()? - shifted.gather(&chunk_targets, 1)?)?;
+        nll_sum = (nll_sum + nll.sum_all()?.to_dtype(DType::F64)?)?;
+        let Some(scale) = grad_scale else { continue };
+        let onehot = Tensor::zeros((len, vocab), DType::F32, device)?.scatter_add(
+            &chunk_targets,
+            &Tensor::ones((len, 1), DType::F32, device)?,
+            1,
+        )?;
+        let g32 = ((exp.broadcast_div(&sum)? - onehot)? * scale)?;
+        let g = g32.to_dtype(dtype)?;
         grad_hidden.push(g.matmul(&w)?);
         let gw = g.t()?.matmul(&h)?.to_dtype(DType::F32)?;
         grad_w = Some(match grad_w {
@@ -164,14 +145,15 @@ fn generic_chunks(
         });
         if bias.is_some() {
             // Column sums as a matmul: a reduction over the leading dim is slow in candle.
-            let ones = Tensor::ones((1, len), dtype, device)?;
-            let gb = ones.matmul(&g)?.squeeze(0)?.to_dtype(DType::F32)?;
+            let ones = Tensor::ones((1, len), DType::F32, device)?;
+            let gb = ones.matmul(&g32)?.squeeze(0)?;
             grad_b = Some(match grad_b {
                 Some(acc) => (acc + gb)?,
                 None => gb,
             });
         }
     }
+    let nll_sum = nll_sum.to_scalar::<f64>()?;
     if grad_scale.is_none() || n == 0 {
         return Ok((nll_sum, None, None));
     }
@@ -202,7 +184,7 @@ fn cpu_chunks(
         candle_core::bail!("the CPU loss needs the head weight on the CPU");
     };
     let w = MatRef::row_major(
-        crate::model::fused::contiguous_f32(storage, layout)?,
+        crate::cpu::fused::contiguous_f32(storage, layout)?,
         vocab,
         d,
     );
@@ -231,7 +213,7 @@ fn cpu_chunks(
         let len = CPU_CHUNK_ROWS.min(n - start);
         let h_chunk = MatRef::row_major(&h[start * d..(start + len) * d], len, d);
         let values = &mut logits[..len * vocab];
-        cpu_gemm::matmul_prepared(h_chunk, &head_t, values, false);
+        gemm::matmul_prepared(h_chunk, &head_t, values, false);
         let chunk_targets = &targets[start..start + len];
         nll_sum += values
             .par_chunks_mut(vocab)
@@ -247,11 +229,11 @@ fn cpu_chunks(
             .sum::<f64>();
         let Some(head) = &head else { continue };
         let g = MatRef::row_major(values, len, vocab);
-        cpu_gemm::matmul_prepared(g, head, &mut grad_h[start * d..(start + len) * d], false);
+        gemm::matmul_prepared(g, head, &mut grad_h[start * d..(start + len) * d], false);
         if transposed_grad_w {
-            cpu_gemm::matmul(operands, h_chunk.t(), g, &mut grad_w, start > 0);
+            gemm::matmul(operands, h_chunk.t(), g, &mut grad_w, start > 0);
         } else {
-            cpu_gemm::matmul(operands, g.t(), h_chunk, &mut grad_w, start > 0);
+            gemm::matmul(operands, g.t(), h_chunk, &mut grad_w, start > 0);
         }
         if !grad_b.is_empty() {
             add_column_sums(values, vocab, &mut grad_b);
@@ -527,7 +509,7 @@ mod tests {
 #[cfg(test)]
 mod kernel_variants {
     use super::*;
-    use crate::model::vmath::variants::{check_variants, random, with_edges};
+    use crate::cpu::vmath::variants::{check_variants, random, with_edges};
 
     #[test]
     fn softmax_cross_entropy_variants_agree() {

@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_gemm::{self, matmul_serial, MatRef, Operands};
+use super::gemm::{self, matmul_serial, MatRef, Operands};
 use super::vmath::{exp_shifted_in_place, lane_max, lane_sum, simd_kernel, tanh};
 
 /// The values of a CPU tensor, contiguous.
@@ -51,7 +51,7 @@ impl LinearOp {
             out.par_chunks_mut(n)
                 .for_each(|row| row.copy_from_slice(bias));
         }
-        cpu_gemm::matmul(self.operands, x, w.t(), &mut out, bias.is_some());
+        gemm::matmul(self.operands, x, w.t(), &mut out, bias.is_some());
         Ok((CpuStorage::F32(out), (rows, n).into()))
     }
 
@@ -69,12 +69,12 @@ impl LinearOp {
             let dy_rows = MatRef::row_major(dy, rows, n);
             with_values(w, |w| {
                 let w = MatRef::row_major(w, n, k);
-                cpu_gemm::matmul(self.operands, dy_rows, w, &mut grad_x, false);
+                gemm::matmul(self.operands, dy_rows, w, &mut grad_x, false);
                 Ok(())
             })?;
             with_values(x, |x| {
                 let x = MatRef::row_major(x, rows, k);
-                cpu_gemm::matmul(self.operands, dy_rows.t(), x, &mut grad_w, false);
+                gemm::matmul(self.operands, dy_rows.t(), x, &mut grad_w, false);
                 Ok(())
             })?;
             if let Some(grad_b) = grad_b.as_mut() {
@@ -697,7 +697,7 @@ mod tests {
     use candle_core::{DType, Device, Var, D};
 
     fn random(shape: &[usize], seed: u64) -> Tensor {
-        let values = super::super::cpu_gemm::tests::random(shape.iter().product(), seed);
+        let values = super::super::gemm::tests::random(shape.iter().product(), seed);
         Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
     }
 

@@ -11,7 +11,7 @@
 //! tile instruction is in `tiles`, which exists on x86_64 only and is entered only after
 //! [`available`] has said yes.
 
-use super::cpu_gemm::{round_to_bf16_bits, MatRef};
+use super::gemm::{round_to_bf16_bits, MatRef};
 use super::vmath::simd_kernel;
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -425,8 +425,8 @@ mod tiles {
 
 #[cfg(test)]
 mod tests {
-    use super::super::cpu_gemm::tests::{random, reference};
-    use super::super::cpu_gemm::Operands;
+    use super::super::gemm::tests::{random, reference};
+    use super::super::gemm::Operands;
     use super::*;
 
     #[test]

@@ -65,12 +65,12 @@ macro_rules! simd_kernel {
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     portable($($arg),*)
                 }
-                match $crate::model::vmath::Isa::selected() {
+                match $crate::cpu::vmath::Isa::selected() {
                     // SAFETY: `selected` names only instruction sets this CPU has.
-                    $crate::model::vmath::Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::cpu::vmath::Isa::Avx512 => return unsafe { avx512($($arg),*) },
                     // SAFETY: as above.
-                    $crate::model::vmath::Isa::Avx2 => return unsafe { avx2($($arg),*) },
-                    $crate::model::vmath::Isa::Portable => {}
+                    $crate::cpu::vmath::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::cpu::vmath::Isa::Portable => {}
                 }
             }
             portable($($arg),*)

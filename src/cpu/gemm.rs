@@ -246,7 +246,7 @@ impl Rounded {
     }
 }
 
-crate::model::vmath::simd_kernel! {
+crate::cpu::vmath::simd_kernel! {
     pub(super) fn round_slice(src: &[f32], out: &mut [f32]) {
         for (o, &x) in out.iter_mut().zip(src) {
             *o = round_to_bf16(x);

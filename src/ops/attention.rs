@@ -1,0 +1,220 @@
+//! Causal self-attention with GPT-J's rotary embedding, and the KV cache of incremental decoding.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+use super::use_fused;
+use crate::cpu::fused::{self, CausalSelfAttention};
+
+/// sin/cos tables for the rotary embedding, `[n_positions, rotary_dim / 2]`, fp32.
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    sin: Tensor,
+    cos: Tensor,
+    /// Leading dims of each head that rotate; the rest pass through.
+    dim: usize,
+}
+
+impl Rotary {
+    /// Tables for `rotary_dim` rotated dims of each head over `n_positions` positions, with
+    /// frequencies `base^(-2i / rotary_dim)` (HF's `rotary_emb_base`, 10000 for GPT-J).
+    pub fn new(rotary_dim: usize, n_positions: usize, base: f32, device: &Device) -> Result<Self> {
+        let dim = rotary_dim;
+        let inv_freq: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| 1.0 / base.powf(i as f32 / dim as f32))
+            .collect();
+        let half = inv_freq.len();
+        let mut angles = Vec::with_capacity(n_positions * half);
+        for pos in 0..n_positions {
+            angles.extend(inv_freq.iter().map(|f| pos as f32 * f));
+        }
+        let angles = Tensor::from_vec(angles, (n_positions, half), device)?;
+        Ok(Self {
+            sin: angles.sin()?,
+            cos: angles.cos()?,
+            dim,
+        })
+    }
+
+    /// `xs` (`[batch, seq, heads, head_dim]`, fp32) with its first `dim` dims of each head
+    /// rotated and the rest passed through.
+    fn rotate(&self, xs: &Tensor, position_ids: &Tensor) -> Result<Tensor> {
+        let head_dim = xs.dim(3)?;
+        if self.dim == head_dim {
+            return self.apply(xs, position_ids);
+        }
+        let rot = xs.narrow(3, 0, self.dim)?;
+        let pass = xs.narrow(3, self.dim, head_dim - self.dim)?;
+        Tensor::cat(&[self.apply(&rot, position_ids)?, pass], 3)
+    }
+
+    /// Rotates `xs` (`[batch, seq, heads, rotary_dim]`, fp32) in GPT-J's interleaved form: the
+    /// pairs are (0, 1), (2, 3), ... rather than the two halves of the head.
+    fn apply(&self, xs: &Tensor, position_ids: &Tensor) -> Result<Tensor> {
+        let (b, t, h, r) = xs.dims4()?;
+        let flat_positions = position_ids.flatten_all()?;
+        let sin = self
+            .sin
+            .index_select(&flat_positions, 0)?
+            .reshape((b, t, 1, r / 2))?;
+        let cos = self
+            .cos
+            .index_select(&flat_positions, 0)?
+            .reshape((b, t, 1, r / 2))?;
+        let pairs = xs.reshape((b, t, h, r / 2, 2))?;
+        let even = pairs.narrow(4, 0, 1)?.squeeze(4)?;
+        let odd = pairs.narrow(4, 1, 1)?.squeeze(4)?;
+        let rotated_even = (even.broadcast_mul(&cos)? - odd.broadcast_mul(&sin)?)?;
+        let rotated_odd = (odd.broadcast_mul(&cos)? + even.broadcast_mul(&sin)?)?;
+        Tensor::stack(&[rotated_even, rotated_odd], 4)?.reshape((b, t, h, r))
+    }
+}
+
+/// Keys (after rotary, fp32) and values (compute dtype) of earlier positions, one entry a layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    /// Positions to allocate room for at the first append.
+    capacity: usize,
+}
+
+/// One layer's keys and values, `[batch, heads, room, head_dim]`, of which the first `len`
+/// positions are filled. Appending writes in place; the buffers are only reallocated (doubled)
+/// when full, so a decode step does not copy the whole cache as concatenation would.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    buffers: Option<(Tensor, Tensor)>,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Appends `k` and `v` (`[batch, heads, t, head_dim]`) and returns views of everything cached.
+    pub(super) fn append(
+        &mut self,
+        k: &Tensor,
+        v: &Tensor,
+        capacity: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let needed = self.len + t;
+        let room = self
+            .buffers
+            .as_ref()
+            .map_or(0, |(kb, _)| kb.dim(2).unwrap_or(0));
+        if needed > room {
+            let grown = needed.max(capacity).max(room * 2);
+            let (b, h, _, d) = k.dims4()?;
+            let kb = Tensor::zeros((b, h, grown, d), k.dtype(), k.device())?;
+            let vb = Tensor::zeros((b, h, grown, d), v.dtype(), v.device())?;
+            if let Some((old_k, old_v)) = &self.buffers {
+                kb.slice_set(&old_k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                vb.slice_set(&old_v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            self.buffers = Some((kb, vb));
+        }
+        let (kb, vb) = self.buffers.as_ref().expect("allocated above");
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = needed;
+        Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?))
+    }
+}
+
+impl KvCache {
+    pub fn new(n_layer: usize) -> Self {
+        Self::with_capacity(n_layer, 0)
+    }
+
+    /// A cache that allocates room for `positions` at once (prompt plus new tokens).
+    pub fn with_capacity(n_layer: usize, positions: usize) -> Self {
+        Self {
+            layers: vec![LayerCache::default(); n_layer],
+            capacity: positions,
+        }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Layer `i`'s cache and the room to allocate at its first append, for
+    /// [`causal_attention`].
+    pub fn layer(&mut self, i: usize) -> (&mut LayerCache, usize) {
+        (&mut self.layers[i], self.capacity)
+    }
+
+    /// Keeps only the given batch rows (used when finished rows leave a batched generation).
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for layer in self.layers.iter_mut() {
+            if let Some((k, v)) = &mut layer.buffers {
+                *k = k.index_select(rows, 0)?;
+                *v = v.index_select(rows, 0)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Attention of `q`, `k`, `v` (`[batch, seq, heads, head_dim]`, as projected) with the rotary
+/// embedding applied to `q` and `k` at `position_ids`, the additive `mask`
+/// (`[batch, 1, seq, cached + seq]`, fp32), and the keys and values of earlier positions from
+/// `cache` (this step's are appended). Scores, their softmax and the rotation run in fp32
+/// whatever the compute dtype, as HF's GPT-J does; returns `[batch, seq, heads, head_dim]` in
+/// `v`'s dtype.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rotary: &Rotary,
+    position_ids: &Tensor,
+    mask: &Tensor,
+    cache: Option<(&mut LayerCache, usize)>,
+) -> Result<Tensor> {
+    let head_dim = q.dim(3)?;
+    if cache.is_none() && use_fused(q) {
+        let positions = position_ids.flatten_all()?;
+        let table = |t: &Tensor| t.index_select(&positions, 0)?.flatten_all()?.to_vec1();
+        let op = CausalSelfAttention {
+            sin: table(&rotary.sin)?,
+            cos: table(&rotary.cos)?,
+            mask: mask.flatten_all()?.to_vec1()?,
+            rotary_dim: rotary.dim,
+        };
+        return q
+            .contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
+    let dtype = v.dtype();
+    let q = rotary
+        .rotate(&q.to_dtype(DType::F32)?, position_ids)?
+        .transpose(1, 2)?;
+    let k = rotary
+        .rotate(&k.to_dtype(DType::F32)?, position_ids)?
+        .transpose(1, 2)?;
+    let v = v.transpose(1, 2)?;
+    let (k, v) = match cache {
+        Some((slot, capacity)) => slot.append(&k, &v, capacity)?,
+        None => (k.contiguous()?, v.contiguous()?),
+    };
+    let scale = (head_dim as f64).sqrt();
+    let scores = (q.contiguous()?.matmul(&k.t()?)? / scale)?.broadcast_add(mask)?;
+    let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    probs.matmul(&v)?.transpose(1, 2)
+}
+
+/// Softmax over the last dim with a backward pass (candle's fused kernel has none). Fused on the
+/// CPU: one op forward and one backward, instead of five graph nodes whose backward each
+/// allocate score-sized buffers; elsewhere built from differentiable primitives.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if use_fused(xs) {
+        return xs.contiguous()?.apply_op1(fused::SoftmaxLastDim);
+    }
+    let max = xs.max_keepdim(D::Minus1)?;
+    let exp = xs.broadcast_sub(&max)?.exp()?;
+    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}

@@ -1,0 +1,138 @@
+//! Linear layers, LayerNorm and gelu: the pieces every model family's blocks are built from.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::{use_fused, Operands};
+use crate::cpu::{fused, skinny};
+
+/// `xs · weightᵀ + bias` over the last dim of `xs`, weight `[out, in]` as HF stores it.
+/// `operands` is the products' precision when the tensors are fp32 on the CPU (bf16 operands
+/// with fp32 accumulation, see [`super::weight_dtype_and_operands`]); elsewhere the dtype decides.
+pub fn linear(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    operands: Operands,
+) -> Result<Tensor> {
+    let dims = xs.dims().to_vec();
+    let in_dim = *dims.last().expect("linear input has a last dim");
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    // Flattening to 2-D gives one large GEMM instead of a batch of small ones.
+    let xs2 = xs.reshape((rows, in_dim))?;
+    let fused = use_fused(xs) && weight.dtype() == DType::F32;
+    // Decoding's few rows: each weight row read once instead of the matrix repacked for a GEMM.
+    let skinny = match operands {
+        Operands::F32 if fused => skinny::try_matmul_transposed(&xs2, weight)?,
+        _ => None,
+    };
+    let ys = match (skinny, bias) {
+        (Some(ys), Some(bias)) => ys.broadcast_add(bias)?,
+        (Some(ys), None) => ys,
+        (None, bias) if fused => {
+            let op = fused::LinearOp { operands };
+            let (xs2, weight) = (xs2.contiguous()?, weight.contiguous()?);
+            match bias {
+                Some(bias) => xs2.apply_op3(&weight, &bias.contiguous()?, op)?,
+                None => xs2.apply_op2(&weight, op)?,
+            }
+        }
+        (None, bias) => {
+            let ys = xs2.matmul(&weight.t()?)?;
+            match bias {
+                Some(bias) => ys.broadcast_add(bias)?,
+                None => ys,
+            }
+        }
+    };
+    let mut out_dims = dims;
+    *out_dims.last_mut().unwrap() = weight.dim(0)?;
+    ys.reshape(out_dims)
+}
+
+/// LayerNorm over the last dim with its statistics in fp32, whatever the compute dtype (as
+/// torch's autocast does); the result is in `xs`'s dtype.
+pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    if use_fused(xs) && weight.dtype() == DType::F32 {
+        let op = fused::LayerNormOp { eps };
+        return xs.contiguous()?.apply_op3(weight, bias, op);
+    }
+    let xs = xs.to_dtype(DType::F32)?;
+    let mean = xs.mean_keepdim(D::Minus1)?;
+    let centered = xs.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let ys = normed
+        .broadcast_mul(&weight.to_dtype(DType::F32)?)?
+        .broadcast_add(&bias.to_dtype(DType::F32)?)?;
+    ys.to_dtype(dtype)
+}
+
+/// HF's `gelu_new` (the tanh approximation, as candle's `gelu`). Fused on the CPU: one op with a
+/// one-pass backward, where candle's `gelu` backward takes a dozen full-size tensor ops.
+pub fn gelu_new(xs: &Tensor) -> Result<Tensor> {
+    if use_fused(xs) {
+        return xs.contiguous()?.apply_op1(fused::GeluNew);
+    }
+    xs.gelu()
+}
+
+/// A linear layer stored as HF stores it: weight `[out, in]`, optional bias `[out]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    operands: Operands,
+}
+
+impl Linear {
+    pub fn load(
+        vb: VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        operands: Operands,
+    ) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            operands,
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        linear(xs, &self.weight, self.bias.as_ref(), self.operands)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        layer_norm(xs, &self.weight, &self.bias, self.eps)
+    }
+}
