@@ -8,6 +8,7 @@
 //! rotary embedding, the attention scores and their softmax are computed in fp32 (HF upcasts query
 //! and key before `q @ k^T`), and the final logits are returned in fp32.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -318,17 +319,6 @@ impl GptJ {
         self.wte.device()
     }
 
-    /// The precision of the linear layers' operands when activations are fp32 on the CPU.
-    pub fn matmul_operands(&self) -> Operands {
-        self.operands
-    }
-
-    /// The lm_head's weight `[vocab, n_embd]` and bias `[vocab]` in the compute dtype, for a
-    /// loss that fuses the head with the cross-entropy.
-    pub fn lm_head(&self) -> (&Tensor, Option<&Tensor>) {
-        (&self.lm_head.weight, self.lm_head.bias.as_ref())
-    }
-
     /// The additive attention mask, `[batch, 1, seq, cached + seq]` in fp32: 0 where a query may
     /// look, the most negative float where it may not (later positions, padding).
     fn attention_mask(&self, batch: &Batch, cached: usize) -> Result<Tensor> {
@@ -388,6 +378,71 @@ impl GptJ {
             .collect::<Result<Vec<_>>>()?;
         let last = Tensor::stack(&rows, 0)?;
         self.lm_head.forward(&last)?.to_dtype(DType::F32)
+    }
+}
+
+/// The gradients of one backward of the training loss, by parameter: the head's come from the
+/// fused loss head, the rest from autograd through the hidden states.
+pub struct LossGrads {
+    /// Cross-entropy summed over the labelled positions.
+    pub nll_sum: f64,
+    store: GradStore,
+    head_weight: Tensor,
+    head_bias: Option<Tensor>,
+}
+
+impl LossGrads {
+    /// The gradient of parameter `name` (HF's name) whose tensor is `param`; `None` where no
+    /// gradient reached it.
+    pub fn get(&self, name: &str, param: &Tensor) -> Option<&Tensor> {
+        match name {
+            "lm_head.weight" => Some(&self.head_weight),
+            "lm_head.bias" => self.head_bias.as_ref(),
+            _ => self.store.get(param),
+        }
+    }
+}
+
+impl GptJ {
+    /// The summed next-token cross-entropy over the positions whose label is not negative (HF's
+    /// -100), through the fused loss head (the logits never exist whole).
+    pub fn loss_sum(&self, batch: &Batch, labels: &[i64]) -> Result<f64> {
+        let hidden = self.hidden_states(batch, None)?;
+        let head = (&self.lm_head.weight, self.lm_head.bias.as_ref());
+        Ok(ops::lm_head_loss(&hidden, head.0, head.1, labels, None, self.operands)?.nll_sum)
+    }
+
+    /// [`Self::loss_sum`] and the gradients of `grad_scale ×` it for every parameter; `None`
+    /// when no position has a label.
+    pub fn loss_and_grads(
+        &self,
+        batch: &Batch,
+        labels: &[i64],
+        grad_scale: f64,
+    ) -> Result<Option<LossGrads>> {
+        if labels.iter().all(|&l| l < 0) {
+            return Ok(None);
+        }
+        let hidden = self.hidden_states(batch, None)?;
+        let head = (&self.lm_head.weight, self.lm_head.bias.as_ref());
+        let loss = ops::lm_head_loss(
+            &hidden,
+            head.0,
+            head.1,
+            labels,
+            Some(grad_scale),
+            self.operands,
+        )?;
+        let (Some(surrogate), Some((head_weight, head_bias))) = (loss.surrogate, loss.head_grads)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(LossGrads {
+            nll_sum: loss.nll_sum,
+            store: surrogate.backward()?,
+            head_weight,
+            head_bias,
+        }))
     }
 }
 

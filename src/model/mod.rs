@@ -113,6 +113,14 @@ pub fn load_parameters(
 
 /// Builds a model from named tensors; the forward runs in `compute_dtype` and, for tensors that
 /// are autograd variables, stays differentiable with respect to them.
+/// Variables by name as the tensors they hold (the current values, still tracked by autograd).
+pub fn parameter_tensors(params: &[(String, candle_core::Var)]) -> HashMap<String, Tensor> {
+    params
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+        .collect()
+}
+
 pub fn model_from_parameters(
     config: &Config,
     params: &HashMap<String, Tensor>,

@@ -11,6 +11,7 @@ pub mod launch;
 pub mod optimizer;
 pub mod precision;
 pub mod schedule;
+pub mod step;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -24,7 +25,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::checkpoint::{self, TrainerState};
 use crate::data::fingerprint::first_difference;
 use crate::data::{Sequence, SequenceStream, SourceFingerprint};
-use crate::model::{self, Batch, Config, GptJ};
+use crate::model::{self, Config, GptJ};
 use crate::ops;
 use crate::recipe::{Compute, Recipe};
 use crate::tokenizer::TextTokenizer;
@@ -33,6 +34,7 @@ use crate::track::{Progress, Tracker};
 pub use optimizer::AdamW;
 pub use precision::{LossScaler, StepVerdict};
 pub use schedule::Schedule;
+use step::{make_batch, train_step, StepOutcome, StepSetup, Workers};
 
 /// The model a run starts from.
 pub struct ModelInit {
@@ -120,85 +122,33 @@ pub fn run(
     model::keep_freed_memory();
     let compute_dtype = recipe.precision.compute.dtype();
     let batch = &recipe.batch;
-    ensure!(
-        batch.micro > 0 && batch.replicas > 0,
-        "batch.micro and batch.replicas must be positive"
-    );
-    let per_micro_step = batch.micro * batch.replicas;
-    ensure!(
-        batch.global > 0 && batch.global.is_multiple_of(per_micro_step),
-        "batch.global ({}) must be a positive multiple of batch.micro × batch.replicas ({} × {})",
-        batch.global,
-        batch.micro,
-        batch.replicas
-    );
-    ensure!(
-        train.sequences_per_epoch() > 0,
-        "the training data has no sequences"
-    );
-    let total_steps = recipe.total_steps(train.sequences_per_epoch());
-    ensure!(
-        total_steps > 0,
-        "the recipe needs a positive `steps` or `epochs`"
-    );
+    let total_steps = check_geometry(recipe, &train)?;
     let schedule = Schedule::new(&recipe.schedule, recipe.optimizer.lr, total_steps);
     let run_checkpoints = recipe.checkpoint.dir.join(&recipe.name);
     let run_logs = recipe.tracking.log_dir.join(&recipe.name);
 
-    // fp32 master weights as autograd variables, in HF state_dict order.
-    let mut params: Vec<(String, Var)> = Vec::new();
-    for (name, shape) in model::parameter_shapes(&init.config) {
-        let tensor = init
-            .params
-            .get(&name)
-            .with_context(|| format!("initial weights lack {name}"))?;
-        ensure!(
-            tensor.dims() == shape.as_slice(),
-            "initial weight {name} has shape {:?}, expected {shape:?}",
-            tensor.dims()
-        );
-        params.push((
-            name,
-            Var::from_tensor(&tensor.to_dtype(DType::F32)?.to_device(&device)?)?,
-        ));
-    }
-    drop(init.params);
+    let params = master_weights(&init.config, init.params, &device)?;
     let mut adamw = AdamW::new(&recipe.optimizer, &params)?;
     let mut scaler = LossScaler::new(&recipe.precision);
-    let mut start_step = 0u64;
-    let mut last_metrics: BTreeMap<String, f64> = BTreeMap::new();
-    let mut resumed_workers = None;
+    let resumed = match &options.resume {
+        Some(resume) => Some(resume_from(
+            resume,
+            recipe,
+            &run_checkpoints,
+            &options,
+            (&init.config, &params, &device),
+            (&mut adamw, &mut scaler, &mut train),
+        )?),
+        None => None,
+    };
+    let start_step = resumed.as_ref().map_or(0, |r| r.state.step);
+    let mut last_metrics = resumed
+        .as_ref()
+        .map(|r| r.state.metrics.clone())
+        .unwrap_or_default();
     // The newest checkpoint known to be complete, named when training has to stop.
-    let mut last_good: Option<PathBuf> = None;
-
-    if let Some(resume) = &options.resume {
-        let mut warnings = Vec::new();
-        let (dir, state) = match resume {
-            Resume::Latest => checkpoint::latest_good(&run_checkpoints, &mut |w| warnings.push(w))?,
-            Resume::Dir(dir) => (dir.clone(), checkpoint::verify(dir)?),
-        };
-        for w in warnings {
-            eprintln!("warning: {w}");
-        }
-        let changes = checkpoint::check_compatible(&state.recipe, recipe)
-            .with_context(|| format!("cannot resume from {}", dir.display()))?;
-        for change in changes {
-            println!("resume: recipe change allowed: {change}");
-        }
-        check_same_data(&dir, &state, &options)?;
-        restore(&dir, &state, &init.config, &params, &mut adamw, &device)?;
-        train.restore(state.stream);
-        let (resumed_scaler, note) = LossScaler::resumed(state.loss_scaler, &recipe.precision);
-        scaler = resumed_scaler;
-        if let Some(note) = note {
-            println!("{note}");
-        }
-        start_step = state.step;
-        last_metrics = state.metrics;
-        resumed_workers = state.cpu_workers;
-        println!("resumed from {} at step {start_step}", dir.display());
-        last_good = Some(dir);
-    }
+    let mut last_good: Option<PathBuf> = resumed.as_ref().map(|r| r.dir.clone());
+    let resumed_workers = resumed.and_then(|r| r.state.cpu_workers);
 
     let stop = options.stop.clone().unwrap_or_default();
     let _signals = if options.handle_signals {
@@ -206,28 +156,14 @@ pub fn run(
     } else {
         None
     };
-    let threads = options
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let threads_per_replica = (threads / batch.replicas).max(1);
-    let gradient_bytes: usize = params.iter().map(|(_, v)| v.elem_count() * 4).sum();
-    let workers = ops::workers_per_replica(&device, threads_per_replica, gradient_bytes);
-    if let Some(before) = resumed_workers.filter(|&before| before != workers) {
-        println!(
-            "resume: the micro-batch rows were split over {before} CPU workers per replica and now \
-             over {workers} ({threads} threads): updates stay the same up to float rounding but are \
-             no longer bit-identical to an uninterrupted run (use --threads to match)"
-        );
-    }
-    let pools = (0..batch.replicas * workers)
-        .map(|pool| {
-            let worker = pool % workers;
-            let extra = threads_per_replica % workers;
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads_per_replica / workers + usize::from(worker < extra))
-                .build()
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let worker_pools = workers(
+        options.threads,
+        batch.replicas,
+        &params,
+        &device,
+        resumed_workers,
+    )?;
+    let workers = worker_pools.per_replica;
 
     let weights_dtype = recipe.checkpoint.dtype.unwrap_or(Compute::Fp32).dtype();
     let recipe_yaml = serde_norway::to_string(recipe)?;
@@ -239,6 +175,16 @@ pub fn run(
     )?;
     let progress = Progress::new(total_steps, start_step, options.quiet);
     let pad_id = init.tokenizer.as_ref().map_or(0, |t| t.pad_id());
+    let setup = StepSetup {
+        config: &init.config,
+        compute_dtype,
+        device: &device,
+        micro: batch.micro,
+        replicas: batch.replicas,
+        pad_id,
+        grad_clip: recipe.optimizer.grad_clip,
+        workers: &worker_pools,
+    };
     let eval_every = recipe.eval.every;
     let mut summary = TrainSummary {
         step: start_step,
@@ -252,42 +198,15 @@ pub fn run(
         run_dir: run_logs.clone(),
         checkpoint_dir: run_checkpoints.clone(),
     };
-    let save = |step: u64,
-                params: &[(String, Var)],
-                adamw: &AdamW,
-                scaler: &LossScaler,
-                stream: &SequenceStream,
-                metrics: &BTreeMap<String, f64>|
-     -> Result<PathBuf> {
-        let tensors: HashMap<String, Tensor> = params
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
-        let state = TrainerState {
-            step,
-            epoch: stream.epoch_progress(),
-            stream: stream.state(),
-            optimizer_steps: adamw.step,
-            loss_scaler: *scaler,
-            recipe_hash: checkpoint::compatibility_hash(recipe),
-            recipe: recipe.clone(),
-            metrics: metrics.clone(),
-            files: BTreeMap::new(),
-            cpu_workers: Some(workers),
-            data: options.data_fingerprint.clone(),
-        };
-        checkpoint::save(
-            &run_checkpoints,
-            checkpoint::Contents {
-                config: &init.config,
-                params: &tensors,
-                weights_dtype,
-                tokenizer: init.tokenizer.as_ref(),
-                optimizer: adamw.state_tensors(params),
-                state,
-                base_model: &init.base_model,
-            },
-        )
+    let checkpoints = CheckpointTarget {
+        dir: &run_checkpoints,
+        recipe,
+        config: &init.config,
+        tokenizer: init.tokenizer.as_ref(),
+        base_model: &init.base_model,
+        weights_dtype,
+        cpu_workers: workers,
+        data: &options.data_fingerprint,
     };
 
     for step in start_step + 1..=total_steps {
@@ -296,98 +215,27 @@ pub fn run(
         // it (as HF Trainer / accelerate skip `scheduler.step()` then).
         let lr = schedule.lr_at(adamw.step + 1);
         let sequences = train.next_batch(batch.global);
-        let targets: usize = sequences.iter().map(Sequence::target_count).sum();
-        if targets == 0 {
-            bail!("step {step}: no token of the batch is trained on (check data.loss_on and the templates)");
-        }
-        let tensors: HashMap<String, Tensor> = params
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
-        let model = model::model_from_parameters(&init.config, &tensors, compute_dtype, &device)?;
-        // Scaled so that the sum over all shards is the global batch's mean loss (times the
-        // fp16 loss scale).
-        let shard_weight = scaler.scale / targets as f64;
-        let mut grads: Option<Vec<Tensor>> = None;
-        let mut nll_total = 0f64;
-        for micro_step in sequences.chunks(per_micro_step) {
-            let shards: Vec<&[Sequence]> = micro_step
-                .chunks(batch.micro)
-                .flat_map(|replica_rows| split_rows(replica_rows, workers))
-                .collect();
-            let results: Vec<Result<ShardResult>> = if shards.len() == 1 {
-                vec![pools[0]
-                    .install(|| shard_backward(&model, &params, shards[0], pad_id, shard_weight))]
-            } else {
-                std::thread::scope(|scope| {
-                    let handles: Vec<_> = shards
-                        .iter()
-                        .zip(&pools)
-                        .map(|(shard, pool)| {
-                            let (model, params) = (&model, &params);
-                            scope.spawn(move || {
-                                pool.install(|| {
-                                    shard_backward(model, params, shard, pad_id, shard_weight)
-                                })
-                            })
-                        })
-                        .collect();
-                    handles
-                        .into_iter()
-                        .map(|h| {
-                            h.join().unwrap_or_else(|_| {
-                                Err(anyhow::anyhow!("a replica thread panicked"))
-                            })
-                        })
-                        .collect()
-                })
-            };
-            // Summed in replica order, so the result does not depend on which thread finished first.
-            for result in results {
-                let Some(result) = result.with_context(|| format!("step {step}"))? else {
-                    continue;
-                };
-                nll_total += result.nll_sum;
-                match grads.as_mut() {
-                    None => grads = Some(result.grads),
-                    Some(acc) => {
-                        for (a, g) in acc.iter_mut().zip(&result.grads) {
-                            ops::add_in_place(a, g)?;
-                        }
-                    }
-                }
+        let StepOutcome {
+            loss,
+            grad_norm,
+            applied,
+        } = train_step(&setup, &params, &mut adamw, &mut scaler, &sequences, lr)
+            .with_context(|| format!("step {step}"))?;
+        if !applied {
+            if !scaler.enabled {
+                bail!(non_finite_stop(
+                    step,
+                    loss,
+                    grad_norm,
+                    recipe.precision.compute,
+                    last_good.as_deref()
+                ));
             }
-        }
-        drop(model);
-        let mut grads = grads.expect("at least one shard has targets");
-        if scaler.scale != 1.0 {
-            for g in grads.iter_mut() {
-                *g = (&*g / scaler.scale)?;
-            }
-        }
-        let loss = nll_total / targets as f64;
-        let grad_norm = ops::global_norm(&grads)?;
-        let verdict = scaler.update(grad_norm.is_finite());
-        if verdict == StepVerdict::Apply {
-            if let Some(max_norm) = recipe.optimizer.grad_clip {
-                optimizer::clip(&mut grads, grad_norm, max_norm)?;
-            }
-            adamw.update(&params, &grads, lr)?;
-        } else if !scaler.enabled {
-            bail!(non_finite_stop(
-                step,
-                loss,
-                grad_norm,
-                recipe.precision.compute,
-                last_good.as_deref()
-            ));
-        } else {
             progress.println(&format!(
                 "step {step}: non-finite gradients, update skipped, loss scale now {}",
                 scaler.scale
             ));
         }
-        drop(grads);
 
         let elapsed = started.elapsed().as_secs_f64();
         let tokens: usize = sequences.iter().map(Sequence::len).sum();
@@ -444,7 +292,7 @@ pub fn run(
         let stopping = stop.load(Ordering::SeqCst) && !last;
         let every = recipe.checkpoint.every;
         if (every > 0 && step % every == 0) || last || stopping {
-            let dir = save(step, &params, &adamw, &scaler, &train, &last_metrics)?;
+            let dir = checkpoints.save(step, &params, &adamw, &scaler, &train, &last_metrics)?;
             progress.println(&format!("saved checkpoint {}", dir.display()));
             last_good = Some(dir.clone());
             let in_use = match options.checkpoint_hook.as_mut() {
@@ -469,6 +317,175 @@ pub fn run(
     }
     progress.finish();
     Ok(summary)
+}
+
+/// The run's worker threads: `threads` (default: all cores) shared out over the replicas, each
+/// replica's rows split over workers (see [`ops::workers_per_replica`]). A resume whose checkpoint
+/// split rows over another number of workers is told it is no longer bit-exact.
+fn workers(
+    threads: Option<usize>,
+    replicas: usize,
+    params: &[(String, Var)],
+    device: &Device,
+    resumed_workers: Option<usize>,
+) -> Result<Workers> {
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads_per_replica = (threads / replicas).max(1);
+    let gradient_bytes: usize = params.iter().map(|(_, v)| v.elem_count() * 4).sum();
+    let workers = ops::workers_per_replica(device, threads_per_replica, gradient_bytes);
+    if let Some(before) = resumed_workers.filter(|&before| before != workers) {
+        println!(
+            "resume: the micro-batch rows were split over {before} CPU workers per replica and now \
+             over {workers} ({threads} threads): updates stay the same up to float rounding but are \
+             no longer bit-identical to an uninterrupted run (use --threads to match)"
+        );
+    }
+    Workers::new(threads, replicas, workers)
+}
+
+/// What every checkpoint of a run shares.
+struct CheckpointTarget<'a> {
+    /// `<checkpoint.dir>/<name>`.
+    dir: &'a Path,
+    recipe: &'a Recipe,
+    config: &'a Config,
+    tokenizer: Option<&'a TextTokenizer>,
+    base_model: &'a str,
+    weights_dtype: DType,
+    cpu_workers: usize,
+    data: &'a [SourceFingerprint],
+}
+
+impl CheckpointTarget<'_> {
+    /// Writes `step-<step>` (see [`checkpoint::save`]); returns its directory.
+    fn save(
+        &self,
+        step: u64,
+        params: &[(String, Var)],
+        adamw: &AdamW,
+        scaler: &LossScaler,
+        stream: &SequenceStream,
+        metrics: &BTreeMap<String, f64>,
+    ) -> Result<PathBuf> {
+        let state = TrainerState {
+            step,
+            epoch: stream.epoch_progress(),
+            stream: stream.state(),
+            optimizer_steps: adamw.step,
+            loss_scaler: *scaler,
+            recipe_hash: checkpoint::compatibility_hash(self.recipe),
+            recipe: self.recipe.clone(),
+            metrics: metrics.clone(),
+            files: BTreeMap::new(),
+            cpu_workers: Some(self.cpu_workers),
+            data: self.data.to_vec(),
+        };
+        checkpoint::save(
+            self.dir,
+            checkpoint::Contents {
+                config: self.config,
+                params: &model::parameter_tensors(params),
+                weights_dtype: self.weights_dtype,
+                tokenizer: self.tokenizer,
+                optimizer: adamw.state_tensors(params),
+                state,
+                base_model: self.base_model,
+            },
+        )
+    }
+}
+
+/// Checks the batch geometry against the data and returns the run's optimizer steps.
+fn check_geometry(recipe: &Recipe, train: &SequenceStream) -> Result<u64> {
+    let batch = &recipe.batch;
+    ensure!(
+        batch.micro > 0 && batch.replicas > 0,
+        "batch.micro and batch.replicas must be positive"
+    );
+    let per_micro_step = batch.micro * batch.replicas;
+    ensure!(
+        batch.global > 0 && batch.global.is_multiple_of(per_micro_step),
+        "batch.global ({}) must be a positive multiple of batch.micro × batch.replicas ({} × {})",
+        batch.global,
+        batch.micro,
+        batch.replicas
+    );
+    ensure!(
+        train.sequences_per_epoch() > 0,
+        "the training data has no sequences"
+    );
+    let total_steps = recipe.total_steps(train.sequences_per_epoch());
+    ensure!(
+        total_steps > 0,
+        "the recipe needs a positive `steps` or `epochs`"
+    );
+    Ok(total_steps)
+}
+
+/// fp32 master weights as autograd variables on `device`, in HF `state_dict` order.
+fn master_weights(
+    config: &Config,
+    initial: HashMap<String, Tensor>,
+    device: &Device,
+) -> Result<Vec<(String, Var)>> {
+    let mut params = Vec::new();
+    for (name, shape) in model::parameter_shapes(config) {
+        let tensor = initial
+            .get(&name)
+            .with_context(|| format!("initial weights lack {name}"))?;
+        ensure!(
+            tensor.dims() == shape.as_slice(),
+            "initial weight {name} has shape {:?}, expected {shape:?}",
+            tensor.dims()
+        );
+        params.push((
+            name,
+            Var::from_tensor(&tensor.to_dtype(DType::F32)?.to_device(device)?)?,
+        ));
+    }
+    Ok(params)
+}
+
+/// The checkpoint a run resumed from.
+struct Resumed {
+    dir: PathBuf,
+    state: TrainerState,
+}
+
+/// Finds and verifies the checkpoint, checks that the recipe and data may continue it, and
+/// restores the weights, the optimizer, the loss scaler and the data position from it.
+fn resume_from(
+    resume: &Resume,
+    recipe: &Recipe,
+    run_checkpoints: &Path,
+    options: &TrainOptions,
+    (config, params, device): (&Config, &[(String, Var)], &Device),
+    (adamw, scaler, train): (&mut AdamW, &mut LossScaler, &mut SequenceStream),
+) -> Result<Resumed> {
+    let mut warnings = Vec::new();
+    let (dir, state) = match resume {
+        Resume::Latest => checkpoint::latest_good(run_checkpoints, &mut |w| warnings.push(w))?,
+        Resume::Dir(dir) => (dir.clone(), checkpoint::verify(dir)?),
+    };
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let changes = checkpoint::check_compatible(&state.recipe, recipe)
+        .with_context(|| format!("cannot resume from {}", dir.display()))?;
+    for change in changes {
+        println!("resume: recipe change allowed: {change}");
+    }
+    check_same_data(&dir, &state, options)?;
+    restore(&dir, &state, config, params, adamw, device)?;
+    train.restore(state.stream);
+    let (resumed_scaler, note) = LossScaler::resumed(state.loss_scaler, &recipe.precision);
+    *scaler = resumed_scaler;
+    if let Some(note) = note {
+        println!("{note}");
+    }
+    println!("resumed from {} at step {}", dir.display(), state.step);
+    Ok(Resumed { dir, state })
 }
 
 /// Refuses a resume whose training files differ from those the checkpoint recorded, unless the
@@ -606,78 +623,6 @@ fn restore(
     )
 }
 
-/// `rows` in at most `parts` contiguous, non-empty pieces whose sizes differ by at most one.
-fn split_rows(rows: &[Sequence], parts: usize) -> Vec<&[Sequence]> {
-    let parts = parts.clamp(1, rows.len().max(1));
-    let (base, extra) = (rows.len() / parts, rows.len() % parts);
-    let mut pieces = Vec::with_capacity(parts);
-    let mut start = 0;
-    for part in 0..parts {
-        let len = base + usize::from(part < extra);
-        pieces.push(&rows[start..start + len]);
-        start += len;
-    }
-    pieces
-}
-
-/// `None` when the shard trains on no token.
-type ShardResult = Option<Shard>;
-
-struct Shard {
-    nll_sum: f64,
-    grads: Vec<Tensor>,
-}
-
-/// Forward and backward of one micro-batch shard; gradients of `weight × nll sum`.
-fn shard_backward(
-    model: &GptJ,
-    params: &[(String, Var)],
-    shard: &[Sequence],
-    pad_id: u32,
-    weight: f64,
-) -> Result<ShardResult> {
-    if shard.iter().all(|s| s.target_count() == 0) {
-        return Ok(None);
-    }
-    let (batch, labels) = make_batch(shard, pad_id, model.device())?;
-    let hidden = model.hidden_states(&batch, None)?;
-    let (head_weight, head_bias) = model.lm_head();
-    let loss = ops::lm_head_loss(
-        &hidden,
-        head_weight,
-        head_bias,
-        &labels,
-        Some(weight),
-        model.matmul_operands(),
-    )?;
-    let grad_store = loss.surrogate.expect("the shard has targets").backward()?;
-    let nll_sum = loss.nll_sum;
-    let (head_weight_grad, head_bias_grad) = loss.head_grads.expect("the shard has targets");
-    let grads = params
-        .iter()
-        .map(|(name, v)| {
-            let grad = match name.as_str() {
-                "lm_head.weight" => Some(&head_weight_grad),
-                "lm_head.bias" => head_bias_grad.as_ref(),
-                _ => grad_store.get(v.as_tensor()),
-            };
-            match grad {
-                Some(g) => Ok(g.to_dtype(DType::F32)?),
-                None => Ok(v.zeros_like()?),
-            }
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Some(Shard { nll_sum, grads }))
-}
-
-fn make_batch(rows: &[Sequence], pad_id: u32, device: &Device) -> Result<(Batch, Vec<i64>)> {
-    let ids: Vec<Vec<u32>> = rows.iter().map(|s| s.ids.clone()).collect();
-    let batch = Batch::right_padded(&ids, pad_id, device)?;
-    let seq = batch.input_ids.dim(1)?;
-    let labels = rows.iter().flat_map(|s| s.labels(seq)).collect();
-    Ok((batch, labels))
-}
-
 /// Eval loss (token-weighted mean over `sequences`) plus whatever the hook reports; `None` when
 /// there is neither.
 #[allow(clippy::too_many_arguments)]
@@ -711,17 +656,7 @@ fn evaluate(
                 continue;
             }
             let (batch, labels) = make_batch(rows, pad_id, device)?;
-            let hidden = model.hidden_states(&batch, None)?;
-            let (head_weight, head_bias) = model.lm_head();
-            nll += ops::lm_head_loss(
-                &hidden,
-                head_weight,
-                head_bias,
-                &labels,
-                None,
-                model.matmul_operands(),
-            )?
-            .nll_sum;
+            nll += model.loss_sum(&batch, &labels)?;
             count += trained;
         }
         if count > 0 {
@@ -743,23 +678,4 @@ fn evaluate(
         );
     }
     Ok(Some(results))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rows_split_into_near_equal_contiguous_pieces() {
-        let rows: Vec<Sequence> = (0..8).map(|i| Sequence::all_trained(vec![i; 3])).collect();
-        let sizes =
-            |parts| -> Vec<usize> { split_rows(&rows, parts).iter().map(|p| p.len()).collect() };
-        assert_eq!(sizes(1), [8]);
-        assert_eq!(sizes(3), [3, 3, 2]);
-        assert_eq!(sizes(8), [1; 8]);
-        assert_eq!(sizes(20), [1; 8], "never an empty piece");
-        let pieces = split_rows(&rows, 3);
-        assert_eq!(pieces[1][0].ids, rows[3].ids, "pieces keep the row order");
-        assert_eq!(split_rows(&rows[..0], 2).len(), 1);
-    }
 }

@@ -46,9 +46,27 @@ pub fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Largest absolute difference between two tensors of the same shape.
+/// The device the parity checks run their model on: `KILN_TEST_DEVICE` (`cpu`, `cuda`,
+/// `cuda:N`; `scripts/gpu-check.sh` sets it), else the CPU.
+pub fn test_device() -> Device {
+    match std::env::var("KILN_TEST_DEVICE") {
+        Ok(name) => kiln::model::parse_device(&name).expect("KILN_TEST_DEVICE"),
+        Err(_) => Device::Cpu,
+    }
+}
+
+/// `t` on the CPU, in fp32, for comparing with fixtures.
+fn host(t: &Tensor) -> Tensor {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+}
+
+/// Largest absolute difference between two tensors of the same shape (on any device).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let (a, b) = (&host(a), &host(b));
     (a - b)
         .unwrap()
         .abs()
@@ -61,9 +79,10 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-/// ||a - b|| / ||b|| (Frobenius).
+/// ||a - b|| / ||b|| (Frobenius; on any device).
 pub fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let (a, b) = (&host(a), &host(b));
     let diff = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
     let norm = b.sqr().unwrap().sum_all().unwrap();
     let diff = diff.to_scalar::<f32>().unwrap().sqrt();

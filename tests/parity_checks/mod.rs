@@ -15,7 +15,7 @@ pub const CONFIGS: &[&str] = &["rot8", "full12"];
 
 fn fixture_batch(io: &HashMap<String, Tensor>) -> (Vec<Vec<u32>>, Batch) {
     let rows = rows_from_fixture(&io["input_ids"], &io["attention_mask"]);
-    let batch = Batch::right_padded(&rows, 0, &Device::Cpu).unwrap();
+    let batch = Batch::right_padded(&rows, 0, &test_device()).unwrap();
     (rows, batch)
 }
 
@@ -24,7 +24,7 @@ pub fn fp32_logits() {
     for name in CONFIGS {
         let dir = fixtures().join("parity").join(name);
         let io = load_tensors(&dir.join("io.safetensors"));
-        let model = model::load_model(&dir, DType::F32, &Device::Cpu).unwrap();
+        let model = model::load_model(&dir, DType::F32, &test_device()).unwrap();
         let (rows, batch) = fixture_batch(&io);
         let logits = model.forward(&batch, None).unwrap();
         let reference = &io["logits"];
@@ -44,10 +44,10 @@ pub fn padded_rows() {
     for name in CONFIGS {
         let dir = fixtures().join("parity").join(name);
         let io = load_tensors(&dir.join("io.safetensors"));
-        let model = model::load_model(&dir, DType::F32, &Device::Cpu).unwrap();
+        let model = model::load_model(&dir, DType::F32, &test_device()).unwrap();
         let (rows, batch) = fixture_batch(&io);
         let padded = model.forward(&batch, None).unwrap();
-        let alone_batch = Batch::right_padded(&rows[1..2], 0, &Device::Cpu).unwrap();
+        let alone_batch = Batch::right_padded(&rows[1..2], 0, &test_device()).unwrap();
         let alone = model.forward(&alone_batch, None).unwrap().get(0).unwrap();
         let in_batch = padded.get(1).unwrap().narrow(0, 0, rows[1].len()).unwrap();
         let diff = max_abs_diff(&in_batch, &alone);
@@ -68,7 +68,7 @@ pub fn loss_and_gradients() {
         let dir = fixtures().join("parity").join(name);
         let io = load_tensors(&dir.join("io.safetensors"));
         let config = model::load_config(&dir).unwrap();
-        let params = model::load_parameters(&dir, &config, DType::F32, &Device::Cpu).unwrap();
+        let params = model::load_parameters(&dir, &config, DType::F32, &test_device()).unwrap();
         let vars: HashMap<String, Var> = params
             .iter()
             .map(|(k, v)| (k.clone(), Var::from_tensor(v).unwrap()))
@@ -78,13 +78,17 @@ pub fn loss_and_gradients() {
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect();
         let model =
-            model::model_from_parameters(&config, &tensors, DType::F32, &Device::Cpu).unwrap();
+            model::model_from_parameters(&config, &tensors, DType::F32, &test_device()).unwrap();
         let (rows, batch) = fixture_batch(&io);
         let seq = rows.iter().map(Vec::len).max().unwrap();
         let logits = model.forward(&batch, None).unwrap();
         let labels = gptj::shifted_labels(&rows, seq);
         let loss = gptj::causal_lm_loss(&logits, &labels).unwrap();
-        let ours = loss.to_scalar::<f32>().unwrap();
+        let ours = loss
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let theirs = io["loss"].to_vec1::<f32>().unwrap()[0];
         eprintln!("{name}: loss {ours} vs {theirs}");
         assert!(
@@ -130,7 +134,7 @@ pub fn half_precision() {
         for name in CONFIGS {
             let dir = fixtures().join("parity").join(name);
             let io = load_tensors(&dir.join("io.safetensors"));
-            let model = model::load_model(&dir, dtype, &Device::Cpu).unwrap();
+            let model = model::load_model(&dir, dtype, &test_device()).unwrap();
             let (rows, batch) = fixture_batch(&io);
             let logits = model.forward(&batch, None).unwrap();
             assert_eq!(logits.dtype(), DType::F32, "logits come back in fp32");
@@ -157,14 +161,14 @@ pub fn half_precision() {
     }
 }
 
-/// The trainer's loss head (`ops::lm_head_loss`: chunked, the logits never whole) and the
-/// surrogate's backward: HF's loss and every gradient, the head's included.
+/// The trainer's loss and gradients (`GptJ::loss_and_grads`: the fused, chunked loss head, the
+/// logits never whole, and autograd below it): HF's loss and every gradient, the head's included.
 pub fn training_loss_head() {
     for name in CONFIGS {
         let dir = fixtures().join("parity").join(name);
         let io = load_tensors(&dir.join("io.safetensors"));
         let config = model::load_config(&dir).unwrap();
-        let params = model::load_parameters(&dir, &config, DType::F32, &Device::Cpu).unwrap();
+        let params = model::load_parameters(&dir, &config, DType::F32, &test_device()).unwrap();
         let vars: HashMap<String, Var> = params
             .iter()
             .map(|(k, v)| (k.clone(), Var::from_tensor(v).unwrap()))
@@ -174,41 +178,27 @@ pub fn training_loss_head() {
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect();
         let model =
-            model::model_from_parameters(&config, &tensors, DType::F32, &Device::Cpu).unwrap();
+            model::model_from_parameters(&config, &tensors, DType::F32, &test_device()).unwrap();
         let (rows, batch) = fixture_batch(&io);
         let seq = rows.iter().map(Vec::len).max().unwrap();
         let labels = gptj::shifted_labels(&rows, seq);
         let targets = labels.iter().filter(|&&l| l >= 0).count();
-        let hidden = model.hidden_states(&batch, None).unwrap();
-        let (head_weight, head_bias) = model.lm_head();
-        let loss = kiln::ops::lm_head_loss(
-            &hidden,
-            head_weight,
-            head_bias,
-            &labels,
-            Some(1.0 / targets as f64),
-            model.matmul_operands(),
-        )
-        .unwrap();
+        let loss = model
+            .loss_and_grads(&batch, &labels, 1.0 / targets as f64)
+            .unwrap()
+            .expect("the fixture has labels");
         let ours = loss.nll_sum / targets as f64;
         let theirs = io["loss"].to_vec1::<f32>().unwrap()[0] as f64;
         assert!(
             (ours - theirs).abs() <= 1e-5,
             "{name}: loss head {ours} vs HF {theirs}"
         );
-        let grads = loss.surrogate.unwrap().backward().unwrap();
-        let (head_w, head_b) = loss.head_grads.unwrap();
         let mut worst = (0f32, String::new());
         for (param, var) in &vars {
-            let grad = match param.as_str() {
-                "lm_head.weight" => head_w.clone(),
-                "lm_head.bias" => head_b.clone().expect("GPT-J's head has a bias"),
-                _ => grads
-                    .get(var.as_tensor())
-                    .unwrap_or_else(|| panic!("no gradient reached {param}"))
-                    .clone(),
-            };
-            let err = relative_error(&grad, &io[&format!("grad.{param}")]);
+            let grad = loss
+                .get(param, var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient reached {param}"));
+            let err = relative_error(grad, &io[&format!("grad.{param}")]);
             if err > worst.0 {
                 worst = (err, param.clone());
             }
@@ -243,8 +233,9 @@ pub fn twenty_adamw_steps() {
          data: {{train: [{{source: {{path: none.jsonl}}, template: text}}], seq_len: 16, shuffle: false}}\n\
          batch: {{global: 4, micro: 4}}\nsteps: 20\n\
          optimizer: {{lr: 1.0e-3, betas: [0.9, 0.95], eps: 1.0e-8, weight_decay: 0.1, grad_clip: 1.0}}\n\
-         checkpoint: {{dir: {0}/checkpoints}}\ntracking: {{log_dir: {0}/runs}}\n",
-        out.path().display()
+         checkpoint: {{dir: {0}/checkpoints}}\ntracking: {{log_dir: {0}/runs}}\ndevice: {1}\n",
+        out.path().display(),
+        std::env::var("KILN_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
     ))
     .unwrap();
     let config = model::load_config(&fixture).unwrap();

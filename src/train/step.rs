@@ -1,0 +1,232 @@
+//! One optimizer step, in the order it happens: the model in the compute dtype from the fp32
+//! master weights, forward and backward of every micro-batch shard with the gradients summed,
+//! unscale, the global gradient norm, the fp16 scaler's verdict, clipping, and AdamW.
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::optimizer::{self, AdamW};
+use super::precision::{LossScaler, StepVerdict};
+use crate::data::Sequence;
+use crate::model::{self, Batch, Config, GptJ};
+use crate::ops;
+
+/// What a step needs that does not change between steps.
+pub struct StepSetup<'a> {
+    pub config: &'a Config,
+    pub compute_dtype: DType,
+    pub device: &'a Device,
+    /// Rows per forward/backward on one replica.
+    pub micro: usize,
+    pub replicas: usize,
+    pub pad_id: u32,
+    pub grad_clip: Option<f64>,
+    pub workers: &'a Workers,
+}
+
+/// What one step did.
+pub struct StepOutcome {
+    /// Mean cross-entropy over the batch's trained tokens.
+    pub loss: f64,
+    /// Global gradient norm before clipping (unscaled; not finite on overflow).
+    pub grad_norm: f64,
+    /// False when non-finite gradients skipped the update.
+    pub applied: bool,
+}
+
+/// Trains `params` on `sequences` (the whole global batch) with learning rate `lr`.
+///
+/// Every shard backpropagates `its nll sum × scale / trained tokens of the global batch`, so the
+/// summed gradients are the global batch's mean loss's however the batch is cut into
+/// micro-batches, replicas and workers.
+pub fn train_step(
+    setup: &StepSetup,
+    params: &[(String, Var)],
+    adamw: &mut AdamW,
+    scaler: &mut LossScaler,
+    sequences: &[Sequence],
+    lr: f64,
+) -> Result<StepOutcome> {
+    let targets: usize = sequences.iter().map(Sequence::target_count).sum();
+    anyhow::ensure!(
+        targets > 0,
+        "no token of the batch is trained on (check data.loss_on and the templates)"
+    );
+    // The working copy of the weights in the compute dtype, made once per step.
+    let model = model::model_from_parameters(
+        setup.config,
+        &model::parameter_tensors(params),
+        setup.compute_dtype,
+        setup.device,
+    )?;
+
+    // Forward and backward, gradients accumulated over micro-batches, replicas and workers.
+    let shard_weight = scaler.scale / targets as f64;
+    let mut nll_sum = 0f64;
+    let mut grads: Option<Vec<Tensor>> = None;
+    for micro_step in sequences.chunks(setup.micro * setup.replicas) {
+        let shards: Vec<&[Sequence]> = micro_step
+            .chunks(setup.micro)
+            .flat_map(|replica_rows| split_rows(replica_rows, setup.workers.per_replica))
+            .collect();
+        let results = setup.workers.run(&shards, |shard| {
+            shard_backward(&model, params, shard, setup.pad_id, shard_weight)
+        });
+        // Summed in shard order, so the result does not depend on which thread finished first.
+        for result in results {
+            let Some((shard_nll, shard_grads)) = result? else {
+                continue;
+            };
+            nll_sum += shard_nll;
+            match grads.as_mut() {
+                None => grads = Some(shard_grads),
+                Some(acc) => {
+                    for (a, g) in acc.iter_mut().zip(&shard_grads) {
+                        ops::add_in_place(a, g)?;
+                    }
+                }
+            }
+        }
+    }
+    drop(model);
+    let mut grads = grads.expect("a batch with targets has a shard with targets");
+
+    // Unscale (fp16), then the norm decides: apply, or skip on overflow.
+    if scaler.scale != 1.0 {
+        for g in grads.iter_mut() {
+            *g = (&*g / scaler.scale)?;
+        }
+    }
+    let grad_norm = ops::global_norm(&grads)?;
+    let applied = scaler.update(grad_norm.is_finite()) == StepVerdict::Apply;
+    if applied {
+        if let Some(max_norm) = setup.grad_clip {
+            optimizer::clip(&mut grads, grad_norm, max_norm)?;
+        }
+        adamw.update(params, &grads, lr)?;
+    }
+    Ok(StepOutcome {
+        loss: nll_sum / targets as f64,
+        grad_norm,
+        applied,
+    })
+}
+
+/// Forward and backward of one shard: its nll sum and the fp32 gradients of `weight × nll sum`
+/// for every parameter (zeros where none reached it); `None` when it trains on no token.
+fn shard_backward(
+    model: &GptJ,
+    params: &[(String, Var)],
+    shard: &[Sequence],
+    pad_id: u32,
+    weight: f64,
+) -> Result<Option<(f64, Vec<Tensor>)>> {
+    let (batch, labels) = make_batch(shard, pad_id, model.device())?;
+    let Some(loss) = model.loss_and_grads(&batch, &labels, weight)? else {
+        return Ok(None);
+    };
+    let grads = params
+        .iter()
+        .map(|(name, v)| match loss.get(name, v.as_tensor()) {
+            Some(g) => Ok(g.to_dtype(DType::F32)?),
+            None => Ok(v.zeros_like()?),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some((loss.nll_sum, grads)))
+}
+
+/// Rows right-padded into a batch, with their next-token labels (-100 where not trained).
+pub fn make_batch(rows: &[Sequence], pad_id: u32, device: &Device) -> Result<(Batch, Vec<i64>)> {
+    let ids: Vec<Vec<u32>> = rows.iter().map(|s| s.ids.clone()).collect();
+    let batch = Batch::right_padded(&ids, pad_id, device)?;
+    let seq = batch.input_ids.dim(1)?;
+    let labels = rows.iter().flat_map(|s| s.labels(seq)).collect();
+    Ok((batch, labels))
+}
+
+/// The threads a run trains on: per replica, `per_replica` workers, each with its own
+/// single-purpose rayon pool (see [`ops::workers_per_replica`]).
+pub struct Workers {
+    pub per_replica: usize,
+    pools: Vec<rayon::ThreadPool>,
+}
+
+impl Workers {
+    /// `threads` shared out over `replicas × per_replica` pools.
+    pub fn new(threads: usize, replicas: usize, per_replica: usize) -> Result<Self> {
+        let threads_per_replica = (threads / replicas).max(1);
+        let extra = threads_per_replica % per_replica;
+        let pools = (0..replicas * per_replica)
+            .map(|pool| {
+                let worker = pool % per_replica;
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads_per_replica / per_replica + usize::from(worker < extra))
+                    .build()
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Self { per_replica, pools })
+    }
+
+    /// `work` on every shard, shard `i` in pool `i`, all at once; results in shard order.
+    fn run<T: Send>(
+        &self,
+        shards: &[&[Sequence]],
+        work: impl Fn(&[Sequence]) -> Result<T> + Sync,
+    ) -> Vec<Result<T>> {
+        if shards.len() == 1 {
+            return vec![self.pools[0].install(|| work(shards[0]))];
+        }
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = shards
+                .iter()
+                .zip(&self.pools)
+                .map(|(shard, pool)| {
+                    let work = &work;
+                    scope.spawn(move || pool.install(|| work(shard)))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("worker thread {i} panicked")))
+                        .with_context(|| format!("shard {i}"))
+                })
+                .collect()
+        })
+    }
+}
+
+/// `rows` in at most `parts` contiguous, non-empty pieces whose sizes differ by at most one.
+fn split_rows(rows: &[Sequence], parts: usize) -> Vec<&[Sequence]> {
+    let parts = parts.clamp(1, rows.len().max(1));
+    let (base, extra) = (rows.len() / parts, rows.len() % parts);
+    let mut pieces = Vec::with_capacity(parts);
+    let mut start = 0;
+    for part in 0..parts {
+        let len = base + usize::from(part < extra);
+        pieces.push(&rows[start..start + len]);
+        start += len;
+    }
+    pieces
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_split_into_near_equal_contiguous_pieces() {
+        let rows: Vec<Sequence> = (0..8).map(|i| Sequence::all_trained(vec![i; 3])).collect();
+        let sizes =
+            |parts| -> Vec<usize> { split_rows(&rows, parts).iter().map(|p| p.len()).collect() };
+        assert_eq!(sizes(1), [8]);
+        assert_eq!(sizes(3), [3, 3, 2]);
+        assert_eq!(sizes(8), [1; 8]);
+        assert_eq!(sizes(20), [1; 8], "never an empty piece");
+        let pieces = split_rows(&rows, 3);
+        assert_eq!(pieces[1][0].ids, rows[3].ids, "pieces keep the row order");
+        assert_eq!(split_rows(&rows[..0], 2).len(), 1);
+    }
+}
