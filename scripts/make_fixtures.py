@@ -175,6 +175,14 @@ TRAIN_HPARAMS = dict(
 )
 
 
+def random_batches(hp: dict, seed: int) -> torch.Tensor:
+    """Random rot8 token ids [steps, batch_size, seq_len], no padding."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(
+        0, ROT8["vocab_size"], (hp["steps"], hp["batch_size"], hp["seq_len"]), generator=gen, dtype=torch.int64
+    )
+
+
 def make_train(out: Path, seed: int) -> None:
     d = fresh_dir(out / "train_adamw")
     model = build_model(ROT8, seed)
@@ -183,10 +191,7 @@ def make_train(out: Path, seed: int) -> None:
     check_saved_names(model, d)
 
     hp = TRAIN_HPARAMS
-    gen = torch.Generator().manual_seed(seed + 1)
-    batches = torch.randint(
-        0, ROT8["vocab_size"], (hp["steps"], hp["batch_size"], hp["seq_len"]), generator=gen, dtype=torch.int64
-    )
+    batches = random_batches(hp, seed + 1)
 
     model.train()
     params = list(model.parameters())
@@ -231,10 +236,7 @@ def make_train_no_decay(out: Path, seed: int) -> None:
     d = out / "train_adamw"
     model = build_model(ROT8, seed)
     hp = TRAIN_HPARAMS
-    gen = torch.Generator().manual_seed(seed + 1)
-    batches = torch.randint(
-        0, ROT8["vocab_size"], (hp["steps"], hp["batch_size"], hp["seq_len"]), generator=gen, dtype=torch.int64
-    )
+    batches = random_batches(hp, seed + 1)
     named = list(model.named_parameters())
     exempt = [p for n, p in named if any(pat in n for pat in NO_DECAY["patterns"])]
     decayed = [p for n, p in named if not any(pat in n for pat in NO_DECAY["patterns"])]
@@ -309,10 +311,7 @@ def make_train_fp16(out: Path, seed: int) -> None:
     d = fresh_dir(out / "train_fp16")
     model = build_model(ROT8, seed)
     hp = FP16_HPARAMS
-    gen = torch.Generator().manual_seed(seed + 7)
-    batches = torch.randint(
-        0, ROT8["vocab_size"], (hp["steps"], hp["batch_size"], hp["seq_len"]), generator=gen, dtype=torch.int64
-    )
+    batches = random_batches(hp, seed + 7)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"], weight_decay=hp["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: kiln_linear_lr(k + 1, hp) / hp["lr"])

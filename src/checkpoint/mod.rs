@@ -287,13 +287,9 @@ fn hash_files(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
         if name == STATE_FILE || !entry.file_type()?.is_file() {
             continue;
         }
-        files.insert(name, hash_file(&entry.path())?);
+        files.insert(name, file_digest(&entry.path())?);
     }
     Ok(files)
-}
-
-fn hash_file(path: &Path) -> Result<FileEntry> {
-    file_digest(path)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -318,7 +314,7 @@ pub fn verify(dir: &Path) -> Result<TrainerState> {
         if !file.is_file() {
             bail!("{}: file is missing", file.display());
         }
-        let found = hash_file(&file)?;
+        let found = file_digest(&file)?;
         if found.size != expected.size {
             bail!(
                 "{}: size is {} bytes, trainer_state.json says {}",

@@ -8,7 +8,6 @@ pub mod prepare;
 pub mod preview;
 pub mod source;
 pub mod stream;
-pub mod synth;
 pub mod template;
 
 pub use check::{check, Derived, Resolved};

@@ -549,7 +549,8 @@ fn float(x: f64) -> Value {
     serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
 }
 
-fn hub_origin(spec: &SourceSpec) -> String {
+/// How messages and reports name a Hub source: `hub:owner/name/config/split`.
+pub fn hub_origin(spec: &SourceSpec) -> String {
     format!(
         "hub:{}/{}/{}",
         spec.hub.as_deref().unwrap_or(""),

@@ -241,21 +241,16 @@ fn starting_model(recipe: &Recipe, recipe_dir: &Path) -> Result<(ModelInit, Text
     }
 }
 
-/// The eval data as a report names it: each source's file or Hub dataset/config/split.
+/// The eval data as a report names it: each source's file or `hub:dataset/config/split`.
 fn eval_split_name(recipe: &Recipe) -> String {
     let names: Vec<String> = recipe
         .data
         .eval
         .iter()
         .map(|d| {
-            let source = match (&d.source.path, &d.source.hub) {
-                (Some(path), _) => path.display().to_string(),
-                (None, hub) => format!(
-                    "{}/{}/{}",
-                    hub.as_deref().unwrap_or(""),
-                    d.source.config.as_deref().unwrap_or("default"),
-                    d.source.split.as_deref().unwrap_or("")
-                ),
+            let source = match &d.source.path {
+                Some(path) => path.display().to_string(),
+                None => data::source::hub_origin(&d.source),
             };
             source + &first_rows(d.limit)
         })

@@ -19,6 +19,42 @@ fn fixture_batch(io: &HashMap<String, Tensor>) -> (Vec<Vec<u32>>, Batch) {
     (rows, batch)
 }
 
+/// A fixture's model built on autograd variables, with its batch.
+struct Trainable {
+    io: HashMap<String, Tensor>,
+    config: model::Config,
+    vars: HashMap<String, Var>,
+    model: model::GptJ,
+    rows: Vec<Vec<u32>>,
+    batch: Batch,
+}
+
+fn trainable(name: &str) -> Trainable {
+    let dir = fixtures().join("parity").join(name);
+    let io = load_tensors(&dir.join("io.safetensors"));
+    let config = model::load_config(&dir).unwrap();
+    let params = model::load_parameters(&dir, &config, DType::F32, &test_device()).unwrap();
+    let vars: HashMap<String, Var> = params
+        .iter()
+        .map(|(k, v)| (k.clone(), Var::from_tensor(v).unwrap()))
+        .collect();
+    let tensors = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let model =
+        model::model_from_parameters(&config, &tensors, DType::F32, &test_device()).unwrap();
+    let (rows, batch) = fixture_batch(&io);
+    Trainable {
+        io,
+        config,
+        vars,
+        model,
+        rows,
+        batch,
+    }
+}
+
 /// fp32 logits within 1e-4 of HF's, two configs.
 pub fn fp32_logits() {
     for name in CONFIGS {
@@ -65,21 +101,14 @@ pub fn padded_rows() {
 /// over the full logits.
 pub fn loss_and_gradients() {
     for name in CONFIGS {
-        let dir = fixtures().join("parity").join(name);
-        let io = load_tensors(&dir.join("io.safetensors"));
-        let config = model::load_config(&dir).unwrap();
-        let params = model::load_parameters(&dir, &config, DType::F32, &test_device()).unwrap();
-        let vars: HashMap<String, Var> = params
-            .iter()
-            .map(|(k, v)| (k.clone(), Var::from_tensor(v).unwrap()))
-            .collect();
-        let tensors = vars
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        let model =
-            model::model_from_parameters(&config, &tensors, DType::F32, &test_device()).unwrap();
-        let (rows, batch) = fixture_batch(&io);
+        let Trainable {
+            io,
+            config,
+            vars,
+            model,
+            rows,
+            batch,
+        } = trainable(name);
         let seq = rows.iter().map(Vec::len).max().unwrap();
         let logits = model.forward(&batch, None).unwrap();
         let labels = gptj::shifted_labels(&rows, seq);
@@ -165,21 +194,14 @@ pub fn half_precision() {
 /// logits never whole, and autograd below it): HF's loss and every gradient, the head's included.
 pub fn training_loss_head() {
     for name in CONFIGS {
-        let dir = fixtures().join("parity").join(name);
-        let io = load_tensors(&dir.join("io.safetensors"));
-        let config = model::load_config(&dir).unwrap();
-        let params = model::load_parameters(&dir, &config, DType::F32, &test_device()).unwrap();
-        let vars: HashMap<String, Var> = params
-            .iter()
-            .map(|(k, v)| (k.clone(), Var::from_tensor(v).unwrap()))
-            .collect();
-        let tensors = vars
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        let model =
-            model::model_from_parameters(&config, &tensors, DType::F32, &test_device()).unwrap();
-        let (rows, batch) = fixture_batch(&io);
+        let Trainable {
+            io,
+            vars,
+            model,
+            rows,
+            batch,
+            ..
+        } = trainable(name);
         let seq = rows.iter().map(Vec::len).max().unwrap();
         let labels = gptj::shifted_labels(&rows, seq);
         let targets = labels.iter().filter(|&&l| l >= 0).count();

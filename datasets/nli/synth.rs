@@ -1,4 +1,8 @@
-//! `kiln data synth-nli`: the bundled NLI dataset and its small tokenizer, generated from a seed.
+//! The bundled NLI dataset (`datasets/nli`) and its small tokenizer, generated from a seed:
+//!
+//!     cargo run --release --example synth-nli -- --out datasets/nli --seed 0
+//!
+//! (`tests/data.rs` includes this file to check that the committed files are what it writes.)
 //!
 //! Every premise states one fact: a subject did something to an object (with an attribute),
 //! optionally somewhere and at some time. Hypotheses relate to that fact in fixed ways with
@@ -22,7 +26,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::tokenizer::EOS_TOKEN;
+use kiln::tokenizer::EOS_TOKEN;
 
 pub const LABEL_WORDS: [&str; 3] = ["entailment", "neutral", "contradiction"];
 
@@ -616,17 +620,59 @@ pub fn write_dataset(out: &Path, config: &SynthConfig) -> Result<SynthSummary> {
             text.push('\n');
         }
         let path = out.join(name);
-        crate::atomic_file::write(&path, text.as_bytes())?;
+        kiln::atomic_file::write(&path, text.as_bytes())?;
         files.push(path);
     }
     let json = tokenizer
         .to_string(false)
         .map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;
     let path = tokenizer_dir.join("tokenizer.json");
-    crate::atomic_file::write(&path, json.as_bytes())?;
+    kiln::atomic_file::write(&path, json.as_bytes())?;
     files.push(path);
     Ok(SynthSummary {
         files,
         vocab_size: tokenizer.get_vocab_size(true),
     })
+}
+
+/// Generate the bundled NLI dataset (MNLI schema) and train its tokenizer.
+#[derive(clap::Parser)]
+struct Args {
+    /// Output directory (train.jsonl, validation.jsonl, tokenizer/tokenizer.json).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 6000)]
+    train_rows: usize,
+    #[arg(long, default_value_t = 600)]
+    validation_rows: usize,
+    /// Tokenizer vocabulary size, `<|endoftext|>` included.
+    #[arg(long, default_value_t = 1024)]
+    vocab_size: usize,
+}
+
+// Unused where tests include this file as a module.
+#[allow(dead_code)]
+fn main() -> Result<()> {
+    let args = <Args as clap::Parser>::parse();
+    let config = SynthConfig {
+        seed: args.seed,
+        train_rows: args.train_rows,
+        validation_rows: args.validation_rows,
+        vocab_size: args.vocab_size,
+    };
+    let summary = write_dataset(&args.out, &config)?;
+    println!(
+        "wrote {} (seed {}; tokenizer vocabulary {})",
+        summary
+            .files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        args.seed,
+        summary.vocab_size
+    );
+    Ok(())
 }

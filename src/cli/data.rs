@@ -1,0 +1,50 @@
+//! `kiln data preview|stats`: a recipe's data as the model sees it.
+
+use super::*;
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Print examples exactly as the model sees them, with the prompt/target split marked.
+    Preview {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        #[arg(long, value_enum, default_value = "train")]
+        split: crate::data::Split,
+        /// Number of examples.
+        #[arg(long, default_value_t = 5)]
+        n: usize,
+    },
+    /// Count examples, tokens, sequences per epoch, truncated and dropped rows.
+    Stats {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(super) fn data(command: DataCommand) -> Result<()> {
+    use crate::data::{prepare, preview, Split};
+    match command {
+        DataCommand::Preview { recipe, split, n } => {
+            let (r, dir, tokenizer) = recipe_and_tokenizer(&recipe)?;
+            print!("{}", preview::preview(&r, &dir, &tokenizer, split, n)?);
+        }
+        DataCommand::Stats { recipe, json } => {
+            let (r, dir, tokenizer) = recipe_and_tokenizer(&recipe)?;
+            let mut all = vec![prepare(&r, &dir, &tokenizer, Split::Train)?.stats];
+            if !r.data.eval.is_empty() {
+                all.push(prepare(&r, &dir, &tokenizer, Split::Eval)?.stats);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                for stats in &all {
+                    print!("{}", preview::stats_text(stats));
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! The `kiln` command line: one subcommand per thing a user does.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::model::{self, init::Preset};
+use crate::tokenizer::TextTokenizer;
+
+mod data;
+mod eval;
+mod generate;
+mod init;
+mod push;
+mod recipe;
+mod score;
+mod train;
+
+pub use data::DataCommand;
+pub use eval::{EvalArgs, EvalTaskArg};
+pub use generate::GenerateArgs;
+pub use init::InitArgs;
+pub use push::PushArgs;
+pub use recipe::RecipeCommand;
+pub use score::ScoreArgs;
+pub use train::TrainArgs;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Fine-tune GPT-J-family language models from recipes"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train (fine-tune) a model as a recipe says: checkpoints, TensorBoard logs, evaluation.
+    #[command(visible_alias = "finetune")]
+    Train(TrainArgs),
+    /// Write a randomly initialised GPT-J as a Hugging Face model directory.
+    Init(InitArgs),
+    /// Per-token log-probabilities of texts or token ids under a model.
+    Score(ScoreArgs),
+    /// Evaluate a model on a task and write a report (MNLI accuracy).
+    Eval(EvalArgs),
+    /// Continue prompts with a model (greedy or sampling, HF semantics).
+    Generate(GenerateArgs),
+    /// Upload a checkpoint (or any model directory) to a Hugging Face Hub repo as one commit.
+    Push(PushArgs),
+    /// Check a recipe and print it fully resolved.
+    #[command(subcommand)]
+    Recipe(RecipeCommand),
+    /// Look at a recipe's data.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RecipeArgs {
+    /// Recipe YAML file.
+    pub recipe: PathBuf,
+    /// Override a recipe key: `--set optimizer.lr=3e-5` (the value is YAML). Repeatable.
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    pub set: Vec<String>,
+}
+
+pub fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(args) => train::train(args),
+        Command::Init(args) => init::init(args),
+        Command::Score(args) => score::score(args),
+        Command::Eval(args) => eval::eval(args),
+        Command::Generate(args) => generate::generate(args),
+        Command::Push(args) => push::push(args),
+        Command::Recipe(RecipeCommand::Check(args)) => recipe::recipe_check(args),
+        Command::Data(command) => data::data(command),
+    }
+}
+
+/// The tokenizer stored in a model directory, if it has one, checked against the model.
+pub fn model_tokenizer(dir: &Path, vocab_size: usize) -> Result<Option<TextTokenizer>> {
+    let has_tokenizer = dir.join("tokenizer.json").is_file()
+        || (dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file());
+    if !has_tokenizer {
+        return Ok(None);
+    }
+    let tokenizer = TextTokenizer::from_dir(dir)?;
+    tokenizer.check_fits(vocab_size, dir)?;
+    Ok(Some(tokenizer))
+}
+
+/// The recipe and the tokenizer its data is tokenized with (which must be on this machine).
+fn recipe_and_tokenizer(
+    args: &RecipeArgs,
+) -> Result<(crate::recipe::Recipe, PathBuf, TextTokenizer)> {
+    let recipe = crate::recipe::load(&args.recipe, &args.set)?;
+    let dir = crate::recipe::recipe_dir(&args.recipe);
+    let tokenizer = crate::recipe::tokenizer_for(&recipe, &dir)?.with_context(|| {
+        format!(
+            "{}: no local tokenizer (set `tokenizer:` to a directory, or `model.from` to a local \
+             model directory with one)",
+            args.recipe.display()
+        )
+    })?;
+    Ok((recipe, dir, tokenizer))
+}

@@ -1,0 +1,52 @@
+//! `kiln score`: per-token log-probabilities of texts or token ids.
+
+use super::*;
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSON lines, each {"text": ...} or {"ids": [...]}.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// JSON lines written here, each {"ids", "logprobs", "total"}, in input order.
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Compute dtype: fp32, fp16 or bf16.
+    #[arg(long, default_value = "fp32")]
+    pub dtype: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub(super) fn score(args: ScoreArgs) -> Result<()> {
+    let dtype = model::parse_dtype(&args.dtype)?;
+    let device = model::parse_device(&args.device)?;
+    let model = model::load_model(&args.model, dtype, &device)?;
+    let config = model.config().clone();
+    let tokenizer = model_tokenizer(&args.model, config.vocab_size)?;
+    let rows = crate::eval::score::read_score_inputs(
+        &args.input,
+        tokenizer.as_ref(),
+        config.vocab_size,
+        config.n_positions,
+    )?;
+    let scored =
+        crate::eval::score::score_rows(&model, &rows, args.batch_size).context("scoring failed")?;
+    crate::eval::score::write_jsonl(&args.output, &scored)?;
+    let tokens: usize = scored.iter().map(|r| r.ids.len()).sum();
+    let total: f64 = scored.iter().map(|r| r.total as f64).sum();
+    let predicted = tokens - scored.len();
+    println!(
+        "scored {} rows ({tokens} tokens) -> {}; mean log-prob {:.4}, perplexity {:.3}",
+        scored.len(),
+        args.output.display(),
+        total / predicted.max(1) as f64,
+        (-total / predicted.max(1) as f64).exp()
+    );
+    Ok(())
+}
