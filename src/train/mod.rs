@@ -142,7 +142,7 @@ pub fn run(
         None => None,
     };
     let start_step = resumed.as_ref().map_or(0, |r| r.state.step);
-    let mut last_metrics = resumed
+    let last_metrics = resumed
         .as_ref()
         .map(|r| r.state.metrics.clone())
         .unwrap_or_default();
@@ -167,13 +167,12 @@ pub fn run(
 
     let weights_dtype = recipe.checkpoint.dtype.unwrap_or(Compute::Fp32).dtype();
     let recipe_yaml = serde_norway::to_string(recipe)?;
-    let mut tracker = Tracker::open(
+    let tracker = Tracker::open(
         &run_logs,
         &recipe_yaml,
         &recipe.device,
         (start_step > 0).then_some(start_step),
     )?;
-    let progress = Progress::new(total_steps, start_step, options.quiet);
     let pad_id = init.tokenizer.as_ref().map_or(0, |t| t.pad_id());
     let setup = StepSetup {
         config: &init.config,
@@ -186,17 +185,23 @@ pub fn run(
         workers: &worker_pools,
     };
     let eval_every = recipe.eval.every;
-    let mut summary = TrainSummary {
-        step: start_step,
-        total_steps,
-        stopped_early: false,
-        losses: Vec::new(),
-        grad_norms: Vec::new(),
-        step_seconds: Vec::new(),
-        eval: BTreeMap::new(),
-        last_checkpoint: None,
-        run_dir: run_logs.clone(),
-        checkpoint_dir: run_checkpoints.clone(),
+    let mut log = RunLog {
+        tracker,
+        progress: Progress::new(total_steps, start_step, options.quiet),
+        metrics: last_metrics,
+        log_every: recipe.tracking.log_every.max(1),
+        summary: TrainSummary {
+            step: start_step,
+            total_steps,
+            stopped_early: false,
+            losses: Vec::new(),
+            grad_norms: Vec::new(),
+            step_seconds: Vec::new(),
+            eval: BTreeMap::new(),
+            last_checkpoint: None,
+            run_dir: run_logs.clone(),
+            checkpoint_dir: run_checkpoints.clone(),
+        },
     };
     let checkpoints = CheckpointTarget {
         dir: &run_checkpoints,
@@ -215,55 +220,36 @@ pub fn run(
         // it (as HF Trainer / accelerate skip `scheduler.step()` then).
         let lr = schedule.lr_at(adamw.step + 1);
         let sequences = train.next_batch(batch.global);
-        let StepOutcome {
-            loss,
-            grad_norm,
-            applied,
-        } = train_step(&setup, &params, &mut adamw, &mut scaler, &sequences, lr)
+        let outcome = train_step(&setup, &params, &mut adamw, &mut scaler, &sequences, lr)
             .with_context(|| format!("step {step}"))?;
-        if !applied {
+        if !outcome.applied {
             if !scaler.enabled {
                 bail!(non_finite_stop(
                     step,
-                    loss,
-                    grad_norm,
+                    &outcome,
                     recipe.precision.compute,
                     last_good.as_deref()
                 ));
             }
-            progress.println(&format!(
+            log.progress.println(&format!(
                 "step {step}: non-finite gradients, update skipped, loss scale now {}",
                 scaler.scale
             ));
         }
-
-        let elapsed = started.elapsed().as_secs_f64();
         let tokens: usize = sequences.iter().map(Sequence::len).sum();
-        let tokens_per_sec = tokens as f64 / elapsed.max(1e-9);
-        summary.losses.push(loss);
-        summary.grad_norms.push(grad_norm);
-        summary.step_seconds.push(elapsed);
-        summary.step = step;
-        let log_now = step % recipe.tracking.log_every.max(1) == 0 || step == total_steps;
-        let scalars = [
-            ("train/loss", loss),
-            ("train/lr", lr),
-            ("train/grad_norm", grad_norm),
-            ("train/loss_scale", scaler.scale),
-            ("train/tokens_per_sec", tokens_per_sec),
-            ("train/epoch", train.epoch_progress()),
-        ];
-        if log_now {
-            for (tag, value) in scalars {
-                tracker.scalar(tag, step, value)?;
-            }
-        }
-        last_metrics.extend(scalars.iter().map(|(t, v)| (t.to_string(), *v)));
-        progress.step(step, total_steps, loss, lr, tokens_per_sec, log_now);
+        let scalars = [("train/lr", lr), ("train/loss_scale", scaler.scale)];
+        log.step(
+            step,
+            &outcome,
+            started.elapsed(),
+            tokens,
+            train.epoch_progress(),
+            &scalars,
+        )?;
 
         let last = step == total_steps;
         if (eval_every > 0 && step % eval_every == 0) || last {
-            if let Some(results) = evaluate(
+            let results = evaluate(
                 &init.config,
                 &params,
                 (compute_dtype, weights_dtype),
@@ -273,27 +259,17 @@ pub fn run(
                 pad_id,
                 step,
                 options.eval_hook.as_mut(),
-            )? {
-                if !results.is_empty() {
-                    let line: Vec<String> =
-                        results.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
-                    progress.println(&format!("step {step}: {}", line.join(", ")));
-                }
-                for (name, value) in results {
-                    let tag = format!("eval/{name}");
-                    tracker.scalar(&tag, step, value)?;
-                    last_metrics.insert(tag, value);
-                    summary.eval.insert(name, value);
-                }
-            }
+            )?;
+            log.eval(step, results.unwrap_or_default())?;
         }
-        tracker.flush()?;
+        log.tracker.flush()?;
 
         let stopping = stop.load(Ordering::SeqCst) && !last;
         let every = recipe.checkpoint.every;
         if (every > 0 && step % every == 0) || last || stopping {
-            let dir = checkpoints.save(step, &params, &adamw, &scaler, &train, &last_metrics)?;
-            progress.println(&format!("saved checkpoint {}", dir.display()));
+            let dir = checkpoints.save(step, &params, &adamw, &scaler, &train, &log.metrics)?;
+            log.progress
+                .println(&format!("saved checkpoint {}", dir.display()));
             last_good = Some(dir.clone());
             let in_use = match options.checkpoint_hook.as_mut() {
                 Some(hook) => hook(&dir, step)
@@ -302,21 +278,21 @@ pub fn run(
             };
             let keep_last = recipe.checkpoint.keep_last;
             for note in checkpoint::prune(&run_checkpoints, keep_last, &dir, &in_use)? {
-                progress.println(&note);
+                log.progress.println(&note);
             }
-            summary.last_checkpoint = Some(dir);
+            log.summary.last_checkpoint = Some(dir);
         }
         if stopping {
-            progress.finish();
+            log.progress.finish();
             println!(
                 "stopped at step {step} of {total_steps} on request; resume with --resume latest"
             );
-            summary.stopped_early = true;
-            return Ok(summary);
+            log.summary.stopped_early = true;
+            return Ok(log.summary);
         }
     }
-    progress.finish();
-    Ok(summary)
+    log.progress.finish();
+    Ok(log.summary)
 }
 
 /// The run's worker threads: `threads` (default: all cores) shared out over the replicas, each
@@ -342,6 +318,71 @@ fn workers(
         );
     }
     Workers::new(threads, replicas, workers)
+}
+
+/// Where a run's numbers go: TensorBoard and metrics.jsonl, the progress display, the summary
+/// returned to the caller, and the last value of every metric (for checkpoints' model cards).
+struct RunLog {
+    tracker: Tracker,
+    progress: Progress,
+    metrics: BTreeMap<String, f64>,
+    summary: TrainSummary,
+    log_every: u64,
+}
+
+impl RunLog {
+    /// A finished training step; `extra` are scalars the step itself does not know (lr, scale).
+    fn step(
+        &mut self,
+        step: u64,
+        outcome: &StepOutcome,
+        elapsed: std::time::Duration,
+        tokens: usize,
+        epoch: f64,
+        extra: &[(&str, f64)],
+    ) -> Result<()> {
+        let elapsed = elapsed.as_secs_f64();
+        let tokens_per_sec = tokens as f64 / elapsed.max(1e-9);
+        let summary = &mut self.summary;
+        summary.losses.push(outcome.loss);
+        summary.grad_norms.push(outcome.grad_norm);
+        summary.step_seconds.push(elapsed);
+        summary.step = step;
+        let log_now = step.is_multiple_of(self.log_every) || step == summary.total_steps;
+        let scalars = [
+            ("train/loss", outcome.loss),
+            ("train/grad_norm", outcome.grad_norm),
+            ("train/tokens_per_sec", tokens_per_sec),
+            ("train/epoch", epoch),
+        ];
+        for &(tag, value) in scalars.iter().chain(extra) {
+            if log_now {
+                self.tracker.scalar(tag, step, value)?;
+            }
+            self.metrics.insert(tag.to_string(), value);
+        }
+        let lr = self.metrics.get("train/lr").copied().unwrap_or_default();
+        let total = summary.total_steps;
+        self.progress
+            .step(step, total, outcome.loss, lr, tokens_per_sec, log_now);
+        Ok(())
+    }
+
+    /// Evaluation results, logged as `eval/<name>`.
+    fn eval(&mut self, step: u64, results: Vec<(String, f64)>) -> Result<()> {
+        if !results.is_empty() {
+            let line: Vec<String> = results.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+            self.progress
+                .println(&format!("step {step}: {}", line.join(", ")));
+        }
+        for (name, value) in results {
+            let tag = format!("eval/{name}");
+            self.tracker.scalar(&tag, step, value)?;
+            self.metrics.insert(tag, value);
+            self.summary.eval.insert(name, value);
+        }
+        Ok(())
+    }
 }
 
 /// What every checkpoint of a run shares.
@@ -523,11 +564,11 @@ fn check_same_data(dir: &Path, state: &TrainerState, options: &TrainOptions) -> 
 /// overflow again, skipping forever.
 fn non_finite_stop(
     step: u64,
-    loss: f64,
-    grad_norm: f64,
+    outcome: &StepOutcome,
     compute: Compute,
     last_good: Option<&Path>,
 ) -> String {
+    let (loss, grad_norm) = (outcome.loss, outcome.grad_norm);
     let compute = compute.name();
     let checkpoint = match last_good {
         Some(dir) => format!(
