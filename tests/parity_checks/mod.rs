@@ -126,33 +126,44 @@ pub fn loss_and_gradients() {
         );
 
         let grads = loss.backward().unwrap();
-        let mut checked = 0;
-        let mut worst = (0f32, String::new());
-        for (param, var) in &vars {
-            let reference = io
-                .get(&format!("grad.{param}"))
-                .unwrap_or_else(|| panic!("fixture has no gradient for {param}"));
-            let grad = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient reached {param}"));
-            let err = relative_error(grad, reference);
-            if err > worst.0 {
-                worst = (err, param.clone());
-            }
-            checked += 1;
-        }
-        eprintln!(
-            "{name}: {checked} gradients, worst relative error {:e} ({})",
-            worst.0, worst.1
-        );
-        assert_eq!(checked, model::parameter_shapes(&config).len());
-        assert!(
-            worst.0 <= 1e-4,
-            "{name}: gradient of {} off by {}",
-            worst.1,
-            worst.0
-        );
+        assert_gradients_match(name, &config, &vars, &io, |_, var| {
+            grads.get(var.as_tensor()).cloned()
+        });
     }
+}
+
+/// Every parameter's gradient (from `grad`) within 1e-4 relative (Frobenius) of HF's.
+fn assert_gradients_match(
+    name: &str,
+    config: &model::Config,
+    vars: &HashMap<String, Var>,
+    io: &HashMap<String, Tensor>,
+    grad: impl Fn(&str, &Var) -> Option<Tensor>,
+) {
+    let mut worst = (0f32, String::new());
+    for (param, var) in vars {
+        let reference = io
+            .get(&format!("grad.{param}"))
+            .unwrap_or_else(|| panic!("fixture has no gradient for {param}"));
+        let grad = grad(param, var).unwrap_or_else(|| panic!("no gradient reached {param}"));
+        let err = relative_error(&grad, reference);
+        if err > worst.0 {
+            worst = (err, param.clone());
+        }
+    }
+    eprintln!(
+        "{name}: {} gradients, worst relative error {:e} ({})",
+        vars.len(),
+        worst.0,
+        worst.1
+    );
+    assert_eq!(vars.len(), model::parameter_shapes(config).len());
+    assert!(
+        worst.0 <= 1e-4,
+        "{name}: gradient of {} off by {}",
+        worst.1,
+        worst.0
+    );
 }
 
 /// Half-precision forward passes against the fp32 reference. The tolerances are the documented
@@ -200,7 +211,7 @@ pub fn training_loss_head() {
             model,
             rows,
             batch,
-            ..
+            config,
         } = trainable(name);
         let seq = rows.iter().map(Vec::len).max().unwrap();
         let labels = gptj::shifted_labels(&rows, seq);
@@ -215,26 +226,10 @@ pub fn training_loss_head() {
             (ours - theirs).abs() <= 1e-5,
             "{name}: loss head {ours} vs HF {theirs}"
         );
-        let mut worst = (0f32, String::new());
-        for (param, var) in &vars {
-            let grad = loss
-                .get(param, var.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient reached {param}"));
-            let err = relative_error(grad, &io[&format!("grad.{param}")]);
-            if err > worst.0 {
-                worst = (err, param.clone());
-            }
-        }
-        eprintln!(
-            "{name}: loss head {ours} vs {theirs}, worst gradient error {:e} ({})",
-            worst.0, worst.1
-        );
-        assert!(
-            worst.0 <= 1e-4,
-            "{name}: gradient of {} off by {}",
-            worst.1,
-            worst.0
-        );
+        eprintln!("{name}: loss head {ours} vs {theirs}");
+        assert_gradients_match(name, &config, &vars, &io, |param, var| {
+            loss.get(param, var.as_tensor()).cloned()
+        });
     }
 }
 
