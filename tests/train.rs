@@ -105,6 +105,16 @@ fn max_weight_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> 
         .fold(0f32, f32::max)
 }
 
+/// Every logged value of `tag`, in step order, from a run's metrics.jsonl.
+fn logged(run_dir: &Path, tag: &str) -> Vec<(u64, f64)> {
+    kiln::track::read_metrics(&run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.tag == tag)
+        .map(|r| (r.step, r.value))
+        .collect()
+}
+
 fn rot8() -> PathBuf {
     fixtures().join("parity/rot8")
 }
@@ -251,15 +261,6 @@ fn two_replicas_match_one() {
     }
 }
 
-fn losses_in(run_dir: &Path) -> Vec<(u64, f64)> {
-    kiln::track::read_metrics(&run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.tag == "train/loss")
-        .map(|r| (r.step, r.value))
-        .collect()
-}
-
 #[test]
 fn interrupted_and_resumed_run_is_bit_identical() {
     let rows = packed(40, 16, 101, 5);
@@ -299,7 +300,7 @@ fn interrupted_and_resumed_run_is_bit_identical() {
     );
     assert!(crashed.is_err());
     let run_logs = dir.path().join("runs/test");
-    assert_eq!(losses_in(&run_logs).len(), 5);
+    assert_eq!(logged(&run_logs, "train/loss").len(), 5);
 
     // Resume from scratch objects: initial weights and a fresh stream, as a new process would.
     let resumed = train::run(
@@ -329,8 +330,8 @@ fn interrupted_and_resumed_run_is_bit_identical() {
         );
     }
     assert_eq!(
-        losses_in(&run_logs),
-        losses_in(&whole_dir.path().join("runs/test"))
+        logged(&run_logs, "train/loss"),
+        logged(&whole_dir.path().join("runs/test"), "train/loss")
     );
 }
 
@@ -475,13 +476,8 @@ fn fp16_overflow_skips_the_step_and_halves_the_scale() {
     )
     .unwrap();
     assert!(!summary.grad_norms[0].is_finite());
-    let scales: Vec<f64> = kiln::track::read_metrics(&dir.path().join("runs/test/metrics.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.tag == "train/loss_scale")
-        .map(|r| r.value)
-        .collect();
-    assert_eq!(scales[0], 2f64.powi(59));
+    let scales = logged(&dir.path().join("runs/test"), "train/loss_scale");
+    assert_eq!(scales[0], (1, 2f64.powi(59)));
     assert!(summary.losses.iter().all(|l| l.is_finite()));
     // Both steps overflowed (2^59 is still far too large): weights are untouched.
     let weights = final_weights(&summary);
@@ -608,16 +604,6 @@ fn sigterm_finishes_the_step_and_saves() {
     assert_eq!(summary.step, 2);
     let saved = summary.last_checkpoint.unwrap();
     assert_eq!(kiln::checkpoint::verify(&saved).unwrap().step, 2);
-}
-
-/// Every logged value of `tag`, in step order, from a run's metrics.jsonl.
-fn logged(run_dir: &Path, tag: &str) -> Vec<(u64, f64)> {
-    kiln::track::read_metrics(&run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.tag == tag)
-        .map(|r| (r.step, r.value))
-        .collect()
 }
 
 fn run_rot8(recipe: &Recipe, rows: &[Sequence], options: TrainOptions) -> TrainSummary {

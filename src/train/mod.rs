@@ -317,7 +317,7 @@ fn workers(
              no longer bit-identical to an uninterrupted run (use --threads to match)"
         );
     }
-    Workers::new(threads, replicas, workers)
+    Workers::new(threads_per_replica, replicas, workers)
 }
 
 /// Where a run's numbers go: TensorBoard and metrics.jsonl, the progress display, the summary

@@ -152,9 +152,8 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// `threads` shared out over `replicas × per_replica` pools.
-    pub fn new(threads: usize, replicas: usize, per_replica: usize) -> Result<Self> {
-        let threads_per_replica = (threads / replicas).max(1);
+    /// Each replica's `threads_per_replica` shared out over its `per_replica` pools.
+    pub fn new(threads_per_replica: usize, replicas: usize, per_replica: usize) -> Result<Self> {
         let extra = threads_per_replica % per_replica;
         let pools = (0..replicas * per_replica)
             .map(|pool| {
