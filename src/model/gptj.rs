@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::ops::{self, KvCache, LayerCache, LayerNorm, Linear, Operands, Rotary};
+use crate::ops::{self, AttentionMask, KvCache, LayerCache, LayerNorm, Linear, Operands, Rotary};
 
 /// `config.json` of a HF `gptj` model, read as is. Unknown keys are kept so that a config we
 /// rewrite (e.g. in a checkpoint) loses nothing HF or the user put there.
@@ -155,7 +155,7 @@ impl Attention {
         xs: &Tensor,
         rotary: &Rotary,
         position_ids: &Tensor,
-        mask: &Tensor,
+        mask: &AttentionMask,
         cache: Option<(&mut LayerCache, usize)>,
     ) -> Result<Tensor> {
         let (b, t, e) = xs.dims3()?;
@@ -212,7 +212,7 @@ impl Block {
         xs: &Tensor,
         rotary: &Rotary,
         position_ids: &Tensor,
-        mask: &Tensor,
+        mask: &AttentionMask,
         cache: Option<(&mut LayerCache, usize)>,
     ) -> Result<Tensor> {
         let normed = self.ln_1.forward(xs)?;
@@ -319,31 +319,11 @@ impl GptJ {
         self.wte.device()
     }
 
-    /// The additive attention mask, `[batch, 1, seq, cached + seq]` in fp32: 0 where a query may
-    /// look, the most negative float where it may not (later positions, padding).
-    fn attention_mask(&self, batch: &Batch, cached: usize) -> Result<Tensor> {
-        let (b, t) = batch.input_ids.dims2()?;
-        let s = cached + t;
-        let mut mask = vec![0f32; b * t * s];
-        for row in 0..b {
-            let keys = batch.key_mask.as_ref().map(|m| &m[row]);
-            for i in 0..t {
-                for j in 0..s {
-                    let visible = j <= cached + i && keys.is_none_or(|k| k[j] == 1);
-                    if !visible {
-                        mask[(row * t + i) * s + j] = f32::MIN;
-                    }
-                }
-            }
-        }
-        Tensor::from_vec(mask, (b, 1, t, s), self.device())
-    }
-
     /// Final hidden states `[batch, seq, n_embd]` in the compute dtype.
     pub fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let cached = cache.as_ref().map_or(0, |c| c.len());
-        let mask = self.attention_mask(batch, cached)?;
         let (b, t) = batch.input_ids.dims2()?;
+        let mask = AttentionMask::causal(b, t, cached, batch.key_mask.as_deref(), self.device())?;
         let mut xs = self
             .wte
             .index_select(&batch.input_ids.flatten_all()?, 0)?

@@ -160,19 +160,68 @@ impl KvCache {
     }
 }
 
+/// Which keys each query may see: its own and earlier positions, less any padding.
+#[derive(Debug, Clone)]
+pub struct AttentionMask {
+    /// `[batch, 1, seq, cached + seq]`, fp32: 0 where a query may look, the most negative float
+    /// where it may not.
+    additive: Tensor,
+    /// Whether some key is padding, i.e. the mask is more than the causal one.
+    padded: bool,
+}
+
+impl AttentionMask {
+    /// The causal mask of `seq` new positions after `cached` ones, less the keys `key_mask`
+    /// (`[batch][cached + seq]`, 1 for real tokens) marks as padding.
+    pub fn causal(
+        batch: usize,
+        seq: usize,
+        cached: usize,
+        key_mask: Option<&[Vec<u8>]>,
+        device: &Device,
+    ) -> Result<Self> {
+        let keys = cached + seq;
+        let mut additive = vec![0f32; batch * seq * keys];
+        for row in 0..batch {
+            let real = key_mask.map(|m| &m[row]);
+            for i in 0..seq {
+                for j in 0..keys {
+                    let visible = j <= cached + i && real.is_none_or(|r| r[j] == 1);
+                    if !visible {
+                        additive[(row * seq + i) * keys + j] = f32::MIN;
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            additive: Tensor::from_vec(additive, (batch, 1, seq, keys), device)?,
+            padded: key_mask.is_some_and(|m| m.iter().flatten().any(|&k| k == 0)),
+        })
+    }
+
+    /// Whether some key is padding, so that a purely causal kernel cannot apply this mask.
+    pub fn masks_padding(&self) -> bool {
+        self.padded
+    }
+}
+
 /// Attention of `q`, `k`, `v` (`[batch, seq, heads, head_dim]`, as projected) with the rotary
-/// embedding applied to `q` and `k` at `position_ids`, the additive `mask`
-/// (`[batch, 1, seq, cached + seq]`, fp32), and the keys and values of earlier positions from
-/// `cache` (this step's are appended). Scores, their softmax and the rotation run in fp32
-/// whatever the compute dtype, as HF's GPT-J does; returns `[batch, seq, heads, head_dim]` in
-/// `v`'s dtype.
+/// embedding applied to `q` and `k` at `position_ids`, `mask`, and the keys and values of
+/// earlier positions from `cache` (this step's are appended). Scores, their softmax and the
+/// rotation run in fp32 whatever the compute dtype, as HF's GPT-J does; returns
+/// `[batch, seq, heads, head_dim]` in `v`'s dtype.
+///
+/// With the `flash-attn` feature, fp16/bf16 attention on a GPU that no gradient flows through
+/// (generation, evaluation, scoring) and that masks no padding runs candle-flash-attn's kernel
+/// instead: fp16/bf16 scores with fp32 accumulation. The kernel has no backward, so training
+/// keeps this generic attention.
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     rotary: &Rotary,
     position_ids: &Tensor,
-    mask: &Tensor,
+    mask: &AttentionMask,
     cache: Option<(&mut LayerCache, usize)>,
 ) -> Result<Tensor> {
     let head_dim = q.dim(3)?;
@@ -182,7 +231,7 @@ pub fn causal_attention(
         let op = CausalSelfAttention {
             sin: table(&rotary.sin)?,
             cos: table(&rotary.cos)?,
-            mask: mask.flatten_all()?.to_vec1()?,
+            mask: mask.additive.flatten_all()?.to_vec1()?,
             rotary_dim: rotary.dim,
         };
         return q
@@ -201,8 +250,12 @@ pub fn causal_attention(
         Some((slot, capacity)) => slot.append(&k, &v, capacity)?,
         None => (k.contiguous()?, v.contiguous()?),
     };
+    #[cfg(feature = "flash-attn")]
+    if flash::applies(&q, &v, mask.masks_padding()) {
+        return flash::attention(&q, &k, &v);
+    }
     let scale = (head_dim as f64).sqrt();
-    let scores = (q.contiguous()?.matmul(&k.t()?)? / scale)?.broadcast_add(mask)?;
+    let scores = (q.contiguous()?.matmul(&k.t()?)? / scale)?.broadcast_add(&mask.additive)?;
     let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
     probs.matmul(&v)?.transpose(1, 2)
 }
@@ -217,4 +270,63 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     let max = xs.max_keepdim(D::Minus1)?;
     let exp = xs.broadcast_sub(&max)?.exp()?;
     exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+#[cfg(feature = "flash-attn")]
+mod flash {
+    use candle_core::{DType, Result, Tensor};
+
+    /// Whether flash attention may stand in for the generic code: fp16/bf16 on a GPU, no padded
+    /// keys (the kernel only masks causally), and no gradient to carry.
+    pub(super) fn applies(q: &Tensor, v: &Tensor, padded: bool) -> bool {
+        q.device().is_cuda()
+            && matches!(v.dtype(), DType::F16 | DType::BF16)
+            && !padded
+            && !q.track_op()
+            && !v.track_op()
+    }
+
+    /// `softmax(q kᵀ / √d) v` over causal positions for `q` (`[batch, heads, seq, head_dim]`,
+    /// rotated, fp32) and `k`, `v` (`[batch, heads, cached + seq, head_dim]`); the kernel aligns
+    /// the causal mask to the last key, so query `i` sees keys up to `cached + i`, as the generic
+    /// mask does. Returns `[batch, seq, heads, head_dim]` in `v`'s dtype.
+    pub(super) fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let dtype = v.dtype();
+        let seq_major = |x: &Tensor| x.to_dtype(dtype)?.transpose(1, 2)?.contiguous();
+        let scale = 1.0 / (q.dim(3)? as f32).sqrt();
+        candle_flash_attn::flash_attn(&seq_major(q)?, &seq_major(k)?, &seq_major(v)?, scale, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_mask_hides_later_positions_and_padding_after_the_cache() {
+        let key_mask = vec![vec![1, 1, 1, 1], vec![1, 1, 1, 0]];
+        let mask = AttentionMask::causal(2, 2, 2, Some(&key_mask), &Device::Cpu).unwrap();
+        assert!(mask.masks_padding());
+        let visible: Vec<Vec<Vec<bool>>> = mask
+            .additive
+            .squeeze(1)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(|row| {
+                row.into_iter()
+                    .map(|q| q.into_iter().map(|v| v == 0.0).collect())
+                    .collect()
+            })
+            .collect();
+        let t = true;
+        let f = false;
+        assert_eq!(visible[0], vec![vec![t, t, t, f], vec![t, t, t, t]]);
+        assert_eq!(visible[1], vec![vec![t, t, t, f], vec![t, t, t, f]]);
+
+        let unpadded = vec![vec![1, 1]; 2];
+        let plain = AttentionMask::causal(2, 2, 0, Some(&unpadded), &Device::Cpu).unwrap();
+        assert!(!plain.masks_padding());
+    }
 }

@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use candle_core::{DType, Device, Tensor};
 
 pub use crate::cpu::gemm::Operands;
-pub use attention::{causal_attention, softmax_last_dim, KvCache, LayerCache, Rotary};
+pub use attention::{
+    causal_attention, softmax_last_dim, AttentionMask, KvCache, LayerCache, Rotary,
+};
 pub use layers::{gelu_new, layer_norm, linear, LayerNorm, Linear};
 pub use loss::{composite_nll_sum, lm_head_loss, LmLoss};
 pub use optim::{adamw_step, add_in_place, global_norm, AdamWStep};

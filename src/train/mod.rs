@@ -120,12 +120,12 @@ pub fn run(
 ) -> Result<TrainSummary> {
     let device = model::parse_device(&recipe.device)?;
     model::keep_freed_memory();
+    note_attention_kernel(&device);
     let compute_dtype = recipe.precision.compute.dtype();
-    let batch = &recipe.batch;
+    let weights_dtype = recipe.checkpoint.dtype.unwrap_or(Compute::Fp32).dtype();
     let total_steps = check_geometry(recipe, &train)?;
     let schedule = Schedule::new(&recipe.schedule, recipe.optimizer.lr, total_steps);
     let run_checkpoints = recipe.checkpoint.dir.join(&recipe.name);
-    let run_logs = recipe.tracking.log_dir.join(&recipe.name);
 
     let params = master_weights(&init.config, init.params, &device)?;
     let mut adamw = AdamW::new(&recipe.optimizer, &params)?;
@@ -142,66 +142,27 @@ pub fn run(
         None => None,
     };
     let start_step = resumed.as_ref().map_or(0, |r| r.state.step);
-    let last_metrics = resumed
-        .as_ref()
-        .map(|r| r.state.metrics.clone())
-        .unwrap_or_default();
     // The newest checkpoint known to be complete, named when training has to stop.
     let mut last_good: Option<PathBuf> = resumed.as_ref().map(|r| r.dir.clone());
-    let resumed_workers = resumed.and_then(|r| r.state.cpu_workers);
+    let resumed_workers = resumed.as_ref().and_then(|r| r.state.cpu_workers);
+    let mut log = RunLog::open(recipe, start_step, total_steps, resumed, options.quiet)?;
 
     let stop = options.stop.clone().unwrap_or_default();
-    let _signals = if options.handle_signals {
-        Some(SignalGuard::install(&stop)?)
-    } else {
-        None
+    let _signals = match options.handle_signals {
+        true => Some(SignalGuard::install(&stop)?),
+        false => None,
     };
-    let worker_pools = workers(
-        options.threads,
-        batch.replicas,
-        &params,
-        &device,
-        resumed_workers,
-    )?;
-    let workers = worker_pools.per_replica;
-
-    let weights_dtype = recipe.checkpoint.dtype.unwrap_or(Compute::Fp32).dtype();
-    let recipe_yaml = serde_norway::to_string(recipe)?;
-    let tracker = Tracker::open(
-        &run_logs,
-        &recipe_yaml,
-        &recipe.device,
-        (start_step > 0).then_some(start_step),
-    )?;
+    let workers = workers(options.threads, recipe, &params, &device, resumed_workers)?;
     let pad_id = init.tokenizer.as_ref().map_or(0, |t| t.pad_id());
     let setup = StepSetup {
         config: &init.config,
         compute_dtype,
         device: &device,
-        micro: batch.micro,
-        replicas: batch.replicas,
+        micro: recipe.batch.micro,
+        replicas: recipe.batch.replicas,
         pad_id,
         grad_clip: recipe.optimizer.grad_clip,
-        workers: &worker_pools,
-    };
-    let eval_every = recipe.eval.every;
-    let mut log = RunLog {
-        tracker,
-        progress: Progress::new(total_steps, start_step, options.quiet),
-        metrics: last_metrics,
-        log_every: recipe.tracking.log_every.max(1),
-        summary: TrainSummary {
-            step: start_step,
-            total_steps,
-            stopped_early: false,
-            losses: Vec::new(),
-            grad_norms: Vec::new(),
-            step_seconds: Vec::new(),
-            eval: BTreeMap::new(),
-            last_checkpoint: None,
-            run_dir: run_logs.clone(),
-            checkpoint_dir: run_checkpoints.clone(),
-        },
+        workers: &workers,
     };
     let checkpoints = CheckpointTarget {
         dir: &run_checkpoints,
@@ -210,7 +171,7 @@ pub fn run(
         tokenizer: init.tokenizer.as_ref(),
         base_model: &init.base_model,
         weights_dtype,
-        cpu_workers: workers,
+        cpu_workers: workers.per_replica,
         data: &options.data_fingerprint,
     };
 
@@ -219,36 +180,26 @@ pub fn run(
         // The schedule follows applied updates: a step fp16 skipped on overflow does not advance
         // it (as HF Trainer / accelerate skip `scheduler.step()` then).
         let lr = schedule.lr_at(adamw.step + 1);
-        let sequences = train.next_batch(batch.global);
+        let sequences = train.next_batch(recipe.batch.global);
         let outcome = train_step(&setup, &params, &mut adamw, &mut scaler, &sequences, lr)
             .with_context(|| format!("step {step}"))?;
         if !outcome.applied {
-            if !scaler.enabled {
-                bail!(non_finite_stop(
-                    step,
-                    &outcome,
-                    recipe.precision.compute,
-                    last_good.as_deref()
-                ));
-            }
+            ensure!(
+                scaler.enabled,
+                non_finite_stop(step, &outcome, recipe, last_good.as_deref())
+            );
             log.progress.println(&format!(
                 "step {step}: non-finite gradients, update skipped, loss scale now {}",
                 scaler.scale
             ));
         }
-        let tokens: usize = sequences.iter().map(Sequence::len).sum();
+        let tokens = sequences.iter().map(Sequence::len).sum();
         let scalars = [("train/lr", lr), ("train/loss_scale", scaler.scale)];
-        log.step(
-            step,
-            &outcome,
-            started.elapsed(),
-            tokens,
-            train.epoch_progress(),
-            &scalars,
-        )?;
+        let epoch = train.epoch_progress();
+        log.step(step, &outcome, started.elapsed(), tokens, epoch, &scalars)?;
 
         let last = step == total_steps;
-        if (eval_every > 0 && step % eval_every == 0) || last {
+        if (recipe.eval.every > 0 && step % recipe.eval.every == 0) || last {
             let results = evaluate(
                 &init.config,
                 &params,
@@ -268,19 +219,9 @@ pub fn run(
         let every = recipe.checkpoint.every;
         if (every > 0 && step % every == 0) || last || stopping {
             let dir = checkpoints.save(step, &params, &adamw, &scaler, &train, &log.metrics)?;
-            log.progress
-                .println(&format!("saved checkpoint {}", dir.display()));
-            last_good = Some(dir.clone());
-            let in_use = match options.checkpoint_hook.as_mut() {
-                Some(hook) => hook(&dir, step)
-                    .with_context(|| format!("checkpoint hook for {}", dir.display()))?,
-                None => Vec::new(),
-            };
-            let keep_last = recipe.checkpoint.keep_last;
-            for note in checkpoint::prune(&run_checkpoints, keep_last, &dir, &in_use)? {
-                log.progress.println(&note);
-            }
-            log.summary.last_checkpoint = Some(dir);
+            let hook = options.checkpoint_hook.as_mut();
+            checkpoints.after_save(&dir, step, hook, &mut log)?;
+            last_good = Some(dir);
         }
         if stopping {
             log.progress.finish();
@@ -295,18 +236,30 @@ pub fn run(
     Ok(log.summary)
 }
 
+/// Says which attention training runs where that is not the obvious one: with the `flash-attn`
+/// feature on a GPU, flash attention serves inference only, as its kernel has no backward.
+fn note_attention_kernel(device: &Device) {
+    if cfg!(feature = "flash-attn") && device.is_cuda() {
+        println!(
+            "flash-attn has no backward pass: training uses the generic attention; evaluation, \
+             generation and scoring in fp16/bf16 use flash attention"
+        );
+    }
+}
+
 /// The run's worker threads: `threads` (default: all cores) shared out over the replicas, each
 /// replica's rows split over workers (see [`ops::workers_per_replica`]). A resume whose checkpoint
 /// split rows over another number of workers is told it is no longer bit-exact.
 fn workers(
     threads: Option<usize>,
-    replicas: usize,
+    recipe: &Recipe,
     params: &[(String, Var)],
     device: &Device,
     resumed_workers: Option<usize>,
 ) -> Result<Workers> {
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let replicas = recipe.batch.replicas;
     let threads_per_replica = (threads / replicas).max(1);
     let gradient_bytes: usize = params.iter().map(|(_, v)| v.elem_count() * 4).sum();
     let workers = ops::workers_per_replica(device, threads_per_replica, gradient_bytes);
@@ -331,6 +284,38 @@ struct RunLog {
 }
 
 impl RunLog {
+    /// Opens the run's tracking directory (`<tracking.log_dir>/<name>`); a resumed run continues
+    /// its metrics from the checkpoint's.
+    fn open(
+        recipe: &Recipe,
+        start_step: u64,
+        total_steps: u64,
+        resumed: Option<Resumed>,
+        quiet: bool,
+    ) -> Result<Self> {
+        let run_dir = recipe.tracking.log_dir.join(&recipe.name);
+        let recipe_yaml = serde_norway::to_string(recipe)?;
+        let resumed_at = (start_step > 0).then_some(start_step);
+        Ok(Self {
+            tracker: Tracker::open(&run_dir, &recipe_yaml, &recipe.device, resumed_at)?,
+            progress: Progress::new(total_steps, start_step, quiet),
+            metrics: resumed.map(|r| r.state.metrics).unwrap_or_default(),
+            log_every: recipe.tracking.log_every.max(1),
+            summary: TrainSummary {
+                step: start_step,
+                total_steps,
+                stopped_early: false,
+                losses: Vec::new(),
+                grad_norms: Vec::new(),
+                step_seconds: Vec::new(),
+                eval: BTreeMap::new(),
+                last_checkpoint: None,
+                run_dir,
+                checkpoint_dir: recipe.checkpoint.dir.join(&recipe.name),
+            },
+        })
+    }
+
     /// A finished training step; `extra` are scalars the step itself does not know (lr, scale).
     fn step(
         &mut self,
@@ -434,6 +419,31 @@ impl CheckpointTarget<'_> {
                 base_model: self.base_model,
             },
         )
+    }
+
+    /// Reports the checkpoint `dir` just saved at `step`, hands it to the caller's `hook`, and
+    /// prunes the run's older checkpoints, keeping what the hook still uses.
+    fn after_save(
+        &self,
+        dir: &Path,
+        step: u64,
+        hook: Option<&mut CheckpointHook>,
+        log: &mut RunLog,
+    ) -> Result<()> {
+        log.progress
+            .println(&format!("saved checkpoint {}", dir.display()));
+        let in_use = match hook {
+            Some(hook) => {
+                hook(dir, step).with_context(|| format!("checkpoint hook for {}", dir.display()))?
+            }
+            None => Vec::new(),
+        };
+        let keep_last = self.recipe.checkpoint.keep_last;
+        for note in checkpoint::prune(self.dir, keep_last, dir, &in_use)? {
+            log.progress.println(&note);
+        }
+        log.summary.last_checkpoint = Some(dir.to_path_buf());
+        Ok(())
     }
 }
 
@@ -565,11 +575,11 @@ fn check_same_data(dir: &Path, state: &TrainerState, options: &TrainOptions) -> 
 fn non_finite_stop(
     step: u64,
     outcome: &StepOutcome,
-    compute: Compute,
+    recipe: &Recipe,
     last_good: Option<&Path>,
 ) -> String {
     let (loss, grad_norm) = (outcome.loss, outcome.grad_norm);
-    let compute = compute.name();
+    let compute = recipe.precision.compute.name();
     let checkpoint = match last_good {
         Some(dir) => format!(
             "the last good checkpoint is {} (`--resume latest` continues from it)",
