@@ -76,7 +76,7 @@ fn bench(compute: &str, replicas: usize, warmup: u64, timed: u64) -> Result<(f64
         TrainOptions {
             quiet: true,
             threads: Some(THREADS),
-            eval_hook: Some(Box::new(|_: &kiln::model::GptJ, _| {
+            eval_hook: Some(Box::new(|_: &kiln::model::Model, _| {
                 rss.push(rss_kib("VmRSS:") as f64 / 1024.0);
                 Ok(vec![])
             })),

@@ -17,7 +17,16 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import GPTJConfig, GPTJForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
+    GPTNeoConfig,
+    GPTNeoForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+)
 
 # Small thread count keeps reduction order (and thus the last ulp of the
 # reference numbers) stable between machines with different core counts.
@@ -58,15 +67,114 @@ COMMON = dict(
     attn_pdrop=0.0,
 )
 
+# The other families, each in two shapes: a plain one and one with odd sizes and the
+# family's less common options switched on.
+GPT2_A = dict(n_embd=64, n_head=4, n_layer=2, vocab_size=101, n_positions=64, bos_token_id=100, eos_token_id=100)
+GPT2_ODD = dict(
+    n_embd=60,
+    n_head=5,
+    n_layer=3,
+    n_inner=100,
+    vocab_size=97,
+    n_positions=48,
+    bos_token_id=96,
+    eos_token_id=96,
+    scale_attn_by_inverse_layer_idx=True,
+)
+GPT2_COMMON = dict(
+    activation_function="gelu_new",
+    layer_norm_epsilon=1e-5,
+    initializer_range=0.02,
+    tie_word_embeddings=True,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+)
+
+NEOX_A = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    intermediate_size=256,
+    vocab_size=101,
+    max_position_embeddings=64,
+    rotary_pct=0.25,  # 4 of 16 head dims rotate, as in Pythia
+    use_parallel_residual=True,
+    bos_token_id=100,
+    eos_token_id=100,
+)
+NEOX_ODD = dict(
+    hidden_size=60,
+    num_attention_heads=5,
+    num_hidden_layers=3,
+    intermediate_size=100,
+    vocab_size=97,
+    max_position_embeddings=48,
+    rotary_pct=0.5,  # 6 of 12
+    rotary_emb_base=500.0,
+    use_parallel_residual=False,
+    bos_token_id=96,
+    eos_token_id=96,
+)
+NEOX_COMMON = dict(
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    initializer_range=0.02,
+    tie_word_embeddings=False,
+    attention_dropout=0.0,
+    hidden_dropout=0.0,
+)
+
+NEO_A = dict(
+    hidden_size=64,
+    num_heads=4,
+    num_layers=2,
+    attention_types=[[["global", "local"], 1]],
+    window_size=4,  # shorter than the 13-token rows: the local layer's window matters
+    vocab_size=101,
+    max_position_embeddings=64,
+    bos_token_id=100,
+    eos_token_id=100,
+)
+NEO_ODD = dict(
+    hidden_size=60,
+    num_heads=5,
+    num_layers=3,
+    attention_types=[[["local", "global"], 1], [["local"], 1]],
+    window_size=3,
+    intermediate_size=100,
+    vocab_size=97,
+    max_position_embeddings=48,
+    bos_token_id=96,
+    eos_token_id=96,
+)
+NEO_COMMON = dict(
+    activation_function="gelu_new",
+    layer_norm_epsilon=1e-5,
+    initializer_range=0.02,
+    tie_word_embeddings=True,
+    resid_dropout=0.0,
+    embed_dropout=0.0,
+    attention_dropout=0.0,
+)
+
+FAMILIES = {
+    "gptj": (GPTJConfig, GPTJForCausalLM, COMMON),
+    "gpt2": (GPT2Config, GPT2LMHeadModel, GPT2_COMMON),
+    "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM, NEOX_COMMON),
+    "gpt_neo": (GPTNeoConfig, GPTNeoForCausalLM, NEO_COMMON),
+}
+
 PERTURB_STD = 0.02
 
 
-def build_model(shape: dict, seed: int, **extra) -> GPTJForCausalLM:
+def build_model(shape: dict, seed: int, family: str = "gptj", **extra):
     torch.manual_seed(seed)
-    # GPT-J has only eager and flash-attention-2 paths; request eager
-    # explicitly so the reference never silently switches kernels.
-    config = GPTJConfig(**COMMON, **shape, **extra, attn_implementation="eager")
-    model = GPTJForCausalLM(config).float()
+    config_class, model_class, common = FAMILIES[family]
+    # Request eager attention explicitly so the reference never silently
+    # switches kernels (sdpa/flash differ in the last bits).
+    config = config_class(**common, **shape, **extra, attn_implementation="eager")
+    model = model_class(config).float()
     perturb(model)
     model.eval()
     return model
@@ -78,7 +186,7 @@ def perturb(model: GPTJForCausalLM) -> None:
     # forgot a bias or swapped LN gamma/beta would still match bit-for-bit.
     # Nudging them makes such mistakes visible in the logits.
     for name, p in model.named_parameters():
-        is_ln = ".ln_" in name or name.startswith("transformer.ln_f")
+        is_ln = ".ln_" in name or name.startswith("transformer.ln_f") or "layernorm" in name or "layer_norm" in name
         if name.endswith(".bias") or is_ln:
             p.add_(torch.randn_like(p) * PERTURB_STD)
 
@@ -95,6 +203,14 @@ def save_model(model: GPTJForCausalLM, path: Path) -> None:
     model.save_pretrained(path, safe_serialization=True)
 
 
+def saved_name(model, name: str) -> str:
+    """The name save_pretrained writes a parameter under: transformers 5 calls GPT-NeoX's head
+    `lm_head` in memory but saves it as `embed_out` (the Hub's name)."""
+    if model.config.model_type == "gpt_neox" and name == "lm_head.weight":
+        return "embed_out.weight"
+    return name
+
+
 def check_saved_names(model: GPTJForCausalLM, path: Path) -> None:
     # Guards against transformers renaming/dropping tensors on save (v5 has
     # weight-conversion hooks); the Rust loader keys on these exact names.
@@ -102,13 +218,13 @@ def check_saved_names(model: GPTJForCausalLM, path: Path) -> None:
 
     with safe_open(path / "model.safetensors", "pt") as f:
         saved = set(f.keys())
-    expected = {n for n, _ in model.named_parameters()}
+    expected = {saved_name(model, n) for n, _ in model.named_parameters()}
     assert saved == expected, (saved ^ expected)
 
 
-def make_parity(out: Path, name: str, shape: dict, seed: int) -> None:
+def make_parity(out: Path, name: str, shape: dict, seed: int, family: str = "gptj") -> None:
     d = fresh_dir(out / "parity" / name)
-    model = build_model(shape, seed)
+    model = build_model(shape, seed, family)
     vocab = shape["vocab_size"]
 
     batch, seq = 3, 13
@@ -137,7 +253,7 @@ def make_parity(out: Path, name: str, shape: dict, seed: int) -> None:
     }
     for pname, p in model.named_parameters():
         assert p.grad is not None, f"no grad for {pname}"
-        tensors[f"grad.{pname}"] = p.grad.detach().float().contiguous()
+        tensors[f"grad.{saved_name(model, pname)}"] = p.grad.detach().float().contiguous()
 
     with torch.no_grad():
         alone = model(input_ids=input_ids[1:2, : real_lens[1]]).logits[0]
@@ -151,6 +267,35 @@ def make_parity(out: Path, name: str, shape: dict, seed: int) -> None:
     check_saved_names(model, d)
     save_file(tensors, str(d / "io.safetensors"))
     print(f"parity/{name}: loss={outputs.loss.item():.6f} padded-vs-alone max|diff|={diff:.2e}")
+    if family != "gptj":
+        write_greedy(model, d, vocab, seed)
+
+
+def write_greedy(model, d: Path, vocab: int, seed: int) -> None:
+    """Greedy continuations of two prompts (batch 1) into greedy.json, for the token-identical
+    generation check of the families other than GPT-J (which has its own generate fixture)."""
+    gen = torch.Generator().manual_seed(seed + 2)
+    cases, margins = [], []
+    for plen in (3, 7):
+        ids = torch.randint(0, vocab, (1, plen), generator=gen, dtype=torch.int64)
+        with torch.no_grad():
+            res = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=12,
+                min_new_tokens=0,
+                return_dict_in_generate=True,
+                output_scores=True,
+            )
+        top2 = [torch.topk(s[0], 2).values for s in res.scores]
+        margins.append(min((t[0] - t[1]).item() for t in top2))
+        cases.append({"prompt_ids": ids[0].tolist(), "output_ids": res.sequences[0, plen:].tolist()})
+    # A near-tie could flip under another float summation order: not a fair check.
+    assert min(margins) > 1e-4, f"{d.name}: greedy margin {min(margins):.1e} too small"
+    doc = {"max_new_tokens": 12, "eos_token_id": model.config.eos_token_id, "cases": cases}
+    (d / "greedy.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"parity/{d.name}: greedy {[c['output_ids'] for c in cases]}, min margin {min(margins):.2e}")
 
 
 TRAIN_HPARAMS = dict(
@@ -442,6 +587,14 @@ def main() -> None:
             make_parity(out, "rot8", ROT8, seed=1000),
             make_parity(out, "full12", FULL12, seed=2000),
             make_pytorch_bin_copy(out),
+        ),
+        "families": lambda out: (
+            make_parity(out, "gpt2", GPT2_A, seed=5000, family="gpt2"),
+            make_parity(out, "gpt2_odd", GPT2_ODD, seed=5100, family="gpt2"),
+            make_parity(out, "neox", NEOX_A, seed=6000, family="gpt_neox"),
+            make_parity(out, "neox_odd", NEOX_ODD, seed=6100, family="gpt_neox"),
+            make_parity(out, "neo", NEO_A, seed=7000, family="gpt_neo"),
+            make_parity(out, "neo_odd", NEO_ODD, seed=7100, family="gpt_neo"),
         ),
         "train_adamw": lambda out: (make_train(out, seed=3000), make_train_no_decay(out, seed=3000)),
         "train_fp16": lambda out: make_train_fp16(out, seed=3000),

@@ -5,7 +5,7 @@ mod common;
 use candle_core::{DType, Device};
 use common::*;
 use kiln::generate::{generate, FinishReason, GenerationParams};
-use kiln::model::{self, GptJ};
+use kiln::model::{self, Model};
 
 struct Case {
     prompt: Vec<u32>,
@@ -13,7 +13,7 @@ struct Case {
     repetition_penalty: f64,
 }
 
-fn fixture() -> (GptJ, Vec<Case>, usize) {
+fn fixture() -> (Model, Vec<Case>, usize) {
     let dir = fixtures().join("generate");
     let model = model::load_model(&dir, DType::F32, &Device::Cpu).unwrap();
     let doc: serde_json::Value =

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use common::*;
-use kiln::model::{self, init::Preset, Batch};
+use kiln::model::{self, init::Preset, Batch, Config};
 use kiln::tokenizer::TextTokenizer;
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -192,12 +192,12 @@ fn init_then_score_end_to_end() {
     let config = model::load_config(&out).unwrap();
     assert_eq!(
         (
-            config.n_layer,
-            config.n_embd,
-            config.n_head,
-            config.rotary_dim
+            config.model_type(),
+            config.n_layer(),
+            config.hidden_size(),
+            config.n_head()
         ),
-        (2, 128, 4, Some(16))
+        ("gptj", 2, 128, 4)
     );
 
     // GPT-J's initialisation: std 0.02 weights, zero biases, unit LayerNorm.
@@ -348,19 +348,52 @@ fn score_rejects_bad_rows_by_line() {
 
 #[test]
 fn presets_have_the_published_shapes() {
-    let c = Preset::Gptj6b.config();
+    let shape = |p: Preset| {
+        let c = p.config();
+        let n: usize = model::parameter_shapes(&c)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        (
+            c.model_type(),
+            c.n_layer(),
+            c.hidden_size(),
+            c.n_head(),
+            c.vocab_size(),
+            n,
+        )
+    };
+    // Parameter counts as the published checkpoints report them (GPT-2's tied head once).
     assert_eq!(
-        (c.n_layer, c.n_embd, c.n_head, c.rotary_dim, c.vocab_size),
-        (28, 4096, 16, Some(64), 50400)
+        shape(Preset::Gptj6b),
+        ("gptj", 28, 4096, 16, 50400, 6_050_882_784)
     );
-    let n: usize = model::parameter_shapes(&c)
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>())
-        .sum();
-    assert_eq!(n, 6_050_882_784, "GPT-J-6B's parameter count");
-    let s = Preset::Small.config();
     assert_eq!(
-        (s.n_layer, s.n_embd, s.n_head, s.rotary_dim, s.vocab_size),
-        (4, 256, 8, Some(16), 50400)
+        shape(Preset::Gpt2),
+        ("gpt2", 12, 768, 12, 50257, 124_439_808)
     );
+    assert_eq!(
+        shape(Preset::Gpt2Medium),
+        ("gpt2", 24, 1024, 16, 50257, 354_823_168)
+    );
+    assert_eq!(
+        shape(Preset::Pythia70m),
+        ("gpt_neox", 6, 512, 8, 50304, 70_426_624)
+    );
+    assert_eq!(
+        shape(Preset::Pythia160m),
+        ("gpt_neox", 12, 768, 12, 50304, 162_322_944)
+    );
+    assert_eq!(shape(Preset::Small).0, "gptj");
+    let Config::GptJ(small) = Preset::Small.config() else {
+        panic!("small is a GPT-J preset")
+    };
+    assert_eq!(
+        (small.n_layer, small.n_embd, small.rotary_dim),
+        (4, 256, Some(16))
+    );
+    let Config::GptNeoX(pythia) = Preset::Pythia160m.config() else {
+        panic!("pythia-160m is a GPT-NeoX preset")
+    };
+    assert_eq!(pythia.rotary_dim(), 16, "a quarter of each 64-dim head");
 }

@@ -58,8 +58,8 @@ fn kiln_written_model_reloads_bit_identically_and_shards() {
             assert!(files.contains(&"model.safetensors".to_string()));
         }
         assert_eq!(
-            model::load_config(out.path()).unwrap().n_embd,
-            config.n_embd
+            model::load_config(out.path()).unwrap().hidden_size(),
+            config.hidden_size()
         );
         let reloaded =
             model::load_parameters(out.path(), &config, DType::F32, &Device::Cpu).unwrap();

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{fixtures, load_tensors, max_abs_diff};
 use kiln::data::{Sequence, SequenceStream};
 use kiln::model;
-use kiln::model::GptJ;
+use kiln::model::Model;
 use kiln::recipe::Recipe;
 use kiln::train::{self, EvalPoint, ModelInit, Resume, TrainOptions, TrainSummary};
 use rand::{Rng, SeedableRng};
@@ -282,7 +282,7 @@ fn interrupted_and_resumed_run_is_bit_identical() {
     // step 4 and metrics.jsonl already holds step 5.
     let dir = tempfile::tempdir().unwrap();
     let recipe = recipe(dir.path(), extra);
-    let crash = |_: &GptJ, point: &EvalPoint| -> anyhow::Result<Vec<(String, f64)>> {
+    let crash = |_: &Model, point: &EvalPoint| -> anyhow::Result<Vec<(String, f64)>> {
         if point.step == 5 {
             anyhow::bail!("simulated crash")
         }
@@ -352,7 +352,7 @@ fn stop_request_saves_and_resume_refuses_incompatible_recipes() {
         Some(rows[..4].to_vec()),
         TrainOptions {
             stop: Some(stop),
-            eval_hook: Some(Box::new(move |_: &GptJ, point: &EvalPoint| {
+            eval_hook: Some(Box::new(move |_: &Model, point: &EvalPoint| {
                 if point.step == 3 {
                     flag.store(true, Ordering::SeqCst);
                 }
@@ -590,7 +590,7 @@ fn sigterm_finishes_the_step_and_saves() {
         None,
         TrainOptions {
             handle_signals: true,
-            eval_hook: Some(Box::new(|_: &GptJ, point: &EvalPoint| {
+            eval_hook: Some(Box::new(|_: &Model, point: &EvalPoint| {
                 if point.step == 2 {
                     signal_hook::low_level::raise(signal_hook::consts::SIGTERM)?;
                 }

@@ -43,7 +43,7 @@ pub(super) fn eval(args: EvalArgs) -> Result<()> {
     let device = model::parse_device(&args.device)?;
     let model = model::load_model(&args.model, dtype, &device)?;
     let tokenizer =
-        model_tokenizer(&args.model, model.config().vocab_size)?.with_context(|| {
+        model_tokenizer(&args.model, model.config().vocab_size())?.with_context(|| {
             format!(
                 "{}: the model directory has no tokenizer",
                 args.model.display()

@@ -57,7 +57,7 @@ pub(super) fn generate(args: GenerateArgs) -> Result<()> {
     let dtype = model::parse_dtype(&args.dtype)?;
     let device = model::parse_device(&args.device)?;
     let model = model::load_model(&args.model, dtype, &device)?;
-    let tokenizer = model_tokenizer(&args.model, model.config().vocab_size)?;
+    let tokenizer = model_tokenizer(&args.model, model.config().vocab_size())?;
     let params = GenerationParams {
         max_new_tokens: args.max_new_tokens,
         max_length: args.max_length,

@@ -1,4 +1,5 @@
-//! `kiln init`: a randomly initialised GPT-J as a Hugging Face model directory.
+//! `kiln init`: a randomly initialised model (GPT-J, GPT-2 or GPT-NeoX) as a Hugging Face model
+//! directory.
 
 use super::*;
 
@@ -31,7 +32,7 @@ pub(super) fn init(args: InitArgs) -> Result<()> {
     let dtype = model::parse_dtype(&args.dtype)?;
     let mut config = args.preset.config();
     if let Some(vocab_size) = args.vocab_size {
-        config.vocab_size = vocab_size;
+        config.set_vocab_size(vocab_size);
     }
     let tokenizer = args
         .tokenizer
@@ -39,9 +40,8 @@ pub(super) fn init(args: InitArgs) -> Result<()> {
         .map(TextTokenizer::from_dir)
         .transpose()?;
     if let Some(tok) = &tokenizer {
-        tok.check_fits(config.vocab_size, &args.out)?;
-        config.eos_token_id = Some(tok.eos_id());
-        config.bos_token_id = Some(tok.eos_id());
+        tok.check_fits(config.vocab_size(), &args.out)?;
+        config.set_eos_and_bos(tok.eos_id());
     }
     let mut files = model::init::write_random_model(
         &args.out,

@@ -43,7 +43,8 @@ pub enum Command {
     /// Train (fine-tune) a model as a recipe says: checkpoints, TensorBoard logs, evaluation.
     #[command(visible_alias = "finetune")]
     Train(TrainArgs),
-    /// Write a randomly initialised GPT-J as a Hugging Face model directory.
+    /// Write a randomly initialised model (GPT-J, GPT-2 or GPT-NeoX preset) as a Hugging Face model
+    /// directory.
     Init(InitArgs),
     /// Per-token log-probabilities of texts or token ids under a model.
     Score(ScoreArgs),

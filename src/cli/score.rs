@@ -28,12 +28,12 @@ pub(super) fn score(args: ScoreArgs) -> Result<()> {
     let device = model::parse_device(&args.device)?;
     let model = model::load_model(&args.model, dtype, &device)?;
     let config = model.config().clone();
-    let tokenizer = model_tokenizer(&args.model, config.vocab_size)?;
+    let tokenizer = model_tokenizer(&args.model, config.vocab_size())?;
     let rows = crate::eval::score::read_score_inputs(
         &args.input,
         tokenizer.as_ref(),
-        config.vocab_size,
-        config.n_positions,
+        config.vocab_size(),
+        config.max_positions(),
     )?;
     let scored =
         crate::eval::score::score_rows(&model, &rows, args.batch_size).context("scoring failed")?;

@@ -478,18 +478,31 @@ impl CustomOp3 for LayerNormOp {
     }
 }
 
-/// GPT-J's self-attention core on `q`, `k`, `v` as the projections give them
-/// (`[batch, seq, heads, head_dim]`): rotary on the first `rotary_dim` dims of q and k
-/// (interleaved pairs), scores `q·kᵀ / sqrt(head_dim)` plus the additive mask, softmax, times
-/// v. The output has the input layout, so merging heads is a reshape. Backward recomputes the
-/// probabilities per (batch, head) instead of keeping score-sized tensors alive.
+/// The self-attention core on `q`, `k`, `v` as the projections give them
+/// (`[batch, seq, heads, head_dim]`): rotary on the first `rotary_dim` dims of q and k, scores
+/// `q·kᵀ / score_divisor` plus the additive mask, softmax, times v. The output has the input
+/// layout, so merging heads is a reshape. Backward recomputes the probabilities per
+/// (batch, head) instead of keeping score-sized tensors alive.
 pub struct CausalSelfAttention {
     /// `[batch × seq, rotary_dim / 2]`: the sin and cos of each token's position.
     pub sin: Vec<f32>,
     pub cos: Vec<f32>,
     /// `[batch, seq, seq]` additive mask (0 or the most negative float).
     pub mask: Vec<f32>,
+    /// 0 for no rotary embedding.
     pub rotary_dim: usize,
+    pub pairs: RotaryPairs,
+    /// What scores are divided by (`sqrt(head_dim)` for most models).
+    pub score_divisor: f32,
+}
+
+/// Which dims of a head the rotary embedding turns together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotaryPairs {
+    /// (0, 1), (2, 3), ...: GPT-J's `rotate_every_two`.
+    Interleaved,
+    /// (i, i + rotary_dim / 2): GPT-NeoX's `rotate_half`.
+    Halves,
 }
 
 #[derive(Clone, Copy)]
@@ -539,17 +552,21 @@ impl CausalSelfAttention {
             let table = (bi * t + ti) * half;
             for p in 0..half {
                 let (sin, cos) = (self.sin[table + p], self.cos[table + p]);
-                let (even, odd) = (src[2 * p], src[2 * p + 1]);
+                let (i, j) = match self.pairs {
+                    RotaryPairs::Interleaved => (2 * p, 2 * p + 1),
+                    RotaryPairs::Halves => (p, p + half),
+                };
+                let (first, second) = (src[i], src[j]);
                 match rotation {
                     Rotation::None => break,
                     Rotation::Forward => {
-                        dst[2 * p] = even * cos - odd * sin;
-                        dst[2 * p + 1] = odd * cos + even * sin;
+                        dst[i] = first * cos - second * sin;
+                        dst[j] = second * cos + first * sin;
                     }
                     // The transpose of the rotation, for gradients.
                     Rotation::Inverse => {
-                        dst[2 * p] = even * cos + odd * sin;
-                        dst[2 * p + 1] = odd * cos - even * sin;
+                        dst[i] = first * cos + second * sin;
+                        dst[j] = second * cos - first * sin;
                     }
                 }
             }
@@ -567,9 +584,8 @@ impl CausalSelfAttention {
             &mut scores,
             false,
         );
-        let scale = (d as f32).sqrt();
         let mask = &self.mask[bi * t * t..][..t * t];
-        masked_softmax_rows(&mut scores, Some(mask), scale, t);
+        masked_softmax_rows(&mut scores, Some(mask), self.score_divisor, t);
         scores
     }
 
@@ -642,7 +658,7 @@ impl CustomOp3 for CausalSelfAttention {
         let dims = Self::dims(q.shape())?;
         let (qs, ks, vs, dos) = (values(q)?, values(k)?, values(v)?, values(grad_out)?);
         let Dims { b, t, h, d } = dims;
-        let scale = (d as f32).sqrt();
+        let scale = self.score_divisor;
         let grads: Vec<[Vec<f32>; 3]> = (0..b * h)
             .into_par_iter()
             .map(|bh| {
@@ -833,6 +849,8 @@ mod tests {
                     cos: cos.clone(),
                     mask: mask.clone(),
                     rotary_dim: rotary,
+                    pairs: RotaryPairs::Interleaved,
+                    score_divisor: (d as f32).sqrt(),
                 };
                 t[0].apply_op3(&t[1], &t[2], op)
             },

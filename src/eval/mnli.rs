@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::source::{load_records, Records};
 use crate::generate::{generate, GenerationParams};
-use crate::model::GptJ;
+use crate::model::Model;
 use crate::recipe::{EvalMode, SourceSpec};
 use crate::tokenizer::{TextTokenizer, EOS_TOKEN};
 
@@ -48,7 +48,7 @@ pub fn parse_completion(completion: &str) -> Option<usize> {
 
 /// Premise/hypothesis pairs in, labels out: `GPTJEntailmentPipeline` as a library type.
 pub struct EntailmentPipeline<'a> {
-    pub model: &'a GptJ,
+    pub model: &'a Model,
     pub tokenizer: &'a TextTokenizer,
     pub mode: EvalMode,
     pub batch_size: usize,
@@ -121,7 +121,7 @@ impl EntailmentPipeline<'_> {
             for continuation in &continuations {
                 let mut row = prompt.clone();
                 row.extend_from_slice(continuation);
-                let limit = self.model.config().n_positions;
+                let limit = self.model.config().max_positions();
                 if row.len() > limit {
                     row.drain(..row.len() - limit);
                 }
@@ -256,7 +256,7 @@ pub fn summarize(rows: &[NliRow], predictions: &[Prediction], mode: EvalMode) ->
 
 /// Runs the evaluator over `rows` (what `kiln eval` and the trainer's `eval.task: mnli` call).
 pub fn evaluate_mnli(
-    model: &GptJ,
+    model: &Model,
     tokenizer: &TextTokenizer,
     rows: &[NliRow],
     mode: EvalMode,

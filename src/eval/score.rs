@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Batch, GptJ};
+use crate::model::{Batch, Model};
 use crate::tokenizer::TextTokenizer;
 
 #[derive(Debug, Deserialize)]
@@ -88,12 +88,12 @@ pub fn read_score_inputs(
 }
 
 /// Scores every row; the result is in input order.
-pub fn score_rows(model: &GptJ, rows: &[Vec<u32>], batch_size: usize) -> Result<Vec<ScoredRow>> {
+pub fn score_rows(model: &Model, rows: &[Vec<u32>], batch_size: usize) -> Result<Vec<ScoredRow>> {
     let batch_size = batch_size.max(1);
     let mut order: Vec<usize> = (0..rows.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(rows[i].len()));
     let mut results: Vec<Option<ScoredRow>> = vec![None; rows.len()];
-    let pad = model.config().eos_token_id.unwrap_or(0);
+    let pad = model.config().eos_token_id().unwrap_or(0);
     for chunk in order.chunks(batch_size) {
         let batch_rows: Vec<Vec<u32>> = chunk.iter().map(|&i| rows[i].clone()).collect();
         let batch = Batch::right_padded(&batch_rows, pad, model.device())?;

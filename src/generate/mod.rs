@@ -11,7 +11,7 @@ use rand::distributions::Distribution;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Batch, GptJ, KvCache};
+use crate::model::{Batch, KvCache, Model};
 use crate::tokenizer::TextTokenizer;
 
 /// Decoding parameters, named and defaulted as in HF's `GenerationConfig`.
@@ -121,7 +121,7 @@ struct Row {
 /// Generates a continuation for every prompt. `on_token(row, token)` sees each new token as it
 /// is produced (for streaming).
 pub fn generate(
-    model: &GptJ,
+    model: &Model,
     tokenizer: Option<&TextTokenizer>,
     prompts: &[Vec<u32>],
     params: &GenerationParams,
@@ -129,8 +129,8 @@ pub fn generate(
 ) -> Result<Vec<Generated>> {
     params.validate()?;
     let config = model.config();
-    let n_positions = config.n_positions;
-    let eos = config.eos_token_id.or(tokenizer.map(|t| t.eos_id()));
+    let n_positions = config.max_positions();
+    let eos = config.eos_token_id().or(tokenizer.map(|t| t.eos_id()));
     ensure!(
         params.stop.is_empty() || tokenizer.is_some(),
         "stop strings need a tokenizer to decode with"
@@ -140,10 +140,13 @@ pub fn generate(
         if prompt.is_empty() {
             bail!("prompt {index} is empty: there is nothing to continue from");
         }
-        if let Some(bad) = prompt.iter().find(|&&id| id as usize >= config.vocab_size) {
+        if let Some(bad) = prompt
+            .iter()
+            .find(|&&id| id as usize >= config.vocab_size())
+        {
             bail!(
                 "prompt {index}: token id {bad} is outside the vocabulary ({})",
-                config.vocab_size
+                config.vocab_size()
             );
         }
         let mut prompt = prompt.clone();
@@ -191,7 +194,7 @@ pub fn generate(
     let device = model.device();
     let longest_budget = active.iter().map(|r| r.budget).max().unwrap_or(0);
     let mut cache = KvCache::with_capacity(
-        config.n_layer,
+        config.n_layer(),
         active.iter().map(|r| r.prompt.len()).max().unwrap_or(0) + longest_budget,
     );
     let longest = active.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
@@ -200,7 +203,7 @@ pub fn generate(
     let mut positions = Vec::with_capacity(active.len() * longest);
     for row in &active {
         let pad = longest - row.prompt.len();
-        ids.extend(std::iter::repeat_n(config.eos_token_id.unwrap_or(0), pad));
+        ids.extend(std::iter::repeat_n(config.eos_token_id().unwrap_or(0), pad));
         ids.extend_from_slice(&row.prompt);
         positions.extend(std::iter::repeat_n(0u32, pad));
         positions.extend(0..row.prompt.len() as u32);
@@ -301,7 +304,7 @@ pub fn generate(
 /// step then start from inside the pool instead of each waking it from outside, which at batch
 /// 16 on the `small` preset made a step about a fifth slower.
 fn forward_on_pool(
-    model: &GptJ,
+    model: &Model,
     batch: &Batch,
     last_index: &[usize],
     cache: &mut KvCache,

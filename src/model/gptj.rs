@@ -8,12 +8,15 @@
 //! rotary embedding, the attention scores and their softmax are computed in fp32 (HF upcasts query
 //! and key before `q @ k^T`), and the final logits are returned in fp32.
 
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::ops::{self, AttentionMask, KvCache, LayerCache, LayerNorm, Linear, Operands, Rotary};
+use super::{Batch, CausalLm};
+use crate::ops::{
+    self, AttentionKind, AttentionMask, KvCache, LayerCache, LayerNorm, Linear, Operands, Rotary,
+    RotaryPairs,
+};
 
 /// `config.json` of a HF `gptj` model, read as is. Unknown keys are kept so that a config we
 /// rewrite (e.g. in a checkpoint) loses nothing HF or the user put there.
@@ -74,12 +77,6 @@ impl Config {
     /// Checks what the HF implementation silently assumes, so that a bad config fails here with
     /// the field named instead of as a shape error deep inside a forward pass.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.model_type != "gptj" {
-            return Err(format!(
-                "model_type is {:?}, expected \"gptj\" (Kiln implements GPT-J)",
-                self.model_type
-            ));
-        }
         if self.activation_function != "gelu_new" {
             return Err(format!(
                 "activation_function is {:?}, expected \"gelu_new\"",
@@ -114,6 +111,36 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Every parameter, in the order of HF's `state_dict()`, with its shape.
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let e = self.n_embd;
+        let inner = self.inner_dim();
+        let v = self.vocab_size;
+        let mut params = vec![("transformer.wte.weight".to_string(), vec![v, e])];
+        for i in 0..self.n_layer {
+            let p = format!("transformer.h.{i}");
+            params.extend([
+                (format!("{p}.ln_1.weight"), vec![e]),
+                (format!("{p}.ln_1.bias"), vec![e]),
+                (format!("{p}.attn.k_proj.weight"), vec![e, e]),
+                (format!("{p}.attn.v_proj.weight"), vec![e, e]),
+                (format!("{p}.attn.q_proj.weight"), vec![e, e]),
+                (format!("{p}.attn.out_proj.weight"), vec![e, e]),
+                (format!("{p}.mlp.fc_in.weight"), vec![inner, e]),
+                (format!("{p}.mlp.fc_in.bias"), vec![inner]),
+                (format!("{p}.mlp.fc_out.weight"), vec![e, inner]),
+                (format!("{p}.mlp.fc_out.bias"), vec![e]),
+            ]);
+        }
+        params.extend([
+            ("transformer.ln_f.weight".to_string(), vec![e]),
+            ("transformer.ln_f.bias".to_string(), vec![e]),
+            ("lm_head.weight".to_string(), vec![v, e]),
+            ("lm_head.bias".to_string(), vec![v]),
+        ]);
+        params
     }
 
     /// The `config.json` HF writes for this model, with our fields in its vocabulary.
@@ -163,7 +190,11 @@ impl Attention {
         let q = heads(self.q_proj.forward(xs)?)?;
         let k = heads(self.k_proj.forward(xs)?)?;
         let v = heads(self.v_proj.forward(xs)?)?;
-        let out = ops::causal_attention(&q, &k, &v, rotary, position_ids, mask, cache)?;
+        let kind = AttentionKind {
+            rotary: Some(rotary),
+            score_divisor: (self.head_dim as f64).sqrt(),
+        };
+        let out = ops::causal_attention(&q, &k, &v, kind, position_ids, mask, cache)?;
         self.out_proj.forward(&out.reshape((b, t, e))?)
     }
 }
@@ -224,41 +255,6 @@ impl Block {
     }
 }
 
-/// What one forward pass sees: token ids, where each row's real tokens are, and their positions.
-#[derive(Debug, Clone)]
-pub struct Batch {
-    /// `[batch, seq]`, u32.
-    pub input_ids: Tensor,
-    /// `[batch, seq]` positions of these tokens (per row, so padded rows keep their own).
-    pub position_ids: Tensor,
-    /// 1 for real tokens, 0 for padding, over the cached positions plus this step's
-    /// (`[batch, cached + seq]`); `None` when no row is padded.
-    pub key_mask: Option<Vec<Vec<u8>>>,
-}
-
-impl Batch {
-    /// Right-padded rows of token ids; positions count from 0 in every row.
-    pub fn right_padded(rows: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Self> {
-        let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(rows.len() * seq);
-        let mut key_mask = Vec::with_capacity(rows.len());
-        for row in rows {
-            ids.extend_from_slice(row);
-            ids.extend(std::iter::repeat_n(pad_id, seq - row.len()));
-            let mut mask = vec![1u8; row.len()];
-            mask.resize(seq, 0);
-            key_mask.push(mask);
-        }
-        let padded = rows.iter().any(|r| r.len() != seq);
-        let positions: Vec<u32> = (0..rows.len()).flat_map(|_| 0..seq as u32).collect();
-        Ok(Self {
-            input_ids: Tensor::from_vec(ids, (rows.len(), seq), device)?,
-            position_ids: Tensor::from_vec(positions, (rows.len(), seq), device)?,
-            key_mask: padded.then_some(key_mask),
-        })
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct GptJ {
     wte: Tensor,
@@ -266,18 +262,14 @@ pub struct GptJ {
     ln_f: LayerNorm,
     lm_head: Linear,
     rotary: Rotary,
-    config: Config,
+    n_embd: usize,
     dtype: DType,
-    operands: Operands,
 }
 
 impl GptJ {
-    /// Builds the model from HF-named weights. The `VarBuilder`'s dtype is the compute dtype
-    /// (see [`ops::weight_dtype_and_operands`] for what bf16 means on the CPU).
-    pub fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
-        config.validate().map_err(candle_core::Error::msg)?;
-        let (weight_dtype, operands) = ops::weight_dtype_and_operands(vb.device(), vb.dtype());
-        let vb = vb.set_dtype(weight_dtype);
+    /// Builds the model from HF-named weights stored in the `VarBuilder`'s dtype, computing in
+    /// `dtype` with matmul `operands`.
+    pub fn load(vb: VarBuilder, config: &Config, dtype: DType, operands: Operands) -> Result<Self> {
         let t = vb.pp("transformer");
         let blocks = (0..config.n_layer)
             .map(|i| Block::load(t.pp("h").pp(i), config, operands))
@@ -299,35 +291,25 @@ impl GptJ {
                 config.rotary_dim(),
                 config.n_positions,
                 10_000.0,
+                RotaryPairs::Interleaved,
                 vb.device(),
             )?,
-            config: config.clone(),
-            dtype: vb.dtype(),
-            operands,
+            n_embd: config.n_embd,
+            dtype,
         })
     }
+}
 
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    pub fn device(&self) -> &Device {
-        self.wte.device()
-    }
-
-    /// Final hidden states `[batch, seq, n_embd]` in the compute dtype.
-    pub fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+impl CausalLm for GptJ {
+    fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let cached = cache.as_ref().map_or(0, |c| c.len());
-        let (b, t) = batch.input_ids.dims2()?;
-        let mask = AttentionMask::causal(b, t, cached, batch.key_mask.as_deref(), self.device())?;
+        let (b, t) = batch.dims()?;
+        let key_mask = batch.key_mask.as_deref();
+        let mask = AttentionMask::causal(b, t, cached, key_mask, None, self.wte.device())?;
         let mut xs = self
             .wte
             .index_select(&batch.input_ids.flatten_all()?, 0)?
-            .reshape((b, t, self.config.n_embd))?
+            .reshape((b, t, self.n_embd))?
             .to_dtype(self.dtype)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer(i));
@@ -336,131 +318,7 @@ impl GptJ {
         self.ln_f.forward(&xs)
     }
 
-    /// Logits `[batch, seq, vocab]` in fp32.
-    pub fn forward(&self, batch: &Batch, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let hidden = self.hidden_states(batch, cache)?;
-        self.lm_head.forward(&hidden)?.to_dtype(DType::F32)
+    fn lm_head(&self) -> &Linear {
+        &self.lm_head
     }
-
-    /// Logits for the last position of each row only, `[batch, vocab]` in fp32: generation needs
-    /// nothing else, and the lm_head over the whole prompt is the largest matmul of a prefill.
-    pub fn forward_last(
-        &self,
-        batch: &Batch,
-        last_index: &[usize],
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let hidden = self.hidden_states(batch, cache)?;
-        let rows = last_index
-            .iter()
-            .enumerate()
-            .map(|(row, &i)| hidden.get(row)?.get(i))
-            .collect::<Result<Vec<_>>>()?;
-        let last = Tensor::stack(&rows, 0)?;
-        self.lm_head.forward(&last)?.to_dtype(DType::F32)
-    }
-}
-
-/// The gradients of one backward of the training loss, by parameter: the head's come from the
-/// fused loss head, the rest from autograd through the hidden states.
-pub struct LossGrads {
-    /// Cross-entropy summed over the labelled positions.
-    pub nll_sum: f64,
-    store: GradStore,
-    head_weight: Tensor,
-    head_bias: Option<Tensor>,
-}
-
-impl LossGrads {
-    /// The gradient of parameter `name` (HF's name) whose tensor is `param`; `None` where no
-    /// gradient reached it.
-    pub fn get(&self, name: &str, param: &Tensor) -> Option<&Tensor> {
-        match name {
-            "lm_head.weight" => Some(&self.head_weight),
-            "lm_head.bias" => self.head_bias.as_ref(),
-            _ => self.store.get(param),
-        }
-    }
-}
-
-impl GptJ {
-    /// The summed next-token cross-entropy over the positions whose label is not negative (HF's
-    /// -100), through the fused loss head (the logits never exist whole).
-    pub fn loss_sum(&self, batch: &Batch, labels: &[i64]) -> Result<f64> {
-        let hidden = self.hidden_states(batch, None)?;
-        let head = (&self.lm_head.weight, self.lm_head.bias.as_ref());
-        Ok(ops::lm_head_loss(&hidden, head.0, head.1, labels, None, self.operands)?.nll_sum)
-    }
-
-    /// [`Self::loss_sum`] and the gradients of `grad_scale ×` it for every parameter; `None`
-    /// when no position has a label.
-    pub fn loss_and_grads(
-        &self,
-        batch: &Batch,
-        labels: &[i64],
-        grad_scale: f64,
-    ) -> Result<Option<LossGrads>> {
-        if labels.iter().all(|&l| l < 0) {
-            return Ok(None);
-        }
-        let hidden = self.hidden_states(batch, None)?;
-        let head = (&self.lm_head.weight, self.lm_head.bias.as_ref());
-        let loss = ops::lm_head_loss(
-            &hidden,
-            head.0,
-            head.1,
-            labels,
-            Some(grad_scale),
-            self.operands,
-        )?;
-        let (Some(surrogate), Some((head_weight, head_bias))) = (loss.surrogate, loss.head_grads)
-        else {
-            return Ok(None);
-        };
-        Ok(Some(LossGrads {
-            nll_sum: loss.nll_sum,
-            store: surrogate.backward()?,
-            head_weight,
-            head_bias,
-        }))
-    }
-}
-
-/// Mean next-token cross-entropy over the positions whose label is not `ignore` (HF's -100),
-/// with labels already aligned to the logits (shifted by the caller). Computed in fp32.
-pub fn causal_lm_loss(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
-    let vocab = logits.dim(D::Minus1)?;
-    let flat = logits.reshape(((), vocab))?;
-    let (rows, targets): (Vec<u32>, Vec<u32>) = labels
-        .iter()
-        .enumerate()
-        .filter(|(_, &l)| l >= 0)
-        .map(|(i, &l)| (i as u32, l as u32))
-        .unzip();
-    if rows.is_empty() {
-        candle_core::bail!("no position has a label: the loss is undefined");
-    }
-    let device = logits.device();
-    let n = rows.len();
-    let picked = flat.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
-    let log_probs = candle_nn::ops::log_softmax(&picked.to_dtype(DType::F32)?, D::Minus1)?;
-    let targets = Tensor::from_vec(targets, (n, 1), device)?;
-    let nll = log_probs.gather(&targets, 1)?.neg()?;
-    nll.mean_all()
-}
-
-/// Labels for next-token prediction: position i is trained to predict token i+1 of the same row;
-/// positions whose next token is padding (or that end a row) get -100.
-pub fn shifted_labels(rows: &[Vec<u32>], seq: usize) -> Vec<i64> {
-    let mut labels = Vec::with_capacity(rows.len() * seq);
-    for row in rows {
-        for i in 0..seq {
-            labels.push(if i + 1 < row.len() {
-                row[i + 1] as i64
-            } else {
-                -100
-            });
-        }
-    }
-    labels
 }

@@ -1,5 +1,12 @@
-//! GPT-J and the Hugging Face model directory it lives in.
+//! The model families Kiln trains (GPT-J, GPT-2, GPT-Neo, GPT-NeoX/Pythia), one file each, and the
+//! Hugging Face model directory they live in.
+//!
+//! A family's file holds its `config.json`, its weight names and its forward pass down to the
+//! final hidden states ([`CausalLm`]); the loss head, generation and the rest are shared here.
 
+pub mod gpt2;
+pub mod gpt_neo;
+pub mod gpt_neox;
 pub mod gptj;
 pub mod init;
 pub mod weights;
@@ -9,44 +16,495 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
 
 pub use crate::ops::KvCache;
-pub use gptj::{Batch, Config, GptJ};
+use crate::ops::{self, Linear, Operands};
+pub use gpt2::Gpt2;
+pub use gpt_neo::GptNeo;
+pub use gpt_neox::GptNeoX;
+pub use gptj::GptJ;
 pub use weights::{TensorSpec, WeightStore};
 
 /// HF's default `max_shard_size` for `save_pretrained`.
 pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
 
-/// Every parameter of a GPT-J, in the order of HF's `state_dict()`, with its shape.
-pub fn parameter_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
-    let e = cfg.n_embd;
-    let inner = cfg.inner_dim();
-    let v = cfg.vocab_size;
-    let mut params = vec![("transformer.wte.weight".to_string(), vec![v, e])];
-    for i in 0..cfg.n_layer {
-        let p = format!("transformer.h.{i}");
-        params.extend([
-            (format!("{p}.ln_1.weight"), vec![e]),
-            (format!("{p}.ln_1.bias"), vec![e]),
-            (format!("{p}.attn.k_proj.weight"), vec![e, e]),
-            (format!("{p}.attn.v_proj.weight"), vec![e, e]),
-            (format!("{p}.attn.q_proj.weight"), vec![e, e]),
-            (format!("{p}.attn.out_proj.weight"), vec![e, e]),
-            (format!("{p}.mlp.fc_in.weight"), vec![inner, e]),
-            (format!("{p}.mlp.fc_in.bias"), vec![inner]),
-            (format!("{p}.mlp.fc_out.weight"), vec![e, inner]),
-            (format!("{p}.mlp.fc_out.bias"), vec![e]),
-        ]);
+/// The `model_type`s Kiln implements.
+pub const MODEL_TYPES: &[&str] = &["gptj", "gpt2", "gpt_neo", "gpt_neox"];
+
+/// A model's `config.json`, read as is, by its `model_type`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Config {
+    GptJ(gptj::Config),
+    Gpt2(gpt2::Config),
+    GptNeo(gpt_neo::Config),
+    GptNeoX(gpt_neox::Config),
+}
+
+impl Config {
+    /// Reads a `config.json` value; an unknown `model_type` names the ones Kiln implements.
+    pub fn from_json(value: serde_json::Value) -> std::result::Result<Self, String> {
+        let model_type = value
+            .get("model_type")
+            .and_then(|t| t.as_str())
+            .ok_or("model_type is missing")?
+            .to_string();
+        let parsed = match model_type.as_str() {
+            "gptj" => serde_json::from_value(value).map(Config::GptJ),
+            "gpt2" => serde_json::from_value(value).map(Config::Gpt2),
+            "gpt_neo" => serde_json::from_value(value).map(Config::GptNeo),
+            "gpt_neox" => serde_json::from_value(value).map(Config::GptNeoX),
+            other => {
+                return Err(format!(
+                    "model_type {other:?} is not implemented: Kiln implements {}",
+                    MODEL_TYPES.join(", ")
+                ))
+            }
+        };
+        parsed.map_err(|e| format!("not a valid {model_type} config: {e}"))
     }
-    params.extend([
-        ("transformer.ln_f.weight".to_string(), vec![e]),
-        ("transformer.ln_f.bias".to_string(), vec![e]),
-        ("lm_head.weight".to_string(), vec![v, e]),
-        ("lm_head.bias".to_string(), vec![v]),
-    ]);
-    params
+
+    /// The `config.json` HF writes for this model.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        match self {
+            Config::GptJ(c) => c.to_hf_json(),
+            Config::Gpt2(c) => c.to_hf_json(),
+            Config::GptNeo(c) => c.to_hf_json(),
+            Config::GptNeoX(c) => c.to_hf_json(),
+        }
+    }
+
+    /// Checks what the HF implementation silently assumes, naming the field at fault.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        match self {
+            Config::GptJ(c) => c.validate(),
+            Config::Gpt2(c) => c.validate(),
+            Config::GptNeo(c) => c.validate(),
+            Config::GptNeoX(c) => c.validate(),
+        }
+    }
+
+    pub fn model_type(&self) -> &'static str {
+        match self {
+            Config::GptJ(_) => "gptj",
+            Config::Gpt2(_) => "gpt2",
+            Config::GptNeo(_) => "gpt_neo",
+            Config::GptNeoX(_) => "gpt_neox",
+        }
+    }
+
+    /// The model's width (`n_embd`, `hidden_size`).
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Config::GptJ(c) => c.n_embd,
+            Config::Gpt2(c) => c.n_embd,
+            Config::GptNeo(c) => c.hidden_size,
+            Config::GptNeoX(c) => c.hidden_size,
+        }
+    }
+
+    pub fn n_layer(&self) -> usize {
+        match self {
+            Config::GptJ(c) => c.n_layer,
+            Config::Gpt2(c) => c.n_layer,
+            Config::GptNeo(c) => c.num_layers,
+            Config::GptNeoX(c) => c.num_hidden_layers,
+        }
+    }
+
+    pub fn n_head(&self) -> usize {
+        match self {
+            Config::GptJ(c) => c.n_head,
+            Config::Gpt2(c) => c.n_head,
+            Config::GptNeo(c) => c.num_heads,
+            Config::GptNeoX(c) => c.num_attention_heads,
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Config::GptJ(c) => c.vocab_size,
+            Config::Gpt2(c) => c.vocab_size,
+            Config::GptNeo(c) => c.vocab_size,
+            Config::GptNeoX(c) => c.vocab_size,
+        }
+    }
+
+    /// The longest sequence the model's positions cover.
+    pub fn max_positions(&self) -> usize {
+        match self {
+            Config::GptJ(c) => c.n_positions,
+            Config::Gpt2(c) => c.n_positions,
+            Config::GptNeo(c) => c.max_position_embeddings,
+            Config::GptNeoX(c) => c.max_position_embeddings,
+        }
+    }
+
+    pub fn eos_token_id(&self) -> Option<u32> {
+        match self {
+            Config::GptJ(c) => c.eos_token_id,
+            Config::Gpt2(c) => c.eos_token_id,
+            Config::GptNeo(c) => c.eos_token_id,
+            Config::GptNeoX(c) => c.eos_token_id,
+        }
+    }
+
+    pub fn initializer_range(&self) -> f64 {
+        match self {
+            Config::GptJ(c) => c.initializer_range,
+            Config::Gpt2(c) => c.initializer_range,
+            Config::GptNeo(c) => c.initializer_range,
+            Config::GptNeoX(c) => c.initializer_range,
+        }
+    }
+
+    /// Resizes the vocabulary (embedding and head rows) to `vocab_size`.
+    pub fn set_vocab_size(&mut self, vocab_size: usize) {
+        match self {
+            Config::GptJ(c) => c.vocab_size = vocab_size,
+            Config::Gpt2(c) => c.vocab_size = vocab_size,
+            Config::GptNeo(c) => c.vocab_size = vocab_size,
+            Config::GptNeoX(c) => c.vocab_size = vocab_size,
+        }
+    }
+
+    /// Makes `eos` the begin- and end-of-text token, as GPT-2's tokenizer has it.
+    pub fn set_eos_and_bos(&mut self, eos: u32) {
+        let (bos_slot, eos_slot) = match self {
+            Config::GptJ(c) => (&mut c.bos_token_id, &mut c.eos_token_id),
+            Config::Gpt2(c) => (&mut c.bos_token_id, &mut c.eos_token_id),
+            Config::GptNeo(c) => (&mut c.bos_token_id, &mut c.eos_token_id),
+            Config::GptNeoX(c) => (&mut c.bos_token_id, &mut c.eos_token_id),
+        };
+        *bos_slot = Some(eos);
+        *eos_slot = Some(eos);
+    }
+
+    /// The HF names of the output head's weight and bias (a tied head's weight is the token
+    /// embedding).
+    pub fn head_parameter_names(&self) -> (&'static str, Option<&'static str>) {
+        match self {
+            Config::GptJ(_) => ("lm_head.weight", Some("lm_head.bias")),
+            Config::Gpt2(_) | Config::GptNeo(_) => ("transformer.wte.weight", None),
+            Config::GptNeoX(_) => ("embed_out.weight", None),
+        }
+    }
+
+    /// Every parameter, in the order of HF's `state_dict()`, with its shape (a tied head is the
+    /// embedding and is listed once, as `save_pretrained` writes it).
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            Config::GptJ(c) => c.parameter_shapes(),
+            Config::Gpt2(c) => c.parameter_shapes(),
+            Config::GptNeo(c) => c.parameter_shapes(),
+            Config::GptNeoX(c) => c.parameter_shapes(),
+        }
+    }
+}
+
+impl Serialize for Config {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        self.to_hf_json().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Config {
+    fn deserialize<D2: serde::Deserializer<'de>>(
+        deserializer: D2,
+    ) -> std::result::Result<Self, D2::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        Config::from_json(value).map_err(serde::de::Error::custom)
+    }
+}
+
+/// What one forward pass sees: token ids, where each row's real tokens are, and their positions.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `[batch, seq]`, u32.
+    pub input_ids: Tensor,
+    /// `[batch, seq]` positions of these tokens (per row, so padded rows keep their own).
+    pub position_ids: Tensor,
+    /// 1 for real tokens, 0 for padding, over the cached positions plus this step's
+    /// (`[batch, cached + seq]`); `None` when no row is padded.
+    pub key_mask: Option<Vec<Vec<u8>>>,
+}
+
+impl Batch {
+    /// Right-padded rows of token ids; positions count from 0 in every row.
+    pub fn right_padded(
+        rows: &[Vec<u32>],
+        pad_id: u32,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(rows.len() * seq);
+        let mut key_mask = Vec::with_capacity(rows.len());
+        for row in rows {
+            ids.extend_from_slice(row);
+            ids.extend(std::iter::repeat_n(pad_id, seq - row.len()));
+            let mut mask = vec![1u8; row.len()];
+            mask.resize(seq, 0);
+            key_mask.push(mask);
+        }
+        let padded = rows.iter().any(|r| r.len() != seq);
+        let positions: Vec<u32> = (0..rows.len()).flat_map(|_| 0..seq as u32).collect();
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (rows.len(), seq), device)?,
+            position_ids: Tensor::from_vec(positions, (rows.len(), seq), device)?,
+            key_mask: padded.then_some(key_mask),
+        })
+    }
+
+    /// `[batch, seq]`.
+    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        self.input_ids.dims2()
+    }
+}
+
+/// What a family's model file provides: its blocks up to the final hidden states, and the head
+/// that maps them to the vocabulary. Everything downstream (logits, the fused loss head,
+/// generation) is shared by [`Model`].
+pub trait CausalLm {
+    /// Final hidden states `[batch, seq, hidden]` in the compute dtype; with a `cache`, this
+    /// step's keys and values are appended to it.
+    fn hidden_states(
+        &self,
+        batch: &Batch,
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor>;
+    /// The output projection (for a tied model, the token embedding).
+    fn lm_head(&self) -> &Linear;
+}
+
+#[derive(Debug, Clone)]
+enum Family {
+    GptJ(GptJ),
+    Gpt2(Gpt2),
+    GptNeo(GptNeo),
+    GptNeoX(GptNeoX),
+}
+
+/// A loaded model of any family, with the operations every verb needs.
+#[derive(Debug, Clone)]
+pub struct Model {
+    family: Family,
+    config: Config,
+    dtype: DType,
+    device: Device,
+    operands: Operands,
+}
+
+impl Model {
+    /// Builds the model from HF-named weights. The `VarBuilder`'s dtype is the compute dtype
+    /// (see [`ops::weight_dtype_and_operands`] for what bf16 means on the CPU).
+    pub fn load(vb: VarBuilder, config: &Config) -> candle_core::Result<Self> {
+        config.validate().map_err(candle_core::Error::msg)?;
+        let device = vb.device().clone();
+        // Activations are in the weights' dtype: fp32 for bf16 on the CPU, where only the
+        // matmul operands are rounded.
+        let (dtype, operands) = ops::weight_dtype_and_operands(&device, vb.dtype());
+        let vb = vb.set_dtype(dtype);
+        let family = match config {
+            Config::GptJ(c) => Family::GptJ(GptJ::load(vb, c, dtype, operands)?),
+            Config::Gpt2(c) => Family::Gpt2(Gpt2::load(vb, c, dtype, operands)?),
+            Config::GptNeo(c) => Family::GptNeo(GptNeo::load(vb, c, dtype, operands)?),
+            Config::GptNeoX(c) => Family::GptNeoX(GptNeoX::load(vb, c, dtype, operands)?),
+        };
+        Ok(Self {
+            family,
+            config: config.clone(),
+            dtype,
+            device,
+            operands,
+        })
+    }
+
+    fn body(&self) -> &dyn CausalLm {
+        match &self.family {
+            Family::GptJ(m) => m,
+            Family::Gpt2(m) => m,
+            Family::GptNeo(m) => m,
+            Family::GptNeoX(m) => m,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Final hidden states `[batch, seq, hidden]` in the compute dtype.
+    pub fn hidden_states(
+        &self,
+        batch: &Batch,
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        self.body().hidden_states(batch, cache)
+    }
+
+    /// Logits `[batch, seq, vocab]` in fp32.
+    pub fn forward(
+        &self,
+        batch: &Batch,
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let hidden = self.hidden_states(batch, cache)?;
+        self.body().lm_head().forward(&hidden)?.to_dtype(DType::F32)
+    }
+
+    /// Logits for the last position of each row only, `[batch, vocab]` in fp32: generation needs
+    /// nothing else, and the lm_head over the whole prompt is the largest matmul of a prefill.
+    pub fn forward_last(
+        &self,
+        batch: &Batch,
+        last_index: &[usize],
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let hidden = self.hidden_states(batch, cache)?;
+        let rows = last_index
+            .iter()
+            .enumerate()
+            .map(|(row, &i)| hidden.get(row)?.get(i))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let last = Tensor::stack(&rows, 0)?;
+        self.body().lm_head().forward(&last)?.to_dtype(DType::F32)
+    }
+
+    /// The summed next-token cross-entropy over the positions whose label is not negative (HF's
+    /// -100), through the fused loss head (the logits never exist whole).
+    pub fn loss_sum(&self, batch: &Batch, labels: &[i64]) -> candle_core::Result<f64> {
+        let hidden = self.hidden_states(batch, None)?;
+        let head = self.body().lm_head();
+        let loss = ops::lm_head_loss(
+            &hidden,
+            &head.weight,
+            head.bias.as_ref(),
+            labels,
+            None,
+            self.operands,
+        )?;
+        Ok(loss.nll_sum)
+    }
+
+    /// [`Self::loss_sum`] and the gradients of `grad_scale ×` it for every parameter; `None`
+    /// when no position has a label.
+    pub fn loss_and_grads(
+        &self,
+        batch: &Batch,
+        labels: &[i64],
+        grad_scale: f64,
+    ) -> candle_core::Result<Option<LossGrads>> {
+        if labels.iter().all(|&l| l < 0) {
+            return Ok(None);
+        }
+        let hidden = self.hidden_states(batch, None)?;
+        let head = self.body().lm_head();
+        let loss = ops::lm_head_loss(
+            &hidden,
+            &head.weight,
+            head.bias.as_ref(),
+            labels,
+            Some(grad_scale),
+            self.operands,
+        )?;
+        let (Some(surrogate), Some((weight_grad, bias_grad))) = (loss.surrogate, loss.head_grads)
+        else {
+            return Ok(None);
+        };
+        let (weight_name, bias_name) = self.config.head_parameter_names();
+        let mut head_grads = vec![(weight_name, weight_grad)];
+        if let (Some(name), Some(grad)) = (bias_name, bias_grad) {
+            head_grads.push((name, grad));
+        }
+        Ok(Some(LossGrads {
+            nll_sum: loss.nll_sum,
+            store: surrogate.backward()?,
+            head_grads,
+        }))
+    }
+}
+
+/// The gradients of one backward of the training loss, by parameter: the head's come from the
+/// fused loss head, the rest from autograd through the hidden states.
+pub struct LossGrads {
+    /// Cross-entropy summed over the labelled positions.
+    pub nll_sum: f64,
+    store: GradStore,
+    /// By HF name: the head is found by name because the model may compute with a converted
+    /// copy (fp16/bf16) of the parameter the caller holds.
+    head_grads: Vec<(&'static str, Tensor)>,
+}
+
+impl LossGrads {
+    /// The gradient of parameter `name` (HF's name) whose tensor is `param`, in `param`'s dtype;
+    /// `None` where no gradient reached it. A head tied to the embedding gets both: what the
+    /// embedding lookup passed back and what the head's products did.
+    pub fn get(&self, name: &str, param: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let head = self.head_grads.iter().find(|(n, _)| *n == name);
+        let graph = self.store.get(param);
+        Ok(match (head, graph) {
+            (Some((_, head)), Some(graph)) => Some((graph + head.to_dtype(graph.dtype())?)?),
+            (Some((_, head)), None) => Some(head.to_dtype(param.dtype())?),
+            (None, graph) => graph.cloned(),
+        })
+    }
+}
+
+/// Mean next-token cross-entropy over the positions whose label is not `ignore` (HF's -100),
+/// with labels already aligned to the logits (shifted by the caller). Computed in fp32.
+pub fn causal_lm_loss(logits: &Tensor, labels: &[i64]) -> candle_core::Result<Tensor> {
+    let vocab = logits.dim(D::Minus1)?;
+    let flat = logits.reshape(((), vocab))?;
+    let (rows, targets): (Vec<u32>, Vec<u32>) = labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l >= 0)
+        .map(|(i, &l)| (i as u32, l as u32))
+        .unzip();
+    if rows.is_empty() {
+        candle_core::bail!("no position has a label: the loss is undefined");
+    }
+    let device = logits.device();
+    let n = rows.len();
+    let picked = flat.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
+    let log_probs = candle_nn::ops::log_softmax(&picked.to_dtype(DType::F32)?, D::Minus1)?;
+    let targets = Tensor::from_vec(targets, (n, 1), device)?;
+    let nll = log_probs.gather(&targets, 1)?.neg()?;
+    nll.mean_all()
+}
+
+/// Labels for next-token prediction: position i is trained to predict token i+1 of the same row;
+/// positions whose next token is padding (or that end a row) get -100.
+pub fn shifted_labels(rows: &[Vec<u32>], seq: usize) -> Vec<i64> {
+    let mut labels = Vec::with_capacity(rows.len() * seq);
+    for row in rows {
+        for i in 0..seq {
+            labels.push(if i + 1 < row.len() {
+                row[i + 1] as i64
+            } else {
+                -100
+            });
+        }
+    }
+    labels
+}
+
+/// Every parameter of `cfg`'s model, in the order of HF's `state_dict()`, with its shape.
+pub fn parameter_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    cfg.parameter_shapes()
 }
 
 pub fn parameter_specs(cfg: &Config, dtype: DType) -> Vec<TensorSpec> {
@@ -64,16 +522,18 @@ pub fn load_config(dir: &Path) -> Result<Config> {
     }
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("{}: cannot read the model config", path.display()))?;
-    let config: Config = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a valid GPT-J config", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let config =
+        Config::from_json(value).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(config)
 }
 
-/// Loads a HF GPT-J model directory for inference in `dtype`.
-pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<GptJ> {
+/// Loads a HF model directory for inference in `dtype`.
+pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
     let config = load_config(dir)?;
     let store = Arc::new(WeightStore::open(dir)?);
     let vb = VarBuilder::from_backend(
@@ -81,7 +541,7 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<GptJ> {
         dtype,
         device.clone(),
     );
-    GptJ::load(vb, &config).map_err(|e| anyhow::anyhow!("loading {}: {e}", dir.display()))
+    Model::load(vb, &config).map_err(|e| anyhow::anyhow!("loading {}: {e}", dir.display()))
 }
 
 /// Loads every parameter of a model directory as named tensors (fp32 master copies for training).
@@ -126,13 +586,13 @@ pub fn model_from_parameters(
     params: &HashMap<String, Tensor>,
     compute_dtype: DType,
     device: &Device,
-) -> Result<GptJ> {
+) -> Result<Model> {
     let vb = VarBuilder::from_backend(
         Box::new(weights::TensorsBackend(params.clone())),
         compute_dtype,
         device.clone(),
     );
-    Ok(GptJ::load(vb, config)?)
+    Ok(Model::load(vb, config)?)
 }
 
 /// Writes `config.json` and the weights (converted to `dtype`) as a HF model directory.

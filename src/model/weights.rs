@@ -44,6 +44,9 @@ impl WeightFile {
     }
 }
 
+/// The prefixes of the base model inside HF's `*ForCausalLM` weight names.
+const BASE_MODEL_PREFIXES: &[&str] = &["transformer.", "gpt_neox."];
+
 /// The weights of one model directory, memory-mapped, looked up by HF tensor name.
 pub struct WeightStore {
     files: Vec<WeightFile>,
@@ -147,11 +150,26 @@ impl WeightStore {
     }
 
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.shapes.get(name).map(Vec::as_slice)
+        self.shapes.get(self.stored_name(name)).map(Vec::as_slice)
+    }
+
+    /// The name `name` is stored under: itself, or without the base model's prefix in a
+    /// checkpoint of the base model alone (OpenAI's `gpt2` repository stores `h.0.attn...`, not
+    /// `transformer.h.0.attn...`), which HF's `from_pretrained` accepts too.
+    fn stored_name<'a>(&self, name: &'a str) -> &'a str {
+        if self.index.contains_key(name) {
+            return name;
+        }
+        BASE_MODEL_PREFIXES
+            .iter()
+            .filter_map(|prefix| name.strip_prefix(prefix))
+            .find(|bare| self.index.contains_key(*bare))
+            .unwrap_or(name)
     }
 
     /// Loads one tensor in the given dtype, with an error naming the file and the tensor.
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let name = self.stored_name(name);
         let location = self
             .index
             .get(name)
@@ -191,7 +209,7 @@ impl WeightStore {
 
     fn file_of(&self, name: &str) -> String {
         self.index
-            .get(name)
+            .get(self.stored_name(name))
             .map(|l| self.files[l.file].path().display().to_string())
             .unwrap_or_else(|| self.describe_files())
     }
@@ -255,7 +273,7 @@ impl SimpleBackend for StoreBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.0.index.contains_key(name)
+        self.0.index.contains_key(self.0.stored_name(name))
     }
 }
 

@@ -1,8 +1,10 @@
-//! Causal self-attention with GPT-J's rotary embedding, and the KV cache of incremental decoding.
+//! Causal self-attention with an optional rotary embedding, and the KV cache of incremental
+//! decoding.
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::use_fused;
+pub use crate::cpu::fused::RotaryPairs;
 use crate::cpu::fused::{self, CausalSelfAttention};
 
 /// sin/cos tables for the rotary embedding, `[n_positions, rotary_dim / 2]`, fp32.
@@ -12,12 +14,20 @@ pub struct Rotary {
     cos: Tensor,
     /// Leading dims of each head that rotate; the rest pass through.
     dim: usize,
+    pairs: RotaryPairs,
 }
 
 impl Rotary {
     /// Tables for `rotary_dim` rotated dims of each head over `n_positions` positions, with
-    /// frequencies `base^(-2i / rotary_dim)` (HF's `rotary_emb_base`, 10000 for GPT-J).
-    pub fn new(rotary_dim: usize, n_positions: usize, base: f32, device: &Device) -> Result<Self> {
+    /// frequencies `base^(-2i / rotary_dim)` (HF's `rotary_emb_base`, 10000 for GPT-J), turning
+    /// the dims `pairs` says together.
+    pub fn new(
+        rotary_dim: usize,
+        n_positions: usize,
+        base: f32,
+        pairs: RotaryPairs,
+        device: &Device,
+    ) -> Result<Self> {
         let dim = rotary_dim;
         let inv_freq: Vec<f32> = (0..dim)
             .step_by(2)
@@ -33,6 +43,7 @@ impl Rotary {
             sin: angles.sin()?,
             cos: angles.cos()?,
             dim,
+            pairs,
         })
     }
 
@@ -48,8 +59,8 @@ impl Rotary {
         Tensor::cat(&[self.apply(&rot, position_ids)?, pass], 3)
     }
 
-    /// Rotates `xs` (`[batch, seq, heads, rotary_dim]`, fp32) in GPT-J's interleaved form: the
-    /// pairs are (0, 1), (2, 3), ... rather than the two halves of the head.
+    /// Rotates `xs` (`[batch, seq, heads, rotary_dim]`, fp32): each pair `(first, second)`
+    /// becomes `(first cos - second sin, second cos + first sin)`.
     fn apply(&self, xs: &Tensor, position_ids: &Tensor) -> Result<Tensor> {
         let (b, t, h, r) = xs.dims4()?;
         let flat_positions = position_ids.flatten_all()?;
@@ -61,12 +72,24 @@ impl Rotary {
             .cos
             .index_select(&flat_positions, 0)?
             .reshape((b, t, 1, r / 2))?;
-        let pairs = xs.reshape((b, t, h, r / 2, 2))?;
-        let even = pairs.narrow(4, 0, 1)?.squeeze(4)?;
-        let odd = pairs.narrow(4, 1, 1)?.squeeze(4)?;
-        let rotated_even = (even.broadcast_mul(&cos)? - odd.broadcast_mul(&sin)?)?;
-        let rotated_odd = (odd.broadcast_mul(&cos)? + even.broadcast_mul(&sin)?)?;
-        Tensor::stack(&[rotated_even, rotated_odd], 4)?.reshape((b, t, h, r))
+        let (first, second) = match self.pairs {
+            RotaryPairs::Interleaved => {
+                let pairs = xs.reshape((b, t, h, r / 2, 2))?;
+                (
+                    pairs.narrow(4, 0, 1)?.squeeze(4)?,
+                    pairs.narrow(4, 1, 1)?.squeeze(4)?,
+                )
+            }
+            RotaryPairs::Halves => (xs.narrow(3, 0, r / 2)?, xs.narrow(3, r / 2, r / 2)?),
+        };
+        let rotated_first = (first.broadcast_mul(&cos)? - second.broadcast_mul(&sin)?)?;
+        let rotated_second = (second.broadcast_mul(&cos)? + first.broadcast_mul(&sin)?)?;
+        match self.pairs {
+            RotaryPairs::Interleaved => {
+                Tensor::stack(&[rotated_first, rotated_second], 4)?.reshape((b, t, h, r))
+            }
+            RotaryPairs::Halves => Tensor::cat(&[rotated_first, rotated_second], 3),
+        }
     }
 }
 
@@ -166,18 +189,20 @@ pub struct AttentionMask {
     /// `[batch, 1, seq, cached + seq]`, fp32: 0 where a query may look, the most negative float
     /// where it may not.
     additive: Tensor,
-    /// Whether some key is padding, i.e. the mask is more than the causal one.
-    padded: bool,
+    /// Whether this is the causal mask and nothing more (no padding, no window).
+    plain_causal: bool,
 }
 
 impl AttentionMask {
     /// The causal mask of `seq` new positions after `cached` ones, less the keys `key_mask`
-    /// (`[batch][cached + seq]`, 1 for real tokens) marks as padding.
+    /// (`[batch][cached + seq]`, 1 for real tokens) marks as padding and, with a `window`, the
+    /// keys `window` or more positions back (GPT-Neo's local layers).
     pub fn causal(
         batch: usize,
         seq: usize,
         cached: usize,
         key_mask: Option<&[Vec<u8>]>,
+        window: Option<usize>,
         device: &Device,
     ) -> Result<Self> {
         let keys = cached + seq;
@@ -185,8 +210,11 @@ impl AttentionMask {
         for row in 0..batch {
             let real = key_mask.map(|m| &m[row]);
             for i in 0..seq {
+                let query = cached + i;
                 for j in 0..keys {
-                    let visible = j <= cached + i && real.is_none_or(|r| r[j] == 1);
+                    let visible = j <= query
+                        && window.is_none_or(|w| query - j < w)
+                        && real.is_none_or(|r| r[j] == 1);
                     if !visible {
                         additive[(row * seq + i) * keys + j] = f32::MIN;
                     }
@@ -195,18 +223,28 @@ impl AttentionMask {
         }
         Ok(Self {
             additive: Tensor::from_vec(additive, (batch, 1, seq, keys), device)?,
-            padded: key_mask.is_some_and(|m| m.iter().flatten().any(|&k| k == 0)),
+            plain_causal: !key_mask.is_some_and(|m| m.iter().flatten().any(|&k| k == 0))
+                && window.is_none_or(|w| w >= keys),
         })
     }
 
-    /// Whether some key is padding, so that a purely causal kernel cannot apply this mask.
-    pub fn masks_padding(&self) -> bool {
-        self.padded
+    /// Whether this is the causal mask and nothing more, which a purely causal kernel applies.
+    pub fn is_plain_causal(&self) -> bool {
+        self.plain_causal
     }
 }
 
-/// Attention of `q`, `k`, `v` (`[batch, seq, heads, head_dim]`, as projected) with the rotary
-/// embedding applied to `q` and `k` at `position_ids`, `mask`, and the keys and values of
+/// How a model's attention turns and scales its scores.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionKind<'a> {
+    /// The rotary embedding applied to q and k, if the model has one.
+    pub rotary: Option<&'a Rotary>,
+    /// What `q·kᵀ` is divided by: `sqrt(head_dim)` for most models, 1 for GPT-Neo.
+    pub score_divisor: f64,
+}
+
+/// Attention of `q`, `k`, `v` (`[batch, seq, heads, head_dim]`, as projected) with `kind`'s
+/// rotary embedding applied to `q` and `k` at `position_ids`, `mask`, and the keys and values of
 /// earlier positions from `cache` (this step's are appended). Scores, their softmax and the
 /// rotation run in fp32 whatever the compute dtype, as HF's GPT-J does; returns
 /// `[batch, seq, heads, head_dim]` in `v`'s dtype.
@@ -219,44 +257,57 @@ pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    rotary: &Rotary,
+    kind: AttentionKind,
     position_ids: &Tensor,
     mask: &AttentionMask,
     cache: Option<(&mut LayerCache, usize)>,
 ) -> Result<Tensor> {
-    let head_dim = q.dim(3)?;
     if cache.is_none() && use_fused(q) {
         let positions = position_ids.flatten_all()?;
         let table = |t: &Tensor| t.index_select(&positions, 0)?.flatten_all()?.to_vec1();
-        let op = CausalSelfAttention {
-            sin: table(&rotary.sin)?,
-            cos: table(&rotary.cos)?,
-            mask: mask.additive.flatten_all()?.to_vec1()?,
-            rotary_dim: rotary.dim,
+        let op = match kind.rotary {
+            Some(rotary) => CausalSelfAttention {
+                sin: table(&rotary.sin)?,
+                cos: table(&rotary.cos)?,
+                mask: mask.additive.flatten_all()?.to_vec1()?,
+                rotary_dim: rotary.dim,
+                pairs: rotary.pairs,
+                score_divisor: kind.score_divisor as f32,
+            },
+            None => CausalSelfAttention {
+                sin: Vec::new(),
+                cos: Vec::new(),
+                mask: mask.additive.flatten_all()?.to_vec1()?,
+                rotary_dim: 0,
+                pairs: RotaryPairs::Interleaved,
+                score_divisor: kind.score_divisor as f32,
+            },
         };
         return q
             .contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
     }
     let dtype = v.dtype();
-    let q = rotary
-        .rotate(&q.to_dtype(DType::F32)?, position_ids)?
-        .transpose(1, 2)?;
-    let k = rotary
-        .rotate(&k.to_dtype(DType::F32)?, position_ids)?
-        .transpose(1, 2)?;
+    let prepare = |x: &Tensor| -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        let x = match kind.rotary {
+            Some(rotary) => rotary.rotate(&x, position_ids)?,
+            None => x,
+        };
+        x.transpose(1, 2)
+    };
+    let (q, k) = (prepare(q)?, prepare(k)?);
     let v = v.transpose(1, 2)?;
     let (k, v) = match cache {
         Some((slot, capacity)) => slot.append(&k, &v, capacity)?,
         None => (k.contiguous()?, v.contiguous()?),
     };
     #[cfg(feature = "flash-attn")]
-    if flash::applies(&q, &v, mask.masks_padding()) {
-        return flash::attention(&q, &k, &v);
+    if flash::applies(&q, &v, mask.is_plain_causal()) {
+        return flash::attention(&q, &k, &v, kind.score_divisor);
     }
-    let scale = (head_dim as f64).sqrt();
-    let scores = (q.contiguous()?.matmul(&k.t()?)? / scale)?.broadcast_add(&mask.additive)?;
-    let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    let scores = (q.contiguous()?.matmul(&k.t()?)? / kind.score_divisor)?;
+    let probs = softmax_last_dim(&scores.broadcast_add(&mask.additive)?)?.to_dtype(dtype)?;
     probs.matmul(&v)?.transpose(1, 2)
 }
 
@@ -276,24 +327,24 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
 mod flash {
     use candle_core::{DType, Result, Tensor};
 
-    /// Whether flash attention may stand in for the generic code: fp16/bf16 on a GPU, no padded
-    /// keys (the kernel only masks causally), and no gradient to carry.
-    pub(super) fn applies(q: &Tensor, v: &Tensor, padded: bool) -> bool {
+    /// Whether flash attention may stand in for the generic code: fp16/bf16 on a GPU, a plain
+    /// causal mask (the kernel masks nothing else), and no gradient to carry.
+    pub(super) fn applies(q: &Tensor, v: &Tensor, plain_causal: bool) -> bool {
         q.device().is_cuda()
             && matches!(v.dtype(), DType::F16 | DType::BF16)
-            && !padded
+            && plain_causal
             && !q.track_op()
             && !v.track_op()
     }
 
-    /// `softmax(q kᵀ / √d) v` over causal positions for `q` (`[batch, heads, seq, head_dim]`,
+    /// `softmax(q kᵀ / divisor) v` over causal positions for `q` (`[batch, heads, seq, head_dim]`,
     /// rotated, fp32) and `k`, `v` (`[batch, heads, cached + seq, head_dim]`); the kernel aligns
     /// the causal mask to the last key, so query `i` sees keys up to `cached + i`, as the generic
     /// mask does. Returns `[batch, seq, heads, head_dim]` in `v`'s dtype.
-    pub(super) fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    pub(super) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, divisor: f64) -> Result<Tensor> {
         let dtype = v.dtype();
         let seq_major = |x: &Tensor| x.to_dtype(dtype)?.transpose(1, 2)?.contiguous();
-        let scale = 1.0 / (q.dim(3)? as f32).sqrt();
+        let scale = (1.0 / divisor) as f32;
         candle_flash_attn::flash_attn(&seq_major(q)?, &seq_major(k)?, &seq_major(v)?, scale, true)
     }
 }
@@ -305,8 +356,8 @@ mod tests {
     #[test]
     fn causal_mask_hides_later_positions_and_padding_after_the_cache() {
         let key_mask = vec![vec![1, 1, 1, 1], vec![1, 1, 1, 0]];
-        let mask = AttentionMask::causal(2, 2, 2, Some(&key_mask), &Device::Cpu).unwrap();
-        assert!(mask.masks_padding());
+        let mask = AttentionMask::causal(2, 2, 2, Some(&key_mask), None, &Device::Cpu).unwrap();
+        assert!(!mask.is_plain_causal());
         let visible: Vec<Vec<Vec<bool>>> = mask
             .additive
             .squeeze(1)
@@ -326,7 +377,30 @@ mod tests {
         assert_eq!(visible[1], vec![vec![t, t, t, f], vec![t, t, t, f]]);
 
         let unpadded = vec![vec![1, 1]; 2];
-        let plain = AttentionMask::causal(2, 2, 0, Some(&unpadded), &Device::Cpu).unwrap();
-        assert!(!plain.masks_padding());
+        let plain = AttentionMask::causal(2, 2, 0, Some(&unpadded), None, &Device::Cpu).unwrap();
+        assert!(plain.is_plain_causal());
+        let local = AttentionMask::causal(1, 4, 0, None, Some(2), &Device::Cpu).unwrap();
+        assert!(!local.is_plain_causal());
+        let local: Vec<Vec<f32>> = local
+            .additive
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let seen: Vec<Vec<bool>> = local
+            .iter()
+            .map(|q| q.iter().map(|&v| v == 0.0).collect())
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                vec![t, f, f, f],
+                vec![t, t, f, f],
+                vec![f, t, t, f],
+                vec![f, f, t, t]
+            ]
+        );
     }
 }

@@ -78,6 +78,11 @@ pub fn gelu_new(xs: &Tensor) -> Result<Tensor> {
     xs.gelu()
 }
 
+/// HF's `gelu` (the exact, erf-based one).
+pub fn gelu(xs: &Tensor) -> Result<Tensor> {
+    xs.gelu_erf()
+}
+
 /// A linear layer stored as HF stores it: weight `[out, in]`, optional bias `[out]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -105,6 +110,30 @@ impl Linear {
             bias,
             operands,
         })
+    }
+
+    /// GPT-2's `Conv1D`, which stores its weight `[in, out]`: the layer multiplies by the
+    /// transpose, so the parameter keeps HF's name and layout.
+    pub fn load_conv1d(
+        vb: VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        operands: Operands,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((in_dim, out_dim), "weight")?.t()?,
+            bias: Some(vb.get(out_dim, "bias")?),
+            operands,
+        })
+    }
+
+    /// A bias-free layer over an existing `[out, in]` tensor (a head tied to the embedding).
+    pub fn tied(weight: Tensor, operands: Operands) -> Self {
+        Self {
+            weight,
+            bias: None,
+            operands,
+        }
     }
 }
 

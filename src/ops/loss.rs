@@ -45,7 +45,7 @@ pub struct LmLoss {
 /// Cross-entropy summed over rows of `hidden` (`[..., n_embd]`, flattened) whose label is not
 /// negative, through the head `weight` `[vocab, n_embd]` and `bias`. With `grad_scale`, also the
 /// surrogate for backward. `operands` is the head matmuls' precision when the tensors are fp32
-/// on the CPU (the model's [`crate::model::GptJ::matmul_operands`]); otherwise the tensors'
+/// on the CPU (the model's [`crate::model::Model::matmul_operands`]); otherwise the tensors'
 /// dtype decides.
 pub fn lm_head_loss(
     hidden: &Tensor,

@@ -18,9 +18,10 @@ use candle_core::{DType, Device, Tensor};
 
 pub use crate::cpu::gemm::Operands;
 pub use attention::{
-    causal_attention, softmax_last_dim, AttentionMask, KvCache, LayerCache, Rotary,
+    causal_attention, softmax_last_dim, AttentionKind, AttentionMask, KvCache, LayerCache, Rotary,
+    RotaryPairs,
 };
-pub use layers::{gelu_new, layer_norm, linear, LayerNorm, Linear};
+pub use layers::{gelu, gelu_new, layer_norm, linear, LayerNorm, Linear};
 pub use loss::{composite_nll_sum, lm_head_loss, LmLoss};
 pub use optim::{adamw_step, add_in_place, global_norm, AdamWStep};
 

@@ -94,7 +94,7 @@ pub fn train_recipe(recipe_path: &Path, options: LaunchOptions) -> Result<TrainS
         let reports = run_dir.join("eval");
         let split = eval_split_name(&recipe);
         let run_name = recipe.name.clone();
-        Box::new(move |model: &model::GptJ, point: &EvalPoint| {
+        Box::new(move |model: &model::Model, point: &EvalPoint| {
             let step = point.step;
             let mut report = evaluate_mnli(model, &tokenizer, &rows, mode, batch_size)?;
             report.model = format!("{run_name} step {step}");
@@ -188,7 +188,7 @@ fn starting_model(recipe: &Recipe, recipe_dir: &Path) -> Result<(ModelInit, Text
                 })?,
             };
             let config = model::load_config(&model_dir)?;
-            tokenizer.check_fits(config.vocab_size, &model_dir)?;
+            tokenizer.check_fits(config.vocab_size(), &model_dir)?;
             let params = model::load_parameters(&model_dir, &config, DType::F32, &Device::Cpu)?;
             Ok((
                 ModelInit {
@@ -206,15 +206,15 @@ fn starting_model(recipe: &Recipe, recipe_dir: &Path) -> Result<(ModelInit, Text
                  EleutherAI/gpt-j-6b) to tokenize the data with",
             )?;
             let mut config = spec.preset.config();
-            config.vocab_size = spec
-                .vocab_size
-                .unwrap_or_else(|| tokenizer.vocab_size().div_ceil(64) * 64);
-            config.eos_token_id = Some(tokenizer.eos_id());
-            config.bos_token_id = Some(tokenizer.eos_id());
+            config.set_vocab_size(
+                spec.vocab_size
+                    .unwrap_or_else(|| tokenizer.vocab_size().div_ceil(64) * 64),
+            );
+            config.set_eos_and_bos(tokenizer.eos_id());
             config
                 .validate()
                 .map_err(|e| anyhow::anyhow!("model.init: {e}"))?;
-            tokenizer.check_fits(config.vocab_size, Path::new("model.init"))?;
+            tokenizer.check_fits(config.vocab_size(), Path::new("model.init"))?;
             let params = model::parameter_shapes(&config)
                 .into_iter()
                 .map(|(name, shape)| {

@@ -25,7 +25,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::checkpoint::{self, TrainerState};
 use crate::data::fingerprint::first_difference;
 use crate::data::{Sequence, SequenceStream, SourceFingerprint};
-use crate::model::{self, Config, GptJ};
+use crate::model::{self, Config, Model};
 use crate::ops;
 use crate::recipe::{Compute, Recipe};
 use crate::tokenizer::TextTokenizer;
@@ -55,7 +55,7 @@ pub enum Resume {
 }
 
 /// Metrics from the caller's evaluator (e.g. `("accuracy", 0.81)`), logged as `eval/<name>`.
-pub type EvalHook<'a> = Box<dyn FnMut(&GptJ, &EvalPoint) -> Result<Vec<(String, f64)>> + 'a>;
+pub type EvalHook<'a> = Box<dyn FnMut(&Model, &EvalPoint) -> Result<Vec<(String, f64)>> + 'a>;
 /// Called with each completed checkpoint directory and its step (e.g. to upload it); returns the
 /// checkpoint directories it still uses (e.g. uploads not finished), which pruning must keep.
 pub type CheckpointHook<'a> = Box<dyn FnMut(&Path, u64) -> Result<Vec<PathBuf>> + 'a>;
@@ -633,12 +633,18 @@ fn restore(
 ) -> Result<()> {
     let saved_config = model::load_config(dir)?;
     ensure!(
-        saved_config.n_embd == config.n_embd
-            && saved_config.n_layer == config.n_layer
-            && saved_config.n_head == config.n_head
-            && saved_config.vocab_size == config.vocab_size,
-        "{}: the checkpoint's model shape differs from the recipe's model",
-        dir.display()
+        saved_config.parameter_shapes() == config.parameter_shapes(),
+        "{}: the checkpoint's model ({} with {} layers of width {}, vocabulary {}) differs from \
+         the recipe's ({} with {} layers of width {}, vocabulary {})",
+        dir.display(),
+        saved_config.model_type(),
+        saved_config.n_layer(),
+        saved_config.hidden_size(),
+        saved_config.vocab_size(),
+        config.model_type(),
+        config.n_layer(),
+        config.hidden_size(),
+        config.vocab_size(),
     );
     let optimizer_path = dir.join(checkpoint::OPTIMIZER_FILE);
     let mut optimizer_state = candle_core::safetensors::load(&optimizer_path, device)

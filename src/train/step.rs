@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::optimizer::{self, AdamW};
 use super::precision::{LossScaler, StepVerdict};
 use crate::data::Sequence;
-use crate::model::{self, Batch, Config, GptJ};
+use crate::model::{self, Batch, Config, Model};
 use crate::ops;
 
 /// What a step needs that does not change between steps.
@@ -115,7 +115,7 @@ pub fn train_step(
 /// Forward and backward of one shard: its nll sum and the fp32 gradients of `weight × nll sum`
 /// for every parameter (zeros where none reached it); `None` when it trains on no token.
 fn shard_backward(
-    model: &GptJ,
+    model: &Model,
     params: &[(String, Var)],
     shard: &[Sequence],
     pad_id: u32,
@@ -127,7 +127,7 @@ fn shard_backward(
     };
     let grads = params
         .iter()
-        .map(|(name, v)| match loss.get(name, v.as_tensor()) {
+        .map(|(name, v)| match loss.get(name, v.as_tensor())? {
             Some(g) => Ok(g.to_dtype(DType::F32)?),
             None => Ok(v.zeros_like()?),
         })

@@ -6,12 +6,15 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use kiln::data::{Sequence, SequenceStream};
-use kiln::model::{self, gptj, Batch};
+use kiln::model::{self, Batch};
 use kiln::train::{self, ModelInit, TrainOptions};
 
 use crate::common::*;
 
-pub const CONFIGS: &[&str] = &["rot8", "full12"];
+/// Two shapes per family (the second with odd sizes and the family's less common options).
+pub const CONFIGS: &[&str] = &[
+    "rot8", "full12", "gpt2", "gpt2_odd", "neo", "neo_odd", "neox", "neox_odd",
+];
 
 fn fixture_batch(io: &HashMap<String, Tensor>) -> (Vec<Vec<u32>>, Batch) {
     let rows = rows_from_fixture(&io["input_ids"], &io["attention_mask"]);
@@ -24,7 +27,7 @@ struct Trainable {
     io: HashMap<String, Tensor>,
     config: model::Config,
     vars: HashMap<String, Var>,
-    model: model::GptJ,
+    model: model::Model,
     rows: Vec<Vec<u32>>,
     batch: Batch,
 }
@@ -111,8 +114,8 @@ pub fn loss_and_gradients() {
         } = trainable(name);
         let seq = rows.iter().map(Vec::len).max().unwrap();
         let logits = model.forward(&batch, None).unwrap();
-        let labels = gptj::shifted_labels(&rows, seq);
-        let loss = gptj::causal_lm_loss(&logits, &labels).unwrap();
+        let labels = model::shifted_labels(&rows, seq);
+        let loss = model::causal_lm_loss(&logits, &labels).unwrap();
         let ours = loss
             .to_device(&Device::Cpu)
             .unwrap()
@@ -201,7 +204,7 @@ pub fn half_precision() {
     }
 }
 
-/// The trainer's loss and gradients (`GptJ::loss_and_grads`: the fused, chunked loss head, the
+/// The trainer's loss and gradients (`Model::loss_and_grads`: the fused, chunked loss head, the
 /// logits never whole, and autograd below it): HF's loss and every gradient, the head's included.
 pub fn training_loss_head() {
     for name in CONFIGS {
@@ -214,7 +217,7 @@ pub fn training_loss_head() {
             config,
         } = trainable(name);
         let seq = rows.iter().map(Vec::len).max().unwrap();
-        let labels = gptj::shifted_labels(&rows, seq);
+        let labels = model::shifted_labels(&rows, seq);
         let targets = labels.iter().filter(|&&l| l >= 0).count();
         let loss = model
             .loss_and_grads(&batch, &labels, 1.0 / targets as f64)
@@ -228,7 +231,7 @@ pub fn training_loss_head() {
         );
         eprintln!("{name}: loss head {ours} vs {theirs}");
         assert_gradients_match(name, &config, &vars, &io, |param, var| {
-            loss.get(param, var.as_tensor()).cloned()
+            loss.get(param, var.as_tensor()).unwrap()
         });
     }
 }

@@ -1,0 +1,314 @@
+//! GPT-2, as Hugging Face's `GPT2LMHeadModel` computes it.
+//!
+//! Differences from GPT-J: learned position embeddings (`wpe`) instead of rotary; each block
+//! runs attention and then the MLP, each after its own LayerNorm (`ln_1`, `ln_2`); the
+//! projections are `Conv1D`s, whose weights HF stores `[in, out]`; one fused `c_attn` gives
+//! `[q | k | v]`; the head is tied to the token embedding. Options: `scale_attn_weights`
+//! (divide scores by `sqrt(head_dim)`) and `scale_attn_by_inverse_layer_idx` (also by the layer
+//! number); `reorder_and_upcast_attn` only changes how fp16 scores are computed, and Kiln's
+//! scores are fp32 anyway.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::{Batch, CausalLm};
+use crate::ops::{
+    self, AttentionKind, AttentionMask, KvCache, LayerCache, LayerNorm, Linear, Operands,
+};
+
+/// `config.json` of a HF `gpt2` model, read as is; unknown keys are kept.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Config {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default = "default_activation")]
+    pub activation_function: String,
+    #[serde(default = "default_layer_norm_epsilon")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "default_true")]
+    pub scale_attn_weights: bool,
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+    #[serde(default)]
+    pub reorder_and_upcast_attn: bool,
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_initializer_range")]
+    pub initializer_range: f64,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_activation() -> String {
+    "gelu_new".into()
+}
+fn default_layer_norm_epsilon() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+fn default_initializer_range() -> f64 {
+    0.02
+}
+
+impl Config {
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    pub fn inner_dim(&self) -> usize {
+        self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.activation_function != "gelu_new" {
+            return Err(format!(
+                "activation_function is {:?}, expected \"gelu_new\"",
+                self.activation_function
+            ));
+        }
+        if !self.tie_word_embeddings {
+            return Err(
+                "tie_word_embeddings is false, but GPT-2's lm_head is the token \
+                        embedding (Kiln implements the tied head only)"
+                    .into(),
+            );
+        }
+        for (field, value) in [
+            ("vocab_size", self.vocab_size),
+            ("n_positions", self.n_positions),
+            ("n_embd", self.n_embd),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+        ] {
+            if value == 0 {
+                return Err(format!("{field} must be positive"));
+            }
+        }
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(format!(
+                "n_embd ({}) is not divisible by n_head ({})",
+                self.n_embd, self.n_head
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every parameter, in the order of HF's `state_dict()`, with its shape; the tied head is
+    /// `transformer.wte.weight` and is not listed again.
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (e, v, inner) = (self.n_embd, self.vocab_size, self.inner_dim());
+        let mut params = vec![
+            ("transformer.wte.weight".to_string(), vec![v, e]),
+            (
+                "transformer.wpe.weight".to_string(),
+                vec![self.n_positions, e],
+            ),
+        ];
+        for i in 0..self.n_layer {
+            let p = format!("transformer.h.{i}");
+            params.extend([
+                (format!("{p}.ln_1.weight"), vec![e]),
+                (format!("{p}.ln_1.bias"), vec![e]),
+                (format!("{p}.attn.c_attn.weight"), vec![e, 3 * e]),
+                (format!("{p}.attn.c_attn.bias"), vec![3 * e]),
+                (format!("{p}.attn.c_proj.weight"), vec![e, e]),
+                (format!("{p}.attn.c_proj.bias"), vec![e]),
+                (format!("{p}.ln_2.weight"), vec![e]),
+                (format!("{p}.ln_2.bias"), vec![e]),
+                (format!("{p}.mlp.c_fc.weight"), vec![e, inner]),
+                (format!("{p}.mlp.c_fc.bias"), vec![inner]),
+                (format!("{p}.mlp.c_proj.weight"), vec![inner, e]),
+                (format!("{p}.mlp.c_proj.bias"), vec![e]),
+            ]);
+        }
+        params.extend([
+            ("transformer.ln_f.weight".to_string(), vec![e]),
+            ("transformer.ln_f.bias".to_string(), vec![e]),
+        ]);
+        params
+    }
+
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("config serialises");
+        let object = value.as_object_mut().expect("config is an object");
+        object
+            .entry("architectures")
+            .or_insert_with(|| serde_json::json!(["GPT2LMHeadModel"]));
+        value
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    c_attn: Linear,
+    c_proj: Linear,
+    n_head: usize,
+    head_dim: usize,
+    score_divisor: f64,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &Config, layer: usize, operands: Operands) -> Result<Self> {
+        let e = cfg.n_embd;
+        let mut score_divisor = 1.0;
+        if cfg.scale_attn_weights {
+            score_divisor *= (cfg.head_dim() as f64).sqrt();
+        }
+        if cfg.scale_attn_by_inverse_layer_idx {
+            score_divisor *= (layer + 1) as f64;
+        }
+        Ok(Self {
+            c_attn: Linear::load_conv1d(vb.pp("c_attn"), e, 3 * e, operands)?,
+            c_proj: Linear::load_conv1d(vb.pp("c_proj"), e, e, operands)?,
+            n_head: cfg.n_head,
+            head_dim: cfg.head_dim(),
+            score_divisor,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        position_ids: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<(&mut LayerCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, t, e) = xs.dims3()?;
+        let qkv = self.c_attn.forward(xs)?;
+        let heads = |i: usize| {
+            qkv.narrow(2, i * e, e)?
+                .reshape((b, t, self.n_head, self.head_dim))
+        };
+        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        let kind = AttentionKind {
+            rotary: None,
+            score_divisor: self.score_divisor,
+        };
+        let out = ops::causal_attention(&q, &k, &v, kind, position_ids, mask, cache)?;
+        self.c_proj.forward(&out.reshape((b, t, e))?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.c_proj
+            .forward(&ops::gelu_new(&self.c_fc.forward(xs)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, cfg: &Config, layer: usize, operands: Operands) -> Result<Self> {
+        let (e, inner, eps) = (cfg.n_embd, cfg.inner_dim(), cfg.layer_norm_epsilon);
+        let mlp = vb.pp("mlp");
+        Ok(Self {
+            ln_1: LayerNorm::load(vb.pp("ln_1"), e, eps)?,
+            attn: Attention::load(vb.pp("attn"), cfg, layer, operands)?,
+            ln_2: LayerNorm::load(vb.pp("ln_2"), e, eps)?,
+            mlp: Mlp {
+                c_fc: Linear::load_conv1d(mlp.pp("c_fc"), e, inner, operands)?,
+                c_proj: Linear::load_conv1d(mlp.pp("c_proj"), inner, e, operands)?,
+            },
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        position_ids: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<(&mut LayerCache, usize)>,
+    ) -> Result<Tensor> {
+        let attn = self
+            .attn
+            .forward(&self.ln_1.forward(xs)?, position_ids, mask, cache)?;
+        let xs = (attn + xs)?;
+        let mlp = self.mlp.forward(&self.ln_2.forward(&xs)?)?;
+        mlp + xs
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Gpt2 {
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Linear,
+    n_embd: usize,
+    dtype: DType,
+}
+
+impl Gpt2 {
+    /// Builds the model from HF-named weights stored in the `VarBuilder`'s dtype, computing in
+    /// `dtype` with matmul `operands`.
+    pub fn load(vb: VarBuilder, config: &Config, dtype: DType, operands: Operands) -> Result<Self> {
+        let e = config.n_embd;
+        let t = vb.pp("transformer");
+        let wte = t.pp("wte").get((config.vocab_size, e), "weight")?;
+        let blocks = (0..config.n_layer)
+            .map(|i| Block::load(t.pp("h").pp(i), config, i, operands))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            lm_head: Linear::tied(wte.clone(), operands),
+            wte,
+            wpe: t.pp("wpe").get((config.n_positions, e), "weight")?,
+            blocks,
+            ln_f: LayerNorm::load(t.pp("ln_f"), e, config.layer_norm_epsilon)?,
+            n_embd: e,
+            dtype,
+        })
+    }
+}
+
+impl CausalLm for Gpt2 {
+    fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let cached = cache.as_ref().map_or(0, |c| c.len());
+        let (b, t) = batch.dims()?;
+        let key_mask = batch.key_mask.as_deref();
+        let mask = AttentionMask::causal(b, t, cached, key_mask, None, self.wte.device())?;
+        let embed = |table: &Tensor, ids: &Tensor| -> Result<Tensor> {
+            table
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, self.n_embd))
+        };
+        let tokens = embed(&self.wte, &batch.input_ids)?;
+        let positions = embed(&self.wpe, &batch.position_ids)?;
+        let mut xs = (tokens + positions)?.to_dtype(self.dtype)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| c.layer(i));
+            xs = block.forward(&xs, &batch.position_ids, &mask, slot)?;
+        }
+        self.ln_f.forward(&xs)
+    }
+
+    fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+}

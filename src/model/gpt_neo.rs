@@ -1,0 +1,367 @@
+//! GPT-Neo (EleutherAI's 125M–2.7B), as Hugging Face's `GPTNeoForCausalLM` computes it.
+//!
+//! GPT-2's layout (learned positions, LayerNorm before attention and before the MLP, tied head)
+//! with three differences: separate `q_proj`/`k_proj`/`v_proj` without bias (plain `Linear`s, not
+//! `Conv1D`s); attention scores that are **not** divided by `sqrt(head_dim)`; and layers that
+//! alternate between global attention and local attention over the last `window_size`
+//! positions, as `attention_types` lists them.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::{Batch, CausalLm};
+use crate::ops::{
+    self, AttentionKind, AttentionMask, KvCache, LayerCache, LayerNorm, Linear, Operands,
+};
+
+/// `config.json` of a HF `gpt_neo` model, read as is; unknown keys are kept.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Config {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    /// `[[["global", "local"], 12]]`: the pattern and how many times it repeats.
+    pub attention_types: Vec<(Vec<String>, usize)>,
+    #[serde(default)]
+    pub intermediate_size: Option<usize>,
+    #[serde(default = "default_window_size")]
+    pub window_size: usize,
+    #[serde(default = "default_activation")]
+    pub activation_function: String,
+    #[serde(default = "default_layer_norm_epsilon")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_initializer_range")]
+    pub initializer_range: f64,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_window_size() -> usize {
+    256
+}
+fn default_activation() -> String {
+    "gelu_new".into()
+}
+fn default_layer_norm_epsilon() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+fn default_initializer_range() -> f64 {
+    0.02
+}
+
+/// Which positions a layer attends to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    Global,
+    Local,
+}
+
+impl Config {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+
+    pub fn inner_dim(&self) -> usize {
+        self.intermediate_size.unwrap_or(4 * self.hidden_size)
+    }
+
+    /// `attention_types` expanded to one entry per layer.
+    fn layer_reach(&self) -> std::result::Result<Vec<Reach>, String> {
+        let mut layers = Vec::new();
+        for (pattern, repeats) in &self.attention_types {
+            for _ in 0..*repeats {
+                for kind in pattern {
+                    layers.push(match kind.as_str() {
+                        "global" => Reach::Global,
+                        "local" => Reach::Local,
+                        other => {
+                            return Err(format!(
+                                "attention_types names {other:?}; expected \"global\" or \"local\""
+                            ))
+                        }
+                    });
+                }
+            }
+        }
+        Ok(layers)
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.activation_function != "gelu_new" {
+            return Err(format!(
+                "activation_function is {:?}, expected \"gelu_new\"",
+                self.activation_function
+            ));
+        }
+        if !self.tie_word_embeddings {
+            return Err(
+                "tie_word_embeddings is false, but GPT-Neo's lm_head is the token \
+                        embedding (Kiln implements the tied head only)"
+                    .into(),
+            );
+        }
+        for (field, value) in [
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("hidden_size", self.hidden_size),
+            ("num_layers", self.num_layers),
+            ("num_heads", self.num_heads),
+            ("window_size", self.window_size),
+        ] {
+            if value == 0 {
+                return Err(format!("{field} must be positive"));
+            }
+        }
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
+            return Err(format!(
+                "hidden_size ({}) is not divisible by num_heads ({})",
+                self.hidden_size, self.num_heads
+            ));
+        }
+        let layers = self.layer_reach()?.len();
+        if layers != self.num_layers {
+            return Err(format!(
+                "attention_types expands to {layers} layers, but num_layers is {}",
+                self.num_layers
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every parameter, in the order of HF's `state_dict()`, with its shape; the tied head is
+    /// `transformer.wte.weight` and is not listed again.
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (e, v, inner) = (self.hidden_size, self.vocab_size, self.inner_dim());
+        let mut params = vec![
+            ("transformer.wte.weight".to_string(), vec![v, e]),
+            (
+                "transformer.wpe.weight".to_string(),
+                vec![self.max_position_embeddings, e],
+            ),
+        ];
+        for i in 0..self.num_layers {
+            let p = format!("transformer.h.{i}");
+            params.extend([
+                (format!("{p}.ln_1.weight"), vec![e]),
+                (format!("{p}.ln_1.bias"), vec![e]),
+                (format!("{p}.attn.attention.k_proj.weight"), vec![e, e]),
+                (format!("{p}.attn.attention.v_proj.weight"), vec![e, e]),
+                (format!("{p}.attn.attention.q_proj.weight"), vec![e, e]),
+                (format!("{p}.attn.attention.out_proj.weight"), vec![e, e]),
+                (format!("{p}.attn.attention.out_proj.bias"), vec![e]),
+                (format!("{p}.ln_2.weight"), vec![e]),
+                (format!("{p}.ln_2.bias"), vec![e]),
+                (format!("{p}.mlp.c_fc.weight"), vec![inner, e]),
+                (format!("{p}.mlp.c_fc.bias"), vec![inner]),
+                (format!("{p}.mlp.c_proj.weight"), vec![e, inner]),
+                (format!("{p}.mlp.c_proj.bias"), vec![e]),
+            ]);
+        }
+        params.extend([
+            ("transformer.ln_f.weight".to_string(), vec![e]),
+            ("transformer.ln_f.bias".to_string(), vec![e]),
+        ]);
+        params
+    }
+
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("config serialises");
+        let object = value.as_object_mut().expect("config is an object");
+        object
+            .entry("architectures")
+            .or_insert_with(|| serde_json::json!(["GPTNeoForCausalLM"]));
+        value
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    n_head: usize,
+    head_dim: usize,
+    reach: Reach,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &Config, reach: Reach, operands: Operands) -> Result<Self> {
+        let e = cfg.hidden_size;
+        Ok(Self {
+            q_proj: Linear::load(vb.pp("q_proj"), e, e, false, operands)?,
+            k_proj: Linear::load(vb.pp("k_proj"), e, e, false, operands)?,
+            v_proj: Linear::load(vb.pp("v_proj"), e, e, false, operands)?,
+            out_proj: Linear::load(vb.pp("out_proj"), e, e, true, operands)?,
+            n_head: cfg.num_heads,
+            head_dim: cfg.head_dim(),
+            reach,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        position_ids: &Tensor,
+        masks: &Masks,
+        cache: Option<(&mut LayerCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, t, e) = xs.dims3()?;
+        let heads = |ys: Tensor| ys.reshape((b, t, self.n_head, self.head_dim));
+        let q = heads(self.q_proj.forward(xs)?)?;
+        let k = heads(self.k_proj.forward(xs)?)?;
+        let v = heads(self.v_proj.forward(xs)?)?;
+        // GPT-Neo does not scale its scores (HF's GPTNeoSelfAttention has no division).
+        let kind = AttentionKind {
+            rotary: None,
+            score_divisor: 1.0,
+        };
+        let mask = match self.reach {
+            Reach::Global => &masks.global,
+            Reach::Local => &masks.local,
+        };
+        let out = ops::causal_attention(&q, &k, &v, kind, position_ids, mask, cache)?;
+        self.out_proj.forward(&out.reshape((b, t, e))?)
+    }
+}
+
+/// The two masks a forward pass needs, built once for all layers.
+struct Masks {
+    global: AttentionMask,
+    local: AttentionMask,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.c_proj
+            .forward(&ops::gelu_new(&self.c_fc.forward(xs)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, cfg: &Config, reach: Reach, operands: Operands) -> Result<Self> {
+        let (e, inner, eps) = (cfg.hidden_size, cfg.inner_dim(), cfg.layer_norm_epsilon);
+        let mlp = vb.pp("mlp");
+        Ok(Self {
+            ln_1: LayerNorm::load(vb.pp("ln_1"), e, eps)?,
+            attn: Attention::load(vb.pp("attn").pp("attention"), cfg, reach, operands)?,
+            ln_2: LayerNorm::load(vb.pp("ln_2"), e, eps)?,
+            mlp: Mlp {
+                c_fc: Linear::load(mlp.pp("c_fc"), e, inner, true, operands)?,
+                c_proj: Linear::load(mlp.pp("c_proj"), inner, e, true, operands)?,
+            },
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        position_ids: &Tensor,
+        masks: &Masks,
+        cache: Option<(&mut LayerCache, usize)>,
+    ) -> Result<Tensor> {
+        let attn = self
+            .attn
+            .forward(&self.ln_1.forward(xs)?, position_ids, masks, cache)?;
+        let xs = (attn + xs)?;
+        let mlp = self.mlp.forward(&self.ln_2.forward(&xs)?)?;
+        mlp + xs
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GptNeo {
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Linear,
+    hidden_size: usize,
+    window_size: usize,
+    dtype: DType,
+}
+
+impl GptNeo {
+    /// Builds the model from HF-named weights stored in the `VarBuilder`'s dtype, computing in
+    /// `dtype` with matmul `operands`.
+    pub fn load(vb: VarBuilder, config: &Config, dtype: DType, operands: Operands) -> Result<Self> {
+        let e = config.hidden_size;
+        let t = vb.pp("transformer");
+        let wte = t.pp("wte").get((config.vocab_size, e), "weight")?;
+        let reach = config.layer_reach().map_err(candle_core::Error::msg)?;
+        let blocks = reach
+            .iter()
+            .enumerate()
+            .map(|(i, &reach)| Block::load(t.pp("h").pp(i), config, reach, operands))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            lm_head: Linear::tied(wte.clone(), operands),
+            wte,
+            wpe: t
+                .pp("wpe")
+                .get((config.max_position_embeddings, e), "weight")?,
+            blocks,
+            ln_f: LayerNorm::load(t.pp("ln_f"), e, config.layer_norm_epsilon)?,
+            hidden_size: e,
+            window_size: config.window_size,
+            dtype,
+        })
+    }
+}
+
+impl CausalLm for GptNeo {
+    fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let cached = cache.as_ref().map_or(0, |c| c.len());
+        let (b, t) = batch.dims()?;
+        let key_mask = batch.key_mask.as_deref();
+        let device = self.wte.device();
+        let masks = Masks {
+            global: AttentionMask::causal(b, t, cached, key_mask, None, device)?,
+            local: AttentionMask::causal(b, t, cached, key_mask, Some(self.window_size), device)?,
+        };
+        let embed = |table: &Tensor, ids: &Tensor| -> Result<Tensor> {
+            table
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, self.hidden_size))
+        };
+        let tokens = embed(&self.wte, &batch.input_ids)?;
+        let positions = embed(&self.wpe, &batch.position_ids)?;
+        let mut xs = (tokens + positions)?.to_dtype(self.dtype)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| c.layer(i));
+            xs = block.forward(&xs, &batch.position_ids, &masks, slot)?;
+        }
+        self.ln_f.forward(&xs)
+    }
+
+    fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+}

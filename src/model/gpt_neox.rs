@@ -1,0 +1,387 @@
+//! GPT-NeoX (EleutherAI's Pythia, GPT-NeoX-20B), as Hugging Face's `GPTNeoXForCausalLM`
+//! computes it.
+//!
+//! Differences from GPT-J: one fused `query_key_value` projection whose output is laid out per
+//! head (`[q | k | v]` for head 0, then head 1, ...); the rotary embedding turns the two halves
+//! of its dims (`rotate_half`) on the first `rotary_pct` of each head; two LayerNorms per block,
+//! whose branches run in parallel (`use_parallel_residual`, Pythia) or one after the other; the
+//! exact erf `gelu`; an untied, bias-free `embed_out` head.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::{Batch, CausalLm};
+use crate::ops::{
+    self, AttentionKind, AttentionMask, KvCache, LayerCache, LayerNorm, Linear, Operands, Rotary,
+    RotaryPairs,
+};
+
+/// `config.json` of a HF `gpt_neox` model, read as is; unknown keys are kept.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Config {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Fraction of each head's dims that rotate (older spelling; transformers 5 writes
+    /// `rope_parameters.partial_rotary_factor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotary_pct: Option<f64>,
+    /// The rotary base (older spelling of `rope_parameters.rope_theta`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotary_emb_base: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<RopeParameters>,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_true")]
+    pub use_parallel_residual: bool,
+    #[serde(default = "default_true")]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_initializer_range")]
+    pub initializer_range: f64,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// transformers 5's spelling of the rotary settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RopeParameters {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_max_positions() -> usize {
+    2048
+}
+fn default_layer_norm_eps() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+fn default_initializer_range() -> f64 {
+    0.02
+}
+
+impl Config {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Rotated dims per head: `int(head_dim × rotary_pct)`, as HF truncates it.
+    pub fn rotary_dim(&self) -> usize {
+        let pct = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|r| r.partial_rotary_factor)
+            .or(self.rotary_pct)
+            .unwrap_or(0.25);
+        (self.head_dim() as f64 * pct) as usize
+    }
+
+    pub fn rotary_base(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .or(self.rotary_emb_base)
+            .unwrap_or(10_000.0)
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.hidden_act != "gelu" {
+            return Err(format!(
+                "hidden_act is {:?}, expected \"gelu\"",
+                self.hidden_act
+            ));
+        }
+        if self.tie_word_embeddings {
+            return Err("tie_word_embeddings is true, but GPT-NeoX has an untied embed_out".into());
+        }
+        if let Some(kind) = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_type.as_ref())
+        {
+            if kind != "default" {
+                return Err(format!(
+                    "rope_parameters.rope_type is {kind:?}; Kiln implements \"default\" only"
+                ));
+            }
+        }
+        for (field, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if value == 0 {
+                return Err(format!("{field} must be positive"));
+            }
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(format!(
+                "hidden_size ({}) is not divisible by num_attention_heads ({})",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if !self.rotary_dim().is_multiple_of(2) {
+            return Err(format!(
+                "the rotary fraction gives {} dims of a {}-dim head; it must be even",
+                self.rotary_dim(),
+                self.head_dim()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every parameter, in the order of HF's `state_dict()`, with its shape.
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (e, v, inner) = (self.hidden_size, self.vocab_size, self.intermediate_size);
+        let mut params = vec![("gpt_neox.embed_in.weight".to_string(), vec![v, e])];
+        for i in 0..self.num_hidden_layers {
+            let p = format!("gpt_neox.layers.{i}");
+            params.extend([
+                (format!("{p}.input_layernorm.weight"), vec![e]),
+                (format!("{p}.input_layernorm.bias"), vec![e]),
+                (format!("{p}.post_attention_layernorm.weight"), vec![e]),
+                (format!("{p}.post_attention_layernorm.bias"), vec![e]),
+                (
+                    format!("{p}.attention.query_key_value.weight"),
+                    vec![3 * e, e],
+                ),
+            ]);
+            if self.attention_bias {
+                params.push((format!("{p}.attention.query_key_value.bias"), vec![3 * e]));
+            }
+            params.push((format!("{p}.attention.dense.weight"), vec![e, e]));
+            if self.attention_bias {
+                params.push((format!("{p}.attention.dense.bias"), vec![e]));
+            }
+            params.extend([
+                (format!("{p}.mlp.dense_h_to_4h.weight"), vec![inner, e]),
+                (format!("{p}.mlp.dense_h_to_4h.bias"), vec![inner]),
+                (format!("{p}.mlp.dense_4h_to_h.weight"), vec![e, inner]),
+                (format!("{p}.mlp.dense_4h_to_h.bias"), vec![e]),
+            ]);
+        }
+        params.extend([
+            ("gpt_neox.final_layer_norm.weight".to_string(), vec![e]),
+            ("gpt_neox.final_layer_norm.bias".to_string(), vec![e]),
+            ("embed_out.weight".to_string(), vec![v, e]),
+        ]);
+        params
+    }
+
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("config serialises");
+        let object = value.as_object_mut().expect("config is an object");
+        object
+            .entry("architectures")
+            .or_insert_with(|| serde_json::json!(["GPTNeoXForCausalLM"]));
+        value
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    query_key_value: Linear,
+    dense: Linear,
+    n_head: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &Config, operands: Operands) -> Result<Self> {
+        let e = cfg.hidden_size;
+        let bias = cfg.attention_bias;
+        Ok(Self {
+            query_key_value: Linear::load(vb.pp("query_key_value"), e, 3 * e, bias, operands)?,
+            dense: Linear::load(vb.pp("dense"), e, e, bias, operands)?,
+            n_head: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rotary: &Rotary,
+        position_ids: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<(&mut LayerCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, t, e) = xs.dims3()?;
+        let d = self.head_dim;
+        let qkv = self
+            .query_key_value
+            .forward(xs)?
+            .reshape((b, t, self.n_head, 3 * d))?;
+        let q = qkv.narrow(3, 0, d)?;
+        let k = qkv.narrow(3, d, d)?;
+        let v = qkv.narrow(3, 2 * d, d)?;
+        let kind = AttentionKind {
+            rotary: Some(rotary),
+            score_divisor: (d as f64).sqrt(),
+        };
+        let out = ops::causal_attention(&q, &k, &v, kind, position_ids, mask, cache)?;
+        self.dense.forward(&out.reshape((b, t, e))?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    dense_h_to_4h: Linear,
+    dense_4h_to_h: Linear,
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.dense_4h_to_h
+            .forward(&ops::gelu(&self.dense_h_to_4h.forward(xs)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_layernorm: LayerNorm,
+    post_attention_layernorm: LayerNorm,
+    attention: Attention,
+    mlp: Mlp,
+    parallel_residual: bool,
+}
+
+impl Layer {
+    fn load(vb: VarBuilder, cfg: &Config, operands: Operands) -> Result<Self> {
+        let (e, inner, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+        let mlp = vb.pp("mlp");
+        Ok(Self {
+            input_layernorm: LayerNorm::load(vb.pp("input_layernorm"), e, eps)?,
+            post_attention_layernorm: LayerNorm::load(vb.pp("post_attention_layernorm"), e, eps)?,
+            attention: Attention::load(vb.pp("attention"), cfg, operands)?,
+            mlp: Mlp {
+                dense_h_to_4h: Linear::load(mlp.pp("dense_h_to_4h"), e, inner, true, operands)?,
+                dense_4h_to_h: Linear::load(mlp.pp("dense_4h_to_h"), inner, e, true, operands)?,
+            },
+            parallel_residual: cfg.use_parallel_residual,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rotary: &Rotary,
+        position_ids: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<(&mut LayerCache, usize)>,
+    ) -> Result<Tensor> {
+        let attn = self.attention.forward(
+            &self.input_layernorm.forward(xs)?,
+            rotary,
+            position_ids,
+            mask,
+            cache,
+        )?;
+        if self.parallel_residual {
+            let mlp = self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(xs)?)?;
+            (mlp + attn)? + xs
+        } else {
+            let xs = (attn + xs)?;
+            let mlp = self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&xs)?)?;
+            mlp + xs
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GptNeoX {
+    embed_in: Tensor,
+    layers: Vec<Layer>,
+    final_layer_norm: LayerNorm,
+    embed_out: Linear,
+    rotary: Rotary,
+    hidden_size: usize,
+    dtype: DType,
+}
+
+impl GptNeoX {
+    /// Builds the model from HF-named weights stored in the `VarBuilder`'s dtype, computing in
+    /// `dtype` with matmul `operands`.
+    pub fn load(vb: VarBuilder, config: &Config, dtype: DType, operands: Operands) -> Result<Self> {
+        let (e, v) = (config.hidden_size, config.vocab_size);
+        let base = vb.pp("gpt_neox");
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| Layer::load(base.pp("layers").pp(i), config, operands))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embed_in: base.pp("embed_in").get((v, e), "weight")?,
+            layers,
+            final_layer_norm: LayerNorm::load(
+                base.pp("final_layer_norm"),
+                e,
+                config.layer_norm_eps,
+            )?,
+            embed_out: Linear::load(vb.pp("embed_out"), e, v, false, operands)?,
+            rotary: Rotary::new(
+                config.rotary_dim(),
+                config.max_position_embeddings,
+                config.rotary_base() as f32,
+                RotaryPairs::Halves,
+                vb.device(),
+            )?,
+            hidden_size: e,
+            dtype,
+        })
+    }
+}
+
+impl CausalLm for GptNeoX {
+    fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let cached = cache.as_ref().map_or(0, |c| c.len());
+        let (b, t) = batch.dims()?;
+        let key_mask = batch.key_mask.as_deref();
+        let mask = AttentionMask::causal(b, t, cached, key_mask, None, self.embed_in.device())?;
+        let mut xs = self
+            .embed_in
+            .index_select(&batch.input_ids.flatten_all()?, 0)?
+            .reshape((b, t, self.hidden_size))?
+            .to_dtype(self.dtype)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| c.layer(i));
+            xs = layer.forward(&xs, &self.rotary, &batch.position_ids, &mask, slot)?;
+        }
+        self.final_layer_norm.forward(&xs)
+    }
+
+    fn lm_head(&self) -> &Linear {
+        &self.embed_out
+    }
+}

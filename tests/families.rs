@@ -1,0 +1,248 @@
+//! GPT-2, GPT-Neo and GPT-NeoX (Pythia) beside GPT-J: their HF directories in and out, greedy generation
+//! against transformers, and every CLI verb on a model of each family trained by Kiln. (Logits,
+//! loss and gradients of every family are in `tests/parity.rs`.)
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use common::*;
+use kiln::generate::{generate, GenerationParams};
+use kiln::model::{self, WeightStore};
+
+/// The HF-written fixtures of the families beside GPT-J.
+const FAMILY_FIXTURES: &[&str] = &["gpt2", "gpt2_odd", "neo", "neo_odd", "neox", "neox_odd"];
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn kiln_names_exactly_the_tensors_save_pretrained_writes() {
+    for name in FAMILY_FIXTURES.iter().chain(&["rot8"]) {
+        let dir = fixtures().join("parity").join(name);
+        let config = model::load_config(&dir).unwrap();
+        let store = WeightStore::open(&dir).unwrap();
+        let saved: BTreeSet<(String, Vec<usize>)> = store
+            .names()
+            .map(|n| (n.to_string(), store.shape(n).unwrap().to_vec()))
+            .collect();
+        let ours: BTreeSet<(String, Vec<usize>)> =
+            model::parameter_shapes(&config).into_iter().collect();
+        // Equal sets: from_pretrained finds every tensor Kiln writes and nothing it lacks.
+        assert_eq!(saved, ours, "{name}");
+    }
+}
+
+#[test]
+fn every_family_round_trips_bit_identically_with_its_config() {
+    for name in FAMILY_FIXTURES {
+        let dir = fixtures().join("parity").join(name);
+        let config = model::load_config(&dir).unwrap();
+        let params = model::load_parameters(&dir, &config, DType::F32, &Device::Cpu).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        model::save_model(out.path(), &config, &params, DType::F32, 60_000).unwrap();
+        let written = model::load_config(out.path()).unwrap();
+        assert_eq!(
+            written, config,
+            "{name}: config.json changed in the round trip"
+        );
+        let original: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let rewritten: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+                .unwrap();
+        for (key, value) in original.as_object().unwrap() {
+            assert_eq!(
+                &rewritten[key], value,
+                "{name}: config key {key} lost or changed"
+            );
+        }
+        let reloaded =
+            model::load_parameters(out.path(), &config, DType::F32, &Device::Cpu).unwrap();
+        for (tensor, value) in &params {
+            let diff = max_abs_diff(value, &reloaded[tensor]);
+            assert_eq!(diff, 0.0, "{name}: {tensor} changed in the round trip");
+        }
+    }
+}
+
+#[test]
+fn base_model_checkpoints_without_the_prefix_load() {
+    // OpenAI's `gpt2` repository stores `h.0.attn...` (GPT2Model's names), not
+    // `transformer.h.0.attn...`; HF loads it into GPT2LMHeadModel and so does Kiln.
+    let dir = fixtures().join("parity").join("gpt2");
+    let config = model::load_config(&dir).unwrap();
+    let params = model::load_parameters(&dir, &config, DType::F32, &Device::Cpu).unwrap();
+    let bare: std::collections::HashMap<String, candle_core::Tensor> = params
+        .iter()
+        .map(|(k, v)| (k.trim_start_matches("transformer.").to_string(), v.clone()))
+        .collect();
+    let out = tempfile::tempdir().unwrap();
+    candle_core::safetensors::save(&bare, out.path().join("model.safetensors")).unwrap();
+    std::fs::copy(dir.join("config.json"), out.path().join("config.json")).unwrap();
+    let from_bare = model::load_model(out.path(), DType::F32, &Device::Cpu).unwrap();
+    let from_full = model::load_model(&dir, DType::F32, &Device::Cpu).unwrap();
+    let batch = model::Batch::right_padded(&[vec![1, 2, 3, 4]], 0, &Device::Cpu).unwrap();
+    let diff = max_abs_diff(
+        &from_bare.forward(&batch, None).unwrap(),
+        &from_full.forward(&batch, None).unwrap(),
+    );
+    assert_eq!(diff, 0.0);
+}
+
+#[test]
+fn unimplemented_model_types_name_the_implemented_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("config.json"),
+        r#"{"model_type": "bloom", "hidden_size": 64}"#,
+    )
+    .unwrap();
+    let err = format!("{:#}", model::load_config(tmp.path()).unwrap_err());
+    assert!(
+        err.contains("config.json")
+            && err.contains("bloom")
+            && err.contains("gptj, gpt2, gpt_neo, gpt_neox"),
+        "{err}"
+    );
+}
+
+#[test]
+fn greedy_generation_matches_transformers_for_every_family() {
+    for name in FAMILY_FIXTURES {
+        let dir = fixtures().join("parity").join(name);
+        let model = model::load_model(&dir, DType::F32, &Device::Cpu).unwrap();
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("greedy.json")).unwrap())
+                .unwrap();
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
+        let params = GenerationParams {
+            max_new_tokens: doc["max_new_tokens"].as_u64().unwrap() as usize,
+            ..Default::default()
+        };
+        let cases = doc["cases"].as_array().unwrap();
+        let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
+        for (case, prompt) in cases.iter().zip(&prompts) {
+            let out = generate(
+                &model,
+                None,
+                std::slice::from_ref(prompt),
+                &params,
+                &mut |_, _| {},
+            )
+            .unwrap();
+            assert_eq!(
+                out[0].ids,
+                ids(&case["output_ids"]),
+                "{name}: prompt {prompt:?}"
+            );
+        }
+        // Batched (prompts of different lengths, padded, with a KV cache) gives the same tokens.
+        let batched = generate(&model, None, &prompts, &params, &mut |_, _| {}).unwrap();
+        for (case, out) in cases.iter().zip(&batched) {
+            assert_eq!(out.ids, ids(&case["output_ids"]), "{name}: batched");
+        }
+    }
+}
+
+/// Trains `preset` for a few steps on the bundled NLI data (the quickstart recipe) and returns
+/// the final checkpoint.
+fn train_preset(preset: &str, out: &Path) -> PathBuf {
+    let recipe = repo().join("recipes/quickstart.yaml");
+    let sets = [
+        format!("name={preset}"),
+        format!("model.init.preset={preset}"),
+        "steps=6".to_string(),
+        "schedule.warmup=2".to_string(),
+        "eval.every=0".to_string(),
+        "eval.batch_size=16".to_string(),
+        format!("checkpoint.dir={}", out.join("checkpoints").display()),
+        format!("tracking.log_dir={}", out.join("runs").display()),
+    ];
+    let mut args = vec!["train", recipe.to_str().unwrap(), "--quiet"];
+    for set in &sets {
+        args.extend(["--set", set]);
+    }
+    let (ok, stdout, stderr) = kiln(&args);
+    assert!(ok, "{preset}: train failed\n{stdout}\n{stderr}");
+    let checkpoint = out.join("checkpoints").join(preset).join("step-6");
+    assert!(checkpoint.join("config.json").is_file(), "{stdout}");
+    checkpoint
+}
+
+#[test]
+fn every_verb_works_on_every_family() {
+    for (preset, model_type) in [
+        ("gpt2-tiny", "gpt2"),
+        ("neo-tiny", "gpt_neo"),
+        ("neox-tiny", "gpt_neox"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let checkpoint = train_preset(preset, tmp.path());
+        let config = model::load_config(&checkpoint).unwrap();
+        assert_eq!(config.model_type(), model_type);
+
+        let (ok, stdout, stderr) = kiln(&[
+            "generate",
+            "--model",
+            checkpoint.to_str().unwrap(),
+            "--prompt",
+            "mnli hypothesis: a cat sleeps premise: a cat is sleeping target:",
+            "--max-new-tokens",
+            "4",
+        ]);
+        assert!(ok, "{preset}: generate failed\n{stderr}");
+        assert!(
+            !stdout.trim().is_empty(),
+            "{preset}: generate printed nothing"
+        );
+
+        let input = tmp.path().join("score.jsonl");
+        std::fs::write(&input, "{\"text\": \"a cat is sleeping\"}\n").unwrap();
+        let output = tmp.path().join("scores.jsonl");
+        let (ok, _, stderr) = kiln(&[
+            "score",
+            "--model",
+            checkpoint.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ]);
+        assert!(ok, "{preset}: score failed\n{stderr}");
+        let scored: serde_json::Value =
+            serde_json::from_str(std::fs::read_to_string(&output).unwrap().trim()).unwrap();
+        assert!(scored["total"].as_f64().unwrap() < 0.0, "{scored}");
+
+        let report = tmp.path().join("report");
+        let (ok, _, stderr) = kiln(&[
+            "eval",
+            "--model",
+            checkpoint.to_str().unwrap(),
+            "--data",
+            repo()
+                .join("datasets/nli/validation.jsonl")
+                .to_str()
+                .unwrap(),
+            "--limit",
+            "8",
+            "--report",
+            report.to_str().unwrap(),
+        ]);
+        assert!(ok, "{preset}: eval failed\n{stderr}");
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap())
+                .unwrap();
+        assert_eq!(report["n"].as_u64(), Some(8), "{report}");
+    }
+}
