@@ -569,6 +569,58 @@ def make_generate(out: Path, seed: int) -> None:
               f"min top1-top2 margin {m:.2e}: {c['output_ids']}")
 
 
+def make_prefix_lm(out: Path, name: str, model_class) -> None:
+    """Prefix-LM attention (`data.attention: prefix`) on a parity model: row 0 packs two examples
+    (prompt 3 + target 4, prompt 2 + target 4), row 1 holds one (prompt 5 + target 8). Each
+    example sees only itself, its prompt attends both ways, its target causally, and positions
+    restart per example. HF takes the layout as an additive 4-D mask and explicit positions."""
+    src = out / "parity" / name
+    model = model_class.from_pretrained(src, attn_implementation="eager").float().eval()
+    vocab = model.config.vocab_size
+    rows = [[(3, 4), (2, 4)], [(5, 8)]]
+    seq = 13
+    gen = torch.Generator().manual_seed(8000)
+    input_ids = torch.randint(0, vocab, (2, seq), generator=gen, dtype=torch.int64)
+    segment = torch.zeros(2, seq, dtype=torch.int64)
+    prefix = torch.zeros(2, seq, dtype=torch.bool)
+    position_ids = torch.zeros(2, seq, dtype=torch.int64)
+    for r, examples in enumerate(rows):
+        start = 0
+        for s_index, (prompt, target) in enumerate(examples):
+            n = prompt + target
+            segment[r, start : start + n] = s_index
+            prefix[r, start : start + prompt] = True
+            position_ids[r, start : start + n] = torch.arange(n)
+            start += n
+        assert start == seq
+    i = torch.arange(seq)
+    causal = i[None, :] <= i[:, None]
+    same = segment[:, :, None] == segment[:, None, :]
+    both_prefix = prefix[:, :, None] & prefix[:, None, :]
+    visible = same & (causal[None] | both_prefix)
+    mask = torch.zeros(2, 1, seq, seq).masked_fill(~visible[:, None], torch.finfo(torch.float32).min)
+
+    model.zero_grad(set_to_none=True)
+    outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, labels=input_ids)
+    outputs.loss.backward()
+    tensors = {
+        "input_ids": input_ids.contiguous(),
+        "segment": segment.contiguous(),
+        "prefix": prefix.to(torch.int64).contiguous(),
+        "position_ids": position_ids.contiguous(),
+        "logits": outputs.logits.detach().float().contiguous(),
+        "loss": outputs.loss.detach().float().reshape(1).contiguous(),
+    }
+    for pname, p in model.named_parameters():
+        tensors[f"grad.{saved_name(model, pname)}"] = p.grad.detach().float().contiguous()
+    # The layout must matter, or the check proves nothing.
+    with torch.no_grad():
+        plain = model(input_ids=input_ids).logits
+    assert (plain - outputs.logits).abs().max().item() > 1e-2
+    save_file(tensors, str(src / "io_prefix_lm.safetensors"))
+    print(f"parity/{name}/io_prefix_lm: loss={outputs.loss.item():.6f}")
+
+
 def make_pytorch_bin_copy(out: Path) -> None:
     """rot8 again, saved the pre-safetensors way (a pickled state dict), so the Rust side can
     check that `pytorch_model.bin` directories load to the same numbers."""
@@ -595,6 +647,10 @@ def main() -> None:
             make_parity(out, "neox_odd", NEOX_ODD, seed=6100, family="gpt_neox"),
             make_parity(out, "neo", NEO_A, seed=7000, family="gpt_neo"),
             make_parity(out, "neo_odd", NEO_ODD, seed=7100, family="gpt_neo"),
+        ),
+        "prefix_lm": lambda out: (
+            make_prefix_lm(out, "rot8", GPTJForCausalLM),
+            make_prefix_lm(out, "gpt2", GPT2LMHeadModel),
         ),
         "train_adamw": lambda out: (make_train(out, seed=3000), make_train_no_decay(out, seed=3000)),
         "train_fp16": lambda out: make_train_fp16(out, seed=3000),

@@ -372,16 +372,22 @@ fn packing_groups_1000_examples_and_drops_each_groups_remainder() {
     let (blocks, dropped) = pack(&examples[..2], 7);
     assert_eq!((blocks.len(), dropped), (0, 6));
     // Loss masks travel with their tokens.
-    let masked = vec![
-        Sequence {
-            ids: vec![1, 2, 3],
-            loss_mask: vec![false, true, true]
-        };
-        4
-    ];
+    let masked = vec![Sequence::new(vec![1, 2, 3], vec![false, true, true]); 4];
     let (blocks, _) = pack(&masked, 4);
     assert_eq!(blocks[0].loss_mask, [false, true, true, false]);
     assert_eq!(blocks[1].loss_mask, [true, true, false, true]);
+    assert!(blocks.iter().all(|b| !b.is_prefix_lm()));
+    // Prefix-LM examples keep their prompt split, and each is its own segment of its block.
+    let prefix_lm = Sequence {
+        segment: vec![0; 3],
+        prefix: vec![true, false, false],
+        ..masked[0].clone()
+    };
+    let (blocks, _) = pack(&vec![prefix_lm; 4], 4);
+    assert_eq!(blocks[0].segment, [0, 0, 0, 1]);
+    assert_eq!(blocks[0].prefix, [true, false, false, true]);
+    assert_eq!(blocks[1].segment, [1, 1, 2, 2]);
+    assert_eq!(blocks[1].prefix, [false, false, true, false]);
 }
 
 #[test]

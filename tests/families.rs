@@ -246,3 +246,61 @@ fn every_verb_works_on_every_family() {
         assert_eq!(report["n"].as_u64(), Some(8), "{report}");
     }
 }
+
+#[test]
+fn prefix_lm_data_training_and_checkpoints() {
+    let recipe_path = repo().join("recipes/quickstart-prefix.yaml");
+    let dir = recipe_path.parent().unwrap();
+    // The data: each example's prompt is its prefix (what `loss_on: target` leaves untrained);
+    // packed, each example is its own segment.
+    for mode in ["pad", "pack"] {
+        let recipe = kiln::recipe::load(&recipe_path, &[format!("data.mode={mode}")]).unwrap();
+        let tokenizer =
+            kiln::tokenizer::TextTokenizer::from_dir(&dir.join("../datasets/nli/tokenizer"))
+                .unwrap();
+        let prepared =
+            kiln::data::prepare(&recipe, dir, &tokenizer, kiln::data::Split::Train).unwrap();
+        let row = &prepared.sequences[0];
+        assert!(row.is_prefix_lm(), "{mode}");
+        let untrained: Vec<bool> = row.loss_mask.iter().map(|t| !t).collect();
+        if mode == "pad" {
+            assert_eq!(row.prefix, untrained);
+            assert!(row.segment.iter().all(|&s| s == 0));
+        } else {
+            let segments: BTreeSet<u32> = row.segment.iter().copied().collect();
+            assert!(segments.len() > 1, "a packed row holds several examples");
+            // The first token of a row can continue an example cut by the previous row.
+            assert_eq!(row.prefix[1..], untrained[1..]);
+        }
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let checkpoints = tmp.path().join("checkpoints");
+    let runs = tmp.path().join("runs");
+    let sets = [
+        "steps=4".to_string(),
+        "schedule.warmup=1".to_string(),
+        "eval.every=0".to_string(),
+        format!("checkpoint.dir={}", checkpoints.display()),
+        format!("tracking.log_dir={}", runs.display()),
+    ];
+    let mut args = vec!["train", recipe_path.to_str().unwrap(), "--quiet"];
+    for set in &sets {
+        args.extend(["--set", set]);
+    }
+    let (ok, stdout, stderr) = kiln(&args);
+    assert!(ok, "{stdout}\n{stderr}");
+    let checkpoint = checkpoints.join("quickstart-prefix/step-4");
+    let config = model::load_config(&checkpoint).unwrap();
+    assert!(config.prefix_lm(), "the checkpoint records the prefix LM");
+    let (ok, _, stderr) = kiln(&[
+        "generate",
+        "--model",
+        checkpoint.to_str().unwrap(),
+        "--prompt",
+        "mnli hypothesis: a cat sleeps premise: a cat is sleeping target:",
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert!(ok, "{stderr}");
+}

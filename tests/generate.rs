@@ -378,3 +378,66 @@ fn stop_strings_cut_the_completion() {
     assert_eq!(rows[0]["finish_reason"], "length");
     assert_eq!(rows[1]["ids"].as_array().unwrap().len(), 8);
 }
+
+#[test]
+fn prefix_lm_models_read_the_prompt_both_ways_when_generating() {
+    // Generation with a KV cache (prefill of the prompt, then one token at a time) must give
+    // what a full forward pass over prompt + generated tokens gives under the prefix layout:
+    // the prompt bidirectional, the generated tokens causal.
+    let dir = fixtures().join("parity/rot8");
+    let mut config = model::load_config(&dir).unwrap();
+    let params = model::load_parameters(&dir, &config, DType::F32, &Device::Cpu).unwrap();
+    config.set_prefix_lm(true);
+    let prefix_model =
+        model::model_from_parameters(&config, &params, DType::F32, &Device::Cpu).unwrap();
+    let prompt: Vec<u32> = vec![5, 17, 42, 8, 99, 23];
+    let out = generate(
+        &prefix_model,
+        None,
+        std::slice::from_ref(&prompt),
+        &greedy(6, 1.0),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let mut reference = Vec::new();
+    for _ in 0..out[0].ids.len() {
+        let mut ids = prompt.clone();
+        ids.extend(&reference);
+        let layout = kiln::ops::PrefixLayout {
+            segment: vec![0; ids.len()],
+            prefix: (0..ids.len()).map(|i| i < prompt.len()).collect(),
+        };
+        let batch = model::Batch::prefix_lm(std::slice::from_ref(&ids), &[layout], 0, &Device::Cpu)
+            .unwrap();
+        let logits = prefix_model.forward(&batch, None).unwrap();
+        let last = logits.get(0).unwrap().get(ids.len() - 1).unwrap();
+        reference.push(last.argmax(0).unwrap().to_scalar::<u32>().unwrap());
+    }
+    assert_eq!(out[0].ids, reference);
+
+    // And the prompt's layout matters: the causal model's first step differs.
+    config.set_prefix_lm(false);
+    let causal = model::model_from_parameters(&config, &params, DType::F32, &Device::Cpu).unwrap();
+    let batch = model::Batch::right_padded(std::slice::from_ref(&prompt), 0, &Device::Cpu).unwrap();
+    let causal_last = causal
+        .forward(&batch, None)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(prompt.len() - 1)
+        .unwrap();
+    let layout = kiln::ops::PrefixLayout {
+        segment: vec![0; prompt.len()],
+        prefix: vec![true; prompt.len()],
+    };
+    let batch =
+        model::Batch::prefix_lm(std::slice::from_ref(&prompt), &[layout], 0, &Device::Cpu).unwrap();
+    let prefix_last = prefix_model
+        .forward(&batch, None)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(prompt.len() - 1)
+        .unwrap();
+    assert!(max_abs_diff(&causal_last, &prefix_last) > 1e-3);
+}

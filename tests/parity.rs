@@ -77,3 +77,8 @@ fn kiln_written_model_reloads_bit_identically_and_shards() {
         }
     }
 }
+
+#[test]
+fn prefix_lm_attention_matches_transformers_with_the_same_mask() {
+    parity_checks::prefix_lm();
+}

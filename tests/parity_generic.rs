@@ -49,3 +49,9 @@ fn twenty_adamw_steps_match_pytorch() {
     generic();
     parity_checks::twenty_adamw_steps();
 }
+
+#[test]
+fn prefix_lm_attention_matches_transformers_with_the_same_mask() {
+    generic();
+    parity_checks::prefix_lm();
+}

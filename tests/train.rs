@@ -82,10 +82,10 @@ fn padded(n: usize, vocab: u32, seed: u64) -> Vec<Sequence> {
         .map(|_| {
             let len = rng.gen_range(4..20);
             let prompt = rng.gen_range(1..len - 1);
-            Sequence {
-                ids: (0..len).map(|_| rng.gen_range(0..vocab)).collect(),
-                loss_mask: (0..len).map(|i| i >= prompt).collect(),
-            }
+            Sequence::new(
+                (0..len).map(|_| rng.gen_range(0..vocab)).collect(),
+                (0..len).map(|i| i >= prompt).collect(),
+            )
         })
         .collect()
 }

@@ -26,12 +26,49 @@ pub use template::Rendered;
 pub struct Sequence {
     pub ids: Vec<u32>,
     pub loss_mask: Vec<bool>,
+    /// With `data.attention: prefix`, per token: the example of the packed row it belongs to
+    /// and whether it is in that example's prompt. Empty for causal attention.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segment: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefix: Vec<bool>,
 }
 
 impl Sequence {
     pub fn all_trained(ids: Vec<u32>) -> Self {
         let loss_mask = vec![true; ids.len()];
-        Self { ids, loss_mask }
+        Self::new(ids, loss_mask)
+    }
+
+    /// A causal row.
+    pub fn new(ids: Vec<u32>, loss_mask: Vec<bool>) -> Self {
+        Self {
+            ids,
+            loss_mask,
+            segment: Vec::new(),
+            prefix: Vec::new(),
+        }
+    }
+
+    /// Whether the row is laid out for prefix-LM attention.
+    pub fn is_prefix_lm(&self) -> bool {
+        !self.segment.is_empty()
+    }
+
+    /// The tokens in `range`, with everything known about them.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Sequence {
+        fn cut<T: Copy>(values: &[T], range: &std::ops::Range<usize>) -> Vec<T> {
+            match values.is_empty() {
+                true => Vec::new(),
+                false => values[range.clone()].to_vec(),
+            }
+        }
+        Sequence {
+            ids: cut(&self.ids, &range),
+            loss_mask: cut(&self.loss_mask, &range),
+            segment: cut(&self.segment, &range),
+            prefix: cut(&self.prefix, &range),
+        }
     }
 
     pub fn len(&self) -> usize {

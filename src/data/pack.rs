@@ -10,25 +10,28 @@ use crate::recipe::Truncation;
 pub const PACK_GROUP: usize = 1000;
 
 /// Concatenates examples in groups of [`PACK_GROUP`], cuts each group into `seq_len` blocks and
-/// drops each group's remainder. Returns the blocks and the number of tokens dropped.
+/// drops each group's remainder. Returns the blocks and the number of tokens dropped. Prefix-LM
+/// examples keep their layout, each numbered as its own segment of the block it lands in.
 pub fn pack(examples: &[Sequence], seq_len: usize) -> (Vec<Sequence>, usize) {
     let mut blocks = Vec::new();
     let mut dropped = 0;
     for group in examples.chunks(PACK_GROUP) {
         let total: usize = group.iter().map(Sequence::len).sum();
-        let mut ids = Vec::with_capacity(total);
-        let mut loss_mask = Vec::with_capacity(total);
-        for example in group {
-            ids.extend_from_slice(&example.ids);
-            loss_mask.extend_from_slice(&example.loss_mask);
+        let mut joined = Sequence::new(Vec::with_capacity(total), Vec::with_capacity(total));
+        for (index, example) in group.iter().enumerate() {
+            joined.ids.extend_from_slice(&example.ids);
+            joined.loss_mask.extend_from_slice(&example.loss_mask);
+            if example.is_prefix_lm() {
+                joined
+                    .segment
+                    .extend(std::iter::repeat_n(index as u32, example.len()));
+                joined.prefix.extend_from_slice(&example.prefix);
+            }
         }
         let kept = total / seq_len * seq_len;
         dropped += total - kept;
         for start in (0..kept).step_by(seq_len) {
-            blocks.push(Sequence {
-                ids: ids[start..start + seq_len].to_vec(),
-                loss_mask: loss_mask[start..start + seq_len].to_vec(),
-            });
+            blocks.push(joined.slice(start..start + seq_len));
         }
     }
     (blocks, dropped)
@@ -54,14 +57,8 @@ pub fn one_per_row(
                      (raise seq_len, or set data.truncation to left or right)",
                     origin_of(i)
                 ),
-                Truncation::Right => {
-                    example.ids.truncate(seq_len);
-                    example.loss_mask.truncate(seq_len);
-                }
-                Truncation::Left => {
-                    example.ids.drain(..len - seq_len);
-                    example.loss_mask.drain(..len - seq_len);
-                }
+                Truncation::Right => example = example.slice(0..seq_len),
+                Truncation::Left => example = example.slice(len - seq_len..len),
             }
             truncated += 1;
         }

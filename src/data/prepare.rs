@@ -12,7 +12,7 @@ use super::pack::{one_per_row, pack};
 use super::source::{load_records, Records};
 use super::template::{Caster, Rendered};
 use super::Sequence;
-use crate::recipe::{BatchMode, DatasetSpec, LossOn, Recipe};
+use crate::recipe::{Attention, BatchMode, DatasetSpec, LossOn, Recipe};
 use crate::tokenizer::TextTokenizer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -126,9 +126,26 @@ fn tokenize_with(
         LossOn::Target => {
             let split = example.prompt.len();
             let loss_mask = offsets.iter().map(|&(_, end)| end > split).collect();
-            Sequence { ids, loss_mask }
+            Sequence::new(ids, loss_mask)
         }
     })
+}
+
+/// A prefix-LM example from one tokenized with `loss_on: target`, whose untrained tokens are
+/// exactly its prompt: those become the bidirectional prefix, and the loss covers what `loss_on`
+/// says.
+fn prefix_lm_example(split: Sequence, loss_on: LossOn) -> Sequence {
+    let prefix = split.loss_mask.iter().map(|&target| !target).collect();
+    let loss_mask = match loss_on {
+        LossOn::Target => split.loss_mask,
+        LossOn::All => vec![true; split.ids.len()],
+    };
+    Sequence {
+        segment: vec![0; split.ids.len()],
+        prefix,
+        loss_mask,
+        ids: split.ids,
+    }
 }
 
 /// Tokenizes examples in parallel, in order.
@@ -188,7 +205,16 @@ pub fn prepare(
 ) -> Result<Prepared> {
     let datasets = load_split_records(recipe, recipe_dir, split)?;
     let rendered = render_datasets(&datasets)?;
-    let examples = tokenize_all(tokenizer, &rendered, recipe.data.loss_on)?;
+    let examples = match recipe.data.attention {
+        Attention::Causal => tokenize_all(tokenizer, &rendered, recipe.data.loss_on)?,
+        Attention::Prefix => {
+            let split = tokenize_all(tokenizer, &rendered, LossOn::Target)?;
+            split
+                .into_iter()
+                .map(|e| prefix_lm_example(e, recipe.data.loss_on))
+                .collect()
+        }
+    };
     let sources = datasets
         .iter()
         .map(|d| SourceStats {

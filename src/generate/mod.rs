@@ -12,6 +12,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Batch, KvCache, Model};
+use crate::ops::PrefixLayout;
 use crate::tokenizer::TextTokenizer;
 
 /// Decoding parameters, named and defaulted as in HF's `GenerationConfig`.
@@ -212,10 +213,21 @@ pub fn generate(
         key_mask.push(mask);
     }
     let n = active.len();
+    // A model trained as a prefix LM reads its prompt both ways; what it generates is causal.
+    let layout = config.prefix_lm().then(|| {
+        key_mask
+            .iter()
+            .map(|mask| PrefixLayout {
+                segment: vec![0; mask.len()],
+                prefix: mask.iter().map(|&m| m == 1).collect(),
+            })
+            .collect()
+    });
     let prefill = Batch {
         input_ids: Tensor::from_vec(ids, (n, longest), device)?,
         position_ids: Tensor::from_vec(positions, (n, longest), device)?,
         key_mask: Some(key_mask.clone()),
+        layout,
     };
     crate::model::keep_freed_memory();
     let mut logits = forward_on_pool(model, &prefill, &vec![longest - 1; n], &mut cache)?;
@@ -291,6 +303,7 @@ pub fn generate(
                 device,
             )?,
             key_mask: Some(key_mask.clone()),
+            layout: None,
         };
         logits = forward_on_pool(model, &step, &vec![0; n], &mut cache)?;
     }

@@ -291,8 +291,7 @@ impl CausalLm for Gpt2 {
     fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let cached = cache.as_ref().map_or(0, |c| c.len());
         let (b, t) = batch.dims()?;
-        let key_mask = batch.key_mask.as_deref();
-        let mask = AttentionMask::causal(b, t, cached, key_mask, None, self.wte.device())?;
+        let mask = batch.attention_mask(cached, None, self.wte.device())?;
         let embed = |table: &Tensor, ids: &Tensor| -> Result<Tensor> {
             table
                 .index_select(&ids.flatten_all()?, 0)?

@@ -340,11 +340,10 @@ impl CausalLm for GptNeo {
     fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let cached = cache.as_ref().map_or(0, |c| c.len());
         let (b, t) = batch.dims()?;
-        let key_mask = batch.key_mask.as_deref();
         let device = self.wte.device();
         let masks = Masks {
-            global: AttentionMask::causal(b, t, cached, key_mask, None, device)?,
-            local: AttentionMask::causal(b, t, cached, key_mask, Some(self.window_size), device)?,
+            global: batch.attention_mask(cached, None, device)?,
+            local: batch.attention_mask(cached, Some(self.window_size), device)?,
         };
         let embed = |table: &Tensor, ids: &Tensor| -> Result<Tensor> {
             table

@@ -367,8 +367,7 @@ impl CausalLm for GptNeoX {
     fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let cached = cache.as_ref().map_or(0, |c| c.len());
         let (b, t) = batch.dims()?;
-        let key_mask = batch.key_mask.as_deref();
-        let mask = AttentionMask::causal(b, t, cached, key_mask, None, self.embed_in.device())?;
+        let mask = batch.attention_mask(cached, None, self.embed_in.device())?;
         let mut xs = self
             .embed_in
             .index_select(&batch.input_ids.flatten_all()?, 0)?

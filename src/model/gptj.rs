@@ -304,8 +304,7 @@ impl CausalLm for GptJ {
     fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let cached = cache.as_ref().map_or(0, |c| c.len());
         let (b, t) = batch.dims()?;
-        let key_mask = batch.key_mask.as_deref();
-        let mask = AttentionMask::causal(b, t, cached, key_mask, None, self.wte.device())?;
+        let mask = batch.attention_mask(cached, None, self.wte.device())?;
         let mut xs = self
             .wte
             .index_select(&batch.input_ids.flatten_all()?, 0)?

@@ -22,7 +22,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 pub use crate::ops::KvCache;
-use crate::ops::{self, Linear, Operands};
+use crate::ops::{self, AttentionMask, Linear, Operands, PrefixLayout};
 pub use gpt2::Gpt2;
 pub use gpt_neo::GptNeo;
 pub use gpt_neox::GptNeoX;
@@ -34,6 +34,8 @@ pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
 
 /// The `model_type`s Kiln implements.
 pub const MODEL_TYPES: &[&str] = &["gptj", "gpt2", "gpt_neo", "gpt_neox"];
+
+const PREFIX_LM_KEY: &str = "prefix_lm";
 
 /// A model's `config.json`, read as is, by its `model_type`.
 #[derive(Debug, Clone, PartialEq)]
@@ -183,6 +185,43 @@ impl Config {
         *eos_slot = Some(eos);
     }
 
+    fn extra(&self) -> &serde_json::Map<String, serde_json::Value> {
+        match self {
+            Config::GptJ(c) => &c.extra,
+            Config::Gpt2(c) => &c.extra,
+            Config::GptNeo(c) => &c.extra,
+            Config::GptNeoX(c) => &c.extra,
+        }
+    }
+
+    fn extra_mut(&mut self) -> &mut serde_json::Map<String, serde_json::Value> {
+        match self {
+            Config::GptJ(c) => &mut c.extra,
+            Config::Gpt2(c) => &mut c.extra,
+            Config::GptNeo(c) => &mut c.extra,
+            Config::GptNeoX(c) => &mut c.extra,
+        }
+    }
+
+    /// Whether the model was trained as a prefix LM (`data.attention: prefix`), so that its
+    /// prompts are read both ways at inference too. Kiln records it in `config.json` as
+    /// `"prefix_lm": true`; transformers keeps the key as an attribute and ignores it.
+    pub fn prefix_lm(&self) -> bool {
+        self.extra()
+            .get(PREFIX_LM_KEY)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    }
+
+    pub fn set_prefix_lm(&mut self, prefix_lm: bool) {
+        if prefix_lm {
+            self.extra_mut()
+                .insert(PREFIX_LM_KEY.into(), serde_json::Value::Bool(true));
+        } else {
+            self.extra_mut().remove(PREFIX_LM_KEY);
+        }
+    }
+
     /// The HF names of the output head's weight and bias (a tied head's weight is the token
     /// embedding).
     pub fn head_parameter_names(&self) -> (&'static str, Option<&'static str>) {
@@ -233,6 +272,9 @@ pub struct Batch {
     /// 1 for real tokens, 0 for padding, over the cached positions plus this step's
     /// (`[batch, cached + seq]`); `None` when no row is padded.
     pub key_mask: Option<Vec<Vec<u8>>>,
+    /// Packed examples and bidirectional prompts (prefix LM), per row over the cached positions
+    /// plus this step's; `None` for plain causal attention.
+    pub layout: Option<Vec<PrefixLayout>>,
 }
 
 impl Batch {
@@ -258,12 +300,66 @@ impl Batch {
             input_ids: Tensor::from_vec(ids, (rows.len(), seq), device)?,
             position_ids: Tensor::from_vec(positions, (rows.len(), seq), device)?,
             key_mask: padded.then_some(key_mask),
+            layout: None,
         })
+    }
+
+    /// Right-padded rows laid out as prefix-LM examples (`layouts[r]` covers row `r`'s tokens):
+    /// positions restart at 0 with each example of a packed row, as each was its own sequence.
+    pub fn prefix_lm(
+        rows: &[Vec<u32>],
+        layouts: &[PrefixLayout],
+        pad_id: u32,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let mut batch = Self::right_padded(rows, pad_id, device)?;
+        let (b, seq) = batch.dims()?;
+        let mut positions = Vec::with_capacity(b * seq);
+        let mut padded_layouts = Vec::with_capacity(b);
+        for layout in layouts {
+            let mut layout = layout.clone();
+            let last = layout.segment.last().copied().unwrap_or(0);
+            layout.segment.resize(seq, last);
+            layout.prefix.resize(seq, false);
+            let mut position = 0u32;
+            for i in 0..seq {
+                if i > 0 && layout.segment[i] != layout.segment[i - 1] {
+                    position = 0;
+                }
+                positions.push(position);
+                position += 1;
+            }
+            padded_layouts.push(layout);
+        }
+        batch.position_ids = Tensor::from_vec(positions, (b, seq), device)?;
+        batch.layout = Some(padded_layouts);
+        Ok(batch)
     }
 
     /// `[batch, seq]`.
     pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
         self.input_ids.dims2()
+    }
+
+    /// The mask of this batch's `seq` positions after `cached` ones (see
+    /// [`AttentionMask::causal`]); `window` limits how far back a position sees.
+    pub fn attention_mask(
+        &self,
+        cached: usize,
+        window: Option<usize>,
+        device: &Device,
+    ) -> candle_core::Result<AttentionMask> {
+        let (b, t) = self.dims()?;
+        let key_mask = self.key_mask.as_deref();
+        AttentionMask::causal(
+            b,
+            t,
+            cached,
+            key_mask,
+            self.layout.as_deref(),
+            window,
+            device,
+        )
     }
 }
 

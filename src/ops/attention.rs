@@ -183,6 +183,15 @@ impl KvCache {
     }
 }
 
+/// A row that is more than one causal sequence: the examples packed into it (`segment`, one
+/// entry a position; positions only see their own example) and the prompt tokens of each
+/// example (`prefix`), which see each other both ways, as in a prefix LM (UL2, GPT-JT).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefixLayout {
+    pub segment: Vec<u32>,
+    pub prefix: Vec<bool>,
+}
+
 /// Which keys each query may see: its own and earlier positions, less any padding.
 #[derive(Debug, Clone)]
 pub struct AttentionMask {
@@ -196,12 +205,15 @@ pub struct AttentionMask {
 impl AttentionMask {
     /// The causal mask of `seq` new positions after `cached` ones, less the keys `key_mask`
     /// (`[batch][cached + seq]`, 1 for real tokens) marks as padding and, with a `window`, the
-    /// keys `window` or more positions back (GPT-Neo's local layers).
+    /// keys `window` or more positions back (GPT-Neo's local layers). With a `layout` (per row,
+    /// over the `cached + seq` positions), a position sees only its own example's, and prompt
+    /// positions see the whole prompt.
     pub fn causal(
         batch: usize,
         seq: usize,
         cached: usize,
         key_mask: Option<&[Vec<u8>]>,
+        layout: Option<&[PrefixLayout]>,
         window: Option<usize>,
         device: &Device,
     ) -> Result<Self> {
@@ -209,11 +221,19 @@ impl AttentionMask {
         let mut additive = vec![0f32; batch * seq * keys];
         for row in 0..batch {
             let real = key_mask.map(|m| &m[row]);
+            let layout = layout.map(|l| &l[row]);
             for i in 0..seq {
                 let query = cached + i;
                 for j in 0..keys {
-                    let visible = j <= query
-                        && window.is_none_or(|w| query - j < w)
+                    let ordered = match layout {
+                        None => j <= query,
+                        Some(l) => {
+                            l.segment[j] == l.segment[query]
+                                && (j <= query || (l.prefix[query] && l.prefix[j]))
+                        }
+                    };
+                    let visible = ordered
+                        && window.is_none_or(|w| query.abs_diff(j) < w)
                         && real.is_none_or(|r| r[j] == 1);
                     if !visible {
                         additive[(row * seq + i) * keys + j] = f32::MIN;
@@ -224,7 +244,12 @@ impl AttentionMask {
         Ok(Self {
             additive: Tensor::from_vec(additive, (batch, 1, seq, keys), device)?,
             plain_causal: !key_mask.is_some_and(|m| m.iter().flatten().any(|&k| k == 0))
-                && window.is_none_or(|w| w >= keys),
+                && window.is_none_or(|w| w >= keys)
+                && layout.is_none_or(|rows| {
+                    rows.iter().all(|l| {
+                        !l.prefix.iter().any(|&p| p) && l.segment.iter().all(|&s| s == l.segment[0])
+                    })
+                }),
         })
     }
 
@@ -356,7 +381,8 @@ mod tests {
     #[test]
     fn causal_mask_hides_later_positions_and_padding_after_the_cache() {
         let key_mask = vec![vec![1, 1, 1, 1], vec![1, 1, 1, 0]];
-        let mask = AttentionMask::causal(2, 2, 2, Some(&key_mask), None, &Device::Cpu).unwrap();
+        let mask =
+            AttentionMask::causal(2, 2, 2, Some(&key_mask), None, None, &Device::Cpu).unwrap();
         assert!(!mask.is_plain_causal());
         let visible: Vec<Vec<Vec<bool>>> = mask
             .additive
@@ -377,9 +403,10 @@ mod tests {
         assert_eq!(visible[1], vec![vec![t, t, t, f], vec![t, t, t, f]]);
 
         let unpadded = vec![vec![1, 1]; 2];
-        let plain = AttentionMask::causal(2, 2, 0, Some(&unpadded), None, &Device::Cpu).unwrap();
+        let plain =
+            AttentionMask::causal(2, 2, 0, Some(&unpadded), None, None, &Device::Cpu).unwrap();
         assert!(plain.is_plain_causal());
-        let local = AttentionMask::causal(1, 4, 0, None, Some(2), &Device::Cpu).unwrap();
+        let local = AttentionMask::causal(1, 4, 0, None, None, Some(2), &Device::Cpu).unwrap();
         assert!(!local.is_plain_causal());
         let local: Vec<Vec<f32>> = local
             .additive
@@ -400,6 +427,37 @@ mod tests {
                 vec![t, t, f, f],
                 vec![f, t, t, f],
                 vec![f, f, t, t]
+            ]
+        );
+
+        // Two packed examples: prompt [0, 1] + target [2], prompt [3] + target [4].
+        let layout = PrefixLayout {
+            segment: vec![0, 0, 0, 1, 1],
+            prefix: vec![true, true, false, true, false],
+        };
+        let prefix =
+            AttentionMask::causal(1, 5, 0, None, Some(&[layout]), None, &Device::Cpu).unwrap();
+        assert!(!prefix.is_plain_causal());
+        let rows: Vec<Vec<f32>> = prefix
+            .additive
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let seen: Vec<Vec<bool>> = rows
+            .iter()
+            .map(|q| q.iter().map(|&v| v == 0.0).collect())
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                vec![t, t, f, f, f],
+                vec![t, t, f, f, f],
+                vec![t, t, t, f, f],
+                vec![f, f, f, t, f],
+                vec![f, f, f, t, t]
             ]
         );
     }

@@ -18,8 +18,8 @@ use candle_core::{DType, Device, Tensor};
 
 pub use crate::cpu::gemm::Operands;
 pub use attention::{
-    causal_attention, softmax_last_dim, AttentionKind, AttentionMask, KvCache, LayerCache, Rotary,
-    RotaryPairs,
+    causal_attention, softmax_last_dim, AttentionKind, AttentionMask, KvCache, LayerCache,
+    PrefixLayout, Rotary, RotaryPairs,
 };
 pub use layers::{gelu, gelu_new, layer_norm, linear, LayerNorm, Linear};
 pub use loss::{composite_nll_sum, lm_head_loss, LmLoss};

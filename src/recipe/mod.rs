@@ -93,10 +93,29 @@ pub struct DataSpec {
     pub truncation: Truncation,
     #[serde(default = "yes")]
     pub shuffle: bool,
+    /// `prefix`: each example's prompt attends to itself both ways and its target causally
+    /// (a prefix LM, as UL2 and GPT-JT), and a packed row's examples do not see each other.
+    /// Left out of the serialized recipe when causal, so older checkpoints' recipes still match.
+    #[serde(default, skip_serializing_if = "Attention::is_causal")]
+    pub attention: Attention,
 }
 
 fn yes() -> bool {
     true
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Attention {
+    #[default]
+    Causal,
+    Prefix,
+}
+
+impl Attention {
+    pub fn is_causal(&self) -> bool {
+        *self == Attention::Causal
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

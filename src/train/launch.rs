@@ -11,7 +11,7 @@ use crate::data::{self, load_split_records, prepare, SequenceStream, Split};
 use crate::eval::mnli::{evaluate_mnli, nli_rows, write_report, NliRow};
 use crate::hub::{HubConfig, PushOptions, UploadEvent, Uploader};
 use crate::model::{self, init};
-use crate::recipe::{self, EvalTask, Recipe};
+use crate::recipe::{self, Attention, EvalTask, Recipe};
 use crate::tokenizer::TextTokenizer;
 
 /// How `kiln train` runs a recipe, beyond what the recipe says.
@@ -35,8 +35,11 @@ pub fn train_recipe(recipe_path: &Path, options: LaunchOptions) -> Result<TrainS
     let dir = recipe::recipe_dir(recipe_path);
     let file = recipe_path.display();
 
-    let (init, tokenizer) =
+    let (mut init, tokenizer) =
         starting_model(&recipe, &dir).with_context(|| format!("{file}: model"))?;
+    // Checkpoints say how the model was trained, so that inference reads prompts the same way.
+    init.config
+        .set_prefix_lm(recipe.data.attention == Attention::Prefix);
     let train_data = prepare(&recipe, &dir, &tokenizer, Split::Train)
         .with_context(|| format!("{file}: preparing the training data"))?;
     let eval_data = if recipe.data.eval.is_empty() {

@@ -9,7 +9,7 @@ use super::optimizer::{self, AdamW};
 use super::precision::{LossScaler, StepVerdict};
 use crate::data::Sequence;
 use crate::model::{self, Batch, Config, Model};
-use crate::ops;
+use crate::ops::{self, PrefixLayout};
 
 /// What a step needs that does not change between steps.
 pub struct StepSetup<'a> {
@@ -138,7 +138,18 @@ fn shard_backward(
 /// Rows right-padded into a batch, with their next-token labels (-100 where not trained).
 pub fn make_batch(rows: &[Sequence], pad_id: u32, device: &Device) -> Result<(Batch, Vec<i64>)> {
     let ids: Vec<Vec<u32>> = rows.iter().map(|s| s.ids.clone()).collect();
-    let batch = Batch::right_padded(&ids, pad_id, device)?;
+    let batch = if rows.iter().any(Sequence::is_prefix_lm) {
+        let layouts: Vec<PrefixLayout> = rows
+            .iter()
+            .map(|s| PrefixLayout {
+                segment: s.segment.clone(),
+                prefix: s.prefix.clone(),
+            })
+            .collect();
+        Batch::prefix_lm(&ids, &layouts, pad_id, device)?
+    } else {
+        Batch::right_padded(&ids, pad_id, device)?
+    };
     let seq = batch.input_ids.dim(1)?;
     let labels = rows.iter().flat_map(|s| s.labels(seq)).collect();
     Ok((batch, labels))

@@ -314,3 +314,59 @@ pub fn twenty_adamw_steps() {
         "final weights differ from PyTorch's by up to {worst:e}"
     );
 }
+
+/// Prefix-LM attention (`data.attention: prefix`) against HF given the same layout as a 4-D mask
+/// and explicit positions: a packed row of two examples and a row of one, each example's prompt
+/// read both ways, positions restarting per example. Logits, loss and every gradient.
+pub fn prefix_lm() {
+    for name in ["rot8", "gpt2"] {
+        let Trainable {
+            config,
+            vars,
+            model,
+            ..
+        } = trainable(name);
+        let dir = fixtures().join("parity").join(name);
+        let io = load_tensors(&dir.join("io_prefix_lm.safetensors"));
+        let ids = io["input_ids"].to_vec2::<i64>().unwrap();
+        let segment = io["segment"].to_vec2::<i64>().unwrap();
+        let prefix = io["prefix"].to_vec2::<i64>().unwrap();
+        let rows: Vec<Sequence> = (0..ids.len())
+            .map(|r| Sequence {
+                segment: segment[r].iter().map(|&s| s as u32).collect(),
+                prefix: prefix[r].iter().map(|&p| p == 1).collect(),
+                ..Sequence::all_trained(ids[r].iter().map(|&t| t as u32).collect())
+            })
+            .collect();
+        let (batch, labels) = train::step::make_batch(&rows, 0, &test_device()).unwrap();
+        let positions = batch.position_ids.to_dtype(DType::I64).unwrap();
+        assert_eq!(
+            max_abs_diff(
+                &positions.to_dtype(DType::F32).unwrap(),
+                &io["position_ids"].to_dtype(DType::F32).unwrap()
+            ),
+            0.0,
+            "{name}: positions restart per example"
+        );
+
+        let logits = model.forward(&batch, None).unwrap();
+        let diff = max_abs_diff(&logits, &io["logits"]);
+        eprintln!("{name} prefix LM: logits max abs diff {diff:e}");
+        assert!(diff <= 1e-4, "{name}: prefix-LM logits differ by {diff}");
+
+        let targets = labels.iter().filter(|&&l| l >= 0).count();
+        let loss = model
+            .loss_and_grads(&batch, &labels, 1.0 / targets as f64)
+            .unwrap()
+            .expect("labels");
+        let ours = loss.nll_sum / targets as f64;
+        let theirs = io["loss"].to_vec1::<f32>().unwrap()[0] as f64;
+        assert!(
+            (ours - theirs).abs() <= 1e-5,
+            "{name}: prefix-LM loss {ours} vs HF {theirs}"
+        );
+        assert_gradients_match(name, &config, &vars, &io, |param, var| {
+            loss.get(param, var.as_tensor()).unwrap()
+        });
+    }
+}
