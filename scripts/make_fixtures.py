@@ -621,12 +621,13 @@ def make_prefix_lm(out: Path, name: str, model_class) -> None:
     print(f"parity/{name}/io_prefix_lm: loss={outputs.loss.item():.6f}")
 
 
-def make_pytorch_bin_copy(out: Path) -> None:
-    """rot8 again, saved the pre-safetensors way (a pickled state dict), so the Rust side can
-    check that `pytorch_model.bin` directories load to the same numbers."""
-    src = out / "parity" / "rot8"
-    d = fresh_dir(out / "parity" / "rot8_pytorch_bin")
-    model = GPTJForCausalLM.from_pretrained(src)
+def make_pytorch_bin_copy(out: Path, name: str = "rot8", model_class=GPTJForCausalLM) -> None:
+    """A parity model again, saved the pre-safetensors way (a pickled state dict, a tied head
+    included under both names), so the Rust side can check that `pytorch_model.bin` directories
+    load to the same numbers."""
+    src = out / "parity" / name
+    d = fresh_dir(out / "parity" / f"{name}_pytorch_bin")
+    model = model_class.from_pretrained(src)
     torch.save(model.state_dict(), d / "pytorch_model.bin")
     (d / "config.json").write_text((src / "config.json").read_text())
 
@@ -639,6 +640,7 @@ def main() -> None:
             make_parity(out, "rot8", ROT8, seed=1000),
             make_parity(out, "full12", FULL12, seed=2000),
             make_pytorch_bin_copy(out),
+            make_prefix_lm(out, "rot8", GPTJForCausalLM),
         ),
         "families": lambda out: (
             make_parity(out, "gpt2", GPT2_A, seed=5000, family="gpt2"),
@@ -647,9 +649,8 @@ def main() -> None:
             make_parity(out, "neox_odd", NEOX_ODD, seed=6100, family="gpt_neox"),
             make_parity(out, "neo", NEO_A, seed=7000, family="gpt_neo"),
             make_parity(out, "neo_odd", NEO_ODD, seed=7100, family="gpt_neo"),
-        ),
-        "prefix_lm": lambda out: (
-            make_prefix_lm(out, "rot8", GPTJForCausalLM),
+            make_pytorch_bin_copy(out, "gpt2", GPT2LMHeadModel),
+            make_pytorch_bin_copy(out, "neox", GPTNeoXForCausalLM),
             make_prefix_lm(out, "gpt2", GPT2LMHeadModel),
         ),
         "train_adamw": lambda out: (make_train(out, seed=3000), make_train_no_decay(out, seed=3000)),

@@ -304,3 +304,29 @@ fn prefix_lm_data_training_and_checkpoints() {
     ]);
     assert!(ok, "{stderr}");
 }
+
+#[test]
+fn pytorch_model_bin_directories_load_to_the_same_numbers() {
+    // `torch.save(model.state_dict())`: GPT-2's tied head under both names, NeoX's head under
+    // transformers 5's in-memory name (`lm_head.weight`, saved as `embed_out.weight`).
+    for name in ["gpt2", "neox"] {
+        let safetensors = fixtures().join("parity").join(name);
+        let bin = fixtures()
+            .join("parity")
+            .join(format!("{name}_pytorch_bin"));
+        assert!(bin.join("pytorch_model.bin").is_file());
+        let batch =
+            model::Batch::right_padded(&[vec![3, 1, 4, 1, 5, 9, 2, 6]], 0, &Device::Cpu).unwrap();
+        let logits = |dir: &Path| {
+            model::load_model(dir, DType::F32, &Device::Cpu)
+                .unwrap()
+                .forward(&batch, None)
+                .unwrap()
+        };
+        assert_eq!(
+            max_abs_diff(&logits(&safetensors), &logits(&bin)),
+            0.0,
+            "{name}"
+        );
+    }
+}

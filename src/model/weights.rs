@@ -47,6 +47,10 @@ impl WeightFile {
 /// The prefixes of the base model inside HF's `*ForCausalLM` weight names.
 const BASE_MODEL_PREFIXES: &[&str] = &["transformer.", "gpt_neox."];
 
+/// Hub names whose tensors transformers 5 holds under another name in memory, so that a
+/// `torch.save(model.state_dict())` made with it uses that one (`save_pretrained` converts back).
+const IN_MEMORY_NAMES: &[(&str, &str)] = &[("embed_out.weight", "lm_head.weight")];
+
 /// The weights of one model directory, memory-mapped, looked up by HF tensor name.
 pub struct WeightStore {
     files: Vec<WeightFile>,
@@ -160,10 +164,15 @@ impl WeightStore {
         if self.index.contains_key(name) {
             return name;
         }
+        let renamed = IN_MEMORY_NAMES
+            .iter()
+            .filter(|(hub, _)| *hub == name)
+            .map(|(_, in_memory)| *in_memory);
         BASE_MODEL_PREFIXES
             .iter()
             .filter_map(|prefix| name.strip_prefix(prefix))
-            .find(|bare| self.index.contains_key(*bare))
+            .chain(renamed)
+            .find(|other| self.index.contains_key(*other))
             .unwrap_or(name)
     }
 
