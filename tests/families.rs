@@ -330,3 +330,71 @@ fn pytorch_model_bin_directories_load_to_the_same_numbers() {
         );
     }
 }
+
+#[test]
+fn gpt2_trains_with_its_dropout_and_a_resume_replays_the_masks() {
+    let recipe = repo().join("recipes/quickstart.yaml");
+    let tmp = tempfile::tempdir().unwrap();
+    let train = |name: &str, extra: &[&str]| {
+        let mut sets = vec![
+            format!("name={name}"),
+            "model.init.preset=gpt2-tiny".to_string(),
+            "steps=4".to_string(),
+            "schedule.warmup=1".to_string(),
+            "eval.every=0".to_string(),
+            "checkpoint.every=2".to_string(),
+            "checkpoint.keep_last=4".to_string(),
+            format!(
+                "checkpoint.dir={}",
+                tmp.path().join("checkpoints").display()
+            ),
+            format!("tracking.log_dir={}", tmp.path().join("runs").display()),
+        ];
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        let mut args = vec![
+            "train".to_string(),
+            recipe.display().to_string(),
+            "--quiet".into(),
+        ];
+        for set in &sets {
+            args.extend(["--set".to_string(), set.clone()]);
+        }
+        args
+    };
+    let run = |args: &[String]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, stdout, stderr) = kiln(&args);
+        assert!(ok, "{stdout}\n{stderr}");
+    };
+    let weights = |name: &str, step: u32| {
+        std::fs::read(
+            tmp.path()
+                .join(format!("checkpoints/{name}/step-{step}/model.safetensors")),
+        )
+        .unwrap()
+    };
+
+    // GPT-2's config means dropout 0.1 everywhere (HF's default); the recipe can turn it off.
+    let with_dropout = train("dropout", &[]);
+    run(&with_dropout);
+    let straight = weights("dropout", 4);
+    run(&train(
+        "no-dropout",
+        &["model.dropout={resid: 0, embd: 0, attn: 0}"],
+    ));
+    assert_ne!(
+        straight,
+        weights("no-dropout", 4),
+        "dropout changed the updates"
+    );
+
+    // Resuming from step 2 draws step 3's and 4's masks again: the same weights, bit for bit.
+    let step2 = tmp.path().join("checkpoints/dropout/step-2");
+    let mut resume = with_dropout.clone();
+    resume.extend(["--resume".to_string(), step2.display().to_string()]);
+    run(&resume);
+    assert!(
+        straight == weights("dropout", 4),
+        "the resumed run diverged"
+    );
+}

@@ -228,6 +228,7 @@ pub fn generate(
         position_ids: Tensor::from_vec(positions, (n, longest), device)?,
         key_mask: Some(key_mask.clone()),
         layout,
+        dropout: None,
     };
     crate::model::keep_freed_memory();
     let mut logits = forward_on_pool(model, &prefill, &vec![longest - 1; n], &mut cache)?;
@@ -304,6 +305,7 @@ pub fn generate(
             )?,
             key_mask: Some(key_mask.clone()),
             layout: None,
+            dropout: None,
         };
         logits = forward_on_pool(model, &step, &vec![0; n], &mut cache)?;
     }

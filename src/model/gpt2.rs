@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Batch, CausalLm};
 use crate::ops::{
-    self, AttentionKind, AttentionMask, KvCache, LayerCache, LayerNorm, Linear, Operands,
+    self, AttentionKind, AttentionMask, KvCache, LayerCache, LayerNorm, Linear, Operands, Site,
 };
 
 /// `config.json` of a HF `gpt2` model, read as is; unknown keys are kept.
@@ -158,6 +158,7 @@ struct Attention {
     n_head: usize,
     head_dim: usize,
     score_divisor: f64,
+    layer: usize,
 }
 
 impl Attention {
@@ -176,13 +177,14 @@ impl Attention {
             n_head: cfg.n_head,
             head_dim: cfg.head_dim(),
             score_divisor,
+            layer,
         })
     }
 
     fn forward(
         &self,
         xs: &Tensor,
-        position_ids: &Tensor,
+        batch: &Batch,
         mask: &AttentionMask,
         cache: Option<(&mut LayerCache, usize)>,
     ) -> Result<Tensor> {
@@ -196,9 +198,11 @@ impl Attention {
         let kind = AttentionKind {
             rotary: None,
             score_divisor: self.score_divisor,
+            dropout: batch.attention_dropout(self.layer),
         };
-        let out = ops::causal_attention(&q, &k, &v, kind, position_ids, mask, cache)?;
-        self.c_proj.forward(&out.reshape((b, t, e))?)
+        let out = ops::causal_attention(&q, &k, &v, kind, &batch.position_ids, mask, cache)?;
+        let out = self.c_proj.forward(&out.reshape((b, t, e))?)?;
+        batch.drop(out, Site::AttentionOutput(self.layer))
     }
 }
 
@@ -221,6 +225,7 @@ struct Block {
     attn: Attention,
     ln_2: LayerNorm,
     mlp: Mlp,
+    layer: usize,
 }
 
 impl Block {
@@ -235,22 +240,23 @@ impl Block {
                 c_fc: Linear::load_conv1d(mlp.pp("c_fc"), e, inner, operands)?,
                 c_proj: Linear::load_conv1d(mlp.pp("c_proj"), inner, e, operands)?,
             },
+            layer,
         })
     }
 
     fn forward(
         &self,
         xs: &Tensor,
-        position_ids: &Tensor,
+        batch: &Batch,
         mask: &AttentionMask,
         cache: Option<(&mut LayerCache, usize)>,
     ) -> Result<Tensor> {
         let attn = self
             .attn
-            .forward(&self.ln_1.forward(xs)?, position_ids, mask, cache)?;
+            .forward(&self.ln_1.forward(xs)?, batch, mask, cache)?;
         let xs = (attn + xs)?;
         let mlp = self.mlp.forward(&self.ln_2.forward(&xs)?)?;
-        mlp + xs
+        batch.drop(mlp, Site::MlpOutput(self.layer))? + xs
     }
 }
 
@@ -299,10 +305,13 @@ impl CausalLm for Gpt2 {
         };
         let tokens = embed(&self.wte, &batch.input_ids)?;
         let positions = embed(&self.wpe, &batch.position_ids)?;
-        let mut xs = (tokens + positions)?.to_dtype(self.dtype)?;
+        let mut xs = batch.drop(
+            (tokens + positions)?.to_dtype(self.dtype)?,
+            Site::Embeddings,
+        )?;
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer(i));
-            xs = block.forward(&xs, &batch.position_ids, &mask, slot)?;
+            xs = block.forward(&xs, batch, &mask, slot)?;
         }
         self.ln_f.forward(&xs)
     }

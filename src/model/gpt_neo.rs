@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Batch, CausalLm};
 use crate::ops::{
-    self, AttentionKind, AttentionMask, KvCache, LayerCache, LayerNorm, Linear, Operands,
+    self, AttentionKind, AttentionMask, KvCache, LayerCache, LayerNorm, Linear, Operands, Site,
 };
 
 /// `config.json` of a HF `gpt_neo` model, read as is; unknown keys are kept.
@@ -196,10 +196,16 @@ struct Attention {
     n_head: usize,
     head_dim: usize,
     reach: Reach,
+    layer: usize,
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &Config, reach: Reach, operands: Operands) -> Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        cfg: &Config,
+        (layer, reach): (usize, Reach),
+        operands: Operands,
+    ) -> Result<Self> {
         let e = cfg.hidden_size;
         Ok(Self {
             q_proj: Linear::load(vb.pp("q_proj"), e, e, false, operands)?,
@@ -209,13 +215,14 @@ impl Attention {
             n_head: cfg.num_heads,
             head_dim: cfg.head_dim(),
             reach,
+            layer,
         })
     }
 
     fn forward(
         &self,
         xs: &Tensor,
-        position_ids: &Tensor,
+        batch: &Batch,
         masks: &Masks,
         cache: Option<(&mut LayerCache, usize)>,
     ) -> Result<Tensor> {
@@ -228,13 +235,15 @@ impl Attention {
         let kind = AttentionKind {
             rotary: None,
             score_divisor: 1.0,
+            dropout: batch.attention_dropout(self.layer),
         };
         let mask = match self.reach {
             Reach::Global => &masks.global,
             Reach::Local => &masks.local,
         };
-        let out = ops::causal_attention(&q, &k, &v, kind, position_ids, mask, cache)?;
-        self.out_proj.forward(&out.reshape((b, t, e))?)
+        let out = ops::causal_attention(&q, &k, &v, kind, &batch.position_ids, mask, cache)?;
+        let out = self.out_proj.forward(&out.reshape((b, t, e))?)?;
+        batch.drop(out, Site::AttentionOutput(self.layer))
     }
 }
 
@@ -263,36 +272,43 @@ struct Block {
     attn: Attention,
     ln_2: LayerNorm,
     mlp: Mlp,
+    layer: usize,
 }
 
 impl Block {
-    fn load(vb: VarBuilder, cfg: &Config, reach: Reach, operands: Operands) -> Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        cfg: &Config,
+        (layer, reach): (usize, Reach),
+        operands: Operands,
+    ) -> Result<Self> {
         let (e, inner, eps) = (cfg.hidden_size, cfg.inner_dim(), cfg.layer_norm_epsilon);
         let mlp = vb.pp("mlp");
         Ok(Self {
             ln_1: LayerNorm::load(vb.pp("ln_1"), e, eps)?,
-            attn: Attention::load(vb.pp("attn").pp("attention"), cfg, reach, operands)?,
+            attn: Attention::load(vb.pp("attn").pp("attention"), cfg, (layer, reach), operands)?,
             ln_2: LayerNorm::load(vb.pp("ln_2"), e, eps)?,
             mlp: Mlp {
                 c_fc: Linear::load(mlp.pp("c_fc"), e, inner, true, operands)?,
                 c_proj: Linear::load(mlp.pp("c_proj"), inner, e, true, operands)?,
             },
+            layer,
         })
     }
 
     fn forward(
         &self,
         xs: &Tensor,
-        position_ids: &Tensor,
+        batch: &Batch,
         masks: &Masks,
         cache: Option<(&mut LayerCache, usize)>,
     ) -> Result<Tensor> {
         let attn = self
             .attn
-            .forward(&self.ln_1.forward(xs)?, position_ids, masks, cache)?;
+            .forward(&self.ln_1.forward(xs)?, batch, masks, cache)?;
         let xs = (attn + xs)?;
         let mlp = self.mlp.forward(&self.ln_2.forward(&xs)?)?;
-        mlp + xs
+        batch.drop(mlp, Site::MlpOutput(self.layer))? + xs
     }
 }
 
@@ -319,7 +335,7 @@ impl GptNeo {
         let blocks = reach
             .iter()
             .enumerate()
-            .map(|(i, &reach)| Block::load(t.pp("h").pp(i), config, reach, operands))
+            .map(|(i, &reach)| Block::load(t.pp("h").pp(i), config, (i, reach), operands))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             lm_head: Linear::tied(wte.clone(), operands),
@@ -352,10 +368,13 @@ impl CausalLm for GptNeo {
         };
         let tokens = embed(&self.wte, &batch.input_ids)?;
         let positions = embed(&self.wpe, &batch.position_ids)?;
-        let mut xs = (tokens + positions)?.to_dtype(self.dtype)?;
+        let mut xs = batch.drop(
+            (tokens + positions)?.to_dtype(self.dtype)?,
+            Site::Embeddings,
+        )?;
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer(i));
-            xs = block.forward(&xs, &batch.position_ids, &masks, slot)?;
+            xs = block.forward(&xs, batch, &masks, slot)?;
         }
         self.ln_f.forward(&xs)
     }

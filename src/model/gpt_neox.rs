@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::{Batch, CausalLm};
 use crate::ops::{
     self, AttentionKind, AttentionMask, KvCache, LayerCache, LayerNorm, Linear, Operands, Rotary,
-    RotaryPairs,
+    RotaryPairs, Site,
 };
 
 /// `config.json` of a HF `gpt_neox` model, read as is; unknown keys are kept.
@@ -213,10 +213,11 @@ struct Attention {
     dense: Linear,
     n_head: usize,
     head_dim: usize,
+    layer: usize,
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &Config, operands: Operands) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Config, layer: usize, operands: Operands) -> Result<Self> {
         let e = cfg.hidden_size;
         let bias = cfg.attention_bias;
         Ok(Self {
@@ -224,6 +225,7 @@ impl Attention {
             dense: Linear::load(vb.pp("dense"), e, e, bias, operands)?,
             n_head: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
+            layer,
         })
     }
 
@@ -231,7 +233,7 @@ impl Attention {
         &self,
         xs: &Tensor,
         rotary: &Rotary,
-        position_ids: &Tensor,
+        batch: &Batch,
         mask: &AttentionMask,
         cache: Option<(&mut LayerCache, usize)>,
     ) -> Result<Tensor> {
@@ -247,9 +249,11 @@ impl Attention {
         let kind = AttentionKind {
             rotary: Some(rotary),
             score_divisor: (d as f64).sqrt(),
+            dropout: batch.attention_dropout(self.layer),
         };
-        let out = ops::causal_attention(&q, &k, &v, kind, position_ids, mask, cache)?;
-        self.dense.forward(&out.reshape((b, t, e))?)
+        let out = ops::causal_attention(&q, &k, &v, kind, &batch.position_ids, mask, cache)?;
+        let out = self.dense.forward(&out.reshape((b, t, e))?)?;
+        batch.drop(out, Site::AttentionOutput(self.layer))
     }
 }
 
@@ -273,21 +277,23 @@ struct Layer {
     attention: Attention,
     mlp: Mlp,
     parallel_residual: bool,
+    layer: usize,
 }
 
 impl Layer {
-    fn load(vb: VarBuilder, cfg: &Config, operands: Operands) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Config, layer: usize, operands: Operands) -> Result<Self> {
         let (e, inner, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
         let mlp = vb.pp("mlp");
         Ok(Self {
             input_layernorm: LayerNorm::load(vb.pp("input_layernorm"), e, eps)?,
             post_attention_layernorm: LayerNorm::load(vb.pp("post_attention_layernorm"), e, eps)?,
-            attention: Attention::load(vb.pp("attention"), cfg, operands)?,
+            attention: Attention::load(vb.pp("attention"), cfg, layer, operands)?,
             mlp: Mlp {
                 dense_h_to_4h: Linear::load(mlp.pp("dense_h_to_4h"), e, inner, true, operands)?,
                 dense_4h_to_h: Linear::load(mlp.pp("dense_4h_to_h"), inner, e, true, operands)?,
             },
             parallel_residual: cfg.use_parallel_residual,
+            layer,
         })
     }
 
@@ -295,28 +301,25 @@ impl Layer {
         &self,
         xs: &Tensor,
         rotary: &Rotary,
-        position_ids: &Tensor,
+        batch: &Batch,
         mask: &AttentionMask,
         cache: Option<(&mut LayerCache, usize)>,
     ) -> Result<Tensor> {
-        let attn = self.attention.forward(
-            &self.input_layernorm.forward(xs)?,
-            rotary,
-            position_ids,
-            mask,
-            cache,
-        )?;
-        if self.parallel_residual {
+        let normed = self.input_layernorm.forward(xs)?;
+        let attn = self
+            .attention
+            .forward(&normed, rotary, batch, mask, cache)?;
+        let mlp_of = |ys: &Tensor| -> Result<Tensor> {
             let mlp = self
                 .mlp
-                .forward(&self.post_attention_layernorm.forward(xs)?)?;
-            (mlp + attn)? + xs
+                .forward(&self.post_attention_layernorm.forward(ys)?)?;
+            batch.drop(mlp, Site::MlpOutput(self.layer))
+        };
+        if self.parallel_residual {
+            (mlp_of(xs)? + attn)? + xs
         } else {
             let xs = (attn + xs)?;
-            let mlp = self
-                .mlp
-                .forward(&self.post_attention_layernorm.forward(&xs)?)?;
-            mlp + xs
+            mlp_of(&xs)? + xs
         }
     }
 }
@@ -339,7 +342,7 @@ impl GptNeoX {
         let (e, v) = (config.hidden_size, config.vocab_size);
         let base = vb.pp("gpt_neox");
         let layers = (0..config.num_hidden_layers)
-            .map(|i| Layer::load(base.pp("layers").pp(i), config, operands))
+            .map(|i| Layer::load(base.pp("layers").pp(i), config, i, operands))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed_in: base.pp("embed_in").get((v, e), "weight")?,
@@ -373,9 +376,10 @@ impl CausalLm for GptNeoX {
             .index_select(&batch.input_ids.flatten_all()?, 0)?
             .reshape((b, t, self.hidden_size))?
             .to_dtype(self.dtype)?;
+        xs = batch.drop(xs, Site::Embeddings)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer(i));
-            xs = layer.forward(&xs, &self.rotary, &batch.position_ids, &mask, slot)?;
+            xs = layer.forward(&xs, &self.rotary, batch, &mask, slot)?;
         }
         self.final_layer_norm.forward(&xs)
     }

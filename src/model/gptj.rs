@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::{Batch, CausalLm};
 use crate::ops::{
     self, AttentionKind, AttentionMask, KvCache, LayerCache, LayerNorm, Linear, Operands, Rotary,
-    RotaryPairs,
+    RotaryPairs, Site,
 };
 
 /// `config.json` of a HF `gptj` model, read as is. Unknown keys are kept so that a config we
@@ -162,10 +162,11 @@ struct Attention {
     out_proj: Linear,
     n_head: usize,
     head_dim: usize,
+    layer: usize,
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &Config, operands: Operands) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Config, layer: usize, operands: Operands) -> Result<Self> {
         let e = cfg.n_embd;
         Ok(Self {
             q_proj: Linear::load(vb.pp("q_proj"), e, e, false, operands)?,
@@ -174,6 +175,7 @@ impl Attention {
             out_proj: Linear::load(vb.pp("out_proj"), e, e, false, operands)?,
             n_head: cfg.n_head,
             head_dim: cfg.head_dim(),
+            layer,
         })
     }
 
@@ -181,7 +183,7 @@ impl Attention {
         &self,
         xs: &Tensor,
         rotary: &Rotary,
-        position_ids: &Tensor,
+        batch: &Batch,
         mask: &AttentionMask,
         cache: Option<(&mut LayerCache, usize)>,
     ) -> Result<Tensor> {
@@ -193,9 +195,11 @@ impl Attention {
         let kind = AttentionKind {
             rotary: Some(rotary),
             score_divisor: (self.head_dim as f64).sqrt(),
+            dropout: batch.attention_dropout(self.layer),
         };
-        let out = ops::causal_attention(&q, &k, &v, kind, position_ids, mask, cache)?;
-        self.out_proj.forward(&out.reshape((b, t, e))?)
+        let out = ops::causal_attention(&q, &k, &v, kind, &batch.position_ids, mask, cache)?;
+        let out = self.out_proj.forward(&out.reshape((b, t, e))?)?;
+        batch.drop(out, Site::AttentionOutput(self.layer))
     }
 }
 
@@ -227,14 +231,16 @@ struct Block {
     ln_1: LayerNorm,
     attn: Attention,
     mlp: Mlp,
+    layer: usize,
 }
 
 impl Block {
-    fn load(vb: VarBuilder, cfg: &Config, operands: Operands) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Config, layer: usize, operands: Operands) -> Result<Self> {
         Ok(Self {
             ln_1: LayerNorm::load(vb.pp("ln_1"), cfg.n_embd, cfg.layer_norm_epsilon)?,
-            attn: Attention::load(vb.pp("attn"), cfg, operands)?,
+            attn: Attention::load(vb.pp("attn"), cfg, layer, operands)?,
             mlp: Mlp::load(vb.pp("mlp"), cfg, operands)?,
+            layer,
         })
     }
 
@@ -242,15 +248,13 @@ impl Block {
         &self,
         xs: &Tensor,
         rotary: &Rotary,
-        position_ids: &Tensor,
+        batch: &Batch,
         mask: &AttentionMask,
         cache: Option<(&mut LayerCache, usize)>,
     ) -> Result<Tensor> {
         let normed = self.ln_1.forward(xs)?;
-        let attn = self
-            .attn
-            .forward(&normed, rotary, position_ids, mask, cache)?;
-        let mlp = self.mlp.forward(&normed)?;
+        let attn = self.attn.forward(&normed, rotary, batch, mask, cache)?;
+        let mlp = batch.drop(self.mlp.forward(&normed)?, Site::MlpOutput(self.layer))?;
         (attn + mlp)? + xs
     }
 }
@@ -272,7 +276,7 @@ impl GptJ {
     pub fn load(vb: VarBuilder, config: &Config, dtype: DType, operands: Operands) -> Result<Self> {
         let t = vb.pp("transformer");
         let blocks = (0..config.n_layer)
-            .map(|i| Block::load(t.pp("h").pp(i), config, operands))
+            .map(|i| Block::load(t.pp("h").pp(i), config, i, operands))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             wte: t
@@ -305,14 +309,15 @@ impl CausalLm for GptJ {
         let cached = cache.as_ref().map_or(0, |c| c.len());
         let (b, t) = batch.dims()?;
         let mask = batch.attention_mask(cached, None, self.wte.device())?;
-        let mut xs = self
+        let embedded = self
             .wte
             .index_select(&batch.input_ids.flatten_all()?, 0)?
             .reshape((b, t, self.n_embd))?
             .to_dtype(self.dtype)?;
+        let mut xs = batch.drop(embedded, Site::Embeddings)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer(i));
-            xs = block.forward(&xs, &self.rotary, &batch.position_ids, &mask, slot)?;
+            xs = block.forward(&xs, &self.rotary, batch, &mask, slot)?;
         }
         self.ln_f.forward(&xs)
     }

@@ -22,7 +22,9 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 pub use crate::ops::KvCache;
-use crate::ops::{self, AttentionMask, Linear, Operands, PrefixLayout};
+use crate::ops::{
+    self, AttentionMask, Dropout, DropoutRates, Linear, Operands, PrefixLayout, Site,
+};
 pub use gpt2::Gpt2;
 pub use gpt_neo::GptNeo;
 pub use gpt_neox::GptNeoX;
@@ -203,6 +205,40 @@ impl Config {
         }
     }
 
+    /// The dropout HF applies in training, from the config's own keys (`resid_pdrop`,
+    /// `embd_pdrop`, `attn_pdrop`; GPT-Neo's `*_dropout`; GPT-NeoX's `hidden_dropout` and
+    /// `attention_dropout`), with HF's defaults where a key is missing (0.1 for GPT-2, else 0).
+    pub fn dropout_rates(&self) -> DropoutRates {
+        let extra = self.extra();
+        let rate =
+            |key: &str, default: f64| extra.get(key).and_then(|v| v.as_f64()).unwrap_or(default);
+        match self {
+            Config::GptJ(_) => DropoutRates {
+                resid: rate("resid_pdrop", 0.0),
+                embd: rate("embd_pdrop", 0.0),
+                attn: rate("attn_pdrop", 0.0),
+            },
+            Config::Gpt2(_) => DropoutRates {
+                resid: rate("resid_pdrop", 0.1),
+                embd: rate("embd_pdrop", 0.1),
+                attn: rate("attn_pdrop", 0.1),
+            },
+            Config::GptNeo(_) => DropoutRates {
+                resid: rate("resid_dropout", 0.0),
+                embd: rate("embed_dropout", 0.0),
+                attn: rate("attention_dropout", 0.0),
+            },
+            Config::GptNeoX(_) => {
+                let hidden = rate("hidden_dropout", 0.0);
+                DropoutRates {
+                    resid: hidden,
+                    embd: hidden,
+                    attn: rate("attention_dropout", 0.0),
+                }
+            }
+        }
+    }
+
     /// Whether the model was trained as a prefix LM (`data.attention: prefix`), so that its
     /// prompts are read both ways at inference too. Kiln records it in `config.json` as
     /// `"prefix_lm": true`; transformers keeps the key as an attribute and ignores it.
@@ -275,6 +311,8 @@ pub struct Batch {
     /// Packed examples and bidirectional prompts (prefix LM), per row over the cached positions
     /// plus this step's; `None` for plain causal attention.
     pub layout: Option<Vec<PrefixLayout>>,
+    /// Training-time dropout; `None` (evaluation, generation) runs without.
+    pub dropout: Option<Dropout>,
 }
 
 impl Batch {
@@ -301,6 +339,7 @@ impl Batch {
             position_ids: Tensor::from_vec(positions, (rows.len(), seq), device)?,
             key_mask: padded.then_some(key_mask),
             layout: None,
+            dropout: None,
         })
     }
 
@@ -339,6 +378,19 @@ impl Batch {
     /// `[batch, seq]`.
     pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
         self.input_ids.dims2()
+    }
+
+    /// `xs` after this batch's dropout at `site` (unchanged without dropout).
+    pub fn drop(&self, xs: Tensor, site: Site) -> candle_core::Result<Tensor> {
+        match &self.dropout {
+            Some(dropout) => dropout.apply(&xs, site),
+            None => Ok(xs),
+        }
+    }
+
+    /// The dropout of the attention probabilities of `layer`, for [`AttentionKind`].
+    pub fn attention_dropout(&self, layer: usize) -> Option<(&Dropout, usize)> {
+        self.dropout.as_ref().map(|d| (d, layer))
     }
 
     /// The mask of this batch's `seq` positions after `cached` ones (see

@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
+use super::dropout::{Dropout, Site};
 use super::use_fused;
 pub use crate::cpu::fused::RotaryPairs;
 use crate::cpu::fused::{self, CausalSelfAttention};
@@ -266,6 +267,8 @@ pub struct AttentionKind<'a> {
     pub rotary: Option<&'a Rotary>,
     /// What `q·kᵀ` is divided by: `sqrt(head_dim)` for most models, 1 for GPT-Neo.
     pub score_divisor: f64,
+    /// Dropout on the attention probabilities in training, and this layer's index.
+    pub dropout: Option<(&'a Dropout, usize)>,
 }
 
 /// Attention of `q`, `k`, `v` (`[batch, seq, heads, head_dim]`, as projected) with `kind`'s
@@ -287,7 +290,12 @@ pub fn causal_attention(
     mask: &AttentionMask,
     cache: Option<(&mut LayerCache, usize)>,
 ) -> Result<Tensor> {
-    if cache.is_none() && use_fused(q) {
+    let dropout = kind
+        .dropout
+        .filter(|(d, layer)| d.rate(Site::Attention(*layer)) > 0.0);
+    // The fused kernel recomputes the probabilities in its backward, which a dropout mask
+    // would have to follow; with attention dropout the generic code runs.
+    if cache.is_none() && dropout.is_none() && use_fused(q) {
         let positions = position_ids.flatten_all()?;
         let table = |t: &Tensor| t.index_select(&positions, 0)?.flatten_all()?.to_vec1();
         let op = match kind.rotary {
@@ -332,7 +340,10 @@ pub fn causal_attention(
         return flash::attention(&q, &k, &v, kind.score_divisor);
     }
     let scores = (q.contiguous()?.matmul(&k.t()?)? / kind.score_divisor)?;
-    let probs = softmax_last_dim(&scores.broadcast_add(&mask.additive)?)?.to_dtype(dtype)?;
+    let mut probs = softmax_last_dim(&scores.broadcast_add(&mask.additive)?)?.to_dtype(dtype)?;
+    if let Some((dropout, layer)) = dropout {
+        probs = dropout.apply(&probs, Site::Attention(layer))?;
+    }
     probs.matmul(&v)?.transpose(1, 2)
 }
 

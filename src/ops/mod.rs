@@ -8,6 +8,7 @@
 //! machine without one. Nothing outside this module calls into `crate::cpu`.
 
 mod attention;
+mod dropout;
 mod layers;
 mod loss;
 mod optim;
@@ -21,6 +22,7 @@ pub use attention::{
     causal_attention, softmax_last_dim, AttentionKind, AttentionMask, KvCache, LayerCache,
     PrefixLayout, Rotary, RotaryPairs,
 };
+pub use dropout::{Dropout, DropoutRates, Site};
 pub use layers::{gelu, gelu_new, layer_norm, linear, LayerNorm, Linear};
 pub use loss::{composite_nll_sum, lm_head_loss, LmLoss};
 pub use optim::{adamw_step, add_in_place, global_norm, AdamWStep};

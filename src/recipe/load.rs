@@ -199,6 +199,20 @@ impl Recipe {
             problems
                 .push("model.revision: only applies to `model.from`, not to `model.init`".into());
         }
+        if let Some(dropout) = &self.model.dropout {
+            for (key, rate) in [
+                ("resid", dropout.resid),
+                ("embd", dropout.embd),
+                ("attn", dropout.attn),
+            ] {
+                if let Some(rate) = rate {
+                    problems.check(
+                        (0.0..1.0).contains(&rate),
+                        format!("model.dropout.{key}: {rate} is not a probability in [0, 1)"),
+                    );
+                }
+            }
+        }
         match (self.steps, self.epochs) {
             (Some(_), Some(_)) => {
                 problems.push("steps / epochs: set exactly one of them, not both".into())

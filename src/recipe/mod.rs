@@ -65,6 +65,32 @@ pub struct ModelSpec {
     pub revision: Option<String>,
     #[serde(default)]
     pub init: Option<InitSpec>,
+    /// Dropout in training, overriding the model config's (`resid_pdrop`, `embd_pdrop`,
+    /// `attn_pdrop` or the family's spelling); a rate left out keeps the config's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropout: Option<DropoutSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DropoutSpec {
+    #[serde(default)]
+    pub resid: Option<f64>,
+    #[serde(default)]
+    pub embd: Option<f64>,
+    #[serde(default)]
+    pub attn: Option<f64>,
+}
+
+impl DropoutSpec {
+    /// `config`'s rates with this spec's in their place.
+    pub fn over(&self, config: crate::ops::DropoutRates) -> crate::ops::DropoutRates {
+        crate::ops::DropoutRates {
+            resid: self.resid.unwrap_or(config.resid),
+            embd: self.embd.unwrap_or(config.embd),
+            attn: self.attn.unwrap_or(config.attn),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -163,6 +163,8 @@ pub fn run(
         pad_id,
         grad_clip: recipe.optimizer.grad_clip,
         workers: &workers,
+        dropout: dropout_rates(recipe, &init.config),
+        seed: recipe.seed,
     };
     let checkpoints = CheckpointTarget {
         dir: &run_checkpoints,
@@ -181,8 +183,15 @@ pub fn run(
         // it (as HF Trainer / accelerate skip `scheduler.step()` then).
         let lr = schedule.lr_at(adamw.step + 1);
         let sequences = train.next_batch(recipe.batch.global);
-        let outcome = train_step(&setup, &params, &mut adamw, &mut scaler, &sequences, lr)
-            .with_context(|| format!("step {step}"))?;
+        let outcome = train_step(
+            &setup,
+            &params,
+            &mut adamw,
+            &mut scaler,
+            &sequences,
+            (step, lr),
+        )
+        .with_context(|| format!("step {step}"))?;
         if !outcome.applied {
             ensure!(
                 scaler.enabled,
@@ -234,6 +243,16 @@ pub fn run(
     }
     log.progress.finish();
     Ok(log.summary)
+}
+
+/// The dropout training applies: the model config's, with the recipe's `model.dropout` in its
+/// place.
+fn dropout_rates(recipe: &Recipe, config: &Config) -> ops::DropoutRates {
+    let rates = config.dropout_rates();
+    match &recipe.model.dropout {
+        Some(spec) => spec.over(rates),
+        None => rates,
+    }
 }
 
 /// Says which attention training runs where that is not the obvious one: with the `flash-attn`

@@ -9,7 +9,7 @@ use super::optimizer::{self, AdamW};
 use super::precision::{LossScaler, StepVerdict};
 use crate::data::Sequence;
 use crate::model::{self, Batch, Config, Model};
-use crate::ops::{self, PrefixLayout};
+use crate::ops::{self, DropoutRates, PrefixLayout};
 
 /// What a step needs that does not change between steps.
 pub struct StepSetup<'a> {
@@ -22,6 +22,10 @@ pub struct StepSetup<'a> {
     pub pad_id: u32,
     pub grad_clip: Option<f64>,
     pub workers: &'a Workers,
+    /// Dropout in training, its masks drawn from `seed`, the step and each row's place in the
+    /// global batch (see [`ops::Dropout`]).
+    pub dropout: DropoutRates,
+    pub seed: u64,
 }
 
 /// What one step did.
@@ -34,7 +38,8 @@ pub struct StepOutcome {
     pub applied: bool,
 }
 
-/// Trains `params` on `sequences` (the whole global batch) with learning rate `lr`.
+/// Trains `params` on `sequences` (the whole global batch of step `step`) with learning rate
+/// `lr`.
 ///
 /// Every shard backpropagates `its nll sum × scale / trained tokens of the global batch`, so the
 /// summed gradients are the global batch's mean loss's however the batch is cut into
@@ -45,7 +50,7 @@ pub fn train_step(
     adamw: &mut AdamW,
     scaler: &mut LossScaler,
     sequences: &[Sequence],
-    lr: f64,
+    (step, lr): (u64, f64),
 ) -> Result<StepOutcome> {
     let targets: usize = sequences.iter().map(Sequence::target_count).sum();
     anyhow::ensure!(
@@ -64,13 +69,20 @@ pub fn train_step(
     let shard_weight = scaler.scale / targets as f64;
     let mut nll_sum = 0f64;
     let mut grads: Option<Vec<Tensor>> = None;
+    let mut first_row = 0;
     for micro_step in sequences.chunks(setup.micro * setup.replicas) {
-        let shards: Vec<&[Sequence]> = micro_step
-            .chunks(setup.micro)
-            .flat_map(|replica_rows| split_rows(replica_rows, setup.workers.per_replica))
-            .collect();
-        let results = setup.workers.run(&shards, |shard| {
-            shard_backward(&model, params, shard, setup.pad_id, shard_weight)
+        let mut shards: Vec<(usize, &[Sequence])> = Vec::new();
+        for replica_rows in micro_step.chunks(setup.micro) {
+            for shard in split_rows(replica_rows, setup.workers.per_replica) {
+                shards.push((first_row, shard));
+                first_row += shard.len();
+            }
+        }
+        let results = setup.workers.run(&shards, |&(first, shard)| {
+            let dropout = (!setup.dropout.is_off()).then(|| {
+                ops::Dropout::for_rows(setup.dropout, setup.seed, step, first, shard.len())
+            });
+            shard_backward(&model, params, shard, setup.pad_id, shard_weight, dropout)
         });
         // Summed in shard order, so the result does not depend on which thread finished first.
         for result in results {
@@ -120,8 +132,10 @@ fn shard_backward(
     shard: &[Sequence],
     pad_id: u32,
     weight: f64,
+    dropout: Option<ops::Dropout>,
 ) -> Result<Option<(f64, Vec<Tensor>)>> {
-    let (batch, labels) = make_batch(shard, pad_id, model.device())?;
+    let (mut batch, labels) = make_batch(shard, pad_id, model.device())?;
+    batch.dropout = dropout;
     let Some(loss) = model.loss_and_grads(&batch, &labels, weight)? else {
         return Ok(None);
     };
@@ -178,13 +192,13 @@ impl Workers {
     }
 
     /// `work` on every shard, shard `i` in pool `i`, all at once; results in shard order.
-    fn run<T: Send>(
+    fn run<S: Sync, T: Send>(
         &self,
-        shards: &[&[Sequence]],
-        work: impl Fn(&[Sequence]) -> Result<T> + Sync,
+        shards: &[S],
+        work: impl Fn(&S) -> Result<T> + Sync,
     ) -> Vec<Result<T>> {
         if shards.len() == 1 {
-            return vec![self.pools[0].install(|| work(shards[0]))];
+            return vec![self.pools[0].install(|| work(&shards[0]))];
         }
         std::thread::scope(|scope| {
             let handles: Vec<_> = shards
