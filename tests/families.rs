@@ -398,3 +398,75 @@ fn gpt2_trains_with_its_dropout_and_a_resume_replays_the_masks() {
         "the resumed run diverged"
     );
 }
+
+/// Loads `dir` with transformers' `AutoModelForCausalLM`, refusing any missing, unexpected or
+/// mismatched tensor, and writes its fp32 logits for `ids` to `out` (safetensors).
+const HF_LOAD: &str = r#"
+import sys, json, torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+model, info = AutoModelForCausalLM.from_pretrained(
+    sys.argv[1], output_loading_info=True, attn_implementation="eager", dtype=torch.float32
+)
+bad = {k: v for k, v in info.items() if v}
+assert not bad, f"loading info: {bad}"
+ids = torch.tensor([json.loads(sys.argv[3])])
+with torch.no_grad():
+    logits = model.eval()(input_ids=ids).logits[0]
+save_file({"logits": logits.contiguous()}, sys.argv[2])
+print(type(model).__name__)
+"#;
+
+#[test]
+fn transformers_loads_what_kiln_writes_for_every_family() {
+    let Some(python) = python_with("transformers") else {
+        return;
+    };
+    let ids = [5u32, 17, 42, 8, 99, 23, 7, 300];
+    for (preset, class) in [
+        ("tiny", "GPTJForCausalLM"),
+        ("gpt2-tiny", "GPT2LMHeadModel"),
+        ("neo-tiny", "GPTNeoForCausalLM"),
+        ("neox-tiny", "GPTNeoXForCausalLM"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("model");
+        let (ok, _, stderr) = kiln(&[
+            "init",
+            "--preset",
+            preset,
+            "--out",
+            dir.to_str().unwrap(),
+            "--seed",
+            "3",
+            "--vocab-size",
+            "512",
+            // Sharded, so the index is read too.
+            "--max-shard-bytes",
+            "400000",
+        ]);
+        assert!(ok, "{preset}: {stderr}");
+        let out = tmp.path().join("hf_logits.safetensors");
+        let output = std::process::Command::new(&python)
+            .args(["-c", HF_LOAD, dir.to_str().unwrap(), out.to_str().unwrap()])
+            .arg(serde_json::to_string(&ids).unwrap())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{preset}: transformers could not load Kiln's directory:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(stdout.trim(), class, "{preset}");
+        let theirs = &load_tensors(&out)["logits"];
+        let model = model::load_model(&dir, DType::F32, &Device::Cpu).unwrap();
+        let batch = model::Batch::right_padded(&[ids.to_vec()], 0, &Device::Cpu).unwrap();
+        let ours = model.forward(&batch, None).unwrap().get(0).unwrap();
+        let diff = max_abs_diff(&ours, theirs);
+        assert!(
+            diff <= 1e-4,
+            "{preset}: logits differ from transformers' by {diff}"
+        );
+    }
+}
