@@ -470,3 +470,34 @@ fn transformers_loads_what_kiln_writes_for_every_family() {
         );
     }
 }
+
+#[test]
+fn buffers_and_tied_copies_that_old_checkpoints_carry_are_ignored() {
+    // Older GPT-2/GPT-Neo checkpoints store the causal-mask buffers (`attn.bias`,
+    // `attn.masked_bias`) and the tied head a second time (`lm_head.weight`).
+    let dir = fixtures().join("parity").join("gpt2");
+    let config = model::load_config(&dir).unwrap();
+    let mut tensors = model::load_parameters(&dir, &config, DType::F32, &Device::Cpu).unwrap();
+    let n = config.max_positions();
+    for layer in 0..config.n_layer() {
+        let mask = candle_core::Tensor::ones((1, 1, n, n), DType::U8, &Device::Cpu).unwrap();
+        tensors.insert(format!("transformer.h.{layer}.attn.bias"), mask);
+        let masked = candle_core::Tensor::new(&[-1e4f32], &Device::Cpu).unwrap();
+        tensors.insert(format!("transformer.h.{layer}.attn.masked_bias"), masked);
+    }
+    tensors.insert(
+        "lm_head.weight".into(),
+        tensors["transformer.wte.weight"].clone(),
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    candle_core::safetensors::save(&tensors, tmp.path().join("model.safetensors")).unwrap();
+    std::fs::copy(dir.join("config.json"), tmp.path().join("config.json")).unwrap();
+    let batch = model::Batch::right_padded(&[vec![1, 2, 3, 4, 5]], 0, &Device::Cpu).unwrap();
+    let logits = |d: &Path| {
+        model::load_model(d, DType::F32, &Device::Cpu)
+            .unwrap()
+            .forward(&batch, None)
+            .unwrap()
+    };
+    assert_eq!(max_abs_diff(&logits(tmp.path()), &logits(&dir)), 0.0);
+}

@@ -441,3 +441,49 @@ fn prefix_lm_models_read_the_prompt_both_ways_when_generating() {
         .unwrap();
     assert!(max_abs_diff(&causal_last, &prefix_last) > 1e-3);
 }
+
+#[test]
+fn prefix_lm_models_score_with_the_prompt_read_both_ways() {
+    // What MNLI's rank mode does: a label continuation scored after a prompt.
+    let dir = fixtures().join("parity/rot8");
+    let mut config = model::load_config(&dir).unwrap();
+    let params = model::load_parameters(&dir, &config, DType::F32, &Device::Cpu).unwrap();
+    config.set_prefix_lm(true);
+    let prefix_model =
+        model::model_from_parameters(&config, &params, DType::F32, &Device::Cpu).unwrap();
+    let row: Vec<u32> = vec![5, 17, 42, 8, 99, 23, 7, 3];
+    let prompt_len = 5;
+    let score = |lens: Option<&[usize]>| {
+        kiln::eval::score::score_rows(&prefix_model, std::slice::from_ref(&row), lens, 1).unwrap()
+            [0]
+        .total
+    };
+    let with_prompt = score(Some(&[prompt_len]));
+    let layout = kiln::ops::PrefixLayout {
+        segment: vec![0; row.len()],
+        prefix: (0..row.len()).map(|i| i < prompt_len).collect(),
+    };
+    let batch =
+        model::Batch::prefix_lm(std::slice::from_ref(&row), &[layout], 0, &Device::Cpu).unwrap();
+    let logits = prefix_model.forward(&batch, None).unwrap().get(0).unwrap();
+    let log_probs = candle_nn::ops::log_softmax(&logits, 1).unwrap();
+    let expected: f32 = (0..row.len() - 1)
+        .map(|i| {
+            log_probs
+                .get(i)
+                .unwrap()
+                .get(row[i + 1] as usize)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .sum();
+    assert!(
+        (with_prompt - expected).abs() < 1e-4,
+        "{with_prompt} vs {expected}"
+    );
+    assert!(
+        (with_prompt - score(None)).abs() > 1e-4,
+        "the layout matters"
+    );
+}

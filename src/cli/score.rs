@@ -35,8 +35,8 @@ pub(super) fn score(args: ScoreArgs) -> Result<()> {
         config.vocab_size(),
         config.max_positions(),
     )?;
-    let scored =
-        crate::eval::score::score_rows(&model, &rows, args.batch_size).context("scoring failed")?;
+    let scored = crate::eval::score::score_rows(&model, &rows, None, args.batch_size)
+        .context("scoring failed")?;
     crate::eval::score::write_jsonl(&args.output, &scored)?;
     let tokens: usize = scored.iter().map(|r| r.ids.len()).sum();
     let total: f64 = scored.iter().map(|r| r.total as f64).sum();

@@ -117,18 +117,20 @@ impl EntailmentPipeline<'_> {
             .collect::<Result<_>>()?;
         let prompts = self.prompt_ids(pairs)?;
         let mut rows = Vec::with_capacity(prompts.len() * LABELS.len());
+        let mut prompt_lens = Vec::with_capacity(rows.capacity());
         for prompt in &prompts {
             for continuation in &continuations {
                 let mut row = prompt.clone();
                 row.extend_from_slice(continuation);
                 let limit = self.model.config().max_positions();
-                if row.len() > limit {
-                    row.drain(..row.len() - limit);
-                }
+                let cut = row.len().saturating_sub(limit);
+                row.drain(..cut);
+                prompt_lens.push(prompt.len().saturating_sub(cut));
                 rows.push(row);
             }
         }
-        let scored = super::score::score_rows(self.model, &rows, self.batch_size)?;
+        let scored =
+            super::score::score_rows(self.model, &rows, Some(&prompt_lens), self.batch_size)?;
         let mut predictions = Vec::with_capacity(prompts.len());
         for candidates in scored.chunks(LABELS.len()) {
             let totals: Vec<f32> = candidates

@@ -11,6 +11,7 @@ use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Batch, Model};
+use crate::ops::PrefixLayout;
 use crate::tokenizer::TextTokenizer;
 
 #[derive(Debug, Deserialize)]
@@ -87,8 +88,14 @@ pub fn read_score_inputs(
     Ok(rows)
 }
 
-/// Scores every row; the result is in input order.
-pub fn score_rows(model: &Model, rows: &[Vec<u32>], batch_size: usize) -> Result<Vec<ScoredRow>> {
+/// Scores every row; the result is in input order. `prompt_lens` (one per row) are the leading
+/// tokens a prefix-LM model reads both ways, as it was trained to; causal models ignore them.
+pub fn score_rows(
+    model: &Model,
+    rows: &[Vec<u32>],
+    prompt_lens: Option<&[usize]>,
+    batch_size: usize,
+) -> Result<Vec<ScoredRow>> {
     let batch_size = batch_size.max(1);
     let mut order: Vec<usize> = (0..rows.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(rows[i].len()));
@@ -96,7 +103,19 @@ pub fn score_rows(model: &Model, rows: &[Vec<u32>], batch_size: usize) -> Result
     let pad = model.config().eos_token_id().unwrap_or(0);
     for chunk in order.chunks(batch_size) {
         let batch_rows: Vec<Vec<u32>> = chunk.iter().map(|&i| rows[i].clone()).collect();
-        let batch = Batch::right_padded(&batch_rows, pad, model.device())?;
+        let batch = match prompt_lens.filter(|_| model.config().prefix_lm()) {
+            Some(lens) => {
+                let layouts: Vec<PrefixLayout> = chunk
+                    .iter()
+                    .map(|&i| PrefixLayout {
+                        segment: vec![0; rows[i].len()],
+                        prefix: (0..rows[i].len()).map(|p| p < lens[i]).collect(),
+                    })
+                    .collect();
+                Batch::prefix_lm(&batch_rows, &layouts, pad, model.device())?
+            }
+            None => Batch::right_padded(&batch_rows, pad, model.device())?,
+        };
         let logits = model.forward(&batch, None)?;
         for (row_in_batch, &row_index) in chunk.iter().enumerate() {
             let ids = &rows[row_index];
