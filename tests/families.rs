@@ -501,3 +501,59 @@ fn buffers_and_tied_copies_that_old_checkpoints_carry_are_ignored() {
     };
     assert_eq!(max_abs_diff(&logits(tmp.path()), &logits(&dir)), 0.0);
 }
+
+#[test]
+fn bad_family_configs_name_the_field() {
+    let cases = [
+        (
+            "neox",
+            "num_attention_heads",
+            serde_json::json!(7),
+            "hidden_size (64) is not divisible by num_attention_heads (7)",
+        ),
+        (
+            "neo",
+            "attention_types",
+            serde_json::json!([[["global", "local"], 2]]),
+            "attention_types expands to 4 layers, but num_layers is 2",
+        ),
+        (
+            "neo",
+            "attention_types",
+            serde_json::json!([[["sparse"], 2]]),
+            "attention_types names \"sparse\"",
+        ),
+        (
+            "gpt2",
+            "n_layer",
+            serde_json::json!(0),
+            "n_layer must be positive",
+        ),
+        (
+            "gpt2",
+            "tie_word_embeddings",
+            serde_json::json!(false),
+            "tie_word_embeddings is false",
+        ),
+        (
+            "neox",
+            "hidden_act",
+            serde_json::json!("relu"),
+            "hidden_act is \"relu\"",
+        ),
+    ];
+    for (fixture, key, value, expected) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = fixtures().join("parity").join(fixture);
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        json[key] = value;
+        std::fs::write(tmp.path().join("config.json"), json.to_string()).unwrap();
+        let err = format!("{:#}", model::load_config(tmp.path()).unwrap_err());
+        assert!(
+            err.contains("config.json") && err.contains(expected),
+            "{fixture} {key}: {err}"
+        );
+    }
+}

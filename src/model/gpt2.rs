@@ -86,23 +86,15 @@ impl Config {
                     .into(),
             );
         }
-        for (field, value) in [
-            ("vocab_size", self.vocab_size),
-            ("n_positions", self.n_positions),
+        super::check_sizes(
+            &[
+                ("vocab_size", self.vocab_size),
+                ("n_positions", self.n_positions),
+                ("n_layer", self.n_layer),
+            ],
             ("n_embd", self.n_embd),
-            ("n_layer", self.n_layer),
             ("n_head", self.n_head),
-        ] {
-            if value == 0 {
-                return Err(format!("{field} must be positive"));
-            }
-        }
-        if !self.n_embd.is_multiple_of(self.n_head) {
-            return Err(format!(
-                "n_embd ({}) is not divisible by n_head ({})",
-                self.n_embd, self.n_head
-            ));
-        }
+        )?;
         Ok(())
     }
 

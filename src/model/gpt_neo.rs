@@ -113,24 +113,16 @@ impl Config {
                     .into(),
             );
         }
-        for (field, value) in [
-            ("vocab_size", self.vocab_size),
-            ("max_position_embeddings", self.max_position_embeddings),
+        super::check_sizes(
+            &[
+                ("vocab_size", self.vocab_size),
+                ("max_position_embeddings", self.max_position_embeddings),
+                ("num_layers", self.num_layers),
+                ("window_size", self.window_size),
+            ],
             ("hidden_size", self.hidden_size),
-            ("num_layers", self.num_layers),
             ("num_heads", self.num_heads),
-            ("window_size", self.window_size),
-        ] {
-            if value == 0 {
-                return Err(format!("{field} must be positive"));
-            }
-        }
-        if !self.hidden_size.is_multiple_of(self.num_heads) {
-            return Err(format!(
-                "hidden_size ({}) is not divisible by num_heads ({})",
-                self.hidden_size, self.num_heads
-            ));
-        }
+        )?;
         let layers = self.layer_reach()?.len();
         if layers != self.num_layers {
             return Err(format!(
@@ -178,12 +170,7 @@ impl Config {
     }
 
     pub fn to_hf_json(&self) -> serde_json::Value {
-        let mut value = serde_json::to_value(self).expect("config serialises");
-        let object = value.as_object_mut().expect("config is an object");
-        object
-            .entry("architectures")
-            .or_insert_with(|| serde_json::json!(["GPTNeoForCausalLM"]));
-        value
+        super::hf_json(self, "GPTNeoForCausalLM")
     }
 }
 

@@ -131,24 +131,16 @@ impl Config {
                 ));
             }
         }
-        for (field, value) in [
-            ("vocab_size", self.vocab_size),
+        super::check_sizes(
+            &[
+                ("vocab_size", self.vocab_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("intermediate_size", self.intermediate_size),
+                ("max_position_embeddings", self.max_position_embeddings),
+            ],
             ("hidden_size", self.hidden_size),
-            ("num_hidden_layers", self.num_hidden_layers),
             ("num_attention_heads", self.num_attention_heads),
-            ("intermediate_size", self.intermediate_size),
-            ("max_position_embeddings", self.max_position_embeddings),
-        ] {
-            if value == 0 {
-                return Err(format!("{field} must be positive"));
-            }
-        }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err(format!(
-                "hidden_size ({}) is not divisible by num_attention_heads ({})",
-                self.hidden_size, self.num_attention_heads
-            ));
-        }
+        )?;
         if !self.rotary_dim().is_multiple_of(2) {
             return Err(format!(
                 "the rotary fraction gives {} dims of a {}-dim head; it must be even",
@@ -198,12 +190,7 @@ impl Config {
     }
 
     pub fn to_hf_json(&self) -> serde_json::Value {
-        let mut value = serde_json::to_value(self).expect("config serialises");
-        let object = value.as_object_mut().expect("config is an object");
-        object
-            .entry("architectures")
-            .or_insert_with(|| serde_json::json!(["GPTNeoXForCausalLM"]));
-        value
+        super::hf_json(self, "GPTNeoXForCausalLM")
     }
 }
 

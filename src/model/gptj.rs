@@ -86,23 +86,15 @@ impl Config {
         if self.tie_word_embeddings {
             return Err("tie_word_embeddings is true, but GPT-J has an untied lm_head".into());
         }
-        for (field, value) in [
-            ("vocab_size", self.vocab_size),
-            ("n_positions", self.n_positions),
+        super::check_sizes(
+            &[
+                ("vocab_size", self.vocab_size),
+                ("n_positions", self.n_positions),
+                ("n_layer", self.n_layer),
+            ],
             ("n_embd", self.n_embd),
-            ("n_layer", self.n_layer),
             ("n_head", self.n_head),
-        ] {
-            if value == 0 {
-                return Err(format!("{field} must be positive"));
-            }
-        }
-        if !self.n_embd.is_multiple_of(self.n_head) {
-            return Err(format!(
-                "n_embd ({}) is not divisible by n_head ({})",
-                self.n_embd, self.n_head
-            ));
-        }
+        )?;
         let rotary = self.rotary_dim();
         if rotary == 0 || !rotary.is_multiple_of(2) || rotary > self.head_dim() {
             return Err(format!(
@@ -145,12 +137,7 @@ impl Config {
 
     /// The `config.json` HF writes for this model, with our fields in its vocabulary.
     pub fn to_hf_json(&self) -> serde_json::Value {
-        let mut value = serde_json::to_value(self).expect("config serialises");
-        let object = value.as_object_mut().expect("config is an object");
-        object
-            .entry("architectures")
-            .or_insert_with(|| serde_json::json!(["GPTJForCausalLM"]));
-        value
+        super::hf_json(self, "GPTJForCausalLM")
     }
 }
 

@@ -280,6 +280,39 @@ impl Config {
     }
 }
 
+/// A family config as `config.json`: its fields, plus HF's class under `architectures` when the
+/// file did not name one.
+fn hf_json(config: &impl Serialize, architecture: &str) -> serde_json::Value {
+    let mut value = serde_json::to_value(config).expect("config serialises");
+    let object = value.as_object_mut().expect("config is an object");
+    object
+        .entry("architectures")
+        .or_insert_with(|| serde_json::json!([architecture]));
+    value
+}
+
+/// Checks the sizes every family has, under the family's own field names: all positive, and
+/// the `width` a multiple of the `heads`.
+fn check_sizes(
+    sizes: &[(&str, usize)],
+    (width_name, width): (&str, usize),
+    (heads_name, heads): (&str, usize),
+) -> std::result::Result<(), String> {
+    let mut all = sizes
+        .iter()
+        .copied()
+        .chain([(width_name, width), (heads_name, heads)]);
+    if let Some((field, _)) = all.find(|(_, value)| *value == 0) {
+        return Err(format!("{field} must be positive"));
+    }
+    if !width.is_multiple_of(heads) {
+        return Err(format!(
+            "{width_name} ({width}) is not divisible by {heads_name} ({heads})"
+        ));
+    }
+    Ok(())
+}
+
 impl Serialize for Config {
     fn serialize<S: serde::Serializer>(
         &self,
