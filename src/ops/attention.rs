@@ -347,6 +347,16 @@ pub fn causal_attention(
     probs.matmul(&v)?.transpose(1, 2)
 }
 
+/// What to tell a user training on `device` about the attention kernel, where it is not the one
+/// they would expect: with the `flash-attn` feature on a GPU, flash attention serves inference
+/// only, as its kernel has no backward.
+pub fn training_attention_note(device: &Device) -> Option<&'static str> {
+    (cfg!(feature = "flash-attn") && device.is_cuda()).then_some(
+        "flash-attn has no backward pass: training uses the generic attention; evaluation, \
+         generation and scoring in fp16/bf16 use flash attention",
+    )
+}
+
 /// Softmax over the last dim with a backward pass (candle's fused kernel has none). Fused on the
 /// CPU: one op forward and one backward, instead of five graph nodes whose backward each
 /// allocate score-sized buffers; elsewhere built from differentiable primitives.

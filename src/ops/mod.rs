@@ -19,8 +19,8 @@ use candle_core::{DType, Device, Tensor};
 
 pub use crate::cpu::gemm::Operands;
 pub use attention::{
-    causal_attention, softmax_last_dim, AttentionKind, AttentionMask, KvCache, LayerCache,
-    PrefixLayout, Rotary, RotaryPairs,
+    causal_attention, softmax_last_dim, training_attention_note, AttentionKind, AttentionMask,
+    KvCache, LayerCache, PrefixLayout, Rotary, RotaryPairs,
 };
 pub use dropout::{Dropout, DropoutRates, Site};
 pub use layers::{gelu, gelu_new, layer_norm, linear, LayerNorm, Linear};

@@ -120,7 +120,9 @@ pub fn run(
 ) -> Result<TrainSummary> {
     let device = model::parse_device(&recipe.device)?;
     model::keep_freed_memory();
-    note_attention_kernel(&device);
+    if let Some(note) = ops::training_attention_note(&device) {
+        println!("{note}");
+    }
     let compute_dtype = recipe.precision.compute.dtype();
     let weights_dtype = recipe.checkpoint.dtype.unwrap_or(Compute::Fp32).dtype();
     let total_steps = check_geometry(recipe, &train)?;
@@ -130,17 +132,13 @@ pub fn run(
     let params = master_weights(&init.config, init.params, &device)?;
     let mut adamw = AdamW::new(&recipe.optimizer, &params)?;
     let mut scaler = LossScaler::new(&recipe.precision);
-    let resumed = match &options.resume {
-        Some(resume) => Some(resume_from(
-            resume,
-            recipe,
-            &run_checkpoints,
-            &options,
-            (&init.config, &params, &device),
-            (&mut adamw, &mut scaler, &mut train),
-        )?),
-        None => None,
-    };
+    let resumed = (options.resume.as_ref())
+        .map(|resume| {
+            let model = (&init.config, params.as_slice(), &device);
+            let state = (&mut adamw, &mut scaler, &mut train);
+            resume_from(resume, recipe, &run_checkpoints, &options, model, state)
+        })
+        .transpose()?;
     let start_step = resumed.as_ref().map_or(0, |r| r.state.step);
     // The newest checkpoint known to be complete, named when training has to stop.
     let mut last_good: Option<PathBuf> = resumed.as_ref().map(|r| r.dir.clone());
@@ -252,17 +250,6 @@ fn dropout_rates(recipe: &Recipe, config: &Config) -> ops::DropoutRates {
     match &recipe.model.dropout {
         Some(spec) => spec.over(rates),
         None => rates,
-    }
-}
-
-/// Says which attention training runs where that is not the obvious one: with the `flash-attn`
-/// feature on a GPU, flash attention serves inference only, as its kernel has no backward.
-fn note_attention_kernel(device: &Device) {
-    if cfg!(feature = "flash-attn") && device.is_cuda() {
-        println!(
-            "flash-attn has no backward pass: training uses the generic attention; evaluation, \
-             generation and scoring in fp16/bf16 use flash attention"
-        );
     }
 }
 
