@@ -113,7 +113,11 @@ impl Linear {
     }
 
     /// GPT-2's `Conv1D`, which stores its weight `[in, out]`: the layer multiplies by the
-    /// transpose, so the parameter keeps HF's name and layout.
+    /// transpose, so the parameter keeps HF's name and layout. The transpose is laid out once,
+    /// when the model is built (once per training step, once for inference), not in every
+    /// forward: the kernels read `[out, in]` rows, and decoding would otherwise copy every
+    /// weight for each new token. Gradients flow back through the copy to the `[in, out]`
+    /// parameter.
     pub fn load_conv1d(
         vb: VarBuilder,
         in_dim: usize,
@@ -121,7 +125,7 @@ impl Linear {
         operands: Operands,
     ) -> Result<Self> {
         Ok(Self {
-            weight: vb.get((in_dim, out_dim), "weight")?.t()?,
+            weight: vb.get((in_dim, out_dim), "weight")?.t()?.contiguous()?,
             bias: Some(vb.get(out_dim, "bias")?),
             operands,
         })
