@@ -494,6 +494,21 @@ pub struct CausalSelfAttention {
     pub pairs: RotaryPairs,
     /// What scores are divided by (`sqrt(head_dim)` for most models).
     pub score_divisor: f32,
+    /// Dropout on the probabilities in training: the rate and one seed per (batch row, head),
+    /// `[batch × heads]`; the backward draws the same factors again ([`dropout_factors`]).
+    pub dropout: Option<(f64, Vec<u64>)>,
+}
+
+/// The factors dropout multiplies `n` values by: 0 with probability `p`, else `1 / (1 - p)`,
+/// drawn from `seed` in order. Shared by every dropout site so that its masks are one
+/// definition.
+pub fn dropout_factors(seed: u64, p: f64, n: usize) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    (0..n)
+        .map(|_| if rng.gen::<f64>() < p { 0.0 } else { keep })
+        .collect()
 }
 
 /// Which dims of a head the rotary embedding turns together.
@@ -589,6 +604,12 @@ impl CausalSelfAttention {
         scores
     }
 
+    /// Dropout factors of (batch, head) `bh`'s `[t, t]` probabilities, if training drops any.
+    fn dropout_factors(&self, bh: usize, t: usize) -> Option<Vec<f32>> {
+        let (p, seeds) = self.dropout.as_ref()?;
+        Some(dropout_factors(seeds[bh], *p, t * t))
+    }
+
     /// Writes one head's `[t, d]` rows into `[b, t, h, d]`.
     fn scatter(out: &mut [f32], head: &[f32], dims: &Dims, bi: usize, hi: usize) {
         let Dims { t, h, d, .. } = *dims;
@@ -628,7 +649,10 @@ impl CustomOp3 for CausalSelfAttention {
                 let (bi, hi) = (bh / h, bh % h);
                 let qr = self.head(q, &dims, bi, hi, Rotation::Forward);
                 let kr = self.head(k, &dims, bi, hi, Rotation::Forward);
-                let probs = self.probabilities(&qr, &kr, &dims, bi);
+                let mut probs = self.probabilities(&qr, &kr, &dims, bi);
+                if let Some(factors) = self.dropout_factors(bh, t) {
+                    probs.iter_mut().zip(&factors).for_each(|(p, f)| *p *= f);
+                }
                 let vh = self.head(v, &dims, bi, hi, Rotation::None);
                 let mut out = vec![0f32; t * d];
                 matmul_serial(
@@ -668,7 +692,12 @@ impl CustomOp3 for CausalSelfAttention {
                 let vh = self.head(&vs, &dims, bi, hi, Rotation::None);
                 let dout = self.head(&dos, &dims, bi, hi, Rotation::None);
                 let probs = self.probabilities(&qr, &kr, &dims, bi);
-                let p = MatRef::row_major(&probs, t, t);
+                let factors = self.dropout_factors(bh, t);
+                let dropped: Vec<f32> = match &factors {
+                    Some(f) => probs.iter().zip(f).map(|(p, f)| p * f).collect(),
+                    None => probs.clone(),
+                };
+                let p = MatRef::row_major(&dropped, t, t);
                 let mut dv = vec![0f32; t * d];
                 matmul_serial(p.t(), MatRef::row_major(&dout, t, d), &mut dv, false);
                 let mut dp = vec![0f32; t * t];
@@ -678,6 +707,9 @@ impl CustomOp3 for CausalSelfAttention {
                     &mut dp,
                     false,
                 );
+                if let Some(f) = &factors {
+                    dp.iter_mut().zip(f).for_each(|(g, f)| *g *= f);
+                }
                 softmax_backward_rows(&mut dp, &probs, scale, t);
                 let ds = MatRef::row_major(&dp, t, t);
                 let (mut dq, mut dk) = (vec![0f32; t * d], vec![0f32; t * d]);
@@ -851,6 +883,7 @@ mod tests {
                     rotary_dim: rotary,
                     pairs: RotaryPairs::Interleaved,
                     score_divisor: (d as f32).sqrt(),
+                    dropout: None,
                 };
                 t[0].apply_op3(&t[1], &t[2], op)
             },

@@ -293,11 +293,14 @@ pub fn causal_attention(
     let dropout = kind
         .dropout
         .filter(|(d, layer)| d.rate(Site::Attention(*layer)) > 0.0);
-    // The fused kernel recomputes the probabilities in its backward, which a dropout mask
-    // would have to follow; with attention dropout the generic code runs.
-    if cache.is_none() && dropout.is_none() && use_fused(q) {
+    if cache.is_none() && use_fused(q) {
         let positions = position_ids.flatten_all()?;
         let table = |t: &Tensor| t.index_select(&positions, 0)?.flatten_all()?.to_vec1();
+        let heads = q.dim(2)?;
+        let dropout = dropout.map(|(d, layer)| {
+            let rate = d.rate(Site::Attention(layer));
+            (rate, d.attention_seeds(layer, heads))
+        });
         let op = match kind.rotary {
             Some(rotary) => CausalSelfAttention {
                 sin: table(&rotary.sin)?,
@@ -306,6 +309,7 @@ pub fn causal_attention(
                 rotary_dim: rotary.dim,
                 pairs: rotary.pairs,
                 score_divisor: kind.score_divisor as f32,
+                dropout,
             },
             None => CausalSelfAttention {
                 sin: Vec::new(),
@@ -314,6 +318,7 @@ pub fn causal_attention(
                 rotary_dim: 0,
                 pairs: RotaryPairs::Interleaved,
                 score_divisor: kind.score_divisor as f32,
+                dropout,
             },
         };
         return q

@@ -4,8 +4,9 @@
 //! cut into micro-batches, replicas and workers.
 
 use candle_core::{Result, Tensor};
-use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+
+use crate::cpu::fused::dropout_factors;
 
 /// Dropout probabilities, as HF's configs name them: after the embeddings (`embd_pdrop`), on
 /// the residual branches (`resid_pdrop`: attention output and MLP output) and on the attention
@@ -94,15 +95,32 @@ impl Dropout {
         if rows != self.row_keys.len() {
             candle_core::bail!("dropout: {rows} rows but {} row keys", self.row_keys.len());
         }
-        let per_row = xs.elem_count() / rows.max(1);
-        let keep = (1.0 / (1.0 - p)) as f32;
+        // Attention probabilities `[batch, heads, queries, keys]` draw per (row, head), as the
+        // fused attention kernel does, so both give the same masks.
+        let seeds = match site {
+            Site::Attention(layer) => self.attention_seeds(layer, xs.dim(1)?),
+            _ => self
+                .row_keys
+                .iter()
+                .map(|&key| mix(key, site.code()))
+                .collect(),
+        };
+        let per_seed = xs.elem_count() / seeds.len().max(1);
         let mut mask = Vec::with_capacity(xs.elem_count());
-        for &key in &self.row_keys {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(mix(key, site.code()));
-            mask.extend((0..per_row).map(|_| if rng.gen::<f64>() < p { 0.0 } else { keep }));
+        for seed in seeds {
+            mask.extend(dropout_factors(seed, p, per_seed));
         }
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
         xs * mask
+    }
+
+    /// One seed per (row, head) for the attention probabilities of `layer`, `[rows × heads]`.
+    pub(super) fn attention_seeds(&self, layer: usize, heads: usize) -> Vec<u64> {
+        let site = Site::Attention(layer).code();
+        self.row_keys
+            .iter()
+            .flat_map(|&key| (0..heads as u64).map(move |head| mix(mix(key, site), head)))
+            .collect()
     }
 }
 
