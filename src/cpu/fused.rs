@@ -499,15 +499,26 @@ pub struct CausalSelfAttention {
     pub dropout: Option<(f64, Vec<u64>)>,
 }
 
-/// The factors dropout multiplies `n` values by: 0 with probability `p`, else `1 / (1 - p)`,
-/// drawn from `seed` in order. Shared by every dropout site so that its masks are one
-/// definition.
+/// The factors dropout multiplies `n` values by: 0 with probability `p`, else `1 / (1 - p)`.
+/// Value `i` is decided by a hash of `(seed, i)` alone (splitmix64): a mask is the same on any
+/// machine and in any Kiln version, and costs one multiply-xorshift round per value. Shared by
+/// every dropout site so that its masks have one definition.
 pub fn dropout_factors(seed: u64, p: f64, n: usize) -> Vec<f32> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let keep = (1.0 / (1.0 - p)) as f32;
-    (0..n)
-        .map(|_| if rng.gen::<f64>() < p { 0.0 } else { keep })
+    // Drop when the top 53 bits, as a fraction of 2^53, fall below p.
+    let threshold = (p * (1u64 << 53) as f64) as u64;
+    (0..n as u64)
+        .map(|i| {
+            let mut z = seed.wrapping_add((i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            if z >> 11 < threshold {
+                0.0
+            } else {
+                keep
+            }
+        })
         .collect()
 }
 
