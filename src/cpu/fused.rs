@@ -499,6 +499,13 @@ pub struct CausalSelfAttention {
     pub dropout: Option<(f64, Vec<u64>)>,
 }
 
+/// splitmix64's finaliser: nearby inputs give unrelated 64-bit outputs.
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// The factors dropout multiplies `n` values by: 0 with probability `p`, else `1 / (1 - p)`.
 /// Value `i` is decided by a hash of `(seed, i)` alone (splitmix64): a mask is the same on any
 /// machine and in any Kiln version, and costs one multiply-xorshift round per value. Shared by
@@ -509,10 +516,7 @@ pub fn dropout_factors(seed: u64, p: f64, n: usize) -> Vec<f32> {
     let threshold = (p * (1u64 << 53) as f64) as u64;
     (0..n as u64)
         .map(|i| {
-            let mut z = seed.wrapping_add((i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
+            let z = splitmix64(seed.wrapping_add((i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
             if z >> 11 < threshold {
                 0.0
             } else {

@@ -259,7 +259,6 @@ pub struct Gpt2 {
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     lm_head: Linear,
-    n_embd: usize,
     dtype: DType,
 }
 
@@ -279,7 +278,6 @@ impl Gpt2 {
             wpe: t.pp("wpe").get((config.n_positions, e), "weight")?,
             blocks,
             ln_f: LayerNorm::load(t.pp("ln_f"), e, config.layer_norm_epsilon)?,
-            n_embd: e,
             dtype,
         })
     }
@@ -288,15 +286,9 @@ impl Gpt2 {
 impl CausalLm for Gpt2 {
     fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let cached = cache.as_ref().map_or(0, |c| c.len());
-        let (b, t) = batch.dims()?;
         let mask = batch.attention_mask(cached, None, self.wte.device())?;
-        let embed = |table: &Tensor, ids: &Tensor| -> Result<Tensor> {
-            table
-                .index_select(&ids.flatten_all()?, 0)?
-                .reshape((b, t, self.n_embd))
-        };
-        let tokens = embed(&self.wte, &batch.input_ids)?;
-        let positions = embed(&self.wpe, &batch.position_ids)?;
+        let tokens = ops::embedding(&self.wte, &batch.input_ids)?;
+        let positions = ops::embedding(&self.wpe, &batch.position_ids)?;
         let mut xs = batch.drop(
             (tokens + positions)?.to_dtype(self.dtype)?,
             Site::Embeddings,

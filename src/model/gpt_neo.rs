@@ -306,7 +306,6 @@ pub struct GptNeo {
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     lm_head: Linear,
-    hidden_size: usize,
     window_size: usize,
     dtype: DType,
 }
@@ -332,7 +331,6 @@ impl GptNeo {
                 .get((config.max_position_embeddings, e), "weight")?,
             blocks,
             ln_f: LayerNorm::load(t.pp("ln_f"), e, config.layer_norm_epsilon)?,
-            hidden_size: e,
             window_size: config.window_size,
             dtype,
         })
@@ -342,19 +340,13 @@ impl GptNeo {
 impl CausalLm for GptNeo {
     fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let cached = cache.as_ref().map_or(0, |c| c.len());
-        let (b, t) = batch.dims()?;
         let device = self.wte.device();
         let masks = Masks {
             global: batch.attention_mask(cached, None, device)?,
             local: batch.attention_mask(cached, Some(self.window_size), device)?,
         };
-        let embed = |table: &Tensor, ids: &Tensor| -> Result<Tensor> {
-            table
-                .index_select(&ids.flatten_all()?, 0)?
-                .reshape((b, t, self.hidden_size))
-        };
-        let tokens = embed(&self.wte, &batch.input_ids)?;
-        let positions = embed(&self.wpe, &batch.position_ids)?;
+        let tokens = ops::embedding(&self.wte, &batch.input_ids)?;
+        let positions = ops::embedding(&self.wpe, &batch.position_ids)?;
         let mut xs = batch.drop(
             (tokens + positions)?.to_dtype(self.dtype)?,
             Site::Embeddings,

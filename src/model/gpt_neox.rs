@@ -318,7 +318,6 @@ pub struct GptNeoX {
     final_layer_norm: LayerNorm,
     embed_out: Linear,
     rotary: Rotary,
-    hidden_size: usize,
     dtype: DType,
 }
 
@@ -347,7 +346,6 @@ impl GptNeoX {
                 RotaryPairs::Halves,
                 vb.device(),
             )?,
-            hidden_size: e,
             dtype,
         })
     }
@@ -356,14 +354,9 @@ impl GptNeoX {
 impl CausalLm for GptNeoX {
     fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let cached = cache.as_ref().map_or(0, |c| c.len());
-        let (b, t) = batch.dims()?;
         let mask = batch.attention_mask(cached, None, self.embed_in.device())?;
-        let mut xs = self
-            .embed_in
-            .index_select(&batch.input_ids.flatten_all()?, 0)?
-            .reshape((b, t, self.hidden_size))?
-            .to_dtype(self.dtype)?;
-        xs = batch.drop(xs, Site::Embeddings)?;
+        let embedded = ops::embedding(&self.embed_in, &batch.input_ids)?.to_dtype(self.dtype)?;
+        let mut xs = batch.drop(embedded, Site::Embeddings)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer(i));
             xs = layer.forward(&xs, &self.rotary, batch, &mask, slot)?;

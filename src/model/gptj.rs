@@ -253,7 +253,6 @@ pub struct GptJ {
     ln_f: LayerNorm,
     lm_head: Linear,
     rotary: Rotary,
-    n_embd: usize,
     dtype: DType,
 }
 
@@ -285,7 +284,6 @@ impl GptJ {
                 RotaryPairs::Interleaved,
                 vb.device(),
             )?,
-            n_embd: config.n_embd,
             dtype,
         })
     }
@@ -294,13 +292,8 @@ impl GptJ {
 impl CausalLm for GptJ {
     fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let cached = cache.as_ref().map_or(0, |c| c.len());
-        let (b, t) = batch.dims()?;
         let mask = batch.attention_mask(cached, None, self.wte.device())?;
-        let embedded = self
-            .wte
-            .index_select(&batch.input_ids.flatten_all()?, 0)?
-            .reshape((b, t, self.n_embd))?
-            .to_dtype(self.dtype)?;
+        let embedded = ops::embedding(&self.wte, &batch.input_ids)?.to_dtype(self.dtype)?;
         let mut xs = batch.drop(embedded, Site::Embeddings)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer(i));

@@ -301,25 +301,24 @@ pub fn causal_attention(
             let rate = d.rate(Site::Attention(layer));
             (rate, d.attention_seeds(layer, heads))
         });
-        let op = match kind.rotary {
-            Some(rotary) => CausalSelfAttention {
-                sin: table(&rotary.sin)?,
-                cos: table(&rotary.cos)?,
-                mask: mask.additive.flatten_all()?.to_vec1()?,
-                rotary_dim: rotary.dim,
-                pairs: rotary.pairs,
-                score_divisor: kind.score_divisor as f32,
-                dropout,
-            },
-            None => CausalSelfAttention {
-                sin: Vec::new(),
-                cos: Vec::new(),
-                mask: mask.additive.flatten_all()?.to_vec1()?,
-                rotary_dim: 0,
-                pairs: RotaryPairs::Interleaved,
-                score_divisor: kind.score_divisor as f32,
-                dropout,
-            },
+        // Without rotary, empty tables and no rotated dims.
+        let (sin, cos, rotary_dim, pairs) = match kind.rotary {
+            Some(rotary) => (
+                table(&rotary.sin)?,
+                table(&rotary.cos)?,
+                rotary.dim,
+                rotary.pairs,
+            ),
+            None => (Vec::new(), Vec::new(), 0, RotaryPairs::Interleaved),
+        };
+        let op = CausalSelfAttention {
+            sin,
+            cos,
+            mask: mask.additive.flatten_all()?.to_vec1()?,
+            rotary_dim,
+            pairs,
+            score_divisor: kind.score_divisor as f32,
+            dropout,
         };
         return q
             .contiguous()?

@@ -6,7 +6,7 @@
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::cpu::fused::dropout_factors;
+use crate::cpu::fused::{dropout_factors, splitmix64};
 
 /// Dropout probabilities, as HF's configs name them: after the embeddings (`embd_pdrop`), on
 /// the residual branches (`resid_pdrop`: attention output and MLP output) and on the attention
@@ -126,13 +126,12 @@ impl Dropout {
 
 /// A 64-bit mix (splitmix64's finaliser) of `a` and `b`: nearby inputs give unrelated keys.
 fn mix(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b
-        .wrapping_add(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(a << 6)
-        .wrapping_add(a >> 2);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    splitmix64(
+        a ^ b
+            .wrapping_add(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(a << 6)
+            .wrapping_add(a >> 2),
+    )
 }
 
 #[cfg(test)]

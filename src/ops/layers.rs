@@ -78,6 +78,14 @@ pub fn gelu_new(xs: &Tensor) -> Result<Tensor> {
     xs.gelu()
 }
 
+/// Rows of `table` (`[entries, width]`) for `ids` of any shape: `[...ids, width]`. Token and
+/// position embeddings.
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let mut dims = ids.dims().to_vec();
+    dims.push(table.dim(1)?);
+    table.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
+}
+
 /// HF's `gelu` (the exact, erf-based one).
 pub fn gelu(xs: &Tensor) -> Result<Tensor> {
     xs.gelu_erf()

@@ -23,7 +23,7 @@ pub use attention::{
     KvCache, LayerCache, PrefixLayout, Rotary, RotaryPairs,
 };
 pub use dropout::{Dropout, DropoutRates, Site};
-pub use layers::{gelu, gelu_new, layer_norm, linear, LayerNorm, Linear};
+pub use layers::{embedding, gelu, gelu_new, layer_norm, linear, LayerNorm, Linear};
 pub use loss::{composite_nll_sum, lm_head_loss, LmLoss};
 pub use optim::{adamw_step, add_in_place, global_norm, AdamWStep};
 
