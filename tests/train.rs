@@ -546,7 +546,27 @@ fn tensorboard_reads_the_event_files() {
     assert!((first_loss - tb_loss).abs() < 1e-6 * first_loss);
     let text = dump["text"]["recipe"][0].as_str().unwrap();
     assert!(text.contains("name: test"), "{text}");
+    // The HParams tab's row: the recipe's hyperparameters, and the run's end.
+    let hparams = &dump["hparams"]["session_start_info"]["hparams"];
+    assert_eq!(hparams["optimizer.lr"].as_f64(), Some(recipe.optimizer.lr));
+    assert_eq!(
+        hparams["batch.global"].as_f64(),
+        Some(recipe.batch.global as f64)
+    );
+    assert_eq!(hparams["precision.compute"], "fp32");
+    assert_eq!(
+        dump["hparams"]["session_end_info"]["status"],
+        "STATUS_SUCCESS"
+    );
     assert!(run_dir.join("recipe.yaml").is_file() && run_dir.join("run.json").is_file());
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("run.json")).unwrap()).unwrap();
+    assert_eq!(info["status"], "finished");
+    assert_eq!(
+        (info["steps_done"].as_u64(), info["total_steps"].as_u64()),
+        (Some(3), Some(3))
+    );
+    assert!(run_dir.join("curves.svg").is_file());
 }
 
 #[test]

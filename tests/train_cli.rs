@@ -4,47 +4,10 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::kiln;
-
-fn bundled(path: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("datasets/nli")
-        .join(path)
-        .display()
-        .to_string()
-}
-
-/// A small recipe on the bundled NLI data writing into `out`; `extra` is appended YAML.
-fn write_recipe(out: &Path, extra: &str) -> PathBuf {
-    let text = format!(
-        "name: run\n\
-         seed: 3\n\
-         model: {{init: {{preset: tiny, seed: 1, vocab_size: 1024}}}}\n\
-         tokenizer: {tokenizer}\n\
-         data:\n  \
-           train: [{{source: {{path: {train}}}, template: mnli, limit: 400}}]\n  \
-           eval: [{{source: {{path: {eval}}}, template: mnli, limit: 40}}]\n  \
-           seq_len: 64\n  mode: pad\n  loss_on: target\n\
-         optimizer: {{lr: 2.0e-3, weight_decay: 0.01}}\n\
-         schedule: {{kind: cosine, warmup: 2}}\n\
-         batch: {{global: 8, micro: 4}}\n\
-         steps: 10\n\
-         checkpoint: {{every: 1, dir: {ckpt}}}\n\
-         tracking: {{log_dir: {logs}}}\n\
-         {extra}",
-        tokenizer = bundled("tokenizer"),
-        train = bundled("train.jsonl"),
-        eval = bundled("validation.jsonl"),
-        ckpt = out.join("checkpoints").display(),
-        logs = out.join("runs").display(),
-    );
-    let path = out.join("recipe.yaml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
+use common::{bundled, kiln, write_recipe};
 
 fn train_losses(run_dir: &Path) -> Vec<(u64, u64)> {
     kiln::track::read_metrics(&run_dir.join("metrics.jsonl"))
@@ -104,6 +67,22 @@ fn sigkill_then_resume_latest_is_bit_identical() {
         !ckpt.join("step-10").exists(),
         "the process was killed before the end"
     );
+    // `kiln runs` tells the killed run from a live one, and from the same run resumed to the end.
+    let status = |dir: &Path| {
+        let logs = dir.join("runs");
+        let listing = run_ok(&["runs", logs.to_str().unwrap(), "--json"]);
+        let runs: serde_json::Value = serde_json::from_str(&listing).unwrap();
+        let run = &runs.as_array().unwrap()[0];
+        let steps = (run["steps_done"].as_u64(), run["total_steps"].as_u64());
+        (run["status"].as_str().unwrap().to_string(), steps)
+    };
+    let (killed_status, (done, total)) = status(killed.path());
+    assert_eq!(killed_status, "died");
+    // run.json was rewritten after the step-3 checkpoint at least.
+    assert!(
+        done.unwrap() >= 3 && total == Some(10),
+        "{done:?}/{total:?}"
+    );
 
     let out = run_ok(&[
         "train",
@@ -115,6 +94,10 @@ fn sigkill_then_resume_latest_is_bit_identical() {
         "latest",
     ]);
     assert!(out.contains("resumed from"), "{out}");
+    assert_eq!(
+        status(killed.path()),
+        ("finished".to_string(), (Some(10), Some(10)))
+    );
 
     let a = std::fs::read(
         whole

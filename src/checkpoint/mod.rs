@@ -68,6 +68,9 @@ pub struct TrainerState {
     /// caller trained on data held in memory): a resume over changed files is refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data: Vec<SourceFingerprint>,
+    /// The MLflow run the training logs to: a resumed run continues it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlflow: Option<crate::track::RunRef>,
 }
 
 /// The recipe parts whose change would make a resumed run a different experiment: the model,

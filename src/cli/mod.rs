@@ -15,6 +15,7 @@ mod generate;
 mod init;
 mod push;
 mod recipe;
+mod runs;
 mod score;
 mod train;
 
@@ -24,6 +25,7 @@ pub use generate::GenerateArgs;
 pub use init::InitArgs;
 pub use push::PushArgs;
 pub use recipe::RecipeCommand;
+pub use runs::{RunsArgs, RunsCommand};
 pub use score::ScoreArgs;
 pub use train::TrainArgs;
 
@@ -60,6 +62,9 @@ pub enum Command {
     /// Look at a recipe's data.
     #[command(subcommand)]
     Data(DataCommand),
+    /// List the runs of a log dir (status, steps, loss, accuracy, ...), compare runs' recipes and
+    /// metrics, or plot their curves.
+    Runs(RunsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +108,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Push(args) => push::push(args),
         Command::Recipe(RecipeCommand::Check(args)) => recipe::recipe_check(args),
         Command::Data(command) => data::data(command),
+        Command::Runs(args) => runs::runs(args),
     }
 }
 

@@ -593,6 +593,39 @@ pub struct TrackingSpec {
     pub log_dir: PathBuf,
     #[serde(default = "one_u64")]
     pub log_every: u64,
+    /// Also log to an MLflow tracking server. Without this section, MLflow is on when
+    /// `MLFLOW_TRACKING_URI` is set (as MLflow's own clients do).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlflow: Option<MlflowSpec>,
+}
+
+/// `tracking.mlflow`: where a run is mirrored in MLflow. `metrics.jsonl` stays the record; the
+/// server gets a copy and can be slow or away without holding up training.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MlflowSpec {
+    /// `false` turns MLflow off even when `MLFLOW_TRACKING_URI` is set.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Server URL, e.g. `http://127.0.0.1:5000`; default `$MLFLOW_TRACKING_URI`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// Experiment, created when missing; default `$MLFLOW_EXPERIMENT_NAME`, else `kiln`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<String>,
+    /// MLflow run name; default the recipe's `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_name: Option<String>,
+    /// Extra run tags.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// Seconds the end of a run waits for unsent metrics and artifacts.
+    #[serde(default = "default_mlflow_flush_secs")]
+    pub flush_timeout_secs: u64,
+}
+
+fn default_mlflow_flush_secs() -> u64 {
+    30
 }
 
 fn default_log_dir() -> PathBuf {
@@ -607,6 +640,7 @@ impl Default for TrackingSpec {
         Self {
             log_dir: default_log_dir(),
             log_every: 1,
+            mlflow: None,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! TensorBoard event files: TFRecord framing around hand-encoded `Event` protobufs.
 //!
-//! Only the handful of message fields TensorBoard needs for scalars and text are encoded, which
-//! is a few dozen lines of protobuf wire format instead of a generated-code dependency.
+//! Only the handful of message fields TensorBoard needs for scalars, text and the HParams plugin
+//! are encoded, which is some lines of protobuf wire format instead of a generated-code
+//! dependency.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -24,8 +25,10 @@ impl EventWriter {
         let host = std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "localhost".into());
+        // Zero-padded nanoseconds keep names sorting in creation order even within a second:
+        // TensorBoard reads a run's files in name order, and a resumed run's must come last.
         let name = format!(
-            "events.out.tfevents.{}.{}.{}.{}",
+            "events.out.tfevents.{}.{}.{}.{:09}",
             now.as_secs(),
             host,
             std::process::id(),
@@ -55,7 +58,7 @@ impl EventWriter {
         let mut event = event_header(step);
         let mut session_log = Vec::new();
         varint_field(&mut session_log, 1, 1); // SessionLog.status = START
-        bytes_field(&mut event, 6, &session_log);
+        bytes_field(&mut event, 7, &session_log); // Event.session_log (6 is log_message)
         self.write_record(&event)
     }
 
@@ -69,10 +72,7 @@ impl EventWriter {
 
     /// A text summary as the text plugin stores it: a rank-0 DT_STRING tensor.
     pub fn text(&mut self, tag: &str, step: u64, text: &str) -> Result<()> {
-        let mut plugin_data = Vec::new();
-        string_field(&mut plugin_data, 1, b"text");
-        let mut metadata = Vec::new();
-        bytes_field(&mut metadata, 1, &plugin_data);
+        let metadata = plugin_metadata("text", &[]);
         let mut tensor = Vec::new();
         varint_field(&mut tensor, 1, 7); // dtype = DT_STRING
         bytes_field(&mut tensor, 2, &[]); // tensor_shape: rank 0
@@ -81,6 +81,30 @@ impl EventWriter {
         string_field(&mut value_msg, 1, tag.as_bytes());
         bytes_field(&mut value_msg, 8, &tensor);
         bytes_field(&mut value_msg, 9, &metadata);
+        self.write_summary(step, &value_msg)
+    }
+
+    /// A summary whose whole meaning is its plugin data (`SummaryMetadata.plugin_data.content`),
+    /// as the HParams plugin's summaries are. The tensor is the empty float vector TensorBoard's
+    /// own hparams writers attach: the plugin never reads it, but readers that index tensors
+    /// (`EventAccumulator.Tensors`, TensorFlow's summary readers) expect every plugin summary
+    /// to carry one.
+    pub fn plugin_summary(
+        &mut self,
+        tag: &str,
+        step: u64,
+        plugin_name: &str,
+        content: &[u8],
+    ) -> Result<()> {
+        let mut shape = Vec::new();
+        bytes_field(&mut shape, 2, &[]); // one dim of size 0 (the default, so no size field)
+        let mut tensor = Vec::new();
+        varint_field(&mut tensor, 1, 1); // dtype = DT_FLOAT
+        bytes_field(&mut tensor, 2, &shape);
+        let mut value_msg = Vec::new();
+        string_field(&mut value_msg, 1, tag.as_bytes());
+        bytes_field(&mut value_msg, 8, &tensor);
+        bytes_field(&mut value_msg, 9, &plugin_metadata(plugin_name, content));
         self.write_summary(step, &value_msg)
     }
 
@@ -112,17 +136,30 @@ impl EventWriter {
     }
 }
 
+/// `SummaryMetadata { plugin_data { plugin_name, content } }`.
+fn plugin_metadata(plugin_name: &str, content: &[u8]) -> Vec<u8> {
+    let mut plugin_data = Vec::new();
+    string_field(&mut plugin_data, 1, plugin_name.as_bytes());
+    if !content.is_empty() {
+        bytes_field(&mut plugin_data, 2, content);
+    }
+    let mut metadata = Vec::new();
+    bytes_field(&mut metadata, 1, &plugin_data);
+    metadata
+}
+
 fn event_header(step: u64) -> Vec<u8> {
     let wall_time = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
     let mut event = Vec::new();
-    key(&mut event, 1, 1);
-    event.extend_from_slice(&wall_time.to_le_bytes());
+    double_field(&mut event, 1, wall_time);
     varint_field(&mut event, 2, step);
     event
 }
+
+// The wire-format helpers are shared with `hparams`, whose messages are built the same way.
 
 fn key(buf: &mut Vec<u8>, field: u32, wire_type: u32) {
     varint(buf, ((field << 3) | wire_type) as u64);
@@ -136,19 +173,25 @@ fn varint(buf: &mut Vec<u8>, mut value: u64) {
     buf.push(value as u8);
 }
 
-fn varint_field(buf: &mut Vec<u8>, field: u32, value: u64) {
+pub(super) fn varint_field(buf: &mut Vec<u8>, field: u32, value: u64) {
     key(buf, field, 0);
     varint(buf, value);
 }
 
-fn bytes_field(buf: &mut Vec<u8>, field: u32, bytes: &[u8]) {
+pub(super) fn bytes_field(buf: &mut Vec<u8>, field: u32, bytes: &[u8]) {
     key(buf, field, 2);
     varint(buf, bytes.len() as u64);
     buf.extend_from_slice(bytes);
 }
 
-fn string_field(buf: &mut Vec<u8>, field: u32, bytes: &[u8]) {
+pub(super) fn string_field(buf: &mut Vec<u8>, field: u32, bytes: &[u8]) {
     bytes_field(buf, field, bytes)
+}
+
+/// A `double` (wire type 1: eight little-endian bytes).
+pub(super) fn double_field(buf: &mut Vec<u8>, field: u32, value: f64) {
+    key(buf, field, 1);
+    buf.extend_from_slice(&value.to_le_bytes());
 }
 
 /// CRC-32C (Castagnoli), reflected, as TFRecord uses.

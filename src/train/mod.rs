@@ -29,7 +29,7 @@ use crate::model::{self, Config, Model};
 use crate::ops;
 use crate::recipe::{Compute, Recipe};
 use crate::tokenizer::TextTokenizer;
-use crate::track::{Progress, Tracker};
+use crate::track::{Progress, RunRef, RunStatus, Tracker, TrackerStart};
 
 pub use optimizer::AdamW;
 pub use precision::{LossScaler, StepVerdict};
@@ -220,12 +220,14 @@ pub fn run(
             )?;
             log.eval(step, results.unwrap_or_default())?;
         }
-        log.tracker.flush()?;
+        log.tracker.flush(step)?;
 
         let stopping = stop.load(Ordering::SeqCst) && !last;
         let every = recipe.checkpoint.every;
         if (every > 0 && step % every == 0) || last || stopping {
-            let dir = checkpoints.save(step, &params, &adamw, &scaler, &train, &log.metrics)?;
+            let state = (&adamw, &scaler, &train);
+            let dir =
+                checkpoints.save(step, &params, state, &log.metrics, log.tracker.mlflow_run())?;
             let hook = options.checkpoint_hook.as_mut();
             checkpoints.after_save(&dir, step, hook, &mut log)?;
             last_good = Some(dir);
@@ -236,11 +238,10 @@ pub fn run(
                 "stopped at step {step} of {total_steps} on request; resume with --resume latest"
             );
             log.summary.stopped_early = true;
-            return Ok(log.summary);
+            return log.finish(RunStatus::Stopped);
         }
     }
-    log.progress.finish();
-    Ok(log.summary)
+    log.finish(RunStatus::Finished)
 }
 
 /// The dropout training applies: the model config's, with the recipe's `model.dropout` in its
@@ -300,12 +301,20 @@ impl RunLog {
         quiet: bool,
     ) -> Result<Self> {
         let run_dir = recipe.tracking.log_dir.join(&recipe.name);
-        let recipe_yaml = serde_norway::to_string(recipe)?;
-        let resumed_at = (start_step > 0).then_some(start_step);
+        let (metrics, resumed) = match resumed {
+            Some(r) => (r.state.metrics, Some((start_step, r.state.mlflow))),
+            None => (BTreeMap::new(), None),
+        };
+        let start = TrackerStart {
+            recipe,
+            device: &recipe.device,
+            total_steps,
+            resumed,
+        };
         Ok(Self {
-            tracker: Tracker::open(&run_dir, &recipe_yaml, &recipe.device, resumed_at)?,
+            tracker: Tracker::open(&run_dir, start)?,
             progress: Progress::new(total_steps, start_step, quiet),
-            metrics: resumed.map(|r| r.state.metrics).unwrap_or_default(),
+            metrics,
             log_every: recipe.tracking.log_every.max(1),
             summary: TrainSummary {
                 step: start_step,
@@ -372,7 +381,31 @@ impl RunLog {
             self.metrics.insert(tag, value);
             self.summary.eval.insert(name, value);
         }
+        // The evaluator's reports (MNLI: report, confusion matrix) go to MLflow as well.
+        self.tracker.artifacts(&format!("eval/step-{step}"));
         Ok(())
+    }
+
+    /// Ends the run's tracking (`run.json`, HParams, MLflow) with the training curves and the
+    /// last checkpoint's model card as artifacts.
+    fn finish(self, status: RunStatus) -> Result<TrainSummary> {
+        self.progress.finish();
+        let run_dir = self.tracker.run_dir().to_path_buf();
+        match crate::track::plot::write_curves(&run_dir) {
+            Ok(Some(curves)) => self.tracker.artifact(&curves, "curves.svg"),
+            Ok(None) => {}
+            Err(e) => println!("warning: {}: curves not drawn: {e:#}", run_dir.display()),
+        }
+        if let Some(card) = (self.summary.last_checkpoint.as_ref()).map(|c| c.join("README.md")) {
+            if card.is_file() {
+                self.tracker.artifact(&card, "model/README.md");
+            }
+        }
+        let RunLog {
+            tracker, summary, ..
+        } = self;
+        tracker.finish(status)?;
+        Ok(summary)
     }
 }
 
@@ -395,10 +428,9 @@ impl CheckpointTarget<'_> {
         &self,
         step: u64,
         params: &[(String, Var)],
-        adamw: &AdamW,
-        scaler: &LossScaler,
-        stream: &SequenceStream,
+        (adamw, scaler, stream): (&AdamW, &LossScaler, &SequenceStream),
         metrics: &BTreeMap<String, f64>,
+        mlflow: Option<&RunRef>,
     ) -> Result<PathBuf> {
         let state = TrainerState {
             step,
@@ -412,6 +444,7 @@ impl CheckpointTarget<'_> {
             files: BTreeMap::new(),
             cpu_workers: Some(self.cpu_workers),
             data: self.data.to_vec(),
+            mlflow: mlflow.cloned(),
         };
         checkpoint::save(
             self.dir,
@@ -449,7 +482,7 @@ impl CheckpointTarget<'_> {
             log.progress.println(&note);
         }
         log.summary.last_checkpoint = Some(dir.to_path_buf());
-        Ok(())
+        log.tracker.heartbeat()
     }
 }
 

@@ -139,3 +139,42 @@ pub fn python_with(module: &str) -> Option<String> {
     ));
     None
 }
+
+/// A file of the bundled NLI sample (`datasets/nli`).
+pub fn bundled(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("datasets/nli")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+/// A small recipe (run `run`, 10 steps of the tiny GPT-J) on the bundled NLI data writing into
+/// `out`; `extra` is appended YAML.
+pub fn write_recipe(out: &Path, extra: &str) -> PathBuf {
+    let text = format!(
+        "name: run\n\
+         seed: 3\n\
+         model: {{init: {{preset: tiny, seed: 1, vocab_size: 1024}}}}\n\
+         tokenizer: {tokenizer}\n\
+         data:\n  \
+           train: [{{source: {{path: {train}}}, template: mnli, limit: 400}}]\n  \
+           eval: [{{source: {{path: {eval}}}, template: mnli, limit: 40}}]\n  \
+           seq_len: 64\n  mode: pad\n  loss_on: target\n\
+         optimizer: {{lr: 2.0e-3, weight_decay: 0.01}}\n\
+         schedule: {{kind: cosine, warmup: 2}}\n\
+         batch: {{global: 8, micro: 4}}\n\
+         steps: 10\n\
+         checkpoint: {{every: 1, dir: {ckpt}}}\n\
+         tracking: {{log_dir: {logs}}}\n\
+         {extra}",
+        tokenizer = bundled("tokenizer"),
+        train = bundled("train.jsonl"),
+        eval = bundled("validation.jsonl"),
+        ckpt = out.join("checkpoints").display(),
+        logs = out.join("runs").display(),
+    );
+    let path = out.join("recipe.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
