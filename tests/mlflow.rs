@@ -15,69 +15,75 @@ use std::time::{Duration, Instant};
 use common::{kiln, write_recipe};
 use serde_json::Value;
 
-/// A running `mlflow server`, killed on drop.
+/// A running `mlflow server`, killed on drop; it can be stopped and started again on the same
+/// port and store, as a server that goes away and comes back.
 struct MlflowServer {
-    child: Child,
+    python: String,
+    child: Option<Child>,
+    port: u16,
     uri: String,
-    _store: tempfile::TempDir,
+    store: tempfile::TempDir,
 }
 
 impl MlflowServer {
     fn start(python: &str) -> Self {
-        let store = tempfile::tempdir().unwrap();
         let port = free_port();
-        let mut child = Command::new(python)
-            .args([
-                "-m",
-                "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--workers",
-                "1",
-            ])
-            .args(["--port", &port.to_string()])
+        let mut server = Self {
+            python: python.to_string(),
+            child: None,
+            port,
+            uri: format!("http://127.0.0.1:{port}"),
+            store: tempfile::tempdir().unwrap(),
+        };
+        server.restart();
+        server
+    }
+
+    fn restart(&mut self) {
+        let store = self.store.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(store.join("server.log"))
+            .unwrap();
+        let mut child = Command::new(&self.python)
+            .args(["-m", "mlflow", "server", "--host", "127.0.0.1"])
+            .args(["--workers", "1", "--port", &self.port.to_string()])
             .arg("--backend-store-uri")
-            .arg(format!(
-                "sqlite:///{}",
-                store.path().join("mlflow.db").display()
-            ))
+            .arg(format!("sqlite:///{}", store.join("mlflow.db").display()))
             .arg("--artifacts-destination")
-            .arg(store.path().join("artifacts"))
+            .arg(store.join("artifacts"))
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(store.path().join("server.log")).unwrap())
+            .stderr(log)
             // Its own process group: the server runs its workers as child processes, and they
             // must go down with it.
             .process_group(0)
             .spawn()
             .expect("mlflow server starts");
-        let uri = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
-            if ureq::get(format!("{uri}/health"))
+            if ureq::get(format!("{}/health", self.uri))
                 .call()
                 .is_ok_and(|r| r.status() == 200)
             {
                 break;
             }
             if let Ok(Some(status)) = child.try_wait() {
-                let log = std::fs::read_to_string(store.path().join("server.log")).unwrap();
+                let log = std::fs::read_to_string(store.join("server.log")).unwrap();
                 panic!("mlflow server exited with {status}:\n{log}");
             }
             assert!(Instant::now() < deadline, "mlflow server did not start");
             std::thread::sleep(Duration::from_millis(300));
         }
-        Self {
-            child,
-            uri,
-            _store: store,
-        }
+        self.child = Some(child);
     }
 
     fn stop(&mut self) {
-        // SAFETY: signals the process group this test started; no memory is involved.
-        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signals the process group this test started; no memory is involved.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+        }
     }
 }
 
@@ -343,14 +349,48 @@ fn mlflow_run_mirrors_metrics_params_artifacts_and_survives_kill_and_server_loss
     .unwrap();
     assert_eq!(info["status"], "stopped");
 
-    // 4. The server goes away mid-run: training finishes, the run ends with a warning.
+    // 4. The server goes away mid-run and stays away: training finishes, the end says what
+    // MLflow is missing.
     let gone = tempfile::tempdir().unwrap();
-    let recipe_g = recipe_with_tracking(
-        gone.path(),
-        &mlflow_section(&uri, "gone", ", flush_timeout_secs: 2"),
+    let (_, stderr) = train_through_outage(&mut server, gone.path(), "gone", 2, false);
+    assert!(
+        stderr.contains("cannot reach") && stderr.contains("were not sent"),
+        "{stderr}"
     );
+
+    // 5. The server comes back while the run waits to flush: it catches up, every step once.
+    server.restart();
+    let back = tempfile::tempdir().unwrap();
+    let (_, stderr) = train_through_outage(&mut server, back.path(), "back", 180, true);
+    assert!(
+        stderr.contains("cannot reach") && stderr.contains("reachable again"),
+        "{stderr}"
+    );
+    let dump = read_back(&python, &uri, "back");
+    let run = &dump["runs"][0];
+    assert_eq!(run["status"], "FINISHED");
+    let logged = mlflow_metrics(run);
+    let expected = jsonl_metrics(&back.path().join("runs/run"));
+    for (tag, points) in &expected {
+        let steps: Vec<u64> = points.iter().map(|p| p.0).collect();
+        let got: Vec<u64> = logged[tag].iter().map(|p| p.0).collect();
+        assert_eq!(steps, got, "{tag}");
+    }
+}
+
+/// Trains 12 steps with the server stopped after step 3 (and started again at once when
+/// `come_back`); checks that training lost nothing and returns its (stdout, stderr).
+fn train_through_outage(
+    server: &mut MlflowServer,
+    dir: &Path,
+    experiment: &str,
+    flush_timeout_secs: u64,
+    come_back: bool,
+) -> (String, String) {
+    let flush = format!(", flush_timeout_secs: {flush_timeout_secs}");
+    let recipe = recipe_with_tracking(dir, &mlflow_section(&server.uri, experiment, &flush));
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["train", recipe_g.to_str().unwrap(), "--threads", "2"])
+        .args(["train", recipe.to_str().unwrap(), "--threads", "2"])
         .args(["--set", "steps=12", "--set", "checkpoint.every=0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -370,6 +410,9 @@ fn mlflow_run_mirrors_metrics_params_artifacts_and_survives_kill_and_server_loss
             break;
         }
     }
+    if come_back {
+        server.restart();
+    }
     stdout.read_to_string(&mut seen).unwrap();
     let mut stderr = String::new();
     child
@@ -380,20 +423,16 @@ fn mlflow_run_mirrors_metrics_params_artifacts_and_survives_kill_and_server_loss
         .unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "{seen}\n{stderr}");
-    assert!(
-        stderr.contains("cannot reach") && stderr.contains("metrics.jsonl"),
-        "{stderr}"
-    );
-    let steps: Vec<u64> = jsonl_metrics(&gone.path().join("runs/run"))["train/loss"]
+    let steps: Vec<u64> = jsonl_metrics(&dir.join("runs/run"))["train/loss"]
         .iter()
         .map(|p| p.0)
         .collect();
     assert_eq!(steps, (1..=12).collect::<Vec<_>>());
-    let info: Value = serde_json::from_str(
-        &std::fs::read_to_string(gone.path().join("runs/run/run.json")).unwrap(),
-    )
-    .unwrap();
+    let info: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("runs/run/run.json")).unwrap())
+            .unwrap();
     assert_eq!(info["status"], "finished");
+    (seen, stderr)
 }
 
 #[test]

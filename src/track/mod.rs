@@ -360,7 +360,8 @@ fn walk_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-fn unix_now() -> f64 {
+/// Seconds since 1970, as `run.json` stores times.
+pub fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())

@@ -258,7 +258,7 @@ pub fn resolve_runs(names: &[String], log_dir: &Path) -> Result<Vec<PathBuf>> {
 /// Where a run stands, as shown in the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum RunStatus {
+pub enum Standing {
     Running,
     /// `run.json` says running, but the process is gone or its heartbeat stopped.
     Died,
@@ -274,7 +274,7 @@ pub enum RunStatus {
     Unreadable,
 }
 
-impl RunStatus {
+impl Standing {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Running => "running",
@@ -323,12 +323,6 @@ pub fn process_exists(pid: u32) -> bool {
 /// This machine's name as training records it in `run.json`.
 pub fn this_host() -> Option<String> {
     Some(super::host_name()).filter(|h| h != "localhost")
-}
-
-pub fn now_unix() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Metrics whose larger values are better: these sort highest first and their "best" is the
@@ -433,7 +427,7 @@ impl TagStats {
 pub struct RunSummary {
     pub name: String,
     pub path: PathBuf,
-    pub status: RunStatus,
+    pub status: Standing,
     /// Unix seconds: `run.json`'s `started_at`, else when the run directory was created.
     pub started_at: Option<f64>,
     pub ended_at: Option<f64>,
@@ -460,13 +454,13 @@ impl RunSummary {
         let meta = &run.meta;
         let metrics = run.tag_stats();
         let status = match meta.status.as_deref() {
-            Some("running") if has_died(meta, now, this_host, process_exists) => RunStatus::Died,
-            Some("running") => RunStatus::Running,
-            Some("failed") => RunStatus::Failed,
-            Some("stopped") => RunStatus::Stopped,
-            _ if run.metrics.is_empty() => RunStatus::Empty,
-            Some("finished") => RunStatus::Finished,
-            _ => RunStatus::Unknown,
+            Some("running") if has_died(meta, now, this_host, process_exists) => Standing::Died,
+            Some("running") => Standing::Running,
+            Some("failed") => Standing::Failed,
+            Some("stopped") => Standing::Stopped,
+            _ if run.metrics.is_empty() => Standing::Empty,
+            Some("finished") => Standing::Finished,
+            _ => Standing::Unknown,
         };
         let steps_logged = run
             .metrics
@@ -511,7 +505,7 @@ impl RunSummary {
                 .file_name()
                 .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into()),
             path: dir.to_path_buf(),
-            status: RunStatus::Unreadable,
+            status: Standing::Unreadable,
             started_at: created_at(dir),
             ended_at: None,
             steps_done: None,
@@ -542,7 +536,7 @@ fn created_at(dir: &Path) -> Option<f64> {
 /// Summaries of every run in a log dir; a run that cannot be read is a row saying so, never the
 /// end of the listing.
 pub fn summarize_log_dir(log_dir: &Path) -> Result<Vec<RunSummary>> {
-    let now = now_unix();
+    let now = super::unix_now();
     let host = this_host();
     Ok(find_runs(log_dir)?
         .iter()
@@ -746,23 +740,10 @@ fn align(header: &[&str], rows: &[Vec<String>], right_aligned: &[bool]) -> Strin
 
 /// Unix seconds as `YYYY-MM-DD HH:MM` in UTC.
 pub fn format_utc(unix_seconds: f64) -> String {
-    let secs = unix_seconds.floor() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's civil-from-days: the proleptic Gregorian date of a day count.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60
-    )
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix_seconds.max(0.0) as u64);
+    // RFC 3339 (`2026-11-30T22:49:12Z`), cut to the minute for a table.
+    let stamp = humantime::format_rfc3339_seconds(time).to_string();
+    stamp[..16].replacen('T', " ", 1)
 }
 
 /// `42s`, `3m05s`, `2h07m`.
@@ -904,7 +885,7 @@ pub struct MetricSideBySide {
 
 impl Comparison {
     pub fn of(runs: &[Run]) -> Result<Self> {
-        let now = now_unix();
+        let now = super::unix_now();
         let host = this_host();
         let mut recipes = Vec::with_capacity(runs.len());
         for run in runs {
