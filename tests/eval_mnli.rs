@@ -191,3 +191,120 @@ fn kiln_eval_writes_consistent_reports_in_both_modes() {
         );
     }
 }
+
+/// The candidates' log-likelihoods from one prompt pass and a shared KV cache equal the old
+/// reading (each prompt + candidate scored whole, every position's log-softmax), for every family
+/// (GPT-Neo's local window included) and for a prefix-LM model, so rank mode predicts the same.
+#[test]
+fn shared_prompt_scoring_equals_scoring_whole_rows() {
+    use candle_core::{DType, Device};
+    use kiln::eval::score::{score_continuations, score_rows};
+    for name in ["rot8", "gpt2", "neo", "neox", "rot8-prefix"] {
+        let dir = fixtures()
+            .join("parity")
+            .join(name.trim_end_matches("-prefix"));
+        let mut config = kiln::model::load_config(&dir).unwrap();
+        config.set_prefix_lm(name.ends_with("-prefix"));
+        let params = kiln::model::load_parameters(&dir, &config, DType::F32, &Device::Cpu).unwrap();
+        let vb = candle_nn::VarBuilder::from_tensors(params, DType::F32, &Device::Cpu);
+        let model = kiln::model::Model::load(vb, &config).unwrap();
+        let vocab = config.vocab_size() as u64;
+        // Prompts of many lengths (so batches pad), candidates of 1 to 3 tokens.
+        let mut state = 7u64;
+        let mut token = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) % vocab) as u32
+        };
+        let prompts: Vec<Vec<u32>> = (0..11)
+            .map(|i| (0..3 + 2 * i).map(|_| token()).collect())
+            .collect();
+        let candidates: Vec<Vec<u32>> = [2, 1, 3]
+            .iter()
+            .map(|&n| (0..n).map(|_| token()).collect())
+            .collect();
+        let fast = score_continuations(&model, &prompts, &candidates, 4).unwrap();
+        let mut rows = Vec::new();
+        let mut prompt_lens = Vec::new();
+        for prompt in &prompts {
+            for candidate in &candidates {
+                rows.push([prompt.as_slice(), candidate].concat());
+                prompt_lens.push(prompt.len());
+            }
+        }
+        let whole = score_rows(&model, &rows, Some(&prompt_lens), 5).unwrap();
+        for (p, fast_row) in fast.iter().enumerate() {
+            for (c, candidate) in candidates.iter().enumerate() {
+                let row = &whole[p * candidates.len() + c];
+                let expected: f32 = row.logprobs[row.logprobs.len() - candidate.len()..]
+                    .iter()
+                    .flatten()
+                    .sum();
+                let got = fast_row[c];
+                assert!(
+                    (got - expected).abs() <= 1e-4 * expected.abs().max(1.0),
+                    "{name}: prompt {p} candidate {c}: {got} vs {expected}"
+                );
+            }
+        }
+    }
+}
+
+/// Generate mode batches prompts by length; what it predicts does not depend on the batching.
+#[test]
+fn generate_mode_predictions_do_not_depend_on_batching() {
+    let Some(tok) = shared("tokenizers/gpt2") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tmp.path().join("model");
+    let (ok, _, stderr) = kiln(&[
+        "init",
+        "--preset",
+        "tiny",
+        "--out",
+        model_dir.to_str().unwrap(),
+        "--seed",
+        "3",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let model = kiln::model::load_model(
+        &model_dir,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let tokenizer = kiln::tokenizer::TextTokenizer::from_dir(&model_dir).unwrap();
+    let text = std::fs::read_to_string(fixtures().join("mnli/rows.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let pairs: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["premise"].as_str().unwrap(),
+                r["hypothesis"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let predict = |mode, batch_size| {
+        mnli::EntailmentPipeline {
+            model: &model,
+            tokenizer: &tokenizer,
+            mode,
+            batch_size,
+        }
+        .predict(&pairs)
+        .unwrap()
+    };
+    for mode in [EvalMode::Generate, EvalMode::Rank] {
+        let one_by_one = predict(mode, 1);
+        assert_eq!(predict(mode, 3), one_by_one, "{mode:?}");
+        assert_eq!(predict(mode, 8), one_by_one, "{mode:?}");
+    }
+}

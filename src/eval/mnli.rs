@@ -90,24 +90,32 @@ impl EntailmentPipeline<'_> {
             ..Default::default()
         };
         let prompts = self.prompt_ids(pairs)?;
-        let mut predictions = Vec::with_capacity(pairs.len());
-        for chunk in prompts.chunks(self.batch_size.max(1)) {
-            for generated in generate(
+        // Batches of similar lengths: a left-padded batch computes as long as its longest prompt.
+        let mut order: Vec<usize> = (0..prompts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
+        let mut predictions = vec![None; pairs.len()];
+        for chunk in order.chunks(self.batch_size.max(1)) {
+            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+            let generated = generate(
                 self.model,
                 Some(self.tokenizer),
-                chunk,
+                &batch,
                 &params,
                 &mut |_, _| {},
-            )? {
+            )?;
+            for (&i, generated) in chunk.iter().zip(generated) {
                 // Keep special tokens so the completion is read exactly as Graphcore reads it.
                 let raw = self.tokenizer.decode(&generated.ids, false)?;
-                predictions.push(Prediction {
+                predictions[i] = Some(Prediction {
                     label: parse_completion(&raw),
                     raw,
                 });
             }
         }
-        Ok(predictions)
+        Ok(predictions
+            .into_iter()
+            .map(|p| p.expect("every pair predicted"))
+            .collect())
     }
 
     fn predict_rank(&self, pairs: &[(&str, &str)]) -> Result<Vec<Prediction>> {
@@ -116,42 +124,24 @@ impl EntailmentPipeline<'_> {
             .map(|l| self.tokenizer.encode(&format!(" {l}{EOS_TOKEN}")))
             .collect::<Result<_>>()?;
         let prompts = self.prompt_ids(pairs)?;
-        let mut rows = Vec::with_capacity(prompts.len() * LABELS.len());
-        let mut prompt_lens = Vec::with_capacity(rows.capacity());
-        for prompt in &prompts {
-            for continuation in &continuations {
-                let mut row = prompt.clone();
-                row.extend_from_slice(continuation);
-                let limit = self.model.config().max_positions();
-                let cut = row.len().saturating_sub(limit);
-                row.drain(..cut);
-                prompt_lens.push(prompt.len().saturating_sub(cut));
-                rows.push(row);
-            }
-        }
-        let scored =
-            super::score::score_rows(self.model, &rows, Some(&prompt_lens), self.batch_size)?;
-        let mut predictions = Vec::with_capacity(prompts.len());
-        for candidates in scored.chunks(LABELS.len()) {
-            let totals: Vec<f32> = candidates
-                .iter()
-                .zip(&continuations)
-                .map(|(row, cont)| {
-                    row.logprobs[row.logprobs.len() - cont.len()..]
-                        .iter()
-                        .flatten()
-                        .sum()
-                })
-                .collect();
-            let best = (0..LABELS.len())
-                .max_by(|&a, &b| totals[a].total_cmp(&totals[b]))
-                .expect("three labels");
-            predictions.push(Prediction {
-                label: Some(best),
-                raw: format!(" {}{EOS_TOKEN}", LABELS[best]),
-            });
-        }
-        Ok(predictions)
+        let scores = super::score::score_continuations(
+            self.model,
+            &prompts,
+            &continuations,
+            self.batch_size,
+        )?;
+        Ok(scores
+            .iter()
+            .map(|totals| {
+                let best = (0..LABELS.len())
+                    .max_by(|&a, &b| totals[a].total_cmp(&totals[b]))
+                    .expect("three labels");
+                Prediction {
+                    label: Some(best),
+                    raw: format!(" {}{EOS_TOKEN}", LABELS[best]),
+                }
+            })
+            .collect())
     }
 }
 

@@ -12,7 +12,6 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Batch, KvCache, Model};
-use crate::ops::PrefixLayout;
 use crate::tokenizer::TextTokenizer;
 
 /// Decoding parameters, named and defaulted as in HF's `GenerationConfig`.
@@ -199,37 +198,14 @@ pub fn generate(
         active.iter().map(|r| r.prompt.len()).max().unwrap_or(0) + longest_budget,
     );
     let longest = active.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
-    let mut key_mask: Vec<Vec<u8>> = Vec::with_capacity(active.len());
-    let mut ids = Vec::with_capacity(active.len() * longest);
-    let mut positions = Vec::with_capacity(active.len() * longest);
-    for row in &active {
-        let pad = longest - row.prompt.len();
-        ids.extend(std::iter::repeat_n(config.eos_token_id().unwrap_or(0), pad));
-        ids.extend_from_slice(&row.prompt);
-        positions.extend(std::iter::repeat_n(0u32, pad));
-        positions.extend(0..row.prompt.len() as u32);
-        let mut mask = vec![0u8; pad];
-        mask.resize(longest, 1);
-        key_mask.push(mask);
-    }
+    let prompts: Vec<Vec<u32>> = active.iter().map(|r| r.prompt.clone()).collect();
+    let pad = config.eos_token_id().unwrap_or(0);
+    let prefill = Batch::left_padded(&prompts, pad, config.prefix_lm(), device)?;
+    let mut key_mask = prefill
+        .key_mask
+        .clone()
+        .expect("left-padded rows carry a key mask");
     let n = active.len();
-    // A model trained as a prefix LM reads its prompt both ways; what it generates is causal.
-    let layout = config.prefix_lm().then(|| {
-        key_mask
-            .iter()
-            .map(|mask| PrefixLayout {
-                segment: vec![0; mask.len()],
-                prefix: mask.iter().map(|&m| m == 1).collect(),
-            })
-            .collect()
-    });
-    let prefill = Batch {
-        input_ids: Tensor::from_vec(ids, (n, longest), device)?,
-        position_ids: Tensor::from_vec(positions, (n, longest), device)?,
-        key_mask: Some(key_mask.clone()),
-        layout,
-        dropout: None,
-    };
     crate::model::keep_freed_memory();
     let mut logits = forward_on_pool(model, &prefill, &vec![longest - 1; n], &mut cache)?;
 

@@ -376,6 +376,48 @@ impl Batch {
         })
     }
 
+    /// Left-padded prompts for a prefill that later steps continue from a KV cache: every row's
+    /// last token sits in the last column, so the tokens that follow line up across rows, and
+    /// positions count from 0 at each row's first real token. The key mask is always present
+    /// (later steps extend it). A model trained as a prefix LM reads each prompt both ways.
+    pub fn left_padded(
+        rows: &[Vec<u32>],
+        pad_id: u32,
+        prefix_lm: bool,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let longest = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(rows.len() * longest);
+        let mut positions = Vec::with_capacity(rows.len() * longest);
+        let mut key_mask = Vec::with_capacity(rows.len());
+        for row in rows {
+            let pad = longest - row.len();
+            ids.extend(std::iter::repeat_n(pad_id, pad));
+            ids.extend_from_slice(row);
+            positions.extend(std::iter::repeat_n(0u32, pad));
+            positions.extend(0..row.len() as u32);
+            let mut mask = vec![0u8; pad];
+            mask.resize(longest, 1);
+            key_mask.push(mask);
+        }
+        let layout = prefix_lm.then(|| {
+            key_mask
+                .iter()
+                .map(|mask| PrefixLayout {
+                    segment: vec![0; mask.len()],
+                    prefix: mask.iter().map(|&m| m == 1).collect(),
+                })
+                .collect()
+        });
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (rows.len(), longest), device)?,
+            position_ids: Tensor::from_vec(positions, (rows.len(), longest), device)?,
+            key_mask: Some(key_mask),
+            layout,
+            dropout: None,
+        })
+    }
+
     /// Right-padded rows laid out as prefix-LM examples (`layouts[r]` covers row `r`'s tokens):
     /// positions restart at 0 with each example of a packed row, as each was its own sequence.
     pub fn prefix_lm(
@@ -560,8 +602,13 @@ impl Model {
             .enumerate()
             .map(|(row, &i)| hidden.get(row)?.get(i))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let last = Tensor::stack(&rows, 0)?;
-        self.body().lm_head().forward(&last)?.to_dtype(DType::F32)
+        self.head(&Tensor::stack(&rows, 0)?)
+    }
+
+    /// Logits in fp32 for hidden states of any shape `[..., hidden]`: the head applied only
+    /// where a caller needs it (scoring reads a few positions of each row).
+    pub fn head(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        self.body().lm_head().forward(hidden)?.to_dtype(DType::F32)
     }
 
     /// The summed next-token cross-entropy over the positions whose label is not negative (HF's
