@@ -157,7 +157,12 @@ fn main() -> Result<()> {
         if new.raw != *old {
             let ids = tokenizer.encode(&prompt(pairs[i].0, pairs[i].1))?;
             let pad = tokenizer.eos_id();
-            let batch = kiln::model::Batch::left_padded(&[ids.clone()], pad, false, &Device::Cpu)?;
+            let batch = kiln::model::Batch::left_padded(
+                std::slice::from_ref(&ids),
+                pad,
+                false,
+                &Device::Cpu,
+            )?;
             let logits = model.forward_last(&batch, &[ids.len() - 1], None)?;
             let mut logits = logits.get(0)?.to_vec1::<f32>()?;
             logits.sort_by(|a, b| b.total_cmp(a));
