@@ -1,10 +1,34 @@
-//! `kiln eval`: a task evaluation report (MNLI accuracy).
+//! `kiln eval`: a task evaluation report (MNLI accuracy, any labelled template, perplexity).
+
+use std::collections::BTreeMap;
+
+use anyhow::bail;
 
 use super::*;
+use crate::data::{LoadedDataset, Split};
+use crate::eval::classify::{ClassifyData, GroupBy};
+use crate::eval::{mnli, perplexity};
+use crate::recipe::{DatasetSpec, EvalMode, LossOn, TemplateSpec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum EvalTaskArg {
+    /// MNLI accuracy with Graphcore's protocol (premise / hypothesis / label data).
     Mnli,
+    /// Accuracy of ranking a template's fixed set of answers (its label words, or the distinct
+    /// targets of the rows): sentiment, prompt-completion with a fixed set of completions, ...
+    Classify,
+    /// Mean loss (nats per token) over the template's target tokens, and its exp.
+    Perplexity,
+}
+
+impl EvalTaskArg {
+    fn name(self) -> &'static str {
+        match self {
+            EvalTaskArg::Mnli => "mnli",
+            EvalTaskArg::Classify => "classify",
+            EvalTaskArg::Perplexity => "perplexity",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -16,19 +40,62 @@ pub struct EvalArgs {
     pub task: EvalTaskArg,
     /// A data file (jsonl, json, csv, tsv, GLUE tsv, parquet, arrow), a directory holding
     /// SPLIT.jsonl, or a Hub dataset id (nyu-mll/glue).
-    #[arg(long)]
-    pub data: String,
-    #[arg(long)]
+    #[arg(long, required_unless_present = "recipe")]
+    pub data: Option<String>,
+    /// With a directory, the SPLIT.jsonl to read; with a Hub dataset, its split (mnli's
+    /// default: validation_matched).
+    #[arg(long, requires = "data")]
     pub split: Option<String>,
-    /// Evaluate the first N rows only.
+    /// The Hub dataset's config (mnli: `mnli`).
+    #[arg(long, requires = "data")]
+    pub config: Option<String>,
+    /// classify / perplexity with --data: the template preset the rows are written with
+    /// (mnli, sentiment, prompt-completion, text; perplexity's default: text). Custom templates
+    /// are a recipe's: use --recipe.
+    #[arg(long, requires = "data")]
+    pub template: Option<String>,
+    /// With --template: label value → label word, e.g. `--label-map 0=negative,1=positive`
+    /// (default: the preset's, else the data's ClassLabel names).
+    #[arg(
+        long,
+        value_name = "VALUE=WORD",
+        value_delimiter = ',',
+        requires = "template"
+    )]
+    pub label_map: Vec<String>,
+    /// With --template: template field ← data column, e.g. `--column text=sentence`.
+    #[arg(
+        long,
+        value_name = "FIELD=COLUMN",
+        value_delimiter = ',',
+        requires = "template"
+    )]
+    pub column: Vec<String>,
+    /// classify / perplexity: evaluate a recipe's `data.eval` instead of --data.
+    #[arg(long, conflicts_with = "data")]
+    pub recipe: Option<PathBuf>,
+    /// With --recipe: override a recipe key (`key.path=value`), as `kiln train --set`.
+    #[arg(long, value_name = "KEY=VALUE", requires = "recipe")]
+    pub set: Vec<String>,
+    /// classify: also report accuracy per value of this data column (default with --recipe:
+    /// its `eval.group_by`).
+    #[arg(long)]
+    pub group_by: Option<String>,
+    /// perplexity with --data: `target` (the template's target tokens) or `all` (every token).
+    /// With --recipe, its `data.loss_on`.
+    #[arg(long, value_enum, conflicts_with = "recipe")]
+    pub loss_on: Option<LossOnArg>,
+    /// Evaluate the first N rows only (of each eval dataset, with --recipe).
     #[arg(long)]
     pub limit: Option<usize>,
-    /// generate: Graphcore's protocol (greedy, 5 tokens); rank: best of the three labels by likelihood.
-    #[arg(long, value_enum, default_value = "generate")]
-    pub mode: crate::recipe::EvalMode,
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    /// Directory for report.json, report.md and confusion.svg.
+    /// mnli: generate (Graphcore's protocol: greedy, 5 tokens; the default) or rank (best of the
+    /// three labels by likelihood). classify always ranks.
+    #[arg(long, value_enum)]
+    pub mode: Option<EvalMode>,
+    /// Default: the recipe's eval.batch_size with --recipe, else 16.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Directory for report.json and report.md (and confusion.svg for mnli and classify).
     #[arg(long)]
     pub report: PathBuf,
     #[arg(long, default_value = "fp32")]
@@ -37,8 +104,14 @@ pub struct EvalArgs {
     pub device: String,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LossOnArg {
+    Target,
+    All,
+}
+
 pub(super) fn eval(args: EvalArgs) -> Result<()> {
-    use crate::eval::mnli;
+    check_options(&args)?;
     let dtype = model::parse_dtype(&args.dtype)?;
     let device = model::parse_device(&args.device)?;
     let model = model::load_model(&args.model, dtype, &device)?;
@@ -49,25 +122,279 @@ pub(super) fn eval(args: EvalArgs) -> Result<()> {
                 args.model.display()
             )
         })?;
-    let rows = mnli::read_nli_rows(&args.data, args.split.as_deref(), args.limit)?;
-    let mut report = mnli::evaluate_mnli(&model, &tokenizer, &rows, args.mode, args.batch_size)?;
-    report.split = args.split.clone().unwrap_or_else(|| args.data.clone());
-    report.model = args.model.display().to_string();
-    report.model_sha256 = mnli::weights_sha256(&args.model)?;
-    let files = mnli::write_report(&args.report, &report)?;
-    println!(
-        "mnli {} ({:?}): accuracy {:.2}% ({} / {}), badly formed {} -> {}",
-        report.split,
-        report.mode,
-        100.0 * report.accuracy,
-        report.correct,
-        report.n,
-        report.badly_formed,
+    let recipe = match &args.recipe {
+        Some(path) => {
+            let mut recipe = crate::recipe::load(path, &args.set)?;
+            if recipe.data.eval.is_empty() {
+                bail!(
+                    "{}: data.eval is empty: there is nothing to evaluate",
+                    path.display()
+                );
+            }
+            if args.limit.is_some() {
+                recipe.eval.limit = args.limit;
+            }
+            if args.group_by.is_some() {
+                recipe.eval.group_by = args.group_by.clone();
+            }
+            Some((recipe, crate::recipe::recipe_dir(path)))
+        }
+        None => None,
+    };
+    let batch_size = args
+        .batch_size
+        .or(recipe.as_ref().map(|(r, _)| r.eval.batch_size))
+        .unwrap_or(16);
+    let sha = mnli::weights_sha256(&args.model)?;
+    let model_name = args.model.display().to_string();
+    let files = |files: Vec<PathBuf>| {
         files
             .iter()
             .map(|f| f.display().to_string())
             .collect::<Vec<_>>()
             .join(", ")
-    );
+    };
+    match args.task {
+        EvalTaskArg::Mnli => {
+            let data = args.data.as_deref().expect("--data or --recipe, checked");
+            let rows = mnli::read_nli_rows(data, args.split.as_deref(), args.limit)?;
+            let mode = args.mode.unwrap_or(EvalMode::Generate);
+            let mut report = mnli::evaluate_mnli(&model, &tokenizer, &rows, mode, batch_size)?;
+            report.split = args.split.clone().unwrap_or_else(|| data.to_string());
+            report.model = model_name;
+            report.model_sha256 = sha;
+            let written = mnli::write_report(&args.report, &report)?;
+            println!(
+                "mnli {} ({:?}): accuracy {:.2}% ({} / {}), badly formed {} -> {}",
+                report.split,
+                report.mode,
+                100.0 * report.accuracy,
+                report.correct,
+                report.n,
+                report.badly_formed,
+                files(written)
+            );
+        }
+        EvalTaskArg::Classify => {
+            let (data, split) = match &recipe {
+                Some((recipe, dir)) => (
+                    crate::train::launch::classify_eval_data(recipe, dir, &tokenizer)
+                        .with_context(|| args.recipe.clone().unwrap().display().to_string())?,
+                    crate::train::launch::eval_split_name(recipe),
+                ),
+                None => {
+                    let template = args.template.as_deref().expect("--template, checked");
+                    let dataset = data_from_args(&args, template)?;
+                    let group_by = args.group_by.clone().map(|column| GroupBy {
+                        column,
+                        option: "--group-by",
+                    });
+                    let mut data = ClassifyData::new(group_by);
+                    data.add(&dataset, &tokenizer)?;
+                    (data, data_name(&args))
+                }
+            };
+            let mut report = data.evaluate(&model, batch_size)?;
+            report.split = split;
+            report.model = model_name;
+            report.model_sha256 = sha;
+            let written = crate::eval::report::write_report(&args.report, &report)?;
+            println!(
+                "classify {}: accuracy {:.2}% ({} / {}) over {} labels -> {}",
+                report.split,
+                100.0 * report.accuracy,
+                report.correct,
+                report.n,
+                report.labels.len(),
+                files(written)
+            );
+        }
+        EvalTaskArg::Perplexity => {
+            let (sequences, examples, loss_on, split) = match &recipe {
+                Some((recipe, dir)) => {
+                    let prepared = crate::data::prepare(recipe, dir, &tokenizer, Split::Eval)
+                        .with_context(|| {
+                            format!("{}: preparing the eval data", recipe_path(&args))
+                        })?;
+                    let name = crate::train::launch::eval_split_name(recipe);
+                    let examples = prepared.stats.examples;
+                    (prepared.sequences, examples, recipe.data.loss_on, name)
+                }
+                None => {
+                    let template = args.template.as_deref().unwrap_or("text");
+                    let dataset = data_from_args(&args, template)?;
+                    let loss_on = match args.loss_on {
+                        Some(LossOnArg::All) => LossOn::All,
+                        Some(LossOnArg::Target) | None => LossOn::Target,
+                    };
+                    let sequences = one_per_example(&model, &tokenizer, &dataset, loss_on)?;
+                    let examples = sequences.len();
+                    (sequences, examples, loss_on, data_name(&args))
+                }
+            };
+            let totals = perplexity::loss_totals(
+                &model,
+                &sequences,
+                batch_size,
+                tokenizer.pad_id(),
+                &device,
+            )?;
+            let mut report =
+                perplexity::PerplexityReport::new(totals, examples, sequences.len(), loss_on)?;
+            report.split = split;
+            report.model = model_name;
+            report.model_sha256 = sha;
+            let written = perplexity::write_report(&args.report, &report)?;
+            println!(
+                "perplexity {}: loss {:.6} nats/token over {} tokens, perplexity {:.4} -> {}",
+                report.split,
+                report.loss,
+                report.target_tokens,
+                report.perplexity,
+                files(written)
+            );
+        }
+    }
     Ok(())
+}
+
+/// Options that do not fit the task, refused before the model is loaded.
+fn check_options(args: &EvalArgs) -> Result<()> {
+    let task = args.task.name();
+    let refuse = |option: &str, why: &str| -> Result<()> {
+        bail!("{option} does not apply to --task {task}: {why}")
+    };
+    match args.task {
+        EvalTaskArg::Mnli => {
+            if args.recipe.is_some() {
+                refuse(
+                    "--recipe",
+                    "mnli reads premise / hypothesis / label rows from --data",
+                )?;
+            }
+            if args.template.is_some() {
+                refuse(
+                    "--template",
+                    "mnli has its own prompt (use --task classify --template mnli to rank \
+                     through the template)",
+                )?;
+            }
+            if args.group_by.is_some() {
+                refuse("--group-by", "mnli reports per genre by itself")?;
+            }
+            if args.loss_on.is_some() {
+                refuse("--loss-on", "it is perplexity's")?;
+            }
+        }
+        EvalTaskArg::Classify => {
+            if args.mode == Some(EvalMode::Generate) {
+                refuse(
+                    "--mode generate",
+                    "classify ranks the answers by likelihood (generate is MNLI's protocol)",
+                )?;
+            }
+            if args.recipe.is_none() && args.template.is_none() {
+                bail!(
+                    "--task classify --data needs --template (a preset: {}), or --recipe for a \
+                     recipe's eval datasets with their own templates",
+                    crate::recipe::template::Preset::NAMES
+                );
+            }
+            if args.loss_on.is_some() {
+                refuse("--loss-on", "it is perplexity's")?;
+            }
+        }
+        EvalTaskArg::Perplexity => {
+            if args.mode.is_some() {
+                refuse(
+                    "--mode",
+                    "perplexity reads every target token; there is nothing to predict",
+                )?;
+            }
+            if args.group_by.is_some() {
+                refuse("--group-by", "perplexity is one figure over all the data")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn recipe_path(args: &EvalArgs) -> String {
+    args.recipe
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+/// How the report names `--data`.
+fn data_name(args: &EvalArgs) -> String {
+    let data = args.data.clone().unwrap_or_default();
+    match &args.split {
+        Some(split) => format!("{data} ({split})"),
+        None => data,
+    }
+}
+
+/// `--data` with `--template`, `--label-map` and `--column` as a recipe's dataset would say them.
+fn data_from_args(args: &EvalArgs, template: &str) -> Result<LoadedDataset> {
+    let data = args.data.as_deref().expect("--data or --recipe, checked");
+    crate::recipe::template::Preset::parse(template).context("--template")?;
+    let pairs = |values: &[String], option: &str, form: &str| -> Result<BTreeMap<String, String>> {
+        values
+            .iter()
+            .map(|v| match v.split_once('=') {
+                Some((k, w)) if !k.is_empty() && !w.is_empty() => {
+                    Ok((k.to_string(), w.to_string()))
+                }
+                _ => bail!("{option} {v:?}: expected {form}"),
+            })
+            .collect()
+    };
+    let label_map = pairs(
+        &args.label_map,
+        "--label-map",
+        "VALUE=WORD, e.g. 0=negative",
+    )?;
+    let columns = pairs(&args.column, "--column", "FIELD=COLUMN, e.g. text=sentence")?;
+    let spec = DatasetSpec {
+        source: mnli::resolve_source(data, args.split.as_deref(), args.config.as_deref())?,
+        template: TemplateSpec::Preset(template.to_string()),
+        label_map: (!label_map.is_empty()).then_some(label_map),
+        columns,
+        limit: args.limit,
+        few_shot: None,
+    };
+    let records = crate::data::load_records(&spec.source, Path::new("."), args.limit)?;
+    if records.is_empty() {
+        bail!("{}: no rows", records.origin);
+    }
+    Ok(LoadedDataset { spec, records })
+}
+
+/// Each example as its own row (no packing, so no example sees another), laid out as the model
+/// was trained to read prompts (prefix-LM or causal).
+fn one_per_example(
+    model: &model::Model,
+    tokenizer: &TextTokenizer,
+    dataset: &LoadedDataset,
+    loss_on: LossOn,
+) -> Result<Vec<crate::data::Sequence>> {
+    let rendered = crate::data::render_datasets(std::slice::from_ref(dataset))?;
+    let attention = match model.config().prefix_lm() {
+        true => crate::recipe::Attention::Prefix,
+        false => crate::recipe::Attention::Causal,
+    };
+    let sequences = crate::data::tokenize_examples(tokenizer, &rendered, loss_on, attention)?;
+    let context = model.config().max_positions();
+    for (example, sequence) in rendered.iter().zip(&sequences) {
+        if sequence.len() > context {
+            bail!(
+                "{}: the example has {} tokens, more than the model's context of {context} \
+                 (evaluate through a recipe with data.truncation to cut it)",
+                example.origin,
+                sequence.len()
+            );
+        }
+    }
+    Ok(sequences)
 }

@@ -64,7 +64,7 @@ pub(super) fn init(args: InitArgs) -> Result<()> {
     Ok(())
 }
 
-fn parameter_count(config: &model::Config) -> usize {
+pub(super) fn parameter_count(config: &model::Config) -> usize {
     model::parameter_shapes(config)
         .iter()
         .map(|(_, s)| s.iter().product::<usize>())

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::model::{self, init::Preset};
 use crate::tokenizer::TextTokenizer;
 
+mod bench;
 mod data;
 mod eval;
 mod generate;
@@ -19,6 +20,7 @@ mod runs;
 mod score;
 mod train;
 
+pub use bench::{BenchArgs, Counts};
 pub use data::DataCommand;
 pub use eval::{EvalArgs, EvalTaskArg};
 pub use generate::GenerateArgs;
@@ -50,10 +52,18 @@ pub enum Command {
     Init(InitArgs),
     /// Per-token log-probabilities of texts or token ids under a model.
     Score(ScoreArgs),
-    /// Evaluate a model on a task and write a report (MNLI accuracy).
+    /// Evaluate a model on a task and write a report (MNLI, any labelled template, perplexity).
+    ///
+    /// The data is `--data` (with `--template` for classify and perplexity) or, for classify
+    /// and perplexity, a recipe's `data.eval` (`--recipe`: its templates, label maps and
+    /// columns; for perplexity also its seq_len, mode, loss_on and attention, so the figure is
+    /// exp of the `eval/loss` training logs).
     Eval(EvalArgs),
     /// Continue prompts with a model (greedy or sampling, HF semantics).
     Generate(GenerateArgs),
+    /// Time generation over input lengths × output lengths × batch sizes: time to first token,
+    /// per-token latency, total and tokens/s, as a markdown table (and JSON).
+    Bench(BenchArgs),
     /// Upload a checkpoint (or any model directory) to a Hugging Face Hub repo as one commit.
     Push(PushArgs),
     /// Check a recipe and print it fully resolved.
@@ -105,6 +115,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(args) => score::score(args),
         Command::Eval(args) => eval::eval(args),
         Command::Generate(args) => generate::generate(args),
+        Command::Bench(args) => bench::bench(args),
         Command::Push(args) => push::push(args),
         Command::Recipe(RecipeCommand::Check(args)) => recipe::recipe_check(args),
         Command::Data(command) => data::data(command),

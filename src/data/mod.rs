@@ -13,8 +13,8 @@ pub mod template;
 pub use check::{check, Derived, Resolved};
 pub use fingerprint::{FileDigest, SourceFingerprint};
 pub use prepare::{
-    load_split_records, prepare, render_split, tokenize_all, tokenize_example, DataStats,
-    LoadedDataset, Prepared, Split,
+    load_split_records, prepare, render_datasets, render_split, tokenize_all, tokenize_example,
+    tokenize_examples, DataStats, LoadedDataset, Prepared, Split,
 };
 pub use source::{load_records, Records};
 pub use stream::{SequenceStream, StreamState};

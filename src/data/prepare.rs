@@ -161,6 +161,23 @@ pub fn tokenize_all(
         .collect()
 }
 
+/// Examples as a split's data tokenizes them, one sequence each: causal, with the loss mask
+/// `loss_on` says, or prefix-LM, the prompt being the bidirectional prefix.
+pub fn tokenize_examples(
+    tokenizer: &TextTokenizer,
+    examples: &[Rendered],
+    loss_on: LossOn,
+    attention: Attention,
+) -> Result<Vec<Sequence>> {
+    Ok(match attention {
+        Attention::Causal => tokenize_all(tokenizer, examples, loss_on)?,
+        Attention::Prefix => tokenize_all(tokenizer, examples, LossOn::Target)?
+            .into_iter()
+            .map(|e| prefix_lm_example(e, loss_on))
+            .collect(),
+    })
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SourceStats {
     pub origin: String,
@@ -205,16 +222,12 @@ pub fn prepare(
 ) -> Result<Prepared> {
     let datasets = load_split_records(recipe, recipe_dir, split)?;
     let rendered = render_datasets(&datasets)?;
-    let examples = match recipe.data.attention {
-        Attention::Causal => tokenize_all(tokenizer, &rendered, recipe.data.loss_on)?,
-        Attention::Prefix => {
-            let split = tokenize_all(tokenizer, &rendered, LossOn::Target)?;
-            split
-                .into_iter()
-                .map(|e| prefix_lm_example(e, recipe.data.loss_on))
-                .collect()
-        }
-    };
+    let examples = tokenize_examples(
+        tokenizer,
+        &rendered,
+        recipe.data.loss_on,
+        recipe.data.attention,
+    )?;
     let sources = datasets
         .iter()
         .map(|d| SourceStats {

@@ -118,6 +118,51 @@ impl<'a> Caster<'a> {
         self.records.is_empty()
     }
 
+    /// The template's prompt writes nothing (as the `text` preset's): every row is all target.
+    pub fn prompt_is_empty(&self) -> bool {
+        self.template.prompt.is_empty()
+    }
+
+    /// The target written with each label word, as `(word, target)` in label order (the label
+    /// map's keys as numbers when they all are, as class indices are), each word once: the fixed
+    /// set of answers a classifier ranks. `None` when there is no label map or the target uses
+    /// another field than `{label}` (then its answers are not fixed).
+    pub fn label_targets(&self) -> Option<Vec<(String, String)>> {
+        let map = self.label_map.as_ref()?;
+        let mut uses_label = false;
+        for piece in &self.template.target {
+            match piece {
+                Piece::Field(f) if f == LABEL_FIELD => uses_label = true,
+                Piece::Field(_) => return None,
+                Piece::Text(_) => {}
+            }
+        }
+        if !uses_label {
+            return None;
+        }
+        let mut entries: Vec<(&String, &String)> = map.iter().collect();
+        if entries.iter().all(|(k, _)| k.parse::<i64>().is_ok()) {
+            entries.sort_by_key(|(k, _)| k.parse::<i64>().unwrap_or_default());
+        }
+        let mut targets: Vec<(String, String)> = Vec::new();
+        for (_, word) in entries {
+            if targets.iter().any(|(w, _)| w == word) {
+                continue;
+            }
+            let target = self
+                .template
+                .target
+                .iter()
+                .map(|piece| match piece {
+                    Piece::Text(t) => t.as_str(),
+                    Piece::Field(_) => word.as_str(),
+                })
+                .collect();
+            targets.push((word.clone(), target));
+        }
+        Some(targets)
+    }
+
     /// Row `i` as text, with its few-shot prefix.
     pub fn render(&self, i: usize) -> Result<Rendered> {
         let (prompt, target, label) = self.render_plain(i)?;

@@ -8,7 +8,6 @@
 //! ` contradiction<|endoftext|>` (the training target of the `mnli` template) by their summed
 //! log-likelihood and picks the best, so it never produces a badly formed answer.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -21,8 +20,6 @@ use crate::recipe::{EvalMode, SourceSpec};
 use crate::tokenizer::{TextTokenizer, EOS_TOKEN};
 
 pub const LABELS: [&str; 3] = ["entailment", "neutral", "contradiction"];
-/// The extra column of the confusion matrix: answers that are not a label.
-pub const BADLY_FORMED: &str = "badly formed";
 /// Graphcore's decoding budget: every label word is at most a few tokens.
 pub const MAX_NEW_TOKENS: usize = 5;
 
@@ -145,105 +142,34 @@ impl EntailmentPipeline<'_> {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LabelMetrics {
-    pub precision: f64,
-    pub recall: f64,
-    pub f1: f64,
-    pub support: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MnliReport {
-    pub task: String,
-    pub split: String,
-    pub mode: EvalMode,
-    pub n: usize,
-    pub correct: usize,
-    pub accuracy: f64,
-    pub badly_formed: usize,
-    /// Rows: gold label; columns: predicted label, then "badly formed".
-    pub confusion: [[usize; 4]; 3],
-    pub per_label: BTreeMap<String, LabelMetrics>,
-    pub per_genre: BTreeMap<String, GenreAccuracy>,
-    pub model: String,
-    /// sha256 over the model's weight files, in name order.
-    pub model_sha256: String,
-    pub date: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GenreAccuracy {
-    pub n: usize,
-    pub accuracy: f64,
-}
+pub use super::report::{write_report, LabelMetrics, BADLY_FORMED};
+/// The report of an MNLI evaluation: the shared classification report, with MNLI's three labels,
+/// its "badly formed" column and `per_genre`.
+pub type MnliReport = super::report::ClassReport;
+pub type GenreAccuracy = super::report::GroupAccuracy;
 
 /// Accuracy, confusion matrix and per-label / per-genre figures from gold rows and predictions.
 pub fn summarize(rows: &[NliRow], predictions: &[Prediction], mode: EvalMode) -> MnliReport {
     assert_eq!(rows.len(), predictions.len());
-    let mut confusion = [[0usize; 4]; 3];
-    let mut genres: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    for (row, prediction) in rows.iter().zip(predictions) {
-        let column = prediction.label.unwrap_or(3);
-        confusion[row.label][column] += 1;
-        if let Some(genre) = &row.genre {
-            let entry = genres.entry(genre.clone()).or_default();
-            entry.0 += 1;
-            entry.1 += usize::from(prediction.label == Some(row.label));
-        }
-    }
-    let n = rows.len();
-    let correct: usize = (0..3).map(|i| confusion[i][i]).sum();
-    let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
-    let per_label = LABELS
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            let predicted: usize = (0..3).map(|g| confusion[g][i]).sum();
-            let support: usize = confusion[i].iter().sum();
-            let precision = ratio(confusion[i][i], predicted);
-            let recall = ratio(confusion[i][i], support);
-            let f1 = if precision + recall == 0.0 {
-                0.0
-            } else {
-                2.0 * precision * recall / (precision + recall)
-            };
-            let metrics = LabelMetrics {
-                precision,
-                recall,
-                f1,
-                support,
-            };
-            (name.to_string(), metrics)
-        })
-        .collect();
-    let per_genre = genres
-        .into_iter()
-        .map(|(g, (n, c))| {
-            (
-                g,
-                GenreAccuracy {
-                    n,
-                    accuracy: ratio(c, n),
-                },
-            )
-        })
-        .collect();
-    MnliReport {
-        task: "mnli".into(),
-        split: String::new(),
-        mode,
-        n,
-        correct,
-        accuracy: ratio(correct, n),
-        badly_formed: (0..3).map(|g| confusion[g][3]).sum(),
-        confusion,
-        per_label,
-        per_genre,
-        model: String::new(),
-        model_sha256: String::new(),
-        date: utc_now(),
-    }
+    let labels: Vec<String> = LABELS.iter().map(|l| l.to_string()).collect();
+    let gold: Vec<usize> = rows.iter().map(|r| r.label).collect();
+    let predicted: Vec<Option<usize>> = predictions.iter().map(|p| p.label).collect();
+    let genres: Vec<Option<String>> = rows.iter().map(|r| r.genre.clone()).collect();
+    let mut report = super::report::summarize(
+        &super::report::Summary {
+            task: "mnli",
+            mode,
+            labels: &labels,
+            // Generate mode can answer something that is no label; rank mode keeps the column
+            // (always 0) so that both modes' reports have one shape.
+            badly_formed_column: true,
+            groups: Some(("genre", &genres)),
+        },
+        &gold,
+        &predicted,
+    );
+    report.per_genre = report.per_group.clone();
+    report
 }
 
 /// Runs the evaluator over `rows` (what `kiln eval` and the trainer's `eval.task: mnli` call).
@@ -338,29 +264,12 @@ pub fn read_nli_rows(
     split: Option<&str>,
     limit: Option<usize>,
 ) -> Result<Vec<NliRow>> {
-    let path = PathBuf::from(source);
-    let spec = if path.is_file() {
-        SourceSpec {
-            path: Some(path),
-            ..empty_source()
-        }
-    } else if path.is_dir() {
-        let split = split
-            .with_context(|| format!("{source} is a directory: name the split with --split"))?;
-        SourceSpec {
-            path: Some(path.join(format!("{split}.jsonl"))),
-            ..empty_source()
-        }
-    } else if source.contains('/') && !source.starts_with('.') && !source.starts_with('/') {
-        SourceSpec {
-            hub: Some(source.to_string()),
-            config: Some("mnli".into()),
-            split: Some(split.unwrap_or("validation_matched").to_string()),
-            ..empty_source()
-        }
-    } else {
-        bail!("{source}: no such file or directory (nor a Hub dataset id like nyu-mll/glue)");
+    // GLUE's MNLI has no plain `validation` split: the Hub default is the matched one.
+    let split = match Path::new(source).exists() {
+        true => split,
+        false => Some(split.unwrap_or("validation_matched")),
     };
+    let spec = resolve_source(source, split, Some("mnli"))?;
     let records = load_records(&spec, Path::new("."), limit)?;
     if records.rows.is_empty() {
         bail!("{}: no rows", records.origin);
@@ -368,15 +277,42 @@ pub fn read_nli_rows(
     nli_rows(&records)
 }
 
-fn empty_source() -> SourceSpec {
-    SourceSpec {
+/// `--data SOURCE [--split S]` as a data source: a file, a directory holding `S.jsonl`, or a Hub
+/// dataset id (with its `config`, and `split` which the Hub needs).
+pub fn resolve_source(
+    source: &str,
+    split: Option<&str>,
+    config: Option<&str>,
+) -> Result<SourceSpec> {
+    let path = PathBuf::from(source);
+    let mut spec = SourceSpec {
         path: None,
         format: None,
         hub: None,
         config: None,
         split: None,
         revision: None,
+    };
+    if path.is_file() {
+        spec.path = Some(path);
+    } else if path.is_dir() {
+        let split = split
+            .with_context(|| format!("{source} is a directory: name the split with --split"))?;
+        spec.path = Some(path.join(format!("{split}.jsonl")));
+    } else if source.contains('/') && !source.starts_with('.') && !source.starts_with('/') {
+        spec.hub = Some(source.to_string());
+        spec.config = config.map(str::to_string);
+        spec.split = Some(
+            split
+                .with_context(|| {
+                    format!("{source}: a Hub dataset needs --split (e.g. validation)")
+                })?
+                .to_string(),
+        );
+    } else {
+        bail!("{source}: no such file or directory (nor a Hub dataset id like nyu-mll/glue)");
     }
+    Ok(spec)
 }
 
 /// sha256 over the weight files of a model directory (`model*.safetensors` and
@@ -404,107 +340,4 @@ pub fn weights_sha256(dir: &Path) -> Result<String> {
         std::io::copy(&mut f, &mut hasher)?;
     }
     Ok(hex::encode(hasher.finalize()))
-}
-
-fn utc_now() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-}
-
-/// Writes `report.json`, `report.md` and `confusion.svg` into `dir`, each atomically.
-pub fn write_report(dir: &Path, report: &MnliReport) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let files = [
-        ("report.json", serde_json::to_string_pretty(report)? + "\n"),
-        ("report.md", report_markdown(report)),
-        ("confusion.svg", confusion_svg(report)),
-    ];
-    let mut written = Vec::new();
-    for (name, content) in files {
-        let path = dir.join(name);
-        crate::atomic_file::write(&path, content.as_bytes())?;
-        written.push(path);
-    }
-    Ok(written)
-}
-
-fn report_markdown(r: &MnliReport) -> String {
-    let mut md = format!(
-        "# MNLI evaluation\n\n| | |\n|---|---|\n| model | `{}` |\n| weights sha256 | `{}` |\n\
-         | split | {} |\n| mode | {:?} |\n| examples | {} |\n| accuracy | {:.2}% ({} / {}) |\n\
-         | badly formed | {} |\n| date | {} |\n\n## Per label\n\n| label | precision | recall | F1 | support |\n|---|---|---|---|---|\n",
-        r.model, r.model_sha256, r.split, r.mode, r.n, 100.0 * r.accuracy, r.correct, r.n,
-        r.badly_formed, r.date
-    );
-    for (label, m) in &r.per_label {
-        md += &format!(
-            "| {label} | {:.4} | {:.4} | {:.4} | {} |\n",
-            m.precision, m.recall, m.f1, m.support
-        );
-    }
-    md += "\n## Confusion matrix (rows: gold, columns: predicted)\n\n| gold \\ predicted | entailment | neutral | contradiction | badly formed |\n|---|---|---|---|---|\n";
-    for (i, label) in LABELS.iter().enumerate() {
-        let cells: Vec<String> = r.confusion[i].iter().map(|c| c.to_string()).collect();
-        md += &format!("| {label} | {} |\n", cells.join(" | "));
-    }
-    if !r.per_genre.is_empty() {
-        md += "\n## Per genre\n\n| genre | examples | accuracy |\n|---|---|---|\n";
-        for (genre, g) in &r.per_genre {
-            md += &format!("| {genre} | {} | {:.2}% |\n", g.n, 100.0 * g.accuracy);
-        }
-    }
-    md
-}
-
-/// A heat map of the confusion matrix, darker for larger shares of each gold row.
-fn confusion_svg(r: &MnliReport) -> String {
-    let (cell, left, top) = (110, 150, 90);
-    let width = left + 4 * cell + 20;
-    let height = top + 3 * cell + 40;
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
-         font-family=\"sans-serif\" font-size=\"14\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"16\">MNLI confusion matrix: accuracy {:.1}% of {}</text>\n\
-         <text x=\"{}\" y=\"50\" text-anchor=\"middle\">predicted</text>\n",
-        width / 2, 100.0 * r.accuracy, r.n, left + 2 * cell
-    );
-    let columns = [LABELS[0], LABELS[1], LABELS[2], BADLY_FORMED];
-    for (j, name) in columns.iter().enumerate() {
-        svg += &format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{name}</text>\n",
-            left + j * cell + cell / 2,
-            top - 10
-        );
-    }
-    for (i, gold) in LABELS.iter().enumerate() {
-        let y = top + i * cell;
-        svg += &format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{gold}</text>\n",
-            left - 10,
-            y + cell / 2 + 5
-        );
-        let row_total: usize = r.confusion[i].iter().sum();
-        for j in 0..4 {
-            let count = r.confusion[i][j];
-            let share = if row_total == 0 {
-                0.0
-            } else {
-                count as f64 / row_total as f64
-            };
-            let shade = (255.0 - 200.0 * share) as u8;
-            let ink = if share > 0.5 { "white" } else { "black" };
-            svg += &format!(
-                "<rect x=\"{}\" y=\"{y}\" width=\"{cell}\" height=\"{cell}\" fill=\"rgb({shade},{shade},255)\" stroke=\"#888\"/>\n\
-                 <text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"{ink}\" font-size=\"18\">{count}</text>\n",
-                left + j * cell,
-                left + j * cell + cell / 2,
-                y + cell / 2 + 6
-            );
-        }
-    }
-    svg += &format!(
-        "<text x=\"20\" y=\"{}\" transform=\"rotate(-90 20 {})\" text-anchor=\"middle\">gold</text>\n</svg>\n",
-        top + 3 * cell / 2,
-        top + 3 * cell / 2
-    );
-    svg
 }

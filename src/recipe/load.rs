@@ -358,10 +358,28 @@ impl Recipe {
             self.eval.batch_size > 0,
             "eval.batch_size: must be at least 1".into(),
         );
-        if self.eval.task == super::EvalTask::Mnli {
+        let task = self.eval.task;
+        if task != super::EvalTask::Loss {
             problems.check(
                 !self.data.eval.is_empty(),
-                "eval.task: mnli needs an eval dataset under data.eval".into(),
+                format!(
+                    "eval.task: {} needs an eval dataset under data.eval",
+                    task.name()
+                ),
+            );
+        }
+        if let Some(column) = &self.eval.group_by {
+            problems.check(
+                task == super::EvalTask::Classify,
+                format!(
+                    "eval.group_by: only applies to eval.task: classify, not {} (mnli reports \
+                     per genre by itself)",
+                    task.name()
+                ),
+            );
+            problems.check(
+                !column.trim().is_empty(),
+                "eval.group_by: must name a column of the eval data".into(),
             );
         }
         problems.check(

@@ -541,8 +541,24 @@ pub enum EvalTask {
     /// Loss on the eval split only.
     #[default]
     Loss,
-    /// Loss and MNLI accuracy.
+    /// Loss and MNLI accuracy (Graphcore's protocol).
     Mnli,
+    /// Loss and accuracy of ranking each eval template's fixed set of answers.
+    Classify,
+    /// Loss and its exp, with a report.
+    Perplexity,
+}
+
+impl EvalTask {
+    /// As written in a recipe.
+    pub fn name(self) -> &'static str {
+        match self {
+            EvalTask::Loss => "loss",
+            EvalTask::Mnli => "mnli",
+            EvalTask::Classify => "classify",
+            EvalTask::Perplexity => "perplexity",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -568,6 +584,10 @@ pub struct EvalSpec {
     pub limit: Option<usize>,
     #[serde(default = "default_eval_batch")]
     pub batch_size: usize,
+    /// `classify`: also report accuracy per value of this column of the eval data. Left out of
+    /// the serialized recipe when unset, so older checkpoints' recipes still match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_by: Option<String>,
 }
 
 fn default_eval_batch() -> usize {
@@ -582,6 +602,7 @@ impl Default for EvalSpec {
             mode: EvalMode::Generate,
             limit: None,
             batch_size: default_eval_batch(),
+            group_by: None,
         }
     }
 }

@@ -7,8 +7,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
 use super::{CheckpointHook, EvalHook, EvalPoint, ModelInit, Resume, TrainOptions, TrainSummary};
+use crate::data::Sequence;
 use crate::data::{self, load_split_records, prepare, SequenceStream, Split};
+use crate::eval::classify::{ClassifyData, GroupBy};
 use crate::eval::mnli::{evaluate_mnli, nli_rows, write_report, NliRow};
+use crate::eval::perplexity::{self, PerplexityReport};
 use crate::hub::{HubConfig, PushOptions, UploadEvent, Uploader};
 use crate::model::{self, init};
 use crate::recipe::{self, Attention, EvalTask, Recipe};
@@ -65,12 +68,9 @@ pub fn train_recipe(recipe_path: &Path, options: LaunchOptions) -> Result<TrainS
     );
 
     // Everything that can be wrong with the evaluation or the upload is found before step 1.
-    let nli = match recipe.eval.task {
-        EvalTask::Mnli => Some(
-            mnli_eval_rows(&recipe, &dir).with_context(|| format!("{file}: eval.task: mnli"))?,
-        ),
-        EvalTask::Loss => None,
-    };
+    let task = recipe.eval.task;
+    let job = eval_job(&recipe, &dir, &tokenizer, eval_data.as_ref())
+        .with_context(|| format!("{file}: eval.task: {}", task.name()))?;
     let uploader = match &recipe.checkpoint.push_to_hub {
         Some(push) => {
             let config = HubConfig::from_env();
@@ -91,26 +91,56 @@ pub fn train_recipe(recipe_path: &Path, options: LaunchOptions) -> Result<TrainS
     };
 
     let run_dir = recipe.tracking.log_dir.join(&recipe.name);
-    let eval_hook: Option<EvalHook> = nli.map(|rows| {
+    let eval_hook: Option<EvalHook> = job.map(|job| {
         let tokenizer = tokenizer.clone();
         let (mode, batch_size) = (recipe.eval.mode, recipe.eval.batch_size);
+        let loss_on = recipe.data.loss_on;
         let reports = run_dir.join("eval");
         let split = eval_split_name(&recipe);
         let run_name = recipe.name.clone();
         Box::new(move |model: &model::Model, point: &EvalPoint| {
             let step = point.step;
-            let mut report = evaluate_mnli(model, &tokenizer, &rows, mode, batch_size)?;
-            report.model = format!("{run_name} step {step}");
-            report.model_sha256 = point.weights_sha256.clone();
-            report.split = split.clone();
-            write_report(&reports.join(format!("step-{step}")), &report)?;
-            Ok(vec![
-                ("accuracy".to_string(), report.accuracy),
-                (
-                    "badly_formed".to_string(),
-                    report.badly_formed as f64 / report.n as f64,
-                ),
-            ])
+            let dir = reports.join(format!("step-{step}"));
+            let name = format!("{run_name} step {step}");
+            match &job {
+                EvalJob::Mnli(rows) => {
+                    let mut report = evaluate_mnli(model, &tokenizer, rows, mode, batch_size)?;
+                    report.model = name;
+                    report.model_sha256 = point.weights_sha256.clone();
+                    report.split = split.clone();
+                    write_report(&dir, &report)?;
+                    Ok(vec![
+                        ("accuracy".to_string(), report.accuracy),
+                        (
+                            "badly_formed".to_string(),
+                            report.badly_formed as f64 / report.n as f64,
+                        ),
+                    ])
+                }
+                EvalJob::Classify(data) => {
+                    let mut report = data.evaluate(model, batch_size)?;
+                    report.model = name;
+                    report.model_sha256 = point.weights_sha256.clone();
+                    report.split = split.clone();
+                    write_report(&dir, &report)?;
+                    Ok(vec![("accuracy".to_string(), report.accuracy)])
+                }
+                EvalJob::Perplexity {
+                    examples,
+                    sequences,
+                } => {
+                    // The loss training just logged as eval/loss, so the two always agree.
+                    let totals = point
+                        .loss
+                        .context("the eval split gave no loss to take the perplexity of")?;
+                    let mut report = PerplexityReport::new(totals, *examples, *sequences, loss_on)?;
+                    report.model = name;
+                    report.model_sha256 = point.weights_sha256.clone();
+                    report.split = split.clone();
+                    perplexity::write_report(&dir, &report)?;
+                    Ok(vec![("perplexity".to_string(), report.perplexity)])
+                }
+            }
         }) as EvalHook
     });
     let checkpoint_hook: Option<CheckpointHook> = uploader.as_ref().map(|uploader| {
@@ -245,7 +275,7 @@ fn starting_model(recipe: &Recipe, recipe_dir: &Path) -> Result<(ModelInit, Text
 }
 
 /// The eval data as a report names it: each source's file or `hub:dataset/config/split`.
-fn eval_split_name(recipe: &Recipe) -> String {
+pub(crate) fn eval_split_name(recipe: &Recipe) -> String {
     let names: Vec<String> = recipe
         .data
         .eval
@@ -265,6 +295,66 @@ fn first_rows(limit: Option<usize>) -> String {
     limit
         .map(|n| format!(" (first {n} rows)"))
         .unwrap_or_default()
+}
+
+/// What the evaluation hook measures beyond `eval/loss`, prepared once.
+enum EvalJob {
+    Mnli(Vec<NliRow>),
+    Classify(ClassifyData),
+    Perplexity { examples: usize, sequences: usize },
+}
+
+/// The eval task's data, checked: `None` for `eval.task: loss`.
+fn eval_job(
+    recipe: &Recipe,
+    recipe_dir: &Path,
+    tokenizer: &TextTokenizer,
+    eval_data: Option<&data::Prepared>,
+) -> Result<Option<EvalJob>> {
+    Ok(match recipe.eval.task {
+        EvalTask::Loss => None,
+        EvalTask::Mnli => Some(EvalJob::Mnli(mnli_eval_rows(recipe, recipe_dir)?)),
+        EvalTask::Classify => Some(EvalJob::Classify(classify_eval_data(
+            recipe, recipe_dir, tokenizer,
+        )?)),
+        EvalTask::Perplexity => {
+            let data = eval_data.context("there is no data.eval to measure perplexity on")?;
+            let tokens: usize = data.sequences.iter().map(Sequence::target_count).sum();
+            if tokens == 0 {
+                bail!(
+                    "data.eval: its {} examples have no tokens the loss covers (data.loss_on, \
+                     data.mode)",
+                    data.stats.examples
+                );
+            }
+            Some(EvalJob::Perplexity {
+                examples: data.stats.examples,
+                sequences: data.sequences.len(),
+            })
+        }
+    })
+}
+
+/// The eval datasets with their answers, tokenized: what `eval.task: classify` ranks.
+pub(crate) fn classify_eval_data(
+    recipe: &Recipe,
+    recipe_dir: &Path,
+    tokenizer: &TextTokenizer,
+) -> Result<ClassifyData> {
+    let datasets = load_split_records(recipe, recipe_dir, Split::Eval)?;
+    if datasets.is_empty() {
+        bail!("there is no data.eval to classify");
+    }
+    let group_by = recipe.eval.group_by.clone().map(|column| GroupBy {
+        column,
+        option: "eval.group_by",
+    });
+    let mut data = ClassifyData::new(group_by);
+    for (i, dataset) in datasets.iter().enumerate() {
+        data.add(dataset, tokenizer)
+            .with_context(|| format!("data.eval[{i}]"))?;
+    }
+    Ok(data)
 }
 
 /// The eval split's rows as premise / hypothesis / label, capped by `eval.limit`.
@@ -360,13 +450,16 @@ fn print_summary(recipe: &Recipe, summary: &TrainSummary) {
         );
     }
     if let Some(accuracy) = summary.eval.get("accuracy") {
-        println!(
-            "eval accuracy {:.2}% ({} mode){}",
-            accuracy * 100.0,
-            serde_json::to_value(recipe.eval.mode)
+        let mode = match recipe.eval.task {
+            EvalTask::Classify => "rank".to_string(),
+            _ => serde_json::to_value(recipe.eval.mode)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default(),
+        };
+        println!(
+            "eval accuracy {:.2}% ({mode} mode){}",
+            accuracy * 100.0,
             summary
                 .eval
                 .get("loss")
@@ -374,7 +467,10 @@ fn print_summary(recipe: &Recipe, summary: &TrainSummary) {
                 .unwrap_or_default()
         );
     } else if let Some(loss) = summary.eval.get("loss") {
-        println!("eval loss {loss:.4}");
+        match summary.eval.get("perplexity") {
+            Some(perplexity) => println!("eval loss {loss:.4}, perplexity {perplexity:.4}"),
+            None => println!("eval loss {loss:.4}"),
+        }
     }
     if let Some(dir) = &summary.last_checkpoint {
         println!("checkpoint: {}", dir.display());

@@ -34,7 +34,7 @@ use crate::track::{Progress, RunRef, RunStatus, Tracker, TrackerStart};
 pub use optimizer::AdamW;
 pub use precision::{LossScaler, StepVerdict};
 pub use schedule::Schedule;
-use step::{make_batch, train_step, StepOutcome, StepSetup, Workers};
+use step::{train_step, StepOutcome, StepSetup, Workers};
 
 /// The model a run starts from.
 pub struct ModelInit {
@@ -64,6 +64,8 @@ pub type CheckpointHook<'a> = Box<dyn FnMut(&Path, u64) -> Result<Vec<PathBuf>> 
 pub struct EvalPoint {
     /// Optimizer steps completed.
     pub step: u64,
+    /// The eval split's loss just logged as `eval/loss` (none without eval sequences).
+    pub loss: Option<crate::eval::perplexity::LossTotals>,
     /// sha256 over the weight files a checkpoint of these weights holds (what
     /// `eval::mnli::weights_sha256` gives for that checkpoint's directory).
     pub weights_sha256: String,
@@ -744,24 +746,19 @@ fn evaluate(
         .collect();
     let model = model::model_from_parameters(config, &tensors, dtype, device)?;
     let mut results = Vec::new();
+    let mut loss = None;
     if let Some(sequences) = sequences {
-        let (mut nll, mut count) = (0f64, 0usize);
-        for rows in sequences.chunks(batch_size.max(1)) {
-            let trained: usize = rows.iter().map(Sequence::target_count).sum();
-            if trained == 0 {
-                continue;
-            }
-            let (batch, labels) = make_batch(rows, pad_id, device)?;
-            nll += model.loss_sum(&batch, &labels)?;
-            count += trained;
-        }
-        if count > 0 {
-            results.push(("loss".to_string(), nll / count as f64));
+        let totals =
+            crate::eval::perplexity::loss_totals(&model, sequences, batch_size, pad_id, device)?;
+        if totals.tokens > 0 {
+            results.push(("loss".to_string(), totals.mean()));
+            loss = Some(totals);
         }
     }
     if let Some(hook) = hook {
         let point = EvalPoint {
             step,
+            loss,
             weights_sha256: model::weights_sha256(
                 config,
                 &tensors,
