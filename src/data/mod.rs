@@ -95,3 +95,30 @@ impl Sequence {
         self.loss_mask.iter().skip(1).filter(|&&m| m).count()
     }
 }
+
+/// Training rows right-padded into a model batch, with their next-token labels (-100 where not
+/// trained); rows of packed or prefix-LM examples keep their layout.
+pub fn batch_of(
+    rows: &[Sequence],
+    pad_id: u32,
+    device: &candle_core::Device,
+) -> candle_core::Result<(crate::model::Batch, Vec<i64>)> {
+    use crate::model::Batch;
+    use crate::ops::PrefixLayout;
+    let ids: Vec<Vec<u32>> = rows.iter().map(|s| s.ids.clone()).collect();
+    let batch = if rows.iter().any(Sequence::is_prefix_lm) {
+        let layouts: Vec<PrefixLayout> = rows
+            .iter()
+            .map(|s| PrefixLayout {
+                segment: s.segment.clone(),
+                prefix: s.prefix.clone(),
+            })
+            .collect();
+        Batch::prefix_lm(&ids, &layouts, pad_id, device)?
+    } else {
+        Batch::right_padded(&ids, pad_id, device)?
+    };
+    let seq = batch.input_ids.dim(1)?;
+    let labels = rows.iter().flat_map(|s| s.labels(seq)).collect();
+    Ok((batch, labels))
+}

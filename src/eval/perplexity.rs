@@ -15,7 +15,6 @@ use super::report::{md_cell, utc_now, write_files};
 use crate::data::Sequence;
 use crate::model::Model;
 use crate::recipe::LossOn;
-use crate::train::step::make_batch;
 
 /// Summed loss and the number of tokens it covers.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -51,7 +50,7 @@ pub fn loss_totals(
         if trained == 0 {
             continue;
         }
-        let (batch, labels) = make_batch(rows, pad_id, device)?;
+        let (batch, labels) = crate::data::batch_of(rows, pad_id, device)?;
         totals.nll += model.loss_sum(&batch, &labels)?;
         totals.tokens += trained;
     }

@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::optimizer::{self, AdamW};
 use super::precision::{LossScaler, StepVerdict};
 use crate::data::Sequence;
-use crate::model::{self, Batch, Config, Model};
-use crate::ops::{self, DropoutRates, PrefixLayout};
+use crate::model::{self, Config, Model};
+use crate::ops::{self, DropoutRates};
 
 /// What a step needs that does not change between steps.
 pub struct StepSetup<'a> {
@@ -134,7 +134,7 @@ fn shard_backward(
     weight: f64,
     dropout: Option<ops::Dropout>,
 ) -> Result<Option<(f64, Vec<Tensor>)>> {
-    let (mut batch, labels) = make_batch(shard, pad_id, model.device())?;
+    let (mut batch, labels) = crate::data::batch_of(shard, pad_id, model.device())?;
     batch.dropout = dropout;
     let Some(loss) = model.loss_and_grads(&batch, &labels, weight)? else {
         return Ok(None);
@@ -147,26 +147,6 @@ fn shard_backward(
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Some((loss.nll_sum, grads)))
-}
-
-/// Rows right-padded into a batch, with their next-token labels (-100 where not trained).
-pub fn make_batch(rows: &[Sequence], pad_id: u32, device: &Device) -> Result<(Batch, Vec<i64>)> {
-    let ids: Vec<Vec<u32>> = rows.iter().map(|s| s.ids.clone()).collect();
-    let batch = if rows.iter().any(Sequence::is_prefix_lm) {
-        let layouts: Vec<PrefixLayout> = rows
-            .iter()
-            .map(|s| PrefixLayout {
-                segment: s.segment.clone(),
-                prefix: s.prefix.clone(),
-            })
-            .collect();
-        Batch::prefix_lm(&ids, &layouts, pad_id, device)?
-    } else {
-        Batch::right_padded(&ids, pad_id, device)?
-    };
-    let seq = batch.input_ids.dim(1)?;
-    let labels = rows.iter().flat_map(|s| s.labels(seq)).collect();
-    Ok((batch, labels))
 }
 
 /// The threads a run trains on: per replica, `per_replica` workers, each with its own
