@@ -338,7 +338,7 @@ pub fn prefix_lm() {
                 ..Sequence::all_trained(ids[r].iter().map(|&t| t as u32).collect())
             })
             .collect();
-        let (batch, labels) = train::step::make_batch(&rows, 0, &test_device()).unwrap();
+        let (batch, labels) = kiln::data::batch_of(&rows, 0, &test_device()).unwrap();
         let positions = batch.position_ids.to_dtype(DType::I64).unwrap();
         assert_eq!(
             max_abs_diff(
