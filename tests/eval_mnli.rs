@@ -131,18 +131,7 @@ fn kiln_eval_writes_consistent_reports_in_both_modes() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = tmp.path().join("model");
-    let (ok, _, stderr) = kiln(&[
-        "init",
-        "--preset",
-        "tiny",
-        "--out",
-        model_dir.to_str().unwrap(),
-        "--seed",
-        "1",
-        "--tokenizer",
-        tok.to_str().unwrap(),
-    ]);
-    assert!(ok, "{stderr}");
+    init_tiny(&model_dir, 1, &tok);
     let rows = fixtures().join("mnli/rows.jsonl");
     for mode in ["generate", "rank"] {
         let report_dir = tmp.path().join(mode);
@@ -259,18 +248,7 @@ fn generate_mode_predictions_do_not_depend_on_batching() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = tmp.path().join("model");
-    let (ok, _, stderr) = kiln(&[
-        "init",
-        "--preset",
-        "tiny",
-        "--out",
-        model_dir.to_str().unwrap(),
-        "--seed",
-        "3",
-        "--tokenizer",
-        tok.to_str().unwrap(),
-    ]);
-    assert!(ok, "{stderr}");
+    init_tiny(&model_dir, 3, &tok);
     let model = kiln::model::load_model(
         &model_dir,
         candle_core::DType::F32,

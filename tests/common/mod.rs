@@ -178,3 +178,19 @@ pub fn write_recipe(out: &Path, extra: &str) -> PathBuf {
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// `kiln init --preset tiny` into `out` with `tokenizer` (a directory), sized for it.
+pub fn init_tiny(out: &Path, seed: u64, tokenizer: &Path) {
+    let (ok, _, stderr) = kiln(&[
+        "init",
+        "--preset",
+        "tiny",
+        "--out",
+        out.to_str().unwrap(),
+        "--seed",
+        &seed.to_string(),
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+}
