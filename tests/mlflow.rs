@@ -349,7 +349,32 @@ fn mlflow_run_mirrors_metrics_params_artifacts_and_survives_kill_and_server_loss
     .unwrap();
     assert_eq!(info["status"], "stopped");
 
-    // 4. The server goes away mid-run and stays away: training finishes, the end says what
+    // 4. A run that fails (an absurd learning rate overflows at step 2) is FAILED in MLflow.
+    let failing = tempfile::tempdir().unwrap();
+    let recipe_f = recipe_with_tracking(failing.path(), &mlflow_section(&uri, "failing", ""));
+    let (ok, stdout, stderr) = train(
+        &recipe_f,
+        &[
+            "--quiet",
+            "--set",
+            "optimizer.lr=1.0e30",
+            "--set",
+            "optimizer.weight_decay=0.0",
+        ],
+    );
+    assert!(!ok, "{stdout}\n{stderr}");
+    assert!(stderr.contains("not finite"), "{stderr}");
+    let dump = read_back(&python, &uri, "failing");
+    assert_eq!(dump["runs"][0]["status"], "FAILED");
+    assert_eq!(
+        dump["runs"][0]["metrics"]["train/loss"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // 5. The server goes away mid-run and stays away: training finishes, the end says what
     // MLflow is missing.
     let gone = tempfile::tempdir().unwrap();
     let (_, stderr) = train_through_outage(&mut server, gone.path(), "gone", 2, false);
@@ -358,7 +383,7 @@ fn mlflow_run_mirrors_metrics_params_artifacts_and_survives_kill_and_server_loss
         "{stderr}"
     );
 
-    // 5. The server comes back while the run waits to flush: it catches up, every step once.
+    // 6. The server comes back while the run waits to flush: it catches up, every step once.
     server.restart();
     let back = tempfile::tempdir().unwrap();
     let (_, stderr) = train_through_outage(&mut server, back.path(), "back", 180, true);

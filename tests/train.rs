@@ -834,6 +834,13 @@ fn non_finite_gradients_in_fp32_stop_with_the_last_good_checkpoint() {
     );
     assert!(!dir.path().join("checkpoints/test/step-2").exists());
     assert_eq!(logged(&dir.path().join("runs/test"), "train/loss").len(), 1);
+    // `kiln runs` and MLflow learn how it ended from run.json.
+    let info: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("runs/test/run.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(info["status"], "failed");
+    assert_eq!(info["steps_done"], 1);
 }
 
 #[test]
