@@ -20,11 +20,11 @@ pub mod runs;
 pub mod tensorboard;
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
+use std::io::{BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -369,29 +369,44 @@ pub fn unix_now() -> f64 {
 
 /// Reads `metrics.jsonl` (null values come back as NaN).
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricRecord>> {
-    let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let mut records = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let value: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
-        let parsed = (|| {
-            Some(MetricRecord {
-                step: value.get("step")?.as_u64()?,
-                tag: value.get("tag")?.as_str()?.to_string(),
-                value: value.get("value")?.as_f64().unwrap_or(f64::NAN),
-            })
-        })();
-        records.push(parsed.with_context(|| {
-            format!(
-                "{}:{}: expected {{\"step\", \"tag\", \"value\"}}",
+    parse_metrics(path, false)
+}
+
+/// Reads `metrics.jsonl` like [`read_metrics`], except that a last line that does not parse is
+/// dropped: it is a write cut short by a crash or a run still writing, and the complete lines
+/// before it are all there is to show (`kiln runs`).
+pub fn read_metrics_allowing_a_cut_last_line(path: &Path) -> Result<Vec<MetricRecord>> {
+    parse_metrics(path, true)
+}
+
+fn parse_metrics(path: &Path, last_line_may_be_cut: bool) -> Result<Vec<MetricRecord>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .collect();
+    let mut records = Vec::with_capacity(lines.len());
+    for (position, &(index, line)) in lines.iter().enumerate() {
+        let parsed = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|value| {
+                Some(MetricRecord {
+                    step: value.get("step")?.as_u64()?,
+                    tag: value.get("tag")?.as_str()?.to_string(),
+                    value: value.get("value")?.as_f64().unwrap_or(f64::NAN),
+                })
+            });
+        match parsed {
+            Some(record) => records.push(record),
+            None if last_line_may_be_cut && position + 1 == lines.len() => {}
+            None => bail!(
+                "{}:{}: expected {{\"step\": N, \"tag\": \"...\", \"value\": x}}",
                 path.display(),
-                i + 1
-            )
-        })?);
+                index + 1
+            ),
+        }
     }
     Ok(records)
 }

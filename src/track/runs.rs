@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::MetricRecord;
@@ -98,7 +98,7 @@ impl Run {
         };
         let metrics_path = dir.join("metrics.jsonl");
         let metrics = if metrics_path.exists() {
-            read_metrics_tolerant(&metrics_path)?
+            crate::track::read_metrics_allowing_a_cut_last_line(&metrics_path)?
         } else {
             Vec::new()
         };
@@ -147,42 +147,6 @@ fn read_optional(path: &Path) -> Result<Option<String>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(anyhow!(e).context(format!("{}: cannot read", path.display()))),
     }
-}
-
-/// Reads `metrics.jsonl` like [`super::read_metrics`], except that a last line that does not
-/// parse is dropped: it is a write cut short by a crash or a run still writing, and the
-/// complete lines before it are all there is to show.
-pub fn read_metrics_tolerant(path: &Path) -> Result<Vec<MetricRecord>> {
-    #[derive(Deserialize)]
-    struct Line {
-        step: u64,
-        tag: String,
-        value: Option<f64>,
-    }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    let lines: Vec<(usize, &str)> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .collect();
-    let mut records = Vec::with_capacity(lines.len());
-    for (position, &(index, line)) in lines.iter().enumerate() {
-        match serde_json::from_str::<Line>(line) {
-            Ok(parsed) => records.push(MetricRecord {
-                step: parsed.step,
-                tag: parsed.tag,
-                value: parsed.value.unwrap_or(f64::NAN),
-            }),
-            Err(_) if position + 1 == lines.len() => {}
-            Err(e) => bail!(
-                "{}:{}: expected {{\"step\": N, \"tag\": \"...\", \"value\": x}} ({e})",
-                path.display(),
-                index + 1
-            ),
-        }
-    }
-    Ok(records)
 }
 
 /// The run directories of a log dir: its subdirectories holding `run.json`, `metrics.jsonl` or
@@ -1089,7 +1053,7 @@ mod tests {
              {\"step\":3,\"tag\":\"train/lo",
         )
         .unwrap();
-        let records = read_metrics_tolerant(&path).unwrap();
+        let records = crate::track::read_metrics_allowing_a_cut_last_line(&path).unwrap();
         assert_eq!(records.len(), 2);
         assert!(records[1].value.is_nan());
         std::fs::write(
@@ -1099,7 +1063,10 @@ mod tests {
              {\"step\":3,\"tag\":\"train/loss\",\"value\":2.0}\n",
         )
         .unwrap();
-        let error = format!("{:#}", read_metrics_tolerant(&path).unwrap_err());
+        let error = format!(
+            "{:#}",
+            crate::track::read_metrics_allowing_a_cut_last_line(&path).unwrap_err()
+        );
         assert!(error.contains("metrics.jsonl:2"), "{error}");
     }
 

@@ -22,9 +22,7 @@ impl EventWriter {
     /// one run, so a resumed run adds a file beside the first).
     pub fn create(dir: &Path) -> Result<Self> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH)?;
-        let host = std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "localhost".into());
+        let host = super::host_name();
         // Zero-padded nanoseconds keep names sorting in creation order even within a second:
         // TensorBoard reads a run's files in name order, and a resumed run's must come last.
         let name = format!(
