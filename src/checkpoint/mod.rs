@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 
 use crate::data::fingerprint::file_digest;
 use crate::data::{FileDigest, SourceFingerprint, StreamState};
-use crate::model::{self, Config};
+use crate::model::{self, lora, Config};
 use crate::recipe::Recipe;
 use crate::tokenizer::TextTokenizer;
 
@@ -140,9 +140,7 @@ fn half() -> f64 {
 /// What goes into one checkpoint.
 pub struct Contents<'a> {
     pub config: &'a Config,
-    /// fp32 master weights by HF name.
-    pub params: &'a HashMap<String, Tensor>,
-    pub weights_dtype: DType,
+    pub weights: Weights<'a>,
     pub tokenizer: Option<&'a TextTokenizer>,
     pub optimizer: HashMap<String, Tensor>,
     pub state: TrainerState,
@@ -231,20 +229,40 @@ pub fn recover(run_dir: &Path) -> Result<()> {
     sync_dir(run_dir)
 }
 
+/// The trained weights of a checkpoint.
+pub enum Weights<'a> {
+    /// A whole model, written as a HF model directory in `dtype` (the fp32 masters go with the
+    /// optimizer state when that rounds them).
+    Model {
+        params: &'a HashMap<String, Tensor>,
+        dtype: DType,
+    },
+    /// A LoRA adapter, written as PEFT's directory; `targets` as the recipe resolved them.
+    Adapter {
+        adapter: lora::Adapter,
+        targets: Vec<String>,
+    },
+}
+
 fn write_contents(dir: &Path, contents: Contents) -> Result<()> {
     let mut optimizer = contents.optimizer;
-    if contents.weights_dtype != DType::F32 {
-        for (name, tensor) in contents.params {
-            optimizer.insert(format!("master.{name}"), tensor.clone());
+    match contents.weights {
+        Weights::Model { params, dtype } => {
+            if dtype != DType::F32 {
+                for (name, tensor) in params {
+                    optimizer.insert(format!("master.{name}"), tensor.clone());
+                }
+            }
+            model::save_model(
+                dir,
+                contents.config,
+                params,
+                dtype,
+                model::DEFAULT_MAX_SHARD_BYTES,
+            )?;
         }
+        Weights::Adapter { adapter, targets } => adapter.save(dir, contents.config, &targets)?,
     }
-    model::save_model(
-        dir,
-        contents.config,
-        contents.params,
-        contents.weights_dtype,
-        model::DEFAULT_MAX_SHARD_BYTES,
-    )?;
     if let Some(tokenizer) = contents.tokenizer {
         tokenizer.save_to(dir)?;
     }

@@ -17,6 +17,9 @@ pub struct BenchArgs {
     /// Hugging Face model directory.
     #[arg(long, conflicts_with = "preset", required_unless_present = "preset")]
     pub model: Option<PathBuf>,
+    /// A PEFT LoRA adapter directory, merged into --model's weights as they load.
+    #[arg(long, requires = "model")]
+    pub adapter: Option<PathBuf>,
     /// Benchmark a randomly initialised model of this shape instead (nothing is read from disk).
     #[arg(long, value_enum)]
     pub preset: Option<Preset>,
@@ -286,7 +289,8 @@ fn load(
                 dir.display()
             )
         };
-        let model = model::load_model(dir, dtype, device).with_context(expected)?;
+        let model = model::load_model_with_adapter(dir, args.adapter.as_deref(), dtype, device)
+            .with_context(expected)?;
         let tokenizer = model_tokenizer(dir, model.config().vocab_size()).with_context(expected)?;
         return Ok((model, tokenizer, dir.display().to_string()));
     }

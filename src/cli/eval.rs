@@ -36,6 +36,10 @@ pub struct EvalArgs {
     /// Hugging Face model directory (with its tokenizer).
     #[arg(long)]
     pub model: PathBuf,
+    /// A PEFT LoRA adapter directory (a Kiln LoRA checkpoint, or PEFT's save_pretrained),
+    /// merged into the model's weights as they load.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "mnli")]
     pub task: EvalTaskArg,
     /// A data file (jsonl, json, csv, tsv, GLUE tsv, parquet, arrow), a directory holding
@@ -114,7 +118,8 @@ pub(super) fn eval(args: EvalArgs) -> Result<()> {
     check_options(&args)?;
     let dtype = model::parse_dtype(&args.dtype)?;
     let device = model::parse_device(&args.device)?;
-    let model = model::load_model(&args.model, dtype, &device)?;
+    let model =
+        model::load_model_with_adapter(&args.model, args.adapter.as_deref(), dtype, &device)?;
     let tokenizer =
         model_tokenizer(&args.model, model.config().vocab_size())?.with_context(|| {
             format!(

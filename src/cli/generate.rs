@@ -7,6 +7,10 @@ pub struct GenerateArgs {
     /// Hugging Face model directory.
     #[arg(long)]
     pub model: PathBuf,
+    /// A PEFT LoRA adapter directory (a Kiln LoRA checkpoint, or PEFT's save_pretrained),
+    /// merged into the model's weights as they load.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// One prompt; its completion is printed (streamed when stdout is a terminal).
     #[arg(long, conflicts_with = "input", required_unless_present = "input")]
     pub prompt: Option<String>,
@@ -56,7 +60,8 @@ pub(super) fn generate(args: GenerateArgs) -> Result<()> {
     use std::io::{IsTerminal, Write};
     let dtype = model::parse_dtype(&args.dtype)?;
     let device = model::parse_device(&args.device)?;
-    let model = model::load_model(&args.model, dtype, &device)?;
+    let model =
+        model::load_model_with_adapter(&args.model, args.adapter.as_deref(), dtype, &device)?;
     let tokenizer = model_tokenizer(&args.model, model.config().vocab_size())?;
     let params = GenerationParams {
         max_new_tokens: args.max_new_tokens,

@@ -14,6 +14,7 @@ mod data;
 mod eval;
 mod generate;
 mod init;
+mod merge;
 mod push;
 mod recipe;
 mod runs;
@@ -25,6 +26,7 @@ pub use data::DataCommand;
 pub use eval::{EvalArgs, EvalTaskArg};
 pub use generate::GenerateArgs;
 pub use init::InitArgs;
+pub use merge::MergeArgs;
 pub use push::PushArgs;
 pub use recipe::RecipeCommand;
 pub use runs::{RunsArgs, RunsCommand};
@@ -64,6 +66,8 @@ pub enum Command {
     /// Time generation over input lengths × output lengths × batch sizes: time to first token,
     /// per-token latency, total and tokens/s, as a markdown table (and JSON).
     Bench(BenchArgs),
+    /// Merge a LoRA adapter into its base model: a plain Hugging Face model directory.
+    Merge(MergeArgs),
     /// Upload a checkpoint (or any model directory) to a Hugging Face Hub repo as one commit.
     Push(PushArgs),
     /// Check a recipe and print it fully resolved.
@@ -116,6 +120,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::eval(args),
         Command::Generate(args) => generate::generate(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Merge(args) => merge::merge(args),
         Command::Push(args) => push::push(args),
         Command::Recipe(RecipeCommand::Check(args)) => recipe::recipe_check(args),
         Command::Data(command) => data::data(command),

@@ -7,6 +7,10 @@ pub struct ScoreArgs {
     /// Hugging Face model directory.
     #[arg(long)]
     pub model: PathBuf,
+    /// A PEFT LoRA adapter directory (a Kiln LoRA checkpoint, or PEFT's save_pretrained),
+    /// merged into the model's weights as they load.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// JSON lines, each {"text": ...} or {"ids": [...]}.
     #[arg(long)]
     pub input: PathBuf,
@@ -26,7 +30,8 @@ pub struct ScoreArgs {
 pub(super) fn score(args: ScoreArgs) -> Result<()> {
     let dtype = model::parse_dtype(&args.dtype)?;
     let device = model::parse_device(&args.device)?;
-    let model = model::load_model(&args.model, dtype, &device)?;
+    let model =
+        model::load_model_with_adapter(&args.model, args.adapter.as_deref(), dtype, &device)?;
     let config = model.config().clone();
     let tokenizer = model_tokenizer(&args.model, config.vocab_size())?;
     let rows = crate::eval::score::read_score_inputs(

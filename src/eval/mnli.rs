@@ -316,7 +316,8 @@ pub fn resolve_source(
 }
 
 /// sha256 over the weight files of a model directory (`model*.safetensors` and
-/// `pytorch_model*.bin`), in name order.
+/// `pytorch_model*.bin`), or of an adapter directory (`adapter_model.safetensors`), in name
+/// order.
 pub fn weights_sha256(dir: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -328,7 +329,8 @@ pub fn weights_sha256(dir: &Path) -> Result<String> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             // The model's own weights only: a checkpoint's optimizer.safetensors is not the model.
-            (name.starts_with("model") && name.ends_with(".safetensors"))
+            ((name.starts_with("model") || name.starts_with("adapter_model"))
+                && name.ends_with(".safetensors"))
                 || (name.starts_with("pytorch_model") && name.ends_with(".bin"))
         })
         .collect();

@@ -181,7 +181,7 @@ impl Attention {
         cache: Option<(&mut LayerCache, usize)>,
     ) -> Result<Tensor> {
         let (b, t, e) = xs.dims3()?;
-        let qkv = self.c_attn.forward(xs)?;
+        let qkv = batch.linear(&self.c_attn, xs)?;
         let heads = |i: usize| {
             qkv.narrow(2, i * e, e)?
                 .reshape((b, t, self.n_head, self.head_dim))
@@ -193,7 +193,7 @@ impl Attention {
             dropout: batch.attention_dropout(self.layer),
         };
         let out = ops::causal_attention(&q, &k, &v, kind, &batch.position_ids, mask, cache)?;
-        let out = self.c_proj.forward(&out.reshape((b, t, e))?)?;
+        let out = batch.linear(&self.c_proj, &out.reshape((b, t, e))?)?;
         batch.drop(out, Site::AttentionOutput(self.layer))
     }
 }
@@ -204,10 +204,10 @@ struct Mlp {
     c_proj: Linear,
 }
 
-impl Module for Mlp {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.c_proj
-            .forward(&ops::gelu_new(&self.c_fc.forward(xs)?)?)
+impl Mlp {
+    fn forward(&self, xs: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let hidden = ops::gelu_new(&batch.linear(&self.c_fc, xs)?)?;
+        batch.linear(&self.c_proj, &hidden)
     }
 }
 
@@ -247,7 +247,7 @@ impl Block {
             .attn
             .forward(&self.ln_1.forward(xs)?, batch, mask, cache)?;
         let xs = (attn + xs)?;
-        let mlp = self.mlp.forward(&self.ln_2.forward(&xs)?)?;
+        let mlp = self.mlp.forward(&self.ln_2.forward(&xs)?, batch)?;
         batch.drop(mlp, Site::MlpOutput(self.layer))? + xs
     }
 }

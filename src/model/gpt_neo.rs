@@ -215,9 +215,9 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, e) = xs.dims3()?;
         let heads = |ys: Tensor| ys.reshape((b, t, self.n_head, self.head_dim));
-        let q = heads(self.q_proj.forward(xs)?)?;
-        let k = heads(self.k_proj.forward(xs)?)?;
-        let v = heads(self.v_proj.forward(xs)?)?;
+        let q = heads(batch.linear(&self.q_proj, xs)?)?;
+        let k = heads(batch.linear(&self.k_proj, xs)?)?;
+        let v = heads(batch.linear(&self.v_proj, xs)?)?;
         // GPT-Neo does not scale its scores (HF's GPTNeoSelfAttention has no division).
         let kind = AttentionKind {
             rotary: None,
@@ -229,7 +229,7 @@ impl Attention {
             Reach::Local => &masks.local,
         };
         let out = ops::causal_attention(&q, &k, &v, kind, &batch.position_ids, mask, cache)?;
-        let out = self.out_proj.forward(&out.reshape((b, t, e))?)?;
+        let out = batch.linear(&self.out_proj, &out.reshape((b, t, e))?)?;
         batch.drop(out, Site::AttentionOutput(self.layer))
     }
 }
@@ -246,10 +246,10 @@ struct Mlp {
     c_proj: Linear,
 }
 
-impl Module for Mlp {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.c_proj
-            .forward(&ops::gelu_new(&self.c_fc.forward(xs)?)?)
+impl Mlp {
+    fn forward(&self, xs: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let hidden = ops::gelu_new(&batch.linear(&self.c_fc, xs)?)?;
+        batch.linear(&self.c_proj, &hidden)
     }
 }
 
@@ -294,7 +294,7 @@ impl Block {
             .attn
             .forward(&self.ln_1.forward(xs)?, batch, masks, cache)?;
         let xs = (attn + xs)?;
-        let mlp = self.mlp.forward(&self.ln_2.forward(&xs)?)?;
+        let mlp = self.mlp.forward(&self.ln_2.forward(&xs)?, batch)?;
         batch.drop(mlp, Site::MlpOutput(self.layer))? + xs
     }
 }

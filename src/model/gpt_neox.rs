@@ -226,9 +226,8 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, e) = xs.dims3()?;
         let d = self.head_dim;
-        let qkv = self
-            .query_key_value
-            .forward(xs)?
+        let qkv = batch
+            .linear(&self.query_key_value, xs)?
             .reshape((b, t, self.n_head, 3 * d))?;
         let q = qkv.narrow(3, 0, d)?;
         let k = qkv.narrow(3, d, d)?;
@@ -239,7 +238,7 @@ impl Attention {
             dropout: batch.attention_dropout(self.layer),
         };
         let out = ops::causal_attention(&q, &k, &v, kind, &batch.position_ids, mask, cache)?;
-        let out = self.dense.forward(&out.reshape((b, t, e))?)?;
+        let out = batch.linear(&self.dense, &out.reshape((b, t, e))?)?;
         batch.drop(out, Site::AttentionOutput(self.layer))
     }
 }
@@ -250,10 +249,10 @@ struct Mlp {
     dense_4h_to_h: Linear,
 }
 
-impl Module for Mlp {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.dense_4h_to_h
-            .forward(&ops::gelu(&self.dense_h_to_4h.forward(xs)?)?)
+impl Mlp {
+    fn forward(&self, xs: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let hidden = ops::gelu(&batch.linear(&self.dense_h_to_4h, xs)?)?;
+        batch.linear(&self.dense_4h_to_h, &hidden)
     }
 }
 
@@ -299,7 +298,7 @@ impl Layer {
         let mlp_of = |ys: &Tensor| -> Result<Tensor> {
             let mlp = self
                 .mlp
-                .forward(&self.post_attention_layernorm.forward(ys)?)?;
+                .forward(&self.post_attention_layernorm.forward(ys)?, batch)?;
             batch.drop(mlp, Site::MlpOutput(self.layer))
         };
         if self.parallel_residual {

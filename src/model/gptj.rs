@@ -176,16 +176,16 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, e) = xs.dims3()?;
         let heads = |ys: Tensor| ys.reshape((b, t, self.n_head, self.head_dim));
-        let q = heads(self.q_proj.forward(xs)?)?;
-        let k = heads(self.k_proj.forward(xs)?)?;
-        let v = heads(self.v_proj.forward(xs)?)?;
+        let q = heads(batch.linear(&self.q_proj, xs)?)?;
+        let k = heads(batch.linear(&self.k_proj, xs)?)?;
+        let v = heads(batch.linear(&self.v_proj, xs)?)?;
         let kind = AttentionKind {
             rotary: Some(rotary),
             score_divisor: (self.head_dim as f64).sqrt(),
             dropout: batch.attention_dropout(self.layer),
         };
         let out = ops::causal_attention(&q, &k, &v, kind, &batch.position_ids, mask, cache)?;
-        let out = self.out_proj.forward(&out.reshape((b, t, e))?)?;
+        let out = batch.linear(&self.out_proj, &out.reshape((b, t, e))?)?;
         batch.drop(out, Site::AttentionOutput(self.layer))
     }
 }
@@ -204,12 +204,10 @@ impl Mlp {
             fc_out: Linear::load(vb.pp("fc_out"), inner, e, true, operands)?,
         })
     }
-}
 
-impl Module for Mlp {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc_out
-            .forward(&ops::gelu_new(&self.fc_in.forward(xs)?)?)
+    fn forward(&self, xs: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let hidden = ops::gelu_new(&batch.linear(&self.fc_in, xs)?)?;
+        batch.linear(&self.fc_out, &hidden)
     }
 }
 
@@ -241,7 +239,10 @@ impl Block {
     ) -> Result<Tensor> {
         let normed = self.ln_1.forward(xs)?;
         let attn = self.attn.forward(&normed, rotary, batch, mask, cache)?;
-        let mlp = batch.drop(self.mlp.forward(&normed)?, Site::MlpOutput(self.layer))?;
+        let mlp = batch.drop(
+            self.mlp.forward(&normed, batch)?,
+            Site::MlpOutput(self.layer),
+        )?;
         (attn + mlp)? + xs
     }
 }

@@ -9,6 +9,7 @@ pub mod gpt_neo;
 pub mod gpt_neox;
 pub mod gptj;
 pub mod init;
+pub mod lora;
 pub mod weights;
 
 use std::collections::HashMap;
@@ -217,16 +218,19 @@ impl Config {
                 resid: rate("resid_pdrop", 0.0),
                 embd: rate("embd_pdrop", 0.0),
                 attn: rate("attn_pdrop", 0.0),
+                ..DropoutRates::default()
             },
             Config::Gpt2(_) => DropoutRates {
                 resid: rate("resid_pdrop", 0.1),
                 embd: rate("embd_pdrop", 0.1),
                 attn: rate("attn_pdrop", 0.1),
+                ..DropoutRates::default()
             },
             Config::GptNeo(_) => DropoutRates {
                 resid: rate("resid_dropout", 0.0),
                 embd: rate("embed_dropout", 0.0),
                 attn: rate("attention_dropout", 0.0),
+                ..DropoutRates::default()
             },
             Config::GptNeoX(_) => {
                 let hidden = rate("hidden_dropout", 0.0);
@@ -234,6 +238,7 @@ impl Config {
                     resid: hidden,
                     embd: hidden,
                     attn: rate("attention_dropout", 0.0),
+                    ..DropoutRates::default()
                 }
             }
         }
@@ -461,6 +466,11 @@ impl Batch {
             Some(dropout) => dropout.apply(&xs, site),
             None => Ok(xs),
         }
+    }
+
+    /// `layer` applied to `xs`, its LoRA adapter's input under this batch's dropout.
+    pub fn linear(&self, layer: &Linear, xs: &Tensor) -> candle_core::Result<Tensor> {
+        layer.forward_dropped(xs, self.dropout.as_ref())
     }
 
     /// The dropout of the attention probabilities of `layer`, for [`AttentionKind`].
@@ -762,14 +772,101 @@ pub fn load_config(dir: &Path) -> Result<Config> {
 
 /// Loads a HF model directory for inference in `dtype`.
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
+    load_model_with_adapter(dir, None, dtype, device)
+}
+
+/// Loads a HF model directory for inference in `dtype`, with a PEFT LoRA `adapter` merged into
+/// its weights as they load (nothing is written).
+pub fn load_model_with_adapter(
+    dir: &Path,
+    adapter: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Model> {
     let config = load_config(dir)?;
     let store = Arc::new(WeightStore::open(dir)?);
-    let vb = VarBuilder::from_backend(
-        Box::new(weights::StoreBackend(store)),
-        dtype,
-        device.clone(),
-    );
+    let mut backend: Box<dyn candle_nn::var_builder::SimpleBackend> =
+        Box::new(weights::StoreBackend(store));
+    if let Some(adapter_dir) = adapter {
+        let deltas = lora::Adapter::load(adapter_dir, device)
+            .and_then(|a| a.deltas(&config))
+            .with_context(|| {
+                format!(
+                    "applying adapter {} to {}",
+                    adapter_dir.display(),
+                    dir.display()
+                )
+            })?;
+        backend = Box::new(lora::MergedBackend {
+            base: backend,
+            deltas,
+        });
+    }
+    let vb = VarBuilder::from_backend(backend, dtype, device.clone());
     Model::load(vb, &config).map_err(|e| anyhow::anyhow!("loading {}: {e}", dir.display()))
+}
+
+/// Files of a model directory besides its config and weights that a merged copy keeps.
+const COMPANION_FILES: &[&str] = &[
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+];
+
+/// Writes `base` with `adapter` merged into it as a HF model directory `out`, one tensor at a
+/// time (a 6B model needs about one weight matrix of memory besides the memory-mapped base),
+/// in the base's dtype. Returns the files written.
+pub fn merge_adapter(base: &Path, adapter_dir: &Path, out: &Path) -> Result<Vec<String>> {
+    let config = load_config(base)?;
+    let adapter = lora::Adapter::load(adapter_dir, &Device::Cpu)?;
+    let deltas = adapter.deltas(&config).with_context(|| {
+        format!(
+            "adapter {} does not fit base model {}",
+            adapter_dir.display(),
+            base.display()
+        )
+    })?;
+    let store = WeightStore::open(base)?;
+    let dtype = config_dtype(&config);
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    write_config(out, &config, dtype)?;
+    let specs = parameter_specs(&config, dtype);
+    let mut files = weights::write_weights(out, &specs, DEFAULT_MAX_SHARD_BYTES, |spec| {
+        let tensor = store.load(&spec.name, DType::F32, &Device::Cpu)?;
+        let merged = match deltas.get(&spec.name) {
+            Some(delta) => (tensor + delta)?,
+            None => tensor,
+        };
+        Ok(merged.to_dtype(dtype)?)
+    })?;
+    files.insert(0, "config.json".into());
+    for name in COMPANION_FILES {
+        let from = [base, adapter_dir]
+            .into_iter()
+            .map(|dir| dir.join(name))
+            .find(|path| path.is_file());
+        if let Some(from) = from {
+            std::fs::copy(&from, out.join(name))
+                .with_context(|| format!("copying {} into {}", from.display(), out.display()))?;
+            files.push(name.to_string());
+        }
+    }
+    Ok(files)
+}
+
+/// The dtype `config.json` says the weights are stored in (`dtype`, or transformers 4's
+/// `torch_dtype`); fp32 when it says nothing.
+fn config_dtype(config: &Config) -> DType {
+    let extra = config.extra();
+    ["dtype", "torch_dtype"]
+        .iter()
+        .find_map(|key| extra.get(*key).and_then(|v| v.as_str()))
+        .and_then(|name| parse_dtype(name).ok())
+        .unwrap_or(DType::F32)
 }
 
 /// Loads every parameter of a model directory as named tensors (fp32 master copies for training).

@@ -20,11 +20,14 @@ pub struct DropoutRates {
     pub embd: f64,
     #[serde(default)]
     pub attn: f64,
+    /// On the input of LoRA adapters (`lora.dropout`).
+    #[serde(default)]
+    pub lora: f64,
 }
 
 impl DropoutRates {
     pub fn is_off(&self) -> bool {
-        self.resid == 0.0 && self.embd == 0.0 && self.attn == 0.0
+        self.resid == 0.0 && self.embd == 0.0 && self.attn == 0.0 && self.lora == 0.0
     }
 }
 
@@ -38,11 +41,15 @@ pub enum Site {
     AttentionOutput(usize),
     /// The MLP output of a layer.
     MlpOutput(usize),
+    /// The input of a LoRA adapter, by a hash of the adapted layer's HF path.
+    LoraInput(u64),
 }
 
 impl Site {
     fn code(self) -> u64 {
         let (kind, layer) = match self {
+            // The top bit keeps these apart from the layer sites' small codes.
+            Site::LoraInput(path_hash) => return path_hash | 1 << 63,
             Site::Embeddings => (0, 0),
             Site::Attention(l) => (1, l),
             Site::AttentionOutput(l) => (2, l),
@@ -81,6 +88,7 @@ impl Dropout {
             Site::Embeddings => self.rates.embd,
             Site::Attention(_) => self.rates.attn,
             Site::AttentionOutput(_) | Site::MlpOutput(_) => self.rates.resid,
+            Site::LoraInput(_) => self.rates.lora,
         }
     }
 
@@ -144,6 +152,7 @@ mod tests {
             resid: p,
             embd: p,
             attn: p,
+            lora: p,
         }
     }
 

@@ -3,7 +3,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::{use_fused, Operands};
+use super::{use_fused, Dropout, Operands, Site};
 use crate::cpu::{fused, skinny};
 
 /// `xs · weightᵀ + bias` over the last dim of `xs`, weight `[out, in]` as HF stores it.
@@ -91,12 +91,44 @@ pub fn gelu(xs: &Tensor) -> Result<Tensor> {
     xs.gelu_erf()
 }
 
-/// A linear layer stored as HF stores it: weight `[out, in]`, optional bias `[out]`.
+/// A linear layer stored as HF stores it: weight `[out, in]`, optional bias `[out]`; with a LoRA
+/// adapter when the weights it loads from hold one.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     operands: Operands,
+    adapter: Option<LowRank>,
+}
+
+/// A LoRA adapter's path beside a frozen weight: `(drop(x)·Aᵀ)·(scale·B)ᵀ`, read from the
+/// layer's own weights as `lora_A.weight` (`[r, in]`) and `lora_B.scaled` (`[out, r]`, see
+/// `model::lora`).
+#[derive(Debug, Clone)]
+struct LowRank {
+    a: Tensor,
+    scaled_b: Tensor,
+    dropout_site: Site,
+}
+
+impl LowRank {
+    fn load(vb: &VarBuilder) -> Result<Option<Self>> {
+        if !vb.contains_tensor("lora_A.weight") {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            a: vb.get_unchecked("lora_A.weight")?,
+            scaled_b: vb.get_unchecked("lora_B.scaled")?,
+            dropout_site: Site::LoraInput(fnv1a(vb.prefix().as_bytes())),
+        }))
+    }
+}
+
+/// A stable 64-bit hash (FNV-1a): dropout masks must not change between builds or runs.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl Linear {
@@ -117,6 +149,7 @@ impl Linear {
             weight,
             bias,
             operands,
+            adapter: LowRank::load(&vb)?,
         })
     }
 
@@ -136,6 +169,7 @@ impl Linear {
             weight: vb.get((in_dim, out_dim), "weight")?.t()?.contiguous()?,
             bias: Some(vb.get(out_dim, "bias")?),
             operands,
+            adapter: LowRank::load(&vb)?,
         })
     }
 
@@ -145,13 +179,28 @@ impl Linear {
             weight,
             bias: None,
             operands,
+            adapter: None,
         }
+    }
+
+    /// The layer's output, its adapter's input dropped out as `dropout` says (training).
+    pub fn forward_dropped(&self, xs: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
+        let ys = linear(xs, &self.weight, self.bias.as_ref(), self.operands)?;
+        let Some(adapter) = &self.adapter else {
+            return Ok(ys);
+        };
+        let input = match dropout {
+            Some(dropout) => dropout.apply(xs, adapter.dropout_site)?,
+            None => xs.clone(),
+        };
+        let down = linear(&input, &adapter.a, None, self.operands)?;
+        ys + linear(&down, &adapter.scaled_b, None, self.operands)?
     }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        linear(xs, &self.weight, self.bias.as_ref(), self.operands)
+        self.forward_dropped(xs, None)
     }
 }
 

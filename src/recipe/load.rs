@@ -242,6 +242,11 @@ impl Recipe {
                 b.micro * b.replicas
             ));
         }
+        if let Some(lora) = &self.lora {
+            for problem in lora.problems() {
+                problems.push(problem);
+            }
+        }
         let o = &self.optimizer;
         problems.check(
             o.lr.is_finite() && o.lr > 0.0,

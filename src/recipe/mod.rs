@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::model::init::Preset;
+pub use crate::model::lora::LoraSpec;
 use crate::tokenizer::TextTokenizer;
 
 mod load;
@@ -29,6 +30,9 @@ pub struct Recipe {
     #[serde(default)]
     pub tokenizer: Option<String>,
     pub data: DataSpec,
+    /// Train a LoRA adapter (PEFT's format) instead of every weight; absent: full fine-tune.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSpec>,
     #[serde(default)]
     pub optimizer: OptimizerSpec,
     #[serde(default)]
@@ -89,6 +93,7 @@ impl DropoutSpec {
             resid: self.resid.unwrap_or(config.resid),
             embd: self.embd.unwrap_or(config.embd),
             attn: self.attn.unwrap_or(config.attn),
+            ..config
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod optimizer;
 pub mod precision;
 pub mod schedule;
 pub mod step;
+mod trainable;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -35,6 +36,7 @@ pub use optimizer::AdamW;
 pub use precision::{LossScaler, StepVerdict};
 pub use schedule::Schedule;
 use step::{train_step, StepOutcome, StepSetup, Workers};
+use trainable::Trainable;
 
 /// The model a run starts from.
 pub struct ModelInit {
@@ -131,12 +133,13 @@ pub fn run(
     let schedule = Schedule::new(&recipe.schedule, recipe.optimizer.lr, total_steps);
     let run_checkpoints = recipe.checkpoint.dir.join(&recipe.name);
 
-    let params = master_weights(&init.config, init.params, &device)?;
-    let mut adamw = AdamW::new(&recipe.optimizer, &params)?;
+    let trainable = Trainable::new(recipe, &init.config, init.params, &init.base_model, &device)?;
+    let params = &trainable.params;
+    let mut adamw = AdamW::new(&recipe.optimizer, params)?;
     let mut scaler = LossScaler::new(&recipe.precision);
     let resumed = (options.resume.as_ref())
         .map(|resume| {
-            let model = (&init.config, params.as_slice(), &device);
+            let model = (&init.config, &trainable, &device);
             let state = (&mut adamw, &mut scaler, &mut train);
             resume_from(resume, recipe, &run_checkpoints, &options, model, state)
         })
@@ -152,7 +155,7 @@ pub fn run(
         true => Some(SignalGuard::install(&stop)?),
         false => None,
     };
-    let workers = workers(options.threads, recipe, &params, &device, resumed_workers)?;
+    let workers = workers(options.threads, recipe, params, &device, resumed_workers)?;
     let pad_id = init.tokenizer.as_ref().map_or(0, |t| t.pad_id());
     let setup = StepSetup {
         config: &init.config,
@@ -185,7 +188,7 @@ pub fn run(
         let sequences = train.next_batch(recipe.batch.global);
         let outcome = train_step(
             &setup,
-            &params,
+            &trainable,
             &mut adamw,
             &mut scaler,
             &sequences,
@@ -211,7 +214,7 @@ pub fn run(
         if (recipe.eval.every > 0 && step % recipe.eval.every == 0) || last {
             let results = evaluate(
                 &init.config,
-                &params,
+                &trainable,
                 (compute_dtype, weights_dtype),
                 &device,
                 eval.as_deref(),
@@ -228,8 +231,13 @@ pub fn run(
         let every = recipe.checkpoint.every;
         if (every > 0 && step % every == 0) || last || stopping {
             let state = (&adamw, &scaler, &train);
-            let dir =
-                checkpoints.save(step, &params, state, &log.metrics, log.tracker.mlflow_run())?;
+            let dir = checkpoints.save(
+                step,
+                &trainable,
+                state,
+                &log.metrics,
+                log.tracker.mlflow_run(),
+            )?;
             let hook = options.checkpoint_hook.as_mut();
             checkpoints.after_save(&dir, step, hook, &mut log)?;
             last_good = Some(dir);
@@ -250,9 +258,13 @@ pub fn run(
 /// place.
 fn dropout_rates(recipe: &Recipe, config: &Config) -> ops::DropoutRates {
     let rates = config.dropout_rates();
-    match &recipe.model.dropout {
+    let rates = match &recipe.model.dropout {
         Some(spec) => spec.over(rates),
         None => rates,
+    };
+    ops::DropoutRates {
+        lora: recipe.lora.as_ref().map_or(0.0, |lora| lora.dropout),
+        ..rates
     }
 }
 
@@ -429,7 +441,7 @@ impl CheckpointTarget<'_> {
     fn save(
         &self,
         step: u64,
-        params: &[(String, Var)],
+        trainable: &Trainable,
         (adamw, scaler, stream): (&AdamW, &LossScaler, &SequenceStream),
         metrics: &BTreeMap<String, f64>,
         mlflow: Option<&RunRef>,
@@ -448,18 +460,19 @@ impl CheckpointTarget<'_> {
             data: self.data.to_vec(),
             mlflow: mlflow.cloned(),
         };
-        checkpoint::save(
-            self.dir,
-            checkpoint::Contents {
-                config: self.config,
-                params: &model::parameter_tensors(params),
-                weights_dtype: self.weights_dtype,
-                tokenizer: self.tokenizer,
-                optimizer: adamw.state_tensors(params),
-                state,
-                base_model: self.base_model,
-            },
-        )
+        trainable.with_checkpoint_weights(self.weights_dtype, |weights| {
+            checkpoint::save(
+                self.dir,
+                checkpoint::Contents {
+                    config: self.config,
+                    weights,
+                    tokenizer: self.tokenizer,
+                    optimizer: adamw.state_tensors(&trainable.params),
+                    state,
+                    base_model: self.base_model,
+                },
+            )
+        })
     }
 
     /// Reports the checkpoint `dir` just saved at `step`, hands it to the caller's `hook`, and
@@ -515,30 +528,6 @@ fn check_geometry(recipe: &Recipe, train: &SequenceStream) -> Result<u64> {
     Ok(total_steps)
 }
 
-/// fp32 master weights as autograd variables on `device`, in HF `state_dict` order.
-fn master_weights(
-    config: &Config,
-    initial: HashMap<String, Tensor>,
-    device: &Device,
-) -> Result<Vec<(String, Var)>> {
-    let mut params = Vec::new();
-    for (name, shape) in model::parameter_shapes(config) {
-        let tensor = initial
-            .get(&name)
-            .with_context(|| format!("initial weights lack {name}"))?;
-        ensure!(
-            tensor.dims() == shape.as_slice(),
-            "initial weight {name} has shape {:?}, expected {shape:?}",
-            tensor.dims()
-        );
-        params.push((
-            name,
-            Var::from_tensor(&tensor.to_dtype(DType::F32)?.to_device(device)?)?,
-        ));
-    }
-    Ok(params)
-}
-
 /// The checkpoint a run resumed from.
 struct Resumed {
     dir: PathBuf,
@@ -552,7 +541,7 @@ fn resume_from(
     recipe: &Recipe,
     run_checkpoints: &Path,
     options: &TrainOptions,
-    (config, params, device): (&Config, &[(String, Var)], &Device),
+    (config, trainable, device): (&Config, &Trainable, &Device),
     (adamw, scaler, train): (&mut AdamW, &mut LossScaler, &mut SequenceStream),
 ) -> Result<Resumed> {
     let mut warnings = Vec::new();
@@ -569,7 +558,7 @@ fn resume_from(
         println!("resume: recipe change allowed: {change}");
     }
     check_same_data(&dir, &state, options)?;
-    restore(&dir, &state, config, params, adamw, device)?;
+    restore(&dir, &state, config, trainable, adamw, device)?;
     train.restore(state.stream);
     let (resumed_scaler, note) = LossScaler::resumed(state.loss_scaler, &recipe.precision);
     *scaler = resumed_scaler;
@@ -668,11 +657,16 @@ fn restore(
     dir: &Path,
     state: &TrainerState,
     config: &Config,
-    params: &[(String, Var)],
+    trainable: &Trainable,
     adamw: &mut AdamW,
     device: &Device,
 ) -> Result<()> {
-    let saved_config = model::load_config(dir)?;
+    // An adapter checkpoint has no config.json: its tensors' shapes are checked against the
+    // model's layers instead.
+    let saved_config = match trainable.is_lora() {
+        true => config.clone(),
+        false => model::load_config(dir)?,
+    };
     ensure!(
         saved_config.parameter_shapes() == config.parameter_shapes(),
         "{}: the checkpoint's model ({} with {} layers of width {}, vocabulary {}) differs from \
@@ -702,19 +696,9 @@ fn restore(
                 .map(|t| (k["master.".len()..].to_string(), t))
         })
         .collect();
-    let weights = if masters.is_empty() {
-        model::load_parameters(dir, config, DType::F32, device)?
-    } else {
-        masters
-    };
-    for (name, var) in params {
-        let tensor = weights
-            .get(name)
-            .with_context(|| format!("{}: weight {name} is missing", dir.display()))?;
-        var.set(&tensor.to_dtype(DType::F32)?)?;
-    }
+    trainable.restore_params(dir, config, masters, device)?;
     adamw.load_state(
-        params,
+        &trainable.params,
         optimizer_state,
         state.optimizer_steps,
         &optimizer_path,
@@ -726,7 +710,7 @@ fn restore(
 #[allow(clippy::too_many_arguments)]
 fn evaluate(
     config: &Config,
-    params: &[(String, Var)],
+    trainable: &Trainable,
     (dtype, weights_dtype): (DType, DType),
     device: &Device,
     sequences: Option<&[Sequence]>,
@@ -739,11 +723,7 @@ fn evaluate(
     if sequences.is_none() && hook.is_none() {
         return Ok(None);
     }
-    // Detached copies: evaluation must not extend the training graph.
-    let tensors: HashMap<String, Tensor> = params
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-        .collect();
+    let tensors = trainable.model_tensors(true)?;
     let model = model::model_from_parameters(config, &tensors, dtype, device)?;
     let mut results = Vec::new();
     let mut loss = None;
@@ -759,12 +739,7 @@ fn evaluate(
         let point = EvalPoint {
             step,
             loss,
-            weights_sha256: model::weights_sha256(
-                config,
-                &tensors,
-                weights_dtype,
-                model::DEFAULT_MAX_SHARD_BYTES,
-            )?,
+            weights_sha256: trainable.weights_sha256(config, weights_dtype)?,
         };
         results.extend(
             hook(&model, &point).with_context(|| format!("evaluation hook at step {step}"))?,

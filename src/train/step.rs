@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::optimizer::{self, AdamW};
 use super::precision::{LossScaler, StepVerdict};
+use super::trainable::Trainable;
 use crate::data::Sequence;
 use crate::model::{self, Config, Model};
 use crate::ops::{self, DropoutRates};
@@ -46,7 +47,7 @@ pub struct StepOutcome {
 /// micro-batches, replicas and workers.
 pub fn train_step(
     setup: &StepSetup,
-    params: &[(String, Var)],
+    trainable: &Trainable,
     adamw: &mut AdamW,
     scaler: &mut LossScaler,
     sequences: &[Sequence],
@@ -57,10 +58,11 @@ pub fn train_step(
         targets > 0,
         "no token of the batch is trained on (check data.loss_on and the templates)"
     );
+    let params = &trainable.params;
     // The working copy of the weights in the compute dtype, made once per step.
     let model = model::model_from_parameters(
         setup.config,
-        &model::parameter_tensors(params),
+        &trainable.model_tensors(false)?,
         setup.compute_dtype,
         setup.device,
     )?;

@@ -1,0 +1,210 @@
+//! What a run trains and what it only reads: every weight (a full fine-tune, from fp32 master
+//! copies), or a LoRA adapter beside the frozen base model.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::checkpoint;
+use crate::model::lora::{self, Adapter, LoraSpec};
+use crate::model::{self, Config};
+use crate::ops;
+use crate::recipe::Recipe;
+
+pub struct Trainable {
+    /// What the optimizer updates, by name: fp32 master weights (HF names), or the adapter's
+    /// `<module>.lora_A.weight` / `.lora_B.weight`.
+    pub params: Vec<(String, Var)>,
+    /// The base model's weights in the dtype the layers compute with; empty in a full fine-tune.
+    /// They get no gradient, no master copy and no optimizer state.
+    frozen: HashMap<String, Tensor>,
+    lora: Option<LoraRun>,
+}
+
+struct LoraRun {
+    spec: LoraSpec,
+    /// The recipe's target modules, or the family's default.
+    targets: Vec<String>,
+    /// `base_model_name_or_path` of the adapters this run writes.
+    base_model: String,
+}
+
+impl Trainable {
+    /// The run's weights from the model's initial ones (consumed: a LoRA run keeps only the
+    /// frozen copies).
+    pub fn new(
+        recipe: &Recipe,
+        config: &Config,
+        initial: HashMap<String, Tensor>,
+        base_model: &str,
+        device: &Device,
+    ) -> Result<Self> {
+        let Some(spec) = &recipe.lora else {
+            return Ok(Self {
+                params: master_weights(config, initial, device)?,
+                frozen: HashMap::new(),
+                lora: None,
+            });
+        };
+        let targets = spec.targets(config);
+        let layers = lora::select_layers(config, &targets)?;
+        let compute = recipe.precision.compute.dtype();
+        let (weight_dtype, _) = ops::weight_dtype_and_operands(device, compute);
+        let mut initial = initial;
+        let mut frozen = HashMap::new();
+        for (name, shape) in model::parameter_shapes(config) {
+            let tensor = checked(&mut initial, &name, &shape)?;
+            frozen.insert(name, tensor.to_dtype(weight_dtype)?.to_device(device)?);
+        }
+        let params = lora::init_adapter(&layers, spec.r, recipe.seed, device)?
+            .into_iter()
+            .map(|(name, tensor)| Ok((name, Var::from_tensor(&tensor)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            params,
+            frozen,
+            lora: Some(LoraRun {
+                spec: spec.clone(),
+                targets,
+                base_model: base_model.to_string(),
+            }),
+        })
+    }
+
+    /// The model's tensors by name as the layers read them: differentiable with respect to the
+    /// trained parameters, or `detached` from them (evaluation must not extend a step's graph).
+    pub fn model_tensors(&self, detached: bool) -> Result<HashMap<String, Tensor>> {
+        let trained = self.params.iter().map(|(name, var)| {
+            let tensor = match detached {
+                true => var.as_tensor().detach(),
+                false => var.as_tensor().clone(),
+            };
+            (name.clone(), tensor)
+        });
+        let mut tensors = self.frozen.clone();
+        match &self.lora {
+            None => tensors.extend(trained),
+            Some(run) => {
+                lora::attach(&mut tensors, &trained.collect::<Vec<_>>(), run.spec.scale())?
+            }
+        }
+        Ok(tensors)
+    }
+
+    /// The adapter as it stands, for a LoRA run.
+    fn adapter(&self) -> Option<Adapter> {
+        let run = self.lora.as_ref()?;
+        Some(Adapter {
+            spec: run.spec.clone(),
+            tensors: (self.params.iter())
+                .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+                .collect(),
+            base_model: Some(run.base_model.clone()),
+        })
+    }
+
+    /// Runs `write` with the checkpoint's weights: the whole model in `dtype`, or the adapter.
+    pub fn with_checkpoint_weights<T>(
+        &self,
+        dtype: DType,
+        write: impl FnOnce(checkpoint::Weights) -> Result<T>,
+    ) -> Result<T> {
+        match (self.adapter(), &self.lora) {
+            (Some(adapter), Some(run)) => write(checkpoint::Weights::Adapter {
+                adapter,
+                targets: run.targets.clone(),
+            }),
+            _ => {
+                let params = model::parameter_tensors(&self.params);
+                write(checkpoint::Weights::Model {
+                    params: &params,
+                    dtype,
+                })
+            }
+        }
+    }
+
+    /// The sha256 `eval::mnli::weights_sha256` gives for the weights a checkpoint now would hold.
+    pub fn weights_sha256(&self, config: &Config, dtype: DType) -> Result<String> {
+        match self.adapter() {
+            Some(adapter) => adapter.sha256(),
+            None => model::weights_sha256(
+                config,
+                &self.model_tensors(true)?,
+                dtype,
+                model::DEFAULT_MAX_SHARD_BYTES,
+            ),
+        }
+    }
+
+    /// Sets the trained parameters from checkpoint `dir`: the fp32 masters (from the optimizer
+    /// state where the model files are rounded, else from the model files) or the adapter.
+    pub fn restore_params(
+        &self,
+        dir: &Path,
+        config: &Config,
+        masters: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<()> {
+        let weights = if self.lora.is_some() {
+            let adapter = Adapter::load(dir, device)?;
+            adapter.layers(config)?;
+            adapter.tensors.into_iter().collect()
+        } else if masters.is_empty() {
+            model::load_parameters(dir, config, DType::F32, device)?
+        } else {
+            masters
+        };
+        for (name, var) in &self.params {
+            let tensor = weights
+                .get(name)
+                .with_context(|| format!("{}: weight {name} is missing", dir.display()))?;
+            ensure!(
+                tensor.dims() == var.dims(),
+                "{}: weight {name} has shape {:?}, the run's is {:?} (was lora.r or \
+                 lora.target_modules changed?)",
+                dir.display(),
+                tensor.dims(),
+                var.dims()
+            );
+            var.set(&tensor.to_dtype(DType::F32)?)?;
+        }
+        Ok(())
+    }
+
+    pub fn is_lora(&self) -> bool {
+        self.lora.is_some()
+    }
+}
+
+/// `initial[name]`, taken out, after checking its shape.
+fn checked(initial: &mut HashMap<String, Tensor>, name: &str, shape: &[usize]) -> Result<Tensor> {
+    let tensor = initial
+        .remove(name)
+        .with_context(|| format!("initial weights lack {name}"))?;
+    ensure!(
+        tensor.dims() == shape,
+        "initial weight {name} has shape {:?}, expected {shape:?}",
+        tensor.dims()
+    );
+    Ok(tensor)
+}
+
+/// fp32 master weights as autograd variables on `device`, in HF `state_dict` order.
+fn master_weights(
+    config: &Config,
+    mut initial: HashMap<String, Tensor>,
+    device: &Device,
+) -> Result<Vec<(String, Var)>> {
+    let mut params = Vec::new();
+    for (name, shape) in model::parameter_shapes(config) {
+        let tensor = checked(&mut initial, &name, &shape)?;
+        params.push((
+            name,
+            Var::from_tensor(&tensor.to_dtype(DType::F32)?.to_device(device)?)?,
+        ));
+    }
+    Ok(params)
+}

@@ -1,0 +1,277 @@
+//! LoRA: adapters that train alone beside a frozen base, stored in PEFT's format, resumed
+//! bit-exactly, merged, and loaded by PEFT (and from PEFT) to the same numbers.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use candle_core::{DType, Device, Tensor};
+use common::{kiln, write_recipe};
+
+const LORA: &str =
+    "lora: {r: 4, alpha: 8, dropout: 0.1, target_modules: [q_proj, v_proj, fc_in]}\n";
+
+fn run_ok(args: &[&str]) -> String {
+    let (ok, stdout, stderr) = kiln(args);
+    assert!(ok, "kiln {args:?} failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
+fn tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn train_losses(run_dir: &Path) -> Vec<(u64, u64)> {
+    kiln::track::read_metrics(&run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.tag == "train/loss")
+        .map(|r| (r.step, r.value.to_bits()))
+        .collect()
+}
+
+#[test]
+fn a_lora_run_trains_only_the_adapter_and_writes_peft_checkpoints() {
+    let out = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(out.path(), LORA);
+    run_ok(&["train", recipe.to_str().unwrap(), "--quiet"]);
+    let step = out.path().join("checkpoints/run/step-10");
+
+    // PEFT's directory: config and adapter weights, no model.
+    assert!(!step.join("model.safetensors").exists());
+    assert!(!step.join("config.json").exists());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(step.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["task_type"], "CAUSAL_LM");
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["lora_alpha"], 8);
+    assert_eq!(config["lora_dropout"], 0.1);
+    assert_eq!(config["bias"], "none");
+    assert_eq!(config["fan_in_fan_out"], false);
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["q_proj", "v_proj", "fc_in"])
+    );
+
+    // The tiny preset: 2 layers of width 128, fc_in to 512; A is [r, in], B is [out, r].
+    let adapter = tensors(&step.join("adapter_model.safetensors"));
+    assert_eq!(adapter.len(), 2 * 3 * 2);
+    for layer in 0..2 {
+        let key = |module: &str, ab: &str| {
+            format!("base_model.model.transformer.h.{layer}.{module}.lora_{ab}.weight")
+        };
+        for module in ["attn.q_proj", "attn.v_proj"] {
+            assert_eq!(adapter[&key(module, "A")].dims(), [4, 128]);
+            assert_eq!(adapter[&key(module, "B")].dims(), [128, 4]);
+        }
+        assert_eq!(adapter[&key("mlp.fc_in", "A")].dims(), [4, 128]);
+        assert_eq!(adapter[&key("mlp.fc_in", "B")].dims(), [512, 4]);
+        // B starts at zero and has trained.
+        let b = adapter[&key("attn.q_proj", "B")].abs().unwrap();
+        assert!(b.max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    }
+
+    // The optimizer holds moments for the adapter's 12 tensors only.
+    let optimizer = tensors(&step.join("optimizer.safetensors"));
+    assert!(!optimizer
+        .keys()
+        .any(|k| k.contains("wte") || k.contains("ln_1")));
+    assert_eq!(optimizer.len(), 2 * 12, "{:?}", optimizer.keys());
+
+    // It learns: the last steps' loss is below the first's.
+    let losses: Vec<f64> = kiln::track::read_metrics(&out.path().join("runs/run/metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.tag == "train/loss")
+        .map(|r| r.value)
+        .collect();
+    assert_eq!(losses.len(), 10);
+    assert!(losses[9] < losses[0] - 0.1, "{losses:?}");
+}
+
+#[test]
+fn a_killed_lora_run_resumes_to_the_same_adapter_bit_for_bit() {
+    let whole = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(whole.path(), LORA);
+    run_ok(&[
+        "train",
+        recipe.to_str().unwrap(),
+        "--quiet",
+        "--threads",
+        "2",
+    ]);
+
+    let killed = tempfile::tempdir().unwrap();
+    let recipe_k = write_recipe(killed.path(), LORA);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "train",
+            recipe_k.to_str().unwrap(),
+            "--quiet",
+            "--threads",
+            "2",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let ckpt = killed.path().join("checkpoints/run");
+    let mut saw_checkpoint = false;
+    for line in stdout.lines() {
+        let latest = std::fs::read_to_string(ckpt.join("latest")).unwrap_or_default();
+        if line.unwrap().contains("saved checkpoint") && latest.trim() == "step-4" {
+            saw_checkpoint = true;
+            break;
+        }
+    }
+    assert!(saw_checkpoint, "the run ended before it could be killed");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!ckpt.join("step-10").exists(), "killed before the end");
+
+    let out = run_ok(&[
+        "train",
+        recipe_k.to_str().unwrap(),
+        "--quiet",
+        "--threads",
+        "2",
+        "--resume",
+        "latest",
+    ]);
+    assert!(out.contains("resumed from"), "{out}");
+    for file in ["adapter_model.safetensors", "optimizer.safetensors"] {
+        let a = std::fs::read(whole.path().join("checkpoints/run/step-10").join(file)).unwrap();
+        let b = std::fs::read(ckpt.join("step-10").join(file)).unwrap();
+        assert!(a == b, "{file} differs from the uninterrupted run's");
+    }
+    let whole_losses = train_losses(&whole.path().join("runs/run"));
+    assert_eq!(whole_losses.len(), 10);
+    assert_eq!(train_losses(&killed.path().join("runs/run")), whole_losses);
+}
+
+#[test]
+fn bad_lora_sections_say_what_is_wrong() {
+    let cases = [
+        (
+            "lora: {r: 4, alpha: 8, target_modules: [q_proj, c_attn]}\n",
+            "lora.target_modules: gptj has no layer named \"c_attn\"; the layers LoRA can adapt \
+             are: k_proj, v_proj, q_proj, out_proj, fc_in, fc_out",
+        ),
+        ("lora: {r: 0, alpha: 8}\n", "lora.r: must be at least 1"),
+        (
+            "lora: {r: 4, alpha: 0}\n",
+            "lora.alpha: must be a positive number, found 0",
+        ),
+        (
+            "lora: {r: 4, alpha: 8, dropout: 1.5}\n",
+            "lora.dropout: 1.5 is not a probability in [0, 1)",
+        ),
+        (
+            "lora: {r: 4, alpha: 8, bias: all}\n",
+            "unknown variant `all`",
+        ),
+    ];
+    for (section, expected) in cases {
+        let out = tempfile::tempdir().unwrap();
+        let recipe = write_recipe(out.path(), section);
+        let (ok, stdout, stderr) = kiln(&["train", recipe.to_str().unwrap(), "--quiet"]);
+        assert!(!ok, "{section} was accepted:\n{stdout}");
+        assert!(stderr.contains(expected), "{section}: {stderr}");
+        assert!(
+            !out.path().join("checkpoints").exists(),
+            "{section}: failed after writing checkpoints"
+        );
+    }
+}
+
+/// Kiln's adapter path in training (the low-rank product beside the frozen weight) and its
+/// merged inference path give the same logits.
+#[test]
+fn the_trained_adapter_path_equals_the_merged_weights() {
+    let out = tempfile::tempdir().unwrap();
+    let base = out.path().join("base");
+    common::init_tiny(&base, 5, Path::new(&common::bundled("tokenizer")));
+    let recipe = write_recipe(
+        out.path(),
+        &format!("{LORA}model: {{from: {}}}\n", base.display()),
+    );
+    let text = std::fs::read_to_string(&recipe).unwrap().replacen(
+        "model: {init: {preset: tiny, seed: 1, vocab_size: 1024}}\n",
+        "",
+        1,
+    );
+    std::fs::write(&recipe, text).unwrap();
+    run_ok(&[
+        "train",
+        recipe.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        "steps=3",
+    ]);
+    let adapter = out.path().join("checkpoints/run/step-3");
+
+    let rows = vec![vec![5u32, 17, 300, 42, 9, 77], vec![1, 2, 3, 4, 5, 6]];
+    let batch = kiln::model::Batch::right_padded(&rows, 0, &Device::Cpu).unwrap();
+    let merged =
+        kiln::model::load_model_with_adapter(&base, Some(&adapter), DType::F32, &Device::Cpu)
+            .unwrap()
+            .forward(&batch, None)
+            .unwrap();
+
+    let config = kiln::model::load_config(&base).unwrap();
+    let mut named = kiln::model::load_parameters(&base, &config, DType::F32, &Device::Cpu).unwrap();
+    let loaded = kiln::model::lora::Adapter::load(&adapter, &Device::Cpu).unwrap();
+    kiln::model::lora::attach(&mut named, &loaded.tensors, loaded.spec.scale()).unwrap();
+    let unmerged = kiln::model::model_from_parameters(&config, &named, DType::F32, &Device::Cpu)
+        .unwrap()
+        .forward(&batch, None)
+        .unwrap();
+    let plain = kiln::model::load_model(&base, DType::F32, &Device::Cpu)
+        .unwrap()
+        .forward(&batch, None)
+        .unwrap();
+    let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    assert!(
+        max_diff(&merged, &unmerged) < 1e-5,
+        "{}",
+        max_diff(&merged, &unmerged)
+    );
+    assert!(
+        max_diff(&merged, &plain) > 1e-3,
+        "the adapter changed nothing"
+    );
+
+    // `kiln merge` writes that model as a plain HF directory.
+    let merged_dir = out.path().join("merged");
+    let said = run_ok(&[
+        "merge",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        merged_dir.to_str().unwrap(),
+    ]);
+    assert!(said.contains("merged"), "{said}");
+    assert!(merged_dir.join("tokenizer.json").is_file());
+    let from_disk = kiln::model::load_model(&merged_dir, DType::F32, &Device::Cpu)
+        .unwrap()
+        .forward(&batch, None)
+        .unwrap();
+    assert_eq!(max_diff(&from_disk, &merged), 0.0);
+}
