@@ -275,3 +275,249 @@ fn the_trained_adapter_path_equals_the_merged_weights() {
         .unwrap();
     assert_eq!(max_diff(&from_disk, &merged), 0.0);
 }
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).unwrap())
+}
+
+fn fixture(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(path)
+}
+
+fn id_rows(text: &str) -> Vec<Vec<u32>> {
+    text.trim()
+        .split(';')
+        .map(|row| row.split(',').map(|id| id.parse().unwrap()).collect())
+        .collect()
+}
+
+/// Adapters PEFT made (committed fixtures, `scripts/make_lora_fixtures.sh`): Kiln gives PEFT's
+/// logits both ways it applies them (merged at load; the training path's low-rank product), and
+/// PEFT's gradients of `lora_A` / `lora_B` for HF's causal-LM loss.
+#[test]
+fn kiln_applies_peft_adapters_to_peft_logits_and_gradients() {
+    for (family, base) in [
+        ("gptj", "rot8"),
+        ("gpt2", "gpt2"),
+        ("neo", "neo"),
+        ("neox", "neox"),
+    ] {
+        let dir = fixture(&format!("lora/{family}"));
+        let base = fixture(&format!("parity/{base}"));
+        let adapter_dir = dir.join("adapter");
+        let rows = id_rows(&std::fs::read_to_string(dir.join("ids.txt")).unwrap());
+        let batch = kiln::model::Batch::right_padded(&rows, 0, &Device::Cpu).unwrap();
+        let expected = &tensors(&dir.join("logits.safetensors"))["logits"];
+
+        let merged = kiln::model::load_model_with_adapter(
+            &base,
+            Some(&adapter_dir),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+        .forward(&batch, None)
+        .unwrap();
+        let plain = kiln::model::load_model(&base, DType::F32, &Device::Cpu)
+            .unwrap()
+            .forward(&batch, None)
+            .unwrap();
+        assert!(
+            max_diff(&plain, expected) > 1e-2,
+            "{family}: the adapter changes nothing"
+        );
+        assert!(
+            max_diff(&merged, expected) < 1e-4,
+            "{family}: merged {}",
+            max_diff(&merged, expected)
+        );
+
+        // The training path, differentiated with respect to A and B.
+        let config = kiln::model::load_config(&base).unwrap();
+        let adapter = kiln::model::lora::Adapter::load(&adapter_dir, &Device::Cpu).unwrap();
+        assert_eq!(adapter.spec.scale(), 1.5);
+        let vars: Vec<(String, candle_core::Var)> = adapter
+            .tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), candle_core::Var::from_tensor(t).unwrap()))
+            .collect();
+        let mut named =
+            kiln::model::load_parameters(&base, &config, DType::F32, &Device::Cpu).unwrap();
+        let trained: Vec<(String, Tensor)> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        kiln::model::lora::attach(&mut named, &trained, adapter.spec.scale()).unwrap();
+        let model =
+            kiln::model::model_from_parameters(&config, &named, DType::F32, &Device::Cpu).unwrap();
+        let logits = model.forward(&batch, None).unwrap();
+        assert!(
+            max_diff(&logits, expected) < 1e-4,
+            "{family}: unmerged {}",
+            max_diff(&logits, expected)
+        );
+
+        let labels = kiln::model::shifted_labels(&rows, rows[0].len());
+        let targets = labels.iter().filter(|&&l| l >= 0).count();
+        let grads = model
+            .loss_and_grads(&batch, &labels, 1.0 / targets as f64)
+            .unwrap()
+            .unwrap();
+        let peft = tensors(&dir.join("grads.safetensors"));
+        let peft_loss = peft["loss"].to_vec1::<f32>().unwrap()[0] as f64;
+        let loss = grads.nll_sum / targets as f64;
+        assert!(
+            (loss - peft_loss).abs() < 1e-5,
+            "{family}: loss {loss} vs PEFT's {peft_loss}"
+        );
+        assert_eq!(peft.len() - 1, vars.len(), "{family}");
+        for (name, var) in &vars {
+            let ours = grads.get(name, var.as_tensor()).unwrap().unwrap();
+            let theirs = &peft[&format!("base_model.model.{name}")];
+            let scale = max_abs(theirs).max(1e-6);
+            let err = max_diff(&ours, theirs) / scale;
+            assert!(
+                err < 1e-4,
+                "{family}: {name} gradient differs by {err} (relative)"
+            );
+        }
+    }
+}
+
+/// Adapters Kiln trains load in PEFT (`PeftModel.from_pretrained`) and give Kiln's logits: a
+/// GPT-J and a GPT-2 (whose `Conv1D` layers PEFT adapts with `fan_in_fan_out`).
+#[test]
+fn peft_loads_kiln_adapters_to_kiln_logits() {
+    let Some(python) = common::python_with("peft") else {
+        return;
+    };
+    for (preset, lora) in [
+        (
+            "tiny",
+            "lora: {r: 4, alpha: 12, target_modules: [q_proj, v_proj, fc_out]}\n",
+        ),
+        (
+            "gpt2-tiny",
+            "lora: {r: 2, alpha: 4, target_modules: [c_attn, c_fc]}\n",
+        ),
+    ] {
+        let out = tempfile::tempdir().unwrap();
+        let base = out.path().join("base");
+        run_ok(&[
+            "init",
+            "--preset",
+            preset,
+            "--out",
+            base.to_str().unwrap(),
+            "--seed",
+            "4",
+            "--tokenizer",
+            &common::bundled("tokenizer"),
+        ]);
+        let recipe = write_recipe(
+            out.path(),
+            &format!("{lora}model: {{from: {}}}\n", base.display()),
+        );
+        let text = std::fs::read_to_string(&recipe).unwrap().replacen(
+            "model: {init: {preset: tiny, seed: 1, vocab_size: 1024}}\n",
+            "",
+            1,
+        );
+        std::fs::write(&recipe, text).unwrap();
+        run_ok(&[
+            "train",
+            recipe.to_str().unwrap(),
+            "--quiet",
+            "--set",
+            "steps=3",
+        ]);
+        let adapter = out.path().join("checkpoints/run/step-3");
+
+        let ids = "5,17,300,42,9,77,1000,3;8,1,2,3,4,5,6,7";
+        let peft_logits = out.path().join("peft.safetensors");
+        let output = Command::new(&python)
+            .args([
+                concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check_peft.py"),
+                "logits",
+                "--base",
+                base.to_str().unwrap(),
+                "--adapter",
+                adapter.to_str().unwrap(),
+                "--ids",
+                ids,
+                "--out",
+                peft_logits.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{preset}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let rows = id_rows(ids);
+        let batch = kiln::model::Batch::right_padded(&rows, 0, &Device::Cpu).unwrap();
+        let ours =
+            kiln::model::load_model_with_adapter(&base, Some(&adapter), DType::F32, &Device::Cpu)
+                .unwrap()
+                .forward(&batch, None)
+                .unwrap();
+        let plain = kiln::model::load_model(&base, DType::F32, &Device::Cpu)
+            .unwrap()
+            .forward(&batch, None)
+            .unwrap();
+        let theirs = &tensors(&peft_logits)["logits"];
+        assert!(
+            max_diff(&plain, theirs) > 1e-3,
+            "{preset}: the adapter changes nothing"
+        );
+        assert!(
+            max_diff(&ours, theirs) < 1e-4,
+            "{preset}: {}",
+            max_diff(&ours, theirs)
+        );
+    }
+}
+
+#[test]
+fn adapters_that_do_not_fit_the_base_are_refused_naming_the_tensor() {
+    let out = tempfile::tempdir().unwrap();
+    let adapter = fixture("lora/gptj/adapter");
+    // Another architecture: a GPT-J adapter onto GPT-2.
+    let (ok, _, err) = kiln(&[
+        "merge",
+        "--base",
+        fixture("parity/gpt2").to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.path().join("m").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "adapter tensor base_model.model.transformer.h.0.attn.q_proj.lora_A.weight: \
+                      the base model (gpt2, 2 layers) has no layer transformer.h.0.attn.q_proj"
+        ),
+        "{err}"
+    );
+    assert!(!out.path().join("m/config.json").exists());
+    // Same architecture, another width.
+    let (ok, _, err) = kiln(&[
+        "generate",
+        "--model",
+        fixture("parity/full12").to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("lora_A.weight has shape [4, 64]"), "{err}");
+}
