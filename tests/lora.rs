@@ -521,3 +521,70 @@ fn adapters_that_do_not_fit_the_base_are_refused_naming_the_tensor() {
     assert!(!ok);
     assert!(err.contains("lora_A.weight has shape [4, 64]"), "{err}");
 }
+
+/// A frozen base held in bf16 (what a bf16 LoRA run keeps, with no fp32 copy) computes exactly
+/// what the same rounded weights held in fp32 do: the CPU widens each matrix as it uses it, and
+/// autocast's bf16 operands round nothing further.
+#[test]
+fn a_frozen_bf16_base_computes_what_its_fp32_copy_does() {
+    let base = fixture("parity/rot8");
+    let dir = fixture("lora/gptj");
+    let config = kiln::model::load_config(&base).unwrap();
+    let full = kiln::model::load_parameters(&base, &config, DType::F32, &Device::Cpu).unwrap();
+    let adapter = kiln::model::lora::Adapter::load(&dir.join("adapter"), &Device::Cpu).unwrap();
+    let rows = id_rows(&std::fs::read_to_string(dir.join("ids.txt")).unwrap());
+    let batch = kiln::model::Batch::right_padded(&rows, 0, &Device::Cpu).unwrap();
+    let labels = kiln::model::shifted_labels(&rows, rows[0].len());
+
+    let run = |half: bool| {
+        let mut named: HashMap<String, Tensor> = full
+            .iter()
+            .map(|(name, t)| {
+                let t = match t.rank() {
+                    2 => t.to_dtype(DType::BF16).unwrap(),
+                    _ => t.clone(),
+                };
+                let t = if half {
+                    t
+                } else {
+                    t.to_dtype(DType::F32).unwrap()
+                };
+                (name.clone(), t)
+            })
+            .collect();
+        let vars: Vec<(String, candle_core::Var)> = adapter
+            .tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), candle_core::Var::from_tensor(t).unwrap()))
+            .collect();
+        let trained: Vec<(String, Tensor)> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        kiln::model::lora::attach(&mut named, &trained, adapter.spec.scale()).unwrap();
+        let model =
+            kiln::model::model_from_parameters(&config, &named, DType::BF16, &Device::Cpu).unwrap();
+        let logits = model.forward(&batch, None).unwrap();
+        let loss = model.loss_and_grads(&batch, &labels, 0.1).unwrap().unwrap();
+        let grads: Vec<Tensor> = vars
+            .iter()
+            .map(|(n, v)| loss.get(n, v.as_tensor()).unwrap().unwrap())
+            .collect();
+        (logits, loss.nll_sum, grads)
+    };
+    // The half path is the one taken: the backend hands frozen bf16 matrices out as they are.
+    let name = "transformer.h.0.attn.q_proj.weight";
+    let stored = HashMap::from([(name.to_string(), full[name].to_dtype(DType::BF16).unwrap())]);
+    let backend = kiln::model::weights::TensorsBackend(stored);
+    let vb = candle_nn::VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+    assert_eq!(vb.get((64, 64), name).unwrap().dtype(), DType::BF16);
+
+    let (half_logits, half_nll, half_grads) = run(true);
+    let (wide_logits, wide_nll, wide_grads) = run(false);
+    assert_eq!(max_diff(&half_logits, &wide_logits), 0.0);
+    assert_eq!(half_nll, wide_nll);
+    for (a, b) in half_grads.iter().zip(&wide_grads) {
+        assert_eq!(max_diff(a, b), 0.0);
+        assert!(max_abs(a) > 0.0);
+    }
+}

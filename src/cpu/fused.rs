@@ -118,6 +118,86 @@ impl candle_core::CustomOp2 for LinearOp {
     }
 }
 
+/// `x · Wᵀ` for fp32 `x` `[rows, in]` and a frozen half-precision `W` `[out, in]` (bf16 or fp16):
+/// `W` is widened to fp32 inside the op, for this product only, so a model stored in half
+/// precision never exists whole in fp32, and autograd holds on to the half original. The
+/// backward makes `dx = dy · W` only: a frozen weight gets no gradient.
+pub struct FrozenLinearOp {
+    pub operands: Operands,
+}
+
+/// A contiguous half-precision (or fp32) CPU weight as fp32 values.
+fn widened(storage: &CpuStorage, layout: &Layout) -> Result<Vec<f32>> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("frozen linear: the weight is not contiguous");
+    };
+    Ok(match storage {
+        CpuStorage::BF16(values) => values[start..end].par_iter().map(|v| v.to_f32()).collect(),
+        CpuStorage::F16(values) => values[start..end].par_iter().map(|v| v.to_f32()).collect(),
+        CpuStorage::F32(values) => values[start..end].to_vec(),
+        _ => candle_core::bail!("frozen linear: the weight must be bf16, fp16 or fp32"),
+    })
+}
+
+impl candle_core::CustomOp2 for FrozenLinearOp {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, k) = x_layout.shape().dims2()?;
+        let (n, w_k) = w_layout.shape().dims2()?;
+        if k != w_k {
+            candle_core::bail!("linear: input width {k}, weight width {w_k}");
+        }
+        let w = widened(w, w_layout)?;
+        let x = MatRef::row_major(contiguous_f32(x, x_layout)?, rows, k);
+        let mut out = zeroed(rows * n);
+        gemm::matmul(
+            self.operands,
+            x,
+            MatRef::row_major(&w, n, k).t(),
+            &mut out,
+            false,
+        );
+        Ok((CpuStorage::F32(out), (rows, n).into()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ((rows, k), n) = (x.dims2()?, w.dim(0)?);
+        let (storage, layout) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(storage) = &*storage else {
+            candle_core::bail!("frozen linear: the weight is not on the CPU");
+        };
+        let w = widened(storage, layout)?;
+        let mut grad_x = zeroed(rows * k);
+        with_values(grad_out, |dy| {
+            let dy = MatRef::row_major(dy, rows, n);
+            gemm::matmul(
+                self.operands,
+                dy,
+                MatRef::row_major(&w, n, k),
+                &mut grad_x,
+                false,
+            );
+            Ok(())
+        })?;
+        Ok((Some(Tensor::from_vec(grad_x, (rows, k), x.device())?), None))
+    }
+}
+
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
         "linear"

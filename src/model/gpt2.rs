@@ -287,12 +287,9 @@ impl CausalLm for Gpt2 {
     fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let cached = cache.as_ref().map_or(0, |c| c.len());
         let mask = batch.attention_mask(cached, None, self.wte.device())?;
-        let tokens = ops::embedding(&self.wte, &batch.input_ids)?;
-        let positions = ops::embedding(&self.wpe, &batch.position_ids)?;
-        let mut xs = batch.drop(
-            (tokens + positions)?.to_dtype(self.dtype)?,
-            Site::Embeddings,
-        )?;
+        let tokens = ops::embedding(&self.wte, &batch.input_ids)?.to_dtype(self.dtype)?;
+        let positions = ops::embedding(&self.wpe, &batch.position_ids)?.to_dtype(self.dtype)?;
+        let mut xs = batch.drop((tokens + positions)?, Site::Embeddings)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer(i));
             xs = block.forward(&xs, batch, &mask, slot)?;

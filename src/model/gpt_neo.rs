@@ -345,12 +345,9 @@ impl CausalLm for GptNeo {
             global: batch.attention_mask(cached, None, device)?,
             local: batch.attention_mask(cached, Some(self.window_size), device)?,
         };
-        let tokens = ops::embedding(&self.wte, &batch.input_ids)?;
-        let positions = ops::embedding(&self.wpe, &batch.position_ids)?;
-        let mut xs = batch.drop(
-            (tokens + positions)?.to_dtype(self.dtype)?,
-            Site::Embeddings,
-        )?;
+        let tokens = ops::embedding(&self.wte, &batch.input_ids)?.to_dtype(self.dtype)?;
+        let positions = ops::embedding(&self.wpe, &batch.position_ids)?.to_dtype(self.dtype)?;
+        let mut xs = batch.drop((tokens + positions)?, Site::Embeddings)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer(i));
             xs = block.forward(&xs, batch, &masks, slot)?;

@@ -658,14 +658,16 @@ impl Model {
             Some(grad_scale),
             self.operands,
         )?;
-        let (Some(surrogate), Some((weight_grad, bias_grad))) = (loss.surrogate, loss.head_grads)
-        else {
+        let Some(surrogate) = loss.surrogate else {
             return Ok(None);
         };
-        let (weight_name, bias_name) = self.config.head_parameter_names();
-        let mut head_grads = vec![(weight_name, weight_grad)];
-        if let (Some(name), Some(grad)) = (bias_name, bias_grad) {
-            head_grads.push((name, grad));
+        let mut head_grads = Vec::new();
+        if let Some((weight_grad, bias_grad)) = loss.head_grads {
+            let (weight_name, bias_name) = self.config.head_parameter_names();
+            head_grads.push((weight_name, weight_grad));
+            if let (Some(name), Some(grad)) = (bias_name, bias_grad) {
+                head_grads.push((name, grad));
+            }
         }
         Ok(Some(LossGrads {
             nll_sum: loss.nll_sum,

@@ -289,6 +289,10 @@ impl SimpleBackend for StoreBackend {
 /// `VarBuilder` backend over named tensors held in memory (e.g. fp32 master weights), cast to
 /// the requested dtype on the way out. The cast is part of the autograd graph, so gradients of
 /// a low-precision forward flow back to the fp32 originals.
+///
+/// Frozen matrices stored in half precision (LoRA's base model) are handed out as they are when
+/// the CPU asks for fp32: its layers widen one matrix at a time as they use it, where an upcast
+/// here would hold the whole model in fp32 for the step.
 pub struct TensorsBackend(pub HashMap<String, Tensor>);
 
 impl SimpleBackend for TensorsBackend {
@@ -316,6 +320,12 @@ impl SimpleBackend for TensorsBackend {
             .0
             .get(name)
             .ok_or_else(|| candle_core::Error::msg(format!("tensor {name} is missing")))?;
+        let frozen_half_matrix = matches!(tensor.dtype(), DType::BF16 | DType::F16)
+            && tensor.rank() == 2
+            && !tensor.track_op();
+        if frozen_half_matrix && dtype == DType::F32 && dev.is_cpu() {
+            return tensor.to_device(dev);
+        }
         tensor.to_device(dev)?.to_dtype(dtype)
     }
 

@@ -3,7 +3,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::{use_fused, Dropout, Operands, Site};
+use super::{is_half, use_fused, Dropout, Operands, Site};
 use crate::cpu::{fused, skinny};
 
 /// `xs · weightᵀ + bias` over the last dim of `xs`, weight `[out, in]` as HF stores it.
@@ -21,6 +21,19 @@ pub fn linear(
     // Flattening to 2-D gives one large GEMM instead of a batch of small ones.
     let xs2 = xs.reshape((rows, in_dim))?;
     let fused = use_fused(xs) && weight.dtype() == DType::F32;
+    // A frozen half-precision weight (LoRA's base on the CPU) is widened inside the op, one
+    // layer at a time, and autograd keeps the half original, not an fp32 copy.
+    if use_fused(xs) && is_half(weight) && !weight.track_op() {
+        let op = fused::FrozenLinearOp { operands };
+        let ys = xs2.contiguous()?.apply_op2(&weight.contiguous()?, op)?;
+        let ys = match bias {
+            Some(bias) => ys.broadcast_add(&bias.to_dtype(DType::F32)?)?,
+            None => ys,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = weight.dim(0)?;
+        return ys.reshape(out_dims);
+    }
     // Decoding's few rows: each weight row read once instead of the matrix repacked for a GEMM.
     let skinny = match operands {
         Operands::F32 if fused => skinny::try_matmul_transposed(&xs2, weight)?,

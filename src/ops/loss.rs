@@ -13,7 +13,7 @@
 use candle_core::{DType, Result, Tensor, D};
 use rayon::prelude::*;
 
-use super::use_fused;
+use super::{is_half, use_fused};
 use crate::cpu::fused::{add_column_sums, zeroed};
 use crate::cpu::gemm::{self, MatRef, Operands, Rhs};
 use crate::cpu::vmath::{exp_shifted_in_place, lane_max, simd_kernel};
@@ -38,7 +38,8 @@ pub struct LmLoss {
     /// A scalar whose gradient with respect to the hidden states is `grad_scale ×` that of
     /// `nll_sum` (when asked for).
     pub surrogate: Option<Tensor>,
-    /// `grad_scale ×` the gradient of `nll_sum` for the head's weight and bias, fp32.
+    /// `grad_scale ×` the gradient of `nll_sum` for the head's weight and bias, fp32 (none for a
+    /// head autograd does not track: a frozen one).
     pub head_grads: Option<(Tensor, Option<Tensor>)>,
 }
 
@@ -68,8 +69,25 @@ pub fn lm_head_loss(
     let n = rows.len();
     let row_index = Tensor::from_vec(rows, n, device)?;
     let picked = hidden.detach().index_select(&row_index, 0)?;
+    let head_trains = weight.track_op();
+    // A frozen half-precision head (LoRA on the CPU) is widened for this loss only.
+    let widened;
+    let weight = if use_fused(&hidden) && is_half(weight) {
+        widened = weight.to_dtype(DType::F32)?;
+        &widened
+    } else {
+        weight
+    };
     let (nll_sum, grad_picked, head_grads) = if use_fused(&hidden) && weight.dtype() == DType::F32 {
-        cpu_chunks(&picked, weight, bias, &targets, grad_scale, operands)?
+        cpu_chunks(
+            &picked,
+            weight,
+            bias,
+            &targets,
+            grad_scale,
+            operands,
+            head_trains,
+        )?
     } else {
         generic_chunks(&picked, weight, bias, &targets, grad_scale)?
     };
@@ -171,6 +189,7 @@ fn cpu_chunks(
     targets: &[u32],
     grad_scale: Option<f64>,
     operands: Operands,
+    head_trains: bool,
 ) -> Result<ChunkResults> {
     let (vocab, d) = weight.dims2()?;
     let n = picked.dim(0)?;
@@ -191,6 +210,8 @@ fn cpu_chunks(
     let head_t = Rhs::prepare(operands, w.t());
     let head = grad_scale.map(|_| Rhs::prepare(operands, w));
     let want_grad = grad_scale.is_some();
+    // A frozen head (LoRA) needs the hidden states' gradient only.
+    let want_head_grad = want_grad && head_trains;
     let scale = grad_scale.unwrap_or(0.0) as f32;
     // The head's weight gradient is accumulated as `[n_embd, vocab]` (`hᵀ · g` per chunk) and
     // transposed once at the end: that product has the same shape as the forward one, which the
@@ -199,10 +220,10 @@ fn cpu_chunks(
     let transposed_grad_w = !matches!(head_t, Rhs::Tiles(_));
     let mut nll_sum = 0f64;
     let mut grad_h = vec![0f32; if want_grad { n * d } else { 0 }];
-    let mut grad_w = zeroed(if want_grad { vocab * d } else { 0 });
+    let mut grad_w = zeroed(if want_head_grad { vocab * d } else { 0 });
     let mut grad_b = vec![
         0f32;
-        if want_grad && bias.is_some() {
+        if want_head_grad && bias.is_some() {
             vocab
         } else {
             0
@@ -230,6 +251,9 @@ fn cpu_chunks(
         let Some(head) = &head else { continue };
         let g = MatRef::row_major(values, len, vocab);
         gemm::matmul_prepared(g, head, &mut grad_h[start * d..(start + len) * d], false);
+        if !want_head_grad {
+            continue;
+        }
         if transposed_grad_w {
             gemm::matmul(operands, h_chunk.t(), g, &mut grad_w, start > 0);
         } else {
@@ -242,10 +266,13 @@ fn cpu_chunks(
     if !want_grad || n == 0 {
         return Ok((nll_sum, None, None));
     }
+    let grad_picked = Tensor::from_vec(grad_h, (n, d), device)?;
+    if !want_head_grad {
+        return Ok((nll_sum, Some(grad_picked), None));
+    }
     if transposed_grad_w {
         grad_w = transposed(&grad_w, d, vocab);
     }
-    let grad_picked = Tensor::from_vec(grad_h, (n, d), device)?;
     let grad_w = Tensor::from_vec(grad_w, (vocab, d), device)?;
     let grad_b = bias
         .map(|_| Tensor::from_vec(grad_b, vocab, device))
@@ -427,6 +454,7 @@ mod tests {
             &targets,
             Some(0.5),
             Operands::F32,
+            true,
         )?;
         let (nll_b, gh_b, heads_b) =
             generic_chunks(&picked, &weight, Some(&bias), &targets, Some(0.5))?;
@@ -444,7 +472,7 @@ mod tests {
         }
         // Without a gradient scale only the loss comes back.
         let (nll_c, none, no_heads) =
-            cpu_chunks(&picked, &weight, None, &targets, None, Operands::F32)?;
+            cpu_chunks(&picked, &weight, None, &targets, None, Operands::F32, true)?;
         assert!(none.is_none() && no_heads.is_none());
         assert!(
             (nll_c - nll_a).abs() > 1e-3,
@@ -464,6 +492,7 @@ mod tests {
             &targets,
             Some(1.0),
             Operands::Bf16,
+            true,
         )?;
         // The same loss as fp32 products of the rounded operands.
         let (nll_rounded, grad_h_rounded, heads_rounded) = cpu_chunks(
@@ -473,13 +502,21 @@ mod tests {
             &targets,
             Some(1.0),
             Operands::F32,
+            true,
         )?;
         assert!(
             (nll - nll_rounded).abs() < 1e-5 * nll_rounded,
             "{nll} vs {nll_rounded}"
         );
-        let (nll_fp32, _, _) =
-            cpu_chunks(&picked, &weight, Some(&bias), &targets, None, Operands::F32)?;
+        let (nll_fp32, _, _) = cpu_chunks(
+            &picked,
+            &weight,
+            Some(&bias),
+            &targets,
+            None,
+            Operands::F32,
+            true,
+        )?;
         assert!(
             (nll - nll_fp32).abs() > 1e-6 * nll_fp32,
             "bf16 products equal fp32 ones: not rounded?"

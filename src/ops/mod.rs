@@ -48,6 +48,11 @@ pub fn use_generic(generic: bool) {
     MODE.store(if generic { 2 } else { 1 }, Ordering::Relaxed);
 }
 
+/// Whether `t` is stored in half precision (fp16 or bf16).
+fn is_half(t: &Tensor) -> bool {
+    matches!(t.dtype(), DType::F16 | DType::BF16)
+}
+
 /// Whether the fused CPU kernels take `xs`: fp32 on the CPU, unless generic code is forced.
 fn use_fused(xs: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32 && !generic_only()

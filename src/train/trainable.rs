@@ -50,13 +50,21 @@ impl Trainable {
         };
         let targets = spec.targets(config);
         let layers = lora::select_layers(config, &targets)?;
+        // Frozen matrices are kept in the compute dtype: a bf16 or fp16 run holds its base in
+        // half precision, with no fp32 copy (the CPU's layers widen one matrix at a time).
+        // Vectors (LayerNorm, biases) are tiny and stay in the dtype the layers compute in.
         let compute = recipe.precision.compute.dtype();
-        let (weight_dtype, _) = ops::weight_dtype_and_operands(device, compute);
+        let (vector_dtype, _) = ops::weight_dtype_and_operands(device, compute);
         let mut initial = initial;
         let mut frozen = HashMap::new();
         for (name, shape) in model::parameter_shapes(config) {
             let tensor = checked(&mut initial, &name, &shape)?;
-            frozen.insert(name, tensor.to_dtype(weight_dtype)?.to_device(device)?);
+            let dtype = if shape.len() == 2 {
+                compute
+            } else {
+                vector_dtype
+            };
+            frozen.insert(name, tensor.to_dtype(dtype)?.to_device(device)?);
         }
         let params = lora::init_adapter(&layers, spec.r, recipe.seed, device)?
             .into_iter()
