@@ -1,5 +1,7 @@
-//! LoRA: adapters that train alone beside a frozen base, stored in PEFT's format, resumed
-//! bit-exactly, merged, and loaded by PEFT (and from PEFT) to the same numbers.
+//! Training less than every weight, and knowing the memory before: LoRA adapters that train alone
+//! beside a frozen base, stored in PEFT's format, resumed bit-exactly, merged, and loaded by PEFT
+//! (and from PEFT) to the same numbers; partial fine-tuning (`train.trainable`); the memory
+//! estimate against the measured peak.
 
 mod common;
 
@@ -587,4 +589,122 @@ fn a_frozen_bf16_base_computes_what_its_fp32_copy_does() {
         assert_eq!(max_diff(a, b), 0.0);
         assert!(max_abs(a) > 0.0);
     }
+}
+
+/// A recipe over a `kiln init` tiny base (`model.from`), with `extra` keys.
+fn recipe_over_base(out: &Path, extra: &str) -> std::path::PathBuf {
+    let base = out.join("base");
+    if !base.exists() {
+        common::init_tiny(&base, 5, Path::new(&common::bundled("tokenizer")));
+    }
+    let recipe = write_recipe(
+        out,
+        &format!("{extra}model: {{from: {}}}\n", base.display()),
+    );
+    let text = std::fs::read_to_string(&recipe).unwrap().replacen(
+        "model: {init: {preset: tiny, seed: 1, vocab_size: 1024}}\n",
+        "",
+        1,
+    );
+    std::fs::write(&recipe, text).unwrap();
+    recipe
+}
+
+#[test]
+fn partial_fine_tuning_trains_only_what_the_patterns_match() {
+    let out = tempfile::tempdir().unwrap();
+    let recipe = recipe_over_base(
+        out.path(),
+        "train: {trainable: [transformer.h.1, \"transformer.ln_*\"]}\n",
+    );
+    run_ok(&[
+        "train",
+        recipe.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        "steps=3",
+    ]);
+    let base = tensors(&out.path().join("base/model.safetensors"));
+    let step = out.path().join("checkpoints/run/step-3");
+    let trained = tensors(&step.join("model.safetensors"));
+    assert_eq!(base.len(), trained.len());
+    let mut changed = Vec::new();
+    for (name, before) in &base {
+        if max_diff(before, &trained[name]) > 0.0 {
+            changed.push(name.clone());
+        }
+    }
+    changed.sort();
+    let expected: Vec<&String> = base
+        .keys()
+        .filter(|n| n.starts_with("transformer.h.1.") || n.starts_with("transformer.ln_f."))
+        .collect();
+    assert_eq!(changed.len(), expected.len(), "{changed:?}");
+    assert!(changed.iter().all(|n| expected.contains(&n)), "{changed:?}");
+    // AdamW keeps moments for the trained parameters only.
+    let optimizer = tensors(&step.join("optimizer.safetensors"));
+    assert_eq!(
+        optimizer.len(),
+        2 * expected.len(),
+        "{:?}",
+        optimizer.keys()
+    );
+
+    let (ok, _, err) = kiln(&[
+        "train",
+        recipe.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        "train.trainable=[transformer.h.9]",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "train.trainable: \"transformer.h.9\" matches no parameter of this gptj model"
+        ),
+        "{err}"
+    );
+}
+
+/// The estimate `kiln train` records in run.json is within 15% of the peak the run measured
+/// (the tiny preset: full fine-tune and LoRA; the small and 6B shapes are in `benches/`), and
+/// `kiln recipe check` prints it, naming a bad LoRA target there already.
+#[test]
+fn the_memory_estimate_is_printed_and_close_to_the_measured_peak() {
+    for (name, extra) in [("full", ""), ("lora", LORA)] {
+        let out = tempfile::tempdir().unwrap();
+        let recipe = write_recipe(out.path(), extra);
+        let said = run_ok(&[
+            "train",
+            recipe.to_str().unwrap(),
+            "--quiet",
+            "--set",
+            "steps=3",
+        ]);
+        assert!(said.contains("memory estimate ("), "{said}");
+        let info: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.path().join("runs/run/run.json")).unwrap())
+                .unwrap();
+        let estimate = info["memory"]["estimate"]["total"].as_f64().unwrap();
+        let peak = info["memory"]["peak_rss_bytes"].as_f64().unwrap();
+        let error = (estimate - peak).abs() / peak;
+        assert!(
+            error <= 0.15,
+            "{name}: estimated {:.1} MiB, measured {:.1} MiB",
+            estimate / (1 << 20) as f64,
+            peak / (1 << 20) as f64
+        );
+
+        let checked = run_ok(&["recipe", "check", recipe.to_str().unwrap()]);
+        assert!(checked.contains("memory_estimate:"), "{checked}");
+        assert!(checked.contains("# memory estimate ("), "{checked}");
+    }
+    let out = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(
+        out.path(),
+        "lora: {r: 4, alpha: 8, target_modules: [c_fc]}\n",
+    );
+    let (ok, _, err) = kiln(&["recipe", "check", recipe.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("gptj has no layer named \"c_fc\""), "{err}");
 }

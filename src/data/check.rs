@@ -24,6 +24,9 @@ pub struct Derived {
     pub warmup_steps: Option<u64>,
     /// Epochs the run covers (from `steps`, when the epoch size is known).
     pub epochs: Option<f64>,
+    /// What the run will hold in memory, by term, bytes (filled in by `kiln recipe check`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_estimate: Option<std::collections::BTreeMap<String, u64>>,
     /// Checks that could not be made here, and why.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -105,6 +108,7 @@ pub fn check(recipe_path: &Path, overrides: &[String]) -> Result<Resolved> {
         total_steps,
         warmup_steps,
         epochs,
+        memory_estimate: None,
         notes,
     };
     Ok(Resolved { recipe, derived })

@@ -878,6 +878,17 @@ pub fn load_parameters(
     dtype: DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
+    load_parameters_as(dir, config, |_, _| dtype, device)
+}
+
+/// [`load_parameters`] with each tensor converted to `dtype_of(name, shape)` as it is read from the
+/// memory-mapped file: a half-precision copy of a model never passes through fp32 whole.
+pub fn load_parameters_as(
+    dir: &Path,
+    config: &Config,
+    dtype_of: impl Fn(&str, &[usize]) -> DType,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let store = WeightStore::open(dir)?;
     let mut params = HashMap::new();
     for (name, shape) in parameter_shapes(config) {
@@ -893,7 +904,10 @@ pub fn load_parameters(
                 dir.display()
             );
         }
-        params.insert(name.clone(), store.load(&name, dtype, device)?);
+        params.insert(
+            name.clone(),
+            store.load(&name, dtype_of(&name, &shape), device)?,
+        );
     }
     Ok(params)
 }

@@ -303,7 +303,7 @@ fn transposed(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// Rows of logits per chunk on the CPU: 256 × 50400 fp32 is 52 MB, one buffer reused for every
 /// chunk; larger chunks mean fewer passes over the 50 MB weight gradient.
-const CPU_CHUNK_ROWS: usize = 256;
+pub const CPU_CHUNK_ROWS: usize = 256;
 
 simd_kernel! {
     /// One row of logits (plus `bias`) to its cross-entropy against `target`; with

@@ -24,7 +24,7 @@ pub use attention::{
 };
 pub use dropout::{Dropout, DropoutRates, Site};
 pub use layers::{embedding, gelu, gelu_new, layer_norm, linear, LayerNorm, Linear};
-pub use loss::{composite_nll_sum, lm_head_loss, LmLoss};
+pub use loss::{composite_nll_sum, lm_head_loss, LmLoss, CPU_CHUNK_ROWS as LOSS_CHUNK_ROWS};
 pub use optim::{adamw_step, add_in_place, global_norm, AdamWStep};
 
 /// 0: not decided yet (read `KILN_OPS` on first use), 1: fused CPU kernels, 2: generic only.
@@ -64,7 +64,12 @@ fn use_fused(xs: &Tensor) -> bool {
 /// while the CPU has no faster bf16 element-wise arithmetic, so converting activations would only
 /// cost time and accuracy. Everywhere else the weights are in `dtype` and so is the arithmetic.
 pub fn weight_dtype_and_operands(device: &Device, dtype: DType) -> (DType, Operands) {
-    if device.is_cpu() && dtype == DType::BF16 && !generic_only() {
+    weight_dtype_and_operands_on(device.is_cpu(), dtype)
+}
+
+/// [`weight_dtype_and_operands`] for a CPU (`on_cpu`) or a GPU, without the device at hand.
+pub fn weight_dtype_and_operands_on(on_cpu: bool, dtype: DType) -> (DType, Operands) {
+    if on_cpu && dtype == DType::BF16 && !generic_only() {
         (DType::F32, Operands::Bf16)
     } else {
         (dtype, Operands::F32)
@@ -80,8 +85,13 @@ pub fn weight_dtype_and_operands(device: &Device, dtype: DType) -> (DType, Opera
 /// benchmark VM, about 20% more tokens/s). Each worker holds a full gradient of the model, so
 /// models whose extra gradients would exceed [`WORKER_GRADIENT_BUDGET`] share ops instead.
 pub fn workers_per_replica(device: &Device, threads: usize, gradient_bytes: usize) -> usize {
+    workers_per_replica_on(device.is_cpu(), threads, gradient_bytes)
+}
+
+/// [`workers_per_replica`] for a CPU (`on_cpu`) or a GPU, without the device at hand.
+pub fn workers_per_replica_on(on_cpu: bool, threads: usize, gradient_bytes: usize) -> usize {
     let affordable = 1 + WORKER_GRADIENT_BUDGET / gradient_bytes.max(1);
-    if device.is_cpu() {
+    if on_cpu {
         threads.min(affordable).max(1)
     } else {
         1

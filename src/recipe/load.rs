@@ -247,6 +247,20 @@ impl Recipe {
                 problems.push(problem);
             }
         }
+        if let Some(patterns) = &self.train.trainable {
+            problems.check(
+                !patterns.is_empty(),
+                "train.trainable: must name at least one parameter (remove it to train every \
+                 weight)"
+                    .into(),
+            );
+            problems.check(
+                self.lora.is_none(),
+                "train.trainable: a LoRA run trains its adapter only; set either lora or \
+                 train.trainable"
+                    .into(),
+            );
+        }
         let o = &self.optimizer;
         problems.check(
             o.lr.is_finite() && o.lr > 0.0,

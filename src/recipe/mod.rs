@@ -30,6 +30,9 @@ pub struct Recipe {
     #[serde(default)]
     pub tokenizer: Option<String>,
     pub data: DataSpec,
+    /// What trains (absent: every weight).
+    #[serde(default, skip_serializing_if = "TrainSpec::is_default")]
+    pub train: TrainSpec,
     /// Train a LoRA adapter (PEFT's format) instead of every weight; absent: full fine-tune.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraSpec>,
@@ -98,6 +101,45 @@ impl DropoutSpec {
     }
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    /// Partial fine-tuning: only the parameters these patterns match train (HF names or module
+    /// paths, `*` matching any run of characters, e.g. `[transformer.h.27, lm_head]` or
+    /// `["transformer.h.2*.mlp"]`); the rest stay frozen, in the compute dtype, with no
+    /// gradient or optimizer state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainable: Option<Vec<String>>,
+}
+
+impl TrainSpec {
+    pub fn is_default(&self) -> bool {
+        self == &TrainSpec::default()
+    }
+
+    /// Whether parameter `name` trains.
+    pub fn trains(&self, name: &str) -> bool {
+        match &self.trainable {
+            None => true,
+            Some(patterns) => patterns.iter().any(|p| pattern_matches(p, name)),
+        }
+    }
+}
+
+/// A `train.trainable` pattern against a parameter name: the whole name, or a module path
+/// followed by `.`, with `*` standing for any run of characters.
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    fn glob(p: &[u8], s: &[u8]) -> bool {
+        match p.split_first() {
+            None => s.is_empty(),
+            Some((b'*', rest)) => (0..=s.len()).any(|i| glob(rest, &s[i..])),
+            Some((c, rest)) => s.first() == Some(c) && glob(rest, &s[1..]),
+        }
+    }
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    glob(p, n) || (0..n.len()).any(|i| n[i] == b'.' && glob(p, &n[..i]))
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct InitSpec {
@@ -107,6 +149,10 @@ pub struct InitSpec {
     /// Embedding rows; default: the tokenizer's size rounded up to a multiple of 64.
     #[serde(default)]
     pub vocab_size: Option<usize>,
+    /// The precision the random weights are made in, as if read from a checkpoint stored so
+    /// (fp32, fp16 or bf16).
+    #[serde(default, skip_serializing_if = "Compute::is_fp32")]
+    pub dtype: Compute,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -416,6 +462,10 @@ pub enum Compute {
 }
 
 impl Compute {
+    pub fn is_fp32(&self) -> bool {
+        *self == Compute::Fp32
+    }
+
     pub fn dtype(self) -> candle_core::DType {
         match self {
             Compute::Fp32 => candle_core::DType::F32,

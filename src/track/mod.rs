@@ -19,6 +19,7 @@ pub mod plot;
 pub mod runs;
 pub mod tensorboard;
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -63,6 +64,8 @@ pub struct TrackerStart<'a> {
     pub total_steps: u64,
     /// The checkpoint a resumed run continues: its step, and the MLflow run it logged to.
     pub resumed: Option<(u64, Option<RunRef>)>,
+    /// The run's memory estimate, term by term (bytes), recorded beside the measured peak.
+    pub memory_estimate: BTreeMap<String, u64>,
 }
 
 /// How a run stands, as `run.json` says it.
@@ -106,6 +109,10 @@ impl Tracker {
         info.sessions = earlier.as_ref().map_or(1, |e| e.sessions + 1);
         info.steps_done = resumed_from.unwrap_or(0);
         info.total_steps = start.total_steps;
+        info.memory = Some(MemoryRecord {
+            estimate: start.memory_estimate.clone(),
+            peak_rss_bytes: peak_rss_bytes(),
+        });
         let wall_before = earlier.as_ref().map_or(0.0, |e| e.wall_seconds);
 
         let metrics_path = run_dir.join("metrics.jsonl");
@@ -260,6 +267,9 @@ impl Tracker {
         self.last_heartbeat = Instant::now();
         self.info.heartbeat_at = unix_now();
         self.info.wall_seconds = self.wall_before + self.session_started.elapsed().as_secs_f64();
+        if let Some(memory) = self.info.memory.as_mut() {
+            memory.peak_rss_bytes = peak_rss_bytes();
+        }
         crate::atomic_file::write(
             &self.run_dir.join("run.json"),
             (serde_json::to_string_pretty(&self.info)? + "\n").as_bytes(),
@@ -471,6 +481,25 @@ pub struct RunInfo {
     pub host: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mlflow: Option<RunRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryRecord>,
+}
+
+/// What a run expected to hold in memory, and what this session of it held.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryRecord {
+    /// The estimate's terms (`weights`, `gradients`, ..., `total`), bytes.
+    pub estimate: BTreeMap<String, u64>,
+    /// The training process's peak resident set so far (Linux VmHWM), bytes.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// This process's peak resident set size (Linux `VmHWM`), bytes; `None` elsewhere.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -527,6 +556,7 @@ impl RunInfo {
             pid: std::process::id(),
             host: host_name(),
             mlflow: None,
+            memory: None,
         }
     }
 }

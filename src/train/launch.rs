@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 
 use super::{CheckpointHook, EvalHook, EvalPoint, ModelInit, Resume, TrainOptions, TrainSummary};
 use crate::data::Sequence;
@@ -187,6 +187,38 @@ pub fn train_recipe(recipe_path: &Path, options: LaunchOptions) -> Result<TrainS
     Ok(summary)
 }
 
+/// The model's config without its weights (for the memory estimate): a local model directory's,
+/// or the preset's sized for the tokenizer.
+pub fn model_config(recipe: &Recipe, recipe_dir: &Path) -> Result<model::Config> {
+    match (&recipe.model.from, &recipe.model.init) {
+        (Some(from), None) => {
+            let local = recipe_dir.join(from);
+            anyhow::ensure!(
+                local.is_dir(),
+                "model.from {from:?} is not a local directory (`kiln train` downloads a Hub \
+                 model's config with its weights)"
+            );
+            model::load_config(&local)
+        }
+        (None, Some(spec)) => {
+            let mut config = spec.preset.config();
+            let vocab_size = match spec.vocab_size {
+                Some(size) => size,
+                None => {
+                    let tokenizer = recipe::tokenizer_for(recipe, recipe_dir)?.context(
+                        "model.init sizes the vocabulary for the tokenizer, which is not local \
+                         (set model.init.vocab_size)",
+                    )?;
+                    tokenizer.vocab_size().div_ceil(64) * 64
+                }
+            };
+            config.set_vocab_size(vocab_size);
+            Ok(config)
+        }
+        _ => bail!("set exactly one of model.from and model.init"),
+    }
+}
+
 /// The starting weights and the tokenizer: a model directory (local, relative to the recipe, or
 /// a Hub repo) or a fresh initialisation sized for the tokenizer.
 fn starting_model(recipe: &Recipe, recipe_dir: &Path) -> Result<(ModelInit, TextTokenizer)> {
@@ -222,7 +254,8 @@ fn starting_model(recipe: &Recipe, recipe_dir: &Path) -> Result<(ModelInit, Text
             };
             let config = model::load_config(&model_dir)?;
             tokenizer.check_fits(config.vocab_size(), &model_dir)?;
-            let params = model::load_parameters(&model_dir, &config, DType::F32, &Device::Cpu)?;
+            let dtype_of = |name: &str, shape: &[usize]| super::initial_dtype(recipe, name, shape);
+            let params = model::load_parameters_as(&model_dir, &config, dtype_of, &Device::Cpu)?;
             Ok((
                 ModelInit {
                     config,
@@ -251,7 +284,9 @@ fn starting_model(recipe: &Recipe, recipe_dir: &Path) -> Result<(ModelInit, Text
             let params = model::parameter_shapes(&config)
                 .into_iter()
                 .map(|(name, shape)| {
-                    let tensor = init::init_parameter(&config, &name, &shape, spec.seed)?;
+                    let tensor = init::init_parameter(&config, &name, &shape, spec.seed)?
+                        .to_dtype(spec.dtype.dtype())?
+                        .to_dtype(super::initial_dtype(recipe, &name, &shape))?;
                     Ok((name, tensor))
                 })
                 .collect::<Result<_>>()?;

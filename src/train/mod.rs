@@ -8,6 +8,7 @@
 //! weights tokens of short micro-batches more; with packed, unpadded rows both agree.)
 
 pub mod launch;
+pub mod memory;
 pub mod optimizer;
 pub mod precision;
 pub mod schedule;
@@ -32,6 +33,7 @@ use crate::recipe::{Compute, Recipe};
 use crate::tokenizer::TextTokenizer;
 use crate::track::{Progress, RunRef, RunStatus, Tracker, TrackerStart};
 
+use memory::MemoryEstimate;
 pub use optimizer::AdamW;
 pub use precision::{LossScaler, StepVerdict};
 pub use schedule::Schedule;
@@ -148,7 +150,19 @@ pub fn run(
     // The newest checkpoint known to be complete, named when training has to stop.
     let mut last_good: Option<PathBuf> = resumed.as_ref().map(|r| r.dir.clone());
     let resumed_workers = resumed.as_ref().and_then(|r| r.state.cpu_workers);
-    let mut log = RunLog::open(recipe, start_step, total_steps, resumed, options.quiet)?;
+    let threads = options
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let memory = MemoryEstimate::new(recipe, &init.config, threads);
+    println!("{}", memory.table());
+    let mut log = RunLog::open(
+        recipe,
+        start_step,
+        total_steps,
+        resumed,
+        options.quiet,
+        &memory,
+    )?;
 
     let stop = options.stop.clone().unwrap_or_default();
     let _signals = match options.handle_signals {
@@ -254,6 +268,18 @@ pub fn run(
     log.finish(RunStatus::Finished)
 }
 
+/// The dtype a run holds parameter `name` in as it starts: fp32 for what trains (master weights);
+/// frozen matrices (a LoRA base, what `train.trainable` leaves out) in the compute dtype (see
+/// [`Trainable::new`]), read straight into it so a half-precision base never exists whole in fp32.
+pub fn initial_dtype(recipe: &Recipe, name: &str, shape: &[usize]) -> DType {
+    let frozen = recipe.lora.is_some() || !recipe.train.trains(name);
+    if frozen && shape.len() == 2 {
+        recipe.precision.compute.dtype()
+    } else {
+        DType::F32
+    }
+}
+
 /// The dropout training applies: the model config's, with the recipe's `model.dropout` in its
 /// place.
 fn dropout_rates(recipe: &Recipe, config: &Config) -> ops::DropoutRates {
@@ -313,6 +339,7 @@ impl RunLog {
         total_steps: u64,
         resumed: Option<Resumed>,
         quiet: bool,
+        memory: &MemoryEstimate,
     ) -> Result<Self> {
         let run_dir = recipe.tracking.log_dir.join(&recipe.name);
         let (metrics, resumed) = match resumed {
@@ -324,6 +351,7 @@ impl RunLog {
             device: &recipe.device,
             total_steps,
             resumed,
+            memory_estimate: memory.terms(),
         };
         Ok(Self {
             tracker: Tracker::open(&run_dir, start)?,

@@ -42,11 +42,7 @@ impl Trainable {
         device: &Device,
     ) -> Result<Self> {
         let Some(spec) = &recipe.lora else {
-            return Ok(Self {
-                params: master_weights(config, initial, device)?,
-                frozen: HashMap::new(),
-                lora: None,
-            });
+            return partial(recipe, config, initial, device);
         };
         let targets = spec.targets(config);
         let layers = lora::select_layers(config, &targets)?;
@@ -125,7 +121,8 @@ impl Trainable {
                 targets: run.targets.clone(),
             }),
             _ => {
-                let params = model::parameter_tensors(&self.params);
+                let mut params = model::parameter_tensors(&self.params);
+                params.extend(self.frozen.iter().map(|(n, t)| (n.clone(), t.clone())));
                 write(checkpoint::Weights::Model {
                     params: &params,
                     dtype,
@@ -187,6 +184,59 @@ impl Trainable {
     }
 }
 
+/// A full fine-tune, or a partial one (`train.trainable`): the parameters that train become fp32
+/// masters, the others are frozen as LoRA's base is.
+fn partial(
+    recipe: &Recipe,
+    config: &Config,
+    mut initial: HashMap<String, Tensor>,
+    device: &Device,
+) -> Result<Trainable> {
+    let shapes = model::parameter_shapes(config);
+    if let Some(patterns) = &recipe.train.trainable {
+        for pattern in patterns {
+            ensure!(
+                shapes
+                    .iter()
+                    .any(|(name, _)| crate::recipe::pattern_matches(pattern, name)),
+                "train.trainable: {pattern:?} matches no parameter of this {} model (names are \
+                 HF's, e.g. {})",
+                config.model_type(),
+                shapes
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .filter(|n| n.contains(".0."))
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    let compute = recipe.precision.compute.dtype();
+    let (vector_dtype, _) = ops::weight_dtype_and_operands(device, compute);
+    let mut params = Vec::new();
+    let mut frozen = HashMap::new();
+    for (name, shape) in shapes {
+        let tensor = checked(&mut initial, &name, &shape)?;
+        if recipe.train.trains(&name) {
+            let master = tensor.to_dtype(DType::F32)?.to_device(device)?;
+            params.push((name, Var::from_tensor(&master)?));
+        } else {
+            let dtype = if shape.len() == 2 {
+                compute
+            } else {
+                vector_dtype
+            };
+            frozen.insert(name, tensor.to_dtype(dtype)?.to_device(device)?);
+        }
+    }
+    Ok(Trainable {
+        params,
+        frozen,
+        lora: None,
+    })
+}
+
 /// `initial[name]`, taken out, after checking its shape.
 fn checked(initial: &mut HashMap<String, Tensor>, name: &str, shape: &[usize]) -> Result<Tensor> {
     let tensor = initial
@@ -198,21 +248,4 @@ fn checked(initial: &mut HashMap<String, Tensor>, name: &str, shape: &[usize]) -
         tensor.dims()
     );
     Ok(tensor)
-}
-
-/// fp32 master weights as autograd variables on `device`, in HF `state_dict` order.
-fn master_weights(
-    config: &Config,
-    mut initial: HashMap<String, Tensor>,
-    device: &Device,
-) -> Result<Vec<(String, Var)>> {
-    let mut params = Vec::new();
-    for (name, shape) in model::parameter_shapes(config) {
-        let tensor = checked(&mut initial, &name, &shape)?;
-        params.push((
-            name,
-            Var::from_tensor(&tensor.to_dtype(DType::F32)?.to_device(device)?)?,
-        ));
-    }
-    Ok(params)
 }
