@@ -106,9 +106,16 @@ fn main() -> Result<()> {
     for compute in ["fp32", "bf16"] {
         if wanted(compute) {
             let (tps, _) = bench(compute, 1, 2, 5)?;
+            let out = tempfile::tempdir()?;
+            let estimate = kiln::train::memory::MemoryEstimate::new(
+                &recipe(out.path(), compute, 1, 7)?,
+                &Preset::Small.config(),
+                THREADS,
+            );
             println!(
-                "{compute}: {tps:.0} tokens/s (small, seq {SEQ}, micro {MICRO}, {THREADS} threads), peak RSS so far {:.0} MiB",
-                rss_kib("VmHWM:") as f64 / 1024.0
+                "{compute}: {tps:.0} tokens/s (small, seq {SEQ}, micro {MICRO}, {THREADS} threads), peak RSS so far {:.0} MiB (estimate {:.0} MiB)",
+                rss_kib("VmHWM:") as f64 / 1024.0,
+                estimate.total() as f64 / (1 << 20) as f64
             );
         }
     }

@@ -48,6 +48,7 @@ fn fused_attention_dropout_matches_the_generic_code() {
         resid: 0.0,
         embd: 0.0,
         attn: 0.3,
+        lora: 0.0,
     };
     for name in ["gpt2", "rot8", "neox"] {
         let dropout = Dropout::for_rows(rates, 5, 9, 0, 2);

@@ -197,18 +197,8 @@ fn bad_lora_sections_say_what_is_wrong() {
 #[test]
 fn the_trained_adapter_path_equals_the_merged_weights() {
     let out = tempfile::tempdir().unwrap();
+    let recipe = recipe_over_base(out.path(), LORA);
     let base = out.path().join("base");
-    common::init_tiny(&base, 5, Path::new(&common::bundled("tokenizer")));
-    let recipe = write_recipe(
-        out.path(),
-        &format!("{LORA}model: {{from: {}}}\n", base.display()),
-    );
-    let text = std::fs::read_to_string(&recipe).unwrap().replacen(
-        "model: {init: {preset: tiny, seed: 1, vocab_size: 1024}}\n",
-        "",
-        1,
-    );
-    std::fs::write(&recipe, text).unwrap();
     run_ok(&[
         "train",
         recipe.to_str().unwrap(),
@@ -422,16 +412,7 @@ fn peft_loads_kiln_adapters_to_kiln_logits() {
             "--tokenizer",
             &common::bundled("tokenizer"),
         ]);
-        let recipe = write_recipe(
-            out.path(),
-            &format!("{lora}model: {{from: {}}}\n", base.display()),
-        );
-        let text = std::fs::read_to_string(&recipe).unwrap().replacen(
-            "model: {init: {preset: tiny, seed: 1, vocab_size: 1024}}\n",
-            "",
-            1,
-        );
-        std::fs::write(&recipe, text).unwrap();
+        let recipe = recipe_over_base(out.path(), lora);
         run_ok(&[
             "train",
             recipe.to_str().unwrap(),
@@ -591,7 +572,8 @@ fn a_frozen_bf16_base_computes_what_its_fp32_copy_does() {
     }
 }
 
-/// A recipe over a `kiln init` tiny base (`model.from`), with `extra` keys.
+/// A recipe over the model in `out/base` (`model.from`; a `kiln init` tiny one unless the caller
+/// made another), with `extra` keys.
 fn recipe_over_base(out: &Path, extra: &str) -> std::path::PathBuf {
     let base = out.join("base");
     if !base.exists() {
@@ -707,4 +689,104 @@ fn the_memory_estimate_is_printed_and_close_to_the_measured_peak() {
     let (ok, _, err) = kiln(&["recipe", "check", recipe.to_str().unwrap()]);
     assert!(!ok);
     assert!(err.contains("gptj has no layer named \"c_fc\""), "{err}");
+}
+
+fn step_numbers(run_dir: &Path, tag: &str) -> Vec<f64> {
+    kiln::track::read_metrics(&run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.tag == tag)
+        .map(|r| r.value)
+        .collect()
+}
+
+/// Activation checkpointing recomputes each block in the backward: the same losses, gradient
+/// norms and weights, bit for bit, as keeping every activation (dropout on, so its masks must
+/// replay) — for a full fine-tune and for LoRA.
+#[test]
+fn activation_checkpointing_trains_as_keeping_the_activations_does() {
+    for (name, extra) in [
+        ("full", "model: {init: {preset: tiny, seed: 1, vocab_size: 1024}, dropout: {resid: 0.1, attn: 0.1}}\n"),
+        ("lora", LORA),
+    ] {
+        let mut results = Vec::new();
+        for checkpointing in [false, true] {
+            let out = tempfile::tempdir().unwrap();
+            let mut extra = format!("memory: {{activation_checkpointing: {checkpointing}}}\n{extra}");
+            if name == "full" {
+                extra = extra.replace("model: {init", "model_override: {init");
+            }
+            let recipe = write_recipe(out.path(), &extra);
+            if name == "full" {
+                let text = std::fs::read_to_string(&recipe)
+                    .unwrap()
+                    .replacen("model: {init: {preset: tiny, seed: 1, vocab_size: 1024}}\n", "", 1)
+                    .replace("model_override:", "model:");
+                std::fs::write(&recipe, text).unwrap();
+            }
+            run_ok(&["train", recipe.to_str().unwrap(), "--quiet", "--set", "steps=4"]);
+            let run = out.path().join("runs/run");
+            let weights_file = if name == "full" {
+                "model.safetensors"
+            } else {
+                "adapter_model.safetensors"
+            };
+            results.push((
+                step_numbers(&run, "train/loss"),
+                step_numbers(&run, "train/grad_norm"),
+                tensors(&out.path().join("checkpoints/run/step-4").join(weights_file)),
+            ));
+        }
+        let (plain, checkpointed) = (&results[0], &results[1]);
+        assert_eq!(plain.0.len(), 4);
+        assert_eq!(plain.0, checkpointed.0, "{name}: losses");
+        assert_eq!(plain.1, checkpointed.1, "{name}: gradient norms");
+        for (tensor, before) in &plain.2 {
+            let after = &checkpointed.2[tensor];
+            assert_eq!(max_diff(before, after), 0.0, "{name}: {tensor}");
+        }
+    }
+}
+
+/// The checkpointed backward is the one a model told to checkpoint takes: it keeps exactly the
+/// gradients of the tensors it was given, each equal to the plain backward's.
+#[test]
+fn a_checkpointing_model_keeps_the_gradients_it_was_asked_for() {
+    let base = fixture("parity/rot8");
+    let config = kiln::model::load_config(&base).unwrap();
+    let vars: Vec<(String, candle_core::Var)> =
+        kiln::model::load_parameters(&base, &config, DType::F32, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (n, candle_core::Var::from_tensor(&t).unwrap()))
+            .collect();
+    let named = kiln::model::parameter_tensors(&vars);
+    let rows = id_rows("3,17,42,99,5,8,60,1;7,7,2,50,31,12,90,4");
+    let batch = kiln::model::Batch::right_padded(&rows, 0, &Device::Cpu).unwrap();
+    let labels = kiln::model::shifted_labels(&rows, 8);
+    let plain = kiln::model::model_from_parameters(&config, &named, DType::F32, &Device::Cpu)
+        .unwrap()
+        .loss_and_grads(&batch, &labels, 0.5)
+        .unwrap()
+        .unwrap();
+    let left_out = "transformer.h.0.attn.q_proj.weight";
+    let mut model =
+        kiln::model::model_from_parameters(&config, &named, DType::F32, &Device::Cpu).unwrap();
+    model.checkpoint_activations(
+        vars.iter()
+            .filter(|(n, _)| n != left_out)
+            .map(|(_, v)| v.id())
+            .collect(),
+    );
+    let checkpointed = model.loss_and_grads(&batch, &labels, 0.5).unwrap().unwrap();
+    assert_eq!(plain.nll_sum, checkpointed.nll_sum);
+    for (name, var) in &vars {
+        let ours = checkpointed.get(name, var.as_tensor()).unwrap();
+        if name == left_out {
+            assert!(ours.is_none(), "{name} was not asked for");
+            continue;
+        }
+        let theirs = plain.get(name, var.as_tensor()).unwrap().unwrap();
+        assert_eq!(max_diff(&ours.unwrap(), &theirs), 0.0, "{name}");
+    }
 }

@@ -12,9 +12,9 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::{Batch, CausalLm};
+use super::{Batch, BlockFn, CausalLm, Stages};
 use crate::ops::{
-    self, AttentionKind, AttentionMask, KvCache, LayerCache, LayerNorm, Linear, Operands, Site,
+    self, AttentionKind, AttentionMask, LayerCache, LayerNorm, Linear, Operands, Site,
 };
 
 /// `config.json` of a HF `gpt2` model, read as is; unknown keys are kept.
@@ -284,17 +284,26 @@ impl Gpt2 {
 }
 
 impl CausalLm for Gpt2 {
-    fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let cached = cache.as_ref().map_or(0, |c| c.len());
-        let mask = batch.attention_mask(cached, None, self.wte.device())?;
-        let tokens = ops::embedding(&self.wte, &batch.input_ids)?.to_dtype(self.dtype)?;
-        let positions = ops::embedding(&self.wpe, &batch.position_ids)?.to_dtype(self.dtype)?;
-        let mut xs = batch.drop((tokens + positions)?, Site::Embeddings)?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| c.layer(i));
-            xs = block.forward(&xs, batch, &mask, slot)?;
-        }
-        self.ln_f.forward(&xs)
+    fn stages<'a>(&'a self, batch: &'a Batch, cached: usize) -> Result<Stages<'a>> {
+        let mask = std::rc::Rc::new(batch.attention_mask(cached, None, self.wte.device())?);
+        let blocks = (self.blocks.iter())
+            .map(|block| {
+                let mask = mask.clone();
+                Box::new(move |xs: &Tensor, slot: Option<(&mut LayerCache, usize)>| {
+                    block.forward(xs, batch, &mask, slot)
+                }) as BlockFn<'a>
+            })
+            .collect();
+        Ok(Stages {
+            embed: Box::new(move || {
+                let tokens = ops::embedding(&self.wte, &batch.input_ids)?.to_dtype(self.dtype)?;
+                let positions =
+                    ops::embedding(&self.wpe, &batch.position_ids)?.to_dtype(self.dtype)?;
+                batch.drop((tokens + positions)?, Site::Embeddings)
+            }),
+            blocks,
+            finish: Box::new(move |xs| self.ln_f.forward(xs)),
+        })
     }
 
     fn lm_head(&self) -> &Linear {

@@ -11,9 +11,9 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::{Batch, CausalLm};
+use super::{Batch, BlockFn, CausalLm, Stages};
 use crate::ops::{
-    self, AttentionKind, AttentionMask, KvCache, LayerCache, LayerNorm, Linear, Operands, Rotary,
+    self, AttentionKind, AttentionMask, LayerCache, LayerNorm, Linear, Operands, Rotary,
     RotaryPairs, Site,
 };
 
@@ -351,16 +351,25 @@ impl GptNeoX {
 }
 
 impl CausalLm for GptNeoX {
-    fn hidden_states(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let cached = cache.as_ref().map_or(0, |c| c.len());
-        let mask = batch.attention_mask(cached, None, self.embed_in.device())?;
-        let embedded = ops::embedding(&self.embed_in, &batch.input_ids)?.to_dtype(self.dtype)?;
-        let mut xs = batch.drop(embedded, Site::Embeddings)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| c.layer(i));
-            xs = layer.forward(&xs, &self.rotary, batch, &mask, slot)?;
-        }
-        self.final_layer_norm.forward(&xs)
+    fn stages<'a>(&'a self, batch: &'a Batch, cached: usize) -> Result<Stages<'a>> {
+        let mask = std::rc::Rc::new(batch.attention_mask(cached, None, self.embed_in.device())?);
+        let blocks = (self.layers.iter())
+            .map(|layer| {
+                let mask = mask.clone();
+                Box::new(move |xs: &Tensor, slot: Option<(&mut LayerCache, usize)>| {
+                    layer.forward(xs, &self.rotary, batch, &mask, slot)
+                }) as BlockFn<'a>
+            })
+            .collect();
+        Ok(Stages {
+            embed: Box::new(move || {
+                let embedded =
+                    ops::embedding(&self.embed_in, &batch.input_ids)?.to_dtype(self.dtype)?;
+                batch.drop(embedded, Site::Embeddings)
+            }),
+            blocks,
+            finish: Box::new(move |xs| self.final_layer_norm.forward(xs)),
+        })
     }
 
     fn lm_head(&self) -> &Linear {

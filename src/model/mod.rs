@@ -12,13 +12,13 @@ pub mod init;
 pub mod lora;
 pub mod weights;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, TensorId, Var, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -500,19 +500,30 @@ impl Batch {
     }
 }
 
-/// What a family's model file provides: its blocks up to the final hidden states, and the head
-/// that maps them to the vocabulary. Everything downstream (logits, the fused loss head,
-/// generation) is shared by [`Model`].
+/// What a family's model file provides: its forward pass up to the final hidden states, as
+/// [`Stages`], and the head that maps them to the vocabulary. Everything downstream (logits, the
+/// fused loss head, generation, activation checkpointing) is shared by [`Model`].
 pub trait CausalLm {
-    /// Final hidden states `[batch, seq, hidden]` in the compute dtype; with a `cache`, this
-    /// step's keys and values are appended to it.
-    fn hidden_states(
-        &self,
-        batch: &Batch,
-        cache: Option<&mut KvCache>,
-    ) -> candle_core::Result<Tensor>;
+    /// The forward pass over `batch` (after `cached` positions already in a KV cache).
+    fn stages<'a>(&'a self, batch: &'a Batch, cached: usize) -> candle_core::Result<Stages<'a>>;
     /// The output projection (for a tied model, the token embedding).
     fn lm_head(&self) -> &Linear;
+}
+
+/// One block of a forward pass: hidden states in, hidden states out, appending this step's keys
+/// and values to its KV-cache slot when decoding.
+pub type BlockFn<'a> =
+    Box<dyn Fn(&Tensor, Option<(&mut ops::LayerCache, usize)>) -> candle_core::Result<Tensor> + 'a>;
+
+/// The final norm of a forward pass: the last block's output to the final hidden states.
+pub type FinishFn<'a> = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + 'a>;
+
+/// A forward pass cut where activation checkpointing cuts it: the embeddings, each block, and
+/// the final norm, in the compute dtype.
+pub struct Stages<'a> {
+    pub embed: Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>,
+    pub blocks: Vec<BlockFn<'a>>,
+    pub finish: FinishFn<'a>,
 }
 
 #[derive(Debug, Clone)]
@@ -531,6 +542,8 @@ pub struct Model {
     dtype: DType,
     device: Device,
     operands: Operands,
+    /// Activation checkpointing, and the tensors whose gradients it keeps.
+    checkpointing: Option<Arc<HashSet<TensorId>>>,
 }
 
 impl Model {
@@ -555,6 +568,7 @@ impl Model {
             dtype,
             device,
             operands,
+            checkpointing: None,
         })
     }
 
@@ -579,13 +593,28 @@ impl Model {
         &self.device
     }
 
-    /// Final hidden states `[batch, seq, hidden]` in the compute dtype.
+    /// Final hidden states `[batch, seq, hidden]` in the compute dtype; with a `cache`, this
+    /// step's keys and values are appended to it.
     pub fn hidden_states(
         &self,
         batch: &Batch,
-        cache: Option<&mut KvCache>,
+        mut cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
-        self.body().hidden_states(batch, cache)
+        let cached = cache.as_ref().map_or(0, |c| c.len());
+        let stages = self.body().stages(batch, cached)?;
+        let mut xs = (stages.embed)()?;
+        for (i, block) in stages.blocks.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| c.layer(i));
+            xs = block(&xs, slot)?;
+        }
+        (stages.finish)(&xs)
+    }
+
+    /// Recompute each block in the backward instead of keeping its activations (activation
+    /// checkpointing), for training `trained`: the gradients [`Self::loss_and_grads`] then holds
+    /// are those of these tensors only.
+    pub fn checkpoint_activations(&mut self, trained: HashSet<TensorId>) {
+        self.checkpointing = Some(Arc::new(trained));
     }
 
     /// Logits `[batch, seq, vocab]` in fp32.
@@ -625,16 +654,7 @@ impl Model {
     /// -100), through the fused loss head (the logits never exist whole).
     pub fn loss_sum(&self, batch: &Batch, labels: &[i64]) -> candle_core::Result<f64> {
         let hidden = self.hidden_states(batch, None)?;
-        let head = self.body().lm_head();
-        let loss = ops::lm_head_loss(
-            &hidden,
-            &head.weight,
-            head.bias.as_ref(),
-            labels,
-            None,
-            self.operands,
-        )?;
-        Ok(loss.nll_sum)
+        Ok(self.head_loss(&hidden, labels, None)?.nll_sum)
     }
 
     /// [`Self::loss_sum`] and the gradients of `grad_scale ×` it for every parameter; `None`
@@ -648,32 +668,128 @@ impl Model {
         if labels.iter().all(|&l| l < 0) {
             return Ok(None);
         }
+        if let Some(trained) = &self.checkpointing {
+            return self.checkpointed_loss_and_grads(batch, labels, grad_scale, trained);
+        }
         let hidden = self.hidden_states(batch, None)?;
-        let head = self.body().lm_head();
-        let loss = ops::lm_head_loss(
-            &hidden,
-            &head.weight,
-            head.bias.as_ref(),
-            labels,
-            Some(grad_scale),
-            self.operands,
-        )?;
+        let loss = self.head_loss(&hidden, labels, Some(grad_scale))?;
         let Some(surrogate) = loss.surrogate else {
             return Ok(None);
         };
+        let head_grads = self.head_grads(loss.head_grads);
+        let store = surrogate.backward()?;
+        let store = store
+            .get_ids()
+            .map(|id| (*id, store.get_id(*id).expect("listed").clone()))
+            .collect();
+        Ok(Some(LossGrads {
+            nll_sum: loss.nll_sum,
+            store,
+            head_grads,
+        }))
+    }
+}
+
+impl Model {
+    /// [`Self::loss_and_grads`] keeping only each block's input through the forward: the backward
+    /// runs block by block from the last, recomputing the block's graph from its input and
+    /// backpropagating the gradient that reached its output. Every op and dropout mask is the
+    /// same as without checkpointing; only the order some gradient sums are added in differs.
+    fn checkpointed_loss_and_grads(
+        &self,
+        batch: &Batch,
+        labels: &[i64],
+        grad_scale: f64,
+        trained: &HashSet<TensorId>,
+    ) -> candle_core::Result<Option<LossGrads>> {
+        let stages = self.body().stages(batch, 0)?;
+        let embedded = (stages.embed)()?;
+        let mut inputs = Vec::with_capacity(stages.blocks.len());
+        let mut xs = embedded.detach();
+        for block in &stages.blocks {
+            inputs.push(xs.clone());
+            xs = block(&xs, None)?.detach();
+        }
+        // Only the trained tensors' gradients are kept from each block's backward: the rest of
+        // its store is the block's activation gradients, freed with it.
+        let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
+        let keep = |grads: &mut HashMap<TensorId, Tensor>, store: GradStore| {
+            for id in store.get_ids() {
+                if trained.contains(id) {
+                    let grad = store.get_id(*id).expect("listed").clone();
+                    let sum = match grads.remove(id) {
+                        Some(before) => (before + grad)?,
+                        None => grad,
+                    };
+                    grads.insert(*id, sum);
+                }
+            }
+            candle_core::Result::Ok(())
+        };
+
+        // The head and the final norm, from the last block's output.
+        let last = Var::from_tensor(&xs)?;
+        let hidden = (stages.finish)(last.as_tensor())?;
+        let loss = self.head_loss(&hidden, labels, Some(grad_scale))?;
+        let Some(surrogate) = loss.surrogate else {
+            return Ok(None);
+        };
+        let store = surrogate.backward()?;
+        let mut upstream = store.get(last.as_tensor()).cloned();
+        keep(&mut grads, store)?;
+
+        for (block, input) in stages.blocks.iter().zip(&inputs).rev() {
+            let Some(grad_out) = upstream.take() else {
+                break;
+            };
+            let input = Var::from_tensor(input)?;
+            let output = block(input.as_tensor(), None)?;
+            let store = (output * grad_out.detach())?.sum_all()?.backward()?;
+            upstream = store.get(input.as_tensor()).cloned();
+            keep(&mut grads, store)?;
+        }
+        if let Some(grad_embedded) = upstream {
+            if embedded.track_op() {
+                let store = (embedded * grad_embedded.detach())?.sum_all()?.backward()?;
+                keep(&mut grads, store)?;
+            }
+        }
+        Ok(Some(LossGrads {
+            nll_sum: loss.nll_sum,
+            store: grads,
+            head_grads: self.head_grads(loss.head_grads),
+        }))
+    }
+
+    /// The fused loss head over `hidden` (see [`ops::lm_head_loss`]).
+    fn head_loss(
+        &self,
+        hidden: &Tensor,
+        labels: &[i64],
+        grad_scale: Option<f64>,
+    ) -> candle_core::Result<ops::LmLoss> {
+        let head = self.body().lm_head();
+        ops::lm_head_loss(
+            hidden,
+            &head.weight,
+            head.bias.as_ref(),
+            labels,
+            grad_scale,
+            self.operands,
+        )
+    }
+
+    /// The fused loss head's gradients, by the head's HF parameter names.
+    fn head_grads(&self, grads: Option<(Tensor, Option<Tensor>)>) -> Vec<(&'static str, Tensor)> {
         let mut head_grads = Vec::new();
-        if let Some((weight_grad, bias_grad)) = loss.head_grads {
+        if let Some((weight_grad, bias_grad)) = grads {
             let (weight_name, bias_name) = self.config.head_parameter_names();
             head_grads.push((weight_name, weight_grad));
             if let (Some(name), Some(grad)) = (bias_name, bias_grad) {
                 head_grads.push((name, grad));
             }
         }
-        Ok(Some(LossGrads {
-            nll_sum: loss.nll_sum,
-            store: surrogate.backward()?,
-            head_grads,
-        }))
+        head_grads
     }
 }
 
@@ -682,7 +798,8 @@ impl Model {
 pub struct LossGrads {
     /// Cross-entropy summed over the labelled positions.
     pub nll_sum: f64,
-    store: GradStore,
+    /// By tensor.
+    store: HashMap<TensorId, Tensor>,
     /// By HF name: the head is found by name because the model may compute with a converted
     /// copy (fp16/bf16) of the parameter the caller holds.
     head_grads: Vec<(&'static str, Tensor)>,
@@ -694,7 +811,7 @@ impl LossGrads {
     /// embedding lookup passed back and what the head's products did.
     pub fn get(&self, name: &str, param: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let head = self.head_grads.iter().find(|(n, _)| *n == name);
-        let graph = self.store.get(param);
+        let graph = self.store.get(&param.id());
         Ok(match (head, graph) {
             (Some((_, head)), Some(graph)) => Some((graph + head.to_dtype(graph.dtype())?)?),
             (Some((_, head)), None) => Some(head.to_dtype(param.dtype())?),

@@ -185,11 +185,12 @@ impl MemoryEstimate {
                 gib(self.total_checkpointed()).trim()
             ),
         ];
-        if replicas > 1 {
-            lines.push(format!(
-                "  ({replicas} replicas share the weights; each has its own activations)"
-            ));
-        }
+        let per_replica = self.activations / replicas.max(1) as u64;
+        lines.push(format!(
+            "  (one device; {replicas} replica{} sharing the weights, each with {} of activations)",
+            if replicas == 1 { "" } else { "s" },
+            human_bytes(per_replica)
+        ));
         lines.join("\n")
     }
 }

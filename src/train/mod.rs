@@ -182,6 +182,7 @@ pub fn run(
         workers: &workers,
         dropout: dropout_rates(recipe, &init.config),
         seed: recipe.seed,
+        activation_checkpointing: recipe.memory.activation_checkpointing,
     };
     let checkpoints = CheckpointTarget {
         dir: &run_checkpoints,

@@ -27,6 +27,8 @@ pub struct StepSetup<'a> {
     /// global batch (see [`ops::Dropout`]).
     pub dropout: DropoutRates,
     pub seed: u64,
+    /// Recompute each block in the backward (`memory.activation_checkpointing`).
+    pub activation_checkpointing: bool,
 }
 
 /// What one step did.
@@ -60,12 +62,15 @@ pub fn train_step(
     );
     let params = &trainable.params;
     // The working copy of the weights in the compute dtype, made once per step.
-    let model = model::model_from_parameters(
+    let mut model = model::model_from_parameters(
         setup.config,
         &trainable.model_tensors(false)?,
         setup.compute_dtype,
         setup.device,
     )?;
+    if setup.activation_checkpointing {
+        model.checkpoint_activations(params.iter().map(|(_, var)| var.id()).collect());
+    }
 
     // Forward and backward, gradients accumulated over micro-batches, replicas and workers.
     let shard_weight = scaler.scale / targets as f64;
