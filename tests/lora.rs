@@ -670,6 +670,11 @@ fn the_memory_estimate_is_printed_and_close_to_the_measured_peak() {
         let estimate = info["memory"]["estimate"]["total"].as_f64().unwrap();
         let peak = info["memory"]["peak_rss_bytes"].as_f64().unwrap();
         let error = (estimate - peak).abs() / peak;
+        println!(
+            "{name}: estimated {:.1} MiB, measured {:.1} MiB",
+            estimate / (1 << 20) as f64,
+            peak / (1 << 20) as f64
+        );
         assert!(
             error <= 0.15,
             "{name}: estimated {:.1} MiB, measured {:.1} MiB",

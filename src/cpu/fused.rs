@@ -55,16 +55,19 @@ impl LinearOp {
         Ok((CpuStorage::F32(out), (rows, n).into()))
     }
 
+    /// `dx`, and `dW` / `db` for a weight / bias autograd tracks (a frozen one gets none: its
+    /// product would be a third of the layer's backward, thrown away).
     fn backward(
         &self,
         x: &Tensor,
         w: &Tensor,
-        with_bias: bool,
+        bias: Option<&Tensor>,
         grad_out: &Tensor,
-    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
         let ((rows, k), n) = (x.dims2()?, w.dim(0)?);
-        let (mut grad_x, mut grad_w) = (zeroed(rows * k), zeroed(n * k));
-        let mut grad_b = if with_bias { Some(zeroed(n)) } else { None };
+        let mut grad_x = zeroed(rows * k);
+        let mut grad_w = w.track_op().then(|| zeroed(n * k));
+        let mut grad_b = bias.filter(|b| b.track_op()).map(|_| zeroed(n));
         with_values(grad_out, |dy| {
             let dy_rows = MatRef::row_major(dy, rows, n);
             with_values(w, |w| {
@@ -72,11 +75,13 @@ impl LinearOp {
                 gemm::matmul(self.operands, dy_rows, w, &mut grad_x, false);
                 Ok(())
             })?;
-            with_values(x, |x| {
-                let x = MatRef::row_major(x, rows, k);
-                gemm::matmul(self.operands, dy_rows.t(), x, &mut grad_w, false);
-                Ok(())
-            })?;
+            if let Some(grad_w) = grad_w.as_mut() {
+                with_values(x, |x| {
+                    let x = MatRef::row_major(x, rows, k);
+                    gemm::matmul(self.operands, dy_rows.t(), x, grad_w, false);
+                    Ok(())
+                })?;
+            }
             if let Some(grad_b) = grad_b.as_mut() {
                 add_column_sums(dy, n, grad_b);
             }
@@ -85,7 +90,9 @@ impl LinearOp {
         let device = x.device();
         Ok((
             Tensor::from_vec(grad_x, (rows, k), device)?,
-            Tensor::from_vec(grad_w, (n, k), device)?,
+            grad_w
+                .map(|g| Tensor::from_vec(g, (n, k), device))
+                .transpose()?,
             grad_b.map(|b| Tensor::from_vec(b, n, device)).transpose()?,
         ))
     }
@@ -113,8 +120,8 @@ impl candle_core::CustomOp2 for LinearOp {
         _out: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (grad_x, grad_w, _) = self.backward(x, w, false, grad_out)?;
-        Ok((Some(grad_x), Some(grad_w)))
+        let (grad_x, grad_w, _) = self.backward(x, w, None, grad_out)?;
+        Ok((Some(grad_x), grad_w))
     }
 }
 
@@ -219,12 +226,12 @@ impl CustomOp3 for LinearOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _out: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (grad_x, grad_w, grad_b) = self.backward(x, w, true, grad_out)?;
-        Ok((Some(grad_x), Some(grad_w), grad_b))
+        let (grad_x, grad_w, grad_b) = self.backward(x, w, Some(b), grad_out)?;
+        Ok((Some(grad_x), grad_w, grad_b))
     }
 }
 
