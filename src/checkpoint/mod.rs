@@ -249,7 +249,9 @@ fn write_contents(dir: &Path, contents: Contents) -> Result<()> {
     match contents.weights {
         Weights::Model { params, dtype } => {
             if dtype != DType::F32 {
-                for (name, tensor) in params {
+                // fp32 masters only: frozen half-precision weights (`train.trainable`) are
+                // stored as they are and come back from the base model on resume.
+                for (name, tensor) in params.iter().filter(|(_, t)| t.dtype() == DType::F32) {
                     optimizer.insert(format!("master.{name}"), tensor.clone());
                 }
             }
