@@ -69,6 +69,8 @@ pub enum Rhs<'a> {
     F32(MatRef<'a>),
     /// bf16 operands without AMX: the values rounded, kept as fp32.
     Rounded(Rounded),
+    /// A view of values already rounded (another orientation of a [`Rhs::Rounded`]).
+    RoundedView(MatRef<'a>),
     Tiles(super::amx::PackedB),
 }
 
@@ -86,9 +88,20 @@ impl<'a> Rhs<'a> {
         Rhs::Rounded(Rounded::of(b))
     }
 
+    /// The transpose of this operand without a second copy of its values, where the layout
+    /// allows (AMX tiles are packed for one orientation: `None`).
+    pub fn transposed(&self) -> Option<Rhs<'_>> {
+        match self {
+            Rhs::F32(b) => Some(Rhs::F32(b.t())),
+            Rhs::Rounded(b) => Some(Rhs::RoundedView(b.view().t())),
+            Rhs::RoundedView(b) => Some(Rhs::RoundedView(b.t())),
+            Rhs::Tiles(_) => None,
+        }
+    }
+
     fn dims(&self) -> (usize, usize) {
         match self {
-            Rhs::F32(b) => (b.rows, b.cols),
+            Rhs::F32(b) | Rhs::RoundedView(b) => (b.rows, b.cols),
             Rhs::Rounded(b) => (b.rows, b.cols),
             Rhs::Tiles(packed) => (packed.rows(), packed.cols()),
         }
@@ -112,6 +125,7 @@ pub fn matmul_prepared(a: MatRef, b: &Rhs, c: &mut [f32], accumulate: bool) {
     match b {
         Rhs::F32(b) => sgemm(a, *b, c, accumulate),
         Rhs::Rounded(b) => sgemm(Rounded::of(a).view(), b.view(), c, accumulate),
+        Rhs::RoundedView(b) => sgemm(Rounded::of(a).view(), *b, c, accumulate),
         Rhs::Tiles(packed) => super::amx::matmul_packed(a, packed, c, accumulate),
     }
 }
