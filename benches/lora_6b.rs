@@ -4,7 +4,8 @@
 //! and a resume that trains a second step from it. Reports seconds per step and the peak RSS
 //! (VmHWM) of this process. Takes minutes; needs ../shared (MNLI and the GPT-2 tokenizer).
 //!
-//!     cargo bench --bench lora_6b
+//!     cargo bench --bench lora_6b                           # the recipe: activation checkpointing
+//!     cargo bench --bench lora_6b -- --no-checkpointing     # keeping every activation
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -48,17 +49,18 @@ fn options(overrides: &[String], resume: Option<&str>) -> LaunchOptions {
 /// Run as `lora_6b resume OUT_DIR`: the second phase, in a fresh process as a real resume is.
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    let checkpointing = !args.iter().any(|a| a == "--no-checkpointing");
     if let Some(i) = args.iter().position(|a| a == "resume") {
         let out = PathBuf::from(
             args.get(i + 1)
                 .context("resume needs the output directory")?,
         );
-        return resume(&out);
+        return resume(&out, checkpointing);
     }
     let out = tempfile::tempdir()?;
     let started = Instant::now();
-    let first =
-        train_recipe(&recipe_path(), options(&overrides(out.path())?, None)).context("step 1")?;
+    let overrides = overrides(out.path(), checkpointing)?;
+    let first = train_recipe(&recipe_path(), options(&overrides, None)).context("step 1")?;
     let first_total = started.elapsed().as_secs_f64();
     let step_secs = first.step_seconds.first().copied().unwrap_or(f64::NAN);
     let checkpoint = first
@@ -66,7 +68,7 @@ fn main() -> Result<()> {
         .clone()
         .context("no checkpoint written")?;
     let adapter_bytes = std::fs::metadata(checkpoint.join("adapter_model.safetensors"))?.len();
-    let estimate = run_json_estimate(out.path())?;
+    let estimate = run_json_estimate(out.path(), checkpointing)?;
     println!(
         "step 1: {step_secs:.1} s (init, step and checkpoint {first_total:.0} s), loss {:.4}, \
          adapter {:.1} MiB; peak RSS {:.0} MiB, estimated {:.0} MiB",
@@ -75,15 +77,18 @@ fn main() -> Result<()> {
         rss_mib("VmHWM:"),
         estimate
     );
-    let status = std::process::Command::new(std::env::current_exe()?)
-        .args(["resume", out.path().to_str().context("path")?])
-        .status()?;
+    let mut resume = std::process::Command::new(std::env::current_exe()?);
+    resume.args(["resume", out.path().to_str().context("path")?]);
+    if !checkpointing {
+        resume.arg("--no-checkpointing");
+    }
+    let status = resume.status()?;
     anyhow::ensure!(status.success(), "the resume failed");
     Ok(())
 }
 
-fn resume(out: &Path) -> Result<()> {
-    let mut overrides = overrides(out)?;
+fn resume(out: &Path, checkpointing: bool) -> Result<()> {
+    let mut overrides = overrides(out, checkpointing)?;
     overrides.push("steps=2".to_string());
     let second = train_recipe(&recipe_path(), options(&overrides, Some("latest")))
         .context("resume to step 2")?;
@@ -106,17 +111,21 @@ fn recipe_path() -> PathBuf {
 }
 
 /// The estimate's total (MiB) as the run recorded it in `run.json`.
-fn run_json_estimate(out: &Path) -> Result<f64> {
+fn run_json_estimate(out: &Path, checkpointing: bool) -> Result<f64> {
     let path = out.join("runs/gptj-6b-mnli-lora/run.json");
     let info: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-    // The recipe checkpoints activations.
-    let total = info["memory"]["estimate"]["total_checkpointed"]
+    let key = if checkpointing {
+        "total_checkpointed"
+    } else {
+        "total"
+    };
+    let total = info["memory"]["estimate"][key]
         .as_f64()
         .with_context(|| format!("{}: no memory estimate", path.display()))?;
     Ok(total / (1 << 20) as f64)
 }
 
-fn overrides(out: &Path) -> Result<Vec<String>> {
+fn overrides(out: &Path, checkpointing: bool) -> Result<Vec<String>> {
     let train = shared("data/mnli/train.jsonl")?;
     let tokenizer = shared("tokenizers/gpt2")?;
     Ok(vec![
@@ -138,5 +147,6 @@ fn overrides(out: &Path) -> Result<Vec<String>> {
         "checkpoint.every=1".to_string(),
         format!("checkpoint.dir={}", out.join("checkpoints").display()),
         format!("tracking.log_dir={}", out.join("runs").display()),
+        format!("memory.activation_checkpointing={checkpointing}"),
     ])
 }
