@@ -266,6 +266,50 @@ fn the_trained_adapter_path_equals_the_merged_weights() {
         .forward(&batch, None)
         .unwrap();
     assert_eq!(max_diff(&from_disk, &merged), 0.0);
+
+    // The verbs take the adapter as the merged directory's model: `kiln score` and `generate`.
+    let input = out.path().join("ids.jsonl");
+    std::fs::write(
+        &input,
+        "{\"ids\": [5, 17, 300, 42, 9, 77]}\n{\"ids\": [1, 2, 3, 4, 5, 6]}\n",
+    )
+    .unwrap();
+    let score = |model: &Path, adapter: Option<&Path>, name: &str| {
+        let output = out.path().join(name);
+        let mut args = vec![
+            "score".to_string(),
+            "--model".into(),
+            model.display().to_string(),
+            "--input".into(),
+            input.display().to_string(),
+            "--output".into(),
+            output.display().to_string(),
+        ];
+        if let Some(adapter) = adapter {
+            args.extend(["--adapter".to_string(), adapter.display().to_string()]);
+        }
+        run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        std::fs::read_to_string(output).unwrap()
+    };
+    let with_adapter = score(&base, Some(&adapter), "a.jsonl");
+    assert_eq!(with_adapter, score(&merged_dir, None, "m.jsonl"));
+    assert_ne!(with_adapter, score(&base, None, "b.jsonl"));
+    let generate = |model: &Path, adapter: Option<&Path>| {
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            model.display().to_string(),
+            "--prompt".into(),
+            "mnli hypothesis: a premise: b target:".into(),
+            "--max-new-tokens".into(),
+            "8".into(),
+        ];
+        if let Some(adapter) = adapter {
+            args.extend(["--adapter".to_string(), adapter.display().to_string()]);
+        }
+        run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    assert_eq!(generate(&base, Some(&adapter)), generate(&merged_dir, None));
 }
 
 fn max_abs(t: &Tensor) -> f32 {
