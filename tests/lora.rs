@@ -6,9 +6,8 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use common::{kiln, write_recipe};
@@ -110,31 +109,8 @@ fn a_killed_lora_run_resumes_to_the_same_adapter_bit_for_bit() {
 
     let killed = tempfile::tempdir().unwrap();
     let recipe_k = write_recipe(killed.path(), LORA);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "train",
-            recipe_k.to_str().unwrap(),
-            "--quiet",
-            "--threads",
-            "2",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
+    common::train_and_kill_after_step_4(killed.path(), &recipe_k);
     let ckpt = killed.path().join("checkpoints/run");
-    let mut saw_checkpoint = false;
-    for line in stdout.lines() {
-        let latest = std::fs::read_to_string(ckpt.join("latest")).unwrap_or_default();
-        if line.unwrap().contains("saved checkpoint") && latest.trim() == "step-4" {
-            saw_checkpoint = true;
-            break;
-        }
-    }
-    assert!(saw_checkpoint, "the run ended before it could be killed");
-    child.kill().unwrap();
-    child.wait().unwrap();
     assert!(!ckpt.join("step-10").exists(), "killed before the end");
 
     let out = run_ok(&[

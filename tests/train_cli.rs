@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use common::{bundled, kiln, write_recipe};
 
@@ -38,30 +36,7 @@ fn sigkill_then_resume_latest_is_bit_identical() {
 
     let killed = tempfile::tempdir().unwrap();
     let recipe_k = write_recipe(killed.path(), "");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "train",
-            recipe_k.to_str().unwrap(),
-            "--quiet",
-            "--threads",
-            "2",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut saw_checkpoint = false;
-    for line in stdout.lines() {
-        if line.unwrap().contains("saved checkpoint") && checkpointed_step_4(killed.path()) {
-            saw_checkpoint = true;
-            break;
-        }
-    }
-    assert!(saw_checkpoint, "the run ended before it could be killed");
-    // SIGKILL: no handler runs, whatever the process was doing (a step, a checkpoint write).
-    child.kill().unwrap();
-    child.wait().unwrap();
+    common::train_and_kill_after_step_4(killed.path(), &recipe_k);
     let ckpt = killed.path().join("checkpoints/run");
     assert!(
         !ckpt.join("step-10").exists(),
@@ -121,14 +96,6 @@ fn sigkill_then_resume_latest_is_bit_identical() {
     let whole_losses = train_losses(&whole.path().join("runs/run"));
     assert_eq!(whole_losses.len(), 10);
     assert_eq!(train_losses(&killed.path().join("runs/run")), whole_losses);
-}
-
-/// True once the run has a checkpoint of step 4 or later, so the kill lands mid-run.
-fn checkpointed_step_4(out: &Path) -> bool {
-    std::fs::read_to_string(out.join("checkpoints/run/latest"))
-        .ok()
-        .and_then(|s| s.trim().strip_prefix("step-")?.parse::<u64>().ok())
-        .is_some_and(|step| step >= 4)
 }
 
 #[test]

@@ -201,22 +201,31 @@ pub fn model_config(recipe: &Recipe, recipe_dir: &Path) -> Result<model::Config>
             model::load_config(&local)
         }
         (None, Some(spec)) => {
-            let mut config = spec.preset.config();
-            let vocab_size = match spec.vocab_size {
-                Some(size) => size,
+            let tokenizer_vocab = match spec.vocab_size {
+                Some(_) => None,
                 None => {
                     let tokenizer = recipe::tokenizer_for(recipe, recipe_dir)?.context(
                         "model.init sizes the vocabulary for the tokenizer, which is not local \
                          (set model.init.vocab_size)",
                     )?;
-                    tokenizer.vocab_size().div_ceil(64) * 64
+                    Some(tokenizer.vocab_size())
                 }
             };
-            config.set_vocab_size(vocab_size);
-            Ok(config)
+            Ok(preset_config(spec, tokenizer_vocab))
         }
         _ => bail!("set exactly one of model.from and model.init"),
     }
+}
+
+/// `model.init`'s preset with its embedding rows: `vocab_size`, else the tokenizer's size
+/// rounded up to a multiple of 64.
+fn preset_config(spec: &recipe::InitSpec, tokenizer_vocab: Option<usize>) -> model::Config {
+    let mut config = spec.preset.config();
+    let rounded = tokenizer_vocab.map(|size| size.div_ceil(64) * 64);
+    if let Some(size) = spec.vocab_size.or(rounded) {
+        config.set_vocab_size(size);
+    }
+    config
 }
 
 /// The starting weights and the tokenizer: a model directory (local, relative to the recipe, or
@@ -271,11 +280,7 @@ fn starting_model(recipe: &Recipe, recipe_dir: &Path) -> Result<(ModelInit, Text
                 "model.init needs `tokenizer:` (a tokenizer directory or Hub id, e.g. \
                  EleutherAI/gpt-j-6b) to tokenize the data with",
             )?;
-            let mut config = spec.preset.config();
-            config.set_vocab_size(
-                spec.vocab_size
-                    .unwrap_or_else(|| tokenizer.vocab_size().div_ceil(64) * 64),
-            );
+            let mut config = preset_config(spec, Some(tokenizer.vocab_size()));
             config.set_eos_and_bos(tokenizer.eos_id());
             config
                 .validate()

@@ -221,12 +221,11 @@ fn head_bytes(config: &Config, rows: u64, seq: u64) -> u64 {
     (rows * seq * config.hidden_size() as u64 + chunk * vocab) * 4
 }
 
+/// The widest activation a block makes: its MLP's inner width (its widest linear layer).
 fn inner_size(config: &Config) -> u64 {
-    config
-        .parameter_shapes()
+    lora::linear_layers(config)
         .iter()
-        .filter(|(name, shape)| shape.len() == 2 && name.contains(".0.") && name.contains("mlp"))
-        .map(|(_, shape)| shape[0].max(shape[1]) as u64)
+        .map(|layer| layer.in_dim.max(layer.out_dim) as u64)
         .max()
         .unwrap_or(4 * config.hidden_size() as u64)
 }

@@ -38,6 +38,7 @@ pub use optimizer::AdamW;
 pub use precision::{LossScaler, StepVerdict};
 pub use schedule::Schedule;
 use step::{train_step, StepOutcome, StepSetup, Workers};
+pub use trainable::initial_dtype;
 use trainable::Trainable;
 
 /// The model a run starts from.
@@ -169,7 +170,7 @@ pub fn run(
         true => Some(SignalGuard::install(&stop)?),
         false => None,
     };
-    let workers = workers(options.threads, recipe, params, &device, resumed_workers)?;
+    let workers = workers(threads, recipe, params, &device, resumed_workers)?;
     let pad_id = init.tokenizer.as_ref().map_or(0, |t| t.pad_id());
     let setup = StepSetup {
         config: &init.config,
@@ -269,18 +270,6 @@ pub fn run(
     log.finish(RunStatus::Finished)
 }
 
-/// The dtype a run holds parameter `name` in as it starts: fp32 for what trains (master weights);
-/// frozen matrices (a LoRA base, what `train.trainable` leaves out) in the compute dtype (see
-/// [`Trainable::new`]), read straight into it so a half-precision base never exists whole in fp32.
-pub fn initial_dtype(recipe: &Recipe, name: &str, shape: &[usize]) -> DType {
-    let frozen = recipe.lora.is_some() || !recipe.train.trains(name);
-    if frozen && shape.len() == 2 {
-        recipe.precision.compute.dtype()
-    } else {
-        DType::F32
-    }
-}
-
 /// The dropout training applies: the model config's, with the recipe's `model.dropout` in its
 /// place.
 fn dropout_rates(recipe: &Recipe, config: &Config) -> ops::DropoutRates {
@@ -299,14 +288,12 @@ fn dropout_rates(recipe: &Recipe, config: &Config) -> ops::DropoutRates {
 /// replica's rows split over workers (see [`ops::workers_per_replica`]). A resume whose checkpoint
 /// split rows over another number of workers is told it is no longer bit-exact.
 fn workers(
-    threads: Option<usize>,
+    threads: usize,
     recipe: &Recipe,
     params: &[(String, Var)],
     device: &Device,
     resumed_workers: Option<usize>,
 ) -> Result<Workers> {
-    let threads =
-        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let replicas = recipe.batch.replicas;
     let threads_per_replica = (threads / replicas).max(1);
     let gradient_bytes: usize = params.iter().map(|(_, v)| v.elem_count() * 4).sum();

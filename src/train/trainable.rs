@@ -41,34 +41,19 @@ impl Trainable {
         base_model: &str,
         device: &Device,
     ) -> Result<Self> {
+        let weights = split(recipe, config, initial, device)?;
         let Some(spec) = &recipe.lora else {
-            return partial(recipe, config, initial, device);
+            return Ok(weights);
         };
         let targets = spec.targets(config);
         let layers = lora::select_layers(config, &targets)?;
-        // Frozen matrices are kept in the compute dtype: a bf16 or fp16 run holds its base in
-        // half precision, with no fp32 copy (the CPU's layers widen one matrix at a time).
-        // Vectors (LayerNorm, biases) are tiny and stay in the dtype the layers compute in.
-        let compute = recipe.precision.compute.dtype();
-        let (vector_dtype, _) = ops::weight_dtype_and_operands(device, compute);
-        let mut initial = initial;
-        let mut frozen = HashMap::new();
-        for (name, shape) in model::parameter_shapes(config) {
-            let tensor = checked(&mut initial, &name, &shape)?;
-            let dtype = if shape.len() == 2 {
-                compute
-            } else {
-                vector_dtype
-            };
-            frozen.insert(name, tensor.to_dtype(dtype)?.to_device(device)?);
-        }
         let params = lora::init_adapter(&layers, spec.r, recipe.seed, device)?
             .into_iter()
             .map(|(name, tensor)| Ok((name, Var::from_tensor(&tensor)?)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             params,
-            frozen,
+            frozen: weights.frozen,
             lora: Some(LoraRun {
                 spec: spec.clone(),
                 targets,
@@ -97,16 +82,15 @@ impl Trainable {
         Ok(tensors)
     }
 
-    /// The adapter as it stands, for a LoRA run.
-    fn adapter(&self) -> Option<Adapter> {
-        let run = self.lora.as_ref()?;
-        Some(Adapter {
+    /// The adapter of LoRA run `run` as it stands.
+    fn adapter(&self, run: &LoraRun) -> Adapter {
+        Adapter {
             spec: run.spec.clone(),
             tensors: (self.params.iter())
                 .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
                 .collect(),
             base_model: Some(run.base_model.clone()),
-        })
+        }
     }
 
     /// Runs `write` with the checkpoint's weights: the whole model in `dtype`, or the adapter.
@@ -115,12 +99,12 @@ impl Trainable {
         dtype: DType,
         write: impl FnOnce(checkpoint::Weights) -> Result<T>,
     ) -> Result<T> {
-        match (self.adapter(), &self.lora) {
-            (Some(adapter), Some(run)) => write(checkpoint::Weights::Adapter {
-                adapter,
+        match &self.lora {
+            Some(run) => write(checkpoint::Weights::Adapter {
+                adapter: self.adapter(run),
                 targets: run.targets.clone(),
             }),
-            _ => {
+            None => {
                 let mut params = model::parameter_tensors(&self.params);
                 params.extend(self.frozen.iter().map(|(n, t)| (n.clone(), t.clone())));
                 write(checkpoint::Weights::Model {
@@ -133,8 +117,8 @@ impl Trainable {
 
     /// The sha256 `eval::mnli::weights_sha256` gives for the weights a checkpoint now would hold.
     pub fn weights_sha256(&self, config: &Config, dtype: DType) -> Result<String> {
-        match self.adapter() {
-            Some(adapter) => adapter.sha256(),
+        match &self.lora {
+            Some(run) => self.adapter(run).sha256(),
             None => model::weights_sha256(
                 config,
                 &self.model_tensors(true)?,
@@ -184,9 +168,30 @@ impl Trainable {
     }
 }
 
-/// A full fine-tune, or a partial one (`train.trainable`): the parameters that train become fp32
-/// masters, the others are frozen as LoRA's base is.
-fn partial(
+/// Whether parameter `name` of the base model trains: nothing does in a LoRA run (its adapter
+/// does), and `train.trainable` picks what does in a partial fine-tune.
+fn trains(recipe: &Recipe, name: &str) -> bool {
+    recipe.lora.is_none() && recipe.train.trains(name)
+}
+
+/// The dtype a run holds parameter `name` in as it starts: fp32 for what trains (master weights);
+/// frozen matrices (a LoRA base, what `train.trainable` leaves out) in the compute dtype, read
+/// straight into it so a half-precision base never exists whole in fp32. Frozen vectors
+/// (LayerNorm, biases) are tiny and become the dtype the layers compute in (see [`split`]).
+pub fn initial_dtype(recipe: &Recipe, name: &str, shape: &[usize]) -> DType {
+    if !trains(recipe, name) && shape.len() == 2 {
+        recipe.precision.compute.dtype()
+    } else {
+        DType::F32
+    }
+}
+
+/// The base model's parameters as the run holds them (a full or partial fine-tune; a LoRA run
+/// then adds its adapter): fp32 masters of what trains, and the rest frozen (no gradient, no
+/// master copy, no optimizer state). Frozen matrices stay in the compute
+/// dtype (the CPU's layers widen one matrix at a time); frozen vectors take the dtype the layers
+/// compute in.
+fn split(
     recipe: &Recipe,
     config: &Config,
     mut initial: HashMap<String, Tensor>,
@@ -218,14 +223,13 @@ fn partial(
     let mut frozen = HashMap::new();
     for (name, shape) in shapes {
         let tensor = checked(&mut initial, &name, &shape)?;
-        if recipe.train.trains(&name) {
+        if trains(recipe, &name) {
             let master = tensor.to_dtype(DType::F32)?.to_device(device)?;
             params.push((name, Var::from_tensor(&master)?));
         } else {
-            let dtype = if shape.len() == 2 {
-                compute
-            } else {
-                vector_dtype
+            let dtype = match shape.len() {
+                2 => initial_dtype(recipe, &name, &shape),
+                _ => vector_dtype,
             };
             frozen.insert(name, tensor.to_dtype(dtype)?.to_device(device)?);
         }

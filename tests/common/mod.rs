@@ -194,3 +194,42 @@ pub fn init_tiny(out: &Path, seed: u64, tokenizer: &Path) {
     ]);
     assert!(ok, "{stderr}");
 }
+
+/// Runs `kiln train RECIPE --quiet --threads 2` for a recipe that checkpoints into
+/// `out/checkpoints/run`, and SIGKILLs it once it has saved a checkpoint of step 4 or later, so
+/// the kill lands mid-run: no handler runs, whatever the process was doing (a step, a
+/// checkpoint write).
+pub fn train_and_kill_after_step_4(out: &Path, recipe: &Path) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "train",
+            recipe.to_str().unwrap(),
+            "--quiet",
+            "--threads",
+            "2",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let latest = out.join("checkpoints/run/latest");
+    let checkpointed_step_4 = || {
+        std::fs::read_to_string(&latest)
+            .ok()
+            .and_then(|s| s.trim().strip_prefix("step-")?.parse::<u64>().ok())
+            .is_some_and(|step| step >= 4)
+    };
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut saw_checkpoint = false;
+    for line in stdout.lines() {
+        if line.unwrap().contains("saved checkpoint") && checkpointed_step_4() {
+            saw_checkpoint = true;
+            break;
+        }
+    }
+    assert!(saw_checkpoint, "the run ended before it could be killed");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
