@@ -3,7 +3,8 @@
 //! The pipeline reads top to bottom: `recipe` (the experiment) → `data` (sources, templates,
 //! tokenize, pack) → `model` (GPT-J, HF model directories; math only) over `ops` (each operation
 //! dispatched to the fused CPU kernels in `cpu` or to device-generic candle code) and `tokenizer`
-//! → `train` → `checkpoint` → `track` → `eval` (scoring and task evaluation) and `generate`;
+//! → `train` → `checkpoint` → `track` → `eval` (scoring and task evaluation), `generate` and
+//! `serve` (HTTP over `generate` and `eval`);
 //! `cli` wires them to the `kiln` binary.
 
 pub mod atomic_file;
@@ -17,6 +18,7 @@ pub mod hub;
 pub mod model;
 pub mod ops;
 pub mod recipe;
+pub mod serve;
 pub mod tokenizer;
 pub mod track;
 pub mod train;

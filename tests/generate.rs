@@ -4,7 +4,9 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::*;
-use kiln::generate::{generate, FinishReason, GenerationParams};
+use std::sync::Arc;
+
+use kiln::generate::{generate, DecodeBatch, FinishReason, GenerationParams, Sequence};
 use kiln::model::{self, Model};
 
 struct Case {
@@ -105,6 +107,59 @@ fn batched_generation_equals_each_prompt_alone() {
             case.prompt
         );
         assert_eq!(&got.ids, stream, "the callback saw every token in order");
+    }
+}
+
+/// Continuous batching's guarantee: rows that join a batch already decoding (their cache rows
+/// left-padded to the batch's), and rows that leave it early, generate what HF generates for
+/// each prompt alone.
+#[test]
+fn rows_joining_and_leaving_a_running_batch_generate_what_they_generate_alone() {
+    let (model, cases, max_new) = fixture();
+    let plain: Vec<&Case> = cases
+        .iter()
+        .filter(|c| c.repetition_penalty == 1.0)
+        .collect();
+    assert!(plain.len() >= 3, "the fixture has three plain prompts");
+    let params = Arc::new(greedy(max_new, 1.0));
+    let sequence = |i: usize| Sequence::new(model.config(), &plain[i].prompt, 0, params.clone());
+    let mut batch: DecodeBatch<usize> = DecodeBatch::new(&model, None);
+    let mut got: Vec<Option<Vec<u32>>> = vec![None; plain.len()];
+    let mut take = |finished: Vec<(usize, kiln::generate::Generated)>| {
+        for (i, g) in finished {
+            got[i] = Some(g.ids);
+        }
+    };
+    take(batch.join(vec![(0, sequence(0).unwrap())]).unwrap());
+    take(batch.advance(&mut |_, _| {}).unwrap());
+    take(batch.advance(&mut |_, _| {}).unwrap());
+    // Two more join after two tokens of the first, one of them with a longer prompt.
+    take(
+        batch
+            .join(
+                (1..plain.len())
+                    .map(|i| (i, sequence(i).unwrap()))
+                    .collect(),
+            )
+            .unwrap(),
+    );
+    assert_eq!(batch.len(), plain.len());
+    // A cancelled row leaves and comes back as a new request: the others do not notice.
+    take(batch.advance(&mut |_, _| {}).unwrap());
+    let removed = batch.remove(|&i| i == 1).unwrap();
+    assert_eq!(removed.len(), 1);
+    assert_eq!(removed[0].1.len(), 1, "it had made one token");
+    take(batch.join(vec![(1, sequence(1).unwrap())]).unwrap());
+    while !batch.is_empty() {
+        take(batch.advance(&mut |_, _| {}).unwrap());
+    }
+    for (case, got) in plain.iter().zip(&got) {
+        assert_eq!(
+            got.as_ref().expect("finished"),
+            &case.expected,
+            "prompt {:?} joined a running batch",
+            case.prompt
+        );
     }
 }
 

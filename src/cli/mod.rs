@@ -19,6 +19,7 @@ mod push;
 mod recipe;
 mod runs;
 mod score;
+mod serve;
 mod train;
 
 pub use bench::{BenchArgs, Counts};
@@ -31,6 +32,7 @@ pub use push::PushArgs;
 pub use recipe::RecipeCommand;
 pub use runs::{RunsArgs, RunsCommand};
 pub use score::ScoreArgs;
+pub use serve::{LogFormat, ServeArgs};
 pub use train::TrainArgs;
 
 #[derive(Debug, Parser)]
@@ -66,6 +68,10 @@ pub enum Command {
     /// Time generation over input lengths × output lengths × batch sizes: time to first token,
     /// per-token latency, total and tokens/s, as a markdown table (and JSON).
     Bench(BenchArgs),
+    /// Serve a model over HTTP: KServe v1 (`:predict`, `:classify`), KServe v2 (Open Inference
+    /// Protocol) and OpenAI `/v1/completions` (streamed with server-sent events), continuously
+    /// batched, with Prometheus `/metrics`.
+    Serve(ServeArgs),
     /// Merge a LoRA adapter into its base model: a plain Hugging Face model directory.
     Merge(MergeArgs),
     /// Upload a checkpoint (or any model directory) to a Hugging Face Hub repo as one commit.
@@ -91,8 +97,10 @@ pub struct RecipeArgs {
 }
 
 pub fn main() -> ExitCode {
-    init_logging();
     let cli = Cli::parse();
+    init_logging(
+        matches!(&cli.command, Command::Serve(args) if args.log_format == LogFormat::Json),
+    );
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -102,14 +110,17 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        logs.json().flatten_event(true).try_init()
+    } else {
+        logs.with_target(false).try_init()
+    };
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -120,6 +131,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::eval(args),
         Command::Generate(args) => generate::generate(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Serve(args) => serve::serve(args),
         Command::Merge(args) => merge::merge(args),
         Command::Push(args) => push::push(args),
         Command::Recipe(RecipeCommand::Check(args)) => recipe::recipe_check(args),

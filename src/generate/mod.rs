@@ -5,13 +5,15 @@
 //! generates exactly what it would generate alone. Rows that finish leave the batch, so the
 //! remaining decode steps do not pay for them.
 
+use std::sync::Arc;
+
 use anyhow::{bail, ensure, Result};
 use candle_core::Tensor;
 use rand::distributions::Distribution;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Batch, KvCache, Model};
+use crate::model::{Batch, Config, KvCache, Model};
 use crate::tokenizer::TextTokenizer;
 
 /// Decoding parameters, named and defaulted as in HF's `GenerationConfig`.
@@ -109,34 +111,26 @@ pub struct Generated {
     pub finish_reason: FinishReason,
 }
 
-/// Where each unfinished row stands.
-struct Row {
-    index: usize,
+/// One prompt being continued: what it was asked and what it has produced so far.
+pub struct Sequence {
     prompt: Vec<u32>,
     new: Vec<u32>,
     budget: usize,
     rng: rand::rngs::StdRng,
+    params: Arc<GenerationParams>,
 }
 
-/// Generates a continuation for every prompt. `on_token(row, token)` sees each new token as it
-/// is produced (for streaming).
-pub fn generate(
-    model: &Model,
-    tokenizer: Option<&TextTokenizer>,
-    prompts: &[Vec<u32>],
-    params: &GenerationParams,
-    on_token: &mut dyn FnMut(usize, u32),
-) -> Result<Vec<Generated>> {
-    params.validate()?;
-    let config = model.config();
-    let n_positions = config.max_positions();
-    let eos = config.eos_token_id().or(tokenizer.map(|t| t.eos_id()));
-    ensure!(
-        params.stop.is_empty() || tokenizer.is_some(),
-        "stop strings need a tokenizer to decode with"
-    );
-    let mut rows = Vec::with_capacity(prompts.len());
-    for (index, prompt) in prompts.iter().enumerate() {
+impl Sequence {
+    /// Checks `prompt` against the model (and truncates it on the left when `params` allow) and
+    /// sizes its budget. `index` is its place in its request: row i of a request samples from
+    /// its own RNG seeded with (seed, i), whatever else is decoded beside it.
+    pub fn new(
+        config: &Config,
+        prompt: &[u32],
+        index: usize,
+        params: Arc<GenerationParams>,
+    ) -> Result<Self> {
+        let n_positions = config.max_positions();
         if prompt.is_empty() {
             bail!("prompt {index} is empty: there is nothing to continue from");
         }
@@ -149,7 +143,7 @@ pub fn generate(
                 config.vocab_size()
             );
         }
-        let mut prompt = prompt.clone();
+        let mut prompt = prompt.to_vec();
         if prompt.len() > n_positions {
             if !params.truncate_left {
                 bail!(
@@ -166,124 +160,330 @@ pub fn generate(
             budget = budget.min(max_length.saturating_sub(prompt.len()));
         }
         let seed = params.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        rows.push(Row {
-            index,
+        Ok(Self {
             prompt,
             new: Vec::new(),
             budget,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
-        });
+            params,
+        })
     }
-    let mut results: Vec<Option<Generated>> = vec![None; prompts.len()];
-    let mut finish = |row: Row, reason: FinishReason, text: String| {
-        results[row.index] = Some(Generated {
-            prompt_ids: row.prompt,
-            ids: row.new,
+
+    /// The prompt as the model sees it (after any left truncation).
+    pub fn prompt(&self) -> &[u32] {
+        &self.prompt
+    }
+
+    /// Positions this sequence can take at most: prompt plus new tokens.
+    pub fn max_positions(&self) -> usize {
+        self.prompt.len() + self.budget
+    }
+
+    fn into_generated(self, finish_reason: FinishReason, text: String) -> Generated {
+        Generated {
+            prompt_ids: self.prompt,
+            ids: self.new,
             text,
-            finish_reason: reason,
-        });
-    };
-    let (mut active, done): (Vec<Row>, Vec<Row>) = rows.into_iter().partition(|r| r.budget > 0);
-    for row in done {
-        finish(row, FinishReason::Length, String::new());
-    }
-    if active.is_empty() {
-        return Ok(results.into_iter().map(|r| r.expect("finished")).collect());
-    }
-
-    let device = model.device();
-    let longest_budget = active.iter().map(|r| r.budget).max().unwrap_or(0);
-    let mut cache = KvCache::with_capacity(
-        config.n_layer(),
-        active.iter().map(|r| r.prompt.len()).max().unwrap_or(0) + longest_budget,
-    );
-    let longest = active.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
-    let prompts: Vec<Vec<u32>> = active.iter().map(|r| r.prompt.clone()).collect();
-    let pad = config.eos_token_id().unwrap_or(0);
-    let prefill = Batch::left_padded(&prompts, pad, config.prefix_lm(), device)?;
-    let mut key_mask = prefill
-        .key_mask
-        .clone()
-        .expect("left-padded rows carry a key mask");
-    let n = active.len();
-    crate::model::keep_freed_memory();
-    let mut logits = forward_on_pool(model, &prefill, &vec![longest - 1; n], &mut cache)?;
-
-    loop {
-        let mut next = Vec::with_capacity(active.len());
-        for (i, row) in active.iter_mut().enumerate() {
-            let row_logits = logits.get(i)?;
-            next.push(choose_token(&row_logits, row, params, eos)?);
+            finish_reason,
         }
-        // Decide, row by row, whether it carries on.
-        let mut keep = Vec::with_capacity(active.len());
-        let mut still_active = Vec::with_capacity(active.len());
-        for (i, (mut row, token)) in active.into_iter().zip(next).enumerate() {
+    }
+}
+
+/// Sequences decoding together, one forward pass a token for all of them. Sequences join at
+/// token boundaries (their prompts are read in one pass, then their cache rows are left-padded
+/// to the batch's) and leave when they finish, so a row's tokens do not depend on what else is
+/// in the batch: `generate` is one join and a loop, and `kiln serve` joins requests as they
+/// come. `T` tags a row for the caller.
+pub struct DecodeBatch<'m, T> {
+    model: &'m Model,
+    tokenizer: Option<&'m TextTokenizer>,
+    eos: Option<u32>,
+    rows: Vec<(T, Sequence)>,
+    cache: KvCache,
+    /// Per row, 1 for each cached position that is a real token, 0 for padding.
+    key_mask: Vec<Vec<u8>>,
+    /// Each row's next-token logits, `[rows, vocab]`; `None` when the batch is empty.
+    logits: Option<Tensor>,
+}
+
+impl<'m, T> DecodeBatch<'m, T> {
+    pub fn new(model: &'m Model, tokenizer: Option<&'m TextTokenizer>) -> Self {
+        let config = model.config();
+        Self {
+            model,
+            tokenizer,
+            eos: config.eos_token_id().or(tokenizer.map(|t| t.eos_id())),
+            rows: Vec::new(),
+            cache: KvCache::new(config.n_layer()),
+            key_mask: Vec::new(),
+            logits: None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn rows(&self) -> impl Iterator<Item = &T> {
+        self.rows.iter().map(|(tag, _)| tag)
+    }
+
+    /// The positions the batch's rows can take at most, together (prompts plus budgets).
+    pub fn reserved_positions(&self) -> usize {
+        self.rows.iter().map(|(_, s)| s.max_positions()).sum()
+    }
+
+    /// Reads the prompts of `sequences` in one forward pass and adds them to the batch. Those
+    /// with no room for a single new token finish at once and are returned.
+    pub fn join(&mut self, sequences: Vec<(T, Sequence)>) -> Result<Vec<(T, Generated)>> {
+        ensure!(
+            sequences
+                .iter()
+                .all(|(_, s)| s.params.stop.is_empty() || self.tokenizer.is_some()),
+            "stop strings need a tokenizer to decode with"
+        );
+        let (joining, done): (Vec<_>, Vec<_>) =
+            sequences.into_iter().partition(|(_, s)| s.budget > 0);
+        let finished = done
+            .into_iter()
+            .map(|(tag, s)| (tag, s.into_generated(FinishReason::Length, String::new())))
+            .collect();
+        if joining.is_empty() {
+            return Ok(finished);
+        }
+        let config = self.model.config();
+        let device = self.model.device();
+        let longest = joining
+            .iter()
+            .map(|(_, s)| s.prompt.len())
+            .max()
+            .unwrap_or(0);
+        let room = joining
+            .iter()
+            .map(|(_, s)| s.max_positions())
+            .max()
+            .unwrap_or(0);
+        let mut cache = KvCache::with_capacity(config.n_layer(), room);
+        let prompts: Vec<Vec<u32>> = joining.iter().map(|(_, s)| s.prompt.clone()).collect();
+        let pad = config.eos_token_id().unwrap_or(0);
+        let prefill = Batch::left_padded(&prompts, pad, config.prefix_lm(), device)?;
+        let key_mask = prefill
+            .key_mask
+            .clone()
+            .expect("left-padded rows carry a key mask");
+        let logits = forward_on_pool(
+            self.model,
+            &prefill,
+            &vec![longest - 1; joining.len()],
+            &mut cache,
+        )?;
+        match self.logits.take() {
+            None => {
+                self.cache = cache;
+                self.key_mask = key_mask;
+                self.logits = Some(logits);
+            }
+            Some(running) => {
+                let len = self.cache.len().max(cache.len());
+                self.cache.append_rows(&cache)?;
+                let left_pad = |mask: Vec<u8>| -> Vec<u8> {
+                    let mut padded = vec![0; len - mask.len()];
+                    padded.extend(mask);
+                    padded
+                };
+                self.key_mask = std::mem::take(&mut self.key_mask)
+                    .into_iter()
+                    .chain(key_mask)
+                    .map(left_pad)
+                    .collect();
+                self.logits = Some(Tensor::cat(&[running, logits], 0)?);
+            }
+        }
+        self.rows.extend(joining);
+        Ok(finished)
+    }
+
+    /// Chooses every row's next token (`on_token` sees each), retires the rows that finished
+    /// (returned), and runs the forward pass that gives the others their next logits.
+    pub fn advance(&mut self, on_token: &mut dyn FnMut(&T, u32)) -> Result<Vec<(T, Generated)>> {
+        let Some(logits) = self.logits.take() else {
+            return Ok(Vec::new());
+        };
+        let tokenizer = self.tokenizer;
+        let mut keep = Vec::with_capacity(self.rows.len());
+        let mut finished = Vec::new();
+        let mut still_active = Vec::with_capacity(self.rows.len());
+        for (i, (tag, mut row)) in std::mem::take(&mut self.rows).into_iter().enumerate() {
+            let token = choose_token(&logits.get(i)?, &mut row, self.eos)?;
             row.new.push(token);
-            on_token(row.index, token);
+            on_token(&tag, token);
+            let stops = &row.params.stop;
             // Decoding every step is only needed to look for stop strings; otherwise a row's
             // text is decoded once, when it finishes.
             let text = match tokenizer {
-                Some(t) if !params.stop.is_empty() => Some(t.decode(&row.new, true)?),
+                Some(t) if !stops.is_empty() => Some(t.decode(&row.new, true)?),
                 _ => None,
             };
-            let final_text = |row: &Row, text: Option<String>| -> Result<String> {
+            let final_text = |row: &Sequence, text: Option<String>| -> Result<String> {
                 match (text, tokenizer) {
                     (Some(text), _) => Ok(text),
                     (None, Some(t)) => t.decode(&row.new, true),
                     (None, None) => Ok(String::new()),
                 }
             };
-            let stop_at = text.as_deref().and_then(|t| first_stop(t, &params.stop));
-            if Some(token) == eos {
+            let stop_at = text.as_deref().and_then(|t| first_stop(t, stops));
+            if Some(token) == self.eos {
                 let text = final_text(&row, text)?;
-                finish(row, FinishReason::Eos, text);
+                finished.push((tag, row.into_generated(FinishReason::Eos, text)));
             } else if let (Some(cut), Some(text)) = (stop_at, &text) {
                 let text = text[..cut].to_string();
-                finish(row, FinishReason::Stop, text);
+                finished.push((tag, row.into_generated(FinishReason::Stop, text)));
             } else if row.new.len() >= row.budget {
                 let text = final_text(&row, text)?;
-                finish(row, FinishReason::Length, text);
+                finished.push((tag, row.into_generated(FinishReason::Length, text)));
             } else {
-                keep.push(i as u32);
-                still_active.push(row);
+                keep.push(i);
+                still_active.push((tag, row));
             }
         }
-        if still_active.is_empty() {
-            break;
+        self.rows = still_active;
+        self.keep_rows(&keep)?;
+        if self.rows.is_empty() {
+            return Ok(finished);
         }
-        if keep.len() < key_mask.len() {
-            let rows = Tensor::new(keep.as_slice(), device)?;
-            cache.select_rows(&rows)?;
-            key_mask = keep.iter().map(|&i| key_mask[i as usize].clone()).collect();
-        }
-        active = still_active;
-        for mask in key_mask.iter_mut() {
+        for mask in self.key_mask.iter_mut() {
             mask.push(1);
         }
-        let n = active.len();
+        let device = self.model.device();
+        let n = self.rows.len();
         let step = Batch {
             input_ids: Tensor::from_vec(
-                active
+                self.rows
                     .iter()
-                    .map(|r| *r.new.last().expect("a token"))
+                    .map(|(_, r)| *r.new.last().expect("a token"))
                     .collect::<Vec<u32>>(),
                 (n, 1),
                 device,
             )?,
             position_ids: Tensor::from_vec(
-                active
+                self.rows
                     .iter()
-                    .map(|r| (r.prompt.len() + r.new.len() - 1) as u32)
+                    .map(|(_, r)| (r.prompt.len() + r.new.len() - 1) as u32)
                     .collect::<Vec<u32>>(),
                 (n, 1),
                 device,
             )?,
-            key_mask: Some(key_mask.clone()),
+            key_mask: Some(self.key_mask.clone()),
             layout: None,
             dropout: None,
         };
-        logits = forward_on_pool(model, &step, &vec![0; n], &mut cache)?;
+        self.logits = Some(forward_on_pool(
+            self.model,
+            &step,
+            &vec![0; n],
+            &mut self.cache,
+        )?);
+        Ok(finished)
+    }
+
+    /// Takes the rows `leave` picks out of the batch (a cancelled request, one past its
+    /// deadline) and returns them with what they had produced.
+    pub fn remove(&mut self, leave: impl Fn(&T) -> bool) -> Result<Vec<(T, Vec<u32>)>> {
+        let mut keep = Vec::with_capacity(self.rows.len());
+        let mut removed = Vec::new();
+        let mut kept_rows = Vec::with_capacity(self.rows.len());
+        for (i, (tag, row)) in std::mem::take(&mut self.rows).into_iter().enumerate() {
+            if leave(&tag) {
+                removed.push((tag, row.new));
+            } else {
+                keep.push(i);
+                kept_rows.push((tag, row));
+            }
+        }
+        self.rows = kept_rows;
+        if !removed.is_empty() {
+            if let Some(logits) = self.logits.take() {
+                if !keep.is_empty() {
+                    let index = index_tensor(&keep, self.model.device())?;
+                    self.logits = Some(logits.index_select(&index, 0)?);
+                }
+            }
+            self.keep_rows(&keep)?;
+        }
+        Ok(removed)
+    }
+
+    /// Keeps the cache rows and masks of `keep` (indexes into the rows as they were), and drops
+    /// the leading positions that are padding in every remaining row.
+    fn keep_rows(&mut self, keep: &[usize]) -> Result<()> {
+        if keep.len() == self.key_mask.len() {
+            return Ok(());
+        }
+        if keep.is_empty() {
+            self.cache = KvCache::new(self.model.config().n_layer());
+            self.key_mask.clear();
+            self.logits = None;
+            return Ok(());
+        }
+        self.cache
+            .select_rows(&index_tensor(keep, self.model.device())?)?;
+        let masks = std::mem::take(&mut self.key_mask);
+        self.key_mask = keep.iter().map(|&i| masks[i].clone()).collect();
+        let common_padding = self
+            .key_mask
+            .iter()
+            .map(|m| m.iter().take_while(|&&k| k == 0).count())
+            .min()
+            .unwrap_or(0);
+        if common_padding > 0 {
+            self.cache.drop_front(common_padding)?;
+            for mask in self.key_mask.iter_mut() {
+                mask.drain(..common_padding);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn index_tensor(rows: &[usize], device: &candle_core::Device) -> Result<Tensor> {
+    let rows: Vec<u32> = rows.iter().map(|&i| i as u32).collect();
+    Ok(Tensor::new(rows.as_slice(), device)?)
+}
+
+/// Generates a continuation for every prompt. `on_token(row, token)` sees each new token as it
+/// is produced (for streaming).
+pub fn generate(
+    model: &Model,
+    tokenizer: Option<&TextTokenizer>,
+    prompts: &[Vec<u32>],
+    params: &GenerationParams,
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Result<Vec<Generated>> {
+    params.validate()?;
+    ensure!(
+        params.stop.is_empty() || tokenizer.is_some(),
+        "stop strings need a tokenizer to decode with"
+    );
+    let shared = Arc::new(params.clone());
+    let sequences = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, prompt)| Ok((i, Sequence::new(model.config(), prompt, i, shared.clone())?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut results: Vec<Option<Generated>> = vec![None; prompts.len()];
+    crate::model::keep_freed_memory();
+    let mut batch = DecodeBatch::new(model, tokenizer);
+    for (i, generated) in batch.join(sequences)? {
+        results[i] = Some(generated);
+    }
+    while !batch.is_empty() {
+        for (i, generated) in batch.advance(&mut |&i, token| on_token(i, token))? {
+            results[i] = Some(generated);
+        }
     }
     Ok(results
         .into_iter()
@@ -309,12 +509,8 @@ fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
 
 /// HF's logits processors then warpers: repetition penalty, min-length eos suppression, then
 /// (sampling only) temperature, top-k, top-p.
-fn choose_token(
-    logits: &Tensor,
-    row: &mut Row,
-    params: &GenerationParams,
-    eos: Option<u32>,
-) -> Result<u32> {
+fn choose_token(logits: &Tensor, row: &mut Sequence, eos: Option<u32>) -> Result<u32> {
+    let params = row.params.clone();
     let mut scores = logits.to_vec1::<f32>()?;
     if params.repetition_penalty != 1.0 {
         let penalty = params.repetition_penalty as f32;

@@ -182,6 +182,68 @@ impl KvCache {
         }
         Ok(())
     }
+
+    /// Drops the first `positions` cached positions of every row: padding that no remaining row
+    /// attends to, once the rows it was aligning have left. Keeps the cache as long as its
+    /// longest row instead of growing for as long as a server keeps a batch going.
+    pub fn drop_front(&mut self, positions: usize) -> Result<()> {
+        if positions == 0 {
+            return Ok(());
+        }
+        for layer in self.layers.iter_mut() {
+            assert!(positions <= layer.len, "dropping more than is cached");
+            if let Some((k, v)) = &layer.buffers {
+                let kept = layer.len - positions;
+                let k = k.narrow(2, positions, kept)?;
+                let v = v.narrow(2, positions, kept)?;
+                *layer = LayerCache::filled(&k, &v, self.capacity)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The rows of `self` then the rows of `other` in one cache. The shorter cache is
+    /// left-padded with zeros to the longer's length; the caller masks those positions out
+    /// (every row keeps its real positions contiguous and last, as left padding does).
+    pub fn append_rows(&mut self, other: &KvCache) -> Result<()> {
+        assert_eq!(self.layers.len(), other.layers.len(), "caches of one model");
+        let len = self.len().max(other.len());
+        for (mine, theirs) in self.layers.iter_mut().zip(&other.layers) {
+            let (Some((k1, v1)), Some((k2, v2))) = (&mine.buffers, &theirs.buffers) else {
+                panic!("appending rows to or from a cache that holds nothing");
+            };
+            let left_pad = |t: &Tensor, filled: usize| -> Result<Tensor> {
+                let t = t.narrow(2, 0, filled)?;
+                if filled == len {
+                    return Ok(t);
+                }
+                let (b, h, _, d) = t.dims4()?;
+                let zeros = Tensor::zeros((b, h, len - filled, d), t.dtype(), t.device())?;
+                Tensor::cat(&[&zeros, &t], 2)
+            };
+            let k = Tensor::cat(&[left_pad(k1, mine.len)?, left_pad(k2, theirs.len)?], 0)?;
+            let v = Tensor::cat(&[left_pad(v1, mine.len)?, left_pad(v2, theirs.len)?], 0)?;
+            *mine = LayerCache::filled(&k, &v, self.capacity.max(other.capacity))?;
+        }
+        Ok(())
+    }
+}
+
+impl LayerCache {
+    /// A layer cache holding `k` and `v` (`[batch, heads, len, head_dim]`), with room for at
+    /// least `capacity` positions so the next appends write in place.
+    fn filled(k: &Tensor, v: &Tensor, capacity: usize) -> Result<Self> {
+        let (b, h, len, d) = k.dims4()?;
+        let room = capacity.max(len + 1);
+        let kb = Tensor::zeros((b, h, room, d), k.dtype(), k.device())?;
+        let vb = Tensor::zeros((b, h, room, d), v.dtype(), v.device())?;
+        kb.slice_set(&k.contiguous()?, 2, 0)?;
+        vb.slice_set(&v.contiguous()?, 2, 0)?;
+        Ok(Self {
+            buffers: Some((kb, vb)),
+            len,
+        })
+    }
 }
 
 /// A row that is more than one causal sequence: the examples packed into it (`segment`, one

@@ -1,0 +1,122 @@
+//! `kiln serve`: a model over HTTP (KServe v1 and v2, OpenAI completions), continuously batched.
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::ValueEnum;
+
+use super::*;
+use crate::serve::scheduler::Limits;
+use crate::serve::ServeOptions;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Hugging Face model directory (with its tokenizer).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT LoRA adapter directory, merged into the model's weights as they load.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// The model's name in URLs and requests (default: the model directory's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0 picks a free port (printed when ready).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Rows decoded together at most (1 serves one prompt at a time).
+    #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_batch: usize,
+    /// Positions (prompt plus max new tokens) the rows decoded together may reserve in all.
+    #[arg(long, default_value_t = 32768, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_batch_tokens: usize,
+    /// Requests waiting to start at most; more are answered 429 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Seconds from a request's arrival to its last token; later it is stopped (504).
+    #[arg(long, default_value_t = 300.0)]
+    pub timeout: f64,
+    /// Largest request body in bytes; larger ones are answered 413.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// CPU threads for the model (default: all cores).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub threads: Option<usize>,
+    /// Compute dtype: fp32, fp16 or bf16.
+    #[arg(long, default_value = "fp32")]
+    pub dtype: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Request logs (stderr) as text or as one JSON object a line.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+pub(super) fn serve(args: ServeArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.timeout > 0.0 && args.timeout.is_finite(),
+        "--timeout must be a positive number of seconds, got {}",
+        args.timeout
+    );
+    let host: std::net::IpAddr = args
+        .host
+        .parse()
+        .with_context(|| format!("--host {:?} is not an IP address", args.host))?;
+    if let Some(threads) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .context("cannot size the thread pool")?;
+    }
+    model::configure_process();
+    let dtype = model::parse_dtype(&args.dtype)?;
+    let device = model::parse_device(&args.device)?;
+    let model =
+        model::load_model_with_adapter(&args.model, args.adapter.as_deref(), dtype, &device)?;
+    let tokenizer = model_tokenizer(&args.model, model.config().vocab_size())?.with_context(|| {
+        format!(
+            "{}: serving text needs a tokenizer (tokenizer.json, or vocab.json and merges.txt) in the model directory",
+            args.model.display()
+        )
+    })?;
+    let name = match args.name {
+        Some(name) => name,
+        None => args
+            .model
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "model".into()),
+    };
+    anyhow::ensure!(
+        !name.is_empty() && !name.contains(['/', ':', '?', '#']),
+        "--name {name:?}: a model name cannot be empty or contain '/', ':', '?' or '#'"
+    );
+    let options = ServeOptions {
+        name: name.clone(),
+        addr: std::net::SocketAddr::new(host, args.port),
+        limits: Limits {
+            max_batch: args.max_batch,
+            max_batch_tokens: args.max_batch_tokens,
+            max_queue: args.max_queue,
+            timeout: Duration::from_secs_f64(args.timeout),
+        },
+        max_body_bytes: args.max_body_bytes,
+    };
+    crate::serve::serve(model, tokenizer, options, |addr| {
+        println!("serving {name} on http://{addr}");
+        let _ = std::io::stdout().flush();
+        tracing::info!(model = %name, %addr, "ready");
+    })?;
+    // Not on stdout: whoever read the address line may have closed it since.
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,809 @@
+//! `kiln serve`: one model over HTTP, as KServe v1 (`:predict`, `:classify`), the Open Inference
+//! Protocol (KServe v2) and OpenAI's `/v1/completions` (with server-sent events), with
+//! continuous batching ([`scheduler`]), Prometheus metrics, request logs and graceful shutdown.
+
+pub mod metrics;
+pub mod protocol;
+pub mod scheduler;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio_stream::StreamExt;
+
+use crate::generate::{FinishReason, Generated, GenerationParams, Sequence};
+use crate::model::{Config, Model};
+use crate::tokenizer::TextTokenizer;
+use metrics::Metrics;
+use protocol::{BadRequest, Parsed};
+use scheduler::{Event, Limits, Scheduler, Work};
+
+/// What the handlers share.
+pub struct App {
+    pub name: String,
+    pub config: Config,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub scheduler: Scheduler,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Where and how to serve.
+pub struct ServeOptions {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub limits: Limits,
+    pub max_body_bytes: usize,
+}
+
+/// Serves `model` until SIGTERM or Ctrl-C, then stops taking connections, finishes the requests
+/// in flight and returns. `on_ready` gets the bound address (port 0 picks a free one).
+pub fn serve(
+    model: Model,
+    tokenizer: TextTokenizer,
+    options: ServeOptions,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        // The model runs on its own thread; these only move requests and bytes.
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(options.addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {}: is another server using the port? (choose another with --port)",
+                    options.addr
+                )
+            })?;
+        let addr = listener.local_addr()?;
+        let metrics = Arc::new(Metrics::new());
+        let tokenizer = Arc::new(tokenizer);
+        let config = model.config().clone();
+        let (scheduler, worker) =
+            Scheduler::start(model, tokenizer.clone(), options.limits, metrics.clone())?;
+        let app = Arc::new(App {
+            name: options.name,
+            config,
+            tokenizer,
+            scheduler: scheduler.clone(),
+            metrics,
+        });
+        let router = router(app, options.max_body_bytes);
+        on_ready(addr);
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("the HTTP server failed")?;
+        tracing::info!("stopped taking requests; finishing the ones in flight");
+        scheduler.close();
+        tokio::task::spawn_blocking(move || worker.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the scheduler thread panicked"))?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C: shutting down"),
+    }
+}
+
+pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{target}", get(model_status).post(model_verb))
+        .route("/v1/completions", post(completions))
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2/models/{name}", get(model_metadata))
+        .route("/v2/models/{name}/ready", get(model_ready))
+        .route("/v2/models/{name}/infer", post(infer))
+        .route("/metrics", get(prometheus))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            log_request,
+        ))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(app)
+}
+
+/// An error answer: `{"error": "..."}`, or OpenAI's `{"error": {"message", "type", ...}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    retry_after: Option<u64>,
+    openai: bool,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            retry_after: None,
+            openai: false,
+        }
+    }
+
+    fn openai(mut self) -> Self {
+        self.openai = true;
+        self
+    }
+}
+
+impl From<BadRequest> for ApiError {
+    fn from(e: BadRequest) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, e.0)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = if self.openai {
+            let kind = match self.status {
+                StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => "invalid_request_error",
+                StatusCode::NOT_FOUND => "not_found_error",
+                StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+                _ => "server_error",
+            };
+            json!({"error": {"message": self.message, "type": kind, "param": null, "code": null}})
+        } else {
+            json!({"error": self.message})
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response.extensions_mut().insert(ErrorMessage(self.message));
+        response
+    }
+}
+
+/// The endpoint a response belongs to (metrics label) and what it cost, for the request log.
+#[derive(Clone, Copy)]
+struct Endpoint(&'static str);
+
+#[derive(Clone, Copy, Default)]
+struct Usage {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+#[derive(Clone)]
+struct ErrorMessage(String);
+
+/// A streamed response records its own duration when its stream ends.
+#[derive(Clone, Copy)]
+struct Streamed;
+
+async fn log_request(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    let endpoint = response
+        .extensions()
+        .get::<Endpoint>()
+        .map_or("other", |e| e.0);
+    let usage = response
+        .extensions()
+        .get::<Usage>()
+        .copied()
+        .unwrap_or_default();
+    let seconds = started.elapsed().as_secs_f64();
+    if response.extensions().get::<Streamed>().is_none() {
+        app.metrics.record_request(endpoint, status, seconds);
+    }
+    let error = response
+        .extensions()
+        .get::<ErrorMessage>()
+        .map(|e| e.0.as_str());
+    tracing::info!(
+        target: "kiln::serve",
+        %method,
+        path,
+        status,
+        endpoint,
+        duration_ms = (seconds * 1000.0).round() as u64,
+        prompt_tokens = usage.prompt_tokens,
+        completion_tokens = usage.completion_tokens,
+        error,
+        streamed = response.extensions().get::<Streamed>().is_some(),
+        "request"
+    );
+    response
+}
+
+fn with_endpoint(endpoint: &'static str, mut response: Response) -> Response {
+    response.extensions_mut().insert(Endpoint(endpoint));
+    response
+}
+
+async fn not_found(request: Request) -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no route {} {}; see the README's serving section for the endpoints",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+    .into_response()
+}
+
+/// The body, or 413 when it is over the limit.
+fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "the request body is over the server's limit (--max-body-bytes)".to_string()
+        } else {
+            format!("cannot read the request body: {}", rejection.body_text())
+        };
+        ApiError::new(status, message)
+    })
+}
+
+impl App {
+    fn unknown_model(&self, name: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "model {name:?} is not served here (this server serves {:?})",
+                self.name
+            ),
+        )
+    }
+
+    /// Tokenizes prompts and checks them against the model, errors naming `at[i]`.
+    fn sequences(
+        &self,
+        texts: &[String],
+        params: GenerationParams,
+        at: &str,
+    ) -> Parsed<Vec<Sequence>> {
+        let params = Arc::new(params);
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                let ids = self
+                    .tokenizer
+                    .encode(text)
+                    .map_err(|e| BadRequest(format!("{at}[{i}]: {e:#}")))?;
+                Sequence::new(&self.config, &ids, i, params.clone()).map_err(|e| {
+                    let hint = if params.truncate_left {
+                        ""
+                    } else {
+                        " (or set truncate_left: true in the parameters)"
+                    };
+                    BadRequest(format!("{at}[{i}]: {e:#}{hint}"))
+                })
+            })
+            .collect()
+    }
+
+    fn submit(&self, work: Work) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>, ApiError> {
+        self.scheduler.submit(work).map_err(|busy| ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!(
+                "the server is busy ({} requests queued); retry after {} s",
+                self.scheduler.limits().max_queue,
+                busy.retry_after_secs
+            ),
+            retry_after: Some(busy.retry_after_secs),
+            openai: false,
+        })
+    }
+
+    /// Runs sequences to the end; the results are in order.
+    async fn generate(
+        &self,
+        sequences: Vec<Sequence>,
+    ) -> Result<(Vec<Generated>, Usage), ApiError> {
+        let n = sequences.len();
+        let prompt_tokens = sequences.iter().map(|s| s.prompt().len()).sum();
+        let started = Instant::now();
+        let mut events = self.submit(Work::Generate(sequences))?;
+        let mut results: Vec<Option<Generated>> = vec![None; n];
+        let mut first_token = true;
+        let mut done = 0;
+        while done < n {
+            match events.recv().await {
+                Some(Event::Token { .. }) => {
+                    if first_token {
+                        self.metrics
+                            .first_token_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                        first_token = false;
+                    }
+                }
+                Some(Event::Done {
+                    instance,
+                    generated,
+                }) => {
+                    results[instance] = Some(generated);
+                    done += 1;
+                }
+                Some(Event::TimedOut) => return Err(self.timed_out()),
+                Some(Event::Failed(message)) => {
+                    return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message))
+                }
+                Some(Event::Scored(_)) | None => {
+                    return Err(ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the scheduler stopped before the request finished",
+                    ))
+                }
+            }
+        }
+        let results: Vec<Generated> = results.into_iter().map(|r| r.expect("done")).collect();
+        let usage = Usage {
+            prompt_tokens,
+            completion_tokens: results.iter().map(|g| g.ids.len()).sum(),
+        };
+        Ok((results, usage))
+    }
+
+    fn timed_out(&self) -> ApiError {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the request did not finish within the server's timeout of {:?} (--timeout)",
+                self.scheduler.limits().timeout
+            ),
+        )
+    }
+}
+
+async fn list_models(State(app): State<Arc<App>>) -> Response {
+    with_endpoint(
+        "v1_models",
+        Json(json!({"models": [app.name]})).into_response(),
+    )
+}
+
+async fn model_status(State(app): State<Arc<App>>, Path(target): Path<String>) -> Response {
+    let response = if target == app.name {
+        Json(json!({"name": app.name, "ready": true})).into_response()
+    } else {
+        app.unknown_model(&target).into_response()
+    };
+    with_endpoint("v1_model", response)
+}
+
+/// `POST /v1/models/NAME:predict` and `NAME:classify`.
+async fn model_verb(
+    State(app): State<Arc<App>>,
+    Path(target): Path<String>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Some((name, verb)) = target.rsplit_once(':') else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("POST /v1/models/{target}: expected NAME:predict or NAME:classify"),
+        )
+        .into_response();
+    };
+    let (endpoint, result) = match verb {
+        "predict" => ("v1_predict", predict(&app, name, bytes).await),
+        "classify" => ("v1_classify", classify(&app, name, bytes).await),
+        other => (
+            "other",
+            Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("unknown verb :{other}; expected :predict or :classify"),
+            )),
+        ),
+    };
+    with_endpoint(endpoint, result.unwrap_or_else(IntoResponse::into_response))
+}
+
+async fn predict(
+    app: &App,
+    name: &str,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes = body(bytes)?;
+    if name != app.name {
+        return Err(app.unknown_model(name));
+    }
+    let request: protocol::PredictRequest = protocol::from_value(protocol::json_body(&bytes)?, "")?;
+    let params = protocol::generation_params(request.parameters, "parameters")?;
+    let texts = protocol::instance_texts(&request.instances)?;
+    let sequences = app.sequences(&texts, params, "instances")?;
+    let (generated, usage) = app.generate(sequences).await?;
+    let predictions: Vec<Value> = generated
+        .into_iter()
+        .map(|g| Value::String(g.text))
+        .collect();
+    let mut response = Json(json!({"predictions": predictions})).into_response();
+    response.extensions_mut().insert(usage);
+    Ok(response)
+}
+
+async fn classify(
+    app: &App,
+    name: &str,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes = body(bytes)?;
+    if name != app.name {
+        return Err(app.unknown_model(name));
+    }
+    let request: protocol::ClassifyRequest =
+        protocol::from_value(protocol::json_body(&bytes)?, "")?;
+    let classification = protocol::classification(request, &app.tokenizer)?;
+    let prompt_tokens = classification.prompts.iter().map(Vec::len).sum();
+    let mut events = app.submit(Work::Score {
+        prompts: classification.prompts,
+        candidates: classification.candidates,
+    })?;
+    let scores = match events.recv().await {
+        Some(Event::Scored(scores)) => scores,
+        Some(Event::TimedOut) => return Err(app.timed_out()),
+        Some(Event::Failed(message)) => {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, message))
+        }
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the scheduler stopped before the request finished",
+            ))
+        }
+    };
+    let labels = &classification.labels;
+    let predictions: Vec<Value> = scores
+        .iter()
+        .map(|totals| {
+            let probabilities = protocol::probabilities(totals);
+            let best = (0..labels.len())
+                .max_by(|&a, &b| totals[a].total_cmp(&totals[b]))
+                .expect("at least two labels");
+            json!({
+                "label": labels[best],
+                "probabilities": labels.iter().cloned().zip(probabilities.into_iter().map(|p| json!(p))).collect::<serde_json::Map<String, Value>>(),
+                "log_likelihoods": labels.iter().cloned().zip(totals.iter().map(|&t| json!(t))).collect::<serde_json::Map<String, Value>>(),
+            })
+        })
+        .collect();
+    let mut response = Json(json!({"predictions": predictions, "labels": labels})).into_response();
+    response.extensions_mut().insert(Usage {
+        prompt_tokens,
+        completion_tokens: 0,
+    });
+    Ok(response)
+}
+
+async fn server_metadata() -> Response {
+    with_endpoint(
+        "v2_metadata",
+        Json(json!({"name": "kiln", "version": env!("CARGO_PKG_VERSION"), "extensions": []}))
+            .into_response(),
+    )
+}
+
+async fn live() -> Response {
+    with_endpoint("v2_health", Json(json!({"live": true})).into_response())
+}
+
+async fn ready() -> Response {
+    // The model is loaded before the port is bound: listening means ready.
+    with_endpoint("v2_health", Json(json!({"ready": true})).into_response())
+}
+
+async fn model_metadata(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
+    let response = if name == app.name {
+        Json(json!({
+            "name": app.name,
+            "versions": ["1"],
+            "platform": "kiln",
+            "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}],
+        }))
+        .into_response()
+    } else {
+        app.unknown_model(&name).into_response()
+    };
+    with_endpoint("v2_model", response)
+}
+
+async fn model_ready(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
+    let response = if name == app.name {
+        Json(json!({"name": app.name, "ready": true})).into_response()
+    } else {
+        app.unknown_model(&name).into_response()
+    };
+    with_endpoint("v2_model", response)
+}
+
+async fn infer(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        let bytes = body(bytes)?;
+        if name != app.name {
+            return Err(app.unknown_model(&name));
+        }
+        let request: protocol::InferRequest =
+            protocol::from_value(protocol::json_body(&bytes)?, "")?;
+        let texts = protocol::infer_texts(&request)?;
+        let params = protocol::generation_params(request.parameters.clone(), "parameters")?;
+        let sequences = app.sequences(&texts, params, "inputs[0].data")?;
+        let (generated, usage) = app.generate(sequences).await?;
+        let data: Vec<String> = generated.into_iter().map(|g| g.text).collect();
+        let mut response = Json(json!({
+            "model_name": app.name,
+            "model_version": "1",
+            "id": request.id,
+            "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [data.len()], "data": data}],
+        }))
+        .into_response();
+        response.extensions_mut().insert(usage);
+        Ok(response)
+    }
+    .await;
+    with_endpoint(
+        "v2_infer",
+        result.unwrap_or_else(IntoResponse::into_response),
+    )
+}
+
+async fn prometheus(State(app): State<Arc<App>>) -> Response {
+    let mut response = app.metrics.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    with_endpoint("metrics", response)
+}
+
+fn openai_finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Eos | FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// OpenAI's `POST /v1/completions`, streamed as server-sent events when `stream` is true.
+async fn completions(
+    State(app): State<Arc<App>>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Response {
+    let response = completion(app, bytes)
+        .await
+        .unwrap_or_else(|e| e.openai().into_response());
+    with_endpoint("v1_completions", response)
+}
+
+async fn completion(
+    app: Arc<App>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes = body(bytes)?;
+    let request: protocol::CompletionRequest =
+        protocol::from_value(protocol::json_body(&bytes)?, "")?;
+    if request.model != app.name {
+        return Err(app.unknown_model(&request.model));
+    }
+    let params = request.params()?;
+    let texts = request.prompt.into_vec();
+    if texts.is_empty() {
+        return Err(BadRequest("prompt: empty; give at least one".into()).into());
+    }
+    let sequences = app.sequences(&texts, params.clone(), "prompt")?;
+    let id = format!("cmpl-{:016x}", rand::random::<u64>());
+    let created = unix_seconds();
+    if !request.stream {
+        let (generated, usage) = app.generate(sequences).await?;
+        let choices: Vec<Value> = generated
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                json!({
+                    "index": i,
+                    "text": g.text,
+                    "logprobs": null,
+                    "finish_reason": openai_finish_reason(g.finish_reason),
+                })
+            })
+            .collect();
+        let mut response = Json(json!({
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": app.name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            },
+        }))
+        .into_response();
+        response.extensions_mut().insert(usage);
+        return Ok(response);
+    }
+    let prompt_tokens = sequences.iter().map(|s| s.prompt().len()).sum();
+    let events = app.submit(Work::Generate(sequences))?;
+    let mut stream_state = StreamState {
+        app: app.clone(),
+        id,
+        created,
+        stops: params.stop,
+        decoded: vec![(Vec::new(), 0); texts.len()],
+        started: Instant::now(),
+        first_token: true,
+        failed: None,
+        unfinished: texts.len(),
+    };
+    let chunks = tokio_stream::wrappers::UnboundedReceiverStream::new(events)
+        .map(move |event| Ok::<_, std::convert::Infallible>(stream_state.event(event)))
+        .chain(tokio_stream::once(Ok(SseEvent::default().data("[DONE]"))));
+    let mut response = Sse::new(chunks)
+        .keep_alive(KeepAlive::default())
+        .into_response();
+    response.extensions_mut().insert(Streamed);
+    response.extensions_mut().insert(Usage {
+        prompt_tokens,
+        completion_tokens: 0,
+    });
+    Ok(response)
+}
+
+/// A streamed completion: what each choice has sent so far.
+struct StreamState {
+    app: Arc<App>,
+    id: String,
+    created: u64,
+    stops: Vec<String>,
+    /// Per choice, its tokens and how many bytes of their text were sent.
+    decoded: Vec<(Vec<u32>, usize)>,
+    started: Instant,
+    first_token: bool,
+    /// The status a stream that ended in an error event would have had.
+    failed: Option<u16>,
+    unfinished: usize,
+}
+
+impl StreamState {
+    fn chunk(&self, index: usize, text: &str, finish_reason: Option<&str>) -> SseEvent {
+        SseEvent::default().data(
+            json!({
+                "id": self.id,
+                "object": "text_completion",
+                "created": self.created,
+                "model": self.app.name,
+                "choices": [{"index": index, "text": text, "logprobs": null, "finish_reason": finish_reason}],
+            })
+            .to_string(),
+        )
+    }
+
+    fn event(&mut self, event: Event) -> SseEvent {
+        match event {
+            Event::Token { instance, token } => {
+                if self.first_token {
+                    self.first_token = false;
+                    self.app
+                        .metrics
+                        .first_token_seconds
+                        .observe(self.started.elapsed().as_secs_f64());
+                }
+                let (tokens, sent) = &mut self.decoded[instance];
+                tokens.push(token);
+                // Decode the whole completion each time (a character can span tokens), and hold
+                // back what could still become a stop string, which the final text cuts off.
+                let text = self.app.tokenizer.decode(tokens, true).unwrap_or_default();
+                let safe = safe_prefix(&text, &self.stops);
+                if safe > *sent {
+                    let delta = text[*sent..safe].to_string();
+                    *sent = safe;
+                    self.chunk(instance, &delta, None)
+                } else {
+                    SseEvent::default().comment("")
+                }
+            }
+            Event::Done {
+                instance,
+                generated,
+            } => {
+                self.unfinished -= 1;
+                let (_, sent) = &mut self.decoded[instance];
+                let rest = generated.text.get(*sent..).unwrap_or("").to_string();
+                *sent = generated.text.len();
+                self.chunk(
+                    instance,
+                    &rest,
+                    Some(openai_finish_reason(generated.finish_reason)),
+                )
+            }
+            Event::TimedOut => {
+                self.failed = Some(504);
+                SseEvent::default().data(
+                    json!({"error": {"message": self.app.timed_out().message, "type": "server_error"}})
+                        .to_string(),
+                )
+            }
+            Event::Failed(message) => {
+                self.failed = Some(500);
+                SseEvent::default().data(
+                    json!({"error": {"message": message, "type": "server_error"}}).to_string(),
+                )
+            }
+            Event::Scored(_) => SseEvent::default().comment(""),
+        }
+    }
+}
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        // 499, as nginx logs it: the client closed the stream before it ended.
+        let status = match (self.failed, self.unfinished) {
+            (Some(status), _) => status,
+            (None, 0) => 200,
+            (None, _) => 499,
+        };
+        self.app.metrics.record_request(
+            "v1_completions",
+            status,
+            self.started.elapsed().as_secs_f64(),
+        );
+    }
+}
+
+/// The bytes of `text` that can be sent: up to a stop string it contains, and short of a tail
+/// that could be the start of one.
+fn safe_prefix(text: &str, stops: &[String]) -> usize {
+    let mut end = stops
+        .iter()
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+        .unwrap_or(text.len());
+    for stop in stops {
+        for cut in (1..stop.len()).rev() {
+            if stop.is_char_boundary(cut) && text[..end].ends_with(&stop[..cut]) {
+                end -= cut;
+                break;
+            }
+        }
+    }
+    // A character split across tokens decodes as U+FFFD until its last token arrives.
+    while !text.is_char_boundary(end) || text[..end].ends_with('\u{FFFD}') {
+        end -= 1;
+    }
+    end
+}

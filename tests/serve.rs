@@ -1,0 +1,825 @@
+//! `kiln serve` over loopback: the three APIs, continuous batching against one-at-a-time
+//! answers, limits, bad input, cancellation, metrics, logs, shutdown and startup errors.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// A `kiln serve` process on a free port, killed when dropped.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    stderr: Option<std::process::ChildStderr>,
+}
+
+impl Server {
+    fn start(model: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
+            .args(["--threads", "2"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kiln serve starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .rsplit("http://")
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| {
+                let mut err = String::new();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                panic!("no address in {line:?}; stderr: {err}")
+            });
+        let stderr = child.stderr.take();
+        Server {
+            child,
+            addr,
+            stderr,
+        }
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, _, body) = http(self.addr, "POST", path, body.to_string().as_bytes());
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let (status, _, body) = http(self.addr, "GET", path, b"");
+        (status, String::from_utf8(body).unwrap())
+    }
+
+    fn predict(&self, prompt: &str, parameters: Value) -> String {
+        let (status, body) = self.post(
+            "/v1/models/tiny:predict",
+            &json!({"instances": [prompt], "parameters": parameters}),
+        );
+        assert_eq!(status, 200, "{body}");
+        body["predictions"][0].as_str().unwrap().to_string()
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request on its own connection: (status, head, body), chunked bodies decoded.
+fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stream.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    split_response(&raw)
+}
+
+fn split_response(raw: &[u8]) -> (u16, String, Vec<u8>) {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let head = String::from_utf8_lossy(&raw[..end]).to_string();
+    let status = head[9..12].parse().unwrap();
+    let mut body = raw[end + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut decoded = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap(), 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            decoded.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
+            rest = &rest[line_end + 2 + size + 2..];
+        }
+        body = decoded;
+    }
+    (status, head, body)
+}
+
+/// The `data:` payloads of a server-sent event stream.
+fn sse_data(body: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(body)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
+
+/// A tiny GPT-J with the real GPT-2 tokenizer (random tokens decode to visible text), written
+/// into `dir/tiny`.
+fn tiny_model(dir: &Path) -> Option<PathBuf> {
+    let tokenizer = shared("tokenizers/gpt2")?;
+    let model = dir.join("tiny");
+    init_tiny(&model, 1, &tokenizer);
+    Some(model)
+}
+
+fn prompts() -> Vec<String> {
+    (0..24)
+        .map(|i| {
+            format!(
+                "{} {i}:",
+                [
+                    "The quick brown fox",
+                    "mnli hypothesis: a man",
+                    "Once upon a time, in"
+                ][i % 3]
+                    .repeat(1 + i % 4)
+            )
+        })
+        .collect()
+}
+
+/// `kiln generate --input` on `prompts` with `flags`: the completions.
+fn kiln_generate(dir: &Path, model: &Path, prompts: &[String], flags: &[&str]) -> Vec<String> {
+    let input = dir.join("prompts.jsonl");
+    let lines: Vec<String> = prompts
+        .iter()
+        .map(|p| json!({"prompt": p}).to_string())
+        .collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let output = dir.join("generated.jsonl");
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    args.extend_from_slice(flags);
+    let (ok, _, stderr) = kiln(&args);
+    assert!(ok, "{stderr}");
+    std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["completion"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn the_three_apis_answer_what_kiln_generate_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(model) = tiny_model(dir.path()) else {
+        return;
+    };
+    let prompts = &prompts()[..3];
+    let expected = kiln_generate(dir.path(), &model, prompts, &["--max-new-tokens", "12"]);
+    assert!(expected.iter().all(|t| !t.is_empty()), "{expected:?}");
+    let server = Server::start(&model, &["--name", "tiny"]);
+
+    assert_eq!(
+        server.get("/v1/models"),
+        (200, r#"{"models":["tiny"]}"#.into())
+    );
+    let (status, body) = server.get("/v1/models/tiny");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"name":"tiny","ready":true}"#)
+    );
+    assert_eq!(server.get("/v2/health/live").0, 200);
+    assert_eq!(server.get("/v2/health/ready").1, r#"{"ready":true}"#);
+    let (status, body) = server.get("/v2/models/tiny");
+    assert_eq!(status, 200);
+    let metadata: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(metadata["inputs"][0]["name"], "text_input");
+    assert_eq!(metadata["outputs"][0]["datatype"], "BYTES");
+    assert_eq!(server.get("/v2/models/tiny/ready").0, 200);
+
+    // KServe v1, all instances in one request.
+    let (status, body) = server.post(
+        "/v1/models/tiny:predict",
+        &json!({"instances": prompts, "parameters": {"max_new_tokens": 12}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["predictions"], json!(expected));
+
+    // Open Inference Protocol.
+    let (status, body) = server.post(
+        "/v2/models/tiny/infer",
+        &json!({"id": "r1", "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [3], "data": prompts}],
+                "parameters": {"max_new_tokens": 12}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["id"], "r1");
+    assert_eq!(body["model_name"], "tiny");
+    assert_eq!(body["outputs"][0]["name"], "text_output");
+    assert_eq!(body["outputs"][0]["shape"], json!([3]));
+    assert_eq!(body["outputs"][0]["data"], json!(expected));
+
+    // OpenAI completions, whole and streamed.
+    let request = json!({"model": "tiny", "prompt": prompts, "max_tokens": 12, "temperature": 0});
+    let (status, body) = server.post("/v1/completions", &request);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "text_completion");
+    for (i, text) in expected.iter().enumerate() {
+        assert_eq!(body["choices"][i]["index"], i);
+        assert_eq!(&body["choices"][i]["text"], text);
+        assert_eq!(body["choices"][i]["finish_reason"], "length");
+    }
+    assert_eq!(body["usage"]["completion_tokens"], 36);
+    let mut streaming = request.clone();
+    streaming["stream"] = json!(true);
+    let (status, head, raw) = http(
+        server.addr,
+        "POST",
+        "/v1/completions",
+        streaming.to_string().as_bytes(),
+    );
+    assert_eq!(status, 200);
+    assert!(head.contains("text/event-stream"), "{head}");
+    let events = sse_data(&raw);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let mut streamed = vec![String::new(); 3];
+    let mut finished = vec![None; 3];
+    for event in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        let choice = &chunk["choices"][0];
+        let i = choice["index"].as_u64().unwrap() as usize;
+        assert!(finished[i].is_none(), "nothing after a choice's finish");
+        streamed[i].push_str(choice["text"].as_str().unwrap());
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            finished[i] = Some(reason.to_string());
+        }
+    }
+    assert_eq!(
+        streamed, expected,
+        "the streamed pieces add up to the answer"
+    );
+    assert!(finished.iter().all(|f| f.as_deref() == Some("length")));
+
+    // A stop string cuts the streamed text exactly where it cuts the whole one.
+    let stop: String = expected[0].chars().skip(3).take(2).collect();
+    let cut = server.predict(&prompts[0], json!({"max_new_tokens": 12, "stop": stop}));
+    assert_eq!(cut, expected[0][..expected[0].find(&stop).unwrap()]);
+    let (_, _, raw) = http(
+        server.addr,
+        "POST",
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": prompts[0], "max_tokens": 12, "temperature": 0, "stop": stop, "stream": true})
+            .to_string()
+            .as_bytes(),
+    );
+    let text: String = sse_data(&raw)
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(text, cut);
+
+    // Sampling is seeded per request as `kiln generate` seeds it.
+    let sampled = kiln_generate(
+        dir.path(),
+        &model,
+        &prompts[..1],
+        &[
+            "--max-new-tokens",
+            "12",
+            "--do-sample",
+            "--seed",
+            "7",
+            "--top-k",
+            "50",
+        ],
+    );
+    assert_eq!(
+        server.predict(
+            &prompts[0],
+            json!({"max_new_tokens": 12, "do_sample": true, "seed": 7, "top_k": 50})
+        ),
+        sampled[0]
+    );
+    assert_ne!(sampled[0], expected[0]);
+}
+
+/// 16 clients at once get, each, exactly what the server answers one request at a time, and
+/// they were decoded together.
+#[test]
+fn concurrent_clients_get_the_one_at_a_time_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(model) = tiny_model(dir.path()) else {
+        return;
+    };
+    let server = Server::start(&model, &["--name", "tiny"]);
+    let prompts = prompts();
+    let budget = |i: usize| 4 + (i * 7) % 20;
+    let sequential: Vec<String> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| server.predict(p, json!({"max_new_tokens": budget(i)})))
+        .collect();
+    let rows_before = server.metric("kiln_decode_batch_rows_sum");
+    let steps_before = server.metric("kiln_decode_batch_rows_count");
+    assert_eq!(rows_before, steps_before, "one at a time: one row a step");
+
+    let concurrent: Vec<(usize, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..16)
+            .map(|client| {
+                let (server, prompts) = (&server, &prompts);
+                scope.spawn(move || {
+                    (client..prompts.len())
+                        .step_by(16)
+                        .chain(client..client + 1)
+                        .map(|i| {
+                            let i = i % prompts.len();
+                            (
+                                i,
+                                server.predict(&prompts[i], json!({"max_new_tokens": budget(i)})),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("no client failed"))
+            .collect()
+    });
+    assert_eq!(concurrent.len(), 24 + 16);
+    for (i, text) in &concurrent {
+        assert_eq!(
+            text, &sequential[*i],
+            "prompt {i} with other requests in the batch"
+        );
+    }
+    let rows = server.metric("kiln_decode_batch_rows_sum") - rows_before;
+    let steps = server.metric("kiln_decode_batch_rows_count") - steps_before;
+    assert!(
+        rows / steps > 2.0,
+        "requests were decoded together: {rows} rows in {steps} steps"
+    );
+    assert_eq!(server.metric("kiln_batch_rows"), 0.0);
+    assert_eq!(server.metric("kiln_queue_depth"), 0.0);
+}
+
+#[test]
+fn classify_ranks_the_label_words_as_kiln_eval_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(model) = tiny_model(dir.path()) else {
+        return;
+    };
+    let pairs = [
+        ("A man is playing a guitar.", "A person plays music."),
+        ("The cat sleeps.", "A dog barks loudly at the mailman."),
+    ];
+    let loaded =
+        kiln::model::load_model(&model, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+    let tokenizer = kiln::tokenizer::TextTokenizer::from_dir(&model).unwrap();
+    let prompts: Vec<Vec<u32>> = pairs
+        .iter()
+        .map(|(p, h)| tokenizer.encode(&kiln::eval::mnli::prompt(p, h)).unwrap())
+        .collect();
+    let candidates: Vec<Vec<u32>> = kiln::eval::mnli::LABELS
+        .iter()
+        .map(|l| tokenizer.encode(&format!(" {l}<|endoftext|>")).unwrap())
+        .collect();
+    let expected =
+        kiln::eval::score::score_continuations(&loaded, &prompts, &candidates, 8).unwrap();
+    let pipeline = kiln::eval::mnli::EntailmentPipeline {
+        model: &loaded,
+        tokenizer: &tokenizer,
+        mode: kiln::recipe::EvalMode::Rank,
+        batch_size: 8,
+    };
+    let labels = pipeline.predict(&pairs).unwrap();
+
+    let server = Server::start(&model, &["--name", "tiny"]);
+    let instances: Vec<Value> = pairs
+        .iter()
+        .map(|(p, h)| json!({"premise": p, "hypothesis": h}))
+        .collect();
+    let (status, body) = server.post("/v1/models/tiny:classify", &json!({"instances": instances}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["labels"],
+        json!(["entailment", "neutral", "contradiction"])
+    );
+    for (i, prediction) in body["predictions"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(prediction["label"], labels[i].label_name());
+        let total: f64 = kiln::eval::mnli::LABELS
+            .iter()
+            .map(|l| prediction["probabilities"][l].as_f64().unwrap())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-9);
+        for (j, label) in kiln::eval::mnli::LABELS.iter().enumerate() {
+            let got = prediction["log_likelihoods"][label].as_f64().unwrap();
+            assert!(
+                (got - expected[i][j] as f64).abs() < 1e-4,
+                "{got} vs {}",
+                expected[i][j]
+            );
+        }
+    }
+
+    // Any template with its label words.
+    let (status, body) = server.post(
+        "/v1/models/tiny:classify",
+        &json!({"instances": [{"review": "Great film."}, {"review": "Dull."}],
+                "parameters": {"template": {"prompt": "Review: {review}\nSentiment:", "target": " {label}"},
+                               "labels": ["negative", "positive"]}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["predictions"].as_array().unwrap().len(), 2);
+    assert!(["negative", "positive"].contains(&body["predictions"][0]["label"].as_str().unwrap()));
+    let (status, body) = server.post(
+        "/v1/models/tiny:classify",
+        &json!({"instances": [{"review": "x"}], "parameters": {"template": {"prompt": "{review}", "target": " {label}"}}}),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("parameters.labels"),
+        "{body}"
+    );
+    let (status, body) = server.post(
+        "/v1/models/tiny:classify",
+        &json!({"instances": [{"premise": "x"}]}),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("instances[0]: no string field \"hypothesis\""),
+        "{body}"
+    );
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_never_a_stuck_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(model) = tiny_model(dir.path()) else {
+        return;
+    };
+    let server = Server::start(&model, &["--name", "tiny", "--max-body-bytes", "4000"]);
+    let error = |path: &str, body: &[u8]| -> (u16, String) {
+        let (status, _, body) = http(server.addr, "POST", path, body);
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        let message = match &body["error"] {
+            Value::String(s) => s.clone(),
+            other => other["message"].as_str().unwrap().to_string(),
+        };
+        (status, message)
+    };
+    let predict = "/v1/models/tiny:predict";
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (predict, b"{\"instances\": [".to_vec(), 400, "malformed JSON body"),
+        (predict, br#"{"instances": "hi"}"#.to_vec(), 400, "instances: invalid type"),
+        (predict, br#"{"instances": [3]}"#.to_vec(), 400, "instances[0]: expected a string"),
+        (predict, br#"{"instances": []}"#.to_vec(), 400, "instances: empty"),
+        (predict, br#"{"instance": ["x"]}"#.to_vec(), 400, "unknown field `instance`"),
+        (
+            predict,
+            br#"{"instances": ["x"], "parameters": {"top_k": "a"}}"#.to_vec(),
+            400,
+            "parameters.top_k: invalid type",
+        ),
+        (
+            predict,
+            br#"{"instances": ["x"], "parameters": {"temperature": -1}}"#.to_vec(),
+            400,
+            "temperature must be >= 0",
+        ),
+        ("/v1/models/other:predict", br#"{"instances": ["x"]}"#.to_vec(), 404, "model \"other\" is not served here"),
+        ("/v1/models/tiny:explain", br#"{"instances": ["x"]}"#.to_vec(), 404, "unknown verb :explain"),
+        ("/v2/models/tiny/infer", br#"{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}"#.to_vec(), 400, "inputs[0].name: expected \"text_input\""),
+        ("/v2/models/tiny/infer", br#"{"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [2], "data": ["x"]}]}"#.to_vec(), 400, "inputs[0].shape"),
+        ("/v1/completions", br#"{"model": "tiny", "prompt": "x", "n": 2}"#.to_vec(), 400, "n: not supported"),
+        ("/v1/completions", br#"{"model": "tiny", "prompt": "x", "max_tokens": "many"}"#.to_vec(), 400, "max_tokens: invalid type"),
+        ("/v1/completions", br#"{"model": "gpt-4", "prompt": "x"}"#.to_vec(), 404, "model \"gpt-4\" is not served here"),
+        ("/nowhere", b"{}".to_vec(), 404, "no route POST /nowhere"),
+        (predict, format!("{{\"instances\": [\"{}\"]}}", "x".repeat(5000)).into_bytes(), 413, "over the server's limit"),
+    ];
+    for (path, body, status, message) in cases {
+        let (got_status, got) = error(path, &body);
+        assert_eq!(got_status, status, "{path}: {got}");
+        assert!(
+            got.contains(message),
+            "{path}: {got:?} should say {message:?}"
+        );
+    }
+    // OpenAI errors keep OpenAI's shape.
+    let (_, body) = server.post(
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "x", "echo": true}),
+    );
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+
+    // No room for a new token is an empty answer, not an error.
+    let (status, body) = server.post(
+        predict,
+        &json!({"instances": ["x"], "parameters": {"max_new_tokens": 2, "max_length": 1}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["predictions"][0], "", "no room: nothing generated");
+
+    // After all that, the server still answers, with nothing left in its batch or queue.
+    server.predict("Hello", json!({"max_new_tokens": 3}));
+    assert_eq!(server.metric("kiln_batch_rows"), 0.0);
+    let (_, metrics) = server.get("/metrics");
+    assert!(metrics.contains("kiln_requests_total{endpoint=\"v1_predict\",status=\"400\"}"));
+    assert!(
+        metrics.contains("kiln_requests_total{endpoint=\"v1_predict\",status=\"413\"}"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn prompts_longer_than_the_context_are_refused_or_truncated_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(model) = tiny_model(dir.path()) else {
+        return;
+    };
+    // A context of 64 positions.
+    let config_path = model.join("config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["n_positions"] = json!(64);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let server = Server::start(&model, &["--name", "tiny"]);
+    let long = "one two three ".repeat(30);
+    let (status, body) = server.post(
+        "/v1/models/tiny:predict",
+        &json!({"instances": ["short", long], "parameters": {"max_new_tokens": 4}}),
+    );
+    assert_eq!(status, 400);
+    let message = body["error"].as_str().unwrap();
+    assert!(
+        message.starts_with("instances[1]: prompt 1 has ")
+            && message.contains("more than the model's context (n_positions 64)")
+            && message.contains("truncate_left: true"),
+        "{message}"
+    );
+    let truncated = server.predict(&long, json!({"max_new_tokens": 4, "truncate_left": true}));
+    let expected = kiln_generate(
+        dir.path(),
+        &model,
+        &[long],
+        &["--max-new-tokens", "4", "--truncate-left"],
+    );
+    assert_eq!(truncated, expected[0]);
+}
+
+#[test]
+fn a_full_queue_is_429_with_retry_after_and_a_late_request_is_504() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(model) = tiny_model(dir.path()) else {
+        return;
+    };
+    let server = Server::start(
+        &model,
+        &["--name", "tiny", "--max-batch", "1", "--max-queue", "1"],
+    );
+    let body = json!({"instances": ["Once upon a time"], "parameters": {"max_new_tokens": 400}})
+        .to_string();
+    let answers: Vec<(u16, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                scope.spawn(|| {
+                    let (status, head, _) = http(
+                        server.addr,
+                        "POST",
+                        "/v1/models/tiny:predict",
+                        body.as_bytes(),
+                    );
+                    (status, head)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let busy: Vec<&(u16, String)> = answers.iter().filter(|(s, _)| *s == 429).collect();
+    let served = answers.iter().filter(|(s, _)| *s == 200).count();
+    assert!(!busy.is_empty() && served >= 1, "{answers:?}");
+    assert_eq!(busy.len() + served, 8, "{answers:?}");
+    assert!(busy
+        .iter()
+        .all(|(_, head)| head.to_ascii_lowercase().contains("retry-after: 1")));
+    drop(server);
+
+    let server = Server::start(&model, &["--name", "tiny", "--timeout", "0.2"]);
+    let started = Instant::now();
+    let (status, body) = server.post(
+        "/v1/models/tiny:predict",
+        &json!({"instances": ["Once upon a time"], "parameters": {"max_new_tokens": 2000}}),
+    );
+    assert_eq!(status, 504, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("--timeout"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(server.metric("kiln_timed_out_requests_total"), 1.0);
+    server.predict("Hi", json!({"max_new_tokens": 2}));
+    assert_eq!(server.metric("kiln_batch_rows"), 0.0);
+    drop(server);
+
+    // Room for one row's prompt and budget only: concurrent requests take turns.
+    let server = Server::start(&model, &["--name", "tiny", "--max-batch-tokens", "40"]);
+    std::thread::scope(|scope| {
+        for i in 0..4 {
+            let server = &server;
+            scope.spawn(move || {
+                server.predict(&format!("Hello {i}"), json!({"max_new_tokens": 30}))
+            });
+        }
+    });
+    assert_eq!(
+        server.metric("kiln_decode_batch_rows_sum"),
+        server.metric("kiln_decode_batch_rows_count"),
+        "never two rows in a step"
+    );
+}
+
+/// A client that goes away mid-stream frees its row at the next token boundary.
+#[test]
+fn a_client_that_disconnects_frees_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(model) = tiny_model(dir.path()) else {
+        return;
+    };
+    let server = Server::start(&model, &["--name", "tiny", "--max-batch", "1"]);
+    for stream in [true, false] {
+        let before = server.metric("kiln_cancelled_requests_total");
+        let mut connection = TcpStream::connect(server.addr).unwrap();
+        let body = json!({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 2000,
+                          "temperature": 0, "stream": stream})
+        .to_string();
+        write!(
+            connection,
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        // Wait until it is decoding, then hang up.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while server.metric("kiln_batch_rows") < 1.0 {
+            assert!(Instant::now() < deadline, "the request never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(connection);
+        let started = Instant::now();
+        // With one slot, this can only run once the other has left.
+        server.predict("Hi", json!({"max_new_tokens": 2}));
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "stream={stream}: the slot was freed ({:?})",
+            started.elapsed()
+        );
+        assert_eq!(
+            server.metric("kiln_cancelled_requests_total"),
+            before + 1.0,
+            "stream={stream}"
+        );
+    }
+}
+
+/// SIGTERM: no new connections, the request in flight finishes, exit 0. Request logs are one
+/// JSON object a line with `--log-format json`.
+#[test]
+fn sigterm_finishes_the_requests_in_flight_then_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(model) = tiny_model(dir.path()) else {
+        return;
+    };
+    let mut server = Server::start(&model, &["--name", "tiny", "--log-format", "json"]);
+    let addr = server.addr;
+    let in_flight = std::thread::spawn(move || {
+        http(
+            addr,
+            "POST",
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 600, "temperature": 0, "stream": true})
+                .to_string()
+                .as_bytes(),
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.metric("kiln_batch_rows") < 1.0 {
+        assert!(Instant::now() < deadline, "the request never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    let (status, _, body) = in_flight.join().unwrap();
+    assert_eq!(status, 200);
+    let events = sse_data(&body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(
+        last["choices"][0]["finish_reason"], "length",
+        "it ran to the end"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the server did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(TcpStream::connect(addr).is_err(), "no longer listening");
+    let mut logs = String::new();
+    server
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    let requests: Vec<Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["message"] == "request")
+        .collect();
+    assert!(!requests.is_empty(), "{logs}");
+    let completion = requests
+        .iter()
+        .find(|r| r["path"] == "/v1/completions")
+        .unwrap_or_else(|| panic!("{logs}"));
+    assert_eq!(completion["status"], 200);
+    assert_eq!(completion["method"], "POST");
+    assert_eq!(completion["streamed"], true);
+    assert!(completion["duration_ms"].is_u64());
+}
+
+#[test]
+fn startup_fails_clearly_on_a_taken_port_or_a_bad_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(model) = tiny_model(dir.path()) else {
+        return;
+    };
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (ok, _, stderr) = kiln(&["serve", "--model", model.to_str().unwrap(), "--port", &port]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")) && stderr.contains("--port"),
+        "{stderr}"
+    );
+    let missing = dir.path().join("nothing-here");
+    let (ok, _, stderr) = kiln(&["serve", "--model", missing.to_str().unwrap(), "--port", "0"]);
+    assert!(!ok);
+    assert!(stderr.contains("nothing-here"), "{stderr}");
+    for file in ["tokenizer.json", "vocab.json", "merges.txt"] {
+        let _ = std::fs::remove_file(model.join(file));
+    }
+    let (ok, _, stderr) = kiln(&["serve", "--model", model.to_str().unwrap(), "--port", "0"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("serving text needs a tokenizer"),
+        "{stderr}"
+    );
+}
