@@ -285,7 +285,49 @@ fn the_trained_adapter_path_equals_the_merged_weights() {
         }
         run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
-    assert_eq!(generate(&base, Some(&adapter)), generate(&merged_dir, None));
+    let merged_text = generate(&merged_dir, None);
+    assert_eq!(generate(&base, Some(&adapter)), merged_text);
+    assert_eq!(
+        serve_once(&base, &adapter, "mnli hypothesis: a premise: b target:", 8),
+        merged_text.trim_end_matches('\n'),
+        "kiln serve --adapter answers as the merged model"
+    );
+}
+
+/// `kiln serve --model BASE --adapter DIR`: one greedy `:predict`, then the server is stopped.
+fn serve_once(base: &Path, adapter: &Path, prompt: &str, max_new_tokens: usize) -> String {
+    use std::io::{BufRead, Read, Write};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["serve", "--port", "0", "--name", "m", "--model"])
+        .arg(base)
+        .arg("--adapter")
+        .arg(adapter)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit("http://").next().unwrap().to_string();
+    let body = serde_json::json!({"instances": [prompt], "parameters": {"max_new_tokens": max_new_tokens}})
+        .to_string();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        stream,
+        "POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{raw}");
+    let value: serde_json::Value = serde_json::from_str(body).unwrap();
+    value["predictions"][0].as_str().unwrap().to_string()
 }
 
 fn max_abs(t: &Tensor) -> f32 {

@@ -270,6 +270,15 @@ fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 }
 
 impl App {
+    /// KServe v1's model status and v2's model readiness: the same answer.
+    fn readiness(&self, name: &str) -> Response {
+        if name == self.name {
+            Json(json!({"name": self.name, "ready": true})).into_response()
+        } else {
+            self.unknown_model(name).into_response()
+        }
+    }
+
     fn unknown_model(&self, name: &str) -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -389,12 +398,7 @@ async fn list_models(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn model_status(State(app): State<Arc<App>>, Path(target): Path<String>) -> Response {
-    let response = if target == app.name {
-        Json(json!({"name": app.name, "ready": true})).into_response()
-    } else {
-        app.unknown_model(&target).into_response()
-    };
-    with_endpoint("v1_model", response)
+    with_endpoint("v1_model", app.readiness(&target))
 }
 
 /// `POST /v1/models/NAME:predict` and `NAME:classify`.
@@ -534,12 +538,7 @@ async fn model_metadata(State(app): State<Arc<App>>, Path(name): Path<String>) -
 }
 
 async fn model_ready(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
-    let response = if name == app.name {
-        Json(json!({"name": app.name, "ready": true})).into_response()
-    } else {
-        app.unknown_model(&name).into_response()
-    };
-    with_endpoint("v2_model", response)
+    with_endpoint("v2_model", app.readiness(&name))
 }
 
 async fn infer(
