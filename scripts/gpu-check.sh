@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Kiln on an NVIDIA GPU: builds with `cuda`, runs the parity checks on the device, trains the
-# tiny and small presets for a few steps (tokens/s and MFU) and times `kiln generate`.
+# tiny and small presets for a few steps (tokens/s and MFU), times `kiln generate` and runs a
+# torchrun-style NCCL job (needs libnccl: `pip install nvidia-nccl-cu13` and its lib on
+# LD_LIBRARY_PATH, or the system's).
 # Run from the repository root on a machine with a GPU, the CUDA toolkit (nvcc) and a Rust
 # toolchain: `bash scripts/gpu-check.sh`. Prints one summary block at the end; put its numbers
 # in the README (Performance).
@@ -55,6 +57,26 @@ start=$(date +%s.%N)
   --max-new-tokens 64 --device cuda > /dev/null
 end=$(date +%s.%N)
 summary+=("generate batch 1, 64 new tokens: $(python3 -c "print(f'{64 / ($end - $start):.1f}')") new tokens/s (wall, incl. load)")
+
+# NCCL: a torchrun-style job, one rank per GPU (2 when there are two, else 1), against one process
+# training the same replicas; both losses go in the summary (equal up to float rounding).
+gpus=$(nvidia-smi -L | wc -l)
+world=$(( gpus >= 2 ? 2 : 1 ))
+nccl_run() { # name world extra-env...
+  local name=$1 world=$2
+  "$kiln" train recipes/quickstart.yaml --quiet --set name="$name" --set device=cuda \
+    --set batch.replicas=2 --set batch.micro=16 --set steps=40 --set schedule.warmup=4 --set eval.every=0 \
+    --set eval.task=loss --set data.eval=[] --set checkpoint.dir="$out/ckpt" --set checkpoint.every=0 \
+    --set tracking.log_dir="$out/runs"
+}
+for rank in $(seq 0 $((world - 1))); do
+  RANK=$rank WORLD_SIZE=$world LOCAL_RANK=$rank MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 \
+    nccl_run gpu-nccl "$world" > "$out/nccl-$rank.log" 2>&1 &
+done
+wait
+nccl_run gpu-one-process 1 > "$out/one-process.log" 2>&1
+last_loss() { grep -o 'last loss [0-9.]*' "$1" | tail -1; }
+summary+=("NCCL, $world rank(s) × $(( 2 / world )) replica(s): $(last_loss "$out/nccl-0.log"); one process, 2 replicas: $(last_loss "$out/one-process.log")")
 
 echo
 echo "== Kiln GPU check on $gpu =="

@@ -71,6 +71,10 @@ pub struct TrainerState {
     /// The MLflow run the training logs to: a resumed run continues it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mlflow: Option<crate::track::RunRef>,
+    /// Processes that trained together (absent: one). A resume with another number that
+    /// divides batch.replicas continues the same run, equal up to float rounding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<usize>,
 }
 
 /// The recipe parts whose change would make a resumed run a different experiment: the model,

@@ -242,6 +242,15 @@ impl Recipe {
                 b.micro * b.replicas
             ));
         }
+        let d = &self.distributed;
+        problems.check(
+            d.timeout_secs > 0,
+            "distributed.timeout_secs: must be at least 1".into(),
+        );
+        problems.check(
+            d.bucket_mib > 0,
+            "distributed.bucket_mib: must be at least 1".into(),
+        );
         if let Some(lora) = &self.lora {
             for problem in lora.problems() {
                 problems.push(problem);

@@ -59,6 +59,10 @@ pub struct Recipe {
     pub eval: EvalSpec,
     #[serde(default)]
     pub tracking: TrackingSpec,
+    /// Training across processes (`mpirun`, `srun`, torchrun-style launches); ignored by a
+    /// single process.
+    #[serde(default, skip_serializing_if = "DistributedSpec::is_default")]
+    pub distributed: DistributedSpec,
 }
 
 fn default_device() -> String {
@@ -117,6 +121,47 @@ pub struct MemorySpec {
 impl MemorySpec {
     pub fn is_default(&self) -> bool {
         self == &MemorySpec::default()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DistributedSpec {
+    /// ZeRO stage 1: each rank keeps the AdamW moments of 1/N of the parameters, updates its
+    /// share and sends the updated weights to the others. Results equal unsharded training.
+    #[serde(default)]
+    pub shard_optimizer: bool,
+    /// Seconds a rank waits for the others (at each step's check-in and at the barriers after
+    /// rank 0's evaluation and checkpoints) before it stops the whole job naming who is late.
+    /// Must exceed the longest evaluation or checkpoint save.
+    #[serde(default = "default_distributed_timeout")]
+    pub timeout_secs: u64,
+    /// Gradients are all-reduced in buckets of about this many MiB (fewer, larger messages).
+    #[serde(default = "default_bucket_mib")]
+    pub bucket_mib: usize,
+}
+
+fn default_distributed_timeout() -> u64 {
+    1800
+}
+
+fn default_bucket_mib() -> usize {
+    25
+}
+
+impl Default for DistributedSpec {
+    fn default() -> Self {
+        Self {
+            shard_optimizer: false,
+            timeout_secs: default_distributed_timeout(),
+            bucket_mib: default_bucket_mib(),
+        }
+    }
+}
+
+impl DistributedSpec {
+    pub fn is_default(&self) -> bool {
+        self == &DistributedSpec::default()
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 
+use super::distributed::{self, Collective, Launch};
 use super::{CheckpointHook, EvalHook, EvalPoint, ModelInit, Resume, TrainOptions, TrainSummary};
 use crate::data::Sequence;
 use crate::data::{self, load_split_records, prepare, SequenceStream, Split};
@@ -32,11 +33,69 @@ pub struct LaunchOptions {
 /// Whole pushes are tried this often before a checkpoint's upload is reported as failed.
 const PUSH_ATTEMPTS: u32 = 4;
 
-/// Loads the recipe, prepares everything it names, trains, and reports.
+/// Loads the recipe, prepares everything it names, trains, and reports. Started by an MPI
+/// launcher or torchrun, this process is one rank of a job (see [`super::distributed`]); an
+/// error on any rank then stops them all.
 pub fn train_recipe(recipe_path: &Path, options: LaunchOptions) -> Result<TrainSummary> {
-    let recipe = recipe::load(recipe_path, &options.overrides)?;
+    let mut recipe = recipe::load(recipe_path, &options.overrides)?;
+    let launch = Launch::from_env().context("reading the launcher's environment")?;
+    // What every rank must agree on, before a GPU rank's device is made its own.
+    let recipe_json = serde_json::to_string(&recipe)?;
+    let (collective, device) = distributed::connect(&launch, &recipe.device, &recipe.distributed)?;
+    recipe.device = device;
+    let (rank, ranks) = (collective.rank(), collective.size());
+    if ranks == 1 {
+        return train_job(
+            recipe_path,
+            recipe,
+            &recipe_json,
+            options,
+            collective.as_ref(),
+        );
+    }
+    if rank != 0 {
+        // One voice: rank 0 reports; the others' errors and warnings still reach stderr.
+        silence_stdout();
+    }
+    match train_job(
+        recipe_path,
+        recipe,
+        &recipe_json,
+        options,
+        collective.as_ref(),
+    ) {
+        Ok(summary) => Ok(summary),
+        Err(e) => {
+            // One write, so that the ranks' messages do not interleave.
+            let message = format!("error: rank {rank} of {ranks}: {e:#}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), message.as_bytes());
+            collective.abort(1)
+        }
+    }
+}
+
+/// Points this process's standard output at /dev/null.
+fn silence_stdout() {
+    use std::os::fd::AsRawFd;
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: dup2 on two open descriptors; stdout stays a valid descriptor throughout.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO);
+        }
+    }
+}
+
+/// [`train_recipe`] on this rank, `collective` joining it to the others.
+fn train_job(
+    recipe_path: &Path,
+    recipe: Recipe,
+    recipe_json: &str,
+    options: LaunchOptions,
+    collective: &dyn Collective,
+) -> Result<TrainSummary> {
     let dir = recipe::recipe_dir(recipe_path);
     let file = recipe_path.display();
+    let writer = collective.rank() == 0;
 
     let (mut init, tokenizer) =
         starting_model(&recipe, &dir).with_context(|| format!("{file}: model"))?;
@@ -55,6 +114,11 @@ pub fn train_recipe(recipe_path: &Path, options: LaunchOptions) -> Result<TrainS
     };
     let data_fingerprint = data::fingerprint::training_data(&recipe, &dir)
         .with_context(|| format!("{file}: fingerprinting the training data"))?;
+    distributed::check_same_job(
+        collective,
+        recipe_json,
+        &serde_json::to_string(&data_fingerprint)?,
+    )?;
     let stats = &train_data.stats;
     println!(
         "{}: {} examples, {} tokens → {} sequences of ≤{} tokens per epoch; model {} ({} parameters)",
@@ -72,6 +136,8 @@ pub fn train_recipe(recipe_path: &Path, options: LaunchOptions) -> Result<TrainS
     let job = eval_job(&recipe, &dir, &tokenizer, eval_data.as_ref())
         .with_context(|| format!("{file}: eval.task: {}", task.name()))?;
     let uploader = match &recipe.checkpoint.push_to_hub {
+        // Rank 0 writes the checkpoints, so it alone uploads them.
+        Some(_) if !writer => None,
         Some(push) => {
             let config = HubConfig::from_env();
             if config.token.is_none() {
@@ -164,11 +230,14 @@ pub fn train_recipe(recipe_path: &Path, options: LaunchOptions) -> Result<TrainS
             resume: options.resume,
             stop: None,
             handle_signals: true,
-            threads: options.threads,
+            threads: options
+                .threads
+                .or_else(|| (collective.size() > 1).then(distributed::threads_per_rank)),
             eval_hook,
             checkpoint_hook,
             data_fingerprint,
             allow_data_change: options.allow_data_change,
+            collective: Some(collective),
         },
     );
     if let Some(uploader) = uploader {

@@ -127,6 +127,25 @@ impl MemoryEstimate {
         }
     }
 
+    /// One rank's share of a job of `ranks` processes: its own replicas' gradients and
+    /// activations, and with ZeRO-1 (`shard_optimizer`) 1/N of the moments.
+    pub fn per_rank(mut self, ranks: usize, shard_optimizer: bool) -> Self {
+        let ranks = ranks.max(1);
+        if ranks == 1 {
+            return self;
+        }
+        let local = (self.replicas / ranks).max(1);
+        let share = |bytes: u64| bytes / self.replicas.max(1) as u64 * local as u64;
+        self.gradients = share(self.gradients);
+        self.activations = share(self.activations);
+        self.activations_checkpointed = share(self.activations_checkpointed);
+        if shard_optimizer {
+            self.optimizer /= ranks as u64;
+        }
+        self.replicas = local;
+        self
+    }
+
     /// The peak of a run without activation checkpointing.
     pub fn total(&self) -> u64 {
         self.weights

@@ -7,6 +7,7 @@
 //! and replicas, padded or packed. (HF Trainer instead averages per-micro-batch means, which
 //! weights tokens of short micro-batches more; with packed, unpadded rows both agree.)
 
+pub mod distributed;
 pub mod launch;
 pub mod memory;
 pub mod optimizer;
@@ -33,6 +34,7 @@ use crate::recipe::{Compute, Recipe};
 use crate::tokenizer::TextTokenizer;
 use crate::track::{Progress, RunRef, RunStatus, Tracker, TrackerStart};
 
+use distributed::{Collective, SingleProcess};
 use memory::MemoryEstimate;
 pub use optimizer::AdamW;
 pub use precision::{LossScaler, StepVerdict};
@@ -94,6 +96,9 @@ pub struct TrainOptions<'a> {
     /// caller trains on data it holds in memory (nothing to compare).
     pub data_fingerprint: Vec<SourceFingerprint>,
     pub allow_data_change: bool,
+    /// The job's other processes (`None`: this process alone). Every rank trains its share of
+    /// `batch.replicas`; rank 0 alone writes checkpoints, metrics and tracking, and evaluates.
+    pub collective: Option<&'a dyn Collective>,
 }
 
 #[derive(Debug, Clone)]
@@ -126,25 +131,40 @@ pub fn run(
     mut options: TrainOptions,
 ) -> Result<TrainSummary> {
     let device = model::parse_device(&recipe.device)?;
+    let collective = options.collective.unwrap_or(&SingleProcess);
+    let (rank, ranks) = (collective.rank(), collective.size());
+    // Rank 0 writes and reports; the others train and follow.
+    let writer = rank == 0;
     model::keep_freed_memory();
     if let Some(note) = ops::training_attention_note(&device) {
         println!("{note}");
     }
     let compute_dtype = recipe.precision.compute.dtype();
     let weights_dtype = recipe.checkpoint.dtype.unwrap_or(Compute::Fp32).dtype();
-    let total_steps = check_geometry(recipe, &train)?;
+    let total_steps = check_geometry(recipe, &train, ranks)?;
     let schedule = Schedule::new(&recipe.schedule, recipe.optimizer.lr, total_steps);
     let run_checkpoints = recipe.checkpoint.dir.join(&recipe.name);
 
     let trainable = Trainable::new(recipe, &init.config, init.params, &init.base_model, &device)?;
     let params = &trainable.params;
-    let mut adamw = AdamW::new(&recipe.optimizer, params)?;
+    let mut adamw = match recipe.distributed.shard_optimizer {
+        true => AdamW::sharded(&recipe.optimizer, params, rank, ranks)?,
+        false => AdamW::new(&recipe.optimizer, params)?,
+    };
     let mut scaler = LossScaler::new(&recipe.precision);
     let resumed = (options.resume.as_ref())
         .map(|resume| {
             let model = (&init.config, &trainable, &device);
             let state = (&mut adamw, &mut scaler, &mut train);
-            resume_from(resume, recipe, &run_checkpoints, &options, model, state)
+            resume_from(
+                resume,
+                recipe,
+                &run_checkpoints,
+                &options,
+                model,
+                state,
+                ranks,
+            )
         })
         .transpose()?;
     let start_step = resumed.as_ref().map_or(0, |r| r.state.step);
@@ -154,15 +174,27 @@ pub fn run(
     let threads = options
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let memory = MemoryEstimate::new(recipe, &init.config, threads);
+    let memory =
+        MemoryEstimate::new(recipe, &init.config, threads).per_rank(ranks, adamw.is_sharded());
     println!("{}", memory.table());
+    if ranks > 1 {
+        let sharding = match adamw.is_sharded() {
+            true => "optimizer state sharded (ZeRO-1)",
+            false => "optimizer state replicated",
+        };
+        println!(
+            "distributed: {ranks} ranks over {}, {} replica(s) each, {sharding}; rank 0 writes",
+            collective.engine(),
+            recipe.batch.replicas / ranks
+        );
+    }
     let mut log = RunLog::open(
         recipe,
-        start_step,
-        total_steps,
+        (start_step, total_steps),
         resumed,
         options.quiet,
         &memory,
+        writer,
     )?;
 
     let stop = options.stop.clone().unwrap_or_default();
@@ -170,7 +202,7 @@ pub fn run(
         true => Some(SignalGuard::install(&stop)?),
         false => None,
     };
-    let workers = workers(threads, recipe, params, &device, resumed_workers)?;
+    let workers = workers(threads, recipe, ranks, params, &device, resumed_workers)?;
     let pad_id = init.tokenizer.as_ref().map_or(0, |t| t.pad_id());
     let setup = StepSetup {
         config: &init.config,
@@ -194,6 +226,7 @@ pub fn run(
         weights_dtype,
         cpu_workers: workers.per_replica,
         data: &options.data_fingerprint,
+        world_size: ranks,
     };
 
     for step in start_step + 1..=total_steps {
@@ -204,11 +237,11 @@ pub fn run(
         let sequences = train.next_batch(recipe.batch.global);
         let outcome = train_step(
             &setup,
+            collective,
             &trainable,
-            &mut adamw,
-            &mut scaler,
+            (&mut adamw, &mut scaler),
             &sequences,
-            (step, lr),
+            (step, lr, stop.load(Ordering::SeqCst)),
         )
         .with_context(|| format!("step {step}"))?;
         if !outcome.applied {
@@ -227,7 +260,8 @@ pub fn run(
         log.step(step, &outcome, started.elapsed(), tokens, epoch, &scalars)?;
 
         let last = step == total_steps;
-        if (recipe.eval.every > 0 && step % recipe.eval.every == 0) || last {
+        let evaluating = (recipe.eval.every > 0 && step % recipe.eval.every == 0) || last;
+        if evaluating && writer {
             let results = evaluate(
                 &init.config,
                 &trainable,
@@ -241,25 +275,38 @@ pub fn run(
             )?;
             log.eval(step, results.unwrap_or_default())?;
         }
-        log.tracker.flush(step)?;
+        log.flush(step)?;
 
-        let stopping = stop.load(Ordering::SeqCst) && !last;
+        // Alone, a stop request is seen as late as possible; together, the ranks stop after
+        // the step they agreed on at its check-in.
+        let stop_requested = match ranks {
+            1 => stop.load(Ordering::SeqCst),
+            _ => outcome.stop_requested,
+        };
+        let stopping = stop_requested && !last;
         let every = recipe.checkpoint.every;
-        if (every > 0 && step % every == 0) || last || stopping {
-            let state = (&adamw, &scaler, &train);
-            let dir = checkpoints.save(
-                step,
-                &trainable,
-                state,
-                &log.metrics,
-                log.tracker.mlflow_run(),
-            )?;
-            let hook = options.checkpoint_hook.as_mut();
-            checkpoints.after_save(&dir, step, hook, &mut log)?;
-            last_good = Some(dir);
+        let saving = (every > 0 && step % every == 0) || last || stopping;
+        if saving {
+            // Every rank sends its share of a sharded optimizer state; rank 0 writes.
+            let optimizer = adamw.state_tensors(params, collective)?;
+            if writer {
+                let state = (&adamw, &scaler, &train);
+                let mlflow = log.tracker.as_ref().and_then(Tracker::mlflow_run);
+                let dir =
+                    checkpoints.save(step, &trainable, state, optimizer, &log.metrics, mlflow)?;
+                let hook = options.checkpoint_hook.as_mut();
+                checkpoints.after_save(&dir, step, hook, &mut log)?;
+                last_good = Some(dir);
+            }
+        }
+        if ranks > 1 && (saving || evaluating) {
+            // No rank goes on (or ends) before rank 0's checkpoint is complete.
+            let what = format!("the evaluation and checkpoint of step {step}");
+            collective.barrier(&what)?;
         }
         if stopping {
             log.progress.finish();
+            report_rank_memory(collective, &adamw);
             println!(
                 "stopped at step {step} of {total_steps} on request; resume with --resume latest"
             );
@@ -267,7 +314,30 @@ pub fn run(
             return log.finish(RunStatus::Stopped);
         }
     }
+    report_rank_memory(collective, &adamw);
     log.finish(RunStatus::Finished)
+}
+
+/// Each rank's measured peak and optimizer share, on its standard error (the other ranks'
+/// standard output is quiet): what ZeRO-1 saves is seen per rank.
+fn report_rank_memory(collective: &dyn Collective, adamw: &AdamW) {
+    if collective.size() == 1 {
+        return;
+    }
+    let mib = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
+    let peak = crate::track::peak_rss_bytes()
+        .map_or("unknown".to_string(), |b| format!("{:.0} MiB", mib(b)));
+    eprintln!(
+        "rank {} of {}: peak RSS {peak}, optimizer state {:.1} MiB{}",
+        collective.rank(),
+        collective.size(),
+        mib(adamw.state_bytes()),
+        if adamw.is_sharded() {
+            " (its ZeRO-1 share)"
+        } else {
+            ""
+        }
+    );
 }
 
 /// The dropout training applies: the model config's, with the recipe's `model.dropout` in its
@@ -290,11 +360,13 @@ fn dropout_rates(recipe: &Recipe, config: &Config) -> ops::DropoutRates {
 fn workers(
     threads: usize,
     recipe: &Recipe,
+    ranks: usize,
     params: &[(String, Var)],
     device: &Device,
     resumed_workers: Option<usize>,
 ) -> Result<Workers> {
-    let replicas = recipe.batch.replicas;
+    // This process's replicas.
+    let replicas = recipe.batch.replicas / ranks;
     let threads_per_replica = (threads / replicas).max(1);
     let gradient_bytes: usize = params.iter().map(|(_, v)| v.elem_count() * 4).sum();
     let workers = ops::workers_per_replica(device, threads_per_replica, gradient_bytes);
@@ -311,7 +383,8 @@ fn workers(
 /// Where a run's numbers go: TensorBoard and metrics.jsonl, the progress display, the summary
 /// returned to the caller, and the last value of every metric (for checkpoints' model cards).
 struct RunLog {
-    tracker: Tracker,
+    /// Rank 0's only: the other ranks of a job write nothing.
+    tracker: Option<Tracker>,
     progress: Progress,
     metrics: BTreeMap<String, f64>,
     summary: TrainSummary,
@@ -323,11 +396,11 @@ impl RunLog {
     /// its metrics from the checkpoint's.
     fn open(
         recipe: &Recipe,
-        start_step: u64,
-        total_steps: u64,
+        (start_step, total_steps): (u64, u64),
         resumed: Option<Resumed>,
         quiet: bool,
         memory: &MemoryEstimate,
+        writer: bool,
     ) -> Result<Self> {
         let run_dir = recipe.tracking.log_dir.join(&recipe.name);
         let (metrics, resumed) = match resumed {
@@ -342,7 +415,7 @@ impl RunLog {
             memory_estimate: memory.terms(),
         };
         Ok(Self {
-            tracker: Tracker::open(&run_dir, start)?,
+            tracker: writer.then(|| Tracker::open(&run_dir, start)).transpose()?,
             progress: Progress::new(total_steps, start_step, quiet),
             metrics,
             log_every: recipe.tracking.log_every.max(1),
@@ -386,8 +459,8 @@ impl RunLog {
             ("train/epoch", epoch),
         ];
         for &(tag, value) in scalars.iter().chain(extra) {
-            if log_now {
-                self.tracker.scalar(tag, step, value)?;
+            if let Some(tracker) = self.tracker.as_mut().filter(|_| log_now) {
+                tracker.scalar(tag, step, value)?;
             }
             self.metrics.insert(tag.to_string(), value);
         }
@@ -405,36 +478,52 @@ impl RunLog {
             self.progress
                 .println(&format!("step {step}: {}", line.join(", ")));
         }
+        let Some(tracker) = self.tracker.as_mut() else {
+            return Ok(());
+        };
         for (name, value) in results {
             let tag = format!("eval/{name}");
-            self.tracker.scalar(&tag, step, value)?;
+            tracker.scalar(&tag, step, value)?;
             self.metrics.insert(tag, value);
             self.summary.eval.insert(name, value);
         }
         // The evaluator's reports (MNLI: report, confusion matrix) go to MLflow as well.
-        self.tracker.artifacts(&format!("eval/step-{step}"));
+        tracker.artifacts(&format!("eval/step-{step}"));
         Ok(())
+    }
+
+    /// Makes the step's records visible (rank 0).
+    fn flush(&mut self, step: u64) -> Result<()> {
+        match self.tracker.as_mut() {
+            Some(tracker) => tracker.flush(step),
+            None => Ok(()),
+        }
     }
 
     /// Ends the run's tracking (`run.json`, HParams, MLflow) with the training curves and the
     /// last checkpoint's model card as artifacts.
     fn finish(self, status: RunStatus) -> Result<TrainSummary> {
         self.progress.finish();
-        let run_dir = self.tracker.run_dir().to_path_buf();
+        let Some(tracker) = &self.tracker else {
+            return Ok(self.summary);
+        };
+        let run_dir = tracker.run_dir().to_path_buf();
         match crate::track::plot::write_curves(&run_dir) {
-            Ok(Some(curves)) => self.tracker.artifact(&curves, "curves.svg"),
+            Ok(Some(curves)) => tracker.artifact(&curves, "curves.svg"),
             Ok(None) => {}
             Err(e) => println!("warning: {}: curves not drawn: {e:#}", run_dir.display()),
         }
         if let Some(card) = (self.summary.last_checkpoint.as_ref()).map(|c| c.join("README.md")) {
             if card.is_file() {
-                self.tracker.artifact(&card, "model/README.md");
+                tracker.artifact(&card, "model/README.md");
             }
         }
         let RunLog {
             tracker, summary, ..
         } = self;
-        tracker.finish(status)?;
+        if let Some(tracker) = tracker {
+            tracker.finish(status)?;
+        }
         Ok(summary)
     }
 }
@@ -450,6 +539,7 @@ struct CheckpointTarget<'a> {
     weights_dtype: DType,
     cpu_workers: usize,
     data: &'a [SourceFingerprint],
+    world_size: usize,
 }
 
 impl CheckpointTarget<'_> {
@@ -459,6 +549,7 @@ impl CheckpointTarget<'_> {
         step: u64,
         trainable: &Trainable,
         (adamw, scaler, stream): (&AdamW, &LossScaler, &SequenceStream),
+        optimizer: HashMap<String, Tensor>,
         metrics: &BTreeMap<String, f64>,
         mlflow: Option<&RunRef>,
     ) -> Result<PathBuf> {
@@ -475,6 +566,7 @@ impl CheckpointTarget<'_> {
             cpu_workers: Some(self.cpu_workers),
             data: self.data.to_vec(),
             mlflow: mlflow.cloned(),
+            world_size: Some(self.world_size),
         };
         trainable.with_checkpoint_weights(self.weights_dtype, |weights| {
             checkpoint::save(
@@ -483,7 +575,7 @@ impl CheckpointTarget<'_> {
                     config: self.config,
                     weights,
                     tokenizer: self.tokenizer,
-                    optimizer: adamw.state_tensors(&trainable.params),
+                    optimizer,
                     state,
                     base_model: self.base_model,
                 },
@@ -513,16 +605,27 @@ impl CheckpointTarget<'_> {
             log.progress.println(&note);
         }
         log.summary.last_checkpoint = Some(dir.to_path_buf());
-        log.tracker.heartbeat()
+        match log.tracker.as_mut() {
+            Some(tracker) => tracker.heartbeat(),
+            None => Ok(()),
+        }
     }
 }
 
 /// Checks the batch geometry against the data and returns the run's optimizer steps.
-fn check_geometry(recipe: &Recipe, train: &SequenceStream) -> Result<u64> {
+fn check_geometry(recipe: &Recipe, train: &SequenceStream, ranks: usize) -> Result<u64> {
     let batch = &recipe.batch;
     ensure!(
         batch.micro > 0 && batch.replicas > 0,
         "batch.micro and batch.replicas must be positive"
+    );
+    ensure!(
+        batch.replicas.is_multiple_of(ranks),
+        "batch.replicas ({}) must be a multiple of the number of ranks ({ranks}): it counts the \
+         replicas of the whole job, and each rank runs batch.replicas / ranks of them (set \
+         batch.replicas to {}, say, and batch.global to a multiple of batch.micro × that)",
+        batch.replicas,
+        ranks * batch.replicas.div_ceil(ranks)
     );
     let per_micro_step = batch.micro * batch.replicas;
     ensure!(
@@ -559,6 +662,7 @@ fn resume_from(
     options: &TrainOptions,
     (config, trainable, device): (&Config, &Trainable, &Device),
     (adamw, scaler, train): (&mut AdamW, &mut LossScaler, &mut SequenceStream),
+    ranks: usize,
 ) -> Result<Resumed> {
     let mut warnings = Vec::new();
     let (dir, state) = match resume {
@@ -574,6 +678,16 @@ fn resume_from(
         println!("resume: recipe change allowed: {change}");
     }
     check_same_data(&dir, &state, options)?;
+    let saved_ranks = state.world_size.unwrap_or(1);
+    if saved_ranks != ranks {
+        // The data position, the RNG and the optimizer state are the job's, not a rank's, so
+        // any number of ranks that divides batch.replicas can continue.
+        println!(
+            "resume: the checkpoint was written by {saved_ranks} rank(s), this job has {ranks}: \
+             the same replicas train the same rows, but the gradients are summed in another \
+             order, so updates equal an uninterrupted run's up to float rounding"
+        );
+    }
     restore(&dir, &state, config, trainable, adamw, device)?;
     train.restore(state.stream);
     let (resumed_scaler, note) = LossScaler::resumed(state.loss_scaler, &recipe.precision);
@@ -640,9 +754,9 @@ fn non_finite_stop(
     )
 }
 
-/// SIGINT/SIGTERM handlers for the duration of a run: the first signal sets the stop flag (the
-/// run saves and returns); a second one while it is set exits at once, as users expect from a
-/// repeated Ctrl-C.
+/// SIGINT/SIGTERM/SIGUSR1 handlers for the duration of a run: the first signal sets the stop
+/// flag (the run saves and returns); a second SIGINT or SIGTERM while it is set exits at once,
+/// as users expect from a repeated Ctrl-C.
 struct SignalGuard(Vec<signal_hook::SigId>);
 
 impl SignalGuard {
@@ -657,6 +771,13 @@ impl SignalGuard {
             )?);
             ids.push(signal_hook::flag::register(signal, stop.clone())?);
         }
+        // SIGUSR1 only ever asks for the stop: MPI launchers forward it to every rank (and
+        // `scancel --signal=USR1` sends it), with none of the SIGKILL deadline they put on
+        // SIGINT/SIGTERM.
+        ids.push(signal_hook::flag::register(
+            signal_hook::consts::SIGUSR1,
+            stop.clone(),
+        )?);
         Ok(Self(ids))
     }
 }

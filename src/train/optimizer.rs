@@ -1,10 +1,12 @@
 //! AdamW exactly as `torch.optim.AdamW` computes it, on fp32 master weights.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, Var};
 
+use super::distributed::{self, Collective};
 use crate::ops::{self, AdamWStep};
 use crate::recipe::OptimizerSpec;
 
@@ -15,22 +17,38 @@ pub struct Moments {
     pub exp_avg_sq: Tensor,
 }
 
-/// AdamW over a fixed list of named fp32 parameters (HF `state_dict()` order).
+/// AdamW over a fixed list of named fp32 parameters (HF `state_dict()` order), or over one
+/// rank's share of them (ZeRO-1, [`AdamW::sharded`]).
 #[derive(Debug)]
 pub struct AdamW {
     spec: OptimizerSpec,
     /// Optimizer steps taken so far; torch's `state["step"]`, shared by all parameters because
     /// every parameter is updated on every step.
     pub step: u64,
+    /// The moments of the parameters this rank updates (`shards[rank]`).
     pub moments: Vec<Moments>,
     /// Per parameter: whether weight decay applies (false where `optimizer.no_decay` matches).
     decays: Vec<bool>,
+    /// Which parameters each rank updates: one range of all of them when unsharded.
+    shards: Vec<Range<usize>>,
+    rank: usize,
 }
 
 impl AdamW {
     /// Fails when an `optimizer.no_decay` pattern matches no parameter (a typo would otherwise
     /// decay everything silently).
     pub fn new(spec: &OptimizerSpec, params: &[(String, Var)]) -> Result<Self> {
+        Self::sharded(spec, params, 0, 1)
+    }
+
+    /// ZeRO-1: rank `rank` of `size` keeps the moments of, and updates, only its share of the
+    /// parameters (see [`distributed::optimizer_shards`]); `size` 1 is plain AdamW.
+    pub fn sharded(
+        spec: &OptimizerSpec,
+        params: &[(String, Var)],
+        rank: usize,
+        size: usize,
+    ) -> Result<Self> {
         let exempt = |name: &str| spec.no_decay.iter().any(|p| name.contains(p.as_str()));
         for (i, pattern) in spec.no_decay.iter().enumerate() {
             anyhow::ensure!(
@@ -47,7 +65,9 @@ impl AdamW {
             );
         }
         let decays = params.iter().map(|(name, _)| !exempt(name)).collect();
-        let moments = params
+        let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
+        let shards = distributed::optimizer_shards(&sizes, size);
+        let moments = params[shards[rank].clone()]
             .iter()
             .map(|(_, p)| {
                 Ok(Moments {
@@ -61,7 +81,50 @@ impl AdamW {
             step: 0,
             moments,
             decays,
+            shards,
+            rank,
         })
+    }
+
+    /// Sends every parameter updated by its owner (ZeRO-1) to the other ranks: after this, all
+    /// ranks hold the same weights again.
+    pub fn share_updated(
+        &self,
+        params: &[(String, Var)],
+        collective: &dyn Collective,
+    ) -> Result<()> {
+        if !self.is_sharded() {
+            return Ok(());
+        }
+        for (owner, shard) in self.shards.iter().enumerate() {
+            let vars = &params[shard.clone()];
+            let mut tensors: Vec<Tensor> =
+                vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+            collective.broadcast(owner, &mut tensors, "the updated weights")?;
+            if owner != self.rank {
+                for ((name, var), tensor) in vars.iter().zip(&tensors) {
+                    var.set(tensor)
+                        .with_context(|| format!("receiving {name} from rank {owner}"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The parameters this rank updates.
+    pub fn owned(&self) -> Range<usize> {
+        self.shards[self.rank].clone()
+    }
+
+    pub fn is_sharded(&self) -> bool {
+        self.shards.len() > 1
+    }
+
+    /// Bytes of optimizer state this rank holds.
+    pub fn state_bytes(&self) -> u64 {
+        (self.moments.iter())
+            .map(|m| (m.exp_avg.elem_count() + m.exp_avg_sq.elem_count()) as u64 * 4)
+            .sum()
     }
 
     /// One update with learning rate `lr`; `grads[i]` (fp32, already unscaled and clipped)
@@ -85,8 +148,11 @@ impl AdamW {
         };
         let decayed = constants(1.0 - lr * self.spec.weight_decay);
         let exempt = constants(1.0);
-        let updates = params.iter().zip(grads).zip(&mut self.moments);
-        for ((((name, param), grad), moments), &decays) in updates.zip(&self.decays) {
+        let owned = self.owned();
+        let updates = (params[owned.clone()].iter())
+            .zip(&grads[owned.clone()])
+            .zip(&mut self.moments);
+        for ((((name, param), grad), moments), &decays) in updates.zip(&self.decays[owned]) {
             let constants = if decays { &decayed } else { &exempt };
             ops::adamw_step(
                 param,
@@ -101,13 +167,43 @@ impl AdamW {
     }
 
     /// The moments as `exp_avg.<param>` / `exp_avg_sq.<param>`, for `optimizer.safetensors`.
-    pub fn state_tensors(&self, params: &[(String, Var)]) -> HashMap<String, Tensor> {
+    /// Sharded, every rank takes part and rank 0 receives all of them (one parameter's at a
+    /// time: the other ranks never hold more than their share and one parameter's moments);
+    /// the other ranks get an empty map.
+    pub fn state_tensors(
+        &self,
+        params: &[(String, Var)],
+        collective: &dyn Collective,
+    ) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
-        for ((name, _), m) in params.iter().zip(&self.moments) {
-            out.insert(format!("exp_avg.{name}"), m.exp_avg.clone());
-            out.insert(format!("exp_avg_sq.{name}"), m.exp_avg_sq.clone());
+        for (owner, shard) in self.shards.iter().enumerate() {
+            for i in shard.clone() {
+                let name = &params[i].0;
+                let mut pair = match owner == self.rank {
+                    true => {
+                        let m = &self.moments[i - shard.start];
+                        vec![m.exp_avg.clone(), m.exp_avg_sq.clone()]
+                    }
+                    false => {
+                        let zeros = params[i].1.zeros_like()?.to_dtype(DType::F32)?;
+                        vec![zeros.clone(), zeros]
+                    }
+                };
+                if self.is_sharded() {
+                    collective.broadcast(
+                        owner,
+                        &mut pair,
+                        "the optimizer state for a checkpoint",
+                    )?;
+                }
+                if collective.rank() == 0 {
+                    let [exp_avg, exp_avg_sq]: [Tensor; 2] = pair.try_into().expect("two moments");
+                    out.insert(format!("exp_avg.{name}"), exp_avg);
+                    out.insert(format!("exp_avg_sq.{name}"), exp_avg_sq);
+                }
+            }
         }
-        out
+        Ok(out)
     }
 
     /// Restores moments saved by [`AdamW::state_tensors`]; every tensor must be present with
@@ -119,11 +215,23 @@ impl AdamW {
         step: u64,
         source: &std::path::Path,
     ) -> Result<()> {
-        for ((name, param), m) in params.iter().zip(&mut self.moments) {
-            for (key, slot) in [
-                (format!("exp_avg.{name}"), &mut m.exp_avg),
-                (format!("exp_avg_sq.{name}"), &mut m.exp_avg_sq),
-            ] {
+        let owned = self.owned();
+        for (i, (name, param)) in params.iter().enumerate() {
+            let keys = [format!("exp_avg.{name}"), format!("exp_avg_sq.{name}")];
+            if !owned.contains(&i) {
+                // Another rank's share: only checked to be there.
+                for key in keys {
+                    anyhow::ensure!(
+                        saved.remove(&key).is_some(),
+                        "{}: tensor {key} is missing",
+                        source.display()
+                    );
+                }
+                continue;
+            }
+            let m = &mut self.moments[i - owned.start];
+            let [avg_key, avg_sq_key] = keys;
+            for (key, slot) in [(avg_key, &mut m.exp_avg), (avg_sq_key, &mut m.exp_avg_sq)] {
                 let tensor = saved
                     .remove(&key)
                     .with_context(|| format!("{}: tensor {key} is missing", source.display()))?;

@@ -5,6 +5,7 @@
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
+use super::distributed::Collective;
 use super::optimizer::{self, AdamW};
 use super::precision::{LossScaler, StepVerdict};
 use super::trainable::Trainable;
@@ -19,6 +20,7 @@ pub struct StepSetup<'a> {
     pub device: &'a Device,
     /// Rows per forward/backward on one replica.
     pub micro: usize,
+    /// Replicas over the whole job (`batch.replicas`); each rank runs `replicas / ranks`.
     pub replicas: usize,
     pub pad_id: u32,
     pub grad_clip: Option<f64>,
@@ -39,21 +41,25 @@ pub struct StepOutcome {
     pub grad_norm: f64,
     /// False when non-finite gradients skipped the update.
     pub applied: bool,
+    /// Whether any rank was asked to stop by the time it reached this step's check-in.
+    pub stop_requested: bool,
 }
 
 /// Trains `params` on `sequences` (the whole global batch of step `step`) with learning rate
-/// `lr`.
+/// `lr`; `stop` says whether this rank was asked to stop.
 ///
 /// Every shard backpropagates `its nll sum × scale / trained tokens of the global batch`, so the
 /// summed gradients are the global batch's mean loss's however the batch is cut into
-/// micro-batches, replicas and workers.
+/// micro-batches, replicas and workers. Each replica sums its own micro-batches, then the
+/// replicas are summed in replica order — within a rank, then over the ranks — so that 2 ranks
+/// of 1 replica each add exactly what 1 process with 2 replicas adds.
 pub fn train_step(
     setup: &StepSetup,
+    collective: &dyn Collective,
     trainable: &Trainable,
-    adamw: &mut AdamW,
-    scaler: &mut LossScaler,
+    (adamw, scaler): (&mut AdamW, &mut LossScaler),
     sequences: &[Sequence],
-    (step, lr): (u64, f64),
+    (step, lr, stop): (u64, f64, bool),
 ) -> Result<StepOutcome> {
     let targets: usize = sequences.iter().map(Sequence::target_count).sum();
     anyhow::ensure!(
@@ -72,43 +78,66 @@ pub fn train_step(
         model.checkpoint_activations(params.iter().map(|(_, var)| var.id()).collect());
     }
 
-    // Forward and backward, gradients accumulated over micro-batches, replicas and workers.
+    // Forward and backward of this rank's replicas, each replica's gradients accumulated over
+    // its micro-batches and workers.
+    let (rank, ranks) = (collective.rank(), collective.size());
+    let local_replicas = setup.replicas / ranks;
+    let mine = rank * local_replicas..(rank + 1) * local_replicas;
     let shard_weight = scaler.scale / targets as f64;
-    let mut nll_sum = 0f64;
-    let mut grads: Option<Vec<Tensor>> = None;
-    let mut first_row = 0;
-    for micro_step in sequences.chunks(setup.micro * setup.replicas) {
-        let mut shards: Vec<(usize, &[Sequence])> = Vec::new();
-        for replica_rows in micro_step.chunks(setup.micro) {
+    let mut replica_nll = vec![0f64; local_replicas];
+    let mut replica_grads: Vec<Option<Vec<Tensor>>> = vec![None; local_replicas];
+    let rows_per_micro_step = setup.micro * setup.replicas;
+    for (micro_step, rows) in sequences.chunks(rows_per_micro_step).enumerate() {
+        // (local replica, global index of the first row, rows)
+        let mut shards: Vec<(usize, usize, &[Sequence])> = Vec::new();
+        for (replica, replica_rows) in rows.chunks(setup.micro).enumerate() {
+            if !mine.contains(&replica) {
+                continue;
+            }
+            let mut first_row = micro_step * rows_per_micro_step + replica * setup.micro;
             for shard in split_rows(replica_rows, setup.workers.per_replica) {
-                shards.push((first_row, shard));
+                shards.push((replica - mine.start, first_row, shard));
                 first_row += shard.len();
             }
         }
-        let results = setup.workers.run(&shards, |&(first, shard)| {
+        let results = setup.workers.run(&shards, |&(_, first, shard)| {
             let dropout = (!setup.dropout.is_off()).then(|| {
                 ops::Dropout::for_rows(setup.dropout, setup.seed, step, first, shard.len())
             });
             shard_backward(&model, params, shard, setup.pad_id, shard_weight, dropout)
         });
         // Summed in shard order, so the result does not depend on which thread finished first.
-        for result in results {
+        for (&(replica, _, _), result) in shards.iter().zip(results) {
             let Some((shard_nll, shard_grads)) = result? else {
                 continue;
             };
-            nll_sum += shard_nll;
-            match grads.as_mut() {
-                None => grads = Some(shard_grads),
-                Some(acc) => {
-                    for (a, g) in acc.iter_mut().zip(&shard_grads) {
-                        ops::add_in_place(a, g)?;
-                    }
-                }
-            }
+            replica_nll[replica] += shard_nll;
+            accumulate(&mut replica_grads[replica], shard_grads)?;
         }
     }
     drop(model);
-    let mut grads = grads.expect("a batch with targets has a shard with targets");
+    let mut nll_sum = 0f64;
+    let mut grads = None;
+    for (nll, replica) in replica_nll.into_iter().zip(replica_grads) {
+        nll_sum += nll;
+        if let Some(replica) = replica {
+            accumulate(&mut grads, replica)?;
+        }
+    }
+    // A rank whose rows train on no token still takes part in the sum.
+    let mut grads = match grads {
+        Some(grads) => grads,
+        None => (params.iter())
+            .map(|(_, v)| Ok(v.zeros_like()?))
+            .collect::<Result<Vec<_>>>()?,
+    };
+    let stop_requested = collective.check_in(step, stop)?;
+    if ranks > 1 {
+        collective.all_reduce_sum(&mut grads, "the gradients")?;
+        let mut nll = [nll_sum];
+        collective.all_reduce_sum_f64(&mut nll, "the loss")?;
+        nll_sum = nll[0];
+    }
 
     // Unscale (fp16), then the norm decides: apply, or skip on overflow.
     if scaler.scale != 1.0 {
@@ -116,19 +145,41 @@ pub fn train_step(
             *g = (&*g / scaler.scale)?;
         }
     }
-    let grad_norm = ops::global_norm(&grads)?;
+    let mut grad_norm = ops::global_norm(&grads)?;
+    if ranks > 1 {
+        // Rank 0's norm on every rank (x + 0 + ... = x, NaN and inf included), so that the
+        // overflow verdict and the clipping agree everywhere whatever the reduction did.
+        let mut norm = [if rank == 0 { grad_norm } else { 0.0 }];
+        collective.all_reduce_sum_f64(&mut norm, "the gradient norm")?;
+        grad_norm = norm[0];
+    }
     let applied = scaler.update(grad_norm.is_finite()) == StepVerdict::Apply;
     if applied {
         if let Some(max_norm) = setup.grad_clip {
             optimizer::clip(&mut grads, grad_norm, max_norm)?;
         }
         adamw.update(params, &grads, lr)?;
+        adamw.share_updated(params, collective)?;
     }
     Ok(StepOutcome {
         loss: nll_sum / targets as f64,
         grad_norm,
         applied,
+        stop_requested,
     })
+}
+
+/// Adds `grads` into the running sum `sum` (which takes them as they are when empty).
+fn accumulate(sum: &mut Option<Vec<Tensor>>, grads: Vec<Tensor>) -> Result<()> {
+    match sum.as_mut() {
+        None => *sum = Some(grads),
+        Some(acc) => {
+            for (a, g) in acc.iter_mut().zip(&grads) {
+                ops::add_in_place(a, g)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Forward and backward of one shard: its nll sum and the fp32 gradients of `weight × nll sum`
