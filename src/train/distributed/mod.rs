@@ -194,6 +194,10 @@ pub fn connect(
             local_rank,
             master,
         } => {
+            // Schedulers that always set WORLD_SIZE=1 start plain single CPU processes.
+            if !gpu && *size == 1 {
+                return Ok((Box::new(SingleProcess), device.to_string()));
+            }
             ensure!(
                 gpu,
                 "a torchrun-style launch (WORLD_SIZE={size}) on device {device}: CPU ranks \
@@ -409,6 +413,14 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("mpirun -np 2"), "{err}");
+        let alone = Launch::Torchrun {
+            rank: 0,
+            size: 1,
+            local_rank: 0,
+            master: "127.0.0.1:0".into(),
+        };
+        let (single, device) = connect(&alone, "cpu", &DistributedSpec::default()).unwrap();
+        assert_eq!((single.size(), device.as_str()), (1, "cpu"));
         #[cfg(not(feature = "mpi"))]
         {
             let err = connect(&mpi, "cpu", &DistributedSpec::default())
