@@ -105,6 +105,16 @@ fn checkpoint_file(out: &Path, step: u64, file: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// The model and optimizer files of `a`'s and `b`'s checkpoints of `step` are byte-equal.
+fn assert_same_checkpoint(a: &Path, b: &Path, step: u64, what: &str) {
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(
+            checkpoint_file(a, step, file) == checkpoint_file(b, step, file),
+            "{what}: {file} of step {step} differs"
+        );
+    }
+}
+
 #[test]
 fn two_ranks_train_exactly_what_one_process_with_two_replicas_trains() {
     for precision in ["fp16", "fp32"] {
@@ -124,12 +134,7 @@ fn two_ranks_train_exactly_what_one_process_with_two_replicas_trains() {
         let (a, b) = (step_metrics(one.path()), step_metrics(two.path()));
         assert_eq!(a.len(), 20, "{a:?}");
         assert_eq!(a, b, "{precision}: per-step loss and gradient norm");
-        for file in ["model.safetensors", "optimizer.safetensors"] {
-            assert!(
-                checkpoint_file(one.path(), 10, file) == checkpoint_file(two.path(), 10, file),
-                "{precision}: {file} of step 10 differs"
-            );
-        }
+        assert_same_checkpoint(one.path(), two.path(), 10, precision);
     }
 }
 
@@ -177,12 +182,8 @@ fn zero1_equals_unsharded_training_with_half_the_optimizer_state_per_rank() {
         &[],
     );
     assert_eq!(step_metrics(plain.path()), step_metrics(sharded.path()));
-    for file in ["model.safetensors", "optimizer.safetensors"] {
-        assert!(
-            checkpoint_file(plain.path(), 10, file) == checkpoint_file(sharded.path(), 10, file),
-            "{file}: ZeRO-1's (gathered for the checkpoint) differs from unsharded"
-        );
-    }
+    // ZeRO-1's optimizer state, gathered for the checkpoint, included.
+    assert_same_checkpoint(plain.path(), sharded.path(), 10, "ZeRO-1 against unsharded");
     // Every rank reports its optimizer state: the sharded ranks' shares add up to one full
     // copy, each near half of it.
     let states = |stderr: &[u8]| -> Vec<f64> {
@@ -359,12 +360,8 @@ fn a_killed_rank_stops_the_job_and_resume_ends_where_an_uninterrupted_run_ends()
 
     // The same two ranks continue from the last complete checkpoint to the same weights.
     train_two_ranks(&recipe, &[&longer[..], &["--resume", "latest"]].concat());
-    for file in ["model.safetensors", "optimizer.safetensors"] {
-        assert!(
-            checkpoint_file(whole.path(), 24, file) == checkpoint_file(killed.path(), 24, file),
-            "{file} after kill -9 and resume differs from the uninterrupted run's"
-        );
-    }
+    let what = "after kill -9 and resume, against the uninterrupted run";
+    assert_same_checkpoint(whole.path(), killed.path(), 24, what);
 }
 
 #[test]

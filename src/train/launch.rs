@@ -44,33 +44,25 @@ pub fn train_recipe(recipe_path: &Path, options: LaunchOptions) -> Result<TrainS
     let (collective, device) = distributed::connect(&launch, &recipe.device, &recipe.distributed)?;
     recipe.device = device;
     let (rank, ranks) = (collective.rank(), collective.size());
-    if ranks == 1 {
-        return train_job(
-            recipe_path,
-            recipe,
-            &recipe_json,
-            options,
-            collective.as_ref(),
-        );
-    }
     if rank != 0 {
         // One voice: rank 0 reports; the others' errors and warnings still reach stderr.
         silence_stdout();
     }
-    match train_job(
+    let result = train_job(
         recipe_path,
         recipe,
         &recipe_json,
         options,
         collective.as_ref(),
-    ) {
-        Ok(summary) => Ok(summary),
-        Err(e) => {
-            // One write, so that the ranks' messages do not interleave.
+    );
+    match result {
+        Err(e) if ranks > 1 => {
+            // One write, so that the ranks' messages do not interleave; then every rank stops.
             let message = format!("error: rank {rank} of {ranks}: {e:#}\n");
             let _ = std::io::Write::write_all(&mut std::io::stderr(), message.as_bytes());
             collective.abort(1)
         }
+        result => result,
     }
 }
 

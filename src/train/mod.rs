@@ -478,17 +478,18 @@ impl RunLog {
             self.progress
                 .println(&format!("step {step}: {}", line.join(", ")));
         }
-        let Some(tracker) = self.tracker.as_mut() else {
-            return Ok(());
-        };
         for (name, value) in results {
             let tag = format!("eval/{name}");
-            tracker.scalar(&tag, step, value)?;
+            if let Some(tracker) = self.tracker.as_mut() {
+                tracker.scalar(&tag, step, value)?;
+            }
             self.metrics.insert(tag, value);
             self.summary.eval.insert(name, value);
         }
-        // The evaluator's reports (MNLI: report, confusion matrix) go to MLflow as well.
-        tracker.artifacts(&format!("eval/step-{step}"));
+        if let Some(tracker) = &self.tracker {
+            // The evaluator's reports (MNLI: report, confusion matrix) go to MLflow as well.
+            tracker.artifacts(&format!("eval/step-{step}"));
+        }
         Ok(())
     }
 

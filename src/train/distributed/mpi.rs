@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
+use mpi::request::{Request, Scope};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use mpi::Threading;
@@ -58,6 +59,30 @@ impl Mpi {
             self.timeout.as_secs()
         );
         self.world.abort(3)
+    }
+
+    /// Waits for `request` until `deadline`; past it, stops the job saying `who` did not `what`
+    /// (the request is never dropped unfinished: the job ends first).
+    fn complete_or_stop<'a, D: ?Sized, S: Scope<'a>>(
+        &self,
+        deadline: Instant,
+        request: Request<'a, D, S>,
+        what: &str,
+        who: &str,
+    ) {
+        let mut request = Some(request);
+        let finished = self.wait_until(deadline, || {
+            match request.take().expect("polled until done").test() {
+                Ok(_) => true,
+                Err(pending) => {
+                    request = Some(pending);
+                    false
+                }
+            }
+        });
+        if !finished {
+            self.late(what, who);
+        }
     }
 
     /// Polls `done` until it says finished or the deadline passes.
@@ -162,23 +187,13 @@ impl Collective for Mpi {
 
     fn barrier(&self, what: &str) -> Result<()> {
         let deadline = Instant::now() + self.timeout;
-        let mut request = Some(self.world.immediate_barrier());
-        let finished = self.wait_until(deadline, || {
-            match request.take().expect("polled until done").test() {
-                Ok(_) => true,
-                Err(pending) => {
-                    request = Some(pending);
-                    false
-                }
-            }
-        });
-        if !finished {
-            // Rank 0 is the one that works alone before these barriers.
-            self.late(
-                &format!("finish {what}"),
-                "a rank (rank 0 if it was writing)",
-            );
-        }
+        // Rank 0 is the one that works alone before these barriers.
+        self.complete_or_stop(
+            deadline,
+            self.world.immediate_barrier(),
+            &format!("finish {what}"),
+            "a rank (rank 0 if it was writing)",
+        );
         Ok(())
     }
 
@@ -244,27 +259,13 @@ impl Collective for Mpi {
             let root = self.world.process_at_rank(0);
             root.send_with_tag(&mine[..], CHECK_IN_TAG);
             let mut verdict = [0u64; 1];
-            let answered = mpi::request::scope(|scope| {
-                let mut request = Some(root.immediate_receive_into_with_tag(
-                    scope,
-                    &mut verdict[..],
-                    CHECK_IN_TAG,
-                ));
-                let answered = self.wait_until(deadline, || {
-                    match request.take().expect("polled until done").test() {
-                        Ok(_) => true,
-                        Err(pending) => {
-                            request = Some(pending);
-                            false
-                        }
-                    }
-                });
-                if !answered {
-                    self.late(&format!("answer the check-in of step {step}"), "rank 0");
-                }
-                answered
+            mpi::request::scope(|scope| {
+                let request =
+                    root.immediate_receive_into_with_tag(scope, &mut verdict[..], CHECK_IN_TAG);
+                let what = format!("answer the check-in of step {step}");
+                self.complete_or_stop(deadline, request, &what, "rank 0");
             });
-            Ok(answered && verdict[0] != 0)
+            Ok(verdict[0] != 0)
         }
     }
 
