@@ -125,16 +125,19 @@ fn rows_joining_and_leaving_a_running_batch_generate_what_they_generate_alone() 
     let sequence = |i: usize| Sequence::new(model.config(), &plain[i].prompt, 0, params.clone());
     let mut batch: DecodeBatch<usize> = DecodeBatch::new(&model, None);
     let mut got: Vec<Option<Vec<u32>>> = vec![None; plain.len()];
-    let mut take = |finished: Vec<(usize, kiln::generate::Generated)>| {
+    let mut take = |finished: Vec<(usize, anyhow::Result<kiln::generate::Generated>)>| {
         for (i, g) in finished {
-            got[i] = Some(g.ids);
+            got[i] = Some(g.unwrap().ids);
         }
     };
-    take(batch.join(vec![(0, sequence(0).unwrap())]).unwrap());
+    let joined = |finished: Vec<(usize, kiln::generate::Generated)>| {
+        finished.into_iter().map(|(i, g)| (i, Ok(g))).collect()
+    };
+    take(joined(batch.join(vec![(0, sequence(0).unwrap())]).unwrap()));
     take(batch.advance(&mut |_, _| {}).unwrap());
     take(batch.advance(&mut |_, _| {}).unwrap());
     // Two more join after two tokens of the first, one of them with a longer prompt.
-    take(
+    take(joined(
         batch
             .join(
                 (1..plain.len())
@@ -142,14 +145,14 @@ fn rows_joining_and_leaving_a_running_batch_generate_what_they_generate_alone() 
                     .collect(),
             )
             .unwrap(),
-    );
+    ));
     assert_eq!(batch.len(), plain.len());
     // A cancelled row leaves and comes back as a new request: the others do not notice.
     take(batch.advance(&mut |_, _| {}).unwrap());
     let removed = batch.remove(|&i| i == 1).unwrap();
     assert_eq!(removed.len(), 1);
     assert_eq!(removed[0].1.len(), 1, "it had made one token");
-    take(batch.join(vec![(1, sequence(1).unwrap())]).unwrap());
+    take(joined(batch.join(vec![(1, sequence(1).unwrap())]).unwrap()));
     while !batch.is_empty() {
         take(batch.advance(&mut |_, _| {}).unwrap());
     }

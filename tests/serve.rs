@@ -823,3 +823,446 @@ fn startup_fails_clearly_on_a_taken_port_or_a_bad_model() {
         "{stderr}"
     );
 }
+
+/// Peak resident memory of a process (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kib * 1024
+}
+
+/// A streamed greedy completion's whole text and its finish reason.
+fn streamed_completion(addr: SocketAddr, prompt: &str, max_tokens: usize) -> (String, String) {
+    let body = json!({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens,
+                      "temperature": 0, "stream": true});
+    let (status, _, raw) = http(addr, "POST", "/v1/completions", body.to_string().as_bytes());
+    assert_eq!(status, 200);
+    let mut text = String::new();
+    let mut finish = String::new();
+    for data in sse_data(&raw) {
+        if data == "[DONE]" {
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(&data).unwrap();
+        assert!(chunk.get("error").is_none(), "the stream failed: {chunk}");
+        text.push_str(chunk["choices"][0]["text"].as_str().unwrap());
+        if let Some(reason) = chunk["choices"][0]["finish_reason"].as_str() {
+            finish = reason.to_string();
+        }
+    }
+    (text, finish)
+}
+
+/// The bad-input suite: while a long greedy stream runs, every hostile request the review found
+/// (and the ones handled before) is sent; each gets its status, the stream's answer is its
+/// answer alone, the server stays ready and within its memory bound, and `/metrics` counted
+/// every failure. A one-prompt request is answered while a 4,000-prompt request runs.
+#[test]
+fn hostile_requests_never_hurt_a_running_stream_or_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(model) = tiny_model(dir.path()) else {
+        return;
+    };
+    let server = Server::start(&model, &["--name", "tiny"]);
+    let addr = server.addr;
+    let story = "Once upon a time, in a land far away,";
+    let (alone, reason) = streamed_completion(addr, story, 1500);
+    assert_eq!(reason, "length");
+
+    let labels: Vec<String> = (0..3000).map(|i| format!("label{i}")).collect();
+    let instances: Vec<Value> = (0..64)
+        .map(|i| json!({"premise": format!("p{i}"), "hypothesis": "h"}))
+        .collect();
+    let many_prompts: Vec<String> = (0..5000).map(|i| format!("prompt {i}")).collect();
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let mut non_utf8 = br#"{"instances": [""#.to_vec();
+    non_utf8.extend_from_slice(&[0xff, 0xfe, 0xfd]);
+    non_utf8.extend_from_slice(br#""]}"#);
+    let completions = "/v1/completions";
+    let predict = "/v1/models/tiny:predict";
+    let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        (
+            "sampling at temperature 1e-40",
+            completions,
+            json!({"model": "tiny", "prompt": "Hello", "temperature": 1e-40, "max_tokens": 8})
+                .to_string()
+                .into_bytes(),
+            200,
+            "",
+        ),
+        (
+            "repetition_penalty 1e-300 with sampling",
+            predict,
+            json!({"instances": ["Hello"], "parameters": {"do_sample": true, "repetition_penalty": 1e-300}})
+                .to_string()
+                .into_bytes(),
+            400,
+            "repetition_penalty must be in [1e-6, 1e6]",
+        ),
+        (
+            "repetition_penalty 1e-300 (OpenAI)",
+            completions,
+            json!({"model": "tiny", "prompt": "Hello", "repetition_penalty": 1e-300})
+                .to_string()
+                .into_bytes(),
+            400,
+            "repetition_penalty must be in",
+        ),
+        (
+            "classify 64 instances x 3,000 labels",
+            "/v1/models/tiny:classify",
+            json!({"instances": instances, "parameters": {"labels": labels}})
+                .to_string()
+                .into_bytes(),
+            413,
+            "64 × 3000 is over the server's limit of 16384",
+        ),
+        (
+            "v2 shape whose product overflows",
+            "/v2/models/tiny/infer",
+            json!({"inputs": [{"name": "text_input", "datatype": "BYTES",
+                   "shape": [3, 6148914691236517206_i64], "data": ["a", "b"]}]})
+            .to_string()
+            .into_bytes(),
+            400,
+            "inputs[0].shape",
+        ),
+        (
+            "5,000 prompts",
+            predict,
+            json!({"instances": many_prompts}).to_string().into_bytes(),
+            413,
+            "5000 prompts is over the server's limit of 4096",
+        ),
+        ("malformed JSON", predict, b"{\"instances\": [".to_vec(), 400, "malformed JSON body"),
+        ("non-UTF-8 bytes", predict, non_utf8, 400, "malformed JSON body"),
+        ("100,000-deep nesting", predict, deep.into_bytes(), 400, "malformed JSON body"),
+        (
+            "a number past f64",
+            predict,
+            br#"{"instances": ["x"], "parameters": {"max_new_tokens": 1e400}}"#.to_vec(),
+            400,
+            "malformed JSON body",
+        ),
+        (
+            "a negative seed",
+            predict,
+            br#"{"instances": ["x"], "parameters": {"seed": -1}}"#.to_vec(),
+            400,
+            "parameters.seed: invalid value",
+        ),
+        (
+            "a 5 MiB body",
+            predict,
+            vec![b' '; 5 << 20],
+            413,
+            "over the server's limit (--max-body-bytes)",
+        ),
+    ];
+
+    let streaming = std::thread::spawn(move || {
+        let answer = streamed_completion(addr, story, 1500);
+        (answer, Instant::now())
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.metric("kiln_batch_rows") < 1.0 {
+        assert!(Instant::now() < deadline, "the stream never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for (what, path, body, status, message) in &cases {
+        let (got_status, _, got) = http(addr, "POST", path, body);
+        let got = String::from_utf8_lossy(&got);
+        eprintln!("{what}: {got_status} {got}");
+        assert_eq!(got_status, *status, "{what}: {got}");
+        assert!(
+            got.contains(message),
+            "{what}: {got} should say {message:?}"
+        );
+    }
+    // A near-zero temperature decodes greedily.
+    let (_, cold) = server.post(
+        completions,
+        &json!({"model": "tiny", "prompt": "Hello", "temperature": 1e-40, "max_tokens": 8}),
+    );
+    let (_, greedy) = server.post(
+        completions,
+        &json!({"model": "tiny", "prompt": "Hello", "temperature": 0, "max_tokens": 8}),
+    );
+    assert_eq!(cold["choices"][0]["text"], greedy["choices"][0]["text"]);
+
+    // Clients that hang up: mid-body, and mid-stream.
+    let mut half = TcpStream::connect(addr).unwrap();
+    write!(
+        half,
+        "POST {predict} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{\"instances\""
+    )
+    .unwrap();
+    drop(half);
+    let mut hang_up = TcpStream::connect(addr).unwrap();
+    let body = json!({"model": "tiny", "prompt": "Bye", "max_tokens": 500, "temperature": 0,
+                      "stream": true})
+    .to_string();
+    write!(
+        hang_up,
+        "POST {completions} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 64];
+    hang_up.read_exact(&mut first).unwrap();
+    drop(hang_up);
+
+    // Head-of-line: a one-prompt request while 4,000 prompts are being answered.
+    let big: Vec<String> = (0..4000).map(|i| format!("prompt number {i}")).collect();
+    let big_request = json!({"instances": big, "parameters": {"max_new_tokens": 4}}).to_string();
+    let big_started = Instant::now();
+    let big_thread = std::thread::spawn(move || {
+        let (status, _, body) = http(addr, "POST", predict, big_request.as_bytes());
+        (status, body, Instant::now())
+    });
+    while server.metric("kiln_batch_rows") < 2.0 {
+        assert!(big_started.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let small_started = Instant::now();
+    let small = server.predict("Hello", json!({"max_new_tokens": 4}));
+    let small_done = Instant::now();
+    let (big_status, big_body, big_done) = big_thread.join().unwrap();
+    assert_eq!(big_status, 200, "{}", String::from_utf8_lossy(&big_body));
+    let big_body: Value = serde_json::from_slice(&big_body).unwrap();
+    assert_eq!(big_body["predictions"].as_array().unwrap().len(), 4000);
+    eprintln!(
+        "1-prompt request: {:?} while the 4,000-prompt one took {:?}",
+        small_done - small_started,
+        big_done - big_started
+    );
+    assert!(
+        small_done < big_done,
+        "the small request waited for the big one"
+    );
+    assert_eq!(small, server.predict("Hello", json!({"max_new_tokens": 4})));
+
+    let ((text, reason), stream_done) = streaming.join().unwrap();
+    assert_eq!(reason, "length");
+    assert_eq!(text, alone, "the stream beside the hostile requests");
+    assert!(
+        stream_done > small_started,
+        "the hostile requests ran while the stream did"
+    );
+    let (status, _) = server.get("/v2/health/ready");
+    assert_eq!(status, 200);
+    let peak = peak_rss(server.child.id());
+    eprintln!("server peak RSS: {} MiB", peak >> 20);
+    assert!(peak < 1 << 30, "peak RSS {} MiB", peak >> 20);
+    let (_, metrics) = server.get("/metrics");
+    for (endpoint, status) in [
+        ("v1_completions", 400),
+        ("v1_predict", 400),
+        ("v1_predict", 413),
+        ("v1_classify", 413),
+        ("v2_infer", 400),
+    ] {
+        let line = format!("kiln_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}}");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+    assert!(server.metric("kiln_cancelled_requests_total") >= 1.0);
+    assert_eq!(server.metric("kiln_batch_rows"), 0.0);
+}
+
+/// The largest classification the limits allow is scored chunk by chunk within its memory
+/// budget, gives what one-pass scoring gives, and does not hold generation up.
+#[test]
+fn the_largest_classification_stays_in_its_memory_budget_and_lets_generation_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(model) = tiny_model(dir.path()) else {
+        return;
+    };
+    let server = Server::start(
+        &model,
+        &[
+            "--name",
+            "tiny",
+            "--max-classify-pairs",
+            "4096",
+            "--score-memory-mib",
+            "64",
+        ],
+    );
+    let addr = server.addr;
+    server.predict("warm up", json!({"max_new_tokens": 2}));
+    let before = peak_rss(server.child.id());
+    let labels: Vec<String> = (0..512).map(|i| format!("word{i}")).collect();
+    let instances: Vec<Value> = (0..8)
+        .map(
+            |i| json!({"premise": format!("A premise number {i}."), "hypothesis": "A hypothesis."}),
+        )
+        .collect();
+    let request = json!({"instances": instances, "parameters": {"labels": labels}}).to_string();
+    let classify = std::thread::spawn(move || {
+        let (status, _, body) = http(addr, "POST", "/v1/models/tiny:classify", request.as_bytes());
+        (status, body, Instant::now())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let answer = server.predict("Hello", json!({"max_new_tokens": 4}));
+    let generated = Instant::now();
+    let (status, body, classified) = classify.join().unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        generated < classified,
+        "generation waited for the classification"
+    );
+    assert_eq!(
+        answer,
+        server.predict("Hello", json!({"max_new_tokens": 4}))
+    );
+    let grown = peak_rss(server.child.id()).saturating_sub(before);
+    eprintln!(
+        "peak RSS grew by {} MiB for 8 x 512 label scores",
+        grown >> 20
+    );
+    assert!(grown < 160 << 20, "grew by {} MiB", grown >> 20);
+
+    // The same log-likelihoods as scoring in one process without the server's chunking.
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    let loaded =
+        kiln::model::load_model(&model, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+    let tokenizer = kiln::tokenizer::TextTokenizer::from_dir(&model).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..8)
+        .map(|i| {
+            let prompt =
+                kiln::eval::mnli::prompt(&format!("A premise number {i}."), "A hypothesis.");
+            tokenizer.encode(&prompt).unwrap()
+        })
+        .collect();
+    let candidates: Vec<Vec<u32>> = (0..512)
+        .map(|i| tokenizer.encode(&format!(" word{i}<|endoftext|>")).unwrap())
+        .collect();
+    let expected =
+        kiln::eval::score::score_continuations(&loaded, &prompts, &candidates, 8).unwrap();
+    for (i, prediction) in body["predictions"].as_array().unwrap().iter().enumerate() {
+        for (c, score) in expected[i].iter().enumerate() {
+            let got = prediction["log_likelihoods"][format!("word{c}")]
+                .as_f64()
+                .unwrap();
+            assert!(
+                (got - *score as f64).abs() < 1e-3,
+                "{i}/{c}: {got} vs {score}"
+            );
+        }
+    }
+}
+
+/// A model whose config says eos is id 60,000, outside its vocabulary: loading refuses such a
+/// config, so it is forced past the check here to make the scheduler thread panic (suppressing
+/// eos for `min_new_tokens` indexes the logits with it).
+fn model_that_kills_the_scheduler(model_dir: &Path) -> kiln::model::Model {
+    use candle_nn::VarBuilder;
+    use kiln::model::{weights::StoreBackend, WeightStore};
+    let mut config = kiln::model::load_config(model_dir).unwrap();
+    config.set_eos_and_bos(60_000);
+    let store = std::sync::Arc::new(WeightStore::open(model_dir).unwrap());
+    let vb = VarBuilder::from_backend(
+        Box::new(StoreBackend(store)),
+        candle_core::DType::F32,
+        candle_core::Device::Cpu,
+    );
+    kiln::model::Model::load(vb, &config).unwrap()
+}
+
+const KILLER: &str = r#"{"instances": ["Hello"], "parameters": {"min_new_tokens": 1}}"#;
+
+/// A scheduler thread that dies makes the server unready and answers 503 at once instead of
+/// hanging (checked on the router, kept serving), and ends `serve` with an error, so that
+/// `kiln serve` exits non-zero and its orchestrator restarts it.
+#[test]
+fn a_dead_scheduler_is_unready_answers_503_and_ends_the_server_with_an_error() {
+    use kiln::serve::{
+        metrics::Metrics,
+        scheduler::{Limits, Scheduler},
+        App,
+    };
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let Some(model_dir) = tiny_model(dir.path()) else {
+        return;
+    };
+    let tokenizer = Arc::new(kiln::tokenizer::TextTokenizer::from_dir(&model_dir).unwrap());
+
+    let model = model_that_kills_the_scheduler(&model_dir);
+    let config = model.config().clone();
+    let metrics = Arc::new(Metrics::new());
+    let (scheduler, worker) =
+        Scheduler::start(model, tokenizer.clone(), Limits::default(), metrics.clone()).unwrap();
+    let app = Arc::new(App {
+        name: "tiny".into(),
+        config,
+        tokenizer: tokenizer.clone(),
+        scheduler,
+        metrics,
+    });
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    runtime.spawn(async move {
+        axum::serve(listener, kiln::serve::router(app, 1 << 20))
+            .await
+            .unwrap()
+    });
+    assert_eq!(http(addr, "GET", "/v2/health/ready", b"").0, 200);
+    let (status, _, body) = http(addr, "POST", "/v1/models/tiny:predict", KILLER.as_bytes());
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("scheduler thread died"), "{body}");
+    let death = worker.join().unwrap().unwrap_err();
+    assert!(death.contains("index out of bounds"), "{death}");
+    for path in [
+        "/v2/health/ready",
+        "/v2/models/tiny/ready",
+        "/v1/models/tiny",
+    ] {
+        let (status, _, body) = http(addr, "GET", path, b"");
+        assert_eq!(status, 503, "{path}: {}", String::from_utf8_lossy(&body));
+    }
+    let started = Instant::now();
+    let (status, _, _) = http(
+        addr,
+        "POST",
+        "/v1/models/tiny:predict",
+        br#"{"instances": ["Hi"]}"#,
+    );
+    assert_eq!(status, 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered at once"
+    );
+    drop(runtime);
+
+    // The whole server: it shuts down by itself and `serve` returns the death.
+    let options = kiln::serve::ServeOptions {
+        name: "tiny".into(),
+        addr: "127.0.0.1:0".parse().unwrap(),
+        limits: Limits::default(),
+        max_body_bytes: 1 << 20,
+    };
+    let model = model_that_kills_the_scheduler(&model_dir);
+    let tokenizer = kiln::tokenizer::TextTokenizer::from_dir(&model_dir).unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        kiln::serve::serve(model, tokenizer, options, move |addr| {
+            addr_tx.send(addr).unwrap()
+        })
+    });
+    let addr = addr_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    let (status, _, _) = http(addr, "POST", "/v1/models/tiny:predict", KILLER.as_bytes());
+    assert_eq!(status, 503);
+    let message = format!("{:#}", server.join().unwrap().unwrap_err());
+    assert!(message.contains("scheduler thread died"), "{message}");
+    assert!(TcpStream::connect(addr).is_err(), "the port is closed");
+}

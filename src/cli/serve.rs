@@ -31,6 +31,20 @@ pub struct ServeArgs {
     /// Positions (prompt plus max new tokens) the rows decoded together may reserve in all.
     #[arg(long, default_value_t = 32768, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_batch_tokens: usize,
+    /// Prompt tokens read in one prefill pass at most: the rows joining the batch at one token
+    /// boundary, so that long prompts arriving do not stall the rows decoding.
+    #[arg(long, default_value_t = 2048, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_prefill_tokens: usize,
+    /// Prompts (or :classify instances) in one request at most; more are answered 413.
+    #[arg(long, default_value_t = 4096, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_prompts: usize,
+    /// Instances × label words of one :classify request at most; more are answered 413.
+    #[arg(long, default_value_t = 16384, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_classify_pairs: usize,
+    /// MiB that one chunk of :classify scoring may use for its temporaries (KV cache,
+    /// activations, logits); a request is scored chunk by chunk, between decode steps.
+    #[arg(long, default_value_t = 256, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1 << 20))]
+    pub score_memory_mib: usize,
     /// Requests waiting to start at most; more are answered 429 with Retry-After.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
@@ -106,7 +120,11 @@ pub(super) fn serve(args: ServeArgs) -> Result<()> {
         limits: Limits {
             max_batch: args.max_batch,
             max_batch_tokens: args.max_batch_tokens,
+            max_prefill_tokens: args.max_prefill_tokens,
             max_queue: args.max_queue,
+            max_prompts: args.max_prompts,
+            max_classify_pairs: args.max_classify_pairs,
+            score_budget_bytes: args.score_memory_mib << 20,
             timeout: Duration::from_secs_f64(args.timeout),
         },
         max_body_bytes: args.max_body_bytes,

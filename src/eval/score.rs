@@ -133,47 +133,215 @@ pub fn score_rows(
 /// (MNLI's rank mode, classification). The prompts are read once, by length so that batches
 /// hold little padding, into a KV cache the candidates then share; the head and log-softmax
 /// run only at the positions scored, not over every position of every row. A prompt too long
-/// for the context with the longest candidate loses its oldest tokens.
+/// for the context with the longest candidate loses its oldest tokens. Work is split into
+/// chunks of at most `batch_size` prompts whose temporaries stay within
+/// [`DEFAULT_SCORE_BUDGET_BYTES`] (see [`ScorePlan`]).
 pub fn score_continuations(
     model: &Model,
     prompts: &[Vec<u32>],
     candidates: &[Vec<u32>],
     batch_size: usize,
 ) -> Result<Vec<Vec<f32>>> {
-    let config = model.config();
-    ensure!(
-        !candidates.is_empty() && candidates.iter().all(|c| !c.is_empty()),
-        "every candidate continuation needs at least one token"
-    );
-    let longest_candidate = candidates.iter().map(Vec::len).max().unwrap_or(0);
-    let context = config.max_positions();
-    ensure!(
-        longest_candidate < context,
-        "a candidate of {longest_candidate} tokens leaves no room for a prompt in the model's \
-         context of {context}"
-    );
-    let keep = context - longest_candidate;
-    let prompts: Vec<&[u32]> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            ensure!(
-                !p.is_empty(),
-                "prompt {i} is empty: there is nothing to score after"
-            );
-            Ok(&p[p.len().saturating_sub(keep)..])
+    let mut plan = ScorePlan::new(
+        model,
+        prompts.to_vec(),
+        candidates.to_vec(),
+        batch_size,
+        DEFAULT_SCORE_BUDGET_BYTES,
+    )?;
+    while !plan.run_next_chunk(model)? {}
+    Ok(plan.into_scores())
+}
+
+/// What one chunk of scoring may hold in temporaries (its KV cache, activations and logits).
+pub const DEFAULT_SCORE_BUDGET_BYTES: usize = 256 << 20;
+
+/// Some prompts (indexes) against a range of the candidates.
+#[derive(Debug, Clone, PartialEq)]
+struct ScoreChunk {
+    prompts: Vec<usize>,
+    candidates: std::ops::Range<usize>,
+}
+
+/// A [`score_continuations`] job cut into chunks that each fit a memory budget, run one at a time
+/// so a caller (the server's scheduler) can interleave other work, check deadlines and stop
+/// between them. Thousands of labels after a batch of prompts would otherwise ask for one
+/// `[prompts × labels × tokens, vocab]` logits tensor at once.
+pub struct ScorePlan {
+    prompts: Vec<Vec<u32>>,
+    candidates: Vec<Vec<u32>>,
+    chunks: Vec<ScoreChunk>,
+    done: usize,
+    scores: Vec<Vec<f32>>,
+}
+
+impl ScorePlan {
+    pub fn new(
+        model: &Model,
+        prompts: Vec<Vec<u32>>,
+        candidates: Vec<Vec<u32>>,
+        batch_size: usize,
+        budget_bytes: usize,
+    ) -> Result<Self> {
+        let config = model.config();
+        ensure!(
+            !candidates.is_empty() && candidates.iter().all(|c| !c.is_empty()),
+            "every candidate continuation needs at least one token"
+        );
+        let longest_candidate = candidates.iter().map(Vec::len).max().unwrap_or(0);
+        let context = config.max_positions();
+        ensure!(
+            longest_candidate < context,
+            "a candidate of {longest_candidate} tokens leaves no room for a prompt in the model's \
+             context of {context}"
+        );
+        let keep = context - longest_candidate;
+        let prompts: Vec<Vec<u32>> = prompts
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                ensure!(
+                    !p.is_empty(),
+                    "prompt {i} is empty: there is nothing to score after"
+                );
+                Ok(p[p.len().saturating_sub(keep)..].to_vec())
+            })
+            .collect::<Result<_>>()?;
+        let mut order: Vec<usize> = (0..prompts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
+        let cost = ChunkCost::of(model);
+        let mut chunks = Vec::new();
+        for group in order.chunks(batch_size.max(1)) {
+            let planner = Planner {
+                cost: &cost,
+                prompts: &prompts,
+                candidates: &candidates,
+                budget_bytes,
+            };
+            planner.plan(group, 0..candidates.len(), &mut chunks);
+        }
+        let scores = vec![vec![0.0; candidates.len()]; prompts.len()];
+        Ok(Self {
+            prompts,
+            candidates,
+            chunks,
+            done: 0,
+            scores,
         })
-        .collect::<Result<_>>()?;
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
-    let mut scores = vec![Vec::new(); prompts.len()];
-    for chunk in order.chunks(batch_size.max(1)) {
-        let rows: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].to_vec()).collect();
-        for (&i, row_scores) in chunk.iter().zip(score_batch(model, &rows, candidates)?) {
-            scores[i] = row_scores;
+    }
+
+    /// How many chunks the job has, and how many have run.
+    pub fn progress(&self) -> (usize, usize) {
+        (self.done, self.chunks.len())
+    }
+
+    /// Runs the next chunk; true once every chunk has run.
+    pub fn run_next_chunk(&mut self, model: &Model) -> Result<bool> {
+        if let Some(chunk) = self.chunks.get(self.done) {
+            let rows: Vec<Vec<u32>> = chunk
+                .prompts
+                .iter()
+                .map(|&i| self.prompts[i].clone())
+                .collect();
+            let candidates = &self.candidates[chunk.candidates.clone()];
+            let scored = score_batch(model, &rows, candidates)?;
+            for (&i, row_scores) in chunk.prompts.iter().zip(scored) {
+                self.scores[i][chunk.candidates.clone()].copy_from_slice(&row_scores);
+            }
+            self.done += 1;
+        }
+        Ok(self.done == self.chunks.len())
+    }
+
+    /// `[prompt][candidate]` log-likelihoods, once every chunk has run.
+    pub fn into_scores(self) -> Vec<Vec<f32>> {
+        self.scores
+    }
+}
+
+struct Planner<'a> {
+    cost: &'a ChunkCost,
+    prompts: &'a [Vec<u32>],
+    candidates: &'a [Vec<u32>],
+    budget_bytes: usize,
+}
+
+impl Planner<'_> {
+    /// Chunks for `group` (prompt indexes, longest first) against `range` of the candidates: as
+    /// many candidates a chunk as fit the budget; when not even one fits with the whole group,
+    /// the group is halved. One prompt with one candidate always makes a chunk.
+    fn plan(&self, group: &[usize], range: std::ops::Range<usize>, chunks: &mut Vec<ScoreChunk>) {
+        let width = self.prompts[group[0]].len();
+        let fits = |candidates: std::ops::Range<usize>| {
+            self.cost
+                .bytes(group.len(), width, &self.candidates[candidates])
+                <= self.budget_bytes
+        };
+        let mut start = range.start;
+        while start < range.end {
+            if group.len() > 1 && !fits(start..start + 1) {
+                let (first, second) = group.split_at(group.len() / 2);
+                self.plan(first, start..range.end, chunks);
+                self.plan(second, start..range.end, chunks);
+                return;
+            }
+            let mut end = start + 1;
+            while end < range.end && fits(start..end + 1) {
+                end += 1;
+            }
+            chunks.push(ScoreChunk {
+                prompts: group.to_vec(),
+                candidates: start..end,
+            });
+            start = end;
         }
     }
-    Ok(scores)
+}
+
+/// The memory a scoring chunk's temporaries take, estimated from the model's shape: the KV
+/// cache its rows share, the activations of the continuation pass, and the logits of the head
+/// at the positions scored.
+struct ChunkCost {
+    kv_bytes_per_position: usize,
+    activation_bytes_per_position: usize,
+    attention_bytes_per_pair: usize,
+    logits_bytes_per_position: usize,
+}
+
+impl ChunkCost {
+    fn of(model: &Model) -> Self {
+        let config = model.config();
+        let hidden = config.hidden_size();
+        // fp32 whatever the compute dtype: attention and the head work in fp32 on the CPU.
+        let f32_bytes = 4;
+        Self {
+            kv_bytes_per_position: config.n_layer() * 2 * hidden * f32_bytes,
+            // The residual stream, q/k/v, the 4x MLP and their temporaries.
+            activation_bytes_per_position: 16 * hidden * f32_bytes,
+            attention_bytes_per_pair: 2 * config.n_head() * f32_bytes,
+            // The logits, and the exponentials and log-softmax computed from them.
+            logits_bytes_per_position: 3 * config.vocab_size() * f32_bytes,
+        }
+    }
+
+    /// `prompts` prompts `width` tokens wide against `candidates`.
+    fn bytes(&self, prompts: usize, width: usize, candidates: &[Vec<u32>]) -> usize {
+        let steps = candidates.iter().map(Vec::len).max().unwrap_or(1) - 1;
+        let scored: usize = candidates.iter().map(|c| c.len() - 1).sum();
+        let rows = prompts.saturating_mul(candidates.len());
+        let positions = width + steps;
+        let prefill = prompts.saturating_mul(
+            width * (self.kv_bytes_per_position + self.activation_bytes_per_position)
+                + width * width * self.attention_bytes_per_pair,
+        );
+        let continuation = rows.saturating_mul(
+            positions * self.kv_bytes_per_position
+                + steps * self.activation_bytes_per_position
+                + steps * positions * self.attention_bytes_per_pair,
+        );
+        let logits = prompts.saturating_mul(1 + scored) * self.logits_bytes_per_position;
+        prefill.saturating_add(continuation).saturating_add(logits)
+    }
 }
 
 /// [`score_continuations`] for one batch of prompts.
@@ -290,4 +458,68 @@ pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
         out.push(b'\n');
     }
     crate::atomic_file::write(path, &out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::init::{write_random_model, Preset};
+    use candle_core::Device;
+
+    /// However small the budget, every prompt meets every candidate exactly once and the
+    /// log-likelihoods are those of one pass (to float rounding: the batches differ).
+    #[test]
+    fn a_plan_in_small_chunks_scores_what_one_chunk_scores() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Preset::Tiny.config();
+        config.set_vocab_size(500);
+        config.set_eos_and_bos(499);
+        write_random_model(dir.path(), &config, 3, DType::F32, usize::MAX).unwrap();
+        let model = crate::model::load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
+        let prompts: Vec<Vec<u32>> = (0..11u32)
+            .map(|i| (0..3 + i % 5).map(|t| (t * 7 + i) % 500).collect())
+            .collect();
+        let candidates: Vec<Vec<u32>> = (0..23u32)
+            .map(|c| (0..1 + c % 4).map(|t| (c * 13 + t) % 500).collect())
+            .collect();
+        let whole =
+            ScorePlan::new(&model, prompts.clone(), candidates.clone(), 64, usize::MAX).unwrap();
+        assert_eq!(whole.progress(), (0, 1));
+        let mut whole = whole;
+        assert!(whole.run_next_chunk(&model).unwrap());
+        let expected = whole.into_scores();
+
+        let budget = ChunkCost::of(&model).bytes(2, 7, &candidates[..3]);
+        let mut plan = ScorePlan::new(&model, prompts, candidates, 8, budget).unwrap();
+        let mut covered = vec![vec![0; 23]; 11];
+        for chunk in &plan.chunks {
+            let width = plan.prompts[chunk.prompts[0]].len();
+            let cost = ChunkCost::of(&model).bytes(
+                chunk.prompts.len(),
+                width,
+                &plan.candidates[chunk.candidates.clone()],
+            );
+            assert!(
+                cost <= budget || (chunk.prompts.len() == 1 && chunk.candidates.len() == 1),
+                "{chunk:?} is over the budget"
+            );
+            for &p in &chunk.prompts {
+                for c in chunk.candidates.clone() {
+                    covered[p][c] += 1;
+                }
+            }
+        }
+        assert!(covered.iter().flatten().all(|&n| n == 1), "{covered:?}");
+        let (_, chunks) = plan.progress();
+        assert!(chunks > 10, "{chunks} chunks");
+        while !plan.run_next_chunk(&model).unwrap() {}
+        for (got, want) in plan
+            .into_scores()
+            .iter()
+            .flatten()
+            .zip(expected.iter().flatten())
+        {
+            assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+        }
+    }
 }

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use rand::distributions::Distribution;
 use rand::SeedableRng;
@@ -58,6 +58,13 @@ impl Default for GenerationParams {
     }
 }
 
+/// Below this temperature sampling is numerically greedy, and it decodes greedily (as vLLM does):
+/// dividing logits by a vanishing temperature would only turn them into infinities.
+pub const GREEDY_BELOW_TEMPERATURE: f64 = 1e-5;
+
+/// Repetition penalties outside this range would push logits past what f32 can hold.
+pub const REPETITION_PENALTY_RANGE: (f64, f64) = (1e-6, 1e6);
+
 impl GenerationParams {
     pub fn validate(&self) -> Result<()> {
         ensure!(
@@ -72,9 +79,10 @@ impl GenerationParams {
             self.top_k != Some(0),
             "top_k must be at least 1 (leave it unset to disable)"
         );
+        let (low, high) = REPETITION_PENALTY_RANGE;
         ensure!(
-            self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite(),
-            "repetition_penalty must be > 0, got {}",
+            (low..=high).contains(&self.repetition_penalty),
+            "repetition_penalty must be in [{low:e}, {high:e}] (1 is no penalty), got {:e}",
             self.repetition_penalty
         );
         ensure!(
@@ -85,7 +93,7 @@ impl GenerationParams {
     }
 
     fn samples(&self) -> bool {
-        self.do_sample && self.temperature > 0.0
+        self.do_sample && self.temperature >= GREEDY_BELOW_TEMPERATURE
     }
 }
 
@@ -238,7 +246,8 @@ impl<'m, T> DecodeBatch<'m, T> {
     }
 
     /// Reads the prompts of `sequences` in one forward pass and adds them to the batch. Those
-    /// with no room for a single new token finish at once and are returned.
+    /// with no room for a single new token finish at once and are returned. An error in the
+    /// prompts' forward pass leaves the batch as it was: it belongs to the joining rows only.
     pub fn join(&mut self, sequences: Vec<(T, Sequence)>) -> Result<Vec<(T, Generated)>> {
         ensure!(
             sequences
@@ -289,6 +298,9 @@ impl<'m, T> DecodeBatch<'m, T> {
             }
             Some(running) => {
                 let len = self.cache.len().max(cache.len());
+                let merged = Tensor::cat(&[&running, &logits], 0);
+                self.logits = Some(running);
+                let merged = merged?;
                 self.cache.append_rows(&cache)?;
                 let left_pad = |mask: Vec<u8>| -> Vec<u8> {
                     let mut padded = vec![0; len - mask.len()];
@@ -300,7 +312,7 @@ impl<'m, T> DecodeBatch<'m, T> {
                     .chain(key_mask)
                     .map(left_pad)
                     .collect();
-                self.logits = Some(Tensor::cat(&[running, logits], 0)?);
+                self.logits = Some(merged);
             }
         }
         self.rows.extend(joining);
@@ -308,8 +320,13 @@ impl<'m, T> DecodeBatch<'m, T> {
     }
 
     /// Chooses every row's next token (`on_token` sees each), retires the rows that finished
-    /// (returned), and runs the forward pass that gives the others their next logits.
-    pub fn advance(&mut self, on_token: &mut dyn FnMut(&T, u32)) -> Result<Vec<(T, Generated)>> {
+    /// (returned, with the error of a row whose token could not be chosen: it fails alone), and
+    /// runs the forward pass that gives the others their next logits. An `Err` is that forward
+    /// pass failing, which belongs to every row: the batch is then empty.
+    pub fn advance(
+        &mut self,
+        on_token: &mut dyn FnMut(&T, u32),
+    ) -> Result<Vec<(T, Result<Generated>)>> {
         let Some(logits) = self.logits.take() else {
             return Ok(Vec::new());
         };
@@ -318,14 +335,30 @@ impl<'m, T> DecodeBatch<'m, T> {
         let mut finished = Vec::new();
         let mut still_active = Vec::with_capacity(self.rows.len());
         for (i, (tag, mut row)) in std::mem::take(&mut self.rows).into_iter().enumerate() {
-            let token = choose_token(&logits.get(i)?, &mut row, self.eos)?;
+            let token = match logits
+                .get(i)
+                .map_err(anyhow::Error::from)
+                .and_then(|row_logits| choose_token(&row_logits, &mut row, self.eos))
+            {
+                Ok(token) => token,
+                Err(e) => {
+                    finished.push((tag, Err(e)));
+                    continue;
+                }
+            };
             row.new.push(token);
             on_token(&tag, token);
             let stops = &row.params.stop;
             // Decoding every step is only needed to look for stop strings; otherwise a row's
             // text is decoded once, when it finishes.
             let text = match tokenizer {
-                Some(t) if !stops.is_empty() => Some(t.decode(&row.new, true)?),
+                Some(t) if !stops.is_empty() => match t.decode(&row.new, true) {
+                    Ok(text) => Some(text),
+                    Err(e) => {
+                        finished.push((tag, Err(e)));
+                        continue;
+                    }
+                },
                 _ => None,
             };
             let final_text = |row: &Sequence, text: Option<String>| -> Result<String> {
@@ -337,21 +370,26 @@ impl<'m, T> DecodeBatch<'m, T> {
             };
             let stop_at = text.as_deref().and_then(|t| first_stop(t, stops));
             if Some(token) == self.eos {
-                let text = final_text(&row, text)?;
-                finished.push((tag, row.into_generated(FinishReason::Eos, text)));
+                let generated =
+                    final_text(&row, text).map(|text| row.into_generated(FinishReason::Eos, text));
+                finished.push((tag, generated));
             } else if let (Some(cut), Some(text)) = (stop_at, &text) {
                 let text = text[..cut].to_string();
-                finished.push((tag, row.into_generated(FinishReason::Stop, text)));
+                finished.push((tag, Ok(row.into_generated(FinishReason::Stop, text))));
             } else if row.new.len() >= row.budget {
-                let text = final_text(&row, text)?;
-                finished.push((tag, row.into_generated(FinishReason::Length, text)));
+                let generated = final_text(&row, text)
+                    .map(|text| row.into_generated(FinishReason::Length, text));
+                finished.push((tag, generated));
             } else {
                 keep.push(i);
                 still_active.push((tag, row));
             }
         }
         self.rows = still_active;
-        self.keep_rows(&keep)?;
+        if let Err(e) = self.keep_rows(&keep) {
+            self.clear();
+            return Err(e);
+        }
         if self.rows.is_empty() {
             return Ok(finished);
         }
@@ -381,13 +419,22 @@ impl<'m, T> DecodeBatch<'m, T> {
             layout: None,
             dropout: None,
         };
-        self.logits = Some(forward_on_pool(
-            self.model,
-            &step,
-            &vec![0; n],
-            &mut self.cache,
-        )?);
+        match forward_on_pool(self.model, &step, &vec![0; n], &mut self.cache) {
+            Ok(logits) => self.logits = Some(logits),
+            Err(e) => {
+                self.clear();
+                return Err(e);
+            }
+        }
         Ok(finished)
+    }
+
+    /// Drops every row (after a failure that leaves the cache in no state to continue from).
+    pub fn clear(&mut self) {
+        self.rows.clear();
+        self.cache = KvCache::new(self.model.config().n_layer());
+        self.key_mask.clear();
+        self.logits = None;
     }
 
     /// Takes the rows `leave` picks out of the batch (a cancelled request, one past its
@@ -482,7 +529,7 @@ pub fn generate(
     }
     while !batch.is_empty() {
         for (i, generated) in batch.advance(&mut |&i, token| on_token(i, token))? {
-            results[i] = Some(generated);
+            results[i] = Some(generated.with_context(|| format!("prompt {i}"))?);
         }
     }
     Ok(results
@@ -529,21 +576,28 @@ fn choose_token(logits: &Tensor, row: &mut Sequence, eos: Option<u32>) -> Result
         }
     }
     if !params.samples() {
-        return Ok(argmax(&scores));
+        let best = argmax(&scores);
+        ensure!(
+            !scores[best as usize].is_nan(),
+            "the model's logits are NaN: cannot choose a token"
+        );
+        return Ok(best);
     }
-    let temperature = params.temperature as f32;
-    for s in scores.iter_mut() {
-        *s /= temperature;
-    }
+    // In f64 and relative to the best logit, so that no temperature the parameters allow turns a
+    // weight into an infinity or a NaN.
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     if let Some(k) = params.top_k {
         order.truncate(k.max(1));
     }
-    let max = scores[order[0]];
+    let max = scores[order[0]] as f64;
+    ensure!(
+        max.is_finite(),
+        "the model's best logit is {max}: cannot sample from it"
+    );
     let mut probs: Vec<f64> = order
         .iter()
-        .map(|&i| ((scores[i] - max) as f64).exp())
+        .map(|&i| ((scores[i] as f64 - max) / params.temperature).exp())
         .collect();
     let sum: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= sum);
@@ -561,7 +615,8 @@ fn choose_token(logits: &Tensor, row: &mut Sequence, eos: Option<u32>) -> Result
         order.truncate(keep);
         probs.truncate(keep);
     }
-    let dist = rand::distributions::WeightedIndex::new(&probs)?;
+    let dist = rand::distributions::WeightedIndex::new(&probs)
+        .map_err(|e| anyhow::anyhow!("cannot sample the next token: {e}"))?;
     Ok(order[dist.sample(&mut row.rng)] as u32)
 }
 
@@ -574,4 +629,119 @@ fn argmax(scores: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::init::{write_random_model, Preset};
+    use candle_core::{DType, Device};
+
+    fn tiny_model(dir: &std::path::Path) -> Model {
+        let mut config = Preset::Tiny.config();
+        config.set_vocab_size(300);
+        config.set_eos_and_bos(299);
+        write_random_model(dir, &config, 7, DType::F32, usize::MAX).unwrap();
+        crate::model::load_model(dir, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    /// A row whose token cannot be chosen fails alone: the row beside it decodes what it
+    /// decodes by itself. (The parameters that cause it are refused by `validate` before any
+    /// request reaches a batch; this is what happens to whatever error slips through.)
+    #[test]
+    fn a_row_that_cannot_choose_a_token_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_model(dir.path());
+        let greedy = Arc::new(GenerationParams {
+            max_new_tokens: 12,
+            ..Default::default()
+        });
+        let broken = Arc::new(GenerationParams {
+            do_sample: true,
+            repetition_penalty: 1e-300,
+            max_new_tokens: 12,
+            ..Default::default()
+        });
+        assert!(broken.validate().is_err(), "validation refuses it first");
+        let prompt = [5u32, 17, 42, 7];
+        let alone = generate(&model, None, &[prompt.to_vec()], &greedy, &mut |_, _| {}).unwrap();
+
+        let mut batch = DecodeBatch::new(&model, None);
+        let rows = vec![
+            (
+                "greedy",
+                Sequence::new(model.config(), &prompt, 0, greedy).unwrap(),
+            ),
+            (
+                "broken",
+                Sequence::new(model.config(), &[9, 8, 7], 0, broken).unwrap(),
+            ),
+        ];
+        assert!(batch.join(rows).unwrap().is_empty());
+        let mut outcomes = Vec::new();
+        while !batch.is_empty() {
+            outcomes.extend(batch.advance(&mut |_, _| {}).unwrap());
+        }
+        let (tag, error) = &outcomes[0];
+        assert_eq!(*tag, "broken");
+        let message = format!("{:#}", error.as_ref().unwrap_err());
+        assert!(message.contains("cannot sample"), "{message}");
+        let (tag, generated) = &outcomes[1];
+        assert_eq!(*tag, "greedy");
+        assert_eq!(generated.as_ref().unwrap().ids, alone[0].ids);
+        assert_eq!(outcomes.len(), 2);
+    }
+
+    #[test]
+    fn parameters_that_cannot_give_a_distribution_are_refused_and_tiny_temperatures_are_greedy() {
+        for (params, field) in [
+            (
+                GenerationParams {
+                    repetition_penalty: 1e-300,
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                GenerationParams {
+                    repetition_penalty: 1e300,
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                GenerationParams {
+                    temperature: f64::INFINITY,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+        ] {
+            let message = format!("{:#}", params.validate().unwrap_err());
+            assert!(message.starts_with(field), "{message}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_model(dir.path());
+        let prompt = vec![vec![3u32, 1, 4, 1, 5]];
+        let greedy = GenerationParams {
+            max_new_tokens: 16,
+            ..Default::default()
+        };
+        let cold = GenerationParams {
+            do_sample: true,
+            temperature: 1e-40,
+            seed: 11,
+            ..greedy.clone()
+        };
+        let expected = generate(&model, None, &prompt, &greedy, &mut |_, _| {}).unwrap();
+        let got = generate(&model, None, &prompt, &cold, &mut |_, _| {}).unwrap();
+        assert_eq!(got[0].ids, expected[0].ids);
+        // Just above the greedy threshold, sampling works in f64 and stays finite.
+        let barely = GenerationParams {
+            temperature: GREEDY_BELOW_TEMPERATURE,
+            ..cold
+        };
+        let got = generate(&model, None, &prompt, &barely, &mut |_, _| {}).unwrap();
+        assert_eq!(got[0].ids.len(), 16);
+    }
 }

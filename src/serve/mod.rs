@@ -28,7 +28,7 @@ use crate::model::{Config, Model};
 use crate::tokenizer::TextTokenizer;
 use metrics::Metrics;
 use protocol::{BadRequest, Parsed};
-use scheduler::{Event, Limits, Scheduler, Work};
+use scheduler::{Event, Limits, Refused, Scheduler, Work};
 
 /// What the handlers share.
 pub struct App {
@@ -85,16 +85,26 @@ pub fn serve(
         });
         let router = router(app, options.max_body_bytes);
         on_ready(addr);
+        // A dead scheduler stops the server too, so that it exits non-zero and whoever runs it
+        // (KServe, systemd, Kubernetes) starts a new one; until then it answers 503.
+        let watched = scheduler.clone();
+        let shutdown = async move {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = watched.died() => tracing::error!("the scheduler died: shutting down"),
+            }
+        };
         axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(shutdown)
             .await
             .context("the HTTP server failed")?;
         tracing::info!("stopped taking requests; finishing the ones in flight");
         scheduler.close();
-        tokio::task::spawn_blocking(move || worker.join())
-            .await?
-            .map_err(|_| anyhow::anyhow!("the scheduler thread panicked"))?;
-        Ok(())
+        match tokio::task::spawn_blocking(move || worker.join()).await? {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(death)) => Err(anyhow::anyhow!(death)),
+            Err(_) => Err(anyhow::anyhow!("the scheduler thread panicked")),
+        }
     })
 }
 
@@ -164,6 +174,7 @@ impl IntoResponse for ApiError {
         let body = if self.openai {
             let kind = match self.status {
                 StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => "invalid_request_error",
+                StatusCode::SERVICE_UNAVAILABLE => "service_unavailable_error",
                 StatusCode::NOT_FOUND => "not_found_error",
                 StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
                 _ => "server_error",
@@ -272,11 +283,57 @@ fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 impl App {
     /// KServe v1's model status and v2's model readiness: the same answer.
     fn readiness(&self, name: &str) -> Response {
-        if name == self.name {
-            Json(json!({"name": self.name, "ready": true})).into_response()
-        } else {
-            self.unknown_model(name).into_response()
+        if name != self.name {
+            return self.unknown_model(name).into_response();
         }
+        match self.scheduler.dead() {
+            None => Json(json!({"name": self.name, "ready": true})).into_response(),
+            Some(death) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"name": self.name, "ready": false, "error": death})),
+            )
+                .into_response(),
+        }
+    }
+
+    /// 503 once the scheduler has died: no request can be answered any more.
+    fn unavailable(&self) -> ApiError {
+        let death = self
+            .scheduler
+            .dead()
+            .unwrap_or_else(|| "the scheduler stopped".into());
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{death}; the server is shutting down"),
+        )
+    }
+
+    /// The channel of a request closed before its answer: the scheduler died (503), or it is
+    /// a bug (500).
+    fn stopped_early(&self) -> ApiError {
+        if self.scheduler.dead().is_some() {
+            self.unavailable()
+        } else {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the scheduler stopped before the request finished",
+            )
+        }
+    }
+
+    /// 413 for a request of more prompts than `--max-prompts` allows.
+    fn check_prompt_count(&self, count: usize, at: &str) -> Result<(), ApiError> {
+        let limit = self.scheduler.limits().max_prompts;
+        if count > limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "{at}: {count} prompts is over the server's limit of {limit} a request \
+                     (--max-prompts); split the request"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn unknown_model(&self, name: &str) -> ApiError {
@@ -318,16 +375,20 @@ impl App {
     }
 
     fn submit(&self, work: Work) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>, ApiError> {
-        self.scheduler.submit(work).map_err(|busy| ApiError {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            message: format!(
-                "the server is busy ({} requests queued); retry after {} s",
-                self.scheduler.limits().max_queue,
-                busy.retry_after_secs
-            ),
-            retry_after: Some(busy.retry_after_secs),
-            openai: false,
-        })
+        self.scheduler
+            .submit(work)
+            .map_err(|refused| match refused {
+                Refused::Busy { retry_after_secs } => ApiError {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    message: format!(
+                        "the server is busy ({} requests queued); retry after {retry_after_secs} s",
+                        self.scheduler.limits().max_queue,
+                    ),
+                    retry_after: Some(retry_after_secs),
+                    openai: false,
+                },
+                Refused::Dead(_) => self.unavailable(),
+            })
     }
 
     /// Runs sequences to the end; the results are in order.
@@ -360,15 +421,13 @@ impl App {
                     done += 1;
                 }
                 Some(Event::TimedOut) => return Err(self.timed_out()),
+                Some(Event::Rejected(message)) => {
+                    return Err(ApiError::new(StatusCode::BAD_REQUEST, message))
+                }
                 Some(Event::Failed(message)) => {
                     return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message))
                 }
-                Some(Event::Scored(_)) | None => {
-                    return Err(ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "the scheduler stopped before the request finished",
-                    ))
-                }
+                Some(Event::Scored(_)) | None => return Err(self.stopped_early()),
             }
         }
         let results: Vec<Generated> = results.into_iter().map(|r| r.expect("done")).collect();
@@ -439,6 +498,7 @@ async fn predict(
     }
     let request: protocol::PredictRequest = protocol::from_value(protocol::json_body(&bytes)?, "")?;
     let params = protocol::generation_params(request.parameters, "parameters")?;
+    app.check_prompt_count(request.instances.len(), "instances")?;
     let texts = protocol::instance_texts(&request.instances)?;
     let sequences = app.sequences(&texts, params, "instances")?;
     let (generated, usage) = app.generate(sequences).await?;
@@ -462,7 +522,22 @@ async fn classify(
     }
     let request: protocol::ClassifyRequest =
         protocol::from_value(protocol::json_body(&bytes)?, "")?;
+    app.check_prompt_count(request.instances.len(), "instances")?;
     let classification = protocol::classification(request, &app.tokenizer)?;
+    let (instances, labels) = (classification.prompts.len(), classification.labels.len());
+    let limit = app.scheduler.limits().max_classify_pairs;
+    if instances
+        .checked_mul(labels)
+        .is_none_or(|pairs| pairs > limit)
+    {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "instances × labels: {instances} × {labels} is over the server's limit of {limit} \
+                 label scores a request (--max-classify-pairs); split the request"
+            ),
+        ));
+    }
     let prompt_tokens = classification.prompts.iter().map(Vec::len).sum();
     let mut events = app.submit(Work::Score {
         prompts: classification.prompts,
@@ -471,15 +546,13 @@ async fn classify(
     let scores = match events.recv().await {
         Some(Event::Scored(scores)) => scores,
         Some(Event::TimedOut) => return Err(app.timed_out()),
-        Some(Event::Failed(message)) => {
+        Some(Event::Rejected(message)) => {
             return Err(ApiError::new(StatusCode::BAD_REQUEST, message))
         }
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the scheduler stopped before the request finished",
-            ))
+        Some(Event::Failed(message)) => {
+            return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message))
         }
+        _ => return Err(app.stopped_early()),
     };
     let labels = &classification.labels;
     let predictions: Vec<Value> = scores
@@ -512,13 +585,30 @@ async fn server_metadata() -> Response {
     )
 }
 
-async fn live() -> Response {
-    with_endpoint("v2_health", Json(json!({"live": true})).into_response())
+async fn live(State(app): State<Arc<App>>) -> Response {
+    let response = match app.scheduler.dead() {
+        None => Json(json!({"live": true})).into_response(),
+        Some(death) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"live": false, "error": death})),
+        )
+            .into_response(),
+    };
+    with_endpoint("v2_health", response)
 }
 
-async fn ready() -> Response {
-    // The model is loaded before the port is bound: listening means ready.
-    with_endpoint("v2_health", Json(json!({"ready": true})).into_response())
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    // The model is loaded before the port is bound: listening means ready, until the scheduler
+    // that runs it dies.
+    let response = match app.scheduler.dead() {
+        None => Json(json!({"ready": true})).into_response(),
+        Some(death) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "error": death})),
+        )
+            .into_response(),
+    };
+    with_endpoint("v2_health", response)
 }
 
 async fn model_metadata(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
@@ -554,6 +644,7 @@ async fn infer(
         let request: protocol::InferRequest =
             protocol::from_value(protocol::json_body(&bytes)?, "")?;
         let texts = protocol::infer_texts(&request)?;
+        app.check_prompt_count(texts.len(), "inputs[0].data")?;
         let params = protocol::generation_params(request.parameters.clone(), "parameters")?;
         let sequences = app.sequences(&texts, params, "inputs[0].data")?;
         let (generated, usage) = app.generate(sequences).await?;
@@ -623,6 +714,7 @@ async fn completion(
     if texts.is_empty() {
         return Err(BadRequest("prompt: empty; give at least one".into()).into());
     }
+    app.check_prompt_count(texts.len(), "prompt")?;
     let sequences = app.sequences(&texts, params.clone(), "prompt")?;
     let id = format!("cmpl-{:016x}", rand::random::<u64>());
     let created = unix_seconds();
@@ -658,7 +750,7 @@ async fn completion(
     }
     let prompt_tokens = sequences.iter().map(|s| s.prompt().len()).sum();
     let events = app.submit(Work::Generate(sequences))?;
-    let mut stream_state = StreamState {
+    let stream_state = Arc::new(std::sync::Mutex::new(StreamState {
         app: app.clone(),
         id,
         created,
@@ -668,10 +760,23 @@ async fn completion(
         first_token: true,
         failed: None,
         unfinished: texts.len(),
-    };
+    }));
+    let at_end = stream_state.clone();
+    // Only this stream's closures take it, one after the other.
+    fn locked(state: &std::sync::Mutex<StreamState>) -> std::sync::MutexGuard<'_, StreamState> {
+        state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
     let chunks = tokio_stream::wrappers::UnboundedReceiverStream::new(events)
-        .map(move |event| Ok::<_, std::convert::Infallible>(stream_state.event(event)))
-        .chain(tokio_stream::once(Ok(SseEvent::default().data("[DONE]"))));
+        .map(move |event| Ok::<_, std::convert::Infallible>(locked(&stream_state).event(event)))
+        .chain(tokio_stream::iter([false, true]).map(move |last| {
+            Ok(if last {
+                SseEvent::default().data("[DONE]")
+            } else {
+                locked(&at_end).closing_event()
+            })
+        }));
     let mut response = Sse::new(chunks)
         .keep_alive(KeepAlive::default())
         .into_response();
@@ -757,6 +862,13 @@ impl StreamState {
                         .to_string(),
                 )
             }
+            Event::Rejected(message) => {
+                self.failed = Some(400);
+                SseEvent::default().data(
+                    json!({"error": {"message": message, "type": "invalid_request_error"}})
+                        .to_string(),
+                )
+            }
             Event::Failed(message) => {
                 self.failed = Some(500);
                 SseEvent::default().data(
@@ -765,6 +877,18 @@ impl StreamState {
             }
             Event::Scored(_) => SseEvent::default().comment(""),
         }
+    }
+
+    /// After the last event: an error event if the scheduler went away before every choice
+    /// finished (it died), else nothing a client reads.
+    fn closing_event(&mut self) -> SseEvent {
+        if self.unfinished == 0 || self.failed.is_some() {
+            return SseEvent::default().comment("");
+        }
+        let error = self.app.stopped_early();
+        self.failed = Some(error.status.as_u16());
+        SseEvent::default()
+            .data(json!({"error": {"message": error.message, "type": "server_error"}}).to_string())
     }
 }
 

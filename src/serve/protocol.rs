@@ -131,8 +131,12 @@ pub fn infer_texts(request: &InferRequest) -> Parsed<Vec<String>> {
             input.datatype
         )));
     }
-    let elements: i64 = input.shape.iter().product();
-    if input.shape.iter().any(|&d| d < 0) || elements != input.data.len() as i64 {
+    // Checked: a client's shape can multiply past i64 (and wrap to the data's length).
+    let elements = input
+        .shape
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?));
+    if elements != Some(input.data.len() as u64) {
         return Err(BadRequest(format!(
             "inputs[0].shape: {:?} does not hold the {} elements of data",
             input.shape,
