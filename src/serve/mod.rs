@@ -585,30 +585,27 @@ async fn server_metadata() -> Response {
     )
 }
 
-async fn live(State(app): State<Arc<App>>) -> Response {
+/// `{"<key>": true}`, or 503 with `false` and the reason once the scheduler has died.
+fn health(app: &App, key: &str) -> Response {
     let response = match app.scheduler.dead() {
-        None => Json(json!({"live": true})).into_response(),
+        None => Json(json!({ key: true })).into_response(),
         Some(death) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"live": false, "error": death})),
+            Json(json!({ key: false, "error": death })),
         )
             .into_response(),
     };
     with_endpoint("v2_health", response)
 }
 
+async fn live(State(app): State<Arc<App>>) -> Response {
+    health(&app, "live")
+}
+
 async fn ready(State(app): State<Arc<App>>) -> Response {
     // The model is loaded before the port is bound: listening means ready, until the scheduler
     // that runs it dies.
-    let response = match app.scheduler.dead() {
-        None => Json(json!({"ready": true})).into_response(),
-        Some(death) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "error": death})),
-        )
-            .into_response(),
-    };
-    with_endpoint("v2_health", response)
+    health(&app, "ready")
 }
 
 async fn model_metadata(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
