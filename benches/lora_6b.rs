@@ -43,6 +43,7 @@ fn options(overrides: &[String], resume: Option<&str>) -> LaunchOptions {
         quiet: true,
         threads: None,
         allow_data_change: false,
+        overwrite: false,
     }
 }
 

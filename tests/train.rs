@@ -216,6 +216,7 @@ fn accumulation_matches_one_big_micro_batch() {
         ("padded", padded(24, 101, 2)),
     ] {
         let a = tempfile::tempdir().unwrap();
+        let a_4 = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
         let accumulated = train_with(
             a.path(),
@@ -223,7 +224,7 @@ fn accumulation_matches_one_big_micro_batch() {
             rows.clone(),
         );
         let accumulated_4 = train_with(
-            a.path(),
+            a_4.path(),
             "{steps: 3, batch: {global: 8, micro: 4}}",
             rows.clone(),
         );
@@ -749,6 +750,8 @@ fn a_crash_during_replacement_leaves_a_complete_checkpoint() {
     std::fs::rename(run.join("step-2"), run.join(".old-step-2")).unwrap();
     std::fs::create_dir(run.join(".tmp-step-2")).unwrap();
     std::fs::write(run.join(".tmp-step-2/config.json"), "{").unwrap();
+    // Whoever takes the run puts it right; finding the latest good checkpoint only reads.
+    let lock = kiln::checkpoint::RunLock::acquire(&run).unwrap();
     let mut warnings = Vec::new();
     let (chosen, state) = kiln::checkpoint::latest_good(&run, &mut |w| warnings.push(w)).unwrap();
     assert_eq!((chosen, state.step), (run.join("step-2"), 2));
@@ -758,6 +761,7 @@ fn a_crash_during_replacement_leaves_a_complete_checkpoint() {
         ["step-1", "step-2"],
         "partial and moved-aside directories are gone"
     );
+    drop(lock);
     let summary = run_rot8(
         &recipe(dir.path(), "{steps: 3, checkpoint: {every: 1}}"),
         &rows,
@@ -788,19 +792,20 @@ fn pruning_keeps_checkpoints_in_use() {
     );
     assert_eq!(summary.step, 3);
     assert_eq!(step_dirs(&run), ["step-1", "step-3"]);
+    let lock = kiln::checkpoint::RunLock::acquire(&run).unwrap();
     let notes =
-        kiln::checkpoint::prune(&run, 1, &run.join("step-3"), &[run.join("step-1")]).unwrap();
+        kiln::checkpoint::prune(&lock, 1, &run.join("step-3"), &[run.join("step-1")]).unwrap();
     assert!(
         notes[0].contains("step-1") && notes[0].contains("upload"),
         "{notes:?}"
     );
     // `latest` naming another checkpoint than the one just written keeps it too.
     std::fs::write(run.join("latest"), "step-1\n").unwrap();
-    let notes = kiln::checkpoint::prune(&run, 1, &run.join("step-3"), &[]).unwrap();
+    let notes = kiln::checkpoint::prune(&lock, 1, &run.join("step-3"), &[]).unwrap();
     assert!(notes.is_empty(), "{notes:?}");
     assert_eq!(step_dirs(&run), ["step-1", "step-3"]);
     std::fs::write(run.join("latest"), "step-3\n").unwrap();
-    kiln::checkpoint::prune(&run, 1, &run.join("step-3"), &[]).unwrap();
+    kiln::checkpoint::prune(&lock, 1, &run.join("step-3"), &[]).unwrap();
     assert_eq!(step_dirs(&run), ["step-3"]);
 }
 

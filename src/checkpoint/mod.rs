@@ -14,10 +14,12 @@
 //! run passing it again) is first moved aside to `.old-step-<N>` and removed only once the new
 //! one is in place; [`recover`] puts it back if a crash came in between. Pruning by `keep_last`
 //! ([`prune`]) is a separate call, made once the caller knows which checkpoints are still in use.
+//!
+//! Writing, recovering and pruning all go through the run's [`RunLock`], so only the process that
+//! holds it changes a run's checkpoints.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -25,11 +27,15 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::atomic_file::sync_dir;
 use crate::data::fingerprint::file_digest;
 use crate::data::{FileDigest, SourceFingerprint, StreamState};
 use crate::model::{self, lora, Config};
 use crate::recipe::Recipe;
 use crate::tokenizer::TextTokenizer;
+
+pub mod lock;
+pub use lock::RunLock;
 
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -151,15 +157,15 @@ pub struct Contents<'a> {
     pub base_model: &'a str,
 }
 
-/// Writes `run_dir/step-<N>` atomically and points `latest` at it. Does not prune: see [`prune`].
-pub fn save(run_dir: &Path, contents: Contents) -> Result<PathBuf> {
+/// Writes `step-<N>` atomically into the locked run directory and points `latest` at it. Does not
+/// prune: see [`prune`].
+pub fn save(lock: &RunLock, contents: Contents) -> Result<PathBuf> {
+    let run_dir = lock.dir();
     let step = contents.state.step;
     let name = step_dir_name(step);
     let final_dir = run_dir.join(&name);
     let tmp = run_dir.join(format!(".tmp-{name}"));
-    std::fs::create_dir_all(run_dir)
-        .with_context(|| format!("{}: cannot create", run_dir.display()))?;
-    recover(run_dir)?;
+    recover(lock)?;
     std::fs::create_dir_all(&tmp)?;
     write_contents(&tmp, contents)
         .with_context(|| format!("writing checkpoint {}", tmp.display()))?;
@@ -182,14 +188,7 @@ pub fn save(run_dir: &Path, contents: Contents) -> Result<PathBuf> {
         rename(&tmp, &final_dir)?;
     }
     sync_dir(run_dir)?;
-    let pointer_tmp = run_dir.join(format!(".{LATEST}.tmp"));
-    {
-        let mut file = File::create(&pointer_tmp)?;
-        writeln!(file, "{name}")?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&pointer_tmp, run_dir.join(LATEST))?;
-    sync_dir(run_dir)?;
+    crate::atomic_file::write(&run_dir.join(LATEST), format!("{name}\n").as_bytes())?;
     Ok(final_dir)
 }
 
@@ -198,8 +197,10 @@ const REPLACED_PREFIX: &str = ".old-";
 
 /// Finishes a replacement a crash interrupted: a `.old-step-<N>` whose `step-<N>` is missing is
 /// renamed back (it is the complete checkpoint); one whose successor is in place is removed; and
-/// partial `.tmp-step-<N>` directories of a write that never finished are removed.
-pub fn recover(run_dir: &Path) -> Result<()> {
+/// partial `.tmp-step-<N>` directories of a write that never finished are removed. Only the lock's
+/// holder may: another process's `.tmp-step-<N>` may be a write in progress.
+fn recover(lock: &RunLock) -> Result<()> {
+    let run_dir = lock.dir();
     let Ok(entries) = std::fs::read_dir(run_dir) else {
         return Ok(());
     };
@@ -319,12 +320,6 @@ fn hash_files(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
     Ok(files)
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("{}: cannot fsync", dir.display()))
-}
-
 fn step_dir_name(step: u64) -> String {
     format!("step-{step}")
 }
@@ -361,12 +356,13 @@ pub fn verify(dir: &Path) -> Result<TrainerState> {
 }
 
 /// The newest checkpoint of a run that passes verification: the one `latest` names, else the
-/// next older `step-*` directory. Each rejected checkpoint is reported through `warn`.
+/// next older `step-*` directory. Each rejected checkpoint is reported through `warn`. It only
+/// reads: a replacement a crash interrupted is put right by [`RunLock::acquire`], which every rank
+/// of a job waits for before it resumes.
 pub fn latest_good(
     run_dir: &Path,
     warn: &mut dyn FnMut(String),
 ) -> Result<(PathBuf, TrainerState)> {
-    recover(run_dir)?;
     let mut candidates: Vec<(u64, PathBuf)> = std::fs::read_dir(run_dir)
         .with_context(|| format!("{}: no checkpoints to resume from", run_dir.display()))?
         .filter_map(|e| e.ok())
@@ -408,7 +404,7 @@ pub fn latest_good(
 /// overwritten as training reaches them). The checkpoint `latest` names always stays too, and so
 /// does any in `in_use` (e.g. a Hub upload still running: pruned by a later call once it is done).
 pub fn prune(
-    run_dir: &Path,
+    lock: &RunLock,
     keep_last: usize,
     current: &Path,
     in_use: &[PathBuf],
@@ -416,6 +412,7 @@ pub fn prune(
     if keep_last == 0 {
         return Ok(Vec::new());
     }
+    let run_dir = lock.dir();
     let current_step = step_of(current).unwrap_or(u64::MAX);
     let latest = std::fs::read_to_string(run_dir.join(LATEST))
         .ok()

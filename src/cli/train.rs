@@ -19,6 +19,14 @@ pub struct TrainArgs {
     /// sha256); the data position then continues over the changed data.
     #[arg(long, requires = "resume")]
     pub allow_data_change: bool,
+    /// Start this run afresh over an earlier run of the same name: once the recipe, model and data
+    /// have passed their checks, delete everything in its checkpoint directory
+    /// (`<checkpoint.dir>/<name>/`: every `step-*` and `latest`) and its log directory
+    /// (`<tracking.log_dir>/<name>/`: metrics.jsonl, TensorBoard events, run.json, eval reports),
+    /// so nothing of the old run mixes into the new one. Without it, `kiln train` refuses to start
+    /// over an earlier run's checkpoints or logs.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
 }
 
 pub(super) fn train(args: TrainArgs) -> Result<()> {
@@ -31,6 +39,7 @@ pub(super) fn train(args: TrainArgs) -> Result<()> {
             quiet: args.quiet,
             threads: args.threads,
             allow_data_change: args.allow_data_change,
+            overwrite: args.overwrite,
         },
     )?;
     Ok(())

@@ -28,6 +28,8 @@ pub struct LaunchOptions {
     pub threads: Option<usize>,
     /// Resume over training files that differ from the checkpoint's.
     pub allow_data_change: bool,
+    /// Replace an earlier run of the same name instead of refusing to start over it.
+    pub overwrite: bool,
 }
 
 /// Whole pushes are tried this often before a checkpoint's upload is reported as failed.
@@ -212,6 +214,8 @@ fn train_job(
     });
 
     let stream = SequenceStream::new(train_data.sequences, recipe.seed, recipe.data.shuffle);
+    // Held past `run` for the pruning that waits for the uploads.
+    let mut claim = None;
     let result = super::run(
         &recipe,
         init,
@@ -229,6 +233,8 @@ fn train_job(
             checkpoint_hook,
             data_fingerprint,
             allow_data_change: options.allow_data_change,
+            overwrite: options.overwrite,
+            run_claim: Some(&mut claim),
             collective: Some(collective),
         },
     );
@@ -236,10 +242,10 @@ fn train_job(
         println!("waiting for checkpoint uploads to finish…");
         report_uploads(uploader.finish());
         // Checkpoints kept only while their upload ran can go now.
-        if let Ok(summary) = &result {
+        if let (Ok(summary), Some(claim)) = (&result, &claim) {
             if let Some(last) = &summary.last_checkpoint {
-                let run = &summary.checkpoint_dir;
-                crate::checkpoint::prune(run, recipe.checkpoint.keep_last, last, &[])?;
+                let keep_last = recipe.checkpoint.keep_last;
+                crate::checkpoint::prune(claim.lock(), keep_last, last, &[])?;
             }
         }
     }

@@ -7,6 +7,7 @@
 //! and replicas, padded or packed. (HF Trainer instead averages per-micro-batch means, which
 //! weights tokens of short micro-batches more; with packed, unpadded rows both agree.)
 
+pub mod claim;
 pub mod distributed;
 pub mod launch;
 pub mod memory;
@@ -34,6 +35,7 @@ use crate::recipe::{Compute, Recipe};
 use crate::tokenizer::TextTokenizer;
 use crate::track::{Progress, RunRef, RunStatus, Tracker, TrackerStart};
 
+use claim::{RunClaim, Start};
 use distributed::{Collective, SingleProcess};
 use memory::MemoryEstimate;
 pub use optimizer::AdamW;
@@ -96,6 +98,13 @@ pub struct TrainOptions<'a> {
     /// caller trains on data it holds in memory (nothing to compare).
     pub data_fingerprint: Vec<SourceFingerprint>,
     pub allow_data_change: bool,
+    /// Start afresh over an earlier run of this name, deleting its checkpoints and logs once
+    /// training is about to start (without it such a start is refused; see [`claim`]).
+    pub overwrite: bool,
+    /// Receives the run's claim (rank 0), for a caller that still changes the run's checkpoints
+    /// after `run` returns (`kiln train` prunes once its Hub uploads are done); without it the
+    /// claim, and the run's lock, end with `run`.
+    pub run_claim: Option<&'a mut Option<RunClaim>>,
     /// The job's other processes (`None`: this process alone). Every rank trains its share of
     /// `batch.replicas`; rank 0 alone writes checkpoints, metrics and tracking, and evaluates.
     pub collective: Option<&'a dyn Collective>,
@@ -152,6 +161,19 @@ pub fn run(
         false => AdamW::new(&recipe.optimizer, params)?,
     };
     let mut scaler = LossScaler::new(&recipe.precision);
+    // Rank 0 alone writes the run, so it alone locks it, once the recipe has passed its checks.
+    let start = Start::new(options.resume.is_some(), options.overwrite)?;
+    let mut own_claim = None;
+    let claim_slot = options.run_claim.take().unwrap_or(&mut own_claim);
+    if writer {
+        *claim_slot = Some(RunClaim::take(recipe, start)?);
+    }
+    if ranks > 1 {
+        // Taking the lock finishes what a crash left in the checkpoints, which the other ranks
+        // are about to read.
+        collective.barrier("rank 0's locking of the run")?;
+    }
+    let claim = claim_slot.as_ref();
     let resumed = (options.resume.as_ref())
         .map(|resume| {
             let model = (&init.config, &trainable, &device);
@@ -177,6 +199,13 @@ pub fn run(
     let memory =
         MemoryEstimate::new(recipe, &init.config, threads).per_rank(ranks, adamw.is_sharded());
     println!("{}", memory.table());
+    if let Some(replaced) = claim
+        .map(RunClaim::replace_earlier_run)
+        .transpose()?
+        .flatten()
+    {
+        println!("overwrite: deleted the earlier run ({replaced})");
+    }
     if ranks > 1 {
         let sharding = match adamw.is_sharded() {
             true => "optimizer state sharded (ZeRO-1)",
@@ -217,8 +246,9 @@ pub fn run(
         seed: recipe.seed,
         activation_checkpointing: recipe.memory.activation_checkpointing,
     };
-    let checkpoints = CheckpointTarget {
-        dir: &run_checkpoints,
+    // Rank 0's only: the other ranks write no checkpoints.
+    let checkpoints = claim.map(|claim| CheckpointTarget {
+        lock: claim.lock(),
         recipe,
         config: &init.config,
         tokenizer: init.tokenizer.as_ref(),
@@ -227,7 +257,7 @@ pub fn run(
         cpu_workers: workers.per_replica,
         data: &options.data_fingerprint,
         world_size: ranks,
-    };
+    });
 
     for step in start_step + 1..=total_steps {
         let started = Instant::now();
@@ -289,7 +319,7 @@ pub fn run(
         if saving {
             // Every rank sends its share of a sharded optimizer state; rank 0 writes.
             let optimizer = adamw.state_tensors(params, collective)?;
-            if writer {
+            if let Some(checkpoints) = &checkpoints {
                 let state = (&adamw, &scaler, &train);
                 let mlflow = log.tracker.as_ref().and_then(Tracker::mlflow_run);
                 let dir =
@@ -531,8 +561,8 @@ impl RunLog {
 
 /// What every checkpoint of a run shares.
 struct CheckpointTarget<'a> {
-    /// `<checkpoint.dir>/<name>`.
-    dir: &'a Path,
+    /// `<checkpoint.dir>/<name>`, locked for this process.
+    lock: &'a checkpoint::RunLock,
     recipe: &'a Recipe,
     config: &'a Config,
     tokenizer: Option<&'a TextTokenizer>,
@@ -571,7 +601,7 @@ impl CheckpointTarget<'_> {
         };
         trainable.with_checkpoint_weights(self.weights_dtype, |weights| {
             checkpoint::save(
-                self.dir,
+                self.lock,
                 checkpoint::Contents {
                     config: self.config,
                     weights,
@@ -602,7 +632,7 @@ impl CheckpointTarget<'_> {
             None => Vec::new(),
         };
         let keep_last = self.recipe.checkpoint.keep_last;
-        for note in checkpoint::prune(self.dir, keep_last, dir, &in_use)? {
+        for note in checkpoint::prune(self.lock, keep_last, dir, &in_use)? {
             log.progress.println(&note);
         }
         log.summary.last_checkpoint = Some(dir.to_path_buf());
