@@ -1211,7 +1211,7 @@ fn a_dead_scheduler_is_unready_answers_503_and_ends_the_server_with_an_error() {
         .unwrap();
     let addr = listener.local_addr().unwrap();
     runtime.spawn(async move {
-        axum::serve(listener, kiln::serve::router(app, 1 << 20))
+        axum::serve(listener, kiln::serve::router(app, 1 << 20, None))
             .await
             .unwrap()
     });
@@ -1250,6 +1250,12 @@ fn a_dead_scheduler_is_unready_answers_503_and_ends_the_server_with_an_error() {
         addr: "127.0.0.1:0".parse().unwrap(),
         limits: Limits::default(),
         max_body_bytes: 1 << 20,
+        api_key: None,
+        connections: kiln::serve::connections::ConnectionLimits {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(75),
+            max_connections: 64,
+        },
     };
     let model = model_that_kills_the_scheduler(&model_dir);
     let tokenizer = kiln::tokenizer::TextTokenizer::from_dir(&model_dir).unwrap();

@@ -6,6 +6,8 @@ use std::time::Duration;
 use clap::ValueEnum;
 
 use super::*;
+use crate::serve::auth::ApiKey;
+use crate::serve::connections::ConnectionLimits;
 use crate::serve::scheduler::Limits;
 use crate::serve::ServeOptions;
 
@@ -20,6 +22,7 @@ pub struct ServeArgs {
     /// The model's name in URLs and requests (default: the model directory's name).
     #[arg(long)]
     pub name: Option<String>,
+    /// Address to listen on; a non-loopback one without an API key is warned about.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     /// 0 picks a free port (printed when ready).
@@ -54,6 +57,24 @@ pub struct ServeArgs {
     /// Largest request body in bytes; larger ones are answered 413.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
+    /// Requests must send `Authorization: Bearer KEY` or are answered 401; /v2/health/live,
+    /// /v2/health/ready and /metrics stay open. Default: the KILN_API_KEY environment variable;
+    /// neither set serves without authentication.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Seconds a client has to send a request's head, from its first byte (a new connection's
+    /// first request: from connecting); later the connection is closed.
+    #[arg(long, default_value_t = 10.0)]
+    pub header_read_timeout: f64,
+    /// Seconds a connection may sit with no request in flight (or with a request body that
+    /// stopped arriving) before it is closed. Above the usual 60 s of a load balancer's idle
+    /// timeout, so the balancer, not the server, closes its pooled connections.
+    #[arg(long, default_value_t = 75.0)]
+    pub idle_timeout: f64,
+    /// Connections open at once; a client over the cap waits in the listen backlog until
+    /// another connection closes (nothing is refused).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
     /// CPU threads for the model (default: all cores).
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub threads: Option<usize>,
@@ -74,12 +95,37 @@ pub enum LogFormat {
     Json,
 }
 
-pub(super) fn serve(args: ServeArgs) -> Result<()> {
+fn seconds(flag: &str, value: f64) -> Result<Duration> {
     anyhow::ensure!(
-        args.timeout > 0.0 && args.timeout.is_finite(),
-        "--timeout must be a positive number of seconds, got {}",
-        args.timeout
+        value > 0.0 && value.is_finite(),
+        "{flag} must be a positive number of seconds, got {value}"
     );
+    Ok(Duration::from_secs_f64(value))
+}
+
+/// `--api-key`, else `KILN_API_KEY`; a key given but empty is an error, not an open server.
+fn api_key(flag: Option<&str>) -> Result<Option<ApiKey>> {
+    let (source, key) = match flag {
+        Some(key) => ("--api-key", key.to_string()),
+        None => match std::env::var("KILN_API_KEY") {
+            Ok(key) => ("KILN_API_KEY", key),
+            Err(std::env::VarError::NotPresent) => return Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                anyhow::bail!("KILN_API_KEY is not valid UTF-8")
+            }
+        },
+    };
+    ApiKey::new(&key).map(Some).context(source)
+}
+
+pub(super) fn serve(args: ServeArgs) -> Result<()> {
+    let timeout = seconds("--timeout", args.timeout)?;
+    let connections = ConnectionLimits {
+        header_read_timeout: seconds("--header-read-timeout", args.header_read_timeout)?,
+        idle_timeout: seconds("--idle-timeout", args.idle_timeout)?,
+        max_connections: args.max_connections,
+    };
+    let api_key = api_key(args.api_key.as_deref())?;
     let host: std::net::IpAddr = args
         .host
         .parse()
@@ -125,9 +171,11 @@ pub(super) fn serve(args: ServeArgs) -> Result<()> {
             max_prompts: args.max_prompts,
             max_classify_pairs: args.max_classify_pairs,
             score_budget_bytes: args.score_memory_mib << 20,
-            timeout: Duration::from_secs_f64(args.timeout),
+            timeout,
         },
         max_body_bytes: args.max_body_bytes,
+        api_key,
+        connections,
     };
     crate::serve::serve(model, tokenizer, options, |addr| {
         println!("serving {name} on http://{addr}");

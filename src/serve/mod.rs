@@ -2,6 +2,8 @@
 //! Protocol (KServe v2) and OpenAI's `/v1/completions` (with server-sent events), with
 //! continuous batching ([`scheduler`]), Prometheus metrics, request logs and graceful shutdown.
 
+pub mod auth;
+pub mod connections;
 pub mod metrics;
 pub mod protocol;
 pub mod scheduler;
@@ -26,6 +28,8 @@ use tokio_stream::StreamExt;
 use crate::generate::{FinishReason, Generated, GenerationParams, Sequence};
 use crate::model::{Config, Model};
 use crate::tokenizer::TextTokenizer;
+use auth::ApiKey;
+use connections::ConnectionLimits;
 use metrics::Metrics;
 use protocol::{BadRequest, Parsed};
 use scheduler::{Event, Limits, Refused, Scheduler, Work};
@@ -45,6 +49,9 @@ pub struct ServeOptions {
     pub addr: SocketAddr,
     pub limits: Limits,
     pub max_body_bytes: usize,
+    /// Requests must carry `Authorization: Bearer KEY` (but for [`auth::OPEN_PATHS`]).
+    pub api_key: Option<ApiKey>,
+    pub connections: ConnectionLimits,
 }
 
 /// Serves `model` until SIGTERM or Ctrl-C, then stops taking connections, finishes the requests
@@ -71,6 +78,7 @@ pub fn serve(
                 )
             })?;
         let addr = listener.local_addr()?;
+        auth::warn_if_exposed(addr, options.api_key.as_ref());
         let metrics = Arc::new(Metrics::new());
         let tokenizer = Arc::new(tokenizer);
         let config = model.config().clone();
@@ -83,7 +91,7 @@ pub fn serve(
             scheduler: scheduler.clone(),
             metrics,
         });
-        let router = router(app, options.max_body_bytes);
+        let router = router(app, options.max_body_bytes, options.api_key.map(Arc::new));
         on_ready(addr);
         // A dead scheduler stops the server too, so that it exits non-zero and whoever runs it
         // (KServe, systemd, Kubernetes) starts a new one; until then it answers 503.
@@ -94,10 +102,7 @@ pub fn serve(
                 _ = watched.died() => tracing::error!("the scheduler died: shutting down"),
             }
         };
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("the HTTP server failed")?;
+        connections::serve_connections(listener, router, options.connections, shutdown).await;
         tracing::info!("stopped taking requests; finishing the ones in flight");
         scheduler.close();
         match tokio::task::spawn_blocking(move || worker.join()).await? {
@@ -117,7 +122,7 @@ async fn shutdown_signal() {
     }
 }
 
-pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
+pub fn router(app: Arc<App>, max_body_bytes: usize, api_key: Option<Arc<ApiKey>>) -> Router {
     Router::new()
         .route("/v1/models", get(list_models))
         .route("/v1/models/{target}", get(model_status).post(model_verb))
@@ -130,6 +135,11 @@ pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
         .route("/v2/models/{name}/infer", post(infer))
         .route("/metrics", get(prometheus))
         .fallback(not_found)
+        // Inside the request log, so refusals are logged and counted like any answer.
+        .layer(axum::middleware::from_fn_with_state(
+            api_key,
+            auth::require_api_key,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             log_request,
