@@ -1234,3 +1234,102 @@ fn push_to_hub_without_a_token_fails_before_training() {
     assert!(!tmp.path().join("checkpoints").exists());
     assert!(server.requests().is_empty(), "no byte is sent");
 }
+
+#[test]
+fn a_metadata_redirect_to_another_host_never_carries_the_token() {
+    let server = HubServer::start(ServerOptions::default());
+    let files = seed_model(&server, "models/alice/tiny", false);
+    // Every HEAD of a file answers with an absolute Location on the storage origin, which
+    // refuses any request that carries the Hub token.
+    server.inject(Fault {
+        method: "HEAD",
+        path_contains: "/alice/tiny/resolve/".into(),
+        skip: 0,
+        times: usize::MAX,
+        action: FaultAction::RedirectToMirror,
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let dir = hub::resolve_model_with(
+        &config(&server, Some(READ_TOKEN), &cache),
+        "alice/tiny",
+        None,
+    )
+    .unwrap();
+    for (name, content) in &files {
+        assert_eq!(&fs::read(dir.join(name)).unwrap(), content, "{name}");
+    }
+    let mirrored: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/mirror/"))
+        .collect();
+    assert_eq!(
+        mirrored.iter().filter(|r| r.method == "HEAD").count(),
+        files.len(),
+        "{mirrored:?}"
+    );
+    assert!(mirrored.iter().all(|r| r.status != 400), "{mirrored:?}");
+}
+
+#[test]
+fn concurrent_resolves_on_a_cold_cache_download_each_file_once() {
+    let server = HubServer::start(ServerOptions::default());
+    // Large enough that the downloads of all the resolvers overlap.
+    let weights = bytes(8 << 20, 21);
+    server.seed(
+        "models/alice/big",
+        false,
+        &[
+            ("config.json", br#"{"model_type": "gptj"}"#, false),
+            ("model.safetensors", &weights, true),
+            ("tokenizer.json", b"{\"version\": \"1.0\"}", false),
+        ],
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    const RESOLVERS: usize = 8;
+    let start = std::sync::Barrier::new(RESOLVERS);
+    let dirs: Vec<PathBuf> = std::thread::scope(|scope| {
+        let resolvers: Vec<_> = (0..RESOLVERS)
+            .map(|_| {
+                scope.spawn(|| {
+                    start.wait();
+                    hub::resolve_model_with(&config(&server, None, &cache), "alice/big", None)
+                })
+            })
+            .collect();
+        resolvers
+            .into_iter()
+            .map(|r| r.join().unwrap().unwrap())
+            .collect()
+    });
+    assert!(dirs.iter().all(|d| d == &dirs[0]), "{dirs:?}");
+    assert_eq!(
+        fs::read(dirs[0].join("model.safetensors")).unwrap(),
+        weights
+    );
+    let mut downloads: BTreeMap<String, usize> = BTreeMap::new();
+    for request in server.requests() {
+        let is_file = request.path.contains("/resolve/") || request.path.starts_with("/lfs-cdn/");
+        if request.method == "GET" && is_file {
+            *downloads.entry(request.path).or_default() += 1;
+        }
+    }
+    assert_eq!(downloads.len(), 3, "{downloads:?}");
+    assert!(downloads.values().all(|&n| n == 1), "{downloads:?}");
+    let blobs = cache.join("models--alice--big/blobs");
+    let leftovers: Vec<_> = fs::read_dir(&blobs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".incomplete"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let locks = cache.join(".locks/models--alice--big");
+    assert!(
+        locks
+            .join(format!("{}.lock", hub_server::sha256_hex(&weights)))
+            .is_file(),
+        "huggingface_hub's lock file layout"
+    );
+}

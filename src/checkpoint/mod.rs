@@ -331,6 +331,16 @@ pub fn verify(dir: &Path) -> Result<TrainerState> {
         .with_context(|| format!("{}: cannot read", path.display()))?;
     let state: TrainerState = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a valid trainer state", path.display()))?;
+    // The state file is the one file the digests cannot cover; its step must at least be the
+    // step the directory was written for, or a resume would skip (or repeat) the steps between.
+    if let Some(dir_step) = step_of(dir).filter(|&s| s != state.step) {
+        bail!(
+            "{}: step is {}, but the checkpoint directory is {}",
+            path.display(),
+            state.step,
+            step_dir_name(dir_step)
+        );
+    }
     for (name, expected) in &state.files {
         let file = dir.join(name);
         if !file.is_file() {
@@ -381,17 +391,26 @@ pub fn latest_good(
             candidates.drain(..i);
         }
     }
+    let mut rejected = Vec::new();
     for (_, dir) in &candidates {
         match verify(dir) {
             Ok(state) => return Ok((dir.clone(), state)),
-            Err(e) => warn(format!(
-                "checkpoint {} failed verification and is skipped: {e:#}",
-                dir.display()
-            )),
+            Err(e) => {
+                warn(format!(
+                    "checkpoint {} failed verification and is skipped: {e:#}",
+                    dir.display()
+                ));
+                rejected.push(format!("{e:#}"));
+            }
         }
     }
+    // The warnings are printed only once a checkpoint is chosen, so the reasons go here too.
+    let reasons = match rejected.is_empty() {
+        true => String::new(),
+        false => format!(" ({})", rejected.join("; ")),
+    };
     bail!(
-        "{}: no complete checkpoint to resume from",
+        "{}: no complete checkpoint to resume from{reasons}",
         run_dir.display()
     )
 }

@@ -541,11 +541,32 @@ impl<'a> CachedRepo<'a> {
             .file_metadata(&url)
             .map_err(|e| anyhow!("{}: {path}: {e}", self.describe()))?;
         let blob = self.dir.join("blobs").join(&meta.etag);
+        let _lock = self.lock_blob(&meta.etag)?;
+        // Another process may have completed the blob while this one waited for the lock.
         if !blob.is_file() {
             self.download_blob(&meta, &blob, path)?;
         }
         link_snapshot(&blob, &target)?;
         Ok(target)
+    }
+
+    /// Holds `{cache}/.locks/{repo folder}/{etag}.lock` until dropped, as huggingface_hub does:
+    /// processes sharing a cache (every rank of a job on a cold cache) then write each blob's
+    /// `.incomplete` file one at a time, and the later ones find the blob complete.
+    fn lock_blob(&self, etag: &str) -> Result<File> {
+        let repo_folder = self.dir.file_name().expect("a repo folder has a name");
+        let locks = self.config.cache_dir.join(".locks").join(repo_folder);
+        fs::create_dir_all(&locks).with_context(|| format!("creating {}", locks.display()))?;
+        let path = locks.join(format!("{etag}.lock"));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening the lock {}", path.display()))?;
+        file.lock()
+            .with_context(|| format!("locking {}", path.display()))?;
+        Ok(file)
     }
 
     /// What a HEAD of the resolve URL says: the blob name, the size, and where the bytes are.
@@ -554,9 +575,11 @@ impl<'a> CachedRepo<'a> {
         // The Hub answers a renamed repo with a relative redirect to its new name, and an LFS
         // file with a redirect to storage; only the former is followed here.
         for _ in 0..5 {
+            // An absolute Location may name another host: the token goes to the Hub only.
+            let to_hub = http::origin(&current) == http::origin(&self.config.endpoint);
             let response = http::with_retries(&self.config.retry, "file metadata", || {
                 let mut request = self.agent.head(&current);
-                if let Some(auth) = http::bearer(self.config) {
+                if let Some(auth) = http::bearer(self.config).filter(|_| to_hub) {
                     request = request.header("Authorization", auth);
                 }
                 http::check("HEAD", &current, request.call())

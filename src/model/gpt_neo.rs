@@ -123,11 +123,28 @@ impl Config {
             ("hidden_size", self.hidden_size),
             ("num_heads", self.num_heads),
         )?;
-        let layers = self.layer_reach()?.len();
-        if layers != self.num_layers {
+        // Counted, not expanded: the repeats are the config's to choose, and expanding a
+        // pattern repeated 1e15 times would allocate before the sizes are checked.
+        let layers = self
+            .attention_types
+            .iter()
+            .try_fold(0usize, |total, (pattern, repeats)| {
+                total.checked_add(pattern.len().checked_mul(*repeats)?)
+            });
+        if layers != Some(self.num_layers) {
+            let layers = layers.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string());
             return Err(format!(
                 "attention_types expands to {layers} layers, but num_layers is {}",
                 self.num_layers
+            ));
+        }
+        let kinds = self.attention_types.iter().flat_map(|(pattern, _)| pattern);
+        if let Some(other) = kinds
+            .map(String::as_str)
+            .find(|k| !["global", "local"].contains(k))
+        {
+            return Err(format!(
+                "attention_types names {other:?}; expected \"global\" or \"local\""
             ));
         }
         Ok(())

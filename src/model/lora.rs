@@ -357,6 +357,7 @@ impl Adapter {
                 "{}: tensor {key} is not a LoRA A or B matrix",
                 weights_path.display()
             );
+            super::weights::ensure_float(&tensor, &weights_path, &key)?;
             tensors.push((name, tensor.to_dtype(DType::F32)?));
         }
         tensors.sort_by(|a, b| a.0.cmp(&b.0));

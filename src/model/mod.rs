@@ -10,6 +10,7 @@ pub mod gpt_neox;
 pub mod gptj;
 pub mod init;
 pub mod lora;
+pub mod sizes;
 pub mod weights;
 
 use std::collections::{HashMap, HashSet};
@@ -57,11 +58,12 @@ impl Config {
             .and_then(|t| t.as_str())
             .ok_or("model_type is missing")?
             .to_string();
+        // serde_path_to_error names the field a bad value is in (`n_head: invalid type`).
         let parsed = match model_type.as_str() {
-            "gptj" => serde_json::from_value(value).map(Config::GptJ),
-            "gpt2" => serde_json::from_value(value).map(Config::Gpt2),
-            "gpt_neo" => serde_json::from_value(value).map(Config::GptNeo),
-            "gpt_neox" => serde_json::from_value(value).map(Config::GptNeoX),
+            "gptj" => serde_path_to_error::deserialize(value).map(Config::GptJ),
+            "gpt2" => serde_path_to_error::deserialize(value).map(Config::Gpt2),
+            "gpt_neo" => serde_path_to_error::deserialize(value).map(Config::GptNeo),
+            "gpt_neox" => serde_path_to_error::deserialize(value).map(Config::GptNeoX),
             other => {
                 return Err(format!(
                     "model_type {other:?} is not implemented: Kiln implements {}",
@@ -82,14 +84,49 @@ impl Config {
         }
     }
 
-    /// Checks what the HF implementation silently assumes, naming the field at fault.
+    /// Checks what the HF implementation silently assumes, that the special tokens are rows of
+    /// the vocabulary, and that this machine can hold a model of these sizes, naming the field
+    /// at fault; nothing is allocated from the sizes before this passes.
     pub fn validate(&self) -> std::result::Result<(), String> {
         match self {
             Config::GptJ(c) => c.validate(),
             Config::Gpt2(c) => c.validate(),
             Config::GptNeo(c) => c.validate(),
             Config::GptNeoX(c) => c.validate(),
+        }?;
+        let vocab_size = self.vocab_size();
+        if let Some((field, id)) = self
+            .special_token_ids()
+            .into_iter()
+            .find(|&(_, id)| id >= vocab_size as u64)
+        {
+            return Err(format!(
+                "{field} {id} is outside the vocabulary (vocab_size {vocab_size})"
+            ));
         }
+        sizes::check_fits(self, sizes::physical_memory())
+    }
+
+    /// The special-token ids the config sets, by field: `pad_token_id` is a field of GPT-J's
+    /// config and an extra key of the others'.
+    fn special_token_ids(&self) -> Vec<(&'static str, u64)> {
+        let (bos, eos, pad) = match self {
+            Config::GptJ(c) => (c.bos_token_id, c.eos_token_id, c.pad_token_id),
+            Config::Gpt2(c) => (c.bos_token_id, c.eos_token_id, None),
+            Config::GptNeo(c) => (c.bos_token_id, c.eos_token_id, None),
+            Config::GptNeoX(c) => (c.bos_token_id, c.eos_token_id, None),
+        };
+        let pad = pad
+            .map(u64::from)
+            .or_else(|| self.extra().get("pad_token_id")?.as_u64());
+        [
+            ("bos_token_id", bos.map(u64::from)),
+            ("eos_token_id", eos.map(u64::from)),
+            ("pad_token_id", pad),
+        ]
+        .into_iter()
+        .filter_map(|(field, id)| Some((field, id?)))
+        .collect()
     }
 
     pub fn model_type(&self) -> &'static str {
@@ -166,13 +203,45 @@ impl Config {
         }
     }
 
-    /// Resizes the vocabulary (embedding and head rows) to `vocab_size`.
+    /// Resizes the vocabulary (embedding and head rows) to `vocab_size`; a special token the
+    /// smaller vocabulary no longer has is unset (a preset's 50256 in a 1000-row model), since
+    /// an id outside the vocabulary is an invalid config.
     pub fn set_vocab_size(&mut self, vocab_size: usize) {
-        match self {
-            Config::GptJ(c) => c.vocab_size = vocab_size,
-            Config::Gpt2(c) => c.vocab_size = vocab_size,
-            Config::GptNeo(c) => c.vocab_size = vocab_size,
-            Config::GptNeoX(c) => c.vocab_size = vocab_size,
+        let (size, ids) = match self {
+            Config::GptJ(c) => (
+                &mut c.vocab_size,
+                vec![
+                    &mut c.bos_token_id,
+                    &mut c.eos_token_id,
+                    &mut c.pad_token_id,
+                ],
+            ),
+            Config::Gpt2(c) => (
+                &mut c.vocab_size,
+                vec![&mut c.bos_token_id, &mut c.eos_token_id],
+            ),
+            Config::GptNeo(c) => (
+                &mut c.vocab_size,
+                vec![&mut c.bos_token_id, &mut c.eos_token_id],
+            ),
+            Config::GptNeoX(c) => (
+                &mut c.vocab_size,
+                vec![&mut c.bos_token_id, &mut c.eos_token_id],
+            ),
+        };
+        *size = vocab_size;
+        for id in ids {
+            if id.is_some_and(|id| id as usize >= vocab_size) {
+                *id = None;
+            }
+        }
+        let pad_outside = self
+            .extra()
+            .get("pad_token_id")
+            .and_then(|v| v.as_u64())
+            .is_some_and(|id| id >= vocab_size as u64);
+        if pad_outside {
+            self.extra_mut().remove("pad_token_id");
         }
     }
 

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
@@ -199,6 +199,7 @@ impl WeightStore {
                 .with_context(|| format!("{}: cannot read tensor {name}", path.display()))?
                 .with_context(|| format!("{}: tensor {name} is missing", path.display()))?,
         };
+        ensure_float(&tensor, file.path(), name)?;
         tensor.to_dtype(dtype).with_context(|| {
             format!(
                 "{}: cannot convert {name} to {dtype:?}",
@@ -224,12 +225,46 @@ impl WeightStore {
     }
 }
 
+/// Refuses a stored tensor that is not F32, F16, BF16 or F64, naming `file` and the tensor:
+/// integers converted to floats would load and run as garbage, and 8-bit or smaller floats come
+/// with scales that a plain conversion would ignore.
+pub fn ensure_float(tensor: &Tensor, file: &Path, name: &str) -> Result<()> {
+    if matches!(
+        tensor.dtype(),
+        DType::F16 | DType::BF16 | DType::F32 | DType::F64
+    ) {
+        return Ok(());
+    }
+    bail!(
+        "{}: tensor {name} is stored as {:?}, but weights must be floating point (F32, F16, \
+         BF16 or F64)",
+        file.display(),
+        tensor.dtype()
+    )
+}
+
 fn shard_files(index_path: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index_path)
         .with_context(|| format!("{}: cannot read", index_path.display()))?;
     let index: ShardIndex = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a valid shard index", index_path.display()))?;
     let dir = index_path.parent().unwrap_or(Path::new("."));
+    // The index is data: a name such as `../../x` or `/etc/x` would open a file outside the
+    // model directory, so only plain relative paths below it are accepted (the Hub download
+    // refuses the same names).
+    if let Some((tensor, f)) = index.weight_map.iter().find(|(_, f)| {
+        f.is_empty()
+            || !Path::new(f)
+                .components()
+                .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+    }) {
+        bail!(
+            "{}: weight_map[{tensor}] is {f:?}, which is not a file inside {}: shard names must \
+             be relative paths without `..`",
+            index_path.display(),
+            dir.display()
+        );
+    }
     let mut files: Vec<&String> = index.weight_map.values().collect();
     files.sort();
     files.dedup();

@@ -88,6 +88,9 @@ pub enum FaultAction {
     DropMidBody,
     /// Read the whole request, then close the connection without answering.
     DropBeforeResponse,
+    /// Answer 302 with an absolute `Location` on the storage origin, which serves the same path
+    /// under `/mirror` (a mirror on another host: it must never see the Hub token).
+    RedirectToMirror,
 }
 
 /// Fails the matching requests: `method` and a substring of the path; the first `skip` matching
@@ -404,6 +407,18 @@ fn serve_connection(stream: TcpStream, state: Arc<Mutex<State>>, is_storage: boo
                 return;
             }
             Some(FaultAction::Status(status, message)) => error(status, &message),
+            // The mirror's own paths contain the Hub's: it answers them itself.
+            Some(FaultAction::RedirectToMirror) if !is_storage => {
+                let storage = state.lock().unwrap().storage.clone();
+                Response {
+                    status: 302,
+                    headers: vec![(
+                        "Location".into(),
+                        format!("{storage}/mirror{}", request.path),
+                    )],
+                    body: vec![],
+                }
+            }
             _ => {
                 let mut st = state.lock().unwrap();
                 if is_storage {
@@ -728,6 +743,18 @@ fn route_storage(state: &mut State, req: &Request) -> Response {
         ("PUT", ["lfs-storage", oid]) => storage_put(state, req, oid),
         ("PUT", ["lfs-multipart", oid, part]) => multipart_put(state, req, oid, part),
         ("GET" | "HEAD", ["lfs-cdn", oid]) => cdn_get(state, req, oid),
+        ("GET" | "HEAD", ["mirror", owner, name, "resolve", rev, path @ ..])
+            if !path.is_empty() =>
+        {
+            let path = path.iter().map(|p| percent_decode(p)).collect::<Vec<_>>();
+            resolve(
+                state,
+                req,
+                &format!("models/{owner}/{name}"),
+                rev,
+                &path.join("/"),
+            )
+        }
         _ => Err(error(404, "NoSuchKey")),
     };
     result.unwrap_or_else(|e| e)
