@@ -9,8 +9,13 @@ use indicatif::DecimalBytes;
 
 use super::Config;
 
-/// Half precision, the narrowest dtype Kiln holds weights in: the least a parameter can cost.
-const MIN_BYTES_PER_PARAMETER: u64 = 2;
+/// The least a parameter can cost: 4 bits (QLoRA's NF4, the narrowest weights are stored in).
+/// Weights pass through memory as they load (to a GPU too, and quantised), so a model whose
+/// parameters cannot fit even so was never meant for this machine; a wider bound would refuse
+/// a 6B model on a 16 GB machine that can fine-tune it in 4 bits.
+fn min_bytes(parameters: u64) -> u64 {
+    parameters.div_ceil(2)
+}
 
 /// The rotary tables are fp32: the angles, then their sine and cosine, all alive at once.
 const ROTARY_BYTES_PER_ENTRY: u64 = 3 * 4;
@@ -35,18 +40,18 @@ pub fn physical_memory() -> u64 {
 }
 
 /// Checks that a model of `config`'s sizes fits in `memory` bytes: each size field on its own,
-/// the rotary table its positions need, and all its parameters in half precision. The error
+/// the rotary table its positions need, and all its parameters at 4 bits each. The error
 /// names the field and what it would cost.
 pub fn check_fits(config: &Config, memory: u64) -> Result<(), String> {
     let machine = || format!("this machine has {} of memory", DecimalBytes(memory));
     // No single size can exceed the parameters it sizes; bounding each first also keeps the
     // family code's own arithmetic on them (`4 * n_embd`, `3 * hidden_size`) from overflowing.
     for (field, value) in sized_fields(config) {
-        let bytes = (value as u64).checked_mul(MIN_BYTES_PER_PARAMETER);
+        let bytes = Some(min_bytes(value as u64));
         if bytes.is_none_or(|b| b > memory) {
             return Err(format!(
-                "{field} {value} alone implies at least {value} parameters ({} in half \
-                 precision); {}",
+                "{field} {value} alone implies at least {value} parameters ({} at 4 bits \
+                 each); {}",
                 describe_bytes(bytes),
                 machine()
             ));
@@ -80,12 +85,12 @@ pub fn check_fits(config: &Config, memory: u64) -> Result<(), String> {
     let total = per_layer
         .checked_mul(layers as u64)
         .and_then(|in_layers| in_layers.checked_add(outside_layers));
-    let bytes = total.and_then(|t| t.checked_mul(MIN_BYTES_PER_PARAMETER));
+    let bytes = total.map(min_bytes);
     if bytes.is_none_or(|b| b > memory) {
         let count = total.map_or_else(|| "more than 2^64".to_string(), |t| t.to_string());
         return Err(format!(
             "the config describes {count} parameters ({layers_field} {layers} layers of \
-             {per_layer} each, plus {outside_layers} outside the layers): {} in half precision; \
+             {per_layer} each, plus {outside_layers} outside the layers): {} at 4 bits each; \
              {}",
             describe_bytes(bytes),
             machine()
@@ -203,11 +208,11 @@ mod tests {
 
     #[test]
     fn the_published_shapes_fit_a_machine_of_their_size() {
-        // GPT-J-6B: 6.05e9 parameters, 12.1 GB in half precision.
-        check_fits(&Preset::Gptj6b.config(), 16 * GB).unwrap();
-        let err = check_fits(&Preset::Gptj6b.config(), 8 * GB).unwrap_err();
+        // GPT-J-6B: 6.05e9 parameters, 3.03 GB at 4 bits.
+        check_fits(&Preset::Gptj6b.config(), 8 * GB).unwrap();
+        let err = check_fits(&Preset::Gptj6b.config(), 2 * GB).unwrap_err();
         assert!(
-            err.contains("n_layer 28 layers") && err.contains("8.00 GB"),
+            err.contains("n_layer 28 layers") && err.contains("2.00 GB"),
             "{err}"
         );
         for preset in [
@@ -244,11 +249,15 @@ mod tests {
     fn sizes_that_overflow_are_refused_without_overflowing() {
         let mut config = gptj_tiny();
         config.vocab_size = usize::MAX;
-        let err = check_fits(&Config::GptJ(config), u64::MAX).unwrap_err();
+        let err = check_fits(&Config::GptJ(config.clone()), 64 * GB).unwrap_err();
         assert!(
-            err.starts_with(&format!("vocab_size {}", usize::MAX)) && err.contains("18 EB"),
+            err.starts_with(&format!("vocab_size {} alone implies", usize::MAX))
+                && err.contains("9.22 EB"),
             "{err}"
         );
+        // Where the OS gives no memory size, the count of parameters overflowing still stops it.
+        let err = check_fits(&Config::GptJ(config), u64::MAX).unwrap_err();
+        assert!(err.contains("overflow"), "{err}");
         let mut config = gptj_tiny();
         config.n_layer = 1 << 30;
         let err = check_fits(&Config::GptJ(config), 64 * GB).unwrap_err();
