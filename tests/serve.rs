@@ -1157,118 +1157,78 @@ fn the_largest_classification_stays_in_its_memory_budget_and_lets_generation_thr
     }
 }
 
-/// A model whose config says eos is id 60,000, outside its vocabulary: loading refuses such a
-/// config, so it is forced past the check here to make the scheduler thread panic (suppressing
-/// eos for `min_new_tokens` indexes the logits with it).
-fn model_that_kills_the_scheduler(model_dir: &Path) -> kiln::model::Model {
-    use candle_nn::VarBuilder;
-    use kiln::model::{weights::StoreBackend, WeightStore};
-    let mut config = kiln::model::load_config(model_dir).unwrap();
-    config.set_eos_and_bos(60_000);
-    let store = std::sync::Arc::new(WeightStore::open(model_dir).unwrap());
-    let vb = VarBuilder::from_backend(
-        Box::new(StoreBackend(store)),
-        candle_core::DType::F32,
-        candle_core::Device::Cpu,
-    );
-    kiln::model::Model::load(vb, &config).unwrap()
-}
-
-const KILLER: &str = r#"{"instances": ["Hello"], "parameters": {"min_new_tokens": 1}}"#;
-
-/// A scheduler thread that dies makes the server unready and answers 503 at once instead of
-/// hanging (checked on the router, kept serving), and ends `serve` with an error, so that
-/// `kiln serve` exits non-zero and its orchestrator restarts it.
+/// A scheduler thread that dies (made to, with `KILN_TEST_SCHEDULER_PANIC`: no input is known to
+/// kill it) makes the server unready and answers 503 at once instead of hanging, then `kiln
+/// serve` exits non-zero, so that its orchestrator restarts it.
 #[test]
-fn a_dead_scheduler_is_unready_answers_503_and_ends_the_server_with_an_error() {
-    use kiln::serve::{
-        metrics::Metrics,
-        scheduler::{Limits, Scheduler},
-        App,
-    };
-    use std::sync::Arc;
+fn a_dead_scheduler_is_unready_answers_503_and_exits_non_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(model_dir) = tiny_model(dir.path()) else {
+    let Some(model) = tiny_model(dir.path()) else {
         return;
     };
-    let tokenizer = Arc::new(kiln::tokenizer::TextTokenizer::from_dir(&model_dir).unwrap());
-
-    let model = model_that_kills_the_scheduler(&model_dir);
-    let config = model.config().clone();
-    let metrics = Arc::new(Metrics::new());
-    let (scheduler, worker) =
-        Scheduler::start(model, tokenizer.clone(), Limits::default(), metrics.clone()).unwrap();
-    let app = Arc::new(App {
-        name: "tiny".into(),
-        config,
-        tokenizer: tokenizer.clone(),
-        scheduler,
-        metrics,
-    });
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--port",
+            "0",
+            "--name",
+            "tiny",
+        ])
+        .env(kiln::serve::scheduler::PANIC_FOR_TESTS, "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let addr = listener.local_addr().unwrap();
-    runtime.spawn(async move {
-        axum::serve(listener, kiln::serve::router(app, 1 << 20, None))
-            .await
-            .unwrap()
-    });
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: SocketAddr = line
+        .trim()
+        .rsplit("http://")
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert_eq!(http(addr, "GET", "/v2/health/ready", b"").0, 200);
-    let (status, _, body) = http(addr, "POST", "/v1/models/tiny:predict", KILLER.as_bytes());
+    let request = br#"{"instances": ["Hello"], "parameters": {"max_new_tokens": 3}}"#;
+    let (status, _, body) = http(addr, "POST", "/v1/models/tiny:predict", request);
     let body = String::from_utf8_lossy(&body);
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("scheduler thread died"), "{body}");
-    let death = worker.join().unwrap().unwrap_err();
-    assert!(death.contains("index out of bounds"), "{death}");
     for path in [
         "/v2/health/ready",
+        "/v2/health/live",
         "/v2/models/tiny/ready",
         "/v1/models/tiny",
     ] {
         let (status, _, body) = http(addr, "GET", path, b"");
-        assert_eq!(status, 503, "{path}: {}", String::from_utf8_lossy(&body));
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, 503, "{path}: {body}");
+        assert!(
+            body.contains("\"ready\": false")
+                || body.contains("\"ready\":false")
+                || body.contains("\"live\":false"),
+            "{path}: {body}"
+        );
     }
     let started = Instant::now();
-    let (status, _, _) = http(
-        addr,
-        "POST",
-        "/v1/models/tiny:predict",
-        br#"{"instances": ["Hi"]}"#,
-    );
+    let (status, _, _) = http(addr, "POST", "/v1/models/tiny:predict", request);
     assert_eq!(status, 503);
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(2),
         "answered at once"
     );
-    drop(runtime);
-
-    // The whole server: it shuts down by itself and `serve` returns the death.
-    let options = kiln::serve::ServeOptions {
-        name: "tiny".into(),
-        addr: "127.0.0.1:0".parse().unwrap(),
-        limits: Limits::default(),
-        max_body_bytes: 1 << 20,
-        api_key: None,
-        connections: kiln::serve::connections::ConnectionLimits {
-            header_read_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(75),
-            max_connections: 64,
-        },
-    };
-    let model = model_that_kills_the_scheduler(&model_dir);
-    let tokenizer = kiln::tokenizer::TextTokenizer::from_dir(&model_dir).unwrap();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let server = std::thread::spawn(move || {
-        kiln::serve::serve(model, tokenizer, options, move |addr| {
-            addr_tx.send(addr).unwrap()
-        })
-    });
-    let addr = addr_rx.recv_timeout(Duration::from_secs(60)).unwrap();
-    let (status, _, _) = http(addr, "POST", "/v1/models/tiny:predict", KILLER.as_bytes());
-    assert_eq!(status, 503);
-    let message = format!("{:#}", server.join().unwrap().unwrap_err());
-    assert!(message.contains("scheduler thread died"), "{message}");
-    assert!(TcpStream::connect(addr).is_err(), "the port is closed");
+    let exit = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!exit.success(), "{exit:?}");
+    assert!(stderr.contains("scheduler thread died"), "{stderr}");
 }

@@ -54,6 +54,9 @@ pub struct ServeOptions {
     pub connections: ConnectionLimits,
 }
 
+/// How long a server whose scheduler died answers 503 before it exits.
+const DEATH_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Serves `model` until SIGTERM or Ctrl-C, then stops taking connections, finishes the requests
 /// in flight and returns. `on_ready` gets the bound address (port 0 picks a free one).
 pub fn serve(
@@ -99,7 +102,12 @@ pub fn serve(
         let shutdown = async move {
             tokio::select! {
                 _ = shutdown_signal() => {}
-                _ = watched.died() => tracing::error!("the scheduler died: shutting down"),
+                _ = watched.died() => {
+                    // Answer 503 (readiness too) a moment before going, so that a load balancer
+                    // sees the server unready and drains it, as KServe expects.
+                    tracing::error!("the scheduler died: shutting down in {DEATH_DRAIN:?}");
+                    tokio::time::sleep(DEATH_DRAIN).await;
+                }
             }
         };
         connections::serve_connections(listener, router, options.connections, shutdown).await;

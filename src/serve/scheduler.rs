@@ -163,6 +163,7 @@ impl Scheduler {
             shared: shared.clone(),
             limits: limits.clone(),
             metrics: metrics.clone(),
+            panic_for_tests: std::env::var_os(PANIC_FOR_TESTS).is_some(),
         };
         let handle = std::thread::Builder::new()
             .name("kiln-scheduler".into())
@@ -338,10 +339,16 @@ impl Drop for DeathWatch<'_> {
     }
 }
 
+/// Set, the scheduler thread panics at the first prompt it is given: the tests' way to check
+/// what a dead scheduler does (readiness, 503s, the exit code) now that no input is known to
+/// kill it. Nothing else reads it.
+pub const PANIC_FOR_TESTS: &str = "KILN_TEST_SCHEDULER_PANIC";
+
 struct Worker {
     shared: Arc<Shared>,
     limits: Limits,
     metrics: Arc<Metrics>,
+    panic_for_tests: bool,
 }
 
 impl Worker {
@@ -526,6 +533,9 @@ impl Worker {
     /// row's next token.
     fn step(&self, work: &mut Active<'_>) -> Result<()> {
         let joining = self.joining(work);
+        if self.panic_for_tests && !joining.is_empty() {
+            panic!("{PANIC_FOR_TESTS} is set: the scheduler dies as a test asked");
+        }
         if !joining.is_empty() {
             let prompt_tokens: usize = joining.iter().map(|(_, s)| s.prompt().len()).sum();
             self.metrics.prompt_tokens.inc_by(prompt_tokens as u64);
@@ -569,6 +579,8 @@ impl Worker {
                 });
             }
         })?;
+        // Before any answer goes out, so that /metrics agrees with what a client has seen.
+        self.metrics.batch_rows.set(work.batch.len() as i64);
         let seconds = started.elapsed().as_secs_f64();
         self.metrics.generated_tokens.inc_by(rows_before as u64);
         self.metrics.decode_batch_rows.observe(rows_before as f64);
