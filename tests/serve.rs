@@ -1124,7 +1124,8 @@ fn the_largest_classification_stays_in_its_memory_budget_and_lets_generation_thr
         "peak RSS grew by {} MiB for 8 x 512 label scores",
         grown >> 20
     );
-    assert!(grown < 160 << 20, "grew by {} MiB", grown >> 20);
+    // Twice the budget: the chunk's temporaries plus what the allocator keeps between chunks.
+    assert!(grown < 128 << 20, "grew by {} MiB", grown >> 20);
 
     // The same log-likelihoods as scoring in one process without the server's chunking.
     let body: Value = serde_json::from_slice(&body).unwrap();
