@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -90,51 +90,11 @@ impl Drop for Server {
     }
 }
 
-/// One HTTP/1.1 request on its own connection: (status, head, body), chunked bodies decoded.
+/// One HTTP/1.1 request on its own connection: (status, head lowercased, body), chunked bodies
+/// decoded.
 fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    stream.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
-    split_response(&raw)
-}
-
-fn split_response(raw: &[u8]) -> (u16, String, Vec<u8>) {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a response head");
-    let head = String::from_utf8_lossy(&raw[..end]).to_string();
-    let status = head[9..12].parse().unwrap();
-    let mut body = raw[end + 4..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut decoded = Vec::new();
-        let mut rest = &body[..];
-        loop {
-            let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
-            let size =
-                usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap(), 16).unwrap();
-            if size == 0 {
-                break;
-            }
-            decoded.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
-            rest = &rest[line_end + 2 + size + 2..];
-        }
-        body = decoded;
-    }
-    (status, head, body)
+    let answer = common::http::http_request(addr, method, path, &[], body);
+    (answer.status, answer.head, answer.body)
 }
 
 /// The `data:` payloads of a server-sent event stream.
@@ -143,15 +103,6 @@ fn sse_data(body: &[u8]) -> Vec<String> {
         .lines()
         .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
         .collect()
-}
-
-/// A tiny GPT-J with the real GPT-2 tokenizer (random tokens decode to visible text), written
-/// into `dir/tiny`.
-fn tiny_model(dir: &Path) -> Option<PathBuf> {
-    let tokenizer = shared("tokenizers/gpt2")?;
-    let model = dir.join("tiny");
-    init_tiny(&model, 1, &tokenizer);
-    Some(model)
 }
 
 fn prompts() -> Vec<String> {

@@ -5,10 +5,11 @@ mod common;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::http::{http_request as http, split_response, Answer};
 use common::*;
 use serde_json::{json, Value};
 
@@ -105,68 +106,6 @@ impl Drop for Server {
     }
 }
 
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    /// The response head, lowercased.
-    head: String,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-}
-
-/// One HTTP/1.1 request on its own connection (`Connection: close`), chunked bodies decoded.
-fn http(addr: SocketAddr, method: &str, path: &str, headers: &[&str], body: &[u8]) -> Answer {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .unwrap();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    for header in headers {
-        head.push_str(header);
-        head.push_str("\r\n");
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
-    split_response(&raw)
-}
-
-fn split_response(raw: &[u8]) -> Answer {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(raw)));
-    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-    let status = head[9..12].parse().unwrap();
-    let mut body = raw[end + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        let mut decoded = Vec::new();
-        let mut rest = &body[..];
-        loop {
-            let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
-            let size =
-                usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap(), 16).unwrap();
-            if size == 0 {
-                break;
-            }
-            decoded.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
-            rest = &rest[line_end + 2 + size + 2..];
-        }
-        body = decoded;
-    }
-    Answer { status, head, body }
-}
-
 /// Reads one response with a Content-Length from a connection kept open.
 fn read_response(stream: &mut TcpStream) -> Answer {
     let mut raw = Vec::new();
@@ -209,14 +148,6 @@ fn closed_by_server(stream: &mut TcpStream, within: Duration) -> bool {
             Err(e) => panic!("reading from the server: {e}"),
         }
     }
-}
-
-/// A tiny GPT-J with the real GPT-2 tokenizer, written into `dir/tiny`.
-fn tiny_model(dir: &Path) -> Option<PathBuf> {
-    let tokenizer = shared("tokenizers/gpt2")?;
-    let model = dir.join("tiny");
-    init_tiny(&model, 1, &tokenizer);
-    Some(model)
 }
 
 fn completion_body() -> Value {

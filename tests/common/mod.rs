@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -232,4 +234,13 @@ pub fn train_and_kill_after_step_4(out: &Path, recipe: &Path) {
     assert!(saw_checkpoint, "the run ended before it could be killed");
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// A tiny GPT-J with the real GPT-2 tokenizer (random tokens decode to visible text), written
+/// into `dir/tiny`: the model the server tests serve.
+pub fn tiny_model(dir: &Path) -> Option<PathBuf> {
+    let tokenizer = shared("tokenizers/gpt2")?;
+    let model = dir.join("tiny");
+    init_tiny(&model, 1, &tokenizer);
+    Some(model)
 }
