@@ -133,6 +133,12 @@ impl Shared {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    fn death(&self) -> MutexGuard<'_, Option<String>> {
+        self.death
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// The submitting side, shared by the HTTP handlers.
@@ -182,10 +188,7 @@ impl Scheduler {
                     .unwrap_or_else(|| "a panic without a message".into());
                 let message = format!("the model's scheduler thread died: {message}");
                 tracing::error!(error = %message, "scheduler died; the server is no longer ready");
-                *shared
-                    .death
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(message.clone());
+                *shared.death() = Some(message.clone());
                 // Queued requests hear of it at once (their channels close); running ones lost
                 // their channels as the thread unwound.
                 let mut queue = shared.queue();
@@ -212,11 +215,7 @@ impl Scheduler {
 
     /// Why the scheduler thread died, if it has: the server then answers 503 and exits.
     pub fn dead(&self) -> Option<String> {
-        self.shared
-            .death
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        self.shared.death().clone()
     }
 
     /// Resolves once the scheduler thread has died (never, while it lives).
@@ -329,11 +328,7 @@ struct DeathWatch<'a>(&'a Shared);
 impl Drop for DeathWatch<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let mut death = self
-                .0
-                .death
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut death = self.0.death();
             death.get_or_insert_with(|| "the model's scheduler thread died".into());
         }
     }
