@@ -883,3 +883,51 @@ fn write_nli_parquet(path: &Path, rows: &[serde_json::Value]) {
     writer.write(&batch).unwrap();
     writer.close().unwrap();
 }
+
+/// A kiln built without `cuda` asked for a GPU says so, for training and for inference, rather
+/// than a driver or loader error; `cuda:x` is a named syntax error. (A CUDA build on a machine
+/// without a driver is checked by scripts/gpu-bundle.sh with its driver stub.)
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_gpu_device_without_the_cuda_feature_is_a_clear_error() {
+    let root = tempfile::tempdir().unwrap();
+    let model = root.path().join("model");
+    init_model(&model, &[]);
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/quickstart.yaml");
+    let recipe = recipe.to_str().unwrap();
+    let log_dir = format!("tracking.log_dir={}", root.path().join("runs").display());
+    let checkpoints = format!("checkpoint.dir={}", root.path().join("ckpt").display());
+    let train = [
+        "train",
+        recipe,
+        "--set",
+        "device=cuda",
+        "--set",
+        &log_dir,
+        "--set",
+        &checkpoints,
+    ];
+    let model = model.to_str().unwrap();
+    let generate = [
+        "generate", "--model", model, "--prompt", "a", "--device", "cuda:1",
+    ];
+    for args in [&train[..], &generate[..]] {
+        let (status, stderr) = run_kiln(root.path(), args);
+        assert!(!status.success(), "{args:?} succeeded");
+        assert!(
+            stderr.contains("is not available: this kiln binary was built without CUDA support"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let (status, stderr) = run_kiln(
+        root.path(),
+        &[
+            "generate", "--model", model, "--prompt", "a", "--device", "cuda:x",
+        ],
+    );
+    assert!(!status.success());
+    assert!(
+        stderr.contains("device \"cuda:x\": expected cuda:N"),
+        "{stderr}"
+    );
+}

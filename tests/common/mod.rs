@@ -8,8 +8,18 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
+/// The repository the tests read their fixtures, recipes and bundled data from: the source tree
+/// they were built in, or `KILN_TEST_ROOT` where a test binary runs away from it (the GPU
+/// bundle carries the files it needs in the same layout).
+pub fn repo_root() -> PathBuf {
+    match std::env::var_os("KILN_TEST_ROOT") {
+        Some(root) => PathBuf::from(root),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    }
+}
+
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    repo_root().join("tests/fixtures")
 }
 
 /// True under CI (`CI=true`), where a test must not pass by skipping what it checks.
@@ -29,9 +39,7 @@ fn missing(what: &str) {
 /// `../shared` beside the repo, or `None` (with a message) so a test can skip — except under
 /// CI, where its absence fails the test.
 pub fn shared(sub: &str) -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared")
-        .join(sub);
+    let path = repo_root().join("../shared").join(sub);
     if path.exists() {
         Some(path)
     } else {
@@ -144,7 +152,7 @@ pub fn python_with(module: &str) -> Option<String> {
 
 /// A file of the bundled NLI sample (`datasets/nli`).
 pub fn bundled(path: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    repo_root()
         .join("datasets/nli")
         .join(path)
         .display()
