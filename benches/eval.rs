@@ -7,8 +7,10 @@
 //!     cargo bench --bench eval -- --limit 2000 # fewer pairs
 //!
 //! The old rank reading takes about 11 minutes for the whole split, so it runs on the first
-//! 500 pairs and its time is scaled to the split; both readings' predictions on those pairs are
-//! compared (they must be identical).
+//! 500 pairs and its time is scaled to the split; both readings' predictions on those pairs must
+//! be identical, and the bench fails otherwise. Generated completions must match too, except where
+//! the greedy path passes a near-tie (top-2 logits within `NEAR_TIE`), which batching's different
+//! summation order may break either way; any other difference fails the bench.
 
 use std::path::Path;
 use std::time::Instant;
@@ -126,6 +128,12 @@ fn main() -> Result<()> {
         "rank predictions identical on {same} of {} pairs",
         sample.len()
     );
+    anyhow::ensure!(
+        same == sample.len(),
+        "rank mode: {} of {} predictions differ from the old reading's",
+        sample.len() - same,
+        sample.len()
+    );
 
     let started = Instant::now();
     let generated = pipeline(EvalMode::Generate).predict(&pairs)?;
@@ -175,10 +183,20 @@ fn main() -> Result<()> {
                 "  pair {i}: {:?}, before {old:?} (smallest top-2 logit gap {smallest_gap:.1e})",
                 new.raw
             );
+            anyhow::ensure!(
+                smallest_gap < NEAR_TIE,
+                "generate mode: pair {i}'s completion differs from the old reading's without a \
+                 near-tie on its greedy path (smallest top-2 gap {smallest_gap:.1e}, \
+                 over {NEAR_TIE:.0e})"
+            );
         }
     }
     Ok(())
 }
+
+/// Largest top-2 logit gap that batched and unbatched decoding may resolve differently: their
+/// logits differ by float summation order alone (around 1e-5 here), far below this.
+const NEAR_TIE: f32 = 1e-3;
 
 /// Rank mode as Kiln did it before: each prompt + label row scored whole.
 fn old_rank(
