@@ -11,6 +11,7 @@ tolerance anyway).
 """
 
 import argparse
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -503,6 +504,103 @@ def make_train_fp16(out: Path, seed: int) -> None:
     print(f"train_fp16: scales {scales}, losses {losses[0]:.4f} -> {losses[-1]:.4f}, norms {norms}")
 
 
+# bf16 mixed precision as torch runs it: autocast to bfloat16 (on the CPU) around the forward,
+# fp32 master weights and AdamW states, no loss scaling (bf16 has fp32's range). The same
+# optimizer, clipping and schedule as train_fp16, so the two fixtures differ only in the dtype.
+BF16_HPARAMS = dict(
+    steps=8,
+    batch_size=4,
+    seq_len=16,
+    lr=1e-3,
+    betas=[0.9, 0.95],
+    eps=1e-8,
+    weight_decay=0.1,
+    grad_clip=1.0,
+    warmup_steps=2,
+    schedule=FP16_HPARAMS["schedule"],
+    autocast="torch.autocast('cpu', dtype=torch.bfloat16)",
+)
+
+
+def make_train_bf16(out: Path, seed: int) -> None:
+    d = fresh_dir(out / "train_bf16")
+    model = build_model(ROT8, seed)
+    hp = BF16_HPARAMS
+    batches = random_batches(hp, seed + 11)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"], weight_decay=hp["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: kiln_linear_lr(k + 1, hp) / hp["lr"])
+    model.train()
+    losses, norms, lrs = [], [], []
+    for step in range(hp["steps"]):
+        opt.zero_grad(set_to_none=True)
+        ids = batches[step]
+        lrs.append(opt.param_groups[0]["lr"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm=hp["grad_clip"]).item())
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    tensors = {
+        "batches": batches.contiguous(),
+        "losses": torch.tensor(losses, dtype=torch.float32),
+        "grad_norms": torch.tensor(norms, dtype=torch.float32),
+        "lrs": torch.tensor(lrs, dtype=torch.float64),
+    }
+    for pname, p in model.named_parameters():
+        assert p.dtype == torch.float32, f"{pname}: the master weights stay fp32"
+        tensors[f"final.{pname}"] = p.detach().float().contiguous()
+    save_file(tensors, str(d / "train.safetensors"))
+    (d / "train.json").write_text(json.dumps(dict(seed=seed, **hp), indent=2) + "\n")
+    print(f"train_bf16: losses {losses[0]:.4f} -> {losses[-1]:.4f}, norms {norms[0]:.3f} -> {norms[-1]:.3f}")
+
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+MNLI_TEMPLATE = "mnli hypothesis: {hypothesis} premise: {premise} target: {label}<|endoftext|>"
+MNLI_LABELS = ["entailment", "neutral", "contradiction"]
+
+
+def make_mnli_blocks(out: Path) -> None:
+    """How HF's run_clm packs the ../shared MNLI sample in Graphcore's format: each row's text
+    tokenized whole by the GPT-2 tokenizer (transformers, the fast tokenizer), then, for each
+    batch of 1,000 rows as `datasets.map(batched=True)` hands them over, the batch's tokens
+    concatenated and cut into blocks of 1,024 with the remainder dropped (run_clm's
+    `group_texts`, written out here)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "gpt2"))
+    rows = [json.loads(line) for line in (SHARED / "data" / "mnli" / "train.jsonl").open()]
+    texts = [MNLI_TEMPLATE.format(hypothesis=r["hypothesis"], premise=r["premise"], label=MNLI_LABELS[r["label"]]) for r in rows]
+    ids = tokenizer(texts)["input_ids"]
+    block_size, batch_size = 1024, 1000
+    blocks, dropped = [], 0
+    for start in range(0, len(ids), batch_size):
+        joined = [t for row in ids[start : start + batch_size] for t in row]
+        whole = len(joined) // block_size * block_size
+        blocks.extend(joined[i : i + block_size] for i in range(0, whole, block_size))
+        dropped += len(joined) - whole
+    digest = hashlib.sha256(json.dumps(blocks).encode()).hexdigest()
+    doc = dict(
+        source="../shared/data/mnli/train.jsonl with ../shared/tokenizers/gpt2",
+        template=MNLI_TEMPLATE,
+        labels=MNLI_LABELS,
+        rows=len(rows),
+        block_size=block_size,
+        group_batch_size=batch_size,
+        tokens=sum(len(r) for r in ids),
+        blocks=len(blocks),
+        dropped=dropped,
+        blocks_sha256=digest,
+        blocks_sha256_of="json.dumps(blocks) with Python's default separators: [[id, id, ...], ...]",
+        first_block=blocks[0],
+        last_block=blocks[-1],
+    )
+    (out / "mnli" / "blocks.json").write_text(json.dumps(doc) + "\n")
+    print(f"mnli blocks: {len(rows)} rows, {doc['tokens']} tokens -> {len(blocks)} blocks of {block_size}, {dropped} dropped")
+
+
 def make_generate(out: Path, seed: int) -> None:
     d = fresh_dir(out / "generate")
     model = build_model(ROT8, seed, pad_token_id=100)
@@ -655,6 +753,8 @@ def main() -> None:
         ),
         "train_adamw": lambda out: (make_train(out, seed=3000), make_train_no_decay(out, seed=3000)),
         "train_fp16": lambda out: make_train_fp16(out, seed=3000),
+        "train_bf16": lambda out: make_train_bf16(out, seed=3000),
+        "mnli_blocks": make_mnli_blocks,
         # Seed picked (by scanning 4000..4059) so that one greedy case emits eos
         # mid-way; otherwise early stopping would go untested.
         "generate": lambda out: make_generate(out, seed=4045),

@@ -274,9 +274,17 @@ fn bad_models_and_outputs_are_errors() {
         "{stderr}"
     );
     let (ok, _, stderr) = kiln(&["bench"]);
-    assert!(!ok && stderr.contains("--model"), "{stderr}");
+    assert!(
+        !ok && stderr.contains("the following required arguments were not provided")
+            && stderr.contains("--model <MODEL>"),
+        "{stderr}"
+    );
     let (ok, _, stderr) = kiln(&["bench", "--model", &model_dir(), "--preset", "tiny"]);
-    assert!(!ok && stderr.contains("cannot be used with"), "{stderr}");
+    assert!(
+        !ok && stderr
+            .contains("the argument '--model <MODEL>' cannot be used with '--preset <PRESET>'"),
+        "{stderr}"
+    );
     let missing = dir.path().join("absent/bench.json");
     assert_rejected(
         &["--json", missing.to_str().unwrap()],

@@ -366,18 +366,20 @@ fn gpt2_trains_with_its_dropout_and_a_resume_replays_the_masks() {
         let (ok, stdout, stderr) = kiln(&args);
         assert!(ok, "{stdout}\n{stderr}");
     };
-    let weights = |name: &str, step: u32| {
+    let saved = |name: &str, step: u32, file: &str| {
         std::fs::read(
             tmp.path()
-                .join(format!("checkpoints/{name}/step-{step}/model.safetensors")),
+                .join(format!("checkpoints/{name}/step-{step}/{file}")),
         )
         .unwrap()
     };
+    let weights = |name: &str, step: u32| saved(name, step, "model.safetensors");
 
     // GPT-2's config means dropout 0.1 everywhere (HF's default); the recipe can turn it off.
     let with_dropout = train("dropout", &[]);
     run(&with_dropout);
     let straight = weights("dropout", 4);
+    let straight_moments = saved("dropout", 4, "optimizer.safetensors");
     run(&train(
         "no-dropout",
         &["model.dropout={resid: 0, embd: 0, attn: 0}"],
@@ -396,6 +398,10 @@ fn gpt2_trains_with_its_dropout_and_a_resume_replays_the_masks() {
     assert!(
         straight == weights("dropout", 4),
         "the resumed run diverged"
+    );
+    assert!(
+        straight_moments == saved("dropout", 4, "optimizer.safetensors"),
+        "the resumed run's AdamW moments differ from the uninterrupted run's"
     );
 }
 

@@ -363,7 +363,11 @@ fn mlflow_run_mirrors_metrics_params_artifacts_and_survives_kill_and_server_loss
         ],
     );
     assert!(!ok, "{stdout}\n{stderr}");
-    assert!(stderr.contains("not finite"), "{stderr}");
+    assert!(
+        stderr.contains("the gradients are not finite")
+            && stderr.contains("so the update was not applied and training stopped"),
+        "{stderr}"
+    );
     let dump = read_back(&python, &uri, "failing");
     assert_eq!(dump["runs"][0]["status"], "FAILED");
     assert_eq!(

@@ -44,7 +44,7 @@ fn missing_weights_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let err = load_err(&tmp.path().join("nope"));
     assert!(
-        err.contains("nope") && err.contains("does not exist"),
+        err.contains("nope: model directory does not exist"),
         "{err}"
     );
 
@@ -123,7 +123,8 @@ fn missing_shard_is_reported() {
     std::fs::remove_file(&second_shard).unwrap();
     let err = load_err(tmp.path());
     assert!(
-        err.contains("model.safetensors.index.json") && err.contains("missing"),
+        err.contains("model.safetensors.index.json: shard model-00002-of-")
+            && err.contains("is listed in the index but missing from"),
         "{err}"
     );
 }
@@ -155,7 +156,9 @@ fn gpt2_tokenizer_known_ids() {
         tok.check_fits(128, Path::new("tiny-model")).unwrap_err()
     );
     assert!(
-        err.contains("tiny-model") && err.contains("128") && err.contains("50256"),
+        err.contains(
+            "produces ids up to 50256, but the model in tiny-model has only 128 embedding rows"
+        ),
         "{err}"
     );
 
@@ -305,11 +308,19 @@ fn score_rejects_bad_rows_by_line() {
         (
             "{\"ids\": [1, 2]}\n{\"ids\": [1, 500]}\n",
             "in.jsonl:2",
-            "outside the model's vocabulary",
+            "token id 500 is outside the model's vocabulary (vocab_size 101)",
         ),
-        ("{\"ids\": [1, 2]}\nnot json\n", "in.jsonl:2", "expected"),
-        ("{\"ids\": []}\n", "in.jsonl:1", "no tokens"),
-        ("{\"text\": \"hi\"}\n", "in.jsonl:1", "needs a tokenizer"),
+        (
+            "{\"ids\": [1, 2]}\nnot json\n",
+            "in.jsonl:2",
+            "expected {\"text\": \"...\"} or {\"ids\": [...]}",
+        ),
+        ("{\"ids\": []}\n", "in.jsonl:1", "the row has no tokens"),
+        (
+            "{\"text\": \"hi\"}\n",
+            "in.jsonl:1",
+            "a text row needs a tokenizer, and the model directory has none",
+        ),
     ];
     for (content, place, message) in cases {
         let input = tmp.path().join("in.jsonl");
@@ -325,10 +336,7 @@ fn score_rejects_bad_rows_by_line() {
             output.to_str().unwrap(),
         ]);
         assert!(!ok);
-        assert!(
-            stderr.contains(place) && stderr.contains(message),
-            "{stderr}"
-        );
+        assert!(stderr.contains(&format!("{place}: {message}")), "{stderr}");
         assert!(!output.exists(), "no partial output is left behind");
     }
     let long: Vec<String> = (0..65).map(|i| (i % 100).to_string()).collect();
@@ -343,7 +351,11 @@ fn score_rejects_bad_rows_by_line() {
         "--output",
         tmp.path().join("o.jsonl").to_str().unwrap(),
     ]);
-    assert!(!ok && stderr.contains("n_positions"), "{stderr}");
+    assert!(
+        !ok && stderr
+            .contains("in.jsonl:1: the row has 65 tokens, more than the model's n_positions (64)"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -125,7 +125,10 @@ fn overwrite_replaces_the_earlier_run_and_keeps_none_of_it() {
     assert_eq!(entries(&logs.join("eval")), ["step-2", "step-4"]);
 
     let (ok, _, err) = kiln(&["train", recipe, "--overwrite", "--resume", "latest"]);
-    assert!(!ok && err.contains("--overwrite"), "{err}");
+    assert!(
+        !ok && err.contains("the argument '--overwrite' cannot be used with '--resume <"),
+        "{err}"
+    );
 
     let said = run_ok(&[
         "train",

@@ -415,7 +415,10 @@ fn compare_of_a_missing_run_names_it_and_the_log_dir() {
     );
     let (ok, _, stderr) = kiln(&["runs", "compare", "slow", "--log-dir", dir]);
     assert!(!ok, "one run is nothing to compare");
-    assert!(stderr.contains("RUN"), "{stderr}");
+    assert!(
+        stderr.contains("2 values required by '<RUN> <RUN>...'; only 1 was provided"),
+        "{stderr}"
+    );
 }
 
 /// Each legend entry's run name and colour, from the `<rect>` swatch before its `<text>`.

@@ -195,7 +195,7 @@ fn an_api_key_guards_every_endpoint_but_health_and_metrics() {
     assert!(wrong.json()["error"]["message"]
         .as_str()
         .unwrap()
-        .contains("not valid"));
+        .contains("the API key in the Authorization header is not valid"));
     let basic = server.request(
         "POST",
         "/v1/completions",

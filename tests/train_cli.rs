@@ -273,7 +273,12 @@ fn bad_recipes_fail_before_training_with_the_reason() {
 
     let (ok, _, err) = kiln(&["train", path, "--set", "batch.micro=3"]);
     assert!(!ok);
-    assert!(err.contains("batch"), "{err}");
+    assert!(
+        err.contains(
+            "batch.global: 8 is not divisible by batch.micro × batch.replicas = 3 × 1 = 3"
+        ),
+        "{err}"
+    );
 
     let (ok, _, err) = kiln(&[
         "train",
@@ -291,11 +296,20 @@ fn bad_recipes_fail_before_training_with_the_reason() {
 
     let (ok, _, err) = kiln(&["train", path, "--set", "model.init.vocab_size=512"]);
     assert!(!ok);
-    assert!(err.contains("embedding rows"), "{err}");
+    assert!(
+        err.contains("produces ids up to 1023") && err.contains("has only 512 embedding rows"),
+        "{err}"
+    );
 
     let (ok, _, err) = kiln(&["train", path, "--resume", "latest"]);
     assert!(!ok);
-    assert!(err.contains("checkpoint"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: no complete checkpoint to resume from",
+            dir.path().join("checkpoints/run").display()
+        )),
+        "{err}"
+    );
 
     assert!(
         !dir.path().join("checkpoints/run").join("latest").exists(),

@@ -194,14 +194,25 @@ pub fn matmul_packed(a: MatRef, b: &PackedB, c: &mut [f32], accumulate: bool) {
     assert!(available(), "AMX products on a machine without AMX");
     assert_eq!(a.cols, b.rows, "inner dimensions differ");
     let packed_a = PackedA::new(a);
+    if accumulate {
+        // The product from zero, then added to `c`, as the SGEMM path does: loading `c` into the
+        // accumulators would round `c + Σ` in another order, so a layer whose bias is the
+        // starting `c` (the fp32 linear) would differ in the last bit from one that adds it
+        // after the product (the frozen bf16 linear).
+        let mut product = vec![0f32; c.len()];
+        // SAFETY: `available()` has found AMX-BF16 and AMX-TILE and obtained the OS permission.
+        unsafe { tiles::matmul(&packed_a, b, &mut product) };
+        c.par_iter_mut().zip(&product).for_each(|(c, p)| *c += p);
+        return;
+    }
     // SAFETY: `available()` has found AMX-BF16 and AMX-TILE and obtained the OS permission.
-    unsafe { tiles::matmul(&packed_a, b, c, accumulate) }
+    unsafe { tiles::matmul(&packed_a, b, c) }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 mod tiles {
     /// Never called: `available()` is false off x86_64.
-    pub(super) unsafe fn matmul(_: &super::PackedA, _: &super::PackedB, _: &mut [f32], _: bool) {
+    pub(super) unsafe fn matmul(_: &super::PackedA, _: &super::PackedB, _: &mut [f32]) {
         unreachable!("AMX exists only on x86_64")
     }
 }
@@ -215,12 +226,12 @@ mod tiles {
     /// Inner-dimension panel for long products, so a panel of A and of B stay in L2.
     const PANEL_K: usize = 512;
 
-    /// `c (+)= a · b` from packed operands.
+    /// `c = a · b` from packed operands.
     ///
     /// # Safety
     /// [`super::available`] must have returned true: the tile instructions need AMX-BF16 and
     /// AMX-TILE, and the OS's permission for the tile state.
-    pub(super) unsafe fn matmul(packed_a: &PackedA, b: &PackedB, c: &mut [f32], accumulate: bool) {
+    pub(super) unsafe fn matmul(packed_a: &PackedA, b: &PackedB, c: &mut [f32]) {
         let (m, n) = (packed_a.rows, b.cols);
         assert_eq!(c.len(), m * n, "output size");
         assert_eq!(packed_a.k, b.k, "inner dimensions differ");
@@ -231,7 +242,8 @@ mod tiles {
         let tasks = (rayon::current_num_threads() * 4).min(blocks).max(1);
         for k0 in (0..b.k).step_by(panel) {
             let steps = panel.min(b.k - k0) / TILE_K;
-            let load = accumulate || k0 > 0;
+            // Later panels add to what the earlier ones left in `c`.
+            let load = k0 > 0;
             (0..tasks).into_par_iter().for_each(|task| {
                 let output = &output;
                 // SAFETY: the caller has checked `available()`.
@@ -430,11 +442,21 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(
+        not(kiln_cpu_amx),
+        ignore = "this CPU (or its OS) offers no AMX-BF16: the tile products cannot run here"
+    )]
     fn tile_products_equal_the_textbook_bf16_product() {
-        if !available() {
-            eprintln!("skipping: this CPU (or OS) offers no AMX-BF16");
-            return;
-        }
+        assert!(
+            available(),
+            "AMX-BF16 is not usable here (KILN_NO_AMX is {}), but this test binary was built \
+             where it was: rebuild on this machine, or unset KILN_NO_AMX",
+            if std::env::var_os("KILN_NO_AMX").is_some() {
+                "set"
+            } else {
+                "not set"
+            }
+        );
         // Ragged edges in every dimension, a long k that takes several panels, transposed views.
         for &(m, k, n) in &[(1, 1, 1), (17, 33, 15), (40, 70, 100), (64, 1500, 48)] {
             let a_data = random(m * k, 3);
@@ -455,14 +477,18 @@ mod tests {
                 let mut c = vec![f32::NAN; m * n];
                 let packed = PackedB::new(b);
                 matmul_packed(a, &packed, &mut c, false);
-                let mut twice = c.clone();
-                matmul_packed(a, &packed, &mut twice, true);
-                for ((x, y), z) in c.iter().zip(&expected).zip(&twice) {
+                // Accumulating adds the product to what is there, after computing it: the same
+                // bits as adding it afterwards (a bias first or last gives one answer).
+                let start = random(m * n, 5);
+                let mut accumulated = start.clone();
+                matmul_packed(a, &packed, &mut accumulated, true);
+                for (((x, y), z), s) in c.iter().zip(&expected).zip(&accumulated).zip(&start) {
                     // Exact bf16 products, fp32 sums in another order.
                     assert!((x - y).abs() <= 1e-6 * k as f32, "{m}x{k}x{n}: {x} vs {y}");
-                    assert!(
-                        (z - 2.0 * y).abs() <= 2e-6 * k as f32,
-                        "accumulate: {z} vs 2×{y}"
+                    assert_eq!(
+                        z.to_bits(),
+                        (s + x).to_bits(),
+                        "accumulate: {z} vs {s} + {x}"
                     );
                 }
             }

@@ -10,6 +10,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::fused::contiguous_f32;
+use super::vmath::Isa;
 
 /// Inputs with at most this many rows take this path; larger ones are GEMM's job.
 pub const MAX_ROWS: usize = 32;
@@ -63,6 +64,8 @@ impl CustomOp2 for SkinnyOp {
 pub fn matmul_transposed(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     assert_eq!(x.len(), rows * k);
     assert_eq!(w.len(), n * k);
+    // Chosen once on the calling thread: in unit tests, the variant `Isa::run` forces there.
+    let isa = Isa::selected();
     let mut y: Vec<f32> = Vec::with_capacity(rows * n);
     let weights_per_task = if rows * n * k < PARALLEL_MIN_WORK {
         n.max(1)
@@ -82,6 +85,7 @@ pub fn matmul_transposed(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) 
             unsafe {
                 let out = out.get().add(first);
                 weight_range(
+                    isa,
                     x,
                     rows,
                     &w[first * k..(first + count) * k],
@@ -110,11 +114,15 @@ impl OutPtr {
     }
 }
 
-/// Columns `0..count` of `out` (row stride `stride`) for the weight rows of `w` (count × k).
+/// Columns `0..count` of `out` (row stride `stride`) for the weight rows of `w` (count × k), in
+/// the `isa` variant.
 ///
 /// # Safety
-/// `out` must be valid for writes at `m * stride + j` for `m < rows`, `j < count`.
+/// `out` must be valid for writes at `m * stride + j` for `m < rows`, `j < count`, and this CPU
+/// must have `isa` (as `Isa::selected` guarantees).
+#[allow(clippy::too_many_arguments)]
 unsafe fn weight_range(
+    isa: Isa,
     x: &[f32],
     rows: usize,
     w: &[f32],
@@ -125,12 +133,10 @@ unsafe fn weight_range(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        match *simd::LEVEL {
-            simd::Level::Avx512 => {
-                return simd::weight_range_avx512(x, rows, w, count, k, out, stride)
-            }
-            simd::Level::Avx2 => return simd::weight_range_avx2(x, rows, w, count, k, out, stride),
-            simd::Level::Portable => {}
+        match isa {
+            Isa::Avx512 => return simd::weight_range_avx512(x, rows, w, count, k, out, stride),
+            Isa::Avx2 => return simd::weight_range_avx2(x, rows, w, count, k, out, stride),
+            Isa::Portable => {}
         }
     }
     for j in 0..count {
@@ -148,25 +154,6 @@ unsafe fn weight_range(
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use std::arch::x86_64::*;
-    use std::sync::LazyLock;
-
-    pub enum Level {
-        Avx512,
-        Avx2,
-        Portable,
-    }
-
-    pub static LEVEL: LazyLock<Level> = LazyLock::new(|| {
-        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-        // The AVX-512 kernels finish their sums with the AVX2+FMA helpers, so they need both.
-        if is_x86_feature_detected!("avx512f") && avx2 {
-            Level::Avx512
-        } else if avx2 {
-            Level::Avx2
-        } else {
-            Level::Portable
-        }
-    });
 
     macro_rules! kernel {
         ($range:ident, $block:ident, $feature:literal, $vec:ty, $lanes:expr, $wb:expr,
@@ -323,9 +310,11 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::vmath::variants::variant_tests;
 
-    #[test]
-    fn matches_the_definition_for_every_block_shape() {
+    /// Each variant sums in its own order (lanes, then a tree), so it is held to the definition
+    /// within rounding rather than to the portable bits.
+    fn matches_the_definition_for_every_block_shape(isa: Isa) {
         let mut seed = 1u32;
         let mut next = || {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
@@ -340,7 +329,9 @@ mod tests {
         ] {
             let x: Vec<f32> = (0..rows * k).map(|_| next()).collect();
             let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
-            let y = matmul_transposed(&x, rows, &w, n, k);
+            let y = isa
+                .run(|| matmul_transposed(&x, rows, &w, n, k))
+                .unwrap_or_else(|| panic!("the {isa:?} variant cannot run on this CPU"));
             for m in 0..rows {
                 for j in 0..n {
                     let want: f64 = (0..k)
@@ -349,20 +340,40 @@ mod tests {
                     let got = y[m * n + j] as f64;
                     assert!(
                         (got - want).abs() < 1e-5,
-                        "rows {rows} n {n} k {k}: y[{m}][{j}] = {got}, want {want}"
+                        "{isa:?}, rows {rows} n {n} k {k}: y[{m}][{j}] = {got}, want {want}"
                     );
                 }
             }
         }
+        eprintln!("skinny matmul_transposed: the {isa:?} variant matches the definition");
     }
 
-    #[test]
-    fn a_row_gets_the_same_bits_whatever_rows_share_the_call() {
+    /// Batched decoding must give a sequence the tokens it gets alone.
+    fn a_row_gets_the_same_bits_whatever_rows_share_the_call(isa: Isa) {
         let (rows, n, k) = (4, 5003, 256);
         let x: Vec<f32> = (0..rows * k).map(|i| (i % 17) as f32 * 0.01).collect();
         let w: Vec<f32> = (0..n * k).map(|i| (i % 23) as f32 * -0.01).collect();
-        let y = matmul_transposed(&x, rows, &w, n, k);
-        let single = matmul_transposed(&x[..k], 1, &w, n, k);
-        assert_eq!(&y[..n], &single[..]);
+        let (y, single) = isa
+            .run(|| {
+                (
+                    matmul_transposed(&x, rows, &w, n, k),
+                    matmul_transposed(&x[..k], 1, &w, n, k),
+                )
+            })
+            .unwrap_or_else(|| panic!("the {isa:?} variant cannot run on this CPU"));
+        assert_eq!(&y[..n], &single[..], "{isa:?}");
+    }
+
+    variant_tests! {
+        fn simd_variants(isa) {
+            matches_the_definition_for_every_block_shape(isa);
+            a_row_gets_the_same_bits_whatever_rows_share_the_call(isa);
+        }
+    }
+
+    #[test]
+    fn portable_variant() {
+        matches_the_definition_for_every_block_shape(Isa::Portable);
+        a_row_gets_the_same_bits_whatever_rows_share_the_call(Isa::Portable);
     }
 }

@@ -263,52 +263,81 @@ pub(crate) mod variants {
         }
     }
 
-    /// Runs `kernel` on every case in each variant this CPU has and asserts that the AVX-512 and
-    /// AVX2 variants give the portable variant's bits (any NaN matches any NaN: which operand's
-    /// payload survives may differ). Prints which variants ran, and why any did not.
-    pub(crate) fn check_variants<T, R: Outputs>(kernel: &str, cases: &[T], run: impl Fn(&T) -> R) {
+    /// Runs `kernel` on every case in the `isa` variant and in the portable one and asserts that
+    /// they give the same bits (any NaN matches any NaN: which operand's payload survives may
+    /// differ). Called from the tests [`variant_tests!`] makes, which are ignored (with the
+    /// reason) where the build machine lacks the variant; one that runs anyway on a CPU without
+    /// it fails here, saying so.
+    pub(crate) fn check_variants<T, R: Outputs>(
+        kernel: &str,
+        isa: Isa,
+        cases: &[T],
+        run: impl Fn(&T) -> R,
+    ) {
         let outputs = |isa: Isa, case: &T| {
             let mut values = Vec::new();
             isa.run(|| run(case))?.append_to(&mut values);
             Some(values)
         };
-        let portable: Vec<Vec<f64>> = cases
-            .iter()
-            .map(|case| outputs(Isa::Portable, case).expect("the portable variant always runs"))
-            .collect();
-        let (mut compared, mut not_run) = (Vec::new(), Vec::new());
-        for isa in [Isa::Avx512, Isa::Avx2] {
-            let missing = isa.missing_features();
-            if missing == ["x86_64"] {
-                not_run.push(format!("{isa:?} not run: not an x86_64 build"));
-                continue;
+        let missing = isa.missing_features();
+        assert!(
+            missing.is_empty(),
+            "{kernel}: the {isa:?} variant cannot run on this CPU (it lacks {}), but this test \
+             binary was built where it could: rebuild it on this machine",
+            missing.join(", ")
+        );
+        for (i, case) in cases.iter().enumerate() {
+            let expected = outputs(Isa::Portable, case).expect("the portable variant always runs");
+            let got = outputs(isa, case).expect("checked above");
+            assert_eq!(got.len(), expected.len(), "{kernel} case {i}: output sizes");
+            for (at, (x, y)) in got.iter().zip(&expected).enumerate() {
+                assert!(
+                    x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()),
+                    "{kernel} case {i}, output {at}: {isa:?} gives {x:e}, Portable {y:e}"
+                );
             }
-            if !missing.is_empty() {
-                not_run.push(format!(
-                    "{isa:?} not run: this CPU lacks {}",
-                    missing.join(", ")
-                ));
-                continue;
-            }
-            for (i, (case, expected)) in cases.iter().zip(&portable).enumerate() {
-                let got = outputs(isa, case).expect("checked above");
-                assert_eq!(got.len(), expected.len(), "{kernel} case {i}: output sizes");
-                for (at, (x, y)) in got.iter().zip(expected).enumerate() {
-                    assert!(
-                        x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()),
-                        "{kernel} case {i}, output {at}: {isa:?} gives {x:e}, Portable {y:e}"
-                    );
+        }
+        eprintln!(
+            "{kernel} ({} cases): {isa:?} equals Portable bit for bit",
+            cases.len()
+        );
+    }
+
+    /// `variant_tests! { fn name(isa) { ... } }` makes the tests `name::avx512` and `name::avx2`,
+    /// each running the body with that [`Isa`], and each ignored, with the reason, where the
+    /// machine that built the tests lacks the variant (see `build.rs`): the test summary then
+    /// shows what did not run instead of counting it as passed.
+    macro_rules! variant_tests {
+        ($(#[$meta:meta])* fn $name:ident($isa:ident) $body:block) => {
+            $(#[$meta])*
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+                use $crate::cpu::vmath::Isa;
+
+                fn body($isa: Isa) $body
+
+                #[test]
+                #[cfg_attr(
+                    not(kiln_cpu_avx512),
+                    ignore = "this CPU lacks AVX-512 (avx512f/bw/dq/vl): the AVX-512 variant cannot run here"
+                )]
+                fn avx512() {
+                    body(Isa::Avx512)
+                }
+
+                #[test]
+                #[cfg_attr(
+                    not(kiln_cpu_avx2),
+                    ignore = "this CPU lacks AVX2 and FMA: the AVX2 variant cannot run here"
+                )]
+                fn avx2() {
+                    body(Isa::Avx2)
                 }
             }
-            compared.push(format!("{isa:?}"));
-        }
-        let compared = match compared.as_slice() {
-            [] => "no variant but Portable ran".to_string(),
-            names => format!("{} equal Portable bit for bit", names.join(" and ")),
         };
-        let not_run = not_run.iter().map(|s| format!("; {s}")).collect::<String>();
-        eprintln!("{kernel} ({} cases): {compared}{not_run}", cases.len());
     }
+    pub(crate) use variant_tests;
 
     /// Lengths around the kernels' 16-lane blocks: empty, short, ragged and long.
     pub(crate) const LENGTHS: [usize; 13] = [0, 1, 2, 7, 15, 16, 17, 31, 32, 33, 64, 100, 1029];

@@ -64,14 +64,22 @@ pub fn check(recipe_path: &Path, overrides: &[String]) -> Result<Resolved> {
             Caster::new(spec, &records).with_context(|| format!("{file}: {key}.template"))?;
         }
     }
-    let tokenizer = tokenizer_for(&recipe, &dir)?;
+    let tokenizer = match tokenizer_for(&recipe, &dir)? {
+        Some(local) => Some(local),
+        None => match hub_tokenizer(&recipe) {
+            Some(Ok(tokenizer)) => Some(tokenizer),
+            Some(Err(e)) => {
+                notes.push(format!(
+                    "sequences per epoch unknown: the tokenizer is not a local directory and \
+                     could not be fetched from the Hub: {e:#}"
+                ));
+                None
+            }
+            None => None,
+        },
+    };
     if tokenizer.is_none() {
         all_local = false;
-        notes.push(
-            "sequences per epoch unknown: the tokenizer is not a local directory (a Hub id is \
-             downloaded by `kiln train`)"
-                .into(),
-        );
     }
     let sequences_per_epoch = match (&tokenizer, all_local) {
         (Some(tokenizer), true) => Some(
@@ -112,4 +120,19 @@ pub fn check(recipe_path: &Path, overrides: &[String]) -> Result<Resolved> {
         notes,
     };
     Ok(Resolved { recipe, derived })
+}
+
+/// The tokenizer of a recipe whose `tokenizer` (or, without one, `model.from`) is a Hub id: its
+/// tokenizer files only, fetched into the HF cache (offline, from there). `None` when the recipe
+/// names no tokenizer at all.
+fn hub_tokenizer(recipe: &Recipe) -> Option<Result<crate::tokenizer::TextTokenizer>> {
+    let (spec, revision) = match (&recipe.tokenizer, &recipe.model.from) {
+        (Some(tokenizer), _) => (tokenizer, None),
+        (None, Some(from)) => (from, recipe.model.revision.as_deref()),
+        (None, None) => return None,
+    };
+    Some(
+        crate::hub::resolve_tokenizer(spec, revision)
+            .and_then(|dir| crate::tokenizer::TextTokenizer::from_dir(&dir)),
+    )
 }

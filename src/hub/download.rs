@@ -73,24 +73,47 @@ pub fn resolve_model_with(
 /// A tokenizer directory for `spec`: a local directory as is, otherwise only the tokenizer files
 /// of a Hub model repo (not its weights), downloaded into the cache.
 pub fn resolve_tokenizer(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
+    resolve_without_weights(spec, revision, "tokenizer", &MODEL_EXTRA_FILES[1..])
+}
+
+/// What `kiln recipe check` needs of a Hub model, without its weights: `config.json` and the
+/// tokenizer files, downloaded into the cache (a local directory as is).
+pub fn resolve_model_metadata(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
+    let mut wanted = vec!["config.json"];
+    wanted.extend(&MODEL_EXTRA_FILES[1..]);
+    resolve_without_weights(spec, revision, "model", &wanted)
+}
+
+/// The files of `wanted` that a Hub model repo has (the tokenizer's at least), fetched into the
+/// cache, or the cached snapshot where the Hub cannot be reached; `what` names `spec` in errors.
+fn resolve_without_weights(
+    spec: &str,
+    revision: Option<&str>,
+    what: &str,
+    wanted: &[&str],
+) -> Result<PathBuf> {
     let config = HubConfig::from_env();
     let local = Path::new(spec);
     if local.is_dir() {
         return Ok(local.to_path_buf());
     }
     validate_repo_id(spec).with_context(|| {
-        format!("tokenizer `{spec}` is neither an existing directory nor a Hub repo id")
+        format!("{what} `{spec}` is neither an existing directory nor a Hub repo id")
     })?;
     let repo = CachedRepo::new(&config, RepoType::Model, spec, revision.unwrap_or("main"))?;
     let complete = |dir: &Path| {
-        dir.join("tokenizer.json").is_file()
-            || (dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file())
+        wanted
+            .iter()
+            .filter(|f| !MODEL_EXTRA_FILES.contains(f))
+            .all(|f| dir.join(f).is_file())
+            && (dir.join("tokenizer.json").is_file()
+                || (dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file()))
     };
     let cached = || -> Result<PathBuf> {
         let dir = repo.snapshot_dir(&repo.cached_commit()?);
         if !complete(&dir) {
             bail!(
-                "{} has no tokenizer files in the cache at {} (the Hub is needed to fetch them)",
+                "{} has no {what} files in the cache at {} (the Hub is needed to fetch them)",
                 repo.describe(),
                 dir.display()
             );
@@ -105,19 +128,26 @@ pub fn resolve_tokenizer(spec: &str, revision: Option<&str>) -> Result<PathBuf> 
         Err(e) if is_unreachable(&e) => return cached().map_err(|c| e.context(c)),
         Err(e) => return Err(e),
     };
-    let wanted: Vec<&String> = files
+    let present: Vec<&String> = files
         .iter()
-        .filter(|f| MODEL_EXTRA_FILES[1..].contains(&f.as_str()))
+        .filter(|f| wanted.contains(&f.as_str()))
         .collect();
-    for path in &wanted {
+    for path in &present {
         repo.fetch(&commit, path)?;
     }
     let dir = repo.snapshot_dir(&commit);
     if !complete(&dir) {
+        let required: Vec<&str> = wanted
+            .iter()
+            .copied()
+            .filter(|f| !MODEL_EXTRA_FILES.contains(f))
+            .chain(["tokenizer.json (or vocab.json + merges.txt)"])
+            .collect();
         bail!(
-            "Hub repo {} (revision {}) has no tokenizer.json nor vocab.json + merges.txt; its files: {}",
+            "Hub repo {} (revision {}) lacks what a {what} needs ({}); its files: {}",
             repo.id,
             repo.revision,
+            required.join(", "),
             files.join(", ")
         );
     }

@@ -37,8 +37,8 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 
 pub use download::{
-    list_dataset_files, resolve_dataset_file, resolve_model, resolve_model_with,
-    resolve_parquet_split, resolve_tokenizer,
+    list_dataset_files, resolve_dataset_file, resolve_model, resolve_model_metadata,
+    resolve_model_with, resolve_parquet_split, resolve_tokenizer,
 };
 pub use http::HubHttpError;
 pub use upload::{push_folder, PushOptions, PushReport, UploadEvent, Uploader};

@@ -552,28 +552,30 @@ mod tests {
 #[cfg(test)]
 mod kernel_variants {
     use super::*;
-    use crate::cpu::vmath::variants::{check_variants, random, with_edges};
+    use crate::cpu::vmath::variants::{check_variants, random, variant_tests, with_edges};
 
-    #[test]
-    fn softmax_cross_entropy_variants_agree() {
-        let widths = [1, 2, 15, 16, 17, 33, 100, 1029];
-        let mut cases = Vec::new();
-        for (i, &width) in widths.iter().enumerate() {
-            let row = random(width, i as u64, 8.0);
-            let bias = random(width, 50 + i as u64, 1.0);
-            let target = (i * 7) % width;
-            cases.push((row.clone(), None, target, None));
-            cases.push((row.clone(), Some(bias.clone()), target, Some(0.25f32)));
-            cases.push((with_edges(row, i), Some(bias), target, Some(1.0)));
+    variant_tests! {
+        fn softmax_cross_entropy_variants_agree(isa) {
+            let widths = [1, 2, 15, 16, 17, 33, 100, 1029];
+            let mut cases = Vec::new();
+            for (i, &width) in widths.iter().enumerate() {
+                let row = random(width, i as u64, 8.0);
+                let bias = random(width, 50 + i as u64, 1.0);
+                let target = (i * 7) % width;
+                cases.push((row.clone(), None, target, None));
+                cases.push((row.clone(), Some(bias.clone()), target, Some(0.25f32)));
+                cases.push((with_edges(row, i), Some(bias), target, Some(1.0)));
+            }
+            check_variants(
+                "softmax_cross_entropy",
+                isa,
+                &cases,
+                |(row, bias, target, scale)| {
+                    let mut row = row.clone();
+                    let loss = softmax_cross_entropy(&mut row, bias.as_deref(), *target, *scale);
+                    (row, loss)
+                },
+            );
         }
-        check_variants(
-            "softmax_cross_entropy",
-            &cases,
-            |(row, bias, target, scale)| {
-                let mut row = row.clone();
-                let loss = softmax_cross_entropy(&mut row, bias.as_deref(), *target, *scale);
-                (row, loss)
-            },
-        );
     }
 }

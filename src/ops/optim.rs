@@ -241,34 +241,35 @@ fn tensor_update(
 #[cfg(test)]
 mod kernel_variants {
     use super::*;
-    use crate::cpu::vmath::variants::{check_variants, random, with_edges, LENGTHS};
+    use crate::cpu::vmath::variants::{check_variants, random, variant_tests, with_edges, LENGTHS};
 
-    #[test]
-    fn optimizer_kernel_variants_agree() {
-        let cases: Vec<Vec<f32>> = LENGTHS
-            .iter()
-            .flat_map(|&len| {
-                let plain = random(len, len as u64, 3.0);
-                let edged = with_edges(random(len, 100 + len as u64, 3.0), len % 5);
-                [plain, edged]
-            })
-            .collect();
-        check_variants("sum_of_squares", &cases, |xs| sum_of_squares(xs));
-        let c = AdamWStep {
-            b1: 0.9,
-            b2: 0.999,
-            step_size: 1e-3,
-            bias2_sqrt: 0.03,
-            eps: 1e-8,
-            decay: 0.999,
-        };
-        check_variants("adamw_chunk", &cases, |g| {
-            let n = g.len();
-            let (mut p, m) = (random(n, 1, 1.0), random(n, 2, 0.1));
-            let v: Vec<f32> = random(n, 3, 0.01).iter().map(|x| x.abs()).collect();
-            let (mut out_m, mut out_v) = (vec![0f32; n], vec![0f32; n]);
-            adamw_chunk(&mut p, [g, &m, &v], [&mut out_m, &mut out_v], &c);
-            (p, out_m, out_v)
-        });
+    variant_tests! {
+        fn optimizer_kernel_variants_agree(isa) {
+            let cases: Vec<Vec<f32>> = LENGTHS
+                .iter()
+                .flat_map(|&len| {
+                    let plain = random(len, len as u64, 3.0);
+                    let edged = with_edges(random(len, 100 + len as u64, 3.0), len % 5);
+                    [plain, edged]
+                })
+                .collect();
+            check_variants("sum_of_squares", isa, &cases, |xs| sum_of_squares(xs));
+            let c = AdamWStep {
+                b1: 0.9,
+                b2: 0.999,
+                step_size: 1e-3,
+                bias2_sqrt: 0.03,
+                eps: 1e-8,
+                decay: 0.999,
+            };
+            check_variants("adamw_chunk", isa, &cases, |g| {
+                let n = g.len();
+                let (mut p, m) = (random(n, 1, 1.0), random(n, 2, 0.1));
+                let v: Vec<f32> = random(n, 3, 0.01).iter().map(|x| x.abs()).collect();
+                let (mut out_m, mut out_v) = (vec![0f32; n], vec![0f32; n]);
+                adamw_chunk(&mut p, [g, &m, &v], [&mut out_m, &mut out_v], &c);
+                (p, out_m, out_v)
+            });
+        }
     }
 }

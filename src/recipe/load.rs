@@ -526,6 +526,6 @@ mod tests {
             "{e}"
         );
         let e = apply_override(&mut tree, "a.b=[").unwrap_err().to_string();
-        assert!(e.contains("not valid YAML"), "{e}");
+        assert!(e.contains("the value `[` is not valid YAML"), "{e}");
     }
 }

@@ -254,18 +254,20 @@ fn train_job(
     Ok(summary)
 }
 
-/// The model's config without its weights (for the memory estimate): a local model directory's,
-/// or the preset's sized for the tokenizer.
+/// The model's config without its weights (for the memory estimate): a local model directory's, a
+/// Hub model's (its config.json alone is fetched), or the preset's sized for the tokenizer.
 pub fn model_config(recipe: &Recipe, recipe_dir: &Path) -> Result<model::Config> {
     match (&recipe.model.from, &recipe.model.init) {
         (Some(from), None) => {
             let local = recipe_dir.join(from);
-            anyhow::ensure!(
-                local.is_dir(),
-                "model.from {from:?} is not a local directory (`kiln train` downloads a Hub \
-                 model's config with its weights)"
-            );
-            model::load_config(&local)
+            let dir = if local.is_dir() {
+                local
+            } else {
+                // A Hub model's config.json, without its weights.
+                crate::hub::resolve_model_metadata(from, recipe.model.revision.as_deref())
+                    .with_context(|| format!("model.from {from:?}"))?
+            };
+            model::load_config(&dir)
         }
         (None, Some(spec)) => {
             let tokenizer_vocab = match spec.vocab_size {

@@ -235,12 +235,26 @@ impl HubServer {
 
     /// Puts files straight into a repo (created if needed) as one commit on `main`.
     pub fn seed(&self, repo: &str, private: bool, files: &[(&str, &[u8], bool)]) -> String {
+        self.seed_branch(repo, private, "main", files)
+    }
+
+    /// Puts files straight into a repo (created if needed) as one commit on `branch`, which
+    /// starts from `main` when it is new (as a branch made on the Hub does).
+    pub fn seed_branch(
+        &self,
+        repo: &str,
+        private: bool,
+        branch: &str,
+        files: &[(&str, &[u8], bool)],
+    ) -> String {
         let mut state = self.state.lock().unwrap();
         if !state.repos.contains_key(repo) {
             let repo_state = new_repo(&mut state, private);
             state.repos.insert(repo.to_string(), repo_state);
         }
-        let mut tree = head_tree(&state, repo, "main").unwrap();
+        let mut tree = head_tree(&state, repo, branch)
+            .or_else(|| head_tree(&state, repo, "main"))
+            .unwrap();
         for (path, bytes, lfs) in files {
             let entry = if *lfs {
                 let oid = sha256_hex(bytes);
@@ -254,7 +268,7 @@ impl HubServer {
             };
             tree.insert(path.to_string(), entry);
         }
-        add_commit(&mut state, repo, "main", tree)
+        add_commit(&mut state, repo, branch, tree)
     }
 }
 

@@ -386,7 +386,10 @@ mod tests {
             }
         );
         let no_master = Launch::detect(env(&[("WORLD_SIZE", "2"), ("RANK", "0")]));
-        assert!(no_master.unwrap_err().to_string().contains("MASTER_ADDR"));
+        assert!(no_master
+            .unwrap_err()
+            .to_string()
+            .contains("WORLD_SIZE=2 needs MASTER_ADDR and MASTER_PORT"));
         let bad = Launch::detect(env(&[("WORLD_SIZE", "two")]));
         assert!(bad.unwrap_err().to_string().contains("WORLD_SIZE=\"two\""));
         let over = Launch::detect(env(&[("WORLD_SIZE", "2"), ("RANK", "2")]));
@@ -402,7 +405,13 @@ mod tests {
         let err = connect(&mpi, "cuda", &DistributedSpec::default())
             .err()
             .unwrap();
-        assert!(err.to_string().contains("NCCL"), "{err}");
+        assert!(
+            err.to_string().contains(
+                "launched by mpirun (Open MPI) with 2 ranks and device cuda: GPU ranks exchange \
+                 gradients over NCCL"
+            ),
+            "{err}"
+        );
         let torchrun = Launch::Torchrun {
             rank: 0,
             size: 2,
