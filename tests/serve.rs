@@ -6,89 +6,12 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::server::Server;
 use common::*;
 use serde_json::{json, Value};
-
-/// A `kiln serve` process on a free port, killed when dropped.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    stderr: Option<std::process::ChildStderr>,
-}
-
-impl Server {
-    fn start(model: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
-            .args(["--threads", "2"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kiln serve starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .rsplit("http://")
-            .next()
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| {
-                let mut err = String::new();
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                panic!("no address in {line:?}; stderr: {err}")
-            });
-        let stderr = child.stderr.take();
-        Server {
-            child,
-            addr,
-            stderr,
-        }
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let (status, _, body) = http(self.addr, "POST", path, body.to_string().as_bytes());
-        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        let (status, _, body) = http(self.addr, "GET", path, b"");
-        (status, String::from_utf8(body).unwrap())
-    }
-
-    fn predict(&self, prompt: &str, parameters: Value) -> String {
-        let (status, body) = self.post(
-            "/v1/models/tiny:predict",
-            &json!({"instances": [prompt], "parameters": parameters}),
-        );
-        assert_eq!(status, 200, "{body}");
-        body["predictions"][0].as_str().unwrap().to_string()
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        let (_, text) = self.get("/metrics");
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// One HTTP/1.1 request on its own connection: (status, head lowercased, body), chunked bodies
 /// decoded.

@@ -81,6 +81,40 @@ pub struct TrainerState {
     /// divides batch.replicas continues the same run, equal up to float rounding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub world_size: Option<usize>,
+    /// Hugging Face Trainer's fields beside Kiln's own (`epoch` is both), so that scripts
+    /// written for HF checkpoints read Kiln's; absent from older checkpoints.
+    #[serde(flatten)]
+    pub hf: HfTrainerState,
+}
+
+/// The part of `trainer_state.json` HF Trainer writes and tools around it read.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HfTrainerState {
+    /// Optimizer steps completed (Kiln's `step`).
+    #[serde(default)]
+    pub global_step: u64,
+    /// The run's optimizer steps.
+    #[serde(default)]
+    pub max_steps: u64,
+    /// Every logged training step (`loss`, `learning_rate`, `grad_norm`) and evaluation
+    /// (`eval_<metric>`), each with its `step` and `epoch`, oldest first.
+    #[serde(default)]
+    pub log_history: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// The best evaluation so far and the checkpoint it belongs to (`null` without
+    /// `checkpoint.keep_best`, as HF writes them without `metric_for_best_model`).
+    #[serde(default)]
+    pub best_metric: Option<f64>,
+    #[serde(default)]
+    pub best_model_checkpoint: Option<String>,
+    /// Sequences per device and micro-batch (HF's `per_device_train_batch_size`).
+    #[serde(default)]
+    pub train_batch_size: usize,
+    #[serde(default)]
+    pub logging_steps: u64,
+    #[serde(default)]
+    pub eval_steps: u64,
+    #[serde(default)]
+    pub save_steps: u64,
 }
 
 /// The recipe parts whose change would make a resumed run a different experiment: the model,
@@ -250,6 +284,12 @@ pub enum Weights<'a> {
 }
 
 fn write_contents(dir: &Path, contents: Contents) -> Result<()> {
+    let adapter = matches!(contents.weights, Weights::Adapter { .. });
+    let card = ModelCard {
+        base_model: contents.base_model,
+        model_type: contents.config.model_type(),
+        adapter,
+    };
     let mut optimizer = contents.optimizer;
     match contents.weights {
         Weights::Model { params, dtype } => {
@@ -274,10 +314,7 @@ fn write_contents(dir: &Path, contents: Contents) -> Result<()> {
         tokenizer.save_to(dir)?;
     }
     candle_core::safetensors::save(&optimizer, dir.join(OPTIMIZER_FILE))?;
-    std::fs::write(
-        dir.join("README.md"),
-        model_card(contents.base_model, &contents.state)?,
-    )?;
+    std::fs::write(dir.join("README.md"), card.render(&contents.state)?)?;
     let mut state = contents.state;
     state.files = hash_files(dir)?;
     let path = dir.join(STATE_FILE);
@@ -288,23 +325,48 @@ fn write_contents(dir: &Path, contents: Contents) -> Result<()> {
     sync_dir(dir)
 }
 
-fn model_card(base_model: &str, state: &TrainerState) -> Result<String> {
-    let recipe = serde_norway::to_string(&state.recipe)?;
-    let metrics: String = state
-        .metrics
-        .iter()
-        .map(|(k, v)| format!("| {k} | {v:.6} |\n"))
-        .collect();
-    Ok(format!(
-        "---\nlibrary_name: transformers\ntags:\n- gptj\n- kiln\n---\n\n# {name} (step {step})\n\n\
-         Fine-tuned with Kiln {version} from `{base_model}`: {step} optimizer steps, {epoch:.3} \
-         epochs of the training data.\n\n## Metrics so far\n\n| metric | value |\n|---|---|\n{metrics}\n\
-         ## Recipe\n\n```yaml\n{recipe}```\n",
-        name = state.recipe.name,
-        step = state.step,
-        epoch = state.epoch,
-        version = env!("CARGO_PKG_VERSION"),
-    ))
+/// What a checkpoint's `README.md` says about where it comes from.
+struct ModelCard<'a> {
+    /// A Hub id, a local path or `init:<preset>`.
+    base_model: &'a str,
+    model_type: &'a str,
+    adapter: bool,
+}
+
+impl ModelCard<'_> {
+    /// The card, its YAML front matter as the Hub reads it: `base_model` (a Hub id only),
+    /// `library_name` (`peft` for an adapter, which PEFT loads, else `transformers`) and tags.
+    fn render(&self, state: &TrainerState) -> Result<String> {
+        let recipe = serde_norway::to_string(&state.recipe)?;
+        let metrics: String = state
+            .metrics
+            .iter()
+            .map(|(k, v)| format!("| {k} | {v:.6} |\n"))
+            .collect();
+        let on_hub = crate::hub::validate_repo_id(self.base_model).is_ok()
+            && !Path::new(self.base_model).exists();
+        let base = match on_hub {
+            true => format!("base_model: {}\n", self.base_model),
+            false => String::new(),
+        };
+        let (library, extra_tags) = match self.adapter {
+            true => ("peft", "- lora\n"),
+            false => ("transformers", ""),
+        };
+        Ok(format!(
+            "---\n{base}library_name: {library}\ntags:\n- {model_type}\n{extra_tags}- kiln\n---\n\n\
+             # {name} (step {step})\n\n\
+             Fine-tuned with Kiln {version} from `{base_model}`: {step} optimizer steps, {epoch:.3} \
+             epochs of the training data.\n\n## Metrics so far\n\n| metric | value |\n|---|---|\n{metrics}\n\
+             ## Recipe\n\n```yaml\n{recipe}```\n",
+            model_type = self.model_type,
+            base_model = self.base_model,
+            name = state.recipe.name,
+            step = state.step,
+            epoch = state.epoch,
+            version = env!("CARGO_PKG_VERSION"),
+        ))
+    }
 }
 
 fn hash_files(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {

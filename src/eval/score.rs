@@ -27,6 +27,11 @@ pub struct ScoredRow {
     /// `logprobs[i]` is log p(ids[i] | ids[..i]); the first token has no context, hence `None`.
     pub logprobs: Vec<Option<f32>>,
     pub total: f32,
+    /// When asked for (OpenAI's `logprobs: N`): per position, the N most likely tokens and their
+    /// log-probabilities, most likely first (ties: the lower id first); `None` where `logprobs`
+    /// is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top_logprobs: Vec<Option<Vec<(u32, f32)>>>,
 }
 
 /// Reads `{"text": ...}` / `{"ids": [...]}` lines and tokenises them, with errors naming the line.
@@ -96,6 +101,17 @@ pub fn score_rows(
     prompt_lens: Option<&[usize]>,
     batch_size: usize,
 ) -> Result<Vec<ScoredRow>> {
+    score_rows_with_top(model, rows, prompt_lens, batch_size, 0)
+}
+
+/// [`score_rows`], with the `top` most likely tokens at every position as well.
+pub fn score_rows_with_top(
+    model: &Model,
+    rows: &[Vec<u32>],
+    prompt_lens: Option<&[usize]>,
+    batch_size: usize,
+    top: usize,
+) -> Result<Vec<ScoredRow>> {
     let batch_size = batch_size.max(1);
     let mut order: Vec<usize> = (0..rows.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(rows[i].len()));
@@ -120,7 +136,7 @@ pub fn score_rows(
         for (row_in_batch, &row_index) in chunk.iter().enumerate() {
             let ids = &rows[row_index];
             let row_logits = logits.get(row_in_batch)?.narrow(0, 0, ids.len())?;
-            results[row_index] = Some(score_one(&row_logits, ids)?);
+            results[row_index] = Some(score_one(&row_logits, ids, top)?);
         }
     }
     Ok(results
@@ -432,23 +448,143 @@ fn log_probs(logits: &Tensor, tokens: &Tensor) -> Result<Vec<Vec<f32>>> {
 }
 
 /// Scores one row from its logits `[len, vocab]`.
-fn score_one(logits: &Tensor, ids: &[u32]) -> Result<ScoredRow> {
+fn score_one(logits: &Tensor, ids: &[u32], top: usize) -> Result<ScoredRow> {
     let mut logprobs = vec![None];
+    let mut top_logprobs = Vec::new();
+    if top > 0 {
+        top_logprobs.push(None);
+    }
     if ids.len() > 1 {
         let n = ids.len() - 1;
         let logits = logits.narrow(0, 0, n)?.to_dtype(DType::F32)?;
         let log_norm = logits.log_sum_exp(D::Minus1)?;
         let targets = Tensor::from_vec(ids[1..].to_vec(), (n, 1), logits.device())?;
         let picked = logits.gather(&targets, 1)?.squeeze(1)?;
-        let values = (picked - log_norm)?.to_vec1::<f32>()?;
+        let values = (picked - &log_norm)?.to_vec1::<f32>()?;
         logprobs.extend(values.into_iter().map(Some));
+        if top > 0 {
+            let logits = logits.to_vec2::<f32>()?;
+            let log_norm = log_norm.to_vec1::<f32>()?;
+            for (row, norm) in logits.iter().zip(log_norm) {
+                top_logprobs.push(Some(
+                    most_likely(row, top)
+                        .into_iter()
+                        .map(|id| (id, row[id as usize] - norm))
+                        .collect(),
+                ));
+            }
+        }
     }
     let total = logprobs.iter().flatten().sum();
     Ok(ScoredRow {
         ids: ids.to_vec(),
         logprobs,
         total,
+        top_logprobs,
     })
+}
+
+/// The ids of the `k` largest logits, largest first, the lower id first among equals.
+fn most_likely(logits: &[f32], k: usize) -> Vec<u32> {
+    let order = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(ids.len());
+    if k < ids.len() {
+        ids.select_nth_unstable_by(k, order);
+        ids.truncate(k);
+    }
+    ids.sort_by(order);
+    ids
+}
+
+/// Every token's log-probability in whole rows, as [`score_rows`] computes it, with the `top`
+/// most likely tokens at each position (the server's `echo` and `logprobs`), cut into chunks of
+/// rows whose logits fit a memory budget and run one at a time like [`ScorePlan`], so the
+/// server's scheduler can interleave other work between them. A row larger than the budget runs
+/// alone.
+pub struct TokenLogprobPlan {
+    rows: Vec<Vec<u32>>,
+    top: usize,
+    chunks: Vec<Vec<usize>>,
+    done: usize,
+    scored: Vec<Option<ScoredRow>>,
+}
+
+impl TokenLogprobPlan {
+    pub fn new(
+        model: &Model,
+        rows: Vec<Vec<u32>>,
+        top: usize,
+        budget_bytes: usize,
+    ) -> Result<Self> {
+        let config = model.config();
+        let (context, vocab) = (config.max_positions(), config.vocab_size());
+        for (i, row) in rows.iter().enumerate() {
+            ensure!(
+                !row.is_empty(),
+                "prompt {i} is empty: there is nothing to score"
+            );
+            ensure!(
+                row.len() <= context,
+                "prompt {i}: {} tokens with the completion, more than the model's context of \
+                 {context}",
+                row.len()
+            );
+            if let Some(bad) = row.iter().find(|&&id| id as usize >= vocab) {
+                bail!("prompt {i}: token id {bad} is outside the vocabulary ({vocab})");
+            }
+        }
+        // The logits of a padded chunk, and their copy when the top tokens are picked from them.
+        let bytes_per_position = vocab * 4 * if top > 0 { 2 } else { 1 };
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(rows[i].len()));
+        let mut chunks: Vec<Vec<usize>> = Vec::new();
+        for i in order {
+            match chunks.last_mut() {
+                // Sorted longest first: the chunk's first row sets its padded length.
+                Some(chunk)
+                    if (chunk.len() + 1) * rows[chunk[0]].len() * bytes_per_position
+                        <= budget_bytes =>
+                {
+                    chunk.push(i)
+                }
+                _ => chunks.push(vec![i]),
+            }
+        }
+        let scored = vec![None; rows.len()];
+        Ok(Self {
+            rows,
+            top,
+            chunks,
+            done: 0,
+            scored,
+        })
+    }
+
+    /// Runs the next chunk; true once every chunk has run.
+    pub fn run_next_chunk(&mut self, model: &Model) -> Result<bool> {
+        if let Some(chunk) = self.chunks.get(self.done) {
+            let rows: Vec<Vec<u32>> = chunk.iter().map(|&i| self.rows[i].clone()).collect();
+            let scored = score_rows_with_top(model, &rows, None, rows.len(), self.top)?;
+            for (&i, row) in chunk.iter().zip(scored) {
+                self.scored[i] = Some(row);
+            }
+            self.done += 1;
+        }
+        Ok(self.done == self.chunks.len())
+    }
+
+    /// The rows in their order, once every chunk has run.
+    pub fn into_rows(self) -> Vec<ScoredRow> {
+        self.scored
+            .into_iter()
+            .map(|row| row.expect("every chunk has run"))
+            .collect()
+    }
 }
 
 /// Writes rows as JSON lines into `path`, through a temporary file renamed into place so a

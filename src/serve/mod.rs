@@ -25,13 +25,14 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio_stream::StreamExt;
 
+use crate::eval::score::ScoredRow;
 use crate::generate::{FinishReason, Generated, GenerationParams, Sequence};
 use crate::model::{Config, Model};
 use crate::tokenizer::TextTokenizer;
 use auth::ApiKey;
 use connections::ConnectionLimits;
 use metrics::Metrics;
-use protocol::{BadRequest, Parsed};
+use protocol::{BadRequest, Parsed, Prompts};
 use scheduler::{Event, Limits, Refused, Scheduler, Work};
 
 /// What the handlers share.
@@ -41,6 +42,8 @@ pub struct App {
     pub tokenizer: Arc<TextTokenizer>,
     pub scheduler: Scheduler,
     pub metrics: Arc<Metrics>,
+    /// When the server started (Unix seconds): the `created` of OpenAI's model list.
+    pub started: u64,
 }
 
 /// Where and how to serve.
@@ -93,6 +96,7 @@ pub fn serve(
             tokenizer,
             scheduler: scheduler.clone(),
             metrics,
+            started: unix_seconds(),
         });
         let router = router(app, options.max_body_bytes, options.api_key.map(Arc::new));
         on_ready(addr);
@@ -371,16 +375,35 @@ impl App {
         params: GenerationParams,
         at: &str,
     ) -> Parsed<Vec<Sequence>> {
-        let params = Arc::new(params);
+        self.sequences_of_ids(&self.encode(texts, at)?, params, at)
+    }
+
+    /// Each text's token ids, errors naming `at[i]`.
+    fn encode(&self, texts: &[String], at: &str) -> Parsed<Vec<Vec<u32>>> {
         texts
             .iter()
             .enumerate()
             .map(|(i, text)| {
-                let ids = self
-                    .tokenizer
+                self.tokenizer
                     .encode(text)
-                    .map_err(|e| BadRequest(format!("{at}[{i}]: {e:#}")))?;
-                Sequence::new(&self.config, &ids, i, params.clone()).map_err(|e| {
+                    .map_err(|e| BadRequest(format!("{at}[{i}]: {e:#}")))
+            })
+            .collect()
+    }
+
+    /// Prompts given as token ids, checked against the model, errors naming `at[i]`.
+    fn sequences_of_ids(
+        &self,
+        prompts: &[Vec<u32>],
+        params: GenerationParams,
+        at: &str,
+    ) -> Parsed<Vec<Sequence>> {
+        let params = Arc::new(params);
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, ids)| {
+                Sequence::new(&self.config, ids, i, params.clone()).map_err(|e| {
                     let hint = if params.truncate_left {
                         ""
                     } else {
@@ -445,7 +468,9 @@ impl App {
                 Some(Event::Failed(message)) => {
                     return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message))
                 }
-                Some(Event::Scored(_)) | None => return Err(self.stopped_early()),
+                Some(Event::Scored(_) | Event::Logprobs(_)) | None => {
+                    return Err(self.stopped_early())
+                }
             }
         }
         let results: Vec<Generated> = results.into_iter().map(|r| r.expect("done")).collect();
@@ -454,6 +479,67 @@ impl App {
             completion_tokens: results.iter().map(|g| g.ids.len()).sum(),
         };
         Ok((results, usage))
+    }
+
+    /// Every token's log-probability in each prompt followed by its completion, with the `top`
+    /// most likely tokens at each position, scored as `kiln score` scores (through the
+    /// scheduler, a chunk at a time).
+    async fn token_logprobs(
+        &self,
+        generated: &[Generated],
+        top: usize,
+    ) -> Result<Vec<ScoredRow>, ApiError> {
+        let rows = generated
+            .iter()
+            .map(|g| [g.prompt_ids.as_slice(), g.ids.as_slice()].concat())
+            .collect();
+        let mut events = self.submit(Work::Logprobs { rows, top })?;
+        match events.recv().await {
+            Some(Event::Logprobs(rows)) => Ok(rows),
+            Some(Event::TimedOut) => Err(self.timed_out()),
+            Some(Event::Rejected(message)) => Err(ApiError::new(StatusCode::BAD_REQUEST, message)),
+            Some(Event::Failed(message)) => {
+                Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message))
+            }
+            _ => Err(self.stopped_early()),
+        }
+    }
+
+    /// OpenAI's `logprobs` object for the tokens of `row` from `from` on: each token's text, its
+    /// log-probability (`null` for a first token, which has no context), the `top` most likely
+    /// tokens at its position (and the token itself, so up to `top + 1`, as OpenAI gives them)
+    /// and its character offset in the choice's text, the first at `offset`.
+    fn logprobs_object(&self, row: &ScoredRow, from: usize, offset: usize, top: usize) -> Value {
+        let piece = |id: u32| self.tokenizer.decode(&[id], false).unwrap_or_default();
+        let (mut tokens, mut offsets, mut top_logprobs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut at = offset;
+        for position in from..row.ids.len() {
+            let token = piece(row.ids[position]);
+            offsets.push(at);
+            at += token.chars().count();
+            top_logprobs.push(
+                match (row.logprobs[position], row.top_logprobs.get(position)) {
+                    (Some(logprob), Some(Some(best))) => {
+                        let mut listed: serde_json::Map<String, Value> = best
+                            .iter()
+                            .take(top)
+                            .map(|&(id, logprob)| (piece(id), json!(logprob)))
+                            .collect();
+                        listed.entry(token.clone()).or_insert(json!(logprob));
+                        Value::Object(listed)
+                    }
+                    (Some(logprob), _) => json!({ token.clone(): logprob }),
+                    (None, _) => Value::Null,
+                },
+            );
+            tokens.push(token);
+        }
+        json!({
+            "tokens": tokens,
+            "token_logprobs": row.logprobs[from..],
+            "top_logprobs": top_logprobs,
+            "text_offset": offsets,
+        })
     }
 
     fn timed_out(&self) -> ApiError {
@@ -467,10 +553,13 @@ impl App {
     }
 }
 
+/// KServe's `{"models": [...]}` and, beside it, OpenAI's list (`client.models.list()`).
 async fn list_models(State(app): State<Arc<App>>) -> Response {
+    let model =
+        json!({"id": app.name, "object": "model", "created": app.started, "owned_by": "kiln"});
     with_endpoint(
         "v1_models",
-        Json(json!({"models": [app.name]})).into_response(),
+        Json(json!({"models": [app.name], "object": "list", "data": [model]})).into_response(),
     )
 }
 
@@ -725,24 +814,89 @@ async fn completion(
         return Err(app.unknown_model(&request.model));
     }
     let params = request.params()?;
-    let texts = request.prompt.into_vec();
-    if texts.is_empty() {
-        return Err(BadRequest("prompt: empty; give at least one".into()).into());
+    let prompts = request.prompts()?;
+    let (echo, logprobs) = (request.echo.unwrap_or(false), request.logprobs()?);
+    app.check_prompt_count(prompts.len(), "prompt")?;
+    if request.stream && (echo || logprobs.is_some()) {
+        return Err(BadRequest(
+            "echo and logprobs: not supported with stream: true (ask without streaming)".into(),
+        )
+        .into());
     }
-    app.check_prompt_count(texts.len(), "prompt")?;
-    let sequences = app.sequences(&texts, params.clone(), "prompt")?;
+    if request.stream && params.max_new_tokens == 0 {
+        return Err(BadRequest("max_tokens: 0 needs stream: false".into()).into());
+    }
+    let stream_usage = request
+        .stream_options
+        .as_ref()
+        .and_then(|options| options.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    // The prompts as text (what `echo` repeats) and as the model reads them.
+    let (texts, prompt_ids) = match prompts {
+        Prompts::Texts(texts) => {
+            let ids = app.encode(&texts, "prompt")?;
+            (texts, ids)
+        }
+        Prompts::Tokens(rows) => {
+            let texts = rows
+                .iter()
+                .map(|ids| app.tokenizer.decode(ids, false).unwrap_or_default())
+                .collect();
+            (texts, rows)
+        }
+    };
     let id = format!("cmpl-{:016x}", rand::random::<u64>());
     let created = unix_seconds();
     if !request.stream {
-        let (generated, usage) = app.generate(sequences).await?;
+        // `max_tokens: 0` asks only for the prompt's numbers (with `echo`): nothing to generate.
+        let (generated, usage) = if params.max_new_tokens == 0 {
+            // Checked as prompts to continue are (empty, outside the vocabulary, too long).
+            app.sequences_of_ids(&prompt_ids, params.clone(), "prompt")?;
+            let generated: Vec<Generated> = prompt_ids
+                .iter()
+                .map(|ids| Generated {
+                    prompt_ids: ids.clone(),
+                    ids: Vec::new(),
+                    text: String::new(),
+                    finish_reason: FinishReason::Length,
+                })
+                .collect();
+            let prompt_tokens = prompt_ids.iter().map(Vec::len).sum();
+            (
+                generated,
+                Usage {
+                    prompt_tokens,
+                    completion_tokens: 0,
+                },
+            )
+        } else {
+            let sequences = app.sequences_of_ids(&prompt_ids, params.clone(), "prompt")?;
+            app.generate(sequences).await?
+        };
+        let scored = match logprobs {
+            Some(top) => Some(app.token_logprobs(&generated, top).await?),
+            None => None,
+        };
         let choices: Vec<Value> = generated
             .iter()
             .enumerate()
             .map(|(i, g)| {
+                let prompt_text = if echo { texts[i].as_str() } else { "" };
+                let logprobs = match (&scored, logprobs) {
+                    (Some(rows), Some(top)) => {
+                        // Without echo, only the completion's tokens, at their offsets after
+                        // the prompt.
+                        let from = if echo { 0 } else { g.prompt_ids.len() };
+                        let offset = if echo { 0 } else { texts[i].chars().count() };
+                        app.logprobs_object(&rows[i], from, offset, top)
+                    }
+                    _ => Value::Null,
+                };
                 json!({
                     "index": i,
-                    "text": g.text,
-                    "logprobs": null,
+                    "text": format!("{prompt_text}{}", g.text),
+                    "logprobs": logprobs,
                     "finish_reason": openai_finish_reason(g.finish_reason),
                 })
             })
@@ -763,6 +917,7 @@ async fn completion(
         response.extensions_mut().insert(usage);
         return Ok(response);
     }
+    let sequences = app.sequences_of_ids(&prompt_ids, params.clone(), "prompt")?;
     let prompt_tokens = sequences.iter().map(|s| s.prompt().len()).sum();
     let events = app.submit(Work::Generate(sequences))?;
     let stream_state = Arc::new(std::sync::Mutex::new(StreamState {
@@ -775,6 +930,10 @@ async fn completion(
         first_token: true,
         failed: None,
         unfinished: texts.len(),
+        usage: stream_usage.then_some(Usage {
+            prompt_tokens,
+            completion_tokens: 0,
+        }),
     }));
     let at_end = stream_state.clone();
     // Only this stream's closures take it, one after the other.
@@ -816,6 +975,8 @@ struct StreamState {
     /// The status a stream that ended in an error event would have had.
     failed: Option<u16>,
     unfinished: usize,
+    /// With `stream_options.include_usage`: the counts sent in a last chunk before `[DONE]`.
+    usage: Option<Usage>,
 }
 
 impl StreamState {
@@ -861,6 +1022,9 @@ impl StreamState {
                 generated,
             } => {
                 self.unfinished -= 1;
+                if let Some(usage) = self.usage.as_mut() {
+                    usage.completion_tokens += generated.ids.len();
+                }
                 let (_, sent) = &mut self.decoded[instance];
                 let rest = generated.text.get(*sent..).unwrap_or("").to_string();
                 *sent = generated.text.len();
@@ -890,15 +1054,36 @@ impl StreamState {
                     json!({"error": {"message": message, "type": "server_error"}}).to_string(),
                 )
             }
-            Event::Scored(_) => SseEvent::default().comment(""),
+            Event::Scored(_) | Event::Logprobs(_) => SseEvent::default().comment(""),
         }
     }
 
     /// After the last event: an error event if the scheduler went away before every choice
     /// finished (it died), else nothing a client reads.
     fn closing_event(&mut self) -> SseEvent {
-        if self.unfinished == 0 || self.failed.is_some() {
+        if self.failed.is_some() {
             return SseEvent::default().comment("");
+        }
+        if self.unfinished == 0 {
+            // OpenAI's usage chunk: no choices, the whole request's counts.
+            return match self.usage {
+                Some(usage) => SseEvent::default().data(
+                    json!({
+                        "id": self.id,
+                        "object": "text_completion",
+                        "created": self.created,
+                        "model": self.app.name,
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": usage.prompt_tokens,
+                            "completion_tokens": usage.completion_tokens,
+                            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+                        },
+                    })
+                    .to_string(),
+                ),
+                None => SseEvent::default().comment(""),
+            };
         }
         let error = self.app.stopped_early();
         self.failed = Some(error.status.as_u16());

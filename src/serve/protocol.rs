@@ -169,7 +169,9 @@ pub fn infer_texts(request: &InferRequest) -> Parsed<Vec<String>> {
 #[serde(deny_unknown_fields)]
 pub struct CompletionRequest {
     pub model: String,
-    pub prompt: OneOrMany,
+    /// A string, a list of strings, a list of token ids, or a list of such lists: see
+    /// [`CompletionRequest::prompts`].
+    pub prompt: Value,
     #[serde(default = "default_max_tokens")]
     pub max_tokens: usize,
     #[serde(default)]
@@ -220,27 +222,102 @@ pub enum OneOrMany {
     Many(Vec<String>),
 }
 
-impl OneOrMany {
-    pub fn into_vec(self) -> Vec<String> {
+/// The prompts of a completion request: texts, or token ids as they are.
+pub enum Prompts {
+    Texts(Vec<String>),
+    Tokens(Vec<Vec<u32>>),
+}
+
+impl Prompts {
+    pub fn len(&self) -> usize {
         match self {
-            OneOrMany::One(s) => vec![s],
-            OneOrMany::Many(v) => v,
+            Prompts::Texts(texts) => texts.len(),
+            Prompts::Tokens(rows) => rows.len(),
         }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
+/// The most tokens `logprobs: N` may ask for at each position (vLLM's limit; OpenAI's was 5).
+pub const MAX_LOGPROBS: u64 = 20;
+
 impl CompletionRequest {
+    /// `prompt` as OpenAI takes it: a string, a list of strings, a list of token ids (one
+    /// prompt), or a list of lists of token ids (lm-evaluation-harness sends these).
+    pub fn prompts(&self) -> Parsed<Prompts> {
+        let expected = "prompt: expected a string, a list of strings, a list of token ids or a \
+                        list of lists of token ids";
+        let ids = |values: &[Value]| -> Option<Vec<u32>> {
+            values
+                .iter()
+                .map(|v| v.as_u64().and_then(|id| u32::try_from(id).ok()))
+                .collect()
+        };
+        let prompts = match &self.prompt {
+            Value::String(text) => Prompts::Texts(vec![text.clone()]),
+            Value::Array(items) if items.is_empty() => {
+                return Err(BadRequest("prompt: empty; give at least one".into()))
+            }
+            Value::Array(items) => match &items[0] {
+                Value::String(_) => Prompts::Texts(
+                    items
+                        .iter()
+                        .enumerate()
+                        .map(|(i, item)| match item {
+                            Value::String(text) => Ok(text.clone()),
+                            _ => Err(BadRequest(format!(
+                                "prompt[{i}]: expected a string, as prompt[0] is"
+                            ))),
+                        })
+                        .collect::<Parsed<_>>()?,
+                ),
+                Value::Number(_) => Prompts::Tokens(vec![ids(items).ok_or_else(|| {
+                    BadRequest(
+                        "prompt: expected token ids (integers from 0), as prompt[0] is".into(),
+                    )
+                })?]),
+                Value::Array(_) => Prompts::Tokens(
+                    items
+                        .iter()
+                        .enumerate()
+                        .map(|(i, item)| {
+                            item.as_array().and_then(|row| ids(row)).ok_or_else(|| {
+                                BadRequest(format!(
+                                    "prompt[{i}]: expected a list of token ids (integers from 0)"
+                                ))
+                            })
+                        })
+                        .collect::<Parsed<_>>()?,
+                ),
+                _ => return Err(BadRequest(expected.into())),
+            },
+            _ => return Err(BadRequest(expected.into())),
+        };
+        Ok(prompts)
+    }
+
+    /// `logprobs: N`, the most likely tokens to list at each position, when asked for.
+    pub fn logprobs(&self) -> Parsed<Option<usize>> {
+        match &self.logprobs {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => match value.as_u64().filter(|&n| n <= MAX_LOGPROBS) {
+                Some(n) => Ok(Some(n as usize)),
+                None => Err(BadRequest(format!(
+                    "logprobs: expected an integer from 0 to {MAX_LOGPROBS} (or null), got {value}"
+                ))),
+            },
+        }
+    }
+
     /// The generation parameters, OpenAI's defaults included (temperature 1, so sampling, with a
     /// fresh seed unless one is given).
     pub fn params(&self) -> Parsed<GenerationParams> {
         let unsupported = [
             ("n", self.n.is_some_and(|n| n != 1)),
             ("best_of", self.best_of.is_some_and(|n| n != 1)),
-            ("echo", self.echo == Some(true)),
-            (
-                "logprobs",
-                self.logprobs.as_ref().is_some_and(|v| !v.is_null()),
-            ),
             (
                 "presence_penalty",
                 self.presence_penalty.is_some_and(|p| p != 0.0),

@@ -22,7 +22,7 @@ use anyhow::Result;
 use tokio::sync::{mpsc, watch};
 
 use super::metrics::Metrics;
-use crate::eval::score::ScorePlan;
+use crate::eval::score::{ScorePlan, ScoredRow, TokenLogprobPlan};
 use crate::generate::{DecodeBatch, Generated, Sequence};
 use crate::model::Model;
 use crate::tokenizer::TextTokenizer;
@@ -74,6 +74,9 @@ pub enum Work {
         prompts: Vec<Vec<u32>>,
         candidates: Vec<Vec<u32>>,
     },
+    /// Every token's log-probability in each row, with the `top` most likely at each position
+    /// (OpenAI's `echo` and `logprobs`).
+    Logprobs { rows: Vec<Vec<u32>>, top: usize },
 }
 
 /// What the scheduler tells a request, in order.
@@ -88,6 +91,7 @@ pub enum Event {
         generated: Generated,
     },
     Scored(Vec<Vec<f32>>),
+    Logprobs(Vec<ScoredRow>),
     TimedOut,
     /// The request cannot be run as given (a 400).
     Rejected(String),
@@ -277,12 +281,33 @@ struct Generation {
     unfinished: usize,
 }
 
-/// An admitted classification request, scored a chunk at a time.
+/// An admitted scoring request (classification, or log-probabilities), run a chunk at a time.
 struct Scoring {
     id: u64,
     events: mpsc::UnboundedSender<Event>,
     deadline: Instant,
-    plan: ScorePlan,
+    plan: Plan,
+}
+
+enum Plan {
+    Continuations(ScorePlan),
+    Tokens(TokenLogprobPlan),
+}
+
+impl Plan {
+    fn run_next_chunk(&mut self, model: &Model) -> anyhow::Result<bool> {
+        match self {
+            Plan::Continuations(plan) => plan.run_next_chunk(model),
+            Plan::Tokens(plan) => plan.run_next_chunk(model),
+        }
+    }
+
+    fn into_event(self) -> Event {
+        match self {
+            Plan::Continuations(plan) => Event::Scored(plan.into_scores()),
+            Plan::Tokens(plan) => Event::Logprobs(plan.into_rows()),
+        }
+    }
 }
 
 /// Everything the scheduler thread is working on.
@@ -449,23 +474,49 @@ impl Worker {
             Work::Score {
                 prompts,
                 candidates,
-            } => match ScorePlan::new(
-                model,
-                prompts,
-                candidates,
-                8,
-                self.limits.score_budget_bytes,
-            ) {
-                Ok(plan) => work.scorings.push_back(Scoring {
-                    id: job.id,
-                    events: job.events,
-                    deadline: job.deadline,
-                    plan,
-                }),
-                Err(e) => {
-                    let _ = job.events.send(Event::Rejected(format!("{e:#}")));
-                }
-            },
+            } => {
+                let budget = self.limits.score_budget_bytes;
+                let plan = ScorePlan::new(model, prompts, candidates, 8, budget);
+                self.admit_scoring(
+                    job.id,
+                    job.events,
+                    job.deadline,
+                    plan.map(Plan::Continuations),
+                    work,
+                )
+            }
+            Work::Logprobs { rows, top } => {
+                let budget = self.limits.score_budget_bytes;
+                let plan = TokenLogprobPlan::new(model, rows, top, budget);
+                self.admit_scoring(
+                    job.id,
+                    job.events,
+                    job.deadline,
+                    plan.map(Plan::Tokens),
+                    work,
+                )
+            }
+        }
+    }
+
+    fn admit_scoring(
+        &self,
+        id: u64,
+        events: mpsc::UnboundedSender<Event>,
+        deadline: Instant,
+        plan: anyhow::Result<Plan>,
+        work: &mut Active<'_>,
+    ) {
+        match plan {
+            Ok(plan) => work.scorings.push_back(Scoring {
+                id,
+                events,
+                deadline,
+                plan,
+            }),
+            Err(e) => {
+                let _ = events.send(Event::Rejected(format!("{e:#}")));
+            }
         }
     }
 
@@ -511,9 +562,7 @@ impl Worker {
         let scored = rayon::scope(|_| scoring.plan.run_next_chunk(model));
         match scored {
             Ok(true) => {
-                let _ = scoring
-                    .events
-                    .send(Event::Scored(scoring.plan.into_scores()));
+                let _ = scoring.events.send(scoring.plan.into_event());
             }
             Ok(false) => work.scorings.push_back(scoring),
             Err(e) => {

@@ -33,7 +33,7 @@ use crate::model::{self, Config, Model};
 use crate::ops;
 use crate::recipe::{Compute, Recipe};
 use crate::tokenizer::TextTokenizer;
-use crate::track::{Progress, RunRef, RunStatus, Tracker, TrackerStart};
+use crate::track::{Progress, RunStatus, Tracker, TrackerStart};
 
 use claim::{RunClaim, Start};
 use distributed::{Collective, SingleProcess};
@@ -321,9 +321,7 @@ pub fn run(
             let optimizer = adamw.state_tensors(params, collective)?;
             if let Some(checkpoints) = &checkpoints {
                 let state = (&adamw, &scaler, &train);
-                let mlflow = log.tracker.as_ref().and_then(Tracker::mlflow_run);
-                let dir =
-                    checkpoints.save(step, &trainable, state, optimizer, &log.metrics, mlflow)?;
+                let dir = checkpoints.save(step, &trainable, state, optimizer, &log)?;
                 let hook = options.checkpoint_hook.as_mut();
                 checkpoints.after_save(&dir, step, hook, &mut log)?;
                 last_good = Some(dir);
@@ -417,6 +415,8 @@ struct RunLog {
     tracker: Option<Tracker>,
     progress: Progress,
     metrics: BTreeMap<String, f64>,
+    /// HF Trainer's `log_history`: every logged step and evaluation, carried across resumes.
+    history: Vec<serde_json::Map<String, serde_json::Value>>,
     summary: TrainSummary,
     log_every: u64,
 }
@@ -433,9 +433,13 @@ impl RunLog {
         writer: bool,
     ) -> Result<Self> {
         let run_dir = recipe.tracking.log_dir.join(&recipe.name);
-        let (metrics, resumed) = match resumed {
-            Some(r) => (r.state.metrics, Some((start_step, r.state.mlflow))),
-            None => (BTreeMap::new(), None),
+        let (metrics, history, resumed) = match resumed {
+            Some(r) => (
+                r.state.metrics,
+                r.state.hf.log_history,
+                Some((start_step, r.state.mlflow)),
+            ),
+            None => (BTreeMap::new(), Vec::new(), None),
         };
         let start = TrackerStart {
             recipe,
@@ -448,6 +452,7 @@ impl RunLog {
             tracker: writer.then(|| Tracker::open(&run_dir, start)).transpose()?,
             progress: Progress::new(total_steps, start_step, quiet),
             metrics,
+            history,
             log_every: recipe.tracking.log_every.max(1),
             summary: TrainSummary {
                 step: start_step,
@@ -495,7 +500,18 @@ impl RunLog {
             self.metrics.insert(tag.to_string(), value);
         }
         let lr = self.metrics.get("train/lr").copied().unwrap_or_default();
-        let total = summary.total_steps;
+        if log_now {
+            self.history.push(history_entry(
+                step,
+                epoch,
+                [
+                    ("loss", outcome.loss),
+                    ("grad_norm", outcome.grad_norm),
+                    ("learning_rate", lr),
+                ],
+            ));
+        }
+        let total = self.summary.total_steps;
         self.progress
             .step(step, total, outcome.loss, lr, tokens_per_sec, log_now);
         Ok(())
@@ -503,6 +519,18 @@ impl RunLog {
 
     /// Evaluation results, logged as `eval/<name>`.
     fn eval(&mut self, step: u64, results: Vec<(String, f64)>) -> Result<()> {
+        if !results.is_empty() {
+            let epoch = self.metrics.get("train/epoch").copied().unwrap_or_default();
+            let named: Vec<(String, f64)> = results
+                .iter()
+                .map(|(name, value)| (format!("eval_{name}"), *value))
+                .collect();
+            self.history.push(history_entry(
+                step,
+                epoch,
+                named.iter().map(|(n, v)| (n.as_str(), *v)),
+            ));
+        }
         if !results.is_empty() {
             let line: Vec<String> = results.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
             self.progress
@@ -559,6 +587,21 @@ impl RunLog {
     }
 }
 
+/// One entry of HF Trainer's `log_history`: the values (HF's names), then `epoch` and `step`.
+fn history_entry<'n>(
+    step: u64,
+    epoch: f64,
+    values: impl IntoIterator<Item = (&'n str, f64)>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut entry: serde_json::Map<String, serde_json::Value> = values
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), serde_json::json!(value)))
+        .collect();
+    entry.insert("epoch".into(), serde_json::json!(epoch));
+    entry.insert("step".into(), serde_json::json!(step));
+    entry
+}
+
 /// What every checkpoint of a run shares.
 struct CheckpointTarget<'a> {
     /// `<checkpoint.dir>/<name>`, locked for this process.
@@ -581,9 +624,13 @@ impl CheckpointTarget<'_> {
         trainable: &Trainable,
         (adamw, scaler, stream): (&AdamW, &LossScaler, &SequenceStream),
         optimizer: HashMap<String, Tensor>,
-        metrics: &BTreeMap<String, f64>,
-        mlflow: Option<&RunRef>,
+        log: &RunLog,
     ) -> Result<PathBuf> {
+        let (metrics, mlflow) = (
+            &log.metrics,
+            log.tracker.as_ref().and_then(Tracker::mlflow_run),
+        );
+        let recipe = self.recipe;
         let state = TrainerState {
             step,
             epoch: stream.epoch_progress(),
@@ -598,6 +645,17 @@ impl CheckpointTarget<'_> {
             data: self.data.to_vec(),
             mlflow: mlflow.cloned(),
             world_size: Some(self.world_size),
+            hf: checkpoint::HfTrainerState {
+                global_step: step,
+                max_steps: log.summary.total_steps,
+                log_history: log.history.clone(),
+                best_metric: None,
+                best_model_checkpoint: None,
+                train_batch_size: recipe.batch.micro,
+                logging_steps: recipe.tracking.log_every.max(1),
+                eval_steps: recipe.eval.every,
+                save_steps: recipe.checkpoint.every,
+            },
         };
         trainable.with_checkpoint_weights(self.weights_dtype, |weights| {
             checkpoint::save(
