@@ -1,8 +1,10 @@
 //! Kiln in the tools users already run: `/v1/completions` log-likelihoods (`echo`, `logprobs`,
 //! token-id prompts) equal to `kiln score`'s, EleutherAI's lm-evaluation-harness through
-//! `kiln serve` scoring what it scores through transformers, and the official `openai` client.
+//! `kiln serve` scoring what it scores through transformers, the official `openai` client, HF
+//! Trainer's fields in checkpoints, and Hub ids for every verb that names a model.
 
 mod common;
+mod hub_server;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -480,4 +482,306 @@ print(json.dumps(out))
             "invalid_request_error"
         ])
     );
+}
+
+/// A checkpoint's `trainer_state.json` carries HF Trainer's fields beside Kiln's own, and its model
+/// card's front matter is what the Hub reads (no `base_model` for a model Kiln initialised).
+#[test]
+fn checkpoints_carry_hf_trainer_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = trained_tiny(dir.path());
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(checkpoint.join("trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["global_step"], 150);
+    assert_eq!(state["step"], 150, "Kiln's own field stays");
+    assert_eq!(state["max_steps"], 150);
+    let recipe = &state["recipe"];
+    assert_eq!(state["train_batch_size"], recipe["batch"]["micro"]);
+    assert_eq!(state["logging_steps"], recipe["tracking"]["log_every"]);
+    assert_eq!(state["save_steps"], recipe["checkpoint"]["every"]);
+    assert_eq!(state["best_metric"], Value::Null);
+    assert_eq!(state["best_model_checkpoint"], Value::Null);
+    let history = state["log_history"].as_array().unwrap();
+    let log_every = recipe["tracking"]["log_every"].as_u64().unwrap();
+    let train: Vec<&Value> = history.iter().filter(|e| e.get("loss").is_some()).collect();
+    let steps: Vec<u64> = train.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    let expected: Vec<u64> = (1..=150)
+        .filter(|s| s % log_every == 0 || *s == 150)
+        .collect();
+    assert_eq!(steps, expected, "every logged step, in order");
+    for entry in &train {
+        for key in ["loss", "learning_rate", "grad_norm", "epoch"] {
+            assert!(entry[key].is_number(), "{key} in {entry}");
+        }
+    }
+    let last = train.last().unwrap();
+    assert_eq!(last["epoch"], state["epoch"]);
+    let eval = history.last().unwrap();
+    assert_eq!(eval["step"], 150);
+    assert!(
+        eval["eval_loss"].is_number() && eval["eval_accuracy"].is_number(),
+        "{eval}"
+    );
+    let card = std::fs::read_to_string(checkpoint.join("README.md")).unwrap();
+    assert!(
+        card.starts_with("---\nlibrary_name: transformers\ntags:\n- gptj\n- kiln\n---\n"),
+        "{card}"
+    );
+}
+
+/// `kiln` with `HF_ENDPOINT` at the local Hub stand-in and its own `HF_HOME`.
+fn kiln_with_hub(
+    server: &hub_server::HubServer,
+    home: &Path,
+    offline: bool,
+    args: &[&str],
+) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command
+        .args(args)
+        .env("HF_ENDPOINT", &server.url)
+        .env("HF_HOME", home)
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_TOKEN");
+    match offline {
+        true => command.env("HF_HUB_OFFLINE", "1"),
+        false => command.env_remove("HF_HUB_OFFLINE"),
+    };
+    let output = command.output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    );
+    assert!(output.status.success(), "kiln {args:?}: {stdout}\n{stderr}");
+    stdout
+}
+
+/// Every verb that names a model takes a Hub id as `kiln train` does: `kiln download` fetches a
+/// model (and a dataset) for offline use, then `generate`, `score`, `eval`, `bench` and `serve`
+/// run on `owner/name[@revision]` from the cache with the Hub out of reach, giving what the
+/// local directory gives. Training from a Hub model names it in the model card (`base_model`),
+/// a LoRA adapter as PEFT's (`library_name: peft`).
+#[test]
+fn hub_ids_work_for_every_verb_and_checkpoints_name_their_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    init_tiny(&base, 1, Path::new(&bundled("tokenizer")));
+    let server = hub_server::HubServer::start(hub_server::ServerOptions::default());
+    let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&base)
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&path).unwrap())
+        })
+        .collect();
+    let seeded: Vec<(&str, &[u8], bool)> = files
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice(), n.ends_with(".safetensors")))
+        .collect();
+    server.seed("models/alice/tiny", false, &seeded);
+    let rows = std::fs::read(bundled("validation.jsonl")).unwrap();
+    server.seed(
+        "datasets/alice/nli",
+        false,
+        &[
+            ("default/validation.jsonl", &rows, false),
+            ("README.md", b"# NLI", false),
+        ],
+    );
+    let home = dir.path().join("hf");
+
+    let said = kiln_with_hub(&server, &home, false, &["download", "alice/tiny"]);
+    let cached = PathBuf::from(said.trim());
+    assert!(cached.starts_with(&home), "{said}");
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(
+            cached.join(file).is_file(),
+            "{file} in {}",
+            cached.display()
+        );
+    }
+    let said = kiln_with_hub(
+        &server,
+        &home,
+        false,
+        &["download", "--dataset", "alice/nli"],
+    );
+    assert!(said.trim().ends_with("(2 files)"), "{said}");
+    let snapshot = PathBuf::from(said.trim().trim_end_matches(" (2 files)"));
+    assert_eq!(
+        std::fs::read(snapshot.join("default/validation.jsonl")).unwrap(),
+        rows
+    );
+
+    // Offline from here: everything comes from the cache.
+    let prompt = [
+        "--prompt",
+        "mnli hypothesis: a b premise: a b target:",
+        "--max-new-tokens",
+        "4",
+    ];
+    let local = kiln_with_hub(
+        &server,
+        &home,
+        true,
+        &[
+            &["generate", "--model", base.to_str().unwrap()],
+            &prompt[..],
+        ]
+        .concat(),
+    );
+    let by_id = kiln_with_hub(
+        &server,
+        &home,
+        true,
+        &[&["generate", "--model", "alice/tiny"], &prompt[..]].concat(),
+    );
+    assert_eq!(by_id, local);
+    let input = dir.path().join("rows.jsonl");
+    std::fs::write(&input, "{\"ids\": [5, 6, 7, 8, 9]}\n").unwrap();
+    let score = |model: &str, out: &str| {
+        let output = dir.path().join(out);
+        kiln_with_hub(
+            &server,
+            &home,
+            true,
+            &[
+                "score",
+                "--model",
+                model,
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                output.to_str().unwrap(),
+            ],
+        );
+        std::fs::read_to_string(output).unwrap()
+    };
+    assert_eq!(
+        score("alice/tiny@main", "by-id.jsonl"),
+        score(base.to_str().unwrap(), "local.jsonl")
+    );
+    let report = dir.path().join("report");
+    kiln_with_hub(
+        &server,
+        &home,
+        true,
+        &[
+            "eval",
+            "--model",
+            "alice/tiny",
+            "--task",
+            "mnli",
+            "--data",
+            &bundled("validation.jsonl"),
+            "--limit",
+            "6",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    let eval: Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        eval["model"], "alice/tiny",
+        "the report names the model as given"
+    );
+    kiln_with_hub(
+        &server,
+        &home,
+        true,
+        &[
+            "bench",
+            "--model",
+            "alice/tiny",
+            "--input-lengths",
+            "4",
+            "--output-lengths",
+            "2",
+            "--batch-sizes",
+            "1",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+        ],
+    );
+    let mut serving = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["serve", "--model", "alice/tiny", "--port", "0"])
+        .env("HF_HOME", &home)
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(serving.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr: std::net::SocketAddr = line
+        .trim()
+        .rsplit("http://")
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let models = http::http_request(addr, "GET", "/v1/models", &[], b"").json();
+    let _ = serving.kill();
+    let _ = serving.wait();
+    assert_eq!(
+        models["models"],
+        json!(["tiny"]),
+        "served under the repo's name"
+    );
+
+    // Training from the Hub model: its cards name it.
+    for (name, extra, library) in [
+        ("full", "", "transformers"),
+        (
+            "lora",
+            "lora: {r: 4, alpha: 8, target_modules: [q_proj, v_proj]}\n",
+            "peft",
+        ),
+    ] {
+        let out = dir.path().join(name);
+        std::fs::create_dir_all(&out).unwrap();
+        let recipe = write_recipe(&out, extra);
+        let text = std::fs::read_to_string(&recipe).unwrap().replace(
+            "model: {init: {preset: tiny, seed: 1, vocab_size: 1024}}",
+            "model: {from: alice/tiny}",
+        );
+        std::fs::write(&recipe, text).unwrap();
+        kiln_with_hub(
+            &server,
+            &home,
+            true,
+            &[
+                "train",
+                recipe.to_str().unwrap(),
+                "--quiet",
+                "--set",
+                "steps=2",
+                "--set",
+                "schedule.warmup=1",
+            ],
+        );
+        let card = std::fs::read_to_string(out.join("checkpoints/run/step-2/README.md")).unwrap();
+        let tags = if name == "lora" {
+            "- gptj\n- lora\n- kiln\n"
+        } else {
+            "- gptj\n- kiln\n"
+        };
+        assert!(
+            card.starts_with(&format!(
+                "---\nbase_model: alice/tiny\nlibrary_name: {library}\ntags:\n{tags}---\n"
+            )),
+            "{name}: {card}"
+        );
+    }
 }

@@ -88,10 +88,14 @@ fn the_three_apis_answer_what_kiln_generate_answers() {
     assert!(expected.iter().all(|t| !t.is_empty()), "{expected:?}");
     let server = Server::start(&model, &["--name", "tiny"]);
 
-    assert_eq!(
-        server.get("/v1/models"),
-        (200, r#"{"models":["tiny"]}"#.into())
-    );
+    // KServe's list, and OpenAI's beside it.
+    let (status, models) = server.get("/v1/models");
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["models"], json!(["tiny"]));
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "tiny");
+    assert_eq!(models["data"][0]["object"], "model");
     let (status, body) = server.get("/v1/models/tiny");
     assert_eq!(
         (status, body.as_str()),
@@ -430,9 +434,13 @@ fn bad_input_is_a_clear_error_and_never_a_stuck_slot() {
     // OpenAI errors keep OpenAI's shape.
     let (_, body) = server.post(
         "/v1/completions",
-        &json!({"model": "tiny", "prompt": "x", "echo": true}),
+        &json!({"model": "tiny", "prompt": "x", "n": 2}),
     );
     assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert_eq!(
+        body["error"]["message"],
+        "n: not supported by kiln serve (leave it out or at its default)"
+    );
 
     // No room for a new token is an empty answer, not an error.
     let (status, body) = server.post(

@@ -14,7 +14,8 @@ use crate::generate::{generate, GenerationParams};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Hugging Face model directory.
+    /// Hugging Face model directory, or a Hub model id `owner/name[@revision]` (downloaded into
+    /// the HF cache).
     #[arg(long, conflicts_with = "preset", required_unless_present = "preset")]
     pub model: Option<PathBuf>,
     /// A PEFT LoRA adapter directory, merged into --model's weights as they load.
@@ -140,7 +141,10 @@ struct Row {
     total_ms_runs: Vec<f64>,
 }
 
-pub(super) fn bench(args: BenchArgs) -> Result<()> {
+pub(super) fn bench(mut args: BenchArgs) -> Result<()> {
+    if let Some(spec) = &args.model {
+        args.model = Some(model_dir(spec)?);
+    }
     let dtype = model::parse_dtype(&args.dtype).context("--dtype")?;
     let device = model::parse_device(&args.device).context("--device")?;
     for (flag, path) in [("--json", &args.json), ("--markdown", &args.markdown)] {

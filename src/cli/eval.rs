@@ -33,7 +33,8 @@ impl EvalTaskArg {
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Hugging Face model directory (with its tokenizer).
+    /// Hugging Face model directory (with its tokenizer), or a Hub model id `owner/name[@revision]`
+    /// (downloaded into the HF cache).
     #[arg(long)]
     pub model: PathBuf,
     /// A PEFT LoRA adapter directory (a Kiln LoRA checkpoint, or PEFT's save_pretrained),
@@ -114,8 +115,11 @@ pub enum LossOnArg {
     All,
 }
 
-pub(super) fn eval(args: EvalArgs) -> Result<()> {
+pub(super) fn eval(mut args: EvalArgs) -> Result<()> {
     check_options(&args)?;
+    // Reports name the model as the user did (a Hub id, not its cache directory).
+    let model_name = args.model.display().to_string();
+    args.model = model_dir(&args.model)?;
     let dtype = model::parse_dtype(&args.dtype)?;
     let device = model::parse_device(&args.device)?;
     let model =
@@ -151,7 +155,6 @@ pub(super) fn eval(args: EvalArgs) -> Result<()> {
         .or(recipe.as_ref().map(|(r, _)| r.eval.batch_size))
         .unwrap_or(16);
     let sha = mnli::weights_sha256(&args.model)?;
-    let model_name = args.model.display().to_string();
     let files = |files: Vec<PathBuf>| {
         files
             .iter()

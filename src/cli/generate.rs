@@ -4,7 +4,8 @@ use super::*;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Hugging Face model directory.
+    /// Hugging Face model directory, or a Hub model id `owner/name[@revision]` (downloaded into
+    /// the HF cache).
     #[arg(long)]
     pub model: PathBuf,
     /// A PEFT LoRA adapter directory (a Kiln LoRA checkpoint, or PEFT's save_pretrained),
@@ -55,9 +56,10 @@ pub struct GenerateArgs {
     pub device: String,
 }
 
-pub(super) fn generate(args: GenerateArgs) -> Result<()> {
+pub(super) fn generate(mut args: GenerateArgs) -> Result<()> {
     use crate::generate::{generate, GenerationParams};
     use std::io::{IsTerminal, Write};
+    args.model = model_dir(&args.model)?;
     let dtype = model::parse_dtype(&args.dtype)?;
     let device = model::parse_device(&args.device)?;
     let model =

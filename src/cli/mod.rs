@@ -11,6 +11,7 @@ use crate::tokenizer::TextTokenizer;
 
 mod bench;
 mod data;
+mod download;
 mod eval;
 mod generate;
 mod init;
@@ -24,6 +25,7 @@ mod train;
 
 pub use bench::{BenchArgs, Counts};
 pub use data::DataCommand;
+pub use download::DownloadArgs;
 pub use eval::{EvalArgs, EvalTaskArg};
 pub use generate::GenerateArgs;
 pub use init::InitArgs;
@@ -76,6 +78,9 @@ pub enum Command {
     Merge(MergeArgs),
     /// Upload a checkpoint (or any model directory) to a Hugging Face Hub repo as one commit.
     Push(PushArgs),
+    /// Download a Hub model (config, weights, tokenizer) or dataset into the Hugging Face cache,
+    /// for offline use (`HF_HUB_OFFLINE=1`); prints where it is.
+    Download(DownloadArgs),
     /// Check a recipe and print it fully resolved.
     #[command(subcommand)]
     Recipe(RecipeCommand),
@@ -134,6 +139,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve::serve(args),
         Command::Merge(args) => merge::merge(args),
         Command::Push(args) => push::push(args),
+        Command::Download(args) => download::download(args),
         Command::Recipe(RecipeCommand::Check(args)) => recipe::recipe_check(args),
         Command::Data(command) => data::data(command),
         Command::Runs(args) => runs::runs(args),
@@ -150,6 +156,29 @@ pub fn model_tokenizer(dir: &Path, vocab_size: usize) -> Result<Option<TextToken
     let tokenizer = TextTokenizer::from_dir(dir)?;
     tokenizer.check_fits(vocab_size, dir)?;
     Ok(Some(tokenizer))
+}
+
+/// `owner/name@revision` as (`owner/name`, `Some(revision)`); without `@`, no revision.
+fn hub_spec(spec: &str) -> (&str, Option<&str>) {
+    match spec.split_once('@') {
+        Some((repo, revision)) => (repo, Some(revision)),
+        None => (spec, None),
+    }
+}
+
+/// `--model` of the inference verbs: a local directory as it is; otherwise, if it reads as a Hub
+/// model id (`owner/name[@revision]`), the model downloaded into the Hugging Face cache (as
+/// `model.from` is for `kiln train`; offline, from the cache). Anything else is returned as it
+/// is, for the loader to say what is wrong with it.
+fn model_dir(arg: &Path) -> Result<PathBuf> {
+    let Some(spec) = arg.to_str().filter(|_| !arg.exists()) else {
+        return Ok(arg.to_path_buf());
+    };
+    let (repo, revision) = hub_spec(spec);
+    if crate::hub::validate_repo_id(repo).is_err() {
+        return Ok(arg.to_path_buf());
+    }
+    crate::hub::resolve_model(repo, revision).with_context(|| format!("--model {spec}"))
 }
 
 /// The recipe and the tokenizer its data is tokenized with (which must be on this machine).

@@ -4,7 +4,8 @@ use super::*;
 
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
-    /// Hugging Face model directory.
+    /// Hugging Face model directory, or a Hub model id `owner/name[@revision]` (downloaded into
+    /// the HF cache).
     #[arg(long)]
     pub model: PathBuf,
     /// A PEFT LoRA adapter directory (a Kiln LoRA checkpoint, or PEFT's save_pretrained),
@@ -27,7 +28,8 @@ pub struct ScoreArgs {
     pub device: String,
 }
 
-pub(super) fn score(args: ScoreArgs) -> Result<()> {
+pub(super) fn score(mut args: ScoreArgs) -> Result<()> {
+    args.model = model_dir(&args.model)?;
     let dtype = model::parse_dtype(&args.dtype)?;
     let device = model::parse_device(&args.device)?;
     let model =

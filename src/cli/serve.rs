@@ -13,7 +13,8 @@ use crate::serve::ServeOptions;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Hugging Face model directory (with its tokenizer).
+    /// Hugging Face model directory (with its tokenizer), or a Hub model id `owner/name[@revision]`
+    /// (downloaded into the HF cache).
     #[arg(long)]
     pub model: PathBuf,
     /// A PEFT LoRA adapter directory, merged into the model's weights as they load.
@@ -118,7 +119,10 @@ fn api_key(flag: Option<&str>) -> Result<Option<ApiKey>> {
     ApiKey::new(&key).map(Some).context(source)
 }
 
-pub(super) fn serve(args: ServeArgs) -> Result<()> {
+pub(super) fn serve(mut args: ServeArgs) -> Result<()> {
+    let spec = args.model.display().to_string();
+    args.model = model_dir(&args.model)?;
+    let served_from_hub = args.model.display().to_string() != spec;
     let timeout = seconds("--timeout", args.timeout)?;
     let connections = ConnectionLimits {
         header_read_timeout: seconds("--header-read-timeout", args.header_read_timeout)?,
@@ -149,6 +153,13 @@ pub(super) fn serve(args: ServeArgs) -> Result<()> {
     })?;
     let name = match args.name {
         Some(name) => name,
+        // A Hub model is served under its repo name, a directory under its own name.
+        None if served_from_hub => hub_spec(&spec)
+            .0
+            .rsplit('/')
+            .next()
+            .unwrap_or("model")
+            .into(),
         None => args
             .model
             .canonicalize()
