@@ -19,6 +19,7 @@ pub mod model;
 pub mod ops;
 pub mod recipe;
 pub mod serve;
+mod tls;
 pub mod tokenizer;
 pub mod track;
 pub mod train;

@@ -210,7 +210,9 @@ fn byte_level_bpe(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
     // GPT-2 splits words with its regex before BPE (use_regex: true).
     tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-    tokenizer.add_special_tokens(&[AddedToken::from(EOS_TOKEN, true)]);
+    tokenizer
+        .add_special_tokens([AddedToken::from(EOS_TOKEN, true)])
+        .map_err(|e| anyhow::anyhow!("adding {EOS_TOKEN}: {e}"))?;
     Ok(tokenizer)
 }
 

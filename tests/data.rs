@@ -1141,3 +1141,27 @@ fn prepare_gives_the_trainer_sequences_and_stats() {
     let eval = kiln::data::prepare(&recipe, &dir, &tokenizer, kiln::data::Split::Eval).unwrap();
     assert!(eval.sequences.is_empty());
 }
+
+/// Parquet as other tools write it: pyarrow's zstd (Polars' and DuckDB's default codec) and lz4
+/// (tests/fixtures/parquet, written from tests/fixtures/mnli/rows.jsonl; the labels as text).
+#[test]
+fn zstd_and_lz4_parquet_files_read_as_their_rows() {
+    let fixtures = common::fixtures();
+    let expected = read_file(&fixtures.join("mnli/rows.jsonl"), Format::Jsonl, None).unwrap();
+    for codec in ["zstd", "lz4"] {
+        let name = format!("rows-{codec}.parquet");
+        let records =
+            load_records(&local(Path::new(&name)), &fixtures.join("parquet"), None).unwrap();
+        assert_eq!(records.len(), expected.len(), "{codec}");
+        for (row, want) in records.rows.iter().zip(&expected.rows) {
+            for column in ["premise", "hypothesis", "genre"] {
+                assert_eq!(row[column], want[column], "{codec}: {column}");
+            }
+            let label = match &want["label"] {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            assert_eq!(row["label"], json!(label), "{codec}: label");
+        }
+    }
+}

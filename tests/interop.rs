@@ -785,3 +785,189 @@ fn hub_ids_work_for_every_verb_and_checkpoints_name_their_base() {
         );
     }
 }
+
+/// A TLS front for `upstream` (plain HTTP) with `cert`/`key`, relaying every request as it is
+/// (redirects too: the Hub client follows them itself); prints its port.
+const TLS_PROXY: &str = r#"
+import http.server, ssl, sys, urllib.error, urllib.request
+upstream, cert, key = sys.argv[1:4]
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+opener = urllib.request.build_opener(NoRedirect)
+class Proxy(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def relay(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        skip = ("host", "connection", "content-length", "accept-encoding")
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+        request = urllib.request.Request(upstream + self.path, data=body, headers=headers, method=self.command)
+        try:
+            response = opener.open(request)
+        except urllib.error.HTTPError as error:
+            response = error
+        data = response.read()
+        self.send_response(response.getcode())
+        for k, v in response.headers.items():
+            if k.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
+                self.send_header(k, v)
+        length = response.headers.get("Content-Length") if self.command == "HEAD" else None
+        self.send_header("Content-Length", length or str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+    do_GET = do_POST = do_HEAD = do_PUT = relay
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
+/// HTTPS to a server whose certificate a private CA signed, as a company's MLflow or Hub mirror
+/// has: refused while the system's store lacks the CA, trusted once `SSL_CERT_FILE` names it
+/// (Mozilla's roots are trusted as well, so public servers keep working).
+#[test]
+fn a_hub_behind_a_private_ca_is_trusted_through_the_system_store() {
+    let Some(python) = python_with("ssl") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    std::fs::write(
+        dir.path().join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    for args in [
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &at("ca.key"),
+            "-out",
+            &at("ca.pem"),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=Kiln test CA",
+        ],
+        vec![
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &at("server.key"),
+            "-out",
+            &at("server.csr"),
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            &at("server.csr"),
+            "-CA",
+            &at("ca.pem"),
+            "-CAkey",
+            &at("ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &at("server.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &at("ext.cnf"),
+        ],
+    ] {
+        let output = Command::new("openssl")
+            .args(&args)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let base = dir.path().join("base");
+    init_tiny(&base, 1, Path::new(&bundled("tokenizer")));
+    let hub = hub_server::HubServer::start(hub_server::ServerOptions::default());
+    let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&base)
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            (
+                path.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&path).unwrap(),
+            )
+        })
+        .collect();
+    let seeded: Vec<(&str, &[u8], bool)> = files
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice(), n.ends_with(".safetensors")))
+        .collect();
+    hub.seed("models/alice/tiny", false, &seeded);
+    let mut proxy = Command::new(&python)
+        .args([
+            "-c",
+            TLS_PROXY,
+            hub.url.trim_end_matches('/'),
+            &at("server.pem"),
+            &at("server.key"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(proxy.stdout.take().unwrap()),
+        &mut port,
+    )
+    .unwrap();
+    let endpoint = format!("https://127.0.0.1:{}", port.trim());
+    let download = |ca: Option<&str>, home: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command
+            .args(["download", "alice/tiny"])
+            .env("HF_ENDPOINT", &endpoint)
+            .env("HF_HOME", at(home))
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("HF_TOKEN")
+            .env_remove("SSL_CERT_DIR");
+        match ca {
+            Some(ca) => command.env("SSL_CERT_FILE", ca),
+            None => command.env_remove("SSL_CERT_FILE"),
+        };
+        command.output().unwrap()
+    };
+    let refused = download(None, "hf-untrusted");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains(&endpoint) && stderr.to_lowercase().contains("certificate"),
+        "{stderr}"
+    );
+    let trusted = download(Some(&at("ca.pem")), "hf-trusted");
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    assert!(
+        trusted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trusted.stderr)
+    );
+    let cached = PathBuf::from(String::from_utf8_lossy(&trusted.stdout).trim());
+    assert_eq!(
+        std::fs::read(cached.join("model.safetensors")).unwrap(),
+        std::fs::read(base.join("model.safetensors")).unwrap()
+    );
+}

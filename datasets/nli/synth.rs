@@ -579,7 +579,9 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<tokenizers
     tokenizer
         .train(&mut trainer, texts.into_iter())
         .map_err(|e| anyhow!("training the tokenizer: {e}"))?;
-    tokenizer.add_special_tokens(&[AddedToken::from(EOS_TOKEN, true)]);
+    tokenizer
+        .add_special_tokens([AddedToken::from(EOS_TOKEN, true)])
+        .map_err(|e| anyhow!("adding {EOS_TOKEN}: {e}"))?;
     Ok(tokenizer)
 }
 

@@ -54,6 +54,7 @@ pub(crate) fn agent() -> ureq::Agent {
         .timeout_recv_response(Some(Duration::from_secs(300)))
         .timeout_per_read(Some(Duration::from_secs(120)))
         .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+        .tls_config(crate::tls::config())
         .build()
         .into()
 }

@@ -588,6 +588,7 @@ impl Client {
             .timeout_connect(Some(Duration::from_secs(5)))
             .timeout_global(Some(Duration::from_secs(60)))
             .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+            .tls_config(crate::tls::config())
             .build()
             .into();
         Self {
