@@ -11,7 +11,7 @@
 //! tile instruction is in `tiles`, which exists on x86_64 only and is entered only after
 //! [`available`] has said yes.
 
-use super::gemm::{round_to_bf16_bits, MatRef};
+use super::matrix::{round_to_bf16_bits, MatRef};
 use super::vmath::simd_kernel;
 use rayon::prelude::*;
 use std::sync::OnceLock;

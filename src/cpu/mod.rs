@@ -5,6 +5,7 @@
 pub(crate) mod amx;
 pub(crate) mod fused;
 pub(crate) mod gemm;
+pub(crate) mod matrix;
 #[cfg(test)]
 mod simd_variants;
 pub(crate) mod skinny;
