@@ -240,6 +240,23 @@ fn validation_explains_each_rule() {
             "data.train[0].limit: must be at least 1",
         ),
         (&["device=gpu"], "device: expected cpu, cuda or cuda:N"),
+        (
+            &["eval.early_stopping={metric: accuracy, patience: 0}"],
+            "eval.early_stopping.patience: must be at least 1",
+        ),
+        (
+            &["eval.early_stopping={metric: accuracy, patience: 2}"],
+            "eval.early_stopping: needs eval.every > 0",
+        ),
+        (
+            &[
+                "checkpoint.keep_best=accuracy",
+                "eval.every=10",
+                "checkpoint.every=15",
+            ],
+            "checkpoint.keep_best: needs checkpoint.every (15) to be a positive multiple of \
+             eval.every (10)",
+        ),
         (&["eval.task=mnli"], "eval.task: mnli needs an eval dataset"),
         (&["name=a/b"], "name: \"a/b\" is used as a directory name"),
     ];

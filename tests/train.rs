@@ -1164,3 +1164,132 @@ fn no_decay_matches_torch_parameter_groups() {
     let diff = worst(&everything);
     assert!(diff > 1e-3, "no_decay made no difference ({diff:e})");
 }
+
+/// `eval.early_stopping` and `checkpoint.keep_best` on scripted evaluations (an eval hook reports
+/// `score` for each step): the best score comes at step 2, then three evaluations fail to beat
+/// it, so training stops at step 5 of 10 with step 2's checkpoint kept beside the latest,
+/// whatever `keep_last` says. A run interrupted at step 4 and resumed stops at the same step
+/// with the same best checkpoint and weights, bit for bit.
+#[test]
+fn a_plateau_stops_training_after_patience_and_keeps_the_best_checkpoint() {
+    let rows = packed(48, 16, 101, 9);
+    let scores = [0.50, 0.70, 0.65, 0.69, 0.70, 0.90, 0.95, 0.96, 0.97, 0.98];
+    let extra = "{steps: 10, eval: {every: 1, early_stopping: {metric: score, patience: 3}}, \
+                 checkpoint: {every: 1, keep_last: 1, keep_best: score}}";
+    let scripted = |crash_at: Option<u64>| {
+        move |_: &Model, point: &EvalPoint| -> anyhow::Result<Vec<(String, f64)>> {
+            if Some(point.step) == crash_at {
+                anyhow::bail!("simulated crash")
+            }
+            Ok(vec![("score".to_string(), scores[point.step as usize - 1])])
+        }
+    };
+    let check = |out: &Path, summary: &TrainSummary| {
+        assert_eq!(
+            summary.step, 5,
+            "stopped at the third evaluation without improvement"
+        );
+        assert!(summary.stopped_early);
+        let run = out.join("checkpoints/test");
+        let mut kept: Vec<String> = std::fs::read_dir(&run)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("step-"))
+            .collect();
+        kept.sort();
+        assert_eq!(kept, ["step-2", "step-5"], "keep_last 1, and the best");
+        let pointer = |name: &str| std::fs::read_to_string(run.join(name)).unwrap();
+        assert_eq!(pointer("best").trim(), "step-2");
+        assert_eq!(pointer("latest").trim(), "step-5");
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join("step-5/trainer_state.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(state["best_metric"], 0.7);
+        assert!(
+            state["best_model_checkpoint"]
+                .as_str()
+                .unwrap()
+                .ends_with("checkpoints/test/step-2"),
+            "{}",
+            state["best_model_checkpoint"]
+        );
+        assert_eq!(
+            state["early_stopping"],
+            serde_json::json!({"best": 0.7, "evaluations_without_improvement": 3})
+        );
+        std::fs::read(run.join("step-5/model.safetensors")).unwrap()
+    };
+
+    let whole_dir = tempfile::tempdir().unwrap();
+    let whole = train::run(
+        &recipe(whole_dir.path(), extra),
+        init_from(&rot8()),
+        SequenceStream::new(rows.clone(), 3, true),
+        None,
+        TrainOptions {
+            eval_hook: Some(Box::new(scripted(None))),
+            ..quiet()
+        },
+    )
+    .unwrap();
+    let whole_weights = check(whole_dir.path(), &whole);
+
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = recipe(dir.path(), extra);
+    let crashed = train::run(
+        &recipe,
+        init_from(&rot8()),
+        SequenceStream::new(rows.clone(), 3, true),
+        None,
+        TrainOptions {
+            eval_hook: Some(Box::new(scripted(Some(4)))),
+            ..quiet()
+        },
+    );
+    assert!(crashed.is_err());
+    let resumed = train::run(
+        &recipe,
+        init_from(&rot8()),
+        SequenceStream::new(rows, 3, true),
+        None,
+        TrainOptions {
+            resume: Some(Resume::Latest),
+            eval_hook: Some(Box::new(scripted(None))),
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_eq!(resumed.losses.len(), 2, "steps 4 and 5 after the resume");
+    assert!(
+        check(dir.path(), &resumed) == whole_weights,
+        "the same weights at the stop"
+    );
+
+    // A metric the evaluation does not report is named with what it did report.
+    let bad = tempfile::tempdir().unwrap();
+    let err = train::run(
+        &recipe_with(
+            bad.path(),
+            "{steps: 4, eval: {every: 1, early_stopping: {metric: accuracy, patience: 1}}}",
+        ),
+        init_from(&rot8()),
+        SequenceStream::new(packed(16, 16, 101, 9), 0, false),
+        None,
+        TrainOptions {
+            eval_hook: Some(Box::new(scripted(None))),
+            ..quiet()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        format!("{err:#}").contains(
+            "eval.early_stopping.metric: the evaluation reported no \"accuracy\" (it reported: score)"
+        ),
+        "{err:#}"
+    );
+}
+
+fn recipe_with(out: &Path, extra: &str) -> Recipe {
+    recipe(out, extra)
+}

@@ -40,6 +40,8 @@ pub use lock::RunLock;
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const LATEST: &str = "latest";
+/// Names the checkpoint of the best evaluation (`checkpoint.keep_best`), which pruning keeps.
+pub const BEST: &str = "best";
 
 /// Size and sha256 of one checkpoint file.
 pub type FileEntry = FileDigest;
@@ -85,6 +87,29 @@ pub struct TrainerState {
     /// written for HF checkpoints read Kiln's; absent from older checkpoints.
     #[serde(flatten)]
     pub hf: HfTrainerState,
+    /// `eval.early_stopping`'s progress: the best value so far and the evaluations since it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<EarlyStoppingState>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct EarlyStoppingState {
+    pub best: f64,
+    pub evaluations_without_improvement: u32,
+}
+
+/// Points [`BEST`] at `dir`, a checkpoint of the run `lock` holds.
+pub fn mark_best(lock: &RunLock, dir: &Path) -> Result<()> {
+    let name = dir
+        .file_name()
+        .with_context(|| format!("{}: not a checkpoint directory", dir.display()))?;
+    let pointer = format!("{}\n", name.to_string_lossy());
+    crate::atomic_file::write(&lock.dir().join(BEST), pointer.as_bytes())
+}
+
+/// `<run dir>/step-<step>`, where [`save`] puts the checkpoint of `step`.
+pub fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir.join(step_dir_name(step))
 }
 
 /// The part of `trainer_state.json` HF Trainer writes and tools around it read.
@@ -482,8 +507,9 @@ pub fn latest_good(
 /// "Newest" follows the run's history, not the step numbers: the checkpoint just written
 /// (`current`) comes first, so it always stays, then the steps below it, newest first, and last
 /// the higher steps left by a run that was resumed from an earlier step (they would be
-/// overwritten as training reaches them). The checkpoint `latest` names always stays too, and so
-/// does any in `in_use` (e.g. a Hub upload still running: pruned by a later call once it is done).
+/// overwritten as training reaches them). The checkpoints `latest` and `best` name always stay
+/// too, and so does any in `in_use` (e.g. a Hub upload still running: pruned by a later call once
+/// it is done).
 pub fn prune(
     lock: &RunLock,
     keep_last: usize,
@@ -495,9 +521,12 @@ pub fn prune(
     }
     let run_dir = lock.dir();
     let current_step = step_of(current).unwrap_or(u64::MAX);
-    let latest = std::fs::read_to_string(run_dir.join(LATEST))
-        .ok()
-        .map(|name| run_dir.join(name.trim()));
+    let pointed = |pointer: &str| {
+        std::fs::read_to_string(run_dir.join(pointer))
+            .ok()
+            .map(|name| run_dir.join(name.trim()))
+    };
+    let (latest, best) = (pointed(LATEST), pointed(BEST));
     let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(run_dir)?
         .filter_map(|e| e.ok())
         .filter_map(|e| Some((step_of(&e.path())?, e.path())))
@@ -512,6 +541,9 @@ pub fn prune(
     for (_, dir) in steps.into_iter().skip(keep_last) {
         let same = |other: &Path| same_dir(other, &dir);
         if latest.as_deref().is_some_and(same) {
+            continue;
+        }
+        if best.as_deref().is_some_and(same) {
             continue;
         }
         if in_use.iter().any(|d| same(d)) {

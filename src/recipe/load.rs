@@ -410,6 +410,50 @@ impl Recipe {
                 "eval.group_by: must name a column of the eval data".into(),
             );
         }
+        if let Some(early) = &self.eval.early_stopping {
+            problems.check(
+                !early.metric().trim().is_empty(),
+                "eval.early_stopping.metric: must name a metric the evaluation reports (loss, \
+                 accuracy, ...)"
+                    .into(),
+            );
+            problems.check(
+                early.patience >= 1,
+                "eval.early_stopping.patience: must be at least 1 (evaluations without \
+                 improvement before stopping)"
+                    .into(),
+            );
+            problems.check(
+                early.min_delta.is_finite() && early.min_delta >= 0.0,
+                format!(
+                    "eval.early_stopping.min_delta: must be a number >= 0, found {}",
+                    early.min_delta
+                ),
+            );
+            problems.check(
+                self.eval.every > 0,
+                "eval.early_stopping: needs eval.every > 0 (with evaluations only at the end, \
+                 there is nothing to stop early)"
+                    .into(),
+            );
+        }
+        if let Some(best) = &self.checkpoint.keep_best {
+            problems.check(
+                !best.metric().trim().is_empty(),
+                "checkpoint.keep_best: must name a metric the evaluation reports (loss, \
+                 accuracy, ...)"
+                    .into(),
+            );
+            let (eval_every, every) = (self.eval.every, self.checkpoint.every);
+            problems.check(
+                eval_every > 0 && every > 0 && every.is_multiple_of(eval_every),
+                format!(
+                    "checkpoint.keep_best: needs checkpoint.every ({every}) to be a positive \
+                     multiple of eval.every ({eval_every}), so that every checkpoint has an \
+                     evaluation to rank it by"
+                ),
+            );
+        }
         problems.check(
             self.tracking.log_every > 0,
             "tracking.log_every: must be at least 1".into(),

@@ -626,6 +626,90 @@ pub struct CheckpointSpec {
     pub dtype: Option<Compute>,
     #[serde(default)]
     pub push_to_hub: Option<PushSpec>,
+    /// The checkpoint of the best evaluation by this metric is never pruned and `best` names it
+    /// (HF Trainer's `metric_for_best_model`). Left out of the serialized recipe when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_best: Option<BestSpec>,
+}
+
+/// A metric an evaluation reports (`loss`, `accuracy`, ...: the name after `eval/`), and whether
+/// lower or higher is better.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum BestSpec {
+    /// The mode follows the name: `min` for losses and perplexities, `max` otherwise.
+    Metric(String),
+    Full {
+        metric: String,
+        mode: MetricMode,
+    },
+}
+
+impl BestSpec {
+    pub fn metric(&self) -> &str {
+        match self {
+            BestSpec::Metric(metric) | BestSpec::Full { metric, .. } => {
+                metric.strip_prefix("eval/").unwrap_or(metric)
+            }
+        }
+    }
+
+    pub fn mode(&self) -> MetricMode {
+        match self {
+            BestSpec::Full { mode, .. } => *mode,
+            BestSpec::Metric(_) => MetricMode::natural(self.metric()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricMode {
+    Min,
+    Max,
+}
+
+impl MetricMode {
+    /// `min` for a loss or perplexity, `max` for anything else (accuracy, F1, ...).
+    pub fn natural(metric: &str) -> Self {
+        match metric.ends_with("loss") || metric.ends_with("perplexity") {
+            true => MetricMode::Min,
+            false => MetricMode::Max,
+        }
+    }
+
+    /// Whether `value` improves on `best` by more than `min_delta`.
+    pub fn improves(self, value: f64, best: f64, min_delta: f64) -> bool {
+        match self {
+            MetricMode::Min => value < best - min_delta,
+            MetricMode::Max => value > best + min_delta,
+        }
+    }
+}
+
+/// `eval.early_stopping`: training ends once `patience` evaluations in a row have not improved
+/// `metric` by more than `min_delta` (HF's `EarlyStoppingCallback`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStoppingSpec {
+    pub metric: String,
+    /// Default: `min` for losses and perplexities, `max` otherwise.
+    #[serde(default)]
+    pub mode: Option<MetricMode>,
+    pub patience: u32,
+    #[serde(default)]
+    pub min_delta: f64,
+}
+
+impl EarlyStoppingSpec {
+    pub fn metric(&self) -> &str {
+        self.metric.strip_prefix("eval/").unwrap_or(&self.metric)
+    }
+
+    pub fn mode(&self) -> MetricMode {
+        self.mode
+            .unwrap_or_else(|| MetricMode::natural(self.metric()))
+    }
 }
 
 fn default_checkpoint_dir() -> PathBuf {
@@ -640,6 +724,7 @@ impl Default for CheckpointSpec {
             dir: default_checkpoint_dir(),
             dtype: None,
             push_to_hub: None,
+            keep_best: None,
         }
     }
 }
@@ -707,6 +792,10 @@ pub struct EvalSpec {
     /// the serialized recipe when unset, so older checkpoints' recipes still match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_by: Option<String>,
+    /// Stop training when the evaluations stop improving. Left out of the serialized recipe
+    /// when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<EarlyStoppingSpec>,
 }
 
 fn default_eval_batch() -> usize {
@@ -722,6 +811,7 @@ impl Default for EvalSpec {
             limit: None,
             batch_size: default_eval_batch(),
             group_by: None,
+            early_stopping: None,
         }
     }
 }

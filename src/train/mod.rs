@@ -14,6 +14,7 @@ pub mod memory;
 pub mod optimizer;
 pub mod precision;
 pub mod schedule;
+mod selection;
 pub mod step;
 mod trainable;
 
@@ -41,6 +42,7 @@ use memory::MemoryEstimate;
 pub use optimizer::AdamW;
 pub use precision::{LossScaler, StepVerdict};
 pub use schedule::Schedule;
+use selection::EvalWatch;
 use step::{train_step, StepOutcome, StepSetup, Workers};
 pub use trainable::initial_dtype;
 use trainable::Trainable;
@@ -115,7 +117,7 @@ pub struct TrainSummary {
     /// Last completed optimizer step.
     pub step: u64,
     pub total_steps: u64,
-    /// True when a stop request ended the run before `total_steps`.
+    /// True when a stop request or `eval.early_stopping` ended the run before `total_steps`.
     pub stopped_early: bool,
     /// Training loss of each step this call ran (a resumed run starts after the checkpoint).
     pub losses: Vec<f64>,
@@ -190,6 +192,7 @@ pub fn run(
         })
         .transpose()?;
     let start_step = resumed.as_ref().map_or(0, |r| r.state.step);
+    let mut watch = EvalWatch::new(recipe, resumed.as_ref().map(|r| &r.state));
     // The newest checkpoint known to be complete, named when training has to stop.
     let mut last_good: Option<PathBuf> = resumed.as_ref().map(|r| r.dir.clone());
     let resumed_workers = resumed.as_ref().and_then(|r| r.state.cpu_workers);
@@ -291,6 +294,7 @@ pub fn run(
 
         let last = step == total_steps;
         let evaluating = (recipe.eval.every > 0 && step % recipe.eval.every == 0) || last;
+        let mut evaluation = None;
         if evaluating && writer {
             let results = evaluate(
                 &init.config,
@@ -302,8 +306,20 @@ pub fn run(
                 pad_id,
                 step,
                 options.eval_hook.as_mut(),
-            )?;
-            log.eval(step, results.unwrap_or_default())?;
+            )?
+            .unwrap_or_default();
+            log.eval(step, results.clone())?;
+            evaluation = Some(results);
+        }
+        let mut stop_early = match &evaluation {
+            Some(results) => watch.evaluated(step, results)?,
+            None => false,
+        };
+        if ranks > 1 && evaluating && watch.stops_early() {
+            // Rank 0 alone evaluates: its decision is every rank's.
+            let mut decision = [if stop_early { 1.0 } else { 0.0 }];
+            collective.all_reduce_sum_f64(&mut decision, "the early-stopping decision")?;
+            stop_early = decision[0] > 0.0;
         }
         log.flush(step)?;
 
@@ -313,15 +329,25 @@ pub fn run(
             1 => stop.load(Ordering::SeqCst),
             _ => outcome.stop_requested,
         };
-        let stopping = stop_requested && !last;
+        let stopping = (stop_requested || stop_early) && !last;
         let every = recipe.checkpoint.every;
         let saving = (every > 0 && step % every == 0) || last || stopping;
         if saving {
             // Every rank sends its share of a sharded optimizer state; rank 0 writes.
             let optimizer = adamw.state_tensors(params, collective)?;
             if let Some(checkpoints) = &checkpoints {
+                let best = match &evaluation {
+                    Some(results) => {
+                        let dir = checkpoint::step_dir(checkpoints.lock.dir(), step);
+                        watch.saving(&dir, results)?
+                    }
+                    None => false,
+                };
                 let state = (&adamw, &scaler, &train);
-                let dir = checkpoints.save(step, &trainable, state, optimizer, &log)?;
+                let dir = checkpoints.save(step, &trainable, state, optimizer, &log, &watch)?;
+                if best {
+                    checkpoint::mark_best(checkpoints.lock, &dir)?;
+                }
                 let hook = options.checkpoint_hook.as_mut();
                 checkpoints.after_save(&dir, step, hook, &mut log)?;
                 last_good = Some(dir);
@@ -335,10 +361,14 @@ pub fn run(
         if stopping {
             log.progress.finish();
             report_rank_memory(collective, &adamw);
+            log.summary.stopped_early = true;
+            if stop_early {
+                println!("stopped early at step {step} of {total_steps} (eval.early_stopping)");
+                return log.finish(RunStatus::Finished);
+            }
             println!(
                 "stopped at step {step} of {total_steps} on request; resume with --resume latest"
             );
-            log.summary.stopped_early = true;
             return log.finish(RunStatus::Stopped);
         }
     }
@@ -625,7 +655,9 @@ impl CheckpointTarget<'_> {
         (adamw, scaler, stream): (&AdamW, &LossScaler, &SequenceStream),
         optimizer: HashMap<String, Tensor>,
         log: &RunLog,
+        watch: &EvalWatch,
     ) -> Result<PathBuf> {
+        let (best_metric, best_model_checkpoint, early_stopping) = watch.record();
         let (metrics, mlflow) = (
             &log.metrics,
             log.tracker.as_ref().and_then(Tracker::mlflow_run),
@@ -649,13 +681,14 @@ impl CheckpointTarget<'_> {
                 global_step: step,
                 max_steps: log.summary.total_steps,
                 log_history: log.history.clone(),
-                best_metric: None,
-                best_model_checkpoint: None,
+                best_metric,
+                best_model_checkpoint,
                 train_batch_size: recipe.batch.micro,
                 logging_steps: recipe.tracking.log_every.max(1),
                 eval_steps: recipe.eval.every,
                 save_steps: recipe.checkpoint.every,
             },
+            early_stopping,
         };
         trainable.with_checkpoint_weights(self.weights_dtype, |weights| {
             checkpoint::save(
