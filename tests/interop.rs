@@ -531,6 +531,24 @@ fn checkpoints_carry_hf_trainer_state() {
     );
 }
 
+/// `dir`'s files as the model repo `repo` (`models/owner/name`) of the Hub stand-in, weights as
+/// LFS objects as the Hub keeps them.
+fn seed_model_dir(server: &hub_server::HubServer, repo: &str, dir: &Path) {
+    let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&path).unwrap())
+        })
+        .collect();
+    let seeded: Vec<(&str, &[u8], bool)> = files
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice(), n.ends_with(".safetensors")))
+        .collect();
+    server.seed(repo, false, &seeded);
+}
+
 /// `kiln` with `HF_ENDPOINT` at the local Hub stand-in and its own `HF_HOME`.
 fn kiln_with_hub(
     server: &hub_server::HubServer,
@@ -569,19 +587,7 @@ fn hub_ids_work_for_every_verb_and_checkpoints_name_their_base() {
     let base = dir.path().join("base");
     init_tiny(&base, 1, Path::new(&bundled("tokenizer")));
     let server = hub_server::HubServer::start(hub_server::ServerOptions::default());
-    let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&base)
-        .unwrap()
-        .map(|e| {
-            let path = e.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            (name, std::fs::read(&path).unwrap())
-        })
-        .collect();
-    let seeded: Vec<(&str, &[u8], bool)> = files
-        .iter()
-        .map(|(n, b)| (n.as_str(), b.as_slice(), n.ends_with(".safetensors")))
-        .collect();
-    server.seed("models/alice/tiny", false, &seeded);
+    seed_model_dir(&server, "models/alice/tiny", &base);
     let rows = std::fs::read(bundled("validation.jsonl")).unwrap();
     server.seed(
         "datasets/alice/nli",
@@ -710,30 +716,15 @@ fn hub_ids_work_for_every_verb_and_checkpoints_name_their_base() {
             "1",
         ],
     );
-    let mut serving = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["serve", "--model", "alice/tiny", "--port", "0"])
-        .env("HF_HOME", &home)
-        .env("HF_HUB_OFFLINE", "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(serving.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr: std::net::SocketAddr = line
-        .trim()
-        .rsplit("http://")
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let models = http::http_request(addr, "GET", "/v1/models", &[], b"").json();
-    let _ = serving.kill();
-    let _ = serving.wait();
+    let serving = Server::start_with_env(
+        Path::new("alice/tiny"),
+        &[],
+        &[("HF_HOME", &home), ("HF_HUB_OFFLINE", Path::new("1"))],
+    );
+    let (status, models) = serving.get("/v1/models");
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    drop(serving);
     assert_eq!(
         models["models"],
         json!(["tiny"]),
@@ -902,21 +893,7 @@ fn a_hub_behind_a_private_ca_is_trusted_through_the_system_store() {
     let base = dir.path().join("base");
     init_tiny(&base, 1, Path::new(&bundled("tokenizer")));
     let hub = hub_server::HubServer::start(hub_server::ServerOptions::default());
-    let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&base)
-        .unwrap()
-        .map(|e| {
-            let path = e.unwrap().path();
-            (
-                path.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&path).unwrap(),
-            )
-        })
-        .collect();
-    let seeded: Vec<(&str, &[u8], bool)> = files
-        .iter()
-        .map(|(n, b)| (n.as_str(), b.as_slice(), n.ends_with(".safetensors")))
-        .collect();
-    hub.seed("models/alice/tiny", false, &seeded);
+    seed_model_dir(&hub, "models/alice/tiny", &base);
     let mut proxy = Command::new(&python)
         .args([
             "-c",

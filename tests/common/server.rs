@@ -19,10 +19,16 @@ impl Server {
     /// than a pipe's worth of requests (64 KiB of log lines) must use [`Server::start_draining`],
     /// or the server blocks writing its log.
     pub fn start(model: &Path, extra: &[&str]) -> Server {
+        Server::start_with_env(model, extra, &[])
+    }
+
+    /// [`Server::start`] with these environment variables set for the server.
+    pub fn start_with_env(model: &Path, extra: &[&str], env: &[(&str, &Path)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
             .args(["--threads", "2"])
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
