@@ -120,9 +120,9 @@ fn api_key(flag: Option<&str>) -> Result<Option<ApiKey>> {
 }
 
 pub(super) fn serve(mut args: ServeArgs) -> Result<()> {
-    let spec = args.model.display().to_string();
-    args.model = model_dir(&args.model)?;
-    let served_from_hub = args.model.display().to_string() != spec;
+    let spec = args.model.clone();
+    args.model = model_dir(&spec)?;
+    let served_from_hub = args.model != spec;
     let timeout = seconds("--timeout", args.timeout)?;
     let connections = ConnectionLimits {
         header_read_timeout: seconds("--header-read-timeout", args.header_read_timeout)?,
@@ -154,7 +154,7 @@ pub(super) fn serve(mut args: ServeArgs) -> Result<()> {
     let name = match args.name {
         Some(name) => name,
         // A Hub model is served under its repo name, a directory under its own name.
-        None if served_from_hub => hub_spec(&spec)
+        None if served_from_hub => hub_spec(&spec.to_string_lossy())
             .0
             .rsplit('/')
             .next()

@@ -465,11 +465,13 @@ fn score_one(logits: &Tensor, ids: &[u32], top: usize) -> Result<ScoredRow> {
         if top > 0 {
             let logits = logits.to_vec2::<f32>()?;
             let log_norm = log_norm.to_vec1::<f32>()?;
+            // One buffer of candidate ids for every position, not a vocabulary-sized one each.
+            let mut ids = Vec::new();
             for (row, norm) in logits.iter().zip(log_norm) {
+                most_likely(row, top, &mut ids);
                 top_logprobs.push(Some(
-                    most_likely(row, top)
-                        .into_iter()
-                        .map(|id| (id, row[id as usize] - norm))
+                    ids.iter()
+                        .map(|&id| (id, row[id as usize] - norm))
                         .collect(),
                 ));
             }
@@ -484,21 +486,22 @@ fn score_one(logits: &Tensor, ids: &[u32], top: usize) -> Result<ScoredRow> {
     })
 }
 
-/// The ids of the `k` largest logits, largest first, the lower id first among equals.
-fn most_likely(logits: &[f32], k: usize) -> Vec<u32> {
+/// Leaves in `ids` the ids of the `k` largest logits, largest first, the lower id first among
+/// equals.
+fn most_likely(logits: &[f32], k: usize, ids: &mut Vec<u32>) {
     let order = |a: &u32, b: &u32| {
         logits[*b as usize]
             .total_cmp(&logits[*a as usize])
             .then(a.cmp(b))
     };
-    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    ids.clear();
+    ids.extend(0..logits.len() as u32);
     let k = k.min(ids.len());
     if k < ids.len() {
         ids.select_nth_unstable_by(k, order);
         ids.truncate(k);
     }
     ids.sort_by(order);
-    ids
 }
 
 /// Every token's log-probability in whole rows, as [`score_rows`] computes it, with the `top`

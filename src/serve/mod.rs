@@ -493,15 +493,24 @@ impl App {
             .iter()
             .map(|g| [g.prompt_ids.as_slice(), g.ids.as_slice()].concat())
             .collect();
-        let mut events = self.submit(Work::Logprobs { rows, top })?;
+        match self.score(Work::Logprobs { rows, top }).await? {
+            Event::Logprobs(rows) => Ok(rows),
+            _ => Err(self.stopped_early()),
+        }
+    }
+
+    /// Runs a scoring job (classification or log-probabilities): its one answer, or the error
+    /// the scheduler reported (timed out 504, rejected 400, failed 500, gone 503).
+    async fn score(&self, work: Work) -> Result<Event, ApiError> {
+        let mut events = self.submit(work)?;
         match events.recv().await {
-            Some(Event::Logprobs(rows)) => Ok(rows),
             Some(Event::TimedOut) => Err(self.timed_out()),
             Some(Event::Rejected(message)) => Err(ApiError::new(StatusCode::BAD_REQUEST, message)),
             Some(Event::Failed(message)) => {
                 Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message))
             }
-            _ => Err(self.stopped_early()),
+            Some(answer) => Ok(answer),
+            None => Err(self.stopped_early()),
         }
     }
 
@@ -646,20 +655,12 @@ async fn classify(
         ));
     }
     let prompt_tokens = classification.prompts.iter().map(Vec::len).sum();
-    let mut events = app.submit(Work::Score {
+    let work = Work::Score {
         prompts: classification.prompts,
         candidates: classification.candidates,
-    })?;
-    let scores = match events.recv().await {
-        Some(Event::Scored(scores)) => scores,
-        Some(Event::TimedOut) => return Err(app.timed_out()),
-        Some(Event::Rejected(message)) => {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, message))
-        }
-        Some(Event::Failed(message)) => {
-            return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message))
-        }
-        _ => return Err(app.stopped_early()),
+    };
+    let Event::Scored(scores) = app.score(work).await? else {
+        return Err(app.stopped_early());
     };
     let labels = &classification.labels;
     let predictions: Vec<Value> = scores

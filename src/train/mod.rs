@@ -560,8 +560,6 @@ impl RunLog {
                 epoch,
                 named.iter().map(|(n, v)| (n.as_str(), *v)),
             ));
-        }
-        if !results.is_empty() {
             let line: Vec<String> = results.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
             self.progress
                 .println(&format!("step {step}: {}", line.join(", ")));
