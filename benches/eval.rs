@@ -29,7 +29,7 @@ const BATCH: usize = 64;
 const OLD_RANK_SAMPLE: usize = 500;
 
 fn main() -> Result<()> {
-    kiln::model::configure_process();
+    kiln::process::configure_process();
     rayon::ThreadPoolBuilder::new()
         .num_threads(THREADS)
         .build_global()

@@ -22,7 +22,7 @@ const THREADS: usize = 2;
 const REPEATS: usize = 3;
 
 fn main() -> Result<()> {
-    kiln::model::configure_process();
+    kiln::process::configure_process();
     rayon::ThreadPoolBuilder::new()
         .num_threads(THREADS)
         .build_global()

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use kiln::train::launch::{parse_resume, train_recipe, LaunchOptions};
+use kiln::cli::parse_resume;
+use kiln::train::launch::{train_recipe, LaunchOptions};
 
 fn rss_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")

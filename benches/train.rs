@@ -68,7 +68,7 @@ fn bench(compute: &str, replicas: usize, warmup: u64, timed: u64) -> Result<(f64
         .map(|_| Sequence::all_trained((0..SEQ).map(|_| rng.gen_range(0..50257)).collect()))
         .collect();
     let mut rss = Vec::new();
-    let summary = train::run(
+    let summary = train::Trainer::new(
         &recipe,
         init()?,
         SequenceStream::new(rows, 0, true),
@@ -82,14 +82,15 @@ fn bench(compute: &str, replicas: usize, warmup: u64, timed: u64) -> Result<(f64
             })),
             ..TrainOptions::default()
         },
-    )?;
+    )?
+    .train()?;
     let timed_secs: f64 = summary.step_seconds[warmup as usize..].iter().sum();
     let tokens = (timed as usize * MICRO * SEQ) as f64;
     Ok((tokens / timed_secs, rss))
 }
 
 fn main() -> Result<()> {
-    kiln::model::configure_process();
+    kiln::process::configure_process();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--bench"))

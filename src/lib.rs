@@ -17,6 +17,7 @@ pub mod generate;
 pub mod hub;
 pub mod model;
 pub mod ops;
+pub mod process;
 pub mod recipe;
 pub mod serve;
 mod tls;

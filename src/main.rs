@@ -1,4 +1,4 @@
 fn main() -> std::process::ExitCode {
-    kiln::model::configure_process();
+    kiln::process::configure_process();
     kiln::cli::main()
 }

@@ -164,7 +164,7 @@ impl Trained {
 fn train_with_threads(out: &Path, extra: &str, rows: Vec<Sequence>, threads: usize) -> Trained {
     let mut recipe = recipe(out, extra);
     recipe.optimizer.eps = 1e-6;
-    let summary = train::run(
+    let summary = common::train_run(
         &recipe,
         init_from(&rot8()),
         SequenceStream::new(rows, 0, false),
@@ -270,7 +270,7 @@ fn interrupted_and_resumed_run_is_bit_identical() {
 
     let whole_dir = tempfile::tempdir().unwrap();
     let whole_recipe = recipe(whole_dir.path(), extra);
-    let whole = train::run(
+    let whole = common::train_run(
         &whole_recipe,
         init_from(&rot8()),
         SequenceStream::new(rows.clone(), 7, true),
@@ -289,7 +289,7 @@ fn interrupted_and_resumed_run_is_bit_identical() {
         }
         Ok(vec![])
     };
-    let crashed = train::run(
+    let crashed = common::train_run(
         &recipe,
         init_from(&rot8()),
         SequenceStream::new(rows.clone(), 7, true),
@@ -304,7 +304,7 @@ fn interrupted_and_resumed_run_is_bit_identical() {
     assert_eq!(logged(&run_logs, "train/loss").len(), 5);
 
     // Resume from scratch objects: initial weights and a fresh stream, as a new process would.
-    let resumed = train::run(
+    let resumed = common::train_run(
         &recipe,
         init_from(&rot8()),
         SequenceStream::new(rows, 7, true),
@@ -373,7 +373,7 @@ fn stop_request_saves_and_resume_refuses_incompatible_recipes() {
     );
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    let summary = train::run(
+    let summary = common::train_run(
         &recipe_,
         init_from(&rot8()),
         SequenceStream::new(rows.clone(), 0, false),
@@ -418,7 +418,7 @@ fn stop_request_saves_and_resume_refuses_incompatible_recipes() {
     assert_eq!(state.stream.position, 12);
 
     let changed = recipe(dir.path(), "{steps: 6, batch: {global: 2, micro: 2}}");
-    let err = train::run(
+    let err = common::train_run(
         &changed,
         init_from(&rot8()),
         SequenceStream::new(rows.clone(), 0, false),
@@ -443,7 +443,7 @@ fn stop_request_saves_and_resume_refuses_incompatible_recipes() {
         dir.path(),
         "{steps: 7, checkpoint: {every: 2, keep_last: 1}, eval: {every: 1}}",
     );
-    let summary = train::run(
+    let summary = common::train_run(
         &longer,
         init_from(&rot8()),
         SequenceStream::new(rows, 0, false),
@@ -463,7 +463,7 @@ fn corrupt_checkpoint_is_skipped_for_the_previous_good_one() {
     let rows = packed(16, 16, 101, 8);
     let dir = tempfile::tempdir().unwrap();
     let recipe = recipe(dir.path(), "{steps: 4, checkpoint: {every: 2}}");
-    train::run(
+    common::train_run(
         &recipe,
         init_from(&rot8()),
         SequenceStream::new(rows, 0, false),
@@ -507,7 +507,7 @@ fn fp16_overflow_skips_the_step_and_halves_the_scale() {
         dir.path(),
         "{steps: 2, precision: {compute: fp16, initial_loss_scale: 1.152921504606847e18, growth_interval: 1}}",
     );
-    let summary = train::run(
+    let summary = common::train_run(
         &recipe,
         init_from(&rot8()),
         SequenceStream::new(rows, 0, false),
@@ -533,7 +533,7 @@ fn tensorboard_reads_the_event_files() {
     let rows = packed(16, 16, 101, 10);
     let dir = tempfile::tempdir().unwrap();
     let recipe = recipe(dir.path(), "{steps: 3, eval: {every: 2}}");
-    train::run(
+    common::train_run(
         &recipe,
         init_from(&rot8()),
         SequenceStream::new(rows.clone(), 0, false),
@@ -618,7 +618,7 @@ fn bf16_compute_tracks_fp32() {
             dir.path(),
             &format!("{{steps: 2, precision: {{compute: {compute}}}}}"),
         );
-        let summary = train::run(
+        let summary = common::train_run(
             &recipe,
             init_from(&rot8()),
             SequenceStream::new(rows.clone(), 0, false),
@@ -643,7 +643,7 @@ fn sigterm_finishes_the_step_and_saves() {
     let rows = packed(16, 16, 101, 12);
     let dir = tempfile::tempdir().unwrap();
     let recipe = recipe(dir.path(), "{steps: 6, eval: {every: 1}}");
-    let summary = train::run(
+    let summary = common::train_run(
         &recipe,
         init_from(&rot8()),
         SequenceStream::new(rows, 0, false),
@@ -667,7 +667,7 @@ fn sigterm_finishes_the_step_and_saves() {
 }
 
 fn run_rot8(recipe: &Recipe, rows: &[Sequence], options: TrainOptions) -> TrainSummary {
-    train::run(
+    common::train_run(
         recipe,
         init_from(&rot8()),
         SequenceStream::new(rows.to_vec(), 0, false),
@@ -860,7 +860,7 @@ fn non_finite_gradients_in_fp32_stop_with_the_last_good_checkpoint() {
         dir.path(),
         "{steps: 4, checkpoint: {every: 1}, optimizer: {lr: 1.0e30, weight_decay: 0.0}}",
     );
-    let err = train::run(
+    let err = common::train_run(
         &recipe,
         init_from(&rot8()),
         SequenceStream::new(rows, 0, false),
@@ -891,7 +891,7 @@ fn non_finite_gradients_in_fp32_stop_with_the_last_good_checkpoint() {
 fn no_decay_patterns_must_name_parameters() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = recipe(dir.path(), "{optimizer: {no_decay: [bias, layernorm]}}");
-    let err = train::run(
+    let err = common::train_run(
         &recipe,
         init_from(&rot8()),
         SequenceStream::new(packed(4, 16, 101, 26), 0, false),
@@ -961,7 +961,7 @@ fn fp16_with_loss_scaling_matches_torch_grad_scaler() {
                       growth_factor: 2.0, backoff_factor: 2.3283064365386963e-10}}",
     );
     let model_dir = fixtures().join("train_adamw");
-    let summary = train::run(
+    let summary = common::train_run(
         &recipe,
         init_from(&model_dir),
         SequenceStream::new(fixture_rows(&reference), 0, false),
@@ -1061,7 +1061,7 @@ fn bf16_compute_matches_torch_autocast() {
             out.path(),
             &format!("{{steps: 8, schedule: {{kind: linear, warmup: 2}}, precision: {{compute: {compute}}}}}"),
         );
-        let summary = train::run(
+        let summary = common::train_run(
             &recipe,
             init_from(&model_dir),
             SequenceStream::new(fixture_rows(&reference), 0, false),
@@ -1140,7 +1140,7 @@ fn no_decay_matches_torch_parameter_groups() {
     let run = |extra: &str| {
         let out = tempfile::tempdir().unwrap();
         let recipe = recipe(out.path(), extra);
-        let summary = train::run(
+        let summary = common::train_run(
             &recipe,
             init_from(&fixture),
             SequenceStream::new(rows.clone(), 0, false),
@@ -1222,7 +1222,7 @@ fn a_plateau_stops_training_after_patience_and_keeps_the_best_checkpoint() {
     };
 
     let whole_dir = tempfile::tempdir().unwrap();
-    let whole = train::run(
+    let whole = common::train_run(
         &recipe(whole_dir.path(), extra),
         init_from(&rot8()),
         SequenceStream::new(rows.clone(), 3, true),
@@ -1237,7 +1237,7 @@ fn a_plateau_stops_training_after_patience_and_keeps_the_best_checkpoint() {
 
     let dir = tempfile::tempdir().unwrap();
     let recipe = recipe(dir.path(), extra);
-    let crashed = train::run(
+    let crashed = common::train_run(
         &recipe,
         init_from(&rot8()),
         SequenceStream::new(rows.clone(), 3, true),
@@ -1248,7 +1248,7 @@ fn a_plateau_stops_training_after_patience_and_keeps_the_best_checkpoint() {
         },
     );
     assert!(crashed.is_err());
-    let resumed = train::run(
+    let resumed = common::train_run(
         &recipe,
         init_from(&rot8()),
         SequenceStream::new(rows, 3, true),
@@ -1268,7 +1268,7 @@ fn a_plateau_stops_training_after_patience_and_keeps_the_best_checkpoint() {
 
     // A metric the evaluation does not report is named with what it did report.
     let bad = tempfile::tempdir().unwrap();
-    let err = train::run(
+    let err = common::train_run(
         &recipe_with(
             bad.path(),
             "{steps: 4, eval: {every: 1, early_stopping: {metric: accuracy, patience: 1}}}",

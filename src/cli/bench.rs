@@ -146,7 +146,7 @@ pub(super) fn bench(mut args: BenchArgs) -> Result<()> {
         args.model = Some(model_dir(spec)?);
     }
     let dtype = model::parse_dtype(&args.dtype).context("--dtype")?;
-    let device = model::parse_device(&args.device).context("--device")?;
+    let device = ops::parse_device(&args.device).context("--device")?;
     for (flag, path) in [("--json", &args.json), ("--markdown", &args.markdown)] {
         if let Some(path) = path {
             check_writable_dir(flag, path)?;

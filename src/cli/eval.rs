@@ -121,7 +121,7 @@ pub(super) fn eval(mut args: EvalArgs) -> Result<()> {
     let model_name = args.model.display().to_string();
     args.model = model_dir(&args.model)?;
     let dtype = model::parse_dtype(&args.dtype)?;
-    let device = model::parse_device(&args.device)?;
+    let device = ops::parse_device(&args.device)?;
     let model =
         model::load_model_with_adapter(&args.model, args.adapter.as_deref(), dtype, &device)?;
     let tokenizer =
@@ -186,9 +186,9 @@ pub(super) fn eval(mut args: EvalArgs) -> Result<()> {
         EvalTaskArg::Classify => {
             let (data, split) = match &recipe {
                 Some((recipe, dir)) => (
-                    crate::train::launch::classify_eval_data(recipe, dir, &tokenizer)
+                    crate::eval::task::classify_eval_data(recipe, dir, &tokenizer)
                         .with_context(|| args.recipe.clone().unwrap().display().to_string())?,
-                    crate::train::launch::eval_split_name(recipe),
+                    crate::eval::task::eval_split_name(recipe),
                 ),
                 None => {
                     let template = args.template.as_deref().expect("--template, checked");
@@ -224,7 +224,7 @@ pub(super) fn eval(mut args: EvalArgs) -> Result<()> {
                         .with_context(|| {
                             format!("{}: preparing the eval data", recipe_path(&args))
                         })?;
-                    let name = crate::train::launch::eval_split_name(recipe);
+                    let name = crate::eval::task::eval_split_name(recipe);
                     let examples = prepared.stats.examples;
                     (prepared.sequences, examples, recipe.data.loss_on, name)
                 }

@@ -61,7 +61,7 @@ pub(super) fn generate(mut args: GenerateArgs) -> Result<()> {
     use std::io::{IsTerminal, Write};
     args.model = model_dir(&args.model)?;
     let dtype = model::parse_dtype(&args.dtype)?;
-    let device = model::parse_device(&args.device)?;
+    let device = ops::parse_device(&args.device)?;
     let model =
         model::load_model_with_adapter(&args.model, args.adapter.as_deref(), dtype, &device)?;
     let tokenizer = model_tokenizer(&args.model, model.config().vocab_size())?;

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::model::{self, init::Preset};
 use crate::tokenizer::TextTokenizer;
+use crate::{ops, process};
 
 mod bench;
 mod data;
@@ -35,7 +36,7 @@ pub use recipe::RecipeCommand;
 pub use runs::{RunsArgs, RunsCommand};
 pub use score::ScoreArgs;
 pub use serve::{LogFormat, ServeArgs};
-pub use train::TrainArgs;
+pub use train::{parse_resume, TrainArgs};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -31,7 +31,7 @@ pub struct ScoreArgs {
 pub(super) fn score(mut args: ScoreArgs) -> Result<()> {
     args.model = model_dir(&args.model)?;
     let dtype = model::parse_dtype(&args.dtype)?;
-    let device = model::parse_device(&args.device)?;
+    let device = ops::parse_device(&args.device)?;
     let model =
         model::load_model_with_adapter(&args.model, args.adapter.as_deref(), dtype, &device)?;
     let config = model.config().clone();

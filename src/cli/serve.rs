@@ -140,9 +140,9 @@ pub(super) fn serve(mut args: ServeArgs) -> Result<()> {
             .build_global()
             .context("cannot size the thread pool")?;
     }
-    model::configure_process();
+    process::configure_process();
     let dtype = model::parse_dtype(&args.dtype)?;
-    let device = model::parse_device(&args.device)?;
+    let device = ops::parse_device(&args.device)?;
     let model =
         model::load_model_with_adapter(&args.model, args.adapter.as_deref(), dtype, &device)?;
     let tokenizer = model_tokenizer(&args.model, model.config().vocab_size())?.with_context(|| {

@@ -6,3 +6,4 @@ pub mod mnli;
 pub mod perplexity;
 pub mod report;
 pub mod score;
+pub mod task;

@@ -522,7 +522,7 @@ pub fn generate(
         .map(|(i, prompt)| Ok((i, Sequence::new(model.config(), prompt, i, shared.clone())?)))
         .collect::<Result<Vec<_>>>()?;
     let mut results: Vec<Option<Generated>> = vec![None; prompts.len()];
-    crate::model::keep_freed_memory();
+    crate::process::keep_freed_memory();
     let mut batch = DecodeBatch::new(model, tokenizer);
     for (i, generated) in batch.join(sequences)? {
         results[i] = Some(generated);

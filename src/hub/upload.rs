@@ -695,6 +695,42 @@ pub enum UploadEvent {
     },
 }
 
+impl UploadEvent {
+    pub fn failed(&self) -> bool {
+        matches!(self, UploadEvent::Failed { .. })
+    }
+}
+
+impl std::fmt::Display for UploadEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UploadEvent::Pushed {
+                dir,
+                report,
+                attempts,
+            } => match &report.commit_oid {
+                Some(oid) => write!(
+                    f,
+                    "uploaded {} (commit {oid}, {} files, attempt {attempts})",
+                    dir.display(),
+                    report.committed_files.len()
+                ),
+                None => write!(f, "{} was already on the Hub", dir.display()),
+            },
+            UploadEvent::Failed {
+                dir,
+                error,
+                attempts,
+            } => write!(
+                f,
+                "uploading {} failed after {attempts} attempts: {error} (the local checkpoint is \
+                 intact; push it later with `kiln push`)",
+                dir.display()
+            ),
+        }
+    }
+}
+
 /// Pushes directories on a background thread, one at a time in submission order, so that the
 /// caller (the trainer) never waits for the network. A push whose failure is transient (network,
 /// 5xx, 429) is tried again with exponential backoff; every outcome is logged and sent as an

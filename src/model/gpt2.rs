@@ -12,10 +12,9 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::{Batch, BlockFn, CausalLm, Stages};
-use crate::ops::{
-    self, AttentionKind, AttentionMask, LayerCache, LayerNorm, Linear, Operands, Site,
-};
+use super::block::{Activation, Block, Mlp, Qkv, Reach, SelfAttention};
+use super::{Batch, CausalLm, Pass};
+use crate::ops::{self, LayerNorm, Linear, Operands, Site};
 
 /// `config.json` of a HF `gpt2` model, read as is; unknown keys are kept.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -28,19 +27,19 @@ pub struct Config {
     pub n_head: usize,
     #[serde(default)]
     pub n_inner: Option<usize>,
-    #[serde(default = "default_activation")]
+    #[serde(default = "super::config::defaults::gelu_new")]
     pub activation_function: String,
-    #[serde(default = "default_layer_norm_epsilon")]
+    #[serde(default = "super::config::defaults::layer_norm_epsilon")]
     pub layer_norm_epsilon: f64,
-    #[serde(default = "default_true")]
+    #[serde(default = "super::config::defaults::yes")]
     pub scale_attn_weights: bool,
     #[serde(default)]
     pub scale_attn_by_inverse_layer_idx: bool,
     #[serde(default)]
     pub reorder_and_upcast_attn: bool,
-    #[serde(default = "default_true")]
+    #[serde(default = "super::config::defaults::yes")]
     pub tie_word_embeddings: bool,
-    #[serde(default = "default_initializer_range")]
+    #[serde(default = "super::config::defaults::initializer_range")]
     pub initializer_range: f64,
     #[serde(default)]
     pub bos_token_id: Option<u32>,
@@ -48,19 +47,6 @@ pub struct Config {
     pub eos_token_id: Option<u32>,
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
-}
-
-fn default_activation() -> String {
-    "gelu_new".into()
-}
-fn default_layer_norm_epsilon() -> f64 {
-    1e-5
-}
-fn default_true() -> bool {
-    true
-}
-fn default_initializer_range() -> f64 {
-    0.02
 }
 
 impl Config {
@@ -143,113 +129,38 @@ impl Config {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Attention {
-    c_attn: Linear,
-    c_proj: Linear,
-    n_head: usize,
-    head_dim: usize,
-    score_divisor: f64,
-    layer: usize,
-}
-
-impl Attention {
-    fn load(vb: VarBuilder, cfg: &Config, layer: usize, operands: Operands) -> Result<Self> {
-        let e = cfg.n_embd;
-        let mut score_divisor = 1.0;
-        if cfg.scale_attn_weights {
-            score_divisor *= (cfg.head_dim() as f64).sqrt();
-        }
-        if cfg.scale_attn_by_inverse_layer_idx {
-            score_divisor *= (layer + 1) as f64;
-        }
-        Ok(Self {
-            c_attn: Linear::load_conv1d(vb.pp("c_attn"), e, 3 * e, operands)?,
-            c_proj: Linear::load_conv1d(vb.pp("c_proj"), e, e, operands)?,
+/// GPT-2's block: attention, then the MLP, each after its own LayerNorm; `Conv1D` projections.
+fn block(vb: VarBuilder, cfg: &Config, layer: usize, operands: Operands) -> Result<Block> {
+    let (e, inner, eps) = (cfg.n_embd, cfg.inner_dim(), cfg.layer_norm_epsilon);
+    let (attn, mlp) = (vb.pp("attn"), vb.pp("mlp"));
+    let mut score_divisor = 1.0;
+    if cfg.scale_attn_weights {
+        score_divisor *= (cfg.head_dim() as f64).sqrt();
+    }
+    if cfg.scale_attn_by_inverse_layer_idx {
+        score_divisor *= (layer + 1) as f64;
+    }
+    Ok(Block {
+        norm_1: LayerNorm::load(vb.pp("ln_1"), e, eps)?,
+        norm_2: Some(LayerNorm::load(vb.pp("ln_2"), e, eps)?),
+        attn: SelfAttention {
+            qkv: Qkv::Stacked(Linear::load_conv1d(attn.pp("c_attn"), e, 3 * e, operands)?),
+            out: Linear::load_conv1d(attn.pp("c_proj"), e, e, operands)?,
             n_head: cfg.n_head,
             head_dim: cfg.head_dim(),
-            score_divisor,
-            layer,
-        })
-    }
-
-    fn forward(
-        &self,
-        xs: &Tensor,
-        batch: &Batch,
-        mask: &AttentionMask,
-        cache: Option<(&mut LayerCache, usize)>,
-    ) -> Result<Tensor> {
-        let (b, t, e) = xs.dims3()?;
-        let qkv = batch.linear(&self.c_attn, xs)?;
-        let heads = |i: usize| {
-            qkv.narrow(2, i * e, e)?
-                .reshape((b, t, self.n_head, self.head_dim))
-        };
-        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-        let kind = AttentionKind {
             rotary: None,
-            score_divisor: self.score_divisor,
-            dropout: batch.attention_dropout(self.layer),
-        };
-        let out = ops::causal_attention(&q, &k, &v, kind, &batch.position_ids, mask, cache)?;
-        let out = batch.linear(&self.c_proj, &out.reshape((b, t, e))?)?;
-        batch.drop(out, Site::AttentionOutput(self.layer))
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Mlp {
-    c_fc: Linear,
-    c_proj: Linear,
-}
-
-impl Mlp {
-    fn forward(&self, xs: &Tensor, batch: &Batch) -> Result<Tensor> {
-        let hidden = ops::gelu_new(&batch.linear(&self.c_fc, xs)?)?;
-        batch.linear(&self.c_proj, &hidden)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Block {
-    ln_1: LayerNorm,
-    attn: Attention,
-    ln_2: LayerNorm,
-    mlp: Mlp,
-    layer: usize,
-}
-
-impl Block {
-    fn load(vb: VarBuilder, cfg: &Config, layer: usize, operands: Operands) -> Result<Self> {
-        let (e, inner, eps) = (cfg.n_embd, cfg.inner_dim(), cfg.layer_norm_epsilon);
-        let mlp = vb.pp("mlp");
-        Ok(Self {
-            ln_1: LayerNorm::load(vb.pp("ln_1"), e, eps)?,
-            attn: Attention::load(vb.pp("attn"), cfg, layer, operands)?,
-            ln_2: LayerNorm::load(vb.pp("ln_2"), e, eps)?,
-            mlp: Mlp {
-                c_fc: Linear::load_conv1d(mlp.pp("c_fc"), e, inner, operands)?,
-                c_proj: Linear::load_conv1d(mlp.pp("c_proj"), inner, e, operands)?,
-            },
+            score_divisor,
+            reach: Reach::Global,
             layer,
-        })
-    }
-
-    fn forward(
-        &self,
-        xs: &Tensor,
-        batch: &Batch,
-        mask: &AttentionMask,
-        cache: Option<(&mut LayerCache, usize)>,
-    ) -> Result<Tensor> {
-        let attn = self
-            .attn
-            .forward(&self.ln_1.forward(xs)?, batch, mask, cache)?;
-        let xs = (attn + xs)?;
-        let mlp = self.mlp.forward(&self.ln_2.forward(&xs)?, batch)?;
-        batch.drop(mlp, Site::MlpOutput(self.layer))? + xs
-    }
+        },
+        mlp: Mlp {
+            up: Linear::load_conv1d(mlp.pp("c_fc"), e, inner, operands)?,
+            down: Linear::load_conv1d(mlp.pp("c_proj"), inner, e, operands)?,
+            activation: Activation::GeluNew,
+        },
+        parallel_residual: false,
+        layer,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -270,7 +181,7 @@ impl Gpt2 {
         let t = vb.pp("transformer");
         let wte = t.pp("wte").get((config.vocab_size, e), "weight")?;
         let blocks = (0..config.n_layer)
-            .map(|i| Block::load(t.pp("h").pp(i), config, i, operands))
+            .map(|i| block(t.pp("h").pp(i), config, i, operands))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             lm_head: Linear::tied(wte.clone(), operands),
@@ -284,26 +195,18 @@ impl Gpt2 {
 }
 
 impl CausalLm for Gpt2 {
-    fn stages<'a>(&'a self, batch: &'a Batch, cached: usize) -> Result<Stages<'a>> {
-        let mask = std::rc::Rc::new(batch.attention_mask(cached, None, self.wte.device())?);
-        let blocks = (self.blocks.iter())
-            .map(|block| {
-                let mask = mask.clone();
-                Box::new(move |xs: &Tensor, slot: Option<(&mut LayerCache, usize)>| {
-                    block.forward(xs, batch, &mask, slot)
-                }) as BlockFn<'a>
-            })
-            .collect();
-        Ok(Stages {
-            embed: Box::new(move || {
-                let tokens = ops::embedding(&self.wte, &batch.input_ids)?.to_dtype(self.dtype)?;
-                let positions =
-                    ops::embedding(&self.wpe, &batch.position_ids)?.to_dtype(self.dtype)?;
-                batch.drop((tokens + positions)?, Site::Embeddings)
-            }),
-            blocks,
-            finish: Box::new(move |xs| self.ln_f.forward(xs)),
-        })
+    /// Token and position embeddings → blocks → `ln_f`.
+    fn forward(&self, batch: &Batch, pass: &mut Pass) -> Result<Tensor> {
+        let masks = pass.masks(batch, None, self.wte.device())?;
+        let mut xs = pass.embed(|| {
+            let tokens = ops::embedding(&self.wte, &batch.input_ids)?.to_dtype(self.dtype)?;
+            let positions = ops::embedding(&self.wpe, &batch.position_ids)?.to_dtype(self.dtype)?;
+            batch.drop((tokens + positions)?, Site::Embeddings)
+        })?;
+        for block in &self.blocks {
+            xs = pass.block(xs, |xs, cache| block.forward(xs, batch, &masks, cache))?;
+        }
+        pass.finish(xs, |xs| self.ln_f.forward(xs))
     }
 
     fn lm_head(&self) -> &Linear {

@@ -10,10 +10,9 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::{Batch, BlockFn, CausalLm, Stages};
-use crate::ops::{
-    self, AttentionKind, AttentionMask, LayerCache, LayerNorm, Linear, Operands, Site,
-};
+use super::block::{Activation, Block, Mlp, Qkv, Reach, SelfAttention};
+use super::{Batch, CausalLm, Pass};
+use crate::ops::{self, LayerNorm, Linear, Operands, Site};
 
 /// `config.json` of a HF `gpt_neo` model, read as is; unknown keys are kept.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -30,13 +29,13 @@ pub struct Config {
     pub intermediate_size: Option<usize>,
     #[serde(default = "default_window_size")]
     pub window_size: usize,
-    #[serde(default = "default_activation")]
+    #[serde(default = "super::config::defaults::gelu_new")]
     pub activation_function: String,
-    #[serde(default = "default_layer_norm_epsilon")]
+    #[serde(default = "super::config::defaults::layer_norm_epsilon")]
     pub layer_norm_epsilon: f64,
-    #[serde(default = "default_true")]
+    #[serde(default = "super::config::defaults::yes")]
     pub tie_word_embeddings: bool,
-    #[serde(default = "default_initializer_range")]
+    #[serde(default = "super::config::defaults::initializer_range")]
     pub initializer_range: f64,
     #[serde(default)]
     pub bos_token_id: Option<u32>,
@@ -48,25 +47,6 @@ pub struct Config {
 
 fn default_window_size() -> usize {
     256
-}
-fn default_activation() -> String {
-    "gelu_new".into()
-}
-fn default_layer_norm_epsilon() -> f64 {
-    1e-5
-}
-fn default_true() -> bool {
-    true
-}
-fn default_initializer_range() -> f64 {
-    0.02
-}
-
-/// Which positions a layer attends to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reach {
-    Global,
-    Local,
 }
 
 impl Config {
@@ -191,129 +171,42 @@ impl Config {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    n_head: usize,
-    head_dim: usize,
-    reach: Reach,
-    layer: usize,
-}
-
-impl Attention {
-    fn load(
-        vb: VarBuilder,
-        cfg: &Config,
-        (layer, reach): (usize, Reach),
-        operands: Operands,
-    ) -> Result<Self> {
-        let e = cfg.hidden_size;
-        Ok(Self {
-            q_proj: Linear::load(vb.pp("q_proj"), e, e, false, operands)?,
-            k_proj: Linear::load(vb.pp("k_proj"), e, e, false, operands)?,
-            v_proj: Linear::load(vb.pp("v_proj"), e, e, false, operands)?,
-            out_proj: Linear::load(vb.pp("out_proj"), e, e, true, operands)?,
+/// GPT-Neo's block: GPT-2's shape with plain `Linear`s, unscaled scores (HF's
+/// `GPTNeoSelfAttention` has no division) and a global or local reach.
+fn block(
+    vb: VarBuilder,
+    cfg: &Config,
+    (layer, reach): (usize, Reach),
+    operands: Operands,
+) -> Result<Block> {
+    let (e, inner, eps) = (cfg.hidden_size, cfg.inner_dim(), cfg.layer_norm_epsilon);
+    let (attn, mlp) = (vb.pp("attn").pp("attention"), vb.pp("mlp"));
+    let projection = |name: &str| Linear::load(attn.pp(name), e, e, false, operands);
+    Ok(Block {
+        norm_1: LayerNorm::load(vb.pp("ln_1"), e, eps)?,
+        norm_2: Some(LayerNorm::load(vb.pp("ln_2"), e, eps)?),
+        attn: SelfAttention {
+            qkv: Qkv::Separate {
+                q: projection("q_proj")?,
+                k: projection("k_proj")?,
+                v: projection("v_proj")?,
+            },
+            out: Linear::load(attn.pp("out_proj"), e, e, true, operands)?,
             n_head: cfg.num_heads,
             head_dim: cfg.head_dim(),
-            reach,
-            layer,
-        })
-    }
-
-    fn forward(
-        &self,
-        xs: &Tensor,
-        batch: &Batch,
-        masks: &Masks,
-        cache: Option<(&mut LayerCache, usize)>,
-    ) -> Result<Tensor> {
-        let (b, t, e) = xs.dims3()?;
-        let heads = |ys: Tensor| ys.reshape((b, t, self.n_head, self.head_dim));
-        let q = heads(batch.linear(&self.q_proj, xs)?)?;
-        let k = heads(batch.linear(&self.k_proj, xs)?)?;
-        let v = heads(batch.linear(&self.v_proj, xs)?)?;
-        // GPT-Neo does not scale its scores (HF's GPTNeoSelfAttention has no division).
-        let kind = AttentionKind {
             rotary: None,
             score_divisor: 1.0,
-            dropout: batch.attention_dropout(self.layer),
-        };
-        let mask = match self.reach {
-            Reach::Global => &masks.global,
-            Reach::Local => &masks.local,
-        };
-        let out = ops::causal_attention(&q, &k, &v, kind, &batch.position_ids, mask, cache)?;
-        let out = batch.linear(&self.out_proj, &out.reshape((b, t, e))?)?;
-        batch.drop(out, Site::AttentionOutput(self.layer))
-    }
-}
-
-/// The two masks a forward pass needs, built once for all layers.
-struct Masks {
-    global: AttentionMask,
-    local: AttentionMask,
-}
-
-#[derive(Debug, Clone)]
-struct Mlp {
-    c_fc: Linear,
-    c_proj: Linear,
-}
-
-impl Mlp {
-    fn forward(&self, xs: &Tensor, batch: &Batch) -> Result<Tensor> {
-        let hidden = ops::gelu_new(&batch.linear(&self.c_fc, xs)?)?;
-        batch.linear(&self.c_proj, &hidden)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Block {
-    ln_1: LayerNorm,
-    attn: Attention,
-    ln_2: LayerNorm,
-    mlp: Mlp,
-    layer: usize,
-}
-
-impl Block {
-    fn load(
-        vb: VarBuilder,
-        cfg: &Config,
-        (layer, reach): (usize, Reach),
-        operands: Operands,
-    ) -> Result<Self> {
-        let (e, inner, eps) = (cfg.hidden_size, cfg.inner_dim(), cfg.layer_norm_epsilon);
-        let mlp = vb.pp("mlp");
-        Ok(Self {
-            ln_1: LayerNorm::load(vb.pp("ln_1"), e, eps)?,
-            attn: Attention::load(vb.pp("attn").pp("attention"), cfg, (layer, reach), operands)?,
-            ln_2: LayerNorm::load(vb.pp("ln_2"), e, eps)?,
-            mlp: Mlp {
-                c_fc: Linear::load(mlp.pp("c_fc"), e, inner, true, operands)?,
-                c_proj: Linear::load(mlp.pp("c_proj"), inner, e, true, operands)?,
-            },
+            reach,
             layer,
-        })
-    }
-
-    fn forward(
-        &self,
-        xs: &Tensor,
-        batch: &Batch,
-        masks: &Masks,
-        cache: Option<(&mut LayerCache, usize)>,
-    ) -> Result<Tensor> {
-        let attn = self
-            .attn
-            .forward(&self.ln_1.forward(xs)?, batch, masks, cache)?;
-        let xs = (attn + xs)?;
-        let mlp = self.mlp.forward(&self.ln_2.forward(&xs)?, batch)?;
-        batch.drop(mlp, Site::MlpOutput(self.layer))? + xs
-    }
+        },
+        mlp: Mlp {
+            up: Linear::load(mlp.pp("c_fc"), e, inner, true, operands)?,
+            down: Linear::load(mlp.pp("c_proj"), inner, e, true, operands)?,
+            activation: Activation::GeluNew,
+        },
+        parallel_residual: false,
+        layer,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -338,7 +231,7 @@ impl GptNeo {
         let blocks = reach
             .iter()
             .enumerate()
-            .map(|(i, &reach)| Block::load(t.pp("h").pp(i), config, (i, reach), operands))
+            .map(|(i, &reach)| block(t.pp("h").pp(i), config, (i, reach), operands))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             lm_head: Linear::tied(wte.clone(), operands),
@@ -355,30 +248,18 @@ impl GptNeo {
 }
 
 impl CausalLm for GptNeo {
-    fn stages<'a>(&'a self, batch: &'a Batch, cached: usize) -> Result<Stages<'a>> {
-        let device = self.wte.device();
-        let masks = std::rc::Rc::new(Masks {
-            global: batch.attention_mask(cached, None, device)?,
-            local: batch.attention_mask(cached, Some(self.window_size), device)?,
-        });
-        let blocks = (self.blocks.iter())
-            .map(|block| {
-                let masks = masks.clone();
-                Box::new(move |xs: &Tensor, slot: Option<(&mut LayerCache, usize)>| {
-                    block.forward(xs, batch, &masks, slot)
-                }) as BlockFn<'a>
-            })
-            .collect();
-        Ok(Stages {
-            embed: Box::new(move || {
-                let tokens = ops::embedding(&self.wte, &batch.input_ids)?.to_dtype(self.dtype)?;
-                let positions =
-                    ops::embedding(&self.wpe, &batch.position_ids)?.to_dtype(self.dtype)?;
-                batch.drop((tokens + positions)?, Site::Embeddings)
-            }),
-            blocks,
-            finish: Box::new(move |xs| self.ln_f.forward(xs)),
-        })
+    /// Token and position embeddings → blocks (global and local) → `ln_f`.
+    fn forward(&self, batch: &Batch, pass: &mut Pass) -> Result<Tensor> {
+        let masks = pass.masks(batch, Some(self.window_size), self.wte.device())?;
+        let mut xs = pass.embed(|| {
+            let tokens = ops::embedding(&self.wte, &batch.input_ids)?.to_dtype(self.dtype)?;
+            let positions = ops::embedding(&self.wpe, &batch.position_ids)?.to_dtype(self.dtype)?;
+            batch.drop((tokens + positions)?, Site::Embeddings)
+        })?;
+        for block in &self.blocks {
+            xs = pass.block(xs, |xs, cache| block.forward(xs, batch, &masks, cache))?;
+        }
+        pass.finish(xs, |xs| self.ln_f.forward(xs))
     }
 
     fn lm_head(&self) -> &Linear {

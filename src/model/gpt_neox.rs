@@ -11,11 +11,9 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::{Batch, BlockFn, CausalLm, Stages};
-use crate::ops::{
-    self, AttentionKind, AttentionMask, LayerCache, LayerNorm, Linear, Operands, Rotary,
-    RotaryPairs, Site,
-};
+use super::block::{Activation, Block, Mlp, Qkv, Reach, SelfAttention};
+use super::{Batch, CausalLm, Pass};
+use crate::ops::{self, LayerNorm, Linear, Operands, Rotary, RotaryPairs, Site};
 
 /// `config.json` of a HF `gpt_neox` model, read as is; unknown keys are kept.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -39,15 +37,15 @@ pub struct Config {
     pub rope_parameters: Option<RopeParameters>,
     #[serde(default = "default_max_positions")]
     pub max_position_embeddings: usize,
-    #[serde(default = "default_layer_norm_eps")]
+    #[serde(default = "super::config::defaults::layer_norm_epsilon")]
     pub layer_norm_eps: f64,
-    #[serde(default = "default_true")]
+    #[serde(default = "super::config::defaults::yes")]
     pub use_parallel_residual: bool,
-    #[serde(default = "default_true")]
+    #[serde(default = "super::config::defaults::yes")]
     pub attention_bias: bool,
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    #[serde(default = "default_initializer_range")]
+    #[serde(default = "super::config::defaults::initializer_range")]
     pub initializer_range: f64,
     #[serde(default)]
     pub bos_token_id: Option<u32>,
@@ -75,15 +73,6 @@ fn default_act() -> String {
 }
 fn default_max_positions() -> usize {
     2048
-}
-fn default_layer_norm_eps() -> f64 {
-    1e-5
-}
-fn default_true() -> bool {
-    true
-}
-fn default_initializer_range() -> f64 {
-    0.02
 }
 
 impl Config {
@@ -194,129 +183,54 @@ impl Config {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Attention {
-    query_key_value: Linear,
-    dense: Linear,
-    n_head: usize,
-    head_dim: usize,
+/// GPT-NeoX's layer: a fused per-head `query_key_value`, two LayerNorms, the exact `gelu`, and
+/// the branches side by side or one after the other (`use_parallel_residual`).
+fn layer(
+    vb: VarBuilder,
+    cfg: &Config,
     layer: usize,
-}
-
-impl Attention {
-    fn load(vb: VarBuilder, cfg: &Config, layer: usize, operands: Operands) -> Result<Self> {
-        let e = cfg.hidden_size;
-        let bias = cfg.attention_bias;
-        Ok(Self {
-            query_key_value: Linear::load(vb.pp("query_key_value"), e, 3 * e, bias, operands)?,
-            dense: Linear::load(vb.pp("dense"), e, e, bias, operands)?,
+    rotary: &Rotary,
+    operands: Operands,
+) -> Result<Block> {
+    let (e, inner, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+    let (attn, mlp) = (vb.pp("attention"), vb.pp("mlp"));
+    let bias = cfg.attention_bias;
+    let d = cfg.head_dim();
+    Ok(Block {
+        norm_1: LayerNorm::load(vb.pp("input_layernorm"), e, eps)?,
+        norm_2: Some(LayerNorm::load(vb.pp("post_attention_layernorm"), e, eps)?),
+        attn: SelfAttention {
+            qkv: Qkv::PerHead(Linear::load(
+                attn.pp("query_key_value"),
+                e,
+                3 * e,
+                bias,
+                operands,
+            )?),
+            out: Linear::load(attn.pp("dense"), e, e, bias, operands)?,
             n_head: cfg.num_attention_heads,
-            head_dim: cfg.head_dim(),
-            layer,
-        })
-    }
-
-    fn forward(
-        &self,
-        xs: &Tensor,
-        rotary: &Rotary,
-        batch: &Batch,
-        mask: &AttentionMask,
-        cache: Option<(&mut LayerCache, usize)>,
-    ) -> Result<Tensor> {
-        let (b, t, e) = xs.dims3()?;
-        let d = self.head_dim;
-        let qkv = batch
-            .linear(&self.query_key_value, xs)?
-            .reshape((b, t, self.n_head, 3 * d))?;
-        let q = qkv.narrow(3, 0, d)?;
-        let k = qkv.narrow(3, d, d)?;
-        let v = qkv.narrow(3, 2 * d, d)?;
-        let kind = AttentionKind {
-            rotary: Some(rotary),
+            head_dim: d,
+            rotary: Some(rotary.clone()),
             score_divisor: (d as f64).sqrt(),
-            dropout: batch.attention_dropout(self.layer),
-        };
-        let out = ops::causal_attention(&q, &k, &v, kind, &batch.position_ids, mask, cache)?;
-        let out = batch.linear(&self.dense, &out.reshape((b, t, e))?)?;
-        batch.drop(out, Site::AttentionOutput(self.layer))
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Mlp {
-    dense_h_to_4h: Linear,
-    dense_4h_to_h: Linear,
-}
-
-impl Mlp {
-    fn forward(&self, xs: &Tensor, batch: &Batch) -> Result<Tensor> {
-        let hidden = ops::gelu(&batch.linear(&self.dense_h_to_4h, xs)?)?;
-        batch.linear(&self.dense_4h_to_h, &hidden)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Layer {
-    input_layernorm: LayerNorm,
-    post_attention_layernorm: LayerNorm,
-    attention: Attention,
-    mlp: Mlp,
-    parallel_residual: bool,
-    layer: usize,
-}
-
-impl Layer {
-    fn load(vb: VarBuilder, cfg: &Config, layer: usize, operands: Operands) -> Result<Self> {
-        let (e, inner, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
-        let mlp = vb.pp("mlp");
-        Ok(Self {
-            input_layernorm: LayerNorm::load(vb.pp("input_layernorm"), e, eps)?,
-            post_attention_layernorm: LayerNorm::load(vb.pp("post_attention_layernorm"), e, eps)?,
-            attention: Attention::load(vb.pp("attention"), cfg, layer, operands)?,
-            mlp: Mlp {
-                dense_h_to_4h: Linear::load(mlp.pp("dense_h_to_4h"), e, inner, true, operands)?,
-                dense_4h_to_h: Linear::load(mlp.pp("dense_4h_to_h"), inner, e, true, operands)?,
-            },
-            parallel_residual: cfg.use_parallel_residual,
+            reach: Reach::Global,
             layer,
-        })
-    }
-
-    fn forward(
-        &self,
-        xs: &Tensor,
-        rotary: &Rotary,
-        batch: &Batch,
-        mask: &AttentionMask,
-        cache: Option<(&mut LayerCache, usize)>,
-    ) -> Result<Tensor> {
-        let normed = self.input_layernorm.forward(xs)?;
-        let attn = self
-            .attention
-            .forward(&normed, rotary, batch, mask, cache)?;
-        let mlp_of = |ys: &Tensor| -> Result<Tensor> {
-            let mlp = self
-                .mlp
-                .forward(&self.post_attention_layernorm.forward(ys)?, batch)?;
-            batch.drop(mlp, Site::MlpOutput(self.layer))
-        };
-        if self.parallel_residual {
-            (mlp_of(xs)? + attn)? + xs
-        } else {
-            let xs = (attn + xs)?;
-            mlp_of(&xs)? + xs
-        }
-    }
+        },
+        mlp: Mlp {
+            up: Linear::load(mlp.pp("dense_h_to_4h"), e, inner, true, operands)?,
+            down: Linear::load(mlp.pp("dense_4h_to_h"), inner, e, true, operands)?,
+            activation: Activation::Gelu,
+        },
+        parallel_residual: cfg.use_parallel_residual,
+        layer,
+    })
 }
 
 #[derive(Debug, Clone)]
 pub struct GptNeoX {
     embed_in: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<Block>,
     final_layer_norm: LayerNorm,
     embed_out: Linear,
-    rotary: Rotary,
     dtype: DType,
 }
 
@@ -326,8 +240,15 @@ impl GptNeoX {
     pub fn load(vb: VarBuilder, config: &Config, dtype: DType, operands: Operands) -> Result<Self> {
         let (e, v) = (config.hidden_size, config.vocab_size);
         let base = vb.pp("gpt_neox");
+        let rotary = Rotary::new(
+            config.rotary_dim(),
+            config.max_position_embeddings,
+            config.rotary_base() as f32,
+            RotaryPairs::Halves,
+            vb.device(),
+        )?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| Layer::load(base.pp("layers").pp(i), config, i, operands))
+            .map(|i| layer(base.pp("layers").pp(i), config, i, &rotary, operands))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed_in: base.pp("embed_in").get((v, e), "weight")?,
@@ -338,38 +259,24 @@ impl GptNeoX {
                 config.layer_norm_eps,
             )?,
             embed_out: Linear::load(vb.pp("embed_out"), e, v, false, operands)?,
-            rotary: Rotary::new(
-                config.rotary_dim(),
-                config.max_position_embeddings,
-                config.rotary_base() as f32,
-                RotaryPairs::Halves,
-                vb.device(),
-            )?,
             dtype,
         })
     }
 }
 
 impl CausalLm for GptNeoX {
-    fn stages<'a>(&'a self, batch: &'a Batch, cached: usize) -> Result<Stages<'a>> {
-        let mask = std::rc::Rc::new(batch.attention_mask(cached, None, self.embed_in.device())?);
-        let blocks = (self.layers.iter())
-            .map(|layer| {
-                let mask = mask.clone();
-                Box::new(move |xs: &Tensor, slot: Option<(&mut LayerCache, usize)>| {
-                    layer.forward(xs, &self.rotary, batch, &mask, slot)
-                }) as BlockFn<'a>
-            })
-            .collect();
-        Ok(Stages {
-            embed: Box::new(move || {
-                let embedded =
-                    ops::embedding(&self.embed_in, &batch.input_ids)?.to_dtype(self.dtype)?;
-                batch.drop(embedded, Site::Embeddings)
-            }),
-            blocks,
-            finish: Box::new(move |xs| self.final_layer_norm.forward(xs)),
-        })
+    /// `embed_in` → layers → `final_layer_norm`.
+    fn forward(&self, batch: &Batch, pass: &mut Pass) -> Result<Tensor> {
+        let masks = pass.masks(batch, None, self.embed_in.device())?;
+        let mut xs = pass.embed(|| {
+            let embedded =
+                ops::embedding(&self.embed_in, &batch.input_ids)?.to_dtype(self.dtype)?;
+            batch.drop(embedded, Site::Embeddings)
+        })?;
+        for layer in &self.layers {
+            xs = pass.block(xs, |xs, cache| layer.forward(xs, batch, &masks, cache))?;
+        }
+        pass.finish(xs, |xs| self.final_layer_norm.forward(xs))
     }
 
     fn lm_head(&self) -> &Linear {

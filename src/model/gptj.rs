@@ -12,11 +12,9 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::{Batch, BlockFn, CausalLm, Stages};
-use crate::ops::{
-    self, AttentionKind, AttentionMask, LayerCache, LayerNorm, Linear, Operands, Rotary,
-    RotaryPairs, Site,
-};
+use super::block::{Activation, Block, Mlp, Qkv, Reach, SelfAttention};
+use super::{Batch, CausalLm, Pass};
+use crate::ops::{self, LayerNorm, Linear, Operands, Rotary, RotaryPairs, Site};
 
 /// `config.json` of a HF `gptj` model, read as is. Unknown keys are kept so that a config we
 /// rewrite (e.g. in a checkpoint) loses nothing HF or the user put there.
@@ -31,9 +29,9 @@ pub struct Config {
     pub rotary_dim: Option<usize>,
     #[serde(default)]
     pub n_inner: Option<usize>,
-    #[serde(default = "default_activation")]
+    #[serde(default = "super::config::defaults::gelu_new")]
     pub activation_function: String,
-    #[serde(default = "default_layer_norm_epsilon")]
+    #[serde(default = "super::config::defaults::layer_norm_epsilon")]
     pub layer_norm_epsilon: f64,
     #[serde(default)]
     pub bos_token_id: Option<u32>,
@@ -43,20 +41,10 @@ pub struct Config {
     pub pad_token_id: Option<u32>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    #[serde(default = "default_initializer_range")]
+    #[serde(default = "super::config::defaults::initializer_range")]
     pub initializer_range: f64,
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
-}
-
-fn default_activation() -> String {
-    "gelu_new".into()
-}
-fn default_layer_norm_epsilon() -> f64 {
-    1e-5
-}
-fn default_initializer_range() -> f64 {
-    0.02
 }
 
 impl Config {
@@ -141,110 +129,42 @@ impl Config {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    n_head: usize,
-    head_dim: usize,
+/// GPT-J's block: attention and the MLP side by side on one LayerNorm's output.
+fn block(
+    vb: VarBuilder,
+    cfg: &Config,
     layer: usize,
-}
-
-impl Attention {
-    fn load(vb: VarBuilder, cfg: &Config, layer: usize, operands: Operands) -> Result<Self> {
-        let e = cfg.n_embd;
-        Ok(Self {
-            q_proj: Linear::load(vb.pp("q_proj"), e, e, false, operands)?,
-            k_proj: Linear::load(vb.pp("k_proj"), e, e, false, operands)?,
-            v_proj: Linear::load(vb.pp("v_proj"), e, e, false, operands)?,
-            out_proj: Linear::load(vb.pp("out_proj"), e, e, false, operands)?,
+    rotary: &Rotary,
+    operands: Operands,
+) -> Result<Block> {
+    let (e, inner) = (cfg.n_embd, cfg.inner_dim());
+    let (attn, mlp) = (vb.pp("attn"), vb.pp("mlp"));
+    let projection = |name: &str| Linear::load(attn.pp(name), e, e, false, operands);
+    Ok(Block {
+        norm_1: LayerNorm::load(vb.pp("ln_1"), e, cfg.layer_norm_epsilon)?,
+        norm_2: None,
+        attn: SelfAttention {
+            qkv: Qkv::Separate {
+                q: projection("q_proj")?,
+                k: projection("k_proj")?,
+                v: projection("v_proj")?,
+            },
+            out: projection("out_proj")?,
             n_head: cfg.n_head,
             head_dim: cfg.head_dim(),
+            rotary: Some(rotary.clone()),
+            score_divisor: (cfg.head_dim() as f64).sqrt(),
+            reach: Reach::Global,
             layer,
-        })
-    }
-
-    fn forward(
-        &self,
-        xs: &Tensor,
-        rotary: &Rotary,
-        batch: &Batch,
-        mask: &AttentionMask,
-        cache: Option<(&mut LayerCache, usize)>,
-    ) -> Result<Tensor> {
-        let (b, t, e) = xs.dims3()?;
-        let heads = |ys: Tensor| ys.reshape((b, t, self.n_head, self.head_dim));
-        let q = heads(batch.linear(&self.q_proj, xs)?)?;
-        let k = heads(batch.linear(&self.k_proj, xs)?)?;
-        let v = heads(batch.linear(&self.v_proj, xs)?)?;
-        let kind = AttentionKind {
-            rotary: Some(rotary),
-            score_divisor: (self.head_dim as f64).sqrt(),
-            dropout: batch.attention_dropout(self.layer),
-        };
-        let out = ops::causal_attention(&q, &k, &v, kind, &batch.position_ids, mask, cache)?;
-        let out = batch.linear(&self.out_proj, &out.reshape((b, t, e))?)?;
-        batch.drop(out, Site::AttentionOutput(self.layer))
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Mlp {
-    fc_in: Linear,
-    fc_out: Linear,
-}
-
-impl Mlp {
-    fn load(vb: VarBuilder, cfg: &Config, operands: Operands) -> Result<Self> {
-        let (e, inner) = (cfg.n_embd, cfg.inner_dim());
-        Ok(Self {
-            fc_in: Linear::load(vb.pp("fc_in"), e, inner, true, operands)?,
-            fc_out: Linear::load(vb.pp("fc_out"), inner, e, true, operands)?,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor, batch: &Batch) -> Result<Tensor> {
-        let hidden = ops::gelu_new(&batch.linear(&self.fc_in, xs)?)?;
-        batch.linear(&self.fc_out, &hidden)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Block {
-    ln_1: LayerNorm,
-    attn: Attention,
-    mlp: Mlp,
-    layer: usize,
-}
-
-impl Block {
-    fn load(vb: VarBuilder, cfg: &Config, layer: usize, operands: Operands) -> Result<Self> {
-        Ok(Self {
-            ln_1: LayerNorm::load(vb.pp("ln_1"), cfg.n_embd, cfg.layer_norm_epsilon)?,
-            attn: Attention::load(vb.pp("attn"), cfg, layer, operands)?,
-            mlp: Mlp::load(vb.pp("mlp"), cfg, operands)?,
-            layer,
-        })
-    }
-
-    fn forward(
-        &self,
-        xs: &Tensor,
-        rotary: &Rotary,
-        batch: &Batch,
-        mask: &AttentionMask,
-        cache: Option<(&mut LayerCache, usize)>,
-    ) -> Result<Tensor> {
-        let normed = self.ln_1.forward(xs)?;
-        let attn = self.attn.forward(&normed, rotary, batch, mask, cache)?;
-        let mlp = batch.drop(
-            self.mlp.forward(&normed, batch)?,
-            Site::MlpOutput(self.layer),
-        )?;
-        (attn + mlp)? + xs
-    }
+        },
+        mlp: Mlp {
+            up: Linear::load(mlp.pp("fc_in"), e, inner, true, operands)?,
+            down: Linear::load(mlp.pp("fc_out"), inner, e, true, operands)?,
+            activation: Activation::GeluNew,
+        },
+        parallel_residual: true,
+        layer,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -253,7 +173,6 @@ pub struct GptJ {
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     lm_head: Linear,
-    rotary: Rotary,
     dtype: DType,
 }
 
@@ -262,8 +181,15 @@ impl GptJ {
     /// `dtype` with matmul `operands`.
     pub fn load(vb: VarBuilder, config: &Config, dtype: DType, operands: Operands) -> Result<Self> {
         let t = vb.pp("transformer");
+        let rotary = Rotary::new(
+            config.rotary_dim(),
+            config.n_positions,
+            10_000.0,
+            RotaryPairs::Interleaved,
+            vb.device(),
+        )?;
         let blocks = (0..config.n_layer)
-            .map(|i| Block::load(t.pp("h").pp(i), config, i, operands))
+            .map(|i| block(t.pp("h").pp(i), config, i, &rotary, operands))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             wte: t
@@ -278,37 +204,23 @@ impl GptJ {
                 true,
                 operands,
             )?,
-            rotary: Rotary::new(
-                config.rotary_dim(),
-                config.n_positions,
-                10_000.0,
-                RotaryPairs::Interleaved,
-                vb.device(),
-            )?,
             dtype,
         })
     }
 }
 
 impl CausalLm for GptJ {
-    fn stages<'a>(&'a self, batch: &'a Batch, cached: usize) -> Result<Stages<'a>> {
-        let mask = std::rc::Rc::new(batch.attention_mask(cached, None, self.wte.device())?);
-        let blocks = (self.blocks.iter())
-            .map(|block| {
-                let mask = mask.clone();
-                Box::new(move |xs: &Tensor, slot: Option<(&mut LayerCache, usize)>| {
-                    block.forward(xs, &self.rotary, batch, &mask, slot)
-                }) as BlockFn<'a>
-            })
-            .collect();
-        Ok(Stages {
-            embed: Box::new(move || {
-                let embedded = ops::embedding(&self.wte, &batch.input_ids)?.to_dtype(self.dtype)?;
-                batch.drop(embedded, Site::Embeddings)
-            }),
-            blocks,
-            finish: Box::new(move |xs| self.ln_f.forward(xs)),
-        })
+    /// Token embeddings → blocks → `ln_f`.
+    fn forward(&self, batch: &Batch, pass: &mut Pass) -> Result<Tensor> {
+        let masks = pass.masks(batch, None, self.wte.device())?;
+        let mut xs = pass.embed(|| {
+            let embedded = ops::embedding(&self.wte, &batch.input_ids)?.to_dtype(self.dtype)?;
+            batch.drop(embedded, Site::Embeddings)
+        })?;
+        for block in &self.blocks {
+            xs = pass.block(xs, |xs, cache| block.forward(xs, batch, &masks, cache))?;
+        }
+        pass.finish(xs, |xs| self.ln_f.forward(xs))
     }
 
     fn lm_head(&self) -> &Linear {

@@ -8,6 +8,7 @@
 //! machine without one. Nothing outside this module calls into `crate::cpu`.
 
 mod attention;
+mod device;
 mod dropout;
 mod layers;
 mod loss;
@@ -22,6 +23,7 @@ pub use attention::{
     causal_attention, softmax_last_dim, training_attention_note, AttentionKind, AttentionMask,
     KvCache, LayerCache, PrefixLayout, Rotary, RotaryPairs,
 };
+pub use device::parse_device;
 pub use dropout::{Dropout, DropoutRates, Site};
 pub use layers::{embedding, gelu, gelu_new, layer_norm, linear, LayerNorm, Linear};
 pub use loss::{composite_nll_sum, lm_head_loss, LmLoss, CPU_CHUNK_ROWS as LOSS_CHUNK_ROWS};

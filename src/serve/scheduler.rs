@@ -373,7 +373,7 @@ struct Worker {
 
 impl Worker {
     fn run(self, model: &Model, tokenizer: &TextTokenizer) {
-        crate::model::keep_freed_memory();
+        crate::process::keep_freed_memory();
         let mut work = Active {
             batch: DecodeBatch::new(model, Some(tokenizer)),
             generations: BTreeMap::new(),

@@ -54,6 +54,9 @@ pub struct Tracker {
     last_heartbeat: Instant,
     mlflow: Option<MlflowRun>,
     finished: bool,
+    /// What opening the run has to tell the user (MLflow's address, or why it is not used),
+    /// until [`Tracker::take_notes`].
+    notes: Vec<String>,
 }
 
 /// What [`Tracker::open`] needs to know about the run.
@@ -141,7 +144,8 @@ impl Tracker {
         let resume_mlflow = start.resumed.as_ref().and_then(|(_, r)| r.as_ref());
         // An older checkpoint without the MLflow run still has it in run.json.
         let resume_mlflow = resume_mlflow.or(earlier.as_ref().and_then(|e| e.mlflow.as_ref()));
-        let mlflow = start_mlflow(recipe, &info, resume_mlflow);
+        let mut notes = Vec::new();
+        let mlflow = start_mlflow(recipe, &info, resume_mlflow, &mut notes);
         if let Some(run) = &mlflow {
             info.mlflow = Some(run.reference().clone());
             if resumed_from.is_none() {
@@ -158,6 +162,7 @@ impl Tracker {
             last_heartbeat: Instant::now(),
             mlflow,
             finished: false,
+            notes,
         };
         tracker.write_info()?;
         Ok(tracker)
@@ -165,6 +170,11 @@ impl Tracker {
 
     pub fn run_dir(&self) -> &Path {
         &self.run_dir
+    }
+
+    /// The lines opening the run left for the user, once.
+    pub fn take_notes(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.notes)
     }
 
     /// The MLflow run this run logs to, if any (a checkpoint keeps it for resume).
@@ -291,12 +301,19 @@ impl Drop for Tracker {
 
 /// The MLflow run for this training run, or `None` (with a warning when MLflow was asked for but
 /// cannot be used: training goes on without it).
-fn start_mlflow(recipe: &Recipe, info: &RunInfo, resume: Option<&RunRef>) -> Option<MlflowRun> {
+fn start_mlflow(
+    recipe: &Recipe,
+    info: &RunInfo,
+    resume: Option<&RunRef>,
+    notes: &mut Vec<String>,
+) -> Option<MlflowRun> {
     let settings = match mlflow::Settings::resolve(recipe.tracking.mlflow.as_ref(), &recipe.name) {
         Ok(Some(settings)) => settings,
         Ok(None) => return None,
         Err(warning) => {
-            println!("warning: {warning}; training goes on without MLflow");
+            notes.push(format!(
+                "warning: {warning}; training goes on without MLflow"
+            ));
             return None;
         }
     };
@@ -332,21 +349,19 @@ fn start_mlflow(recipe: &Recipe, info: &RunInfo, resume: Option<&RunRef>) -> Opt
     };
     match MlflowRun::start(&settings, start) {
         Ok(run) => {
-            for note in &run.notes {
-                println!("{note}");
-            }
+            notes.extend(run.notes.iter().cloned());
             let reference = run.reference();
-            println!(
+            notes.push(format!(
                 "MLflow: logging to {}/#/experiments/{}/runs/{}",
                 reference.uri, reference.experiment_id, reference.run_id
-            );
+            ));
             Some(run)
         }
         Err(warning) => {
-            println!(
+            notes.push(format!(
                 "warning: {warning}; training goes on without MLflow (metrics.jsonl keeps every \
                  metric)"
-            );
+            ));
             None
         }
     }
@@ -575,12 +590,19 @@ pub fn host_name() -> String {
 
 /// A progress bar on a terminal; plain log lines otherwise (or when asked to be quiet).
 pub struct Progress {
+    quiet: bool,
     bar: Option<ProgressBar>,
 }
 
 impl Progress {
-    pub fn new(total_steps: u64, start_step: u64, quiet: bool) -> Self {
-        let bar = (!quiet && std::io::stdout().is_terminal()).then(|| {
+    /// Lines only, until [`Self::start`] (a bar on a terminal unless `quiet`).
+    pub fn new(quiet: bool) -> Self {
+        Self { quiet, bar: None }
+    }
+
+    /// The steps begin: from here a terminal shows a bar that the lines print above.
+    pub fn start(&mut self, total_steps: u64, start_step: u64) {
+        self.bar = (!self.quiet && std::io::stdout().is_terminal()).then(|| {
             let bar = ProgressBar::new(total_steps);
             bar.set_style(
                 ProgressStyle::with_template(
@@ -592,7 +614,6 @@ impl Progress {
             bar.enable_steady_tick(Duration::from_millis(500));
             bar
         });
-        Self { bar }
     }
 
     pub fn step(
@@ -620,6 +641,20 @@ impl Progress {
         match &self.bar {
             Some(bar) => bar.println(line),
             None => println!("{line}"),
+        }
+    }
+
+    /// A warning, on standard error (where every rank's warnings reach the user).
+    pub fn warn(&self, line: &str) {
+        self.eprintln(&format!("warning: {line}"));
+    }
+
+    /// A line on standard error, which every rank of a job keeps.
+    pub fn eprintln(&self, line: &str) {
+        let write = || eprintln!("{line}");
+        match &self.bar {
+            Some(bar) => bar.suspend(write),
+            None => write(),
         }
     }
 

@@ -5,7 +5,6 @@
 //! metrics line cut short by a crash, a directory with no metrics yet.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -612,114 +611,6 @@ pub fn sort_runs(runs: &mut [RunSummary], key: &SortKey, reverse: bool) -> Resul
     Ok(())
 }
 
-/// The `kiln runs` table, columns aligned.
-pub fn render_table(runs: &[RunSummary]) -> String {
-    let header = [
-        "name",
-        "started (UTC)",
-        "status",
-        "steps",
-        "train/loss",
-        "best eval/accuracy",
-        "tokens/s",
-        "wall",
-        "commit",
-        "recipe",
-    ];
-    let rows: Vec<Vec<String>> = runs
-        .iter()
-        .map(|run| {
-            vec![
-                run.name.clone(),
-                run.started_at.map_or(NONE.into(), format_utc),
-                run.status.as_str().to_string(),
-                match (run.steps_done, run.total_steps) {
-                    (Some(done), Some(total)) => format!("{done}/{total}"),
-                    (Some(done), None) => done.to_string(),
-                    (None, Some(total)) => format!("0/{total}"),
-                    (None, None) => NONE.into(),
-                },
-                run.last_train_loss
-                    .map_or(NONE.into(), |v| format!("{v:.4}")),
-                match (run.best_eval_accuracy, run.best_eval_accuracy_step) {
-                    (Some(v), Some(step)) => format!("{v:.4} @{step}"),
-                    _ => NONE.into(),
-                },
-                run.tokens_per_sec
-                    .map_or(NONE.into(), |v| format!("{v:.0}")),
-                run.wall_seconds.map_or(NONE.into(), format_duration),
-                run.git_commit
-                    .as_deref()
-                    .map_or(NONE.into(), |c| short(c, 7)),
-                run.recipe_sha256
-                    .as_deref()
-                    .map_or(NONE.into(), |h| short(h, 8)),
-            ]
-        })
-        .collect();
-    let numeric = [
-        false, false, false, true, true, true, true, true, false, false,
-    ];
-    align(&header, &rows, &numeric)
-}
-
-/// What is shown for an absent value.
-pub const NONE: &str = "—";
-
-fn short(text: &str, len: usize) -> String {
-    text.chars().take(len).collect()
-}
-
-/// Columns padded to their widest cell (by characters, so "—" counts as one).
-fn align(header: &[&str], rows: &[Vec<String>], right_aligned: &[bool]) -> String {
-    let width = |s: &str| s.chars().count();
-    let mut widths: Vec<usize> = header.iter().map(|h| width(h)).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(width(cell));
-        }
-    }
-    let mut out = String::new();
-    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
-    for row in std::iter::once(&header).chain(rows) {
-        let mut line = String::new();
-        for (i, cell) in row.iter().enumerate() {
-            let pad = widths[i] - width(cell);
-            if i > 0 {
-                line.push_str("  ");
-            }
-            if right_aligned.get(i).copied().unwrap_or(false) {
-                line.push_str(&" ".repeat(pad));
-                line.push_str(cell);
-            } else {
-                line.push_str(cell);
-                line.push_str(&" ".repeat(pad));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
-}
-
-/// Unix seconds as `YYYY-MM-DD HH:MM` in UTC.
-pub fn format_utc(unix_seconds: f64) -> String {
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix_seconds.max(0.0) as u64);
-    // RFC 3339 (`2026-11-30T22:49:12Z`), cut to the minute for a table.
-    let stamp = humantime::format_rfc3339_seconds(time).to_string();
-    stamp[..16].replacen('T', " ", 1)
-}
-
-/// `42s`, `3m05s`, `2h07m`.
-pub fn format_duration(seconds: f64) -> String {
-    let s = seconds.max(0.0).round() as u64;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
-    }
-}
-
 /// A metric value with five significant digits, in scientific notation when very small or large.
 pub fn format_metric(value: f64) -> String {
     if !value.is_finite() {
@@ -893,87 +784,6 @@ impl Comparison {
             runs: summaries,
         })
     }
-
-    /// The plain-text report: recipe differences, then run facts and metrics side by side.
-    pub fn render(&self) -> String {
-        let mut header = vec!["recipe key"];
-        header.extend(self.runs.iter().map(|r| r.name.as_str()));
-        let mut out = String::new();
-        let missing_recipe: Vec<&str> = self
-            .runs
-            .iter()
-            .filter(|r| !r.path.join("recipe.yaml").is_file())
-            .map(|r| r.name.as_str())
-            .collect();
-        if !missing_recipe.is_empty() {
-            let _ = writeln!(
-                out,
-                "no recipe.yaml in: {} (every key shows as {NONE} there)",
-                missing_recipe.join(", ")
-            );
-        }
-        if self.recipe_differences.is_empty() {
-            let _ = writeln!(out, "recipes: identical ({} keys)", self.recipe_keys);
-        } else {
-            let _ = writeln!(
-                out,
-                "recipes: {} of {} keys differ",
-                self.recipe_differences.len(),
-                self.recipe_keys
-            );
-            let rows: Vec<Vec<String>> = self
-                .recipe_differences
-                .iter()
-                .map(|d| {
-                    std::iter::once(d.key.clone())
-                        .chain(d.values.iter().map(|v| v.clone().unwrap_or(NONE.into())))
-                        .collect()
-                })
-                .collect();
-            out.push_str(&align(&header, &rows, &[]));
-        }
-        out.push('\n');
-        header[0] = "metric";
-        let mut rows: Vec<Vec<String>> = vec![
-            self.row("status", |r| r.status.as_str().to_string()),
-            self.row("steps", |r| match (r.steps_done, r.total_steps) {
-                (Some(done), Some(total)) => format!("{done}/{total}"),
-                (Some(done), None) => done.to_string(),
-                _ => NONE.into(),
-            }),
-            self.row("wall", |r| {
-                r.wall_seconds.map_or(NONE.into(), format_duration)
-            }),
-            self.row("tokens/s (mean)", |r| {
-                r.tokens_per_sec.map_or(NONE.into(), |v| format!("{v:.0}"))
-            }),
-        ];
-        for metric in &self.metrics {
-            let mut row = vec![format!("{} (last)", metric.tag)];
-            row.extend(self.runs.iter().map(|r| match r.metrics.get(&metric.tag) {
-                Some(stats) => format_metric(stats.last),
-                None => NONE.into(),
-            }));
-            rows.push(row);
-        }
-        rows.push(self.row("eval/accuracy (best)", |r| {
-            match (r.best_eval_accuracy, r.best_eval_accuracy_step) {
-                (Some(v), Some(step)) => format!("{} @{step}", format_metric(v)),
-                _ => NONE.into(),
-            }
-        }));
-        let right: Vec<bool> = std::iter::once(false)
-            .chain(self.runs.iter().map(|_| true))
-            .collect();
-        out.push_str(&align(&header, &rows, &right));
-        out
-    }
-
-    fn row(&self, label: &str, cell: impl Fn(&RunSummary) -> String) -> Vec<String> {
-        std::iter::once(label.to_string())
-            .chain(self.runs.iter().map(cell))
-            .collect()
-    }
 }
 
 #[cfg(test)]
@@ -1095,12 +905,7 @@ mod tests {
     }
 
     #[test]
-    fn dates_durations_and_metric_values_read_well() {
-        assert_eq!(format_utc(0.0), "1970-01-01 00:00");
-        assert_eq!(format_utc(1_709_210_096.5), "2024-02-29 12:34");
-        assert_eq!(format_duration(42.4), "42s");
-        assert_eq!(format_duration(185.0), "3m05s");
-        assert_eq!(format_duration(7620.0), "2h07m");
+    fn metric_values_read_well() {
         assert_eq!(format_metric(0.97333333), "0.97333");
         assert_eq!(format_metric(2.0e-3), "0.002");
         assert_eq!(format_metric(1.5e-5), "1.5000e-5");

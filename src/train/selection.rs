@@ -41,11 +41,11 @@ impl EvalWatch {
         self.early.is_some()
     }
 
-    /// After an evaluation: true when it is the `patience`-th in a row that has not improved on
-    /// the best (then training stops).
-    pub fn evaluated(&mut self, step: u64, results: &[(String, f64)]) -> Result<bool> {
+    /// After an evaluation: when it is the `patience`-th in a row that has not improved on the
+    /// best, training stops, and this says why.
+    pub fn evaluated(&mut self, step: u64, results: &[(String, f64)]) -> Result<Option<String>> {
         let Some((spec, state)) = &mut self.early else {
-            return Ok(false);
+            return Ok(None);
         };
         let value = metric(results, spec.metric(), "eval.early_stopping.metric")?;
         let next = match *state {
@@ -60,16 +60,15 @@ impl EvalWatch {
         };
         *state = Some(next);
         let stop = next.evaluations_without_improvement >= spec.patience;
-        if stop {
-            println!(
+        Ok(stop.then(|| {
+            format!(
                 "step {step}: eval/{} has not improved on {} for {} evaluations: stopping early \
                  (eval.early_stopping)",
                 spec.metric(),
                 next.best,
                 next.evaluations_without_improvement
-            );
-        }
-        Ok(stop)
+            )
+        }))
     }
 
     /// Before the checkpoint of an evaluated step is saved at `dir`: whether it is the best one

@@ -6,31 +6,38 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::distributed::Collective;
+use super::layout::BatchLayout;
 use super::optimizer::{self, AdamW};
 use super::precision::{LossScaler, StepVerdict};
 use super::trainable::Trainable;
 use crate::data::Sequence;
 use crate::model::{self, Config, Model};
 use crate::ops::{self, DropoutRates};
+use crate::recipe::Recipe;
 
 /// What a step needs that does not change between steps.
-pub struct StepSetup<'a> {
-    pub config: &'a Config,
+pub struct StepPlan {
+    pub config: Config,
     pub compute_dtype: DType,
-    pub device: &'a Device,
-    /// Rows per forward/backward on one replica.
-    pub micro: usize,
-    /// Replicas over the whole job (`batch.replicas`); each rank runs `replicas / ranks`.
-    pub replicas: usize,
+    pub device: Device,
+    pub layout: BatchLayout,
     pub pad_id: u32,
     pub grad_clip: Option<f64>,
-    pub workers: &'a Workers,
+    pub workers: Workers,
     /// Dropout in training, its masks drawn from `seed`, the step and each row's place in the
     /// global batch (see [`ops::Dropout`]).
     pub dropout: DropoutRates,
     pub seed: u64,
     /// Recompute each block in the backward (`memory.activation_checkpointing`).
     pub activation_checkpointing: bool,
+}
+
+/// Which step this is: its number, learning rate, and whether this rank was asked to stop.
+#[derive(Debug, Clone, Copy)]
+pub struct StepAt {
+    pub step: u64,
+    pub lr: f64,
+    pub stop: bool,
 }
 
 /// What one step did.
@@ -45,128 +52,161 @@ pub struct StepOutcome {
     pub stop_requested: bool,
 }
 
-/// Trains `params` on `sequences` (the whole global batch of step `step`) with learning rate
-/// `lr`; `stop` says whether this rank was asked to stop.
-///
-/// Every shard backpropagates `its nll sum × scale / trained tokens of the global batch`, so the
-/// summed gradients are the global batch's mean loss's however the batch is cut into
-/// micro-batches, replicas and workers. Each replica sums its own micro-batches, then the
-/// replicas are summed in replica order — within a rank, then over the ranks — so that 2 ranks
-/// of 1 replica each add exactly what 1 process with 2 replicas adds.
-pub fn train_step(
-    setup: &StepSetup,
-    collective: &dyn Collective,
-    trainable: &Trainable,
-    (adamw, scaler): (&mut AdamW, &mut LossScaler),
-    sequences: &[Sequence],
-    (step, lr, stop): (u64, f64, bool),
-) -> Result<StepOutcome> {
-    let targets: usize = sequences.iter().map(Sequence::target_count).sum();
-    anyhow::ensure!(
-        targets > 0,
-        "no token of the batch is trained on (check data.loss_on and the templates)"
-    );
-    let params = &trainable.params;
-    // The working copy of the weights in the compute dtype, made once per step.
-    let mut model = model::model_from_parameters(
-        setup.config,
-        &trainable.model_tensors(false)?,
-        setup.compute_dtype,
-        setup.device,
-    )?;
-    if setup.activation_checkpointing {
-        model.checkpoint_activations(params.iter().map(|(_, var)| var.id()).collect());
+impl StepPlan {
+    /// The recipe's step on `device`, its rows laid out by `layout` over `workers`.
+    pub fn new(
+        recipe: &Recipe,
+        config: &Config,
+        device: &Device,
+        (layout, workers): (BatchLayout, Workers),
+        pad_id: u32,
+    ) -> Self {
+        Self {
+            config: config.clone(),
+            compute_dtype: recipe.precision.compute.dtype(),
+            device: device.clone(),
+            layout,
+            pad_id,
+            grad_clip: recipe.optimizer.grad_clip,
+            workers,
+            dropout: dropout_rates(recipe, config),
+            seed: recipe.seed,
+            activation_checkpointing: recipe.memory.activation_checkpointing,
+        }
     }
 
-    // Forward and backward of this rank's replicas, each replica's gradients accumulated over
-    // its micro-batches and workers.
-    let (rank, ranks) = (collective.rank(), collective.size());
-    let local_replicas = setup.replicas / ranks;
-    let mine = rank * local_replicas..(rank + 1) * local_replicas;
-    let shard_weight = scaler.scale / targets as f64;
-    let mut replica_nll = vec![0f64; local_replicas];
-    let mut replica_grads: Vec<Option<Vec<Tensor>>> = vec![None; local_replicas];
-    let rows_per_micro_step = setup.micro * setup.replicas;
-    for (micro_step, rows) in sequences.chunks(rows_per_micro_step).enumerate() {
-        // (local replica, global index of the first row, rows)
-        let mut shards: Vec<(usize, usize, &[Sequence])> = Vec::new();
-        for (replica, replica_rows) in rows.chunks(setup.micro).enumerate() {
-            if !mine.contains(&replica) {
-                continue;
-            }
-            let mut first_row = micro_step * rows_per_micro_step + replica * setup.micro;
-            for shard in split_rows(replica_rows, setup.workers.per_replica) {
-                shards.push((replica - mine.start, first_row, shard));
-                first_row += shard.len();
-            }
+    /// Trains `trainable` on `sequences` (the whole global batch of step `at`).
+    ///
+    /// Every shard backpropagates `its nll sum × scale / trained tokens of the global batch`, so
+    /// the summed gradients are the global batch's mean loss's however the batch is cut into
+    /// micro-batches, replicas and workers. Each replica sums its own micro-batches, then the
+    /// replicas are summed in replica order — within a rank, then over the ranks — so that 2
+    /// ranks of 1 replica each add exactly what 1 process with 2 replicas adds.
+    pub fn run(
+        &self,
+        collective: &dyn Collective,
+        trainable: &Trainable,
+        adamw: &mut AdamW,
+        scaler: &mut LossScaler,
+        sequences: &[Sequence],
+        at: StepAt,
+    ) -> Result<StepOutcome> {
+        let targets: usize = sequences.iter().map(Sequence::target_count).sum();
+        anyhow::ensure!(
+            targets > 0,
+            "no token of the batch is trained on (check data.loss_on and the templates)"
+        );
+        let params = &trainable.params;
+        // The working copy of the weights in the compute dtype, made once per step.
+        let mut model = model::model_from_parameters(
+            &self.config,
+            &trainable.model_tensors(false)?,
+            self.compute_dtype,
+            &self.device,
+        )?;
+        if self.activation_checkpointing {
+            model.checkpoint_activations(params.iter().map(|(_, var)| var.id()).collect());
         }
-        let results = setup.workers.run(&shards, |&(_, first, shard)| {
-            let dropout = (!setup.dropout.is_off()).then(|| {
-                ops::Dropout::for_rows(setup.dropout, setup.seed, step, first, shard.len())
+
+        // Forward and backward of this rank's replicas, each replica's gradients accumulated
+        // over its micro-batches and workers.
+        let layout = &self.layout;
+        let shard_weight = scaler.scale / targets as f64;
+        let mut replica_nll = vec![0f64; layout.local_replicas()];
+        let mut replica_grads: Vec<Option<Vec<Tensor>>> = vec![None; layout.local_replicas()];
+        for (micro_step, rows) in sequences.chunks(layout.rows_per_micro_step()).enumerate() {
+            let shards = layout.shards(micro_step, rows);
+            let results = self.workers.run(&shards, |shard| {
+                let dropout = (!self.dropout.is_off()).then(|| {
+                    let (first, n) = (shard.first_row, shard.rows.len());
+                    ops::Dropout::for_rows(self.dropout, self.seed, at.step, first, n)
+                });
+                shard_backward(
+                    &model,
+                    params,
+                    shard.rows,
+                    self.pad_id,
+                    shard_weight,
+                    dropout,
+                )
             });
-            shard_backward(&model, params, shard, setup.pad_id, shard_weight, dropout)
-        });
-        // Summed in shard order, so the result does not depend on which thread finished first.
-        for (&(replica, _, _), result) in shards.iter().zip(results) {
-            let Some((shard_nll, shard_grads)) = result? else {
-                continue;
-            };
-            replica_nll[replica] += shard_nll;
-            accumulate(&mut replica_grads[replica], shard_grads)?;
+            // Summed in shard order, so the result does not depend on which thread finished
+            // first.
+            for (shard, result) in shards.iter().zip(results) {
+                let Some((shard_nll, shard_grads)) = result? else {
+                    continue;
+                };
+                replica_nll[shard.local_replica] += shard_nll;
+                accumulate(&mut replica_grads[shard.local_replica], shard_grads)?;
+            }
         }
-    }
-    drop(model);
-    let mut nll_sum = 0f64;
-    let mut grads = None;
-    for (nll, replica) in replica_nll.into_iter().zip(replica_grads) {
-        nll_sum += nll;
-        if let Some(replica) = replica {
-            accumulate(&mut grads, replica)?;
+        drop(model);
+        let mut nll_sum = 0f64;
+        let mut grads = None;
+        for (nll, replica) in replica_nll.into_iter().zip(replica_grads) {
+            nll_sum += nll;
+            if let Some(replica) = replica {
+                accumulate(&mut grads, replica)?;
+            }
         }
-    }
-    // A rank whose rows train on no token still takes part in the sum.
-    let mut grads = match grads {
-        Some(grads) => grads,
-        None => (params.iter())
-            .map(|(_, v)| Ok(v.zeros_like()?))
-            .collect::<Result<Vec<_>>>()?,
-    };
-    let stop_requested = collective.check_in(step, stop)?;
-    if ranks > 1 {
-        collective.all_reduce_sum(&mut grads, "the gradients")?;
-        let mut nll = [nll_sum];
-        collective.all_reduce_sum_f64(&mut nll, "the loss")?;
-        nll_sum = nll[0];
-    }
+        // A rank whose rows train on no token still takes part in the sum.
+        let mut grads = match grads {
+            Some(grads) => grads,
+            None => (params.iter())
+                .map(|(_, v)| Ok(v.zeros_like()?))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let stop_requested = collective.check_in(at.step, at.stop)?;
+        if layout.ranks > 1 {
+            collective.all_reduce_sum(&mut grads, "the gradients")?;
+            let mut nll = [nll_sum];
+            collective.all_reduce_sum_f64(&mut nll, "the loss")?;
+            nll_sum = nll[0];
+        }
 
-    // Unscale (fp16), then the norm decides: apply, or skip on overflow.
-    if scaler.scale != 1.0 {
-        for g in grads.iter_mut() {
-            *g = (&*g / scaler.scale)?;
+        // Unscale (fp16), then the norm decides: apply, or skip on overflow.
+        if scaler.scale != 1.0 {
+            for g in grads.iter_mut() {
+                *g = (&*g / scaler.scale)?;
+            }
         }
-    }
-    let mut grad_norm = ops::global_norm(&grads)?;
-    if ranks > 1 {
-        // Rank 0's norm on every rank (x + 0 + ... = x, NaN and inf included), so that the
-        // overflow verdict and the clipping agree everywhere whatever the reduction did.
-        let mut norm = [if rank == 0 { grad_norm } else { 0.0 }];
-        collective.all_reduce_sum_f64(&mut norm, "the gradient norm")?;
-        grad_norm = norm[0];
-    }
-    let applied = scaler.update(grad_norm.is_finite()) == StepVerdict::Apply;
-    if applied {
-        if let Some(max_norm) = setup.grad_clip {
-            optimizer::clip(&mut grads, grad_norm, max_norm)?;
+        let mut grad_norm = ops::global_norm(&grads)?;
+        if layout.ranks > 1 {
+            // Rank 0's norm on every rank (x + 0 + ... = x, NaN and inf included), so that the
+            // overflow verdict and the clipping agree everywhere whatever the reduction did.
+            let mut norm = [if layout.rank == 0 { grad_norm } else { 0.0 }];
+            collective.all_reduce_sum_f64(&mut norm, "the gradient norm")?;
+            grad_norm = norm[0];
         }
-        adamw.update(params, &grads, lr)?;
-        adamw.share_updated(params, collective)?;
+        let applied = scaler.update(grad_norm.is_finite()) == StepVerdict::Apply;
+        if applied {
+            if let Some(max_norm) = self.grad_clip {
+                optimizer::clip(&mut grads, grad_norm, max_norm)?;
+            }
+            adamw.update(params, &grads, at.lr)?;
+            adamw.share_updated(params, collective)?;
+        }
+        Ok(StepOutcome {
+            loss: nll_sum / targets as f64,
+            grad_norm,
+            applied,
+            stop_requested,
+        })
     }
-    Ok(StepOutcome {
-        loss: nll_sum / targets as f64,
-        grad_norm,
-        applied,
-        stop_requested,
-    })
+}
+
+/// The dropout training applies: the model config's, with the recipe's `model.dropout` in its
+/// place.
+fn dropout_rates(recipe: &Recipe, config: &Config) -> ops::DropoutRates {
+    let rates = config.dropout_rates();
+    let rates = match &recipe.model.dropout {
+        Some(spec) => spec.over(rates),
+        None => rates,
+    };
+    ops::DropoutRates {
+        lora: recipe.lora.as_ref().map_or(0.0, |lora| lora.dropout),
+        ..rates
+    }
 }
 
 /// Adds `grads` into the running sum `sum` (which takes them as they are when empty).
@@ -257,38 +297,5 @@ impl Workers {
                 })
                 .collect()
         })
-    }
-}
-
-/// `rows` in at most `parts` contiguous, non-empty pieces whose sizes differ by at most one.
-fn split_rows(rows: &[Sequence], parts: usize) -> Vec<&[Sequence]> {
-    let parts = parts.clamp(1, rows.len().max(1));
-    let (base, extra) = (rows.len() / parts, rows.len() % parts);
-    let mut pieces = Vec::with_capacity(parts);
-    let mut start = 0;
-    for part in 0..parts {
-        let len = base + usize::from(part < extra);
-        pieces.push(&rows[start..start + len]);
-        start += len;
-    }
-    pieces
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rows_split_into_near_equal_contiguous_pieces() {
-        let rows: Vec<Sequence> = (0..8).map(|i| Sequence::all_trained(vec![i; 3])).collect();
-        let sizes =
-            |parts| -> Vec<usize> { split_rows(&rows, parts).iter().map(|p| p.len()).collect() };
-        assert_eq!(sizes(1), [8]);
-        assert_eq!(sizes(3), [3, 3, 2]);
-        assert_eq!(sizes(8), [1; 8]);
-        assert_eq!(sizes(20), [1; 8], "never an empty piece");
-        let pieces = split_rows(&rows, 3);
-        assert_eq!(pieces[1][0].ids, rows[3].ids, "pieces keep the row order");
-        assert_eq!(split_rows(&rows[..0], 2).len(), 1);
     }
 }

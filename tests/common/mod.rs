@@ -61,7 +61,7 @@ pub fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
 /// `cuda:N`; `scripts/gpu-check.sh` sets it), else the CPU.
 pub fn test_device() -> Device {
     match std::env::var("KILN_TEST_DEVICE") {
-        Ok(name) => kiln::model::parse_device(&name).expect("KILN_TEST_DEVICE"),
+        Ok(name) => kiln::ops::parse_device(&name).expect("KILN_TEST_DEVICE"),
         Err(_) => Device::Cpu,
     }
 }
@@ -252,4 +252,15 @@ pub fn tiny_model(dir: &Path) -> Option<PathBuf> {
     let model = dir.join("tiny");
     init_tiny(&model, 1, &tokenizer);
     Some(model)
+}
+
+/// [`kiln::train::Trainer::new`] then `train()`: a whole run in one call.
+pub fn train_run(
+    recipe: &kiln::recipe::Recipe,
+    init: kiln::train::ModelInit,
+    data: kiln::data::SequenceStream,
+    eval: Option<Vec<kiln::data::Sequence>>,
+    options: kiln::train::TrainOptions,
+) -> anyhow::Result<kiln::train::TrainSummary> {
+    kiln::train::Trainer::new(recipe, init, data, eval, options)?.train()
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use kiln::data::{Sequence, SequenceStream};
 use kiln::model::{self, Batch};
-use kiln::train::{self, ModelInit, TrainOptions};
+use kiln::train::{ModelInit, TrainOptions};
 
 use crate::common::*;
 
@@ -236,7 +236,7 @@ pub fn training_loss_head() {
     }
 }
 
-/// 20 AdamW steps with clipping and weight decay through `train::run`: per-step loss and
+/// 20 AdamW steps with clipping and weight decay through the `Trainer`: per-step loss and
 /// pre-clip gradient norm (relative ≤ 1e-4) and every final weight (≤ 1e-4) against PyTorch.
 pub fn twenty_adamw_steps() {
     let fixture = fixtures().join("train_adamw");
@@ -265,7 +265,7 @@ pub fn twenty_adamw_steps() {
         tokenizer: None,
         base_model: fixture.display().to_string(),
     };
-    let summary = train::run(
+    let summary = train_run(
         &recipe,
         init,
         SequenceStream::new(rows, 0, false),

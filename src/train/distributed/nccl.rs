@@ -39,7 +39,7 @@ impl Nccl {
         master: &str,
         spec: &DistributedSpec,
     ) -> Result<Self> {
-        let Device::Cuda(cuda) = crate::model::parse_device(device)? else {
+        let Device::Cuda(cuda) = crate::ops::parse_device(device)? else {
             bail!("NCCL needs a CUDA device, not {device}");
         };
         let timeout = Duration::from_secs(spec.timeout_secs);
