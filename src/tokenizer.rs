@@ -24,6 +24,7 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "special_tokens_map.json",
     "vocab.json",
     "merges.txt",
+    "chat_template.jinja",
 ];
 
 #[derive(Clone)]
@@ -32,6 +33,13 @@ pub struct TextTokenizer {
     eos_id: u32,
     pad_id: u32,
     source: PathBuf,
+    /// The Jinja chat template: the directory's (`chat_template.jinja`, or `chat_template` in
+    /// `tokenizer_config.json`), or one set for training.
+    chat_template: Option<String>,
+    /// Whether the vocabulary or the template changed since loading (then saving writes them).
+    changed: bool,
+    /// `bos_token` / `eos_token` of `tokenizer_config.json`, for templates that name them.
+    bos_token: Option<String>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -78,7 +86,55 @@ impl TextTokenizer {
             eos_id,
             pad_id,
             source: dir.to_path_buf(),
+            chat_template: read_chat_template(dir)?,
+            changed: false,
+            bos_token: read_config_token(dir, "bos_token"),
         })
+    }
+
+    /// The chat template this tokenizer carries, if any.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// Makes `template` this tokenizer's chat template (saved with it).
+    pub fn set_chat_template(&mut self, template: &str) {
+        if self.chat_template.as_deref() != Some(template) {
+            self.chat_template = Some(template.to_string());
+            self.changed = true;
+        }
+    }
+
+    /// Adds `tokens` the vocabulary lacks as special tokens (new ids after the last); returns
+    /// those it added.
+    pub fn add_special_tokens(&mut self, tokens: &[&str]) -> Result<Vec<String>> {
+        let missing: Vec<&str> = (tokens.iter().copied())
+            .filter(|t| self.inner.token_to_id(t).is_none())
+            .collect();
+        if !missing.is_empty() {
+            let added: Vec<AddedToken> =
+                missing.iter().map(|t| AddedToken::from(*t, true)).collect();
+            (self.inner)
+                .add_special_tokens(added)
+                .map_err(|e| anyhow::anyhow!("adding the special tokens {missing:?}: {e}"))?;
+            self.changed = true;
+        }
+        Ok(missing.into_iter().map(str::to_string).collect())
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The special tokens a chat template may name.
+    pub fn template_tokens(&self) -> crate::data::chat::TemplateTokens {
+        let eos = self.id_to_token(self.eos_id);
+        crate::data::chat::TemplateTokens {
+            bos_token: self.bos_token.clone().or_else(|| eos.clone()),
+            eos_token: eos,
+            pad_token: self.id_to_token(self.pad_id),
+            unk_token: None,
+        }
     }
 
     /// The underlying `tokenizers` tokenizer.
@@ -102,6 +158,11 @@ impl TextTokenizer {
     /// Number of token ids the tokenizer can produce (added tokens included).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// The embedding rows every id this tokenizer produces needs: its largest id + 1.
+    pub fn rows_needed(&self) -> usize {
+        (self.inner.get_vocab(true).values().copied().max()).map_or(0, |id| id as usize + 1)
     }
 
     /// Fails unless every id this tokenizer produces has a row in an embedding of `rows` rows.
@@ -167,13 +228,42 @@ impl TextTokenizer {
                 written.push(name.to_string());
             }
         }
-        if !dir.join("tokenizer.json").is_file() {
+        if self.changed || !dir.join("tokenizer.json").is_file() {
             self.inner
                 .save(dir.join("tokenizer.json"), false)
                 .map_err(|e| {
                     anyhow::anyhow!("{}: cannot write tokenizer.json: {e}", dir.display())
                 })?;
-            written.push("tokenizer.json".into());
+            if !written.iter().any(|w| w == "tokenizer.json") {
+                written.push("tokenizer.json".into());
+            }
+        }
+        if let Some(template) = self.chat_template.as_ref().filter(|_| self.changed) {
+            std::fs::write(dir.join(CHAT_TEMPLATE_FILE), template)
+                .with_context(|| format!("{}: cannot write {CHAT_TEMPLATE_FILE}", dir.display()))?;
+            written.push(CHAT_TEMPLATE_FILE.into());
+            // One template: the file's; a copied config's own would contradict it.
+            let config_path = dir.join("tokenizer_config.json");
+            if let Ok(text) = std::fs::read_to_string(&config_path) {
+                if let Ok(mut config) = serde_json::from_str::<serde_json::Value>(&text) {
+                    // A list of named templates keeps its others; the file is its `default`.
+                    let changed = match config.get_mut("chat_template") {
+                        Some(serde_json::Value::Array(named)) => {
+                            named.retain(|t| t["name"] != "default");
+                            true
+                        }
+                        Some(_) => {
+                            config.as_object_mut().map(|o| o.remove("chat_template"));
+                            true
+                        }
+                        None => false,
+                    };
+                    if changed {
+                        let text = serde_json::to_string_pretty(&config)? + "\n";
+                        std::fs::write(&config_path, text)?;
+                    }
+                }
+            }
         }
         if !dir.join("tokenizer_config.json").is_file() {
             let config = serde_json::json!({
@@ -214,6 +304,46 @@ fn byte_level_bpe(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
         .add_special_tokens([AddedToken::from(EOS_TOKEN, true)])
         .map_err(|e| anyhow::anyhow!("adding {EOS_TOKEN}: {e}"))?;
     Ok(tokenizer)
+}
+
+/// Where transformers keeps a tokenizer's chat template (it also reads `chat_template` in
+/// `tokenizer_config.json`).
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+
+/// `DIR/chat_template.jinja`, else `chat_template` of `DIR/tokenizer_config.json` (a string, or
+/// a list of named templates, of which `default` is taken).
+fn read_chat_template(dir: &Path) -> Result<Option<String>> {
+    let file = dir.join(CHAT_TEMPLATE_FILE);
+    if file.is_file() {
+        return std::fs::read_to_string(&file)
+            .map(Some)
+            .with_context(|| format!("{}: cannot read", file.display()));
+    }
+    let Ok(text) = std::fs::read_to_string(dir.join("tokenizer_config.json")) else {
+        return Ok(None);
+    };
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(None);
+    };
+    Ok(match &json["chat_template"] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(named) => named
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+            .map(str::to_string),
+        _ => None,
+    })
+}
+
+fn read_config_token(dir: &Path, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    match &json[key] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
 }
 
 fn read_pad_token(dir: &Path) -> Option<String> {

@@ -4,7 +4,8 @@ use super::*;
 
 #[derive(Debug, Subcommand)]
 pub enum DataCommand {
-    /// Print examples exactly as the model sees them, with the prompt/target split marked.
+    /// Print examples exactly as the model sees them, with the prompt/target split (or, for
+    /// conversations, the trained tokens) marked.
     Preview {
         #[command(flatten)]
         recipe: RecipeArgs,
@@ -13,6 +14,10 @@ pub enum DataCommand {
         /// Number of examples.
         #[arg(long, default_value_t = 5)]
         n: usize,
+        /// One JSON object a line: `origin`, `input_ids` and `labels` (-100 where nothing is
+        /// trained, as Hugging Face's collators write them).
+        #[arg(long)]
+        json: bool,
     },
     /// Count examples, tokens, sequences per epoch, truncated and dropped rows.
     Stats {
@@ -27,9 +32,17 @@ pub enum DataCommand {
 pub(super) fn data(command: DataCommand) -> Result<()> {
     use crate::data::{prepare, preview, Split};
     match command {
-        DataCommand::Preview { recipe, split, n } => {
+        DataCommand::Preview {
+            recipe,
+            split,
+            n,
+            json,
+        } => {
             let (r, dir, tokenizer) = recipe_and_tokenizer(&recipe)?;
-            print!("{}", preview::preview(&r, &dir, &tokenizer, split, n)?);
+            match json {
+                true => print!("{}", preview::preview_json(&r, &dir, &tokenizer, split, n)?),
+                false => print!("{}", preview::preview(&r, &dir, &tokenizer, split, n)?),
+            }
         }
         DataCommand::Stats { recipe, json } => {
             let (r, dir, tokenizer) = recipe_and_tokenizer(&recipe)?;

@@ -387,7 +387,7 @@ fn one_per_example(
     dataset: &LoadedDataset,
     loss_on: LossOn,
 ) -> Result<Vec<crate::data::Sequence>> {
-    let rendered = crate::data::render_datasets(std::slice::from_ref(dataset))?;
+    let rendered = crate::data::render_datasets(std::slice::from_ref(dataset), tokenizer)?;
     let attention = match model.config().prefix_lm() {
         true => crate::recipe::Attention::Prefix,
         false => crate::recipe::Attention::Causal,

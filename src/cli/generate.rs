@@ -1,6 +1,7 @@
 //! `kiln generate`: continue prompts (greedy or sampling, HF semantics).
 
 use super::*;
+use crate::data::chat::{ChatTemplate, Message};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -12,12 +13,21 @@ pub struct GenerateArgs {
     /// merged into the model's weights as they load.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// One prompt; its completion is printed (streamed when stdout is a terminal).
+    /// One prompt; its completion is printed (streamed when stdout is a terminal). With
+    /// `--chat`, the user's message.
     #[arg(long, conflicts_with = "input", required_unless_present = "input")]
     pub prompt: Option<String>,
-    /// JSON lines, each {"prompt": "..."} or {"ids": [...]}.
+    /// JSON lines, each {"prompt": "..."} or {"ids": [...]}; with `--chat`, each
+    /// {"messages": [{"role", "content"}, ...]}.
     #[arg(long, requires = "output")]
     pub input: Option<PathBuf>,
+    /// Conversations: the messages rendered with the model's chat template and its prompt for
+    /// the assistant's turn, generation ending at the template's end-of-turn token.
+    #[arg(long)]
+    pub chat: bool,
+    /// With `--chat --prompt`: a system message before the user's.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
     /// JSON lines written here: prompt, completion, ids, finish_reason.
     #[arg(long)]
     pub output: Option<PathBuf>,
@@ -64,7 +74,11 @@ pub(super) fn generate(mut args: GenerateArgs) -> Result<()> {
     let device = ops::parse_device(&args.device)?;
     let model =
         model::load_model_with_adapter(&args.model, args.adapter.as_deref(), dtype, &device)?;
-    let tokenizer = model_tokenizer(&args.model, model.config().vocab_size())?;
+    let tokenizer = adapter_or_model_tokenizer(
+        &args.model,
+        args.adapter.as_deref(),
+        model.config().vocab_size(),
+    )?;
     let params = GenerationParams {
         max_new_tokens: args.max_new_tokens,
         max_length: args.max_length,
@@ -78,8 +92,27 @@ pub(super) fn generate(mut args: GenerateArgs) -> Result<()> {
         seed: args.seed,
         stop: args.stop,
         truncate_left: args.truncate_left,
+        stop_token_ids: Vec::new(),
     };
     params.validate()?;
+    let mut params = params;
+    let chat = match args.chat {
+        true => {
+            let tokenizer = tokenizer.as_ref().with_context(|| {
+                format!(
+                    "{}: --chat needs the model's tokenizer",
+                    args.model.display()
+                )
+            })?;
+            let template = crate::data::prepare::chat_template_of(tokenizer)
+                .with_context(|| args.model.display().to_string())?;
+            params
+                .stop_token_ids
+                .extend(template.end_of_turn(tokenizer)?);
+            Some(template)
+        }
+        false => None,
+    };
     let need_tokenizer = || {
         tokenizer.as_ref().with_context(|| {
             format!(
@@ -89,7 +122,24 @@ pub(super) fn generate(mut args: GenerateArgs) -> Result<()> {
         })
     };
     if let Some(prompt) = &args.prompt {
-        let ids = need_tokenizer()?.encode(prompt)?;
+        let text = match &chat {
+            Some(template) => {
+                let mut messages = Vec::new();
+                if let Some(system) = &args.system {
+                    messages.push(Message {
+                        role: "system".into(),
+                        content: system.clone(),
+                    });
+                }
+                messages.push(Message {
+                    role: "user".into(),
+                    content: prompt.clone(),
+                });
+                template.render(&messages, true)?
+            }
+            None => prompt.clone(),
+        };
+        let ids = need_tokenizer()?.encode(&text)?;
         let streaming = std::io::stdout().is_terminal();
         let tok = need_tokenizer()?;
         let mut so_far: Vec<u32> = Vec::new();
@@ -123,18 +173,23 @@ pub(super) fn generate(mut args: GenerateArgs) -> Result<()> {
         .output
         .as_ref()
         .expect("clap requires --output with --input");
-    let prompts = read_prompts(input, tokenizer.as_ref())?;
+    let prompts = read_prompts(input, tokenizer.as_ref(), chat.as_ref())?;
     let mut rows = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(args.batch_size.max(1)) {
         let ids: Vec<Vec<u32>> = chunk.iter().map(|(_, ids)| ids.clone()).collect();
         let generated = generate(&model, tokenizer.as_ref(), &ids, &params, &mut |_, _| {})?;
         for ((prompt, _), g) in chunk.iter().zip(generated) {
-            rows.push(serde_json::json!({
+            let mut row = serde_json::json!({
                 "prompt": prompt["prompt"],
                 "completion": g.text,
                 "ids": g.ids,
                 "finish_reason": g.finish_reason,
-            }));
+            });
+            if chat.is_some() {
+                row["messages"] = prompt["messages"].clone();
+                row.as_object_mut().expect("an object").remove("prompt");
+            }
+            rows.push(row);
         }
     }
     crate::eval::score::write_jsonl(output, &rows)?;
@@ -146,10 +201,12 @@ pub(super) fn generate(mut args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Prompt lines `{"prompt": ...}` or `{"ids": [...]}`, with errors naming the line.
+/// Prompt lines `{"prompt": ...}` or `{"ids": [...]}` (with a chat template, `{"messages":
+/// [...]}`), with errors naming the line.
 fn read_prompts(
     path: &Path,
     tokenizer: Option<&TextTokenizer>,
+    chat: Option<&ChatTemplate>,
 ) -> Result<Vec<(serde_json::Value, Vec<u32>)>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read the prompts", path.display()))?;
@@ -165,6 +222,13 @@ fn read_prompts(
                 at()
             )
         })?;
+        if let (Some(template), Some(tokenizer)) = (chat, tokenizer) {
+            let row = value.as_object().cloned().unwrap_or_default();
+            let messages = crate::data::chat::messages_of(&row, &at())?;
+            let text = template.render(&messages, true).with_context(at)?;
+            prompts.push((value, tokenizer.encode(&text)?));
+            continue;
+        }
         let ids = match (&value["prompt"], &value["ids"]) {
             (serde_json::Value::String(p), serde_json::Value::Null) => tokenizer
                 .with_context(|| {

@@ -148,6 +148,8 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 /// The tokenizer stored in a model directory, if it has one, checked against the model.
+/// The tokenizer of a model directory, checked against the model's embedding rows; `None`
+/// when the directory has none.
 pub fn model_tokenizer(dir: &Path, vocab_size: usize) -> Result<Option<TextTokenizer>> {
     let has_tokenizer = dir.join("tokenizer.json").is_file()
         || (dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file());
@@ -157,6 +159,21 @@ pub fn model_tokenizer(dir: &Path, vocab_size: usize) -> Result<Option<TextToken
     let tokenizer = TextTokenizer::from_dir(dir)?;
     tokenizer.check_fits(vocab_size, dir)?;
     Ok(Some(tokenizer))
+}
+
+/// The tokenizer an adapter was trained with (its checkpoint's: a chat template and the tokens
+/// it added), else the base model's.
+pub fn adapter_or_model_tokenizer(
+    model: &Path,
+    adapter: Option<&Path>,
+    vocab_size: usize,
+) -> Result<Option<TextTokenizer>> {
+    if let Some(adapter) = adapter {
+        if let Some(tokenizer) = model_tokenizer(adapter, vocab_size)? {
+            return Ok(Some(tokenizer));
+        }
+    }
+    model_tokenizer(model, vocab_size)
 }
 
 /// `owner/name@revision` as (`owner/name`, `Some(revision)`); without `@`, no revision.
@@ -188,12 +205,14 @@ fn recipe_and_tokenizer(
 ) -> Result<(crate::recipe::Recipe, PathBuf, TextTokenizer)> {
     let recipe = crate::recipe::load(&args.recipe, &args.set)?;
     let dir = crate::recipe::recipe_dir(&args.recipe);
-    let tokenizer = crate::recipe::tokenizer_for(&recipe, &dir)?.with_context(|| {
+    let mut tokenizer = crate::recipe::tokenizer_for(&recipe, &dir)?.with_context(|| {
         format!(
             "{}: no local tokenizer (set `tokenizer:` to a directory, or `model.from` to a local \
              model directory with one)",
             args.recipe.display()
         )
     })?;
+    crate::data::chat::apply_recipe_template(&recipe, &dir, &mut tokenizer)
+        .with_context(|| args.recipe.display().to_string())?;
     Ok((recipe, dir, tokenizer))
 }

@@ -145,7 +145,7 @@ pub(super) fn serve(mut args: ServeArgs) -> Result<()> {
     let device = ops::parse_device(&args.device)?;
     let model =
         model::load_model_with_adapter(&args.model, args.adapter.as_deref(), dtype, &device)?;
-    let tokenizer = model_tokenizer(&args.model, model.config().vocab_size())?.with_context(|| {
+    let tokenizer = adapter_or_model_tokenizer(&args.model, args.adapter.as_deref(), model.config().vocab_size())?.with_context(|| {
         format!(
             "{}: serving text needs a tokenizer (tokenizer.json, or vocab.json and merges.txt) in the model directory",
             args.model.display()

@@ -61,6 +61,14 @@ pub fn check(recipe_path: &Path, overrides: &[String]) -> Result<Resolved> {
                 }
                 Err(e) => return Err(e.context(format!("{file}: {key}"))),
             };
+            if spec.template.is_chat() {
+                // Conversations: every row must be one.
+                for (i, row) in records.rows.iter().enumerate() {
+                    super::chat::messages_of(row, &records.locate(i))
+                        .with_context(|| format!("{file}: {key}"))?;
+                }
+                continue;
+            }
             Caster::new(spec, &records).with_context(|| format!("{file}: {key}.template"))?;
         }
     }
@@ -78,6 +86,11 @@ pub fn check(recipe_path: &Path, overrides: &[String]) -> Result<Resolved> {
             None => None,
         },
     };
+    let mut tokenizer = tokenizer;
+    if let Some(tokenizer) = tokenizer.as_mut() {
+        super::chat::apply_recipe_template(&recipe, &dir, tokenizer)
+            .with_context(|| file.to_string())?;
+    }
     if tokenizer.is_none() {
         all_local = false;
     }

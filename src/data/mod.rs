@@ -1,5 +1,6 @@
 //! From datasets to token batches: sources → text-to-text templates → tokenize → pack or pad.
 
+pub mod chat;
 pub mod check;
 pub mod fast_bpe;
 pub mod fingerprint;

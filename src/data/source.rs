@@ -538,11 +538,46 @@ fn array_values(array: &dyn Array) -> Result<Vec<Value>> {
                 })
                 .collect()
         }
+        // Conversations: `messages` is a list of {role, content} structs.
+        DataType::List(_) => list_values::<i32>(array)?,
+        DataType::LargeList(_) => list_values::<i64>(array)?,
+        DataType::Struct(fields) => {
+            let structs = array.as_struct();
+            let columns = (structs.columns().iter())
+                .map(|c| array_values(c.as_ref()))
+                .collect::<Result<Vec<_>>>()?;
+            (0..n)
+                .map(|i| match array.is_null(i) {
+                    true => Value::Null,
+                    false => Value::Object(
+                        (fields.iter().zip(&columns))
+                            .map(|(f, c)| (f.name().clone(), c[i].clone()))
+                            .collect(),
+                    ),
+                })
+                .collect()
+        }
         other => bail!(
             "unsupported type {other} (supported: strings, integers, floats, booleans, \
-             dictionary-encoded strings)"
+             dictionary-encoded strings, and lists and structs of them)"
         ),
     })
+}
+
+/// A list column's rows as JSON arrays of their values.
+fn list_values<O: arrow_array::OffsetSizeTrait>(array: &dyn Array) -> Result<Vec<Value>> {
+    let list = array.as_list::<O>();
+    let values = array_values(list.values().as_ref())?;
+    let offsets = list.value_offsets();
+    Ok((0..array.len())
+        .map(|i| match array.is_null(i) {
+            true => Value::Null,
+            false => {
+                let (start, end) = (offsets[i].as_usize(), offsets[i + 1].as_usize());
+                Value::Array(values[start..end].to_vec())
+            }
+        })
+        .collect())
 }
 
 fn float(x: f64) -> Value {

@@ -28,6 +28,10 @@ pub struct Rendered {
     pub target: String,
     /// The label word, when the template has a `{label}`.
     pub label: Option<String>,
+    /// Conversations: the byte ranges of the text that are the assistant's turns (the prompt
+    /// is the whole conversation, the target empty).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub assistant: Vec<(usize, usize)>,
 }
 
 impl Rendered {
@@ -185,6 +189,7 @@ impl<'a> Caster<'a> {
             prompt,
             target,
             label,
+            assistant: Vec::new(),
         })
     }
 

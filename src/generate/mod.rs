@@ -35,6 +35,9 @@ pub struct GenerationParams {
     pub seed: u64,
     /// Generation stops when the decoded completion contains one of these (it is cut off).
     pub stop: Vec<String>,
+    /// Tokens that end generation as eos does (a chat template's end-of-turn token; vLLM's
+    /// `stop_token_ids`), kept in `ids` as eos is.
+    pub stop_token_ids: Vec<u32>,
     /// Prompts longer than the model's context keep their last tokens instead of failing.
     pub truncate_left: bool,
 }
@@ -53,6 +56,7 @@ impl Default for GenerationParams {
             repetition_penalty: 1.0,
             seed: 0,
             stop: Vec::new(),
+            stop_token_ids: Vec::new(),
             truncate_left: false,
         }
     }
@@ -100,7 +104,7 @@ impl GenerationParams {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FinishReason {
-    /// The model produced eos (included in `ids`).
+    /// The model produced eos or a stop token (included in `ids`).
     Eos,
     /// A stop string appeared (cut from `text`).
     Stop,
@@ -369,7 +373,7 @@ impl<'m, T> DecodeBatch<'m, T> {
                 }
             };
             let stop_at = text.as_deref().and_then(|t| first_stop(t, stops));
-            if Some(token) == self.eos {
+            if Some(token) == self.eos || row.params.stop_token_ids.contains(&token) {
                 let generated =
                     final_text(&row, text).map(|text| row.into_generated(FinishReason::Eos, text));
                 finished.push((tag, generated));
@@ -569,10 +573,13 @@ fn choose_token(logits: &Tensor, row: &mut Sequence, eos: Option<u32>) -> Result
             *s = if *s < 0.0 { *s * penalty } else { *s / penalty };
         }
     }
-    if let Some(eos) = eos {
-        let total = row.prompt.len() + row.new.len();
-        if total < params.min_length || row.new.len() < params.min_new_tokens {
-            scores[eos as usize] = f32::NEG_INFINITY;
+    let total = row.prompt.len() + row.new.len();
+    if total < params.min_length || row.new.len() < params.min_new_tokens {
+        // Every token that would end the row, as HF suppresses each of its eos ids.
+        for end in eos.iter().chain(&params.stop_token_ids) {
+            if let Some(s) = scores.get_mut(*end as usize) {
+                *s = f32::NEG_INFINITY;
+            }
         }
     }
     if !params.samples() {

@@ -22,6 +22,7 @@ const MODEL_EXTRA_FILES: &[&str] = &[
     "added_tokens.json",
     "vocab.json",
     "merges.txt",
+    "chat_template.jinja",
 ];
 
 /// A model directory for `spec`: an existing local directory as is, otherwise a Hub repo id

@@ -317,6 +317,14 @@ impl Config {
         }
     }
 
+    /// The HF name of the token embedding.
+    pub fn embedding_parameter_name(&self) -> &'static str {
+        match self {
+            Config::GptNeoX(_) => "gpt_neox.embed_in.weight",
+            _ => "transformer.wte.weight",
+        }
+    }
+
     /// The HF names of the output head's weight and bias (a tied head's weight is the token
     /// embedding).
     pub fn head_parameter_names(&self) -> (&'static str, Option<&'static str>) {

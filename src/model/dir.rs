@@ -89,6 +89,7 @@ const COMPANION_FILES: &[&str] = &[
     "vocab.json",
     "merges.txt",
     "added_tokens.json",
+    "chat_template.jinja",
 ];
 
 /// Writes `base` with `adapter` merged into it as a HF model directory `out`, one tensor at a

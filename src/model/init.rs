@@ -257,3 +257,41 @@ pub fn write_random_model(
     files.insert(0, "config.json".into());
     Ok(files)
 }
+
+/// Grows the vocabulary of `params` (HF names) to `rows` as transformers'
+/// `resize_token_embeddings` does by default (`mean_resizing`): each new row of the embedding
+/// and of an untied head is the mean of the old rows, a new head bias the mean of the old bias.
+/// (transformers samples the new rows around that mean with covariance 1e-9 × the rows'
+/// covariance, a perturbation of about 3e-5 of their spread; Kiln takes the mean itself.)
+pub fn resize_vocabulary(
+    config: &mut Config,
+    params: &mut std::collections::HashMap<String, Tensor>,
+    rows: usize,
+) -> Result<()> {
+    let old = config.vocab_size();
+    if rows <= old {
+        return Ok(());
+    }
+    let (head, head_bias) = config.head_parameter_names();
+    let mut names = vec![config.embedding_parameter_name(), head];
+    names.dedup();
+    names.extend(head_bias);
+    for name in names {
+        let Some(tensor) = params.get(name) else {
+            continue;
+        };
+        let dtype = tensor.dtype();
+        let wide = tensor.to_dtype(DType::F32)?;
+        let mean = wide.mean_keepdim(0)?;
+        let grown = match wide.rank() {
+            1 => Tensor::cat(&[&wide, &mean.broadcast_as(rows - old)?], 0)?,
+            _ => {
+                let new_rows = mean.broadcast_as((rows - old, wide.dim(1)?))?;
+                Tensor::cat(&[&wide, &new_rows.contiguous()?], 0)?
+            }
+        };
+        params.insert(name.to_string(), grown.to_dtype(dtype)?);
+    }
+    config.set_vocab_size(rows);
+    Ok(())
+}

@@ -368,12 +368,53 @@ impl Recipe {
             !self.data.train.is_empty(),
             "data.train: needs at least one dataset".into(),
         );
+        let loss_on = self.data.loss_on;
         for (split, list) in [("train", &self.data.train), ("eval", &self.data.eval)] {
             for (i, d) in list.iter().enumerate() {
                 if let Err(e) = d.validate() {
                     problems.push(format!("data.{split}[{i}].{e}"));
                 }
+                let template = match &d.template {
+                    TemplateSpec::Preset(name) => name.as_str(),
+                    TemplateSpec::Custom { .. } => "a custom prompt/target",
+                };
+                if d.template.is_chat() && loss_on == super::LossOn::Target {
+                    problems.push(format!(
+                        "data.loss_on: target splits a prompt from its target, but data.{split}[{i}] \
+                         is conversations (template: chat); use assistant (every assistant turn), \
+                         last-assistant or all"
+                    ));
+                } else if !d.template.is_chat() && loss_on.is_assistant() {
+                    problems.push(format!(
+                        "data.loss_on: {} trains the assistant turns of conversations, but \
+                         data.{split}[{i}] uses template {template}; use template: chat, or \
+                         loss_on: target",
+                        loss_on.name()
+                    ));
+                }
             }
+        }
+        let chat = (self.data.train.iter())
+            .chain(&self.data.eval)
+            .any(|d| d.template.is_chat());
+        problems.check(
+            !(chat && self.data.attention == super::Attention::Prefix),
+            "data.attention: prefix makes each example's prompt bidirectional, but conversations \
+             (template: chat) have no single prompt; use attention: causal"
+                .into(),
+        );
+        if self.data.chat_template.is_some() && !chat {
+            problems.push(
+                "data.chat_template: no dataset is conversations (template: chat) to use it".into(),
+            );
+        }
+        if self.data.packing == super::Packing::Isolated {
+            problems.check(
+                self.data.mode == super::BatchMode::Pack,
+                "data.packing: isolated packs rows, but data.mode is pad (one example a row \
+                 already); use mode: pack"
+                    .into(),
+            );
         }
         problems.check(
             is_device(&self.device),
@@ -540,6 +581,12 @@ impl super::DatasetSpec {
             if few.k == 0 {
                 bail!("few_shot.k: must be at least 1 (remove few_shot to disable it)");
             }
+        }
+        if self.template.is_chat() {
+            if self.few_shot.is_some() {
+                bail!("few_shot: conversations (template: chat) take no few-shot examples");
+            }
+            return Ok(());
         }
         if let TemplateSpec::Preset(name) = &self.template {
             super::template::Preset::parse(name).map_err(|e| anyhow!("template: {e}"))?;

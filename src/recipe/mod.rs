@@ -239,6 +239,14 @@ pub struct DataSpec {
     /// Left out of the serialized recipe when causal, so older checkpoints' recipes still match.
     #[serde(default, skip_serializing_if = "Attention::is_causal")]
     pub attention: Attention,
+    /// How `mode: pack` fills rows (left out when `concatenate`, as above).
+    #[serde(default, skip_serializing_if = "Packing::is_concatenate")]
+    pub packing: Packing,
+    /// The chat template of `template: chat` datasets: a preset (`chatml`, `openassistant`,
+    /// `dolly`, which add their special tokens), a Jinja template, or a `.jinja` file relative
+    /// to the recipe; default: the tokenizer's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
 }
 
 fn yes() -> bool {
@@ -300,7 +308,7 @@ pub struct SourceSpec {
     pub revision: Option<String>,
 }
 
-/// A preset name (`mnli`, `sentiment`, `prompt-completion`, `text`) or a custom template.
+/// A preset name (`mnli`, `sentiment`, `prompt-completion`, `text`, `chat`) or a custom template.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum TemplateSpec {
@@ -311,6 +319,16 @@ pub enum TemplateSpec {
         /// Text after the split point (what `loss_on: target` trains on).
         target: String,
     },
+}
+
+/// The template name of conversation datasets.
+pub const CHAT_TEMPLATE: &str = "chat";
+
+impl TemplateSpec {
+    /// `template: chat`: conversations rendered with the chat template.
+    pub fn is_chat(&self) -> bool {
+        matches!(self, TemplateSpec::Preset(name) if name == CHAT_TEMPLATE)
+    }
 }
 
 #[derive(Deserialize)]
@@ -375,6 +393,46 @@ pub enum LossOn {
     #[default]
     All,
     Target,
+    /// Conversations (`template: chat`): every assistant turn, its end-of-turn token included.
+    Assistant,
+    /// Conversations: the last assistant turn only.
+    #[serde(alias = "last_assistant")]
+    LastAssistant,
+}
+
+impl LossOn {
+    /// Whether it selects the assistant's turns of conversations.
+    pub fn is_assistant(self) -> bool {
+        matches!(self, LossOn::Assistant | LossOn::LastAssistant)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LossOn::All => "all",
+            LossOn::Target => "target",
+            LossOn::Assistant => "assistant",
+            LossOn::LastAssistant => "last-assistant",
+        }
+    }
+}
+
+/// How `mode: pack` fills rows.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Packing {
+    /// Concatenate and cut into `seq_len` blocks; examples see each other (HF `run_clm`).
+    #[default]
+    Concatenate,
+    /// Whole examples fitted into rows of at most `seq_len` (best-fit decreasing), each
+    /// attending only to itself with its positions restarting: the same loss and gradients as
+    /// alone.
+    Isolated,
+}
+
+impl Packing {
+    pub fn is_concatenate(&self) -> bool {
+        *self == Packing::Concatenate
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]

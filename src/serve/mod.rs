@@ -44,6 +44,31 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// When the server started (Unix seconds): the `created` of OpenAI's model list.
     pub started: u64,
+    /// The model's chat template and the tokens that end its turns, or why chat is not served.
+    pub chat: Result<ChatSetup, String>,
+}
+
+/// What `/v1/chat/completions` renders conversations with.
+pub struct ChatSetup {
+    pub template: crate::data::chat::ChatTemplate,
+    /// Generation stops at these (the template's end-of-turn token) as at eos.
+    pub stop_token_ids: Vec<u32>,
+}
+
+impl ChatSetup {
+    /// The tokenizer's chat template, or why there is none to use.
+    pub fn of(tokenizer: &TextTokenizer) -> Result<Self, String> {
+        let template =
+            crate::data::prepare::chat_template_of(tokenizer).map_err(|e| format!("{e:#}"))?;
+        let stop_token_ids = (template.end_of_turn(tokenizer))
+            .map_err(|e| format!("{e:#}"))?
+            .into_iter()
+            .collect();
+        Ok(Self {
+            template,
+            stop_token_ids,
+        })
+    }
 }
 
 /// Where and how to serve.
@@ -93,6 +118,7 @@ pub fn serve(
         let app = Arc::new(App {
             name: options.name,
             config,
+            chat: ChatSetup::of(&tokenizer),
             tokenizer,
             scheduler: scheduler.clone(),
             metrics,
@@ -139,6 +165,7 @@ pub fn router(app: Arc<App>, max_body_bytes: usize, api_key: Option<Arc<ApiKey>>
         .route("/v1/models", get(list_models))
         .route("/v1/models/{target}", get(model_status).post(model_verb))
         .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
@@ -787,6 +814,15 @@ fn openai_finish_reason(reason: FinishReason) -> &'static str {
     }
 }
 
+/// OpenAI's `usage` object.
+fn openai_usage(usage: &Usage) -> Value {
+    json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    })
+}
+
 fn unix_seconds() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -908,30 +944,131 @@ async fn completion(
             "created": created,
             "model": app.name,
             "choices": choices,
-            "usage": {
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            },
+            "usage": openai_usage(&usage),
         }))
         .into_response();
         response.extensions_mut().insert(usage);
         return Ok(response);
     }
     let sequences = app.sequences_of_ids(&prompt_ids, params.clone(), "prompt")?;
+    let stream = Stream {
+        chat: false,
+        id,
+        created,
+        stops: params.stop,
+        include_usage: stream_usage,
+    };
+    streamed(&app, sequences, stream)
+}
+
+/// OpenAI's `POST /v1/chat/completions`: the messages through the model's chat template,
+/// generation ending at its end-of-turn token; streamed when `stream` is true.
+async fn chat_completions(
+    State(app): State<Arc<App>>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Response {
+    let response = chat_completion(app, bytes)
+        .await
+        .unwrap_or_else(|e| e.openai().into_response());
+    with_endpoint("v1_chat_completions", response)
+}
+
+async fn chat_completion(
+    app: Arc<App>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes = body(bytes)?;
+    let request: protocol::ChatRequest = protocol::from_value(protocol::json_body(&bytes)?, "")?;
+    if request.model != app.name {
+        return Err(app.unknown_model(&request.model));
+    }
+    let chat = app.chat.as_ref().map_err(|why| {
+        BadRequest(format!(
+            "this model cannot chat: {why} (use /v1/completions)"
+        ))
+    })?;
+    let messages = request.messages()?;
+    let mut params = request.params()?;
+    params.stop_token_ids = chat.stop_token_ids.clone();
+    if params.max_new_tokens == 0 {
+        return Err(BadRequest("max_tokens: must be at least 1".into()).into());
+    }
+    let prompt = (chat.template)
+        .render(&messages, true)
+        .map_err(|e| BadRequest(format!("messages: {e:#}")))?;
+    let prompt_ids = app.encode(&[prompt], "messages")?;
+    let sequences = app.sequences_of_ids(&prompt_ids, params.clone(), "messages")?;
+    let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
+    let created = unix_seconds();
+    if request.stream {
+        let include_usage = (request.stream_options.as_ref())
+            .and_then(|options| options.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let stream = Stream {
+            chat: true,
+            id,
+            created,
+            stops: params.stop,
+            include_usage,
+        };
+        return streamed(&app, sequences, stream);
+    }
+    let (generated, usage) = app.generate(sequences).await?;
+    let choices: Vec<Value> = (generated.iter().enumerate())
+        .map(|(i, g)| {
+            json!({
+                "index": i,
+                "message": {"role": "assistant", "content": g.text},
+                "logprobs": null,
+                "finish_reason": openai_finish_reason(g.finish_reason),
+            })
+        })
+        .collect();
+    let mut response = Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": app.name,
+        "choices": choices,
+        "usage": openai_usage(&usage),
+    }))
+    .into_response();
+    response.extensions_mut().insert(usage);
+    Ok(response)
+}
+
+/// How a streamed response is sent.
+struct Stream {
+    chat: bool,
+    id: String,
+    created: u64,
+    stops: Vec<String>,
+    include_usage: bool,
+}
+
+/// Runs `sequences`, sending each choice's text as server-sent events as it comes.
+fn streamed(
+    app: &Arc<App>,
+    sequences: Vec<Sequence>,
+    stream: Stream,
+) -> Result<Response, ApiError> {
+    let choices = sequences.len();
     let prompt_tokens = sequences.iter().map(|s| s.prompt().len()).sum();
     let events = app.submit(Work::Generate(sequences))?;
     let stream_state = Arc::new(std::sync::Mutex::new(StreamState {
         app: app.clone(),
-        id,
-        created,
-        stops: params.stop,
-        decoded: vec![(Vec::new(), 0); texts.len()],
+        chat: stream.chat,
+        named: vec![false; choices],
+        id: stream.id,
+        created: stream.created,
+        stops: stream.stops,
+        decoded: vec![(Vec::new(), 0); choices],
         started: Instant::now(),
         first_token: true,
         failed: None,
-        unfinished: texts.len(),
-        usage: stream_usage.then_some(Usage {
+        unfinished: choices,
+        usage: stream.include_usage.then_some(Usage {
             prompt_tokens,
             completion_tokens: 0,
         }),
@@ -966,6 +1103,10 @@ async fn completion(
 /// A streamed completion: what each choice has sent so far.
 struct StreamState {
     app: Arc<App>,
+    /// Chat completions' chunks carry a `delta`; completions' a `text`.
+    chat: bool,
+    /// Per choice, whether a chunk has named its role yet (chat).
+    named: Vec<bool>,
     id: String,
     created: u64,
     stops: Vec<String>,
@@ -981,14 +1122,36 @@ struct StreamState {
 }
 
 impl StreamState {
-    fn chunk(&self, index: usize, text: &str, finish_reason: Option<&str>) -> SseEvent {
+    fn object(&self) -> &'static str {
+        match self.chat {
+            true => "chat.completion.chunk",
+            false => "text_completion",
+        }
+    }
+
+    fn chunk(&mut self, index: usize, text: &str, finish_reason: Option<&str>) -> SseEvent {
+        let choice = match self.chat {
+            // The first chunk of a choice names the role, as OpenAI's do.
+            true => {
+                let first = !std::mem::replace(&mut self.named[index], true);
+                let delta = match (first, text.is_empty()) {
+                    (true, _) => json!({"role": "assistant", "content": text}),
+                    (false, true) => json!({}),
+                    (false, false) => json!({"content": text}),
+                };
+                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish_reason})
+            }
+            false => {
+                json!({"index": index, "text": text, "logprobs": null, "finish_reason": finish_reason})
+            }
+        };
         SseEvent::default().data(
             json!({
                 "id": self.id,
-                "object": "text_completion",
+                "object": self.object(),
                 "created": self.created,
                 "model": self.app.name,
-                "choices": [{"index": index, "text": text, "logprobs": null, "finish_reason": finish_reason}],
+                "choices": [choice],
             })
             .to_string(),
         )
@@ -1071,15 +1234,11 @@ impl StreamState {
                 Some(usage) => SseEvent::default().data(
                     json!({
                         "id": self.id,
-                        "object": "text_completion",
+                        "object": self.object(),
                         "created": self.created,
                         "model": self.app.name,
                         "choices": [],
-                        "usage": {
-                            "prompt_tokens": usage.prompt_tokens,
-                            "completion_tokens": usage.completion_tokens,
-                            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-                        },
+                        "usage": openai_usage(&usage),
                     })
                     .to_string(),
                 ),
@@ -1101,11 +1260,13 @@ impl Drop for StreamState {
             (None, 0) => 200,
             (None, _) => 499,
         };
-        self.app.metrics.record_request(
-            "v1_completions",
-            status,
-            self.started.elapsed().as_secs_f64(),
-        );
+        let endpoint = match self.chat {
+            true => "v1_chat_completions",
+            false => "v1_completions",
+        };
+        self.app
+            .metrics
+            .record_request(endpoint, status, self.started.elapsed().as_secs_f64());
     }
 }
 

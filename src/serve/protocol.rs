@@ -368,6 +368,148 @@ impl CompletionRequest {
     }
 }
 
+/// OpenAI's `POST /v1/chat/completions`: the messages are rendered with the model's chat
+/// template; sampling takes the same fields, with the same neutral-value rule, as completions.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Value,
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
+    /// OpenAI's newer name for `max_tokens`.
+    #[serde(default)]
+    pub max_completion_tokens: Option<usize>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f64>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stop: Option<OneOrMany>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub n: Option<usize>,
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
+    #[serde(default)]
+    pub logit_bias: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub stream_options: Option<Value>,
+}
+
+/// Chat's default reply budget, when neither `max_tokens` nor `max_completion_tokens` is given.
+pub const CHAT_MAX_TOKENS: usize = 256;
+
+impl ChatRequest {
+    /// The conversation: `{role, content}` objects, the content a string or a list of text
+    /// parts (`[{"type": "text", "text": ...}]`), as OpenAI takes them.
+    pub fn messages(&self) -> Parsed<Vec<crate::data::chat::Message>> {
+        let items = match &self.messages {
+            Value::Array(items) if !items.is_empty() => items,
+            Value::Array(_) => return Err(BadRequest("messages: empty; give at least one".into())),
+            _ => {
+                return Err(BadRequest(
+                    "messages: expected a list of {role, content}".into(),
+                ))
+            }
+        };
+        let mut messages = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let role = item["role"].as_str().ok_or_else(|| {
+                BadRequest(format!(
+                    "messages[{i}].role: expected system, user or assistant"
+                ))
+            })?;
+            if !["system", "user", "assistant", "developer"].contains(&role) {
+                return Err(BadRequest(format!(
+                    "messages[{i}].role: {role:?} is not supported (expected system, user or \
+                     assistant)"
+                )));
+            }
+            let content = match &item["content"] {
+                Value::String(text) => text.clone(),
+                Value::Array(parts) => parts
+                    .iter()
+                    .enumerate()
+                    .map(
+                        |(j, part)| match (part["type"].as_str(), part["text"].as_str()) {
+                            (Some("text"), Some(text)) => Ok(text),
+                            _ => Err(BadRequest(format!(
+                            "messages[{i}].content[{j}]: only text parts ({{\"type\": \"text\", \
+                             \"text\": ...}}) are supported"
+                        ))),
+                        },
+                    )
+                    .collect::<Parsed<Vec<&str>>>()?
+                    .concat(),
+                _ => {
+                    return Err(BadRequest(format!(
+                        "messages[{i}].content: expected a string or a list of text parts"
+                    )))
+                }
+            };
+            // OpenAI's `developer` role is the system prompt of newer models.
+            let role = if role == "developer" { "system" } else { role };
+            messages.push(crate::data::chat::Message {
+                role: role.to_string(),
+                content,
+            });
+        }
+        Ok(messages)
+    }
+
+    /// The generation parameters, as a completion request with the same fields gets them.
+    pub fn params(&self) -> Parsed<GenerationParams> {
+        if self.logprobs == Some(true) {
+            return Err(BadRequest(
+                "logprobs: not supported for chat completions (use /v1/completions)".into(),
+            ));
+        }
+        let stop = self.stop.as_ref().map(|s| match s {
+            OneOrMany::One(s) => OneOrMany::One(s.clone()),
+            OneOrMany::Many(v) => OneOrMany::Many(v.clone()),
+        });
+        CompletionRequest {
+            model: self.model.clone(),
+            prompt: Value::Null,
+            max_tokens: (self.max_completion_tokens)
+                .or(self.max_tokens)
+                .unwrap_or(CHAT_MAX_TOKENS),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            stream: self.stream,
+            stop,
+            seed: self.seed,
+            n: self.n,
+            best_of: None,
+            echo: None,
+            logprobs: None,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias.clone(),
+            suffix: None,
+            user: self.user.clone(),
+            stream_options: self.stream_options.clone(),
+        }
+        .params()
+    }
+}
+
 /// `:classify`: `{"instances": [{"premise": ..., "hypothesis": ...}], "parameters":
 /// {"template": "mnli" | {"prompt": ..., "target": ...}, "labels": [...]}}`.
 #[derive(Deserialize)]

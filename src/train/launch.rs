@@ -214,10 +214,11 @@ pub fn model_config(recipe: &Recipe, recipe_dir: &Path) -> Result<model::Config>
             let tokenizer_vocab = match spec.vocab_size {
                 Some(_) => None,
                 None => {
-                    let tokenizer = recipe::tokenizer_for(recipe, recipe_dir)?.context(
+                    let mut tokenizer = recipe::tokenizer_for(recipe, recipe_dir)?.context(
                         "model.init sizes the vocabulary for the tokenizer, which is not local \
                          (set model.init.vocab_size)",
                     )?;
+                    data::chat::apply_recipe_template(recipe, recipe_dir, &mut tokenizer)?;
                     Some(tokenizer.vocab_size())
                 }
             };
@@ -262,7 +263,7 @@ fn starting_model(recipe: &Recipe, recipe_dir: &Path) -> Result<(ModelInit, Text
             } else {
                 crate::hub::resolve_model(from, recipe.model.revision.as_deref())?
             };
-            let tokenizer = match explicit_tokenizer {
+            let mut tokenizer = match explicit_tokenizer {
                 Some(t) => t,
                 None => TextTokenizer::from_dir(&model_dir).with_context(|| {
                     format!(
@@ -271,10 +272,25 @@ fn starting_model(recipe: &Recipe, recipe_dir: &Path) -> Result<(ModelInit, Text
                     )
                 })?,
             };
-            let config = model::load_config(&model_dir)?;
-            tokenizer.check_fits(config.vocab_size(), &model_dir)?;
+            data::chat::apply_recipe_template(recipe, recipe_dir, &mut tokenizer)?;
+            let mut config = model::load_config(&model_dir)?;
             let dtype_of = |name: &str, shape: &[usize]| super::initial_dtype(recipe, name, shape);
-            let params = model::load_parameters_as(&model_dir, &config, dtype_of, &Device::Cpu)?;
+            let mut params =
+                model::load_parameters_as(&model_dir, &config, dtype_of, &Device::Cpu)?;
+            // Tokens the chat template added need rows, as `resize_token_embeddings` gives them.
+            let rows = tokenizer.rows_needed();
+            if rows > config.vocab_size() && recipe.lora.is_some() {
+                bail!(
+                    "the tokenizer needs {rows} embedding rows (data.chat_template added tokens) but \
+                     {} has {}: a LoRA adapter keeps the embedding frozen and its checkpoints do not \
+                     carry it, so the new rows could not be trained or saved; train without `lora` \
+                     (a full fine-tune or train.trainable), or use a model with room for them",
+                    model_dir.display(),
+                    config.vocab_size()
+                );
+            }
+            init::resize_vocabulary(&mut config, &mut params, rows)?;
+            tokenizer.check_fits(config.vocab_size(), &model_dir)?;
             Ok((
                 ModelInit {
                     config,
@@ -286,10 +302,11 @@ fn starting_model(recipe: &Recipe, recipe_dir: &Path) -> Result<(ModelInit, Text
             ))
         }
         (None, Some(spec)) => {
-            let tokenizer = explicit_tokenizer.context(
+            let mut tokenizer = explicit_tokenizer.context(
                 "model.init needs `tokenizer:` (a tokenizer directory or Hub id, e.g. \
                  EleutherAI/gpt-j-6b) to tokenize the data with",
             )?;
+            data::chat::apply_recipe_template(recipe, recipe_dir, &mut tokenizer)?;
             let mut config = preset_config(spec, Some(tokenizer.vocab_size()));
             config.set_eos_and_bos(tokenizer.eos_id());
             config
