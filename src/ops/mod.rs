@@ -13,6 +13,7 @@ mod dropout;
 mod layers;
 mod loss;
 mod optim;
+pub mod quant;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
