@@ -27,6 +27,15 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "chat_template.jinja",
 ];
 
+/// The special tokens a template may name (`{{ eos_token }}`, `{{ bos_token }}`).
+#[derive(Debug, Clone, Default)]
+pub struct TemplateTokens {
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
+    pub unk_token: Option<String>,
+}
+
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -127,9 +136,9 @@ impl TextTokenizer {
     }
 
     /// The special tokens a chat template may name.
-    pub fn template_tokens(&self) -> crate::data::chat::TemplateTokens {
+    pub fn template_tokens(&self) -> TemplateTokens {
         let eos = self.id_to_token(self.eos_id);
-        crate::data::chat::TemplateTokens {
+        TemplateTokens {
             bos_token: self.bos_token.clone().or_else(|| eos.clone()),
             eos_token: eos,
             pad_token: self.id_to_token(self.pad_id),

@@ -248,14 +248,7 @@ pub fn apply_recipe_template(
     Ok(preset)
 }
 
-/// The special tokens a template may name (`{{ eos_token }}`, `{{ bos_token }}`).
-#[derive(Debug, Clone, Default)]
-pub struct TemplateTokens {
-    pub bos_token: Option<String>,
-    pub eos_token: Option<String>,
-    pub pad_token: Option<String>,
-    pub unk_token: Option<String>,
-}
+pub use crate::tokenizer::TemplateTokens;
 
 /// A conversation rendered: the text, and the byte ranges of it that are the assistant's.
 #[derive(Debug, Clone, PartialEq, Eq)]
