@@ -37,9 +37,8 @@ fn shared(sub: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn options(overrides: &[String], resume: Option<&str>) -> LaunchOptions {
+fn options(resume: Option<&str>) -> LaunchOptions {
     LaunchOptions {
-        overrides: overrides.to_vec(),
         resume: resume.map(parse_resume),
         quiet: true,
         threads: None,
@@ -62,7 +61,7 @@ fn main() -> Result<()> {
     let out = tempfile::tempdir()?;
     let started = Instant::now();
     let overrides = overrides(out.path(), checkpointing)?;
-    let first = train_recipe(&recipe_path(), options(&overrides, None)).context("step 1")?;
+    let first = train_recipe(&recipe_path(), &overrides, options(None)).context("step 1")?;
     let first_total = started.elapsed().as_secs_f64();
     let step_secs = first.step_seconds.first().copied().unwrap_or(f64::NAN);
     let checkpoint = first
@@ -92,7 +91,7 @@ fn main() -> Result<()> {
 fn resume(out: &Path, checkpointing: bool) -> Result<()> {
     let mut overrides = overrides(out, checkpointing)?;
     overrides.push("steps=2".to_string());
-    let second = train_recipe(&recipe_path(), options(&overrides, Some("latest")))
+    let second = train_recipe(&recipe_path(), &overrides, options(Some("latest")))
         .context("resume to step 2")?;
     println!(
         "resumed in a new process: step 2 {:.1} s, loss {:.4}, checkpoint {}; peak RSS {:.0} MiB",

@@ -68,14 +68,13 @@ fn measure(name: &str) -> Result<()> {
     let out = tempfile::tempdir()?;
     let recipe = write_recipe(out.path(), extra)?;
     let options = LaunchOptions {
-        overrides: Vec::new(),
         resume: None,
         quiet: true,
         threads: None,
         allow_data_change: false,
         overwrite: false,
     };
-    train_recipe(&recipe, options).context("training")?;
+    train_recipe(&recipe, &[], options).context("training")?;
     let path = out.path().join("runs/run/run.json");
     let info: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
     let estimate = info["memory"]["estimate"]["total"]

@@ -507,7 +507,7 @@ fn generation_stops_at_the_end_of_turn_token_as_at_eos() {
     assert_eq!(held[0].ids.len(), 6, "{:?}", held[0].ids);
     assert!(!held[0].ids.contains(&third));
     // The template's end-of-turn token is found from the template itself.
-    let template = kiln::data::prepare::chat_template_of(&tokenizer).unwrap();
+    let template = kiln::data::chat::ChatTemplate::of(&tokenizer).unwrap();
     assert_eq!(
         template.end_of_turn(&tokenizer).unwrap(),
         tokenizer.token_id("<|im_end|>")
@@ -713,7 +713,7 @@ print(json.dumps({"text": tok.decode(new, skip_special_tokens=True),
     let theirs: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(theirs["special"], json!(["<|im_start|>", "<|im_end|>"]));
     let tokenizer = kiln::tokenizer::TextTokenizer::from_dir(&checkpoint).unwrap();
-    let template = kiln::data::prepare::chat_template_of(&tokenizer).unwrap();
+    let template = kiln::data::chat::ChatTemplate::of(&tokenizer).unwrap();
     let messages = [kiln::data::chat::Message {
         role: "user".into(),
         content: "What is the capital of Peru?".into(),

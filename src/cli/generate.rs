@@ -1,7 +1,7 @@
 //! `kiln generate`: continue prompts (greedy or sampling, HF semantics).
 
 use super::*;
-use crate::data::chat::{ChatTemplate, Message};
+use crate::data::chat::{Chat, ChatTemplate, Message};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -104,12 +104,9 @@ pub(super) fn generate(mut args: GenerateArgs) -> Result<()> {
                     args.model.display()
                 )
             })?;
-            let template = crate::data::prepare::chat_template_of(tokenizer)
-                .with_context(|| args.model.display().to_string())?;
-            params
-                .stop_token_ids
-                .extend(template.end_of_turn(tokenizer)?);
-            Some(template)
+            let chat = Chat::of(tokenizer).with_context(|| args.model.display().to_string())?;
+            params.stop_token_ids.extend(chat.stop_token_ids);
+            Some(chat.template)
         }
         false => None,
     };

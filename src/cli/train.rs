@@ -40,7 +40,6 @@ pub(super) fn train(args: TrainArgs) -> Result<()> {
         silence_stdout();
     }
     let options = LaunchOptions {
-        overrides: args.recipe.set,
         resume: args.resume.as_deref().map(parse_resume),
         quiet: args.quiet,
         threads: args.threads,
@@ -63,15 +62,7 @@ pub(super) fn train(args: TrainArgs) -> Result<()> {
 fn train_job(job: &Job, options: LaunchOptions) -> Result<()> {
     let mut trainer = Trainer::from_recipe(job, options)?;
     let result = trainer.train();
-    if trainer.uploading() {
-        println!("waiting for checkpoint uploads to finish…");
-    }
-    for event in trainer.finish_uploads(result.as_ref().ok())? {
-        match event.failed() {
-            true => eprintln!("warning: {event}"),
-            false => println!("{event}"),
-        }
-    }
+    trainer.finish_uploads(result.as_ref().ok())?;
     print_summary(&job.recipe, &result?);
     Ok(())
 }

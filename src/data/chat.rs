@@ -400,6 +400,18 @@ impl ChatTemplate {
 }
 
 impl ChatTemplate {
+    /// The tokenizer's chat template, compiled.
+    pub fn of(tokenizer: &crate::tokenizer::TextTokenizer) -> Result<Self> {
+        let source = tokenizer.chat_template().with_context(|| {
+            format!(
+                "the tokenizer ({}) has no chat template: set data.chat_template to a preset \
+                 (chatml, openassistant, dolly), a Jinja template or a .jinja file",
+                tokenizer.source().display()
+            )
+        })?;
+        Self::new(source, tokenizer.template_tokens())
+    }
+
     /// The token that ends the assistant's turns: the first special token after the content
     /// of a rendered assistant turn (ChatML's `<|im_end|>`, Dolly's `### End`), or eos when the
     /// turn ends with it; `None` when the turn ends with plain text.
@@ -428,6 +440,24 @@ impl ChatTemplate {
         Ok(ids
             .into_iter()
             .find(|id| *id == tokenizer.eos_id() || added.get(id).is_some_and(|t| t.special)))
+    }
+}
+
+/// What chatting with a model needs: its template, and the tokens that end the assistant's
+/// turn besides eos (generation stops at them).
+pub struct Chat {
+    pub template: ChatTemplate,
+    pub stop_token_ids: Vec<u32>,
+}
+
+impl Chat {
+    pub fn of(tokenizer: &crate::tokenizer::TextTokenizer) -> Result<Self> {
+        let template = ChatTemplate::of(tokenizer)?;
+        let stop_token_ids = template.end_of_turn(tokenizer)?.into_iter().collect();
+        Ok(Self {
+            template,
+            stop_token_ids,
+        })
     }
 }
 

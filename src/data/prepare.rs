@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::chat::{messages_of, ChatTemplate};
+use super::chat::{messages_of, Chat, ChatTemplate};
 use super::fast_bpe::FastBpe;
 use super::pack::{one_per_row, pack, pack_isolated};
 use super::source::{load_records, Records};
@@ -109,7 +109,7 @@ pub fn render_datasets(
 
 /// Conversation rows rendered with the tokenizer's chat template, their assistant turns marked.
 fn render_conversations(records: &Records, tokenizer: &TextTokenizer) -> Result<Vec<Rendered>> {
-    let template = chat_template_of(tokenizer)?;
+    let template = ChatTemplate::of(tokenizer)?;
     (0..records.len())
         .into_par_iter()
         .map(|i| {
@@ -131,18 +131,6 @@ fn render_conversations(records: &Records, tokenizer: &TextTokenizer) -> Result<
             })
         })
         .collect()
-}
-
-/// The tokenizer's chat template, compiled.
-pub fn chat_template_of(tokenizer: &TextTokenizer) -> Result<ChatTemplate> {
-    let source = tokenizer.chat_template().with_context(|| {
-        format!(
-            "the tokenizer ({}) has no chat template: set data.chat_template to a preset \
-             (chatml, openassistant, dolly), a Jinja template or a .jinja file",
-            tokenizer.source().display()
-        )
-    })?;
-    ChatTemplate::new(source, tokenizer.template_tokens())
 }
 
 /// Which tokens of a conversation are the assistant's, as transformers'
@@ -383,9 +371,8 @@ fn check_assistant_masks(
             first(&|_| true)
         );
     }
-    let template = chat_template_of(tokenizer)?;
     let mut stops = vec![tokenizer.eos_id()];
-    stops.extend(template.end_of_turn(tokenizer)?);
+    stops.extend(Chat::of(tokenizer)?.stop_token_ids);
     let trains_a_stop = examples.iter().any(|e| {
         (e.ids.iter().zip(&e.loss_mask)).any(|(id, &trained)| trained && stops.contains(id))
     });

@@ -25,6 +25,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio_stream::StreamExt;
 
+use crate::data::chat::Chat;
 use crate::eval::score::ScoredRow;
 use crate::generate::{FinishReason, Generated, GenerationParams, Sequence};
 use crate::model::{Config, Model};
@@ -45,30 +46,7 @@ pub struct App {
     /// When the server started (Unix seconds): the `created` of OpenAI's model list.
     pub started: u64,
     /// The model's chat template and the tokens that end its turns, or why chat is not served.
-    pub chat: Result<ChatSetup, String>,
-}
-
-/// What `/v1/chat/completions` renders conversations with.
-pub struct ChatSetup {
-    pub template: crate::data::chat::ChatTemplate,
-    /// Generation stops at these (the template's end-of-turn token) as at eos.
-    pub stop_token_ids: Vec<u32>,
-}
-
-impl ChatSetup {
-    /// The tokenizer's chat template, or why there is none to use.
-    pub fn of(tokenizer: &TextTokenizer) -> Result<Self, String> {
-        let template =
-            crate::data::prepare::chat_template_of(tokenizer).map_err(|e| format!("{e:#}"))?;
-        let stop_token_ids = (template.end_of_turn(tokenizer))
-            .map_err(|e| format!("{e:#}"))?
-            .into_iter()
-            .collect();
-        Ok(Self {
-            template,
-            stop_token_ids,
-        })
-    }
+    pub chat: Result<Chat, String>,
 }
 
 /// Where and how to serve.
@@ -118,7 +96,7 @@ pub fn serve(
         let app = Arc::new(App {
             name: options.name,
             config,
-            chat: ChatSetup::of(&tokenizer),
+            chat: Chat::of(&tokenizer).map_err(|e| format!("{e:#}")),
             tokenizer,
             scheduler: scheduler.clone(),
             metrics,

@@ -658,8 +658,9 @@ impl Progress {
         }
     }
 
-    pub fn finish(&self) {
-        if let Some(bar) = &self.bar {
+    /// Clears the bar: the lines after it print as plain lines (a finished bar would drop them).
+    pub fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
     }

@@ -19,7 +19,6 @@ use crate::track::Progress;
 /// How `kiln train` runs a recipe, beyond what the recipe says.
 #[derive(Default)]
 pub struct LaunchOptions {
-    pub overrides: Vec<String>,
     pub resume: Option<Resume>,
     pub quiet: bool,
     /// CPU threads for the run (default: all cores).
@@ -72,10 +71,13 @@ impl Job {
 }
 
 /// A recipe file trained to its end, uploads included: [`Job::connect`], [`Trainer::from_recipe`],
-/// [`Trainer::train`], [`Trainer::finish_uploads`] (whose outcomes the summary does not carry:
-/// `kiln train` reports them).
-pub fn train_recipe(recipe_path: &Path, options: LaunchOptions) -> Result<TrainSummary> {
-    let job = Job::connect(recipe_path, &options.overrides)?;
+/// [`Trainer::train`], [`Trainer::finish_uploads`]; `overrides` are `--set key.path=value`s.
+pub fn train_recipe(
+    recipe_path: &Path,
+    overrides: &[String],
+    options: LaunchOptions,
+) -> Result<TrainSummary> {
+    let job = Job::connect(recipe_path, overrides)?;
     let mut trainer = Trainer::from_recipe(&job, options)?;
     let result = trainer.train();
     trainer.finish_uploads(result.as_ref().ok())?;

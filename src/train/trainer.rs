@@ -485,18 +485,17 @@ impl<'a> Trainer<'a> {
         self.log.finish(status)
     }
 
-    /// Whether checkpoints are still being pushed to the Hub.
-    pub fn uploading(&self) -> bool {
-        self.uploader.is_some()
-    }
-
-    /// Waits for the Hub uploads to finish, returns their outcomes, and prunes the checkpoints
-    /// that were kept only while they uploaded (after `summary`'s last one).
+    /// Waits for the Hub uploads to finish, reports their outcomes as the run's own (and returns
+    /// them), and prunes the checkpoints that were kept only while they uploaded (after
+    /// `summary`'s last one).
     pub fn finish_uploads(&mut self, summary: Option<&TrainSummary>) -> Result<Vec<UploadEvent>> {
         let Some(uploader) = self.uploader.take() else {
             return Ok(Vec::new());
         };
+        let progress = &self.log.progress;
+        progress.println("waiting for checkpoint uploads to finish…");
         let events = uploader.finish();
+        report_uploads(progress, events.clone());
         let last = summary.and_then(|s| s.last_checkpoint.as_ref());
         if let (Some(claim), Some(last)) = (&self.claim, last) {
             checkpoint::prune(claim.lock(), self.recipe.checkpoint.keep_last, last, &[])?;
