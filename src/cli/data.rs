@@ -30,7 +30,7 @@ pub enum DataCommand {
 }
 
 pub(super) fn data(command: DataCommand) -> Result<()> {
-    use crate::data::{prepare, preview, Split};
+    use crate::data::{preference, prepare, preview, Split};
     match command {
         DataCommand::Preview {
             recipe,
@@ -39,6 +39,11 @@ pub(super) fn data(command: DataCommand) -> Result<()> {
             json,
         } => {
             let (r, dir, tokenizer) = recipe_and_tokenizer(&recipe)?;
+            if r.objective.is_preference() {
+                let pairs = preference::prepare_pairs(&r, &dir, &tokenizer, split)?.pairs;
+                print!("{}", preference::preview(&pairs, &tokenizer, n, json)?);
+                return Ok(());
+            }
             match json {
                 true => print!("{}", preview::preview_json(&r, &dir, &tokenizer, split, n)?),
                 false => print!("{}", preview::preview(&r, &dir, &tokenizer, split, n)?),
@@ -46,6 +51,20 @@ pub(super) fn data(command: DataCommand) -> Result<()> {
         }
         DataCommand::Stats { recipe, json } => {
             let (r, dir, tokenizer) = recipe_and_tokenizer(&recipe)?;
+            if r.objective.is_preference() {
+                let mut all =
+                    vec![preference::prepare_pairs(&r, &dir, &tokenizer, Split::Train)?.stats];
+                if !r.data.eval.is_empty() {
+                    all.push(preference::prepare_pairs(&r, &dir, &tokenizer, Split::Eval)?.stats);
+                }
+                match json {
+                    true => println!("{}", serde_json::to_string_pretty(&all)?),
+                    false => all
+                        .iter()
+                        .for_each(|s| print!("{}", preference::stats_text(s))),
+                }
+                return Ok(());
+            }
             let mut all = vec![prepare(&r, &dir, &tokenizer, Split::Train)?.stats];
             if !r.data.eval.is_empty() {
                 all.push(prepare(&r, &dir, &tokenizer, Split::Eval)?.stats);

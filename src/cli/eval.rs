@@ -19,6 +19,10 @@ pub enum EvalTaskArg {
     Classify,
     /// Mean loss (nats per token) over the template's target tokens, and its exp.
     Perplexity,
+    /// Preference accuracy on held-out pairs (prompt / chosen / rejected): how often the
+    /// chosen completion gets the higher implicit reward (DPO's, against --reference or the
+    /// base of --adapter; the recipe's objective with --recipe), with TRL's metrics.
+    Preference,
 }
 
 impl EvalTaskArg {
@@ -27,6 +31,7 @@ impl EvalTaskArg {
             EvalTaskArg::Mnli => "mnli",
             EvalTaskArg::Classify => "classify",
             EvalTaskArg::Perplexity => "perplexity",
+            EvalTaskArg::Preference => "preference",
         }
     }
 }
@@ -68,13 +73,9 @@ pub struct EvalArgs {
         requires = "template"
     )]
     pub label_map: Vec<String>,
-    /// With --template: template field ← data column, e.g. `--column text=sentence`.
-    #[arg(
-        long,
-        value_name = "FIELD=COLUMN",
-        value_delimiter = ',',
-        requires = "template"
-    )]
+    /// With --template (or --task preference): template field ← data column, e.g.
+    /// `--column text=sentence`.
+    #[arg(long, value_name = "FIELD=COLUMN", value_delimiter = ',')]
     pub column: Vec<String>,
     /// classify / perplexity: evaluate a recipe's `data.eval` instead of --data.
     #[arg(long, conflicts_with = "data")]
@@ -103,6 +104,13 @@ pub struct EvalArgs {
     /// Directory for report.json and report.md (and confusion.svg for mnli and classify).
     #[arg(long)]
     pub report: PathBuf,
+    /// preference: the reference model the rewards are measured against (default: the --model
+    /// base of an --adapter; without either, the rewards are β × the log-probabilities alone).
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// preference: DPO's β (default: the recipe's, else 0.1).
+    #[arg(long)]
+    pub beta: Option<f64>,
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
     #[arg(long, default_value = "cpu")]
@@ -217,6 +225,96 @@ pub(super) fn eval(mut args: EvalArgs) -> Result<()> {
                 files(written)
             );
         }
+        EvalTaskArg::Preference => {
+            let (pairs, objective, split) = match &recipe {
+                Some((recipe, dir)) => {
+                    let pairs = crate::data::prepare_pairs(recipe, dir, &tokenizer, Split::Eval)
+                        .with_context(|| {
+                            format!("{}: preparing the eval data", recipe_path(&args))
+                        })?
+                        .pairs;
+                    let mut objective = recipe.objective.clone();
+                    if let Some(beta) = args.beta {
+                        objective.beta = Some(beta);
+                    }
+                    let name = crate::eval::task::eval_split_name(recipe);
+                    (pairs, objective, name)
+                }
+                None => {
+                    let dataset = pairs_from_args(&args)?;
+                    let fit = (
+                        model.config().max_positions(),
+                        crate::recipe::Truncation::Error,
+                    );
+                    let datasets = std::slice::from_ref(&dataset);
+                    let pairs =
+                        crate::data::preference::pairs_of(datasets, &tokenizer, fit, Split::Eval)?
+                            .pairs;
+                    let objective = crate::recipe::ObjectiveSpec {
+                        kind: crate::recipe::ObjectiveKind::Dpo,
+                        beta: args.beta,
+                        ..Default::default()
+                    };
+                    (pairs, objective, data_name(&args))
+                }
+            };
+            let reference_dir = match (&args.reference, &args.adapter) {
+                (Some(dir), _) => Some(model_dir(dir)?),
+                (None, Some(_)) => Some(args.model.clone()),
+                (None, None) => None,
+            };
+            let needs_reference = objective.needs_reference();
+            let reference = match reference_dir.as_ref().filter(|_| needs_reference) {
+                Some(dir) => Some(model::load_model_with_adapter(dir, None, dtype, &device)?),
+                None => None,
+            };
+            let pair_loss = crate::eval::preference::PairLoss::new(&objective);
+            // Without a reference, DPO's rewards are the log-probabilities alone.
+            let pairs: Vec<_> = match (needs_reference, &reference) {
+                (true, None) => pairs
+                    .into_iter()
+                    .map(|p| crate::data::PreferencePair {
+                        reference: Some([0.0; 2]),
+                        ..p
+                    })
+                    .collect(),
+                _ => pairs,
+            };
+            let results = crate::eval::preference::evaluate(
+                &pair_loss,
+                &model,
+                reference.as_ref(),
+                &pairs,
+                batch_size,
+                tokenizer.pad_id(),
+            )?;
+            let mut report =
+                crate::eval::preference::PreferenceReport::new(&results, &pair_loss, pairs.len());
+            report.reference = match (&reference_dir, needs_reference) {
+                (_, false) => "none (reference-free objective)".to_string(),
+                (Some(dir), true) => dir.display().to_string(),
+                (None, true) => {
+                    "none: rewards are β × the completion's log-probability".to_string()
+                }
+            };
+            report.split = split;
+            report.model = model_name;
+            report.model_sha256 = sha;
+            let written = crate::eval::preference::write_report(&args.report, &report)?;
+            println!(
+                "preference {}: accuracy {:.2}% over {} pairs, margin {:.4}, loss {:.4} -> {}",
+                report.split,
+                100.0 * report.accuracy,
+                report.n,
+                report
+                    .metrics
+                    .get("rewards/margins")
+                    .copied()
+                    .unwrap_or(f64::NAN),
+                report.loss,
+                files(written)
+            );
+        }
         EvalTaskArg::Perplexity => {
             let (sequences, examples, loss_on, split) = match &recipe {
                 Some((recipe, dir)) => {
@@ -272,6 +370,19 @@ fn check_options(args: &EvalArgs) -> Result<()> {
     let refuse = |option: &str, why: &str| -> Result<()> {
         bail!("{option} does not apply to --task {task}: {why}")
     };
+    if !args.column.is_empty() && args.template.is_none() && args.task != EvalTaskArg::Preference {
+        bail!("--column renames the fields of a --template; give --template too");
+    }
+    if args.task != EvalTaskArg::Preference {
+        for (set, option) in [
+            (args.reference.is_some(), "--reference"),
+            (args.beta.is_some(), "--beta"),
+        ] {
+            if set {
+                refuse(option, "it is --task preference's")?;
+            }
+        }
+    }
     match args.task {
         EvalTaskArg::Mnli => {
             if args.recipe.is_some() {
@@ -310,6 +421,30 @@ fn check_options(args: &EvalArgs) -> Result<()> {
             }
             if args.loss_on.is_some() {
                 refuse("--loss-on", "it is perplexity's")?;
+            }
+        }
+        EvalTaskArg::Preference => {
+            for (set, option) in [
+                (args.mode.is_some(), "--mode"),
+                (args.template.is_some(), "--template"),
+                (args.group_by.is_some(), "--group-by"),
+                (args.loss_on.is_some(), "--loss-on"),
+            ] {
+                if set {
+                    refuse(option, "preference compares each pair's two completions")?;
+                }
+            }
+            if let Some((path, recipe)) =
+                (args.recipe.as_ref()).map(|p| (p, crate::recipe::load(p, &args.set)))
+            {
+                let recipe = recipe?;
+                if !recipe.objective.is_preference() {
+                    bail!(
+                        "{}: --task preference evaluates a preference recipe's pairs; its objective is {}",
+                        path.display(),
+                        recipe.objective.kind.name()
+                    );
+                }
             }
         }
         EvalTaskArg::Perplexity => {
@@ -368,6 +503,30 @@ fn data_from_args(args: &EvalArgs, template: &str) -> Result<LoadedDataset> {
         source: mnli::resolve_source(data, args.split.as_deref(), args.config.as_deref())?,
         template: TemplateSpec::Preset(template.to_string()),
         label_map: (!label_map.is_empty()).then_some(label_map),
+        columns,
+        limit: args.limit,
+        few_shot: None,
+    };
+    let records = crate::data::load_records(&spec.source, Path::new("."), args.limit)?;
+    if records.is_empty() {
+        bail!("{}: no rows", records.origin);
+    }
+    Ok(LoadedDataset { spec, records })
+}
+
+/// `--data` as preference pairs (`prompt`, `chosen`, `rejected`, renamed by `--column`).
+fn pairs_from_args(args: &EvalArgs) -> Result<LoadedDataset> {
+    let data = args.data.as_deref().expect("--data or --recipe, checked");
+    let columns = (args.column.iter())
+        .map(|v| match v.split_once('=') {
+            Some((k, c)) if !k.is_empty() && !c.is_empty() => Ok((k.to_string(), c.to_string())),
+            _ => bail!("--column {v:?}: expected FIELD=COLUMN, e.g. chosen=better"),
+        })
+        .collect::<Result<BTreeMap<_, _>>>()?;
+    let spec = DatasetSpec {
+        source: mnli::resolve_source(data, args.split.as_deref(), args.config.as_deref())?,
+        template: TemplateSpec::Preset(crate::recipe::PREFERENCE_TEMPLATE.to_string()),
+        label_map: None,
         columns,
         limit: args.limit,
         few_shot: None,

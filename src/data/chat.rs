@@ -42,6 +42,13 @@ pub fn messages_of(row: &Row, at: &str) -> Result<Vec<Message>> {
              list of {{from, value}}) column"
         ),
     };
+    messages_in(list, column, at)
+}
+
+/// The conversation in `list`, the value of column `column` (`messages`, ShareGPT's
+/// `conversations`, or a preference pair's `prompt` / `chosen` / `rejected`, which take
+/// `messages`' `{role, content}` turns). `at` names the row in errors.
+pub fn messages_in(list: &serde_json::Value, column: &str, at: &str) -> Result<Vec<Message>> {
     let turns = list
         .as_array()
         .with_context(|| format!("{at}: `{column}` is {}, expected a list", kind(list)))?;
@@ -61,8 +68,7 @@ pub fn messages_of(row: &Row, at: &str) -> Result<Vec<Message>> {
             }
         };
         let (role, content) = match column {
-            "messages" => (field("role")?, field("content")?),
-            _ => {
+            "conversations" => {
                 let from = field("from")?;
                 let role = match from.as_str() {
                     "human" | "user" => "user",
@@ -75,6 +81,7 @@ pub fn messages_of(row: &Row, at: &str) -> Result<Vec<Message>> {
                 };
                 (role.to_string(), field("value")?)
             }
+            _ => (field("role")?, field("content")?),
         };
         if !ROLES.contains(&role.as_str()) {
             bail!(
@@ -210,7 +217,10 @@ pub fn apply_recipe_template(
     let chat = (recipe.data.train.iter())
         .chain(&recipe.data.eval)
         .any(|d| d.template.is_chat());
-    if !chat {
+    // Preference pairs may be conversations or text: a template only when the recipe names one
+    // (the tokenizer's own serves conversational pairs otherwise).
+    let pairs_template = recipe.objective.is_preference() && recipe.data.chat_template.is_some();
+    if !chat && !pairs_template {
         return Ok(None);
     }
     let mut preset = None;

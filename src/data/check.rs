@@ -61,6 +61,11 @@ pub fn check(recipe_path: &Path, overrides: &[String]) -> Result<Resolved> {
                 }
                 Err(e) => return Err(e.context(format!("{file}: {key}"))),
             };
+            if spec.template.is_preference() {
+                super::preference::check_rows(spec, &records)
+                    .with_context(|| format!("{file}: {key}"))?;
+                continue;
+            }
             if spec.template.is_chat() {
                 // Conversations: every row must be one.
                 for (i, row) in records.rows.iter().enumerate() {
@@ -95,6 +100,12 @@ pub fn check(recipe_path: &Path, overrides: &[String]) -> Result<Resolved> {
         all_local = false;
     }
     let sequences_per_epoch = match (&tokenizer, all_local) {
+        (Some(tokenizer), true) if recipe.objective.is_preference() => Some(
+            super::prepare_pairs(&recipe, &dir, tokenizer, Split::Train)
+                .with_context(|| format!("{file}: preparing the training pairs"))?
+                .stats
+                .pairs,
+        ),
         (Some(tokenizer), true) => Some(
             prepare(&recipe, &dir, tokenizer, Split::Train)
                 .with_context(|| format!("{file}: preparing the training data"))?

@@ -5,6 +5,7 @@ pub mod check;
 pub mod fast_bpe;
 pub mod fingerprint;
 pub mod pack;
+pub mod preference;
 pub mod prepare;
 pub mod preview;
 pub mod source;
@@ -13,12 +14,13 @@ pub mod template;
 
 pub use check::{check, Derived, Resolved};
 pub use fingerprint::{FileDigest, SourceFingerprint};
+pub use preference::{prepare_pairs, PreferencePair};
 pub use prepare::{
     load_split_records, prepare, render_datasets, render_split, tokenize_all, tokenize_example,
     tokenize_examples, DataStats, LoadedDataset, Prepared, Split,
 };
 pub use source::{load_records, Records};
-pub use stream::{SequenceStream, StreamState};
+pub use stream::{SequenceStream, Stream, StreamState};
 pub use template::Rendered;
 
 /// One training row as the model sees it: token ids and, per token, whether predicting that

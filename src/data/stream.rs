@@ -1,4 +1,4 @@
-//! The order training sees sequences in: shuffled per (seed, epoch), resumable from a state
+//! The order training sees its examples (sequences, or preference pairs) in: shuffled per (seed, epoch), resumable from a state
 //! small enough to live in `trainer_state.json`.
 
 use rand::seq::SliceRandom;
@@ -14,17 +14,21 @@ pub struct StreamState {
     pub position: u64,
 }
 
+/// Examples in the order training takes them.
 #[derive(Debug, Clone)]
-pub struct SequenceStream {
-    sequences: Vec<Sequence>,
+pub struct Stream<T> {
+    sequences: Vec<T>,
     seed: u64,
     shuffle: bool,
     order: Vec<usize>,
     state: StreamState,
 }
 
-impl SequenceStream {
-    pub fn new(sequences: Vec<Sequence>, seed: u64, shuffle: bool) -> Self {
+/// The stream of supervised training rows.
+pub type SequenceStream = Stream<Sequence>;
+
+impl<T: Clone> Stream<T> {
+    pub fn new(sequences: Vec<T>, seed: u64, shuffle: bool) -> Self {
         let mut stream = Self {
             sequences,
             seed,
@@ -51,6 +55,17 @@ impl SequenceStream {
         self.sequences.len()
     }
 
+    /// Every example, in their original order.
+    pub fn examples(&self) -> &[T] {
+        &self.sequences
+    }
+
+    /// Every example, in their original order, to change in place (the stream's order and
+    /// position stay).
+    pub fn examples_mut(&mut self) -> &mut [T] {
+        &mut self.sequences
+    }
+
     pub fn state(&self) -> StreamState {
         self.state
     }
@@ -67,7 +82,7 @@ impl SequenceStream {
     }
 
     /// The next `n` sequences, crossing into the next epoch (reshuffled) when this one ends.
-    pub fn next_batch(&mut self, n: usize) -> Vec<Sequence> {
+    pub fn next_batch(&mut self, n: usize) -> Vec<T> {
         assert!(
             !self.sequences.is_empty(),
             "a stream needs at least one sequence"

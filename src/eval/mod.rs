@@ -4,6 +4,7 @@
 pub mod classify;
 pub mod mnli;
 pub mod perplexity;
+pub mod preference;
 pub mod report;
 pub mod score;
 pub mod task;

@@ -52,7 +52,8 @@ impl RecipeEval {
         eval_data: Option<&data::Prepared>,
     ) -> Result<Option<Self>> {
         let measure = match recipe.eval.task {
-            EvalTask::Loss => return Ok(None),
+            // The trainer measures pairs itself (see `train::preference`).
+            EvalTask::Loss | EvalTask::Preference => return Ok(None),
             EvalTask::Mnli => Measure::Mnli(mnli_eval_rows(recipe, recipe_dir)?),
             EvalTask::Classify => {
                 Measure::Classify(classify_eval_data(recipe, recipe_dir, tokenizer)?)

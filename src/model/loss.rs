@@ -17,6 +17,13 @@ impl Model {
         Ok(self.head_loss(&hidden, labels, None)?.nll_sum)
     }
 
+    /// The cross-entropy of each labelled position, in position order (a sequence's
+    /// log-probability is minus the sum of its positions').
+    pub fn label_nll(&self, batch: &Batch, labels: &[i64]) -> candle_core::Result<Vec<f64>> {
+        let hidden = self.hidden_states(batch, None)?;
+        Ok(self.head_loss(&hidden, labels, None)?.label_nll)
+    }
+
     /// [`Self::loss_sum`] and the gradients of `grad_scale ×` it for every parameter; `None`
     /// when no position has a label.
     pub fn loss_and_grads(
@@ -25,14 +32,37 @@ impl Model {
         labels: &[i64],
         grad_scale: f64,
     ) -> candle_core::Result<Option<LossGrads>> {
+        self.weighted_loss_and_grads(batch, labels, &mut Weighting::Uniform(grad_scale))
+    }
+
+    /// The gradients of `Σ weight × nll` over the labelled positions, the weights chosen by
+    /// `weigh` from every position's cross-entropy once the forward has found them (a preference
+    /// objective's: how much each sequence counts depends on its pair's log-probabilities). The
+    /// head runs twice, once to find the cross-entropies and once with their gradients; the
+    /// blocks run once.
+    pub fn loss_and_grads_weighted_by(
+        &self,
+        batch: &Batch,
+        labels: &[i64],
+        weigh: &mut dyn FnMut(&[f64]) -> candle_core::Result<Vec<f64>>,
+    ) -> candle_core::Result<Option<LossGrads>> {
+        self.weighted_loss_and_grads(batch, labels, &mut Weighting::FromNll(weigh))
+    }
+
+    fn weighted_loss_and_grads(
+        &self,
+        batch: &Batch,
+        labels: &[i64],
+        weighting: &mut Weighting,
+    ) -> candle_core::Result<Option<LossGrads>> {
         if labels.iter().all(|&l| l < 0) {
             return Ok(None);
         }
         if let Some(trained) = &self.checkpointing {
-            return self.checkpointed_loss_and_grads(batch, labels, grad_scale, trained);
+            return self.checkpointed_loss_and_grads(batch, labels, weighting, trained);
         }
         let hidden = self.hidden_states(batch, None)?;
-        let loss = self.head_loss(&hidden, labels, Some(grad_scale))?;
+        let loss = self.weighted_head_loss(&hidden, labels, weighting)?;
         let Some(surrogate) = loss.surrogate else {
             return Ok(None);
         };
@@ -44,6 +74,7 @@ impl Model {
             .collect();
         Ok(Some(LossGrads {
             nll_sum: loss.nll_sum,
+            label_nll: loss.label_nll,
             store,
             head_grads,
         }))
@@ -57,7 +88,7 @@ impl Model {
         &self,
         batch: &Batch,
         labels: &[i64],
-        grad_scale: f64,
+        weighting: &mut Weighting,
         trained: &HashSet<TensorId>,
     ) -> candle_core::Result<Option<LossGrads>> {
         let mut pass = Pass::checkpointed();
@@ -81,7 +112,7 @@ impl Model {
         };
 
         // The head and the final norm, from the last block's output.
-        let loss = self.head_loss(&hidden, labels, Some(grad_scale))?;
+        let loss = self.weighted_head_loss(&hidden, labels, weighting)?;
         let Some(surrogate) = loss.surrogate else {
             return Ok(None);
         };
@@ -113,9 +144,30 @@ impl Model {
         }
         Ok(Some(LossGrads {
             nll_sum: loss.nll_sum,
+            label_nll: loss.label_nll,
             store: grads,
             head_grads: self.head_grads(loss.head_grads),
         }))
+    }
+
+    /// The fused loss head with the gradient `weighting` asks for: at once when it is uniform;
+    /// from a first pass's cross-entropies otherwise.
+    fn weighted_head_loss(
+        &self,
+        hidden: &Tensor,
+        labels: &[i64],
+        weighting: &mut Weighting,
+    ) -> candle_core::Result<ops::LmLoss> {
+        match weighting {
+            Weighting::Uniform(scale) => {
+                self.head_loss(hidden, labels, Some(ops::GradScale::Uniform(*scale)))
+            }
+            Weighting::FromNll(weigh) => {
+                let found = self.head_loss(hidden, labels, None)?;
+                let weights = weigh(&found.label_nll)?;
+                self.head_loss(hidden, labels, Some(ops::GradScale::PerLabel(&weights)))
+            }
+        }
     }
 
     /// The fused loss head over `hidden` (see [`ops::lm_head_loss`]).
@@ -123,7 +175,7 @@ impl Model {
         &self,
         hidden: &Tensor,
         labels: &[i64],
-        grad_scale: Option<f64>,
+        grad_scale: Option<ops::GradScale>,
     ) -> candle_core::Result<ops::LmLoss> {
         let head = self.body().lm_head();
         ops::lm_head_loss(
@@ -150,11 +202,21 @@ impl Model {
     }
 }
 
+/// How the gradient of a backward weighs the labelled positions.
+enum Weighting<'a> {
+    /// `scale ×` the summed cross-entropy.
+    Uniform(f64),
+    /// Per position, from every position's cross-entropy.
+    FromNll(&'a mut dyn FnMut(&[f64]) -> candle_core::Result<Vec<f64>>),
+}
+
 /// The gradients of one backward of the training loss, by parameter: the head's come from the
 /// fused loss head, the rest from autograd through the hidden states.
 pub struct LossGrads {
     /// Cross-entropy summed over the labelled positions.
     pub nll_sum: f64,
+    /// The cross-entropy of each labelled position, in position order.
+    pub label_nll: Vec<f64>,
     /// By tensor.
     store: HashMap<TensorId, Tensor>,
     /// By HF name: the head is found by name because the model may compute with a converted

@@ -32,9 +32,31 @@ fn labelled_positions(labels: &[i64]) -> (Vec<u32>, Vec<u32>) {
         .unzip()
 }
 
+/// How the loss's gradient weighs each labelled position.
+#[derive(Debug, Clone, Copy)]
+pub enum GradScale<'a> {
+    /// Every position the same: the gradient of `scale × nll sum`.
+    Uniform(f64),
+    /// One weight per labelled position, in position order: the gradient of
+    /// `Σ weight × nll` (a preference objective's share of each sequence in its pair's loss).
+    PerLabel(&'a [f64]),
+}
+
+impl GradScale<'_> {
+    /// The weight of the `i`-th labelled position.
+    fn at(&self, i: usize) -> f64 {
+        match self {
+            GradScale::Uniform(scale) => *scale,
+            GradScale::PerLabel(weights) => weights[i],
+        }
+    }
+}
+
 pub struct LmLoss {
     /// Sum of the cross-entropy over rows with a label.
     pub nll_sum: f64,
+    /// The cross-entropy of each labelled position, in position order.
+    pub label_nll: Vec<f64>,
     /// A scalar whose gradient with respect to the hidden states is `grad_scale ×` that of
     /// `nll_sum` (when asked for).
     pub surrogate: Option<Tensor>,
@@ -45,7 +67,7 @@ pub struct LmLoss {
 
 /// Cross-entropy summed over rows of `hidden` (`[..., n_embd]`, flattened) whose label is not
 /// negative, through the head `weight` `[vocab, n_embd]` and `bias`. With `grad_scale`, also the
-/// surrogate for backward. `operands` is the head matmuls' precision when the tensors are fp32
+/// surrogate for backward, whose gradient weighs each position as `grad_scale` says. `operands` is the head matmuls' precision when the tensors are fp32
 /// on the CPU (the model's [`crate::model::Model::matmul_operands`]); otherwise the tensors'
 /// dtype decides.
 pub fn lm_head_loss(
@@ -53,7 +75,7 @@ pub fn lm_head_loss(
     weight: &Tensor,
     bias: Option<&Tensor>,
     labels: &[i64],
-    grad_scale: Option<f64>,
+    grad_scale: Option<GradScale>,
     operands: Operands,
 ) -> Result<LmLoss> {
     let (vocab, n_embd) = weight.dims2()?;
@@ -67,6 +89,14 @@ pub fn lm_head_loss(
     let (rows, targets) = labelled_positions(labels);
     let device = hidden.device();
     let n = rows.len();
+    if let Some(GradScale::PerLabel(weights)) = grad_scale {
+        if weights.len() != n {
+            candle_core::bail!(
+                "{} gradient weights for {n} labelled positions",
+                weights.len()
+            );
+        }
+    }
     let row_index = Tensor::from_vec(rows, n, device)?;
     let picked = hidden.detach().index_select(&row_index, 0)?;
     let head_trains = weight.track_op();
@@ -78,7 +108,8 @@ pub fn lm_head_loss(
     } else {
         weight
     };
-    let (nll_sum, grad_picked, head_grads) = if use_fused(&hidden) && weight.dtype() == DType::F32 {
+    let (label_nll, grad_picked, head_grads) = if use_fused(&hidden) && weight.dtype() == DType::F32
+    {
         cpu_chunks(
             &picked,
             weight,
@@ -91,9 +122,12 @@ pub fn lm_head_loss(
     } else {
         generic_chunks(&picked, weight, bias, &targets, grad_scale)?
     };
+    // In position order, one after the other: the same sum however the chunks were split.
+    let nll_sum = label_nll.iter().sum();
     let Some(grad_picked) = grad_picked else {
         return Ok(LmLoss {
             nll_sum,
+            label_nll,
             surrogate: None,
             head_grads: None,
         });
@@ -106,13 +140,15 @@ pub fn lm_head_loss(
     let surrogate = (hidden * grad_h)?.sum_all()?.to_dtype(DType::F32)?;
     Ok(LmLoss {
         nll_sum,
+        label_nll,
         surrogate: Some(surrogate),
         head_grads,
     })
 }
 
-/// Loss sum, gradient of the picked rows (in their dtype) and the head's fp32 gradients.
-type ChunkResults = (f64, Option<Tensor>, Option<(Tensor, Option<Tensor>)>);
+/// Each picked row's loss, the gradient of the picked rows (in their dtype) and the head's fp32
+/// gradients.
+type ChunkResults = (Vec<f64>, Option<Tensor>, Option<(Tensor, Option<Tensor>)>);
 
 /// Any device and dtype, from candle ops on the tensors' device: the logits of a chunk are
 /// upcast to fp32 (as HF does), and the only value that leaves the device is the loss sum.
@@ -121,14 +157,14 @@ fn generic_chunks(
     weight: &Tensor,
     bias: Option<&Tensor>,
     targets: &[u32],
-    grad_scale: Option<f64>,
+    grad_scale: Option<GradScale>,
 ) -> Result<ChunkResults> {
     let (vocab, _) = weight.dims2()?;
     let (device, dtype, n) = (picked.device(), picked.dtype(), picked.dim(0)?);
     let w = weight.detach();
     let bias = bias.map(|b| b.detach().to_dtype(DType::F32)).transpose()?;
     let targets = Tensor::from_slice(targets, n, device)?;
-    let mut nll_sum = Tensor::zeros((), DType::F64, device)?;
+    let mut chunk_nll = Vec::new();
     let mut grad_hidden = Vec::new();
     let mut grad_w: Option<Tensor> = None;
     let mut grad_b: Option<Tensor> = None;
@@ -146,14 +182,24 @@ fn generic_chunks(
         let sum = exp.sum_keepdim(1)?;
         // nll = log Σ exp(x - max) - (x_target - max)
         let nll = (sum.log()? - shifted.gather(&chunk_targets, 1)?)?;
-        nll_sum = (nll_sum + nll.sum_all()?.to_dtype(DType::F64)?)?;
+        chunk_nll.push(nll.flatten_all()?);
         let Some(scale) = grad_scale else { continue };
         let onehot = Tensor::zeros((len, vocab), DType::F32, device)?.scatter_add(
             &chunk_targets,
             &Tensor::ones((len, 1), DType::F32, device)?,
             1,
         )?;
-        let g32 = ((exp.broadcast_div(&sum)? - onehot)? * scale)?;
+        let g32 = (exp.broadcast_div(&sum)? - onehot)?;
+        let g32 = match scale {
+            GradScale::Uniform(scale) => (g32 * scale)?,
+            GradScale::PerLabel(weights) => {
+                let weights: Vec<f32> = weights[start..start + len]
+                    .iter()
+                    .map(|&w| w as f32)
+                    .collect();
+                g32.broadcast_mul(&Tensor::from_vec(weights, (len, 1), device)?)?
+            }
+        };
         let g = g32.to_dtype(dtype)?;
         grad_hidden.push(g.matmul(&w)?);
         let gw = g.t()?.matmul(&h)?.to_dtype(DType::F32)?;
@@ -171,13 +217,19 @@ fn generic_chunks(
             });
         }
     }
-    let nll_sum = nll_sum.to_scalar::<f64>()?;
+    // The only values that leave the device: one per labelled position.
+    let label_nll: Vec<f64> = match chunk_nll.is_empty() {
+        true => Vec::new(),
+        false => Tensor::cat(&chunk_nll, 0)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?,
+    };
     if grad_scale.is_none() || n == 0 {
-        return Ok((nll_sum, None, None));
+        return Ok((label_nll, None, None));
     }
     let grad_picked = Tensor::cat(&grad_hidden, 0)?;
     let grad_w = grad_w.expect("chunks ran");
-    Ok((nll_sum, Some(grad_picked), Some((grad_w, grad_b))))
+    Ok((label_nll, Some(grad_picked), Some((grad_w, grad_b))))
 }
 
 /// fp32 tensors on the CPU: the head's products straight into reused buffers, the weight's
@@ -187,7 +239,7 @@ fn cpu_chunks(
     weight: &Tensor,
     bias: Option<&Tensor>,
     targets: &[u32],
-    grad_scale: Option<f64>,
+    grad_scale: Option<GradScale>,
     operands: Operands,
     head_trains: bool,
 ) -> Result<ChunkResults> {
@@ -218,13 +270,12 @@ fn cpu_chunks(
     let want_grad = grad_scale.is_some();
     // A frozen head (LoRA) needs the hidden states' gradient only.
     let want_head_grad = want_grad && head_trains;
-    let scale = grad_scale.unwrap_or(0.0) as f32;
     // The head's weight gradient is accumulated as `[n_embd, vocab]` (`hᵀ · g` per chunk) and
     // transposed once at the end: that product has the same shape as the forward one, which the
     // SGEMM runs about 15% faster than `gᵀ · h` with its 50400-row output. The AMX kernel keeps
     // `gᵀ · h`, whose right-hand side (the chunk of `h`) is small to pack into tiles.
     let transposed_grad_w = !matches!(head_t, Rhs::Tiles(_));
-    let mut nll_sum = 0f64;
+    let mut label_nll = Vec::with_capacity(n);
     let mut grad_h = vec![0f32; if want_grad { n * d } else { 0 }];
     let mut grad_w = zeroed(if want_head_grad { vocab * d } else { 0 });
     let mut grad_b = vec![
@@ -242,18 +293,17 @@ fn cpu_chunks(
         let values = &mut logits[..len * vocab];
         gemm::matmul_prepared(h_chunk, &head_t, values, false);
         let chunk_targets = &targets[start..start + len];
-        nll_sum += values
+        let mut chunk_nll = Vec::with_capacity(len);
+        values
             .par_chunks_mut(vocab)
             .zip(chunk_targets.par_iter())
-            .map(|(row, &target)| {
-                softmax_cross_entropy(
-                    row,
-                    bias_values.as_deref(),
-                    target as usize,
-                    want_grad.then_some(scale),
-                )
+            .enumerate()
+            .map(|(i, (row, &target))| {
+                let scale = grad_scale.map(|scale| scale.at(start + i) as f32);
+                softmax_cross_entropy(row, bias_values.as_deref(), target as usize, scale)
             })
-            .sum::<f64>();
+            .collect_into_vec(&mut chunk_nll);
+        label_nll.extend(chunk_nll);
         let Some(head) = &head else { continue };
         let g = MatRef::row_major(values, len, vocab);
         gemm::matmul_prepared(g, head, &mut grad_h[start * d..(start + len) * d], false);
@@ -270,11 +320,11 @@ fn cpu_chunks(
         }
     }
     if !want_grad || n == 0 {
-        return Ok((nll_sum, None, None));
+        return Ok((label_nll, None, None));
     }
     let grad_picked = Tensor::from_vec(grad_h, (n, d), device)?;
     if !want_head_grad {
-        return Ok((nll_sum, Some(grad_picked), None));
+        return Ok((label_nll, Some(grad_picked), None));
     }
     if transposed_grad_w {
         grad_w = transposed(&grad_w, d, vocab);
@@ -283,7 +333,7 @@ fn cpu_chunks(
     let grad_b = bias
         .map(|_| Tensor::from_vec(grad_b, vocab, device))
         .transpose()?;
-    Ok((nll_sum, Some(grad_picked), Some((grad_w, grad_b))))
+    Ok((label_nll, Some(grad_picked), Some((grad_w, grad_b))))
 }
 
 /// The transpose of a row-major `rows × cols` matrix, in parallel over tiles of output rows.
@@ -386,7 +436,7 @@ mod tests {
             &weight,
             Some(&bias),
             &labels,
-            Some(0.25),
+            Some(GradScale::Uniform(0.25)),
             Operands::F32,
         )?;
         let logits = hidden.matmul(&weight.t()?)?.broadcast_add(&bias)?;
@@ -458,13 +508,22 @@ mod tests {
             &weight,
             Some(&bias),
             &targets,
-            Some(0.5),
+            Some(GradScale::Uniform(0.5)),
             Operands::F32,
             true,
         )?;
-        let (nll_b, gh_b, heads_b) =
-            generic_chunks(&picked, &weight, Some(&bias), &targets, Some(0.5))?;
-        assert!((nll_a - nll_b).abs() < 1e-5 * nll_b, "{nll_a} vs {nll_b}");
+        let (nll_b, gh_b, heads_b) = generic_chunks(
+            &picked,
+            &weight,
+            Some(&bias),
+            &targets,
+            Some(GradScale::Uniform(0.5)),
+        )?;
+        assert_eq!(nll_a.len(), targets.len());
+        for (a, b) in nll_a.iter().zip(&nll_b) {
+            assert!((a - b).abs() < 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+        }
+        let nll_a: f64 = nll_a.iter().sum();
         let ((gw_a, gb_a), (gw_b, gb_b)) = (heads_a.unwrap(), heads_b.unwrap());
         for (a, b) in [
             (gh_a.unwrap(), gh_b.unwrap()),
@@ -480,10 +539,73 @@ mod tests {
         let (nll_c, none, no_heads) =
             cpu_chunks(&picked, &weight, None, &targets, None, Operands::F32, true)?;
         assert!(none.is_none() && no_heads.is_none());
+        let nll_c: f64 = nll_c.iter().sum();
         assert!(
             (nll_c - nll_a).abs() > 1e-3,
             "the bias was left out, so the loss differs"
         );
+        Ok(())
+    }
+
+    /// Per-position weights give the gradient of `Σ weight × nll`: the uniform gradient of each
+    /// position alone, scaled and summed, on both paths.
+    #[test]
+    fn per_label_weights_scale_each_position() -> Result<()> {
+        let (picked, weight, bias, targets) = chunk_inputs(CPU_CHUNK_ROWS + 3, 50, 12)?;
+        let n = targets.len();
+        let weights: Vec<f64> = (0..n).map(|i| (i % 7) as f64 * 0.3 - 0.9).collect();
+        let scale = Some(GradScale::PerLabel(&weights));
+        let cpu = cpu_chunks(
+            &picked,
+            &weight,
+            Some(&bias),
+            &targets,
+            scale,
+            Operands::F32,
+            true,
+        )?;
+        let generic = generic_chunks(&picked, &weight, Some(&bias), &targets, scale)?;
+        // Each row's gradient is its uniform one times its weight.
+        let (_, uniform_h, _) = cpu_chunks(
+            &picked,
+            &weight,
+            Some(&bias),
+            &targets,
+            Some(GradScale::Uniform(1.0)),
+            Operands::F32,
+            true,
+        )?;
+        let column = Tensor::from_vec(
+            weights.iter().map(|&w| w as f32).collect::<Vec<_>>(),
+            (n, 1),
+            &Device::Cpu,
+        )?;
+        let expected_h = uniform_h.unwrap().broadcast_mul(&column)?;
+        // The bias gradient is the column sums of the weighted softmax gradients: recomputed
+        // here from the composite.
+        let logits = picked.matmul(&weight.t()?)?.broadcast_add(&bias)?;
+        let softmax = candle_nn::ops::softmax_last_dim(&logits)?;
+        let onehot: Vec<f32> = (0..n * 50)
+            .map(|k| f32::from(targets[k / 50] as usize == k % 50))
+            .collect();
+        let g =
+            (softmax - Tensor::from_vec(onehot, (n, 50), &Device::Cpu)?)?.broadcast_mul(&column)?;
+        let expected_b = g.sum(0)?;
+        let expected_w = g.t()?.matmul(&picked)?;
+        for (nll, grad_h, heads) in [cpu, generic] {
+            assert_eq!(nll.len(), n);
+            let (gw, gb) = heads.unwrap();
+            for (a, b) in [
+                (grad_h.unwrap(), &expected_h),
+                (gw, &expected_w),
+                (gb.unwrap(), &expected_b),
+            ] {
+                assert!(
+                    max_diff(&a, b) < 1e-5 * max_abs(b).max(1.0),
+                    "gradients differ"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -496,7 +618,7 @@ mod tests {
             &weight,
             Some(&bias),
             &targets,
-            Some(1.0),
+            Some(GradScale::Uniform(1.0)),
             Operands::Bf16,
             true,
         )?;
@@ -506,10 +628,11 @@ mod tests {
             &round(&weight)?,
             Some(&bias),
             &targets,
-            Some(1.0),
+            Some(GradScale::Uniform(1.0)),
             Operands::F32,
             true,
         )?;
+        let (nll, nll_rounded): (f64, f64) = (nll.iter().sum(), nll_rounded.iter().sum());
         assert!(
             (nll - nll_rounded).abs() < 1e-5 * nll_rounded,
             "{nll} vs {nll_rounded}"
@@ -523,6 +646,7 @@ mod tests {
             Operands::F32,
             true,
         )?;
+        let nll_fp32: f64 = nll_fp32.iter().sum();
         assert!(
             (nll - nll_fp32).abs() > 1e-6 * nll_fp32,
             "bf16 products equal fp32 ones: not rounded?"

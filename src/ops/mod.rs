@@ -27,7 +27,9 @@ pub use attention::{
 pub use device::parse_device;
 pub use dropout::{Dropout, DropoutRates, Site};
 pub use layers::{embedding, gelu, gelu_new, layer_norm, linear, LayerNorm, Linear};
-pub use loss::{composite_nll_sum, lm_head_loss, LmLoss, CPU_CHUNK_ROWS as LOSS_CHUNK_ROWS};
+pub use loss::{
+    composite_nll_sum, lm_head_loss, GradScale, LmLoss, CPU_CHUNK_ROWS as LOSS_CHUNK_ROWS,
+};
 pub use optim::{adamw_step, add_in_place, global_norm, AdamWStep};
 
 /// 0: not decided yet (read `KILN_OPS` on first use), 1: fused CPU kernels, 2: generic only.

@@ -256,6 +256,40 @@ impl Recipe {
                 problems.push(problem);
             }
         }
+        for problem in self.objective.problems() {
+            problems.push(problem);
+        }
+        let preference = self.objective.is_preference();
+        let splits = [("train", &self.data.train), ("eval", &self.data.eval)];
+        for (split, datasets) in splits {
+            for (i, dataset) in datasets.iter().enumerate() {
+                let pairs = dataset.template.is_preference();
+                if preference && !pairs {
+                    problems.push(format!(
+                        "data.{split}[{i}].template: objective.kind {} trains on preference \
+                         pairs; set template: preference (rows of prompt, chosen and rejected)",
+                        self.objective.kind.name()
+                    ));
+                } else if pairs && !preference {
+                    problems.push(format!(
+                        "data.{split}[{i}].template: preference pairs train with a preference \
+                         objective; set objective.kind: dpo or simpo"
+                    ));
+                }
+            }
+        }
+        if preference {
+            problems.check(
+                self.data.attention.is_causal(),
+                "data.attention: prefix attention does not apply to preference pairs".into(),
+            );
+            problems.check(
+                !self.data.loss_on.is_assistant(),
+                "data.loss_on: preference pairs train on their completions (chosen and \
+                 rejected) only; remove loss_on"
+                    .into(),
+            );
+        }
         if let Some(patterns) = &self.train.trainable {
             problems.check(
                 !patterns.is_empty(),
@@ -403,9 +437,11 @@ impl Recipe {
              (template: chat) have no single prompt; use attention: causal"
                 .into(),
         );
-        if self.data.chat_template.is_some() && !chat {
+        if self.data.chat_template.is_some() && !chat && !self.objective.is_preference() {
             problems.push(
-                "data.chat_template: no dataset is conversations (template: chat) to use it".into(),
+                "data.chat_template: no dataset is conversations (template: chat, or \
+                 conversational preference pairs) to use it"
+                    .into(),
             );
         }
         if self.data.packing == super::Packing::Isolated {
@@ -435,6 +471,21 @@ impl Recipe {
                     "eval.task: {} needs an eval dataset under data.eval",
                     task.name()
                 ),
+            );
+        }
+        let pairs_task = matches!(task, super::EvalTask::Loss | super::EvalTask::Preference);
+        if self.objective.is_preference() && !pairs_task {
+            problems.push(format!(
+                "eval.task: {} measures text examples; preference pairs are measured by \
+                 eval.task: preference (or loss)",
+                task.name()
+            ));
+        }
+        if task == super::EvalTask::Preference && !self.objective.is_preference() {
+            problems.push(
+                "eval.task: preference measures preference pairs; set objective.kind: dpo or \
+                 simpo"
+                    .into(),
             );
         }
         if let Some(column) = &self.eval.group_by {
@@ -582,9 +633,9 @@ impl super::DatasetSpec {
                 bail!("few_shot.k: must be at least 1 (remove few_shot to disable it)");
             }
         }
-        if self.template.is_chat() {
+        if self.template.is_chat() || self.template.is_preference() {
             if self.few_shot.is_some() {
-                bail!("few_shot: conversations (template: chat) take no few-shot examples");
+                bail!("few_shot: conversations and preference pairs take no few-shot examples");
             }
             return Ok(());
         }

@@ -14,9 +14,11 @@ pub use crate::model::lora::LoraSpec;
 use crate::tokenizer::TextTokenizer;
 
 mod load;
+pub mod objective;
 pub mod template;
 
 pub use load::{apply_override, load, parse};
+pub use objective::{ObjectiveKind, ObjectiveSpec, PreferenceLoss};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -39,6 +41,10 @@ pub struct Recipe {
     /// Train a LoRA adapter (PEFT's format) instead of every weight; absent: full fine-tune.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraSpec>,
+    /// What training minimises (absent: next-token cross-entropy). Left out of the serialized
+    /// recipe when it is, so older checkpoints' recipes still match.
+    #[serde(default, skip_serializing_if = "ObjectiveSpec::is_sft")]
+    pub objective: ObjectiveSpec,
     #[serde(default)]
     pub optimizer: OptimizerSpec,
     #[serde(default)]
@@ -323,11 +329,18 @@ pub enum TemplateSpec {
 
 /// The template name of conversation datasets.
 pub const CHAT_TEMPLATE: &str = "chat";
+/// The template name of preference pairs (`prompt`, `chosen`, `rejected`).
+pub const PREFERENCE_TEMPLATE: &str = "preference";
 
 impl TemplateSpec {
     /// `template: chat`: conversations rendered with the chat template.
     pub fn is_chat(&self) -> bool {
         matches!(self, TemplateSpec::Preset(name) if name == CHAT_TEMPLATE)
+    }
+
+    /// `template: preference`: rows of `prompt`, `chosen` and `rejected` (TRL's format).
+    pub fn is_preference(&self) -> bool {
+        matches!(self, TemplateSpec::Preset(name) if name == PREFERENCE_TEMPLATE)
     }
 }
 
@@ -809,6 +822,9 @@ pub enum EvalTask {
     Classify,
     /// Loss and its exp, with a report.
     Perplexity,
+    /// A preference objective's loss on held-out pairs with TRL's metrics, preference accuracy
+    /// (`rewards/accuracies`) among them.
+    Preference,
 }
 
 impl EvalTask {
@@ -819,6 +835,7 @@ impl EvalTask {
             EvalTask::Mnli => "mnli",
             EvalTask::Classify => "classify",
             EvalTask::Perplexity => "perplexity",
+            EvalTask::Preference => "preference",
         }
     }
 }
@@ -940,7 +957,9 @@ impl Recipe {
     }
 
     pub fn tokens_per_step(&self) -> usize {
-        self.batch.global * self.data.seq_len
+        // A preference pair is two sequences.
+        let sequences = if self.objective.is_preference() { 2 } else { 1 };
+        self.batch.global * sequences * self.data.seq_len
     }
 
     /// Optimizer steps of the run: `steps`, or `ceil(epochs × sequences per epoch / global)`.

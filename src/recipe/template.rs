@@ -33,7 +33,8 @@ impl Preset {
             "prompt-completion" => Preset::PromptCompletion,
             "text" => Preset::Text,
             other => bail!(
-                "unknown preset {other:?} (expected one of {}, or a mapping with prompt and target)",
+                "unknown preset {other:?} (expected one of {}, chat (conversations), preference \
+                 (prompt/chosen/rejected pairs), or a mapping with prompt and target)",
                 Self::NAMES
             ),
         })

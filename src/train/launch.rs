@@ -7,8 +7,12 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 
 use super::distributed::{self, Collective, Launch};
-use super::{EvalHook, EvalPoint, ModelInit, Resume, TrainOptions, TrainSummary, Trainer};
-use crate::data::{self, prepare, SequenceStream, Split};
+use super::{
+    EvalData, EvalHook, EvalPoint, ModelInit, Resume, TrainData, TrainOptions, TrainSummary,
+    Trainer,
+};
+use crate::data::preference::PreparedPairs;
+use crate::data::{self, prepare, prepare_pairs, Split, Stream};
 use crate::eval::task::{RecipeEval, Weights};
 use crate::hub::{HubConfig, PushOptions, Uploader};
 use crate::model::{self, init};
@@ -27,6 +31,12 @@ pub struct LaunchOptions {
     pub allow_data_change: bool,
     /// Replace an earlier run of the same name instead of refusing to start over it.
     pub overwrite: bool,
+}
+
+/// A split's data as the objective reads it.
+enum Prepared {
+    Sequences(data::Prepared),
+    Pairs(PreparedPairs),
 }
 
 /// Whole pushes are tried this often before a checkpoint's upload is reported as failed.
@@ -101,14 +111,17 @@ impl<'a> Trainer<'a> {
         // way.
         init.config
             .set_prefix_lm(recipe.data.attention == Attention::Prefix);
-        let train_data = prepare(recipe, &dir, &tokenizer, Split::Train)
-            .with_context(|| format!("{file}: preparing the training data"))?;
+        let prepare_split = |split: Split| -> Result<Prepared> {
+            let prepared = match recipe.objective.is_preference() {
+                true => prepare_pairs(recipe, &dir, &tokenizer, split).map(Prepared::Pairs),
+                false => prepare(recipe, &dir, &tokenizer, split).map(Prepared::Sequences),
+            };
+            prepared.with_context(|| format!("{file}: preparing the {} data", split.name()))
+        };
+        let train_data = prepare_split(Split::Train)?;
         let eval_data = match recipe.data.eval.is_empty() {
             true => None,
-            false => Some(
-                prepare(recipe, &dir, &tokenizer, Split::Eval)
-                    .with_context(|| format!("{file}: preparing the eval data"))?,
-            ),
+            false => Some(prepare_split(Split::Eval)?),
         };
         let data_fingerprint = data::fingerprint::training_data(recipe, &dir)
             .with_context(|| format!("{file}: fingerprinting the training data"))?;
@@ -118,21 +131,39 @@ impl<'a> Trainer<'a> {
             &serde_json::to_string(&data_fingerprint)?,
         )?;
         let progress = Progress::new(options.quiet);
-        let stats = &train_data.stats;
+        let data_line = match &train_data {
+            Prepared::Sequences(data) => {
+                let stats = &data.stats;
+                format!(
+                    "{} examples, {} tokens → {} sequences of ≤{} tokens per epoch",
+                    stats.examples, stats.tokens, stats.sequences, stats.seq_len
+                )
+            }
+            Prepared::Pairs(data) => {
+                let stats = &data.stats;
+                format!(
+                    "{} preference pairs ({} tokens, {} sequences cut to {}) for {}",
+                    stats.pairs,
+                    stats.tokens,
+                    stats.truncated,
+                    stats.seq_len,
+                    recipe.objective.kind.name()
+                )
+            }
+        };
         progress.println(&format!(
-            "{}: {} examples, {} tokens → {} sequences of ≤{} tokens per epoch; model {} ({} \
-             parameters)",
+            "{}: {data_line}; model {} ({} parameters)",
             recipe.name,
-            stats.examples,
-            stats.tokens,
-            stats.sequences,
-            stats.seq_len,
             init.base_model,
             parameter_count(&init.config)
         ));
 
         // Everything that can be wrong with the evaluation or the upload is found before step 1.
-        let task = RecipeEval::prepare(recipe, &dir, &tokenizer, eval_data.as_ref())
+        let eval_sequences = match &eval_data {
+            Some(Prepared::Sequences(data)) => Some(data),
+            _ => None,
+        };
+        let task = RecipeEval::prepare(recipe, &dir, &tokenizer, eval_sequences)
             .with_context(|| format!("{file}: eval.task: {}", recipe.eval.task.name()))?;
         let uploader = match &recipe.checkpoint.push_to_hub {
             // Rank 0 writes the checkpoints, so it alone uploads them.
@@ -154,7 +185,11 @@ impl<'a> Trainer<'a> {
             }) as EvalHook
         });
 
-        let stream = SequenceStream::new(train_data.sequences, recipe.seed, recipe.data.shuffle);
+        let (seed, shuffle) = (recipe.seed, recipe.data.shuffle);
+        let stream: TrainData = match train_data {
+            Prepared::Sequences(data) => Stream::new(data.sequences, seed, shuffle).into(),
+            Prepared::Pairs(data) => Stream::new(data.pairs, seed, shuffle).into(),
+        };
         let threads = (options.threads)
             .or_else(|| (collective.size() > 1).then(distributed::threads_per_rank));
         let options = TrainOptions {
@@ -171,8 +206,11 @@ impl<'a> Trainer<'a> {
             overwrite: options.overwrite,
             collective: Some(collective),
         };
-        let eval_sequences = eval_data.map(|d| d.sequences);
-        let mut trainer = Trainer::new(recipe, init, stream, eval_sequences, options)?;
+        let eval_data = eval_data.map(|data| match data {
+            Prepared::Sequences(data) => EvalData::from(data.sequences),
+            Prepared::Pairs(data) => EvalData::from(data.pairs),
+        });
+        let mut trainer = Trainer::new(recipe, init, stream, eval_data, options)?;
         if let Some(uploader) = uploader {
             trainer.upload_checkpoints(uploader);
         }

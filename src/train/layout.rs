@@ -6,7 +6,8 @@
 
 use anyhow::{ensure, Result};
 
-use crate::data::{Sequence, SequenceStream};
+#[cfg(test)]
+use crate::data::Sequence;
 use crate::recipe::Recipe;
 
 #[derive(Debug, Clone, Copy)]
@@ -21,19 +22,19 @@ pub struct BatchLayout {
     pub workers_per_replica: usize,
 }
 
-/// One worker's rows of a micro-step.
-pub struct Shard<'s> {
+/// One worker's rows of a micro-step (training rows, or preference pairs).
+pub struct Shard<'s, T> {
     /// This rank's replica the rows belong to (`0..local_replicas`).
     pub local_replica: usize,
     /// The global batch index of the first row.
     pub first_row: usize,
-    pub rows: &'s [Sequence],
+    pub rows: &'s [T],
 }
 
 impl BatchLayout {
-    /// The recipe's batch geometry on rank `rank` of `ranks`, checked against the data; the
-    /// workers are set later with [`Self::with_workers`].
-    pub fn new(recipe: &Recipe, train: &SequenceStream, rank: usize, ranks: usize) -> Result<Self> {
+    /// The recipe's batch geometry on rank `rank` of `ranks`, checked against the data
+    /// (`examples` per epoch); the workers are set later with [`Self::with_workers`].
+    pub fn new(recipe: &Recipe, examples: usize, rank: usize, ranks: usize) -> Result<Self> {
         let batch = &recipe.batch;
         ensure!(
             batch.micro > 0 && batch.replicas > 0,
@@ -56,10 +57,7 @@ impl BatchLayout {
             batch.micro,
             batch.replicas
         );
-        ensure!(
-            train.sequences_per_epoch() > 0,
-            "the training data has no sequences"
-        );
+        ensure!(examples > 0, "the training data has no sequences");
         Ok(Self {
             micro: batch.micro,
             replicas: batch.replicas,
@@ -92,7 +90,7 @@ impl BatchLayout {
 
     /// This rank's shards of micro-step `micro_step`, whose rows are `rows`, in replica then
     /// worker order.
-    pub fn shards<'s>(&self, micro_step: usize, rows: &'s [Sequence]) -> Vec<Shard<'s>> {
+    pub fn shards<'s, T>(&self, micro_step: usize, rows: &'s [T]) -> Vec<Shard<'s, T>> {
         let local = self.local_replicas();
         let mine = self.rank * local..(self.rank + 1) * local;
         let mut shards = Vec::new();
@@ -115,7 +113,7 @@ impl BatchLayout {
 }
 
 /// `rows` in at most `parts` contiguous, non-empty pieces whose sizes differ by at most one.
-fn split_rows(rows: &[Sequence], parts: usize) -> Vec<&[Sequence]> {
+fn split_rows<T>(rows: &[T], parts: usize) -> Vec<&[T]> {
     let parts = parts.clamp(1, rows.len().max(1));
     let (base, extra) = (rows.len() / parts, rows.len() % parts);
     let mut pieces = Vec::with_capacity(parts);

@@ -32,6 +32,11 @@ pub struct MemoryEstimate {
     pub workspace: u64,
     /// The process itself: code, tokenizer, data and allocator slack.
     pub runtime: u64,
+    /// A preference objective's reference model: a frozen copy of the starting weights in the
+    /// compute dtype (full fine-tune DPO); nothing with LoRA (the base with the adapter off),
+    /// with precomputed log-probabilities, or without a reference (SimPO).
+    #[serde(default)]
+    pub reference: u64,
     /// Replicas train in one process, each with its own activations.
     pub replicas: usize,
     /// Trained parameters (all of them, or the adapter's).
@@ -99,7 +104,13 @@ impl MemoryEstimate {
         let gradients = gradient_bytes * workers * replicas;
         let optimizer = trained * 8;
 
-        let rows = recipe.batch.micro as u64;
+        // A preference pair is two sequences, trained at once.
+        let sequences_per_row = if recipe.objective.is_preference() {
+            2
+        } else {
+            1
+        };
+        let rows = (recipe.batch.micro * sequences_per_row) as u64;
         let seq = recipe.data.seq_len as u64;
         let (per_layer, block_input) = activation_bytes(config, rows, seq, weight_dtype);
         let layers = config.n_layer() as u64;
@@ -121,6 +132,7 @@ impl MemoryEstimate {
             activations_checkpointed,
             workspace,
             runtime: RUNTIME_BYTES,
+            reference: reference_bytes(recipe, total_parameters, weight_dtype),
             replicas: replicas as usize,
             trained_parameters: trained,
             total_parameters,
@@ -154,6 +166,7 @@ impl MemoryEstimate {
             + self.activations
             + self.workspace
             + self.runtime
+            + self.reference
     }
 
     /// The peak with activation checkpointing.
@@ -171,6 +184,7 @@ impl MemoryEstimate {
             ("activations_checkpointed", self.activations_checkpointed),
             ("workspace", self.workspace),
             ("runtime", self.runtime),
+            ("reference", self.reference),
             ("total", self.total()),
             ("total_checkpointed", self.total_checkpointed()),
         ]
@@ -199,12 +213,18 @@ impl MemoryEstimate {
             ),
             format!("  workspace    {}", gib(self.workspace)),
             format!("  runtime      {}", gib(self.runtime)),
-            format!(
-                "  total        {}   ({} with activation checkpointing)",
-                gib(self.total()),
-                gib(self.total_checkpointed()).trim()
-            ),
         ];
+        if self.reference > 0 {
+            lines.push(format!(
+                "  reference    {}   (a frozen copy of the starting weights)",
+                gib(self.reference)
+            ));
+        }
+        lines.extend([format!(
+            "  total        {}   ({} with activation checkpointing)",
+            gib(self.total()),
+            gib(self.total_checkpointed()).trim()
+        )]);
         let per_replica = self.activations / replicas.max(1) as u64;
         lines.push(format!(
             "  (one device; {replicas} replica{} sharing the weights, each with {} of activations)",
@@ -212,6 +232,19 @@ impl MemoryEstimate {
             human_bytes(per_replica)
         ));
         lines.join("\n")
+    }
+}
+
+/// The reference model a preference objective holds through training (see
+/// [`MemoryEstimate::reference`]).
+fn reference_bytes(recipe: &Recipe, parameters: u64, weight_dtype: DType) -> u64 {
+    let objective = &recipe.objective;
+    match objective.needs_reference()
+        && recipe.lora.is_none()
+        && !objective.precompute_ref_log_probs
+    {
+        true => parameters * weight_dtype.size_in_bytes() as u64,
+        false => 0,
     }
 }
 

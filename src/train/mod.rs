@@ -11,11 +11,13 @@
 
 pub mod claim;
 pub mod distributed;
+mod examples;
 pub mod launch;
 mod layout;
 pub mod memory;
 pub mod optimizer;
 pub mod precision;
+pub mod preference;
 mod resume;
 mod run_log;
 pub mod schedule;
@@ -38,6 +40,7 @@ use crate::tokenizer::TextTokenizer;
 use crate::track::Progress;
 
 use distributed::Collective;
+pub use examples::{EvalData, TrainData};
 pub use layout::BatchLayout;
 pub use optimizer::AdamW;
 pub use precision::{LossScaler, StepVerdict};

@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 
+use super::examples::TrainData;
 use super::optimizer::AdamW;
 use super::precision::LossScaler;
 use super::trainable::Trainable;
 use super::Resume;
 use crate::checkpoint::{self, TrainerState};
 use crate::data::fingerprint::first_difference;
-use crate::data::{SequenceStream, SourceFingerprint};
+use crate::data::SourceFingerprint;
 use crate::model::{self, Config};
 use crate::recipe::Recipe;
 use crate::track::Progress;
@@ -33,7 +34,7 @@ pub struct ResumeInto<'r> {
     pub trainable: &'r Trainable,
     pub adamw: &'r mut AdamW,
     pub scaler: &'r mut LossScaler,
-    pub stream: &'r mut SequenceStream,
+    pub stream: &'r mut TrainData,
     /// The files the training data is read from now (empty: nothing to compare).
     pub data: &'r [SourceFingerprint],
     pub allow_data_change: bool,

@@ -9,8 +9,9 @@ use super::distributed::Collective;
 use super::layout::BatchLayout;
 use super::optimizer::{self, AdamW};
 use super::precision::{LossScaler, StepVerdict};
+use super::preference;
 use super::trainable::Trainable;
-use crate::data::Sequence;
+use crate::data::{PreferencePair, Sequence};
 use crate::model::{self, Config, Model};
 use crate::ops::{self, DropoutRates};
 use crate::recipe::Recipe;
@@ -42,7 +43,8 @@ pub struct StepAt {
 
 /// What one step did.
 pub struct StepOutcome {
-    /// Mean cross-entropy over the batch's trained tokens.
+    /// Mean cross-entropy over the batch's trained tokens (preference pairs: the mean of the
+    /// pairs' losses).
     pub loss: f64,
     /// Global gradient norm before clipping (unscaled; not finite on overflow).
     pub grad_norm: f64,
@@ -50,6 +52,9 @@ pub struct StepOutcome {
     pub applied: bool,
     /// Whether any rank was asked to stop by the time it reached this step's check-in.
     pub stop_requested: bool,
+    /// The objective's own metrics (preference pairs: TRL's `rewards/*` and `logps/*`), means
+    /// over the batch.
+    pub metrics: Vec<(String, f64)>,
 }
 
 impl StepPlan {
@@ -75,27 +80,34 @@ impl StepPlan {
         }
     }
 
-    /// Trains `trainable` on `sequences` (the whole global batch of step `at`).
+    /// Trains `trainable` on `rows` (the whole global batch of step `at`).
     ///
-    /// Every shard backpropagates `its nll sum × scale / trained tokens of the global batch`, so
-    /// the summed gradients are the global batch's mean loss's however the batch is cut into
-    /// micro-batches, replicas and workers. Each replica sums its own micro-batches, then the
-    /// replicas are summed in replica order — within a rank, then over the ranks — so that 2
-    /// ranks of 1 replica each add exactly what 1 process with 2 replicas adds.
+    /// Every shard backpropagates `its loss sum × scale / loss units of the global batch` (the
+    /// units being trained tokens, or pairs), so the summed gradients are the global batch's
+    /// mean loss's however the batch is cut into micro-batches, replicas and workers. Each
+    /// replica sums its own micro-batches, then the replicas are summed in replica order —
+    /// within a rank, then over the ranks — so that 2 ranks of 1 replica each add exactly what 1
+    /// process with 2 replicas adds.
     pub fn run(
         &self,
         collective: &dyn Collective,
         trainable: &Trainable,
         adamw: &mut AdamW,
         scaler: &mut LossScaler,
-        sequences: &[Sequence],
+        rows: StepRows,
         at: StepAt,
     ) -> Result<StepOutcome> {
-        let targets: usize = sequences.iter().map(Sequence::target_count).sum();
-        anyhow::ensure!(
-            targets > 0,
-            "no token of the batch is trained on (check data.loss_on and the templates)"
-        );
+        let units = match rows {
+            StepRows::Sequences(sequences) => {
+                let targets: usize = sequences.iter().map(Sequence::target_count).sum();
+                anyhow::ensure!(
+                    targets > 0,
+                    "no token of the batch is trained on (check data.loss_on and the templates)"
+                );
+                targets
+            }
+            StepRows::Pairs { pairs, .. } => pairs.len(),
+        };
         let params = &trainable.params;
         // The working copy of the weights in the compute dtype, made once per step.
         let mut model = model::model_from_parameters(
@@ -107,48 +119,34 @@ impl StepPlan {
         if self.activation_checkpointing {
             model.checkpoint_activations(params.iter().map(|(_, var)| var.id()).collect());
         }
-
-        // Forward and backward of this rank's replicas, each replica's gradients accumulated
-        // over its micro-batches and workers.
-        let layout = &self.layout;
-        let shard_weight = scaler.scale / targets as f64;
-        let mut replica_nll = vec![0f64; layout.local_replicas()];
-        let mut replica_grads: Vec<Option<Vec<Tensor>>> = vec![None; layout.local_replicas()];
-        for (micro_step, rows) in sequences.chunks(layout.rows_per_micro_step()).enumerate() {
-            let shards = layout.shards(micro_step, rows);
-            let results = self.workers.run(&shards, |shard| {
-                let dropout = (!self.dropout.is_off()).then(|| {
-                    let (first, n) = (shard.first_row, shard.rows.len());
-                    ops::Dropout::for_rows(self.dropout, self.seed, at.step, first, n)
-                });
-                shard_backward(
+        let weight = scaler.scale / units as f64;
+        let (totals, grads) = match rows {
+            StepRows::Sequences(sequences) => {
+                self.backward(sequences, at, 1, |shard, dropout| {
+                    shard_backward(&model, params, shard, self.pad_id, weight, dropout)
+                        .map(|r| r.map(|(nll, grads)| (vec![nll], grads)))
+                })?
+            }
+            StepRows::Pairs {
+                pairs,
+                objective,
+                reference,
+            } => self.backward(pairs, at, 2, |shard, dropout| {
+                let result = preference::shard_backward(
+                    objective,
                     &model,
+                    reference,
                     params,
-                    shard.rows,
+                    shard,
                     self.pad_id,
-                    shard_weight,
+                    weight,
                     dropout,
-                )
-            });
-            // Summed in shard order, so the result does not depend on which thread finished
-            // first.
-            for (shard, result) in shards.iter().zip(results) {
-                let Some((shard_nll, shard_grads)) = result? else {
-                    continue;
-                };
-                replica_nll[shard.local_replica] += shard_nll;
-                accumulate(&mut replica_grads[shard.local_replica], shard_grads)?;
-            }
-        }
+                )?;
+                Ok(result.map(|(totals, grads)| (totals.to_vec(), grads)))
+            })?,
+        };
         drop(model);
-        let mut nll_sum = 0f64;
-        let mut grads = None;
-        for (nll, replica) in replica_nll.into_iter().zip(replica_grads) {
-            nll_sum += nll;
-            if let Some(replica) = replica {
-                accumulate(&mut grads, replica)?;
-            }
-        }
+        let mut totals = totals;
         // A rank whose rows train on no token still takes part in the sum.
         let mut grads = match grads {
             Some(grads) => grads,
@@ -157,11 +155,10 @@ impl StepPlan {
                 .collect::<Result<Vec<_>>>()?,
         };
         let stop_requested = collective.check_in(at.step, at.stop)?;
+        let layout = &self.layout;
         if layout.ranks > 1 {
             collective.all_reduce_sum(&mut grads, "the gradients")?;
-            let mut nll = [nll_sum];
-            collective.all_reduce_sum_f64(&mut nll, "the loss")?;
-            nll_sum = nll[0];
+            collective.all_reduce_sum_f64(&mut totals, "the loss")?;
         }
 
         // Unscale (fp16), then the norm decides: apply, or skip on overflow.
@@ -186,13 +183,95 @@ impl StepPlan {
             adamw.update(params, &grads, at.lr)?;
             adamw.share_updated(params, collective)?;
         }
+        let metrics = match rows {
+            StepRows::Sequences(_) => Vec::new(),
+            StepRows::Pairs { .. } => {
+                let totals: crate::eval::preference::PairTotals = totals
+                    .clone()
+                    .try_into()
+                    .expect("a preference step sums 7 totals");
+                crate::eval::preference::means(&totals, units).split_off(1)
+            }
+        };
         Ok(StepOutcome {
-            loss: nll_sum / targets as f64,
+            loss: totals[0] / units as f64,
             grad_norm,
             applied,
             stop_requested,
+            metrics,
         })
     }
+
+    /// Forward and backward of this rank's shards of `rows`, by `backward(shard, dropout)`:
+    /// each replica's totals and gradients accumulated over its micro-batches and workers, then
+    /// the replicas' in replica order. A row stands for `sequences_per_row` sequences of the
+    /// global batch (a pair: 2), which fixes each sequence's dropout.
+    fn backward<T: Sync>(
+        &self,
+        rows: &[T],
+        at: StepAt,
+        sequences_per_row: usize,
+        backward: impl Fn(&[T], Option<ops::Dropout>) -> Result<Option<(Vec<f64>, Vec<Tensor>)>> + Sync,
+    ) -> Result<(Vec<f64>, Option<Vec<Tensor>>)> {
+        let layout = &self.layout;
+        let mut replica_totals: Vec<Vec<f64>> = vec![Vec::new(); layout.local_replicas()];
+        let mut replica_grads: Vec<Option<Vec<Tensor>>> = vec![None; layout.local_replicas()];
+        for (micro_step, step_rows) in rows.chunks(layout.rows_per_micro_step()).enumerate() {
+            let shards = layout.shards(micro_step, step_rows);
+            let results = self.workers.run(&shards, |shard| {
+                let dropout = (!self.dropout.is_off()).then(|| {
+                    let first = shard.first_row * sequences_per_row;
+                    let n = shard.rows.len() * sequences_per_row;
+                    ops::Dropout::for_rows(self.dropout, self.seed, at.step, first, n)
+                });
+                backward(shard.rows, dropout)
+            });
+            // Summed in shard order, so the result does not depend on which thread finished
+            // first.
+            for (shard, result) in shards.iter().zip(results) {
+                let Some((shard_totals, shard_grads)) = result? else {
+                    continue;
+                };
+                add_totals(&mut replica_totals[shard.local_replica], &shard_totals);
+                accumulate(&mut replica_grads[shard.local_replica], shard_grads)?;
+            }
+        }
+        let mut totals = Vec::new();
+        let mut grads = None;
+        for (replica, replica_grads) in replica_totals.into_iter().zip(replica_grads) {
+            add_totals(&mut totals, &replica);
+            if let Some(replica_grads) = replica_grads {
+                accumulate(&mut grads, replica_grads)?;
+            }
+        }
+        if totals.is_empty() {
+            totals = vec![0.0; if sequences_per_row == 2 { 7 } else { 1 }];
+        }
+        Ok((totals, grads))
+    }
+}
+
+/// Adds `values` into `sum` element by element (which takes their length when empty).
+fn add_totals(sum: &mut Vec<f64>, values: &[f64]) {
+    if sum.is_empty() {
+        sum.resize(values.len(), 0.0);
+    }
+    for (s, v) in sum.iter_mut().zip(values) {
+        *s += v;
+    }
+}
+
+/// A step's global batch: training rows, or preference pairs with their objective and the
+/// reference model of this step (none when the pairs carry its log-probabilities, or the
+/// objective needs none).
+#[derive(Clone, Copy)]
+pub enum StepRows<'r> {
+    Sequences(&'r [Sequence]),
+    Pairs {
+        pairs: &'r [PreferencePair],
+        objective: &'r crate::eval::preference::PairLoss,
+        reference: Option<&'r Model>,
+    },
 }
 
 /// The dropout training applies: the model config's, with the recipe's `model.dropout` in its

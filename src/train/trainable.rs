@@ -82,6 +82,12 @@ impl Trainable {
         Ok(tensors)
     }
 
+    /// A LoRA run's base model, the adapter off: the frozen tensors the policy computes with too
+    /// (shared, not copied); `None` in a full fine-tune.
+    pub fn base_tensors(&self) -> Option<HashMap<String, Tensor>> {
+        self.lora.as_ref().map(|_| self.frozen.clone())
+    }
+
     /// The adapter of LoRA run `run` as it stands.
     fn adapter(&self, run: &LoraRun) -> Adapter {
         Adapter {

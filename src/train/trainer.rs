@@ -13,19 +13,22 @@ use candle_core::{DType, Device};
 
 use super::claim::{RunClaim, Start};
 use super::distributed::{Collective, SingleProcess};
+use super::examples::{Batch, EvalData, TrainData};
 use super::layout::BatchLayout;
 use super::memory::MemoryEstimate;
 use super::optimizer::AdamW;
 use super::precision::LossScaler;
+use super::preference::Reference;
 use super::resume::{resume_from, ResumeInto};
 use super::run_log::RunLog;
 use super::schedule::Schedule;
 use super::selection::EvalWatch;
-use super::step::{StepAt, StepOutcome, StepPlan, Workers};
+use super::step::{StepAt, StepOutcome, StepPlan, StepRows, Workers};
 use super::trainable::Trainable;
 use super::{CheckpointHook, EvalHook, EvalPoint, ModelInit, TrainOptions, TrainSummary};
 use crate::checkpoint::{self, TrainerState};
-use crate::data::{Sequence, SequenceStream, SourceFingerprint};
+use crate::data::{PreferencePair, SourceFingerprint};
+use crate::eval::preference::{self, PairLoss};
 use crate::hub::{UploadEvent, Uploader};
 use crate::model::{self, Config};
 use crate::ops;
@@ -48,9 +51,11 @@ pub struct Trainer<'a> {
     adamw: AdamW,
     scaler: LossScaler,
     schedule: Schedule,
-    data: SequenceStream,
-    eval_data: Option<Vec<Sequence>>,
+    data: TrainData,
+    eval_data: Option<EvalData>,
     plan: StepPlan,
+    /// A preference objective's formula and where its reference comes from.
+    preference: Option<(PairLoss, Reference)>,
 
     /// Rank 0's only: the run's lock and what it replaced.
     claim: Option<RunClaim>,
@@ -86,10 +91,20 @@ impl<'a> Trainer<'a> {
     pub fn new(
         recipe: &Recipe,
         init: ModelInit,
-        mut data: SequenceStream,
-        eval_data: Option<Vec<Sequence>>,
+        data: impl Into<TrainData>,
+        mut eval_data: Option<EvalData>,
         options: TrainOptions<'a>,
     ) -> Result<Self> {
+        let mut data = data.into();
+        ensure!(
+            data.is_pairs() == recipe.objective.is_preference(),
+            "objective.kind {} trains on {}",
+            recipe.objective.kind.name(),
+            match data.is_pairs() {
+                true => "training rows, not preference pairs",
+                false => "preference pairs, not training rows",
+            }
+        );
         let progress = options
             .progress
             .unwrap_or_else(|| Progress::new(options.quiet));
@@ -100,13 +115,17 @@ impl<'a> Trainer<'a> {
         if let Some(note) = ops::training_attention_note(&device) {
             progress.println(note);
         }
-        let layout = BatchLayout::new(recipe, &data, rank, ranks)?;
-        let total_steps = recipe.total_steps(data.sequences_per_epoch());
+        let layout = BatchLayout::new(recipe, data.per_epoch(), rank, ranks)?;
+        let total_steps = recipe.total_steps(data.per_epoch());
         ensure!(
             total_steps > 0,
             "the recipe needs a positive `steps` or `epochs`"
         );
         let schedule = Schedule::new(&recipe.schedule, recipe.optimizer.lr, total_steps);
+        // A full fine-tune's reference is its starting weights, kept before they become the
+        // masters (shared tensors until then).
+        let starting = (recipe.objective.needs_reference() && recipe.lora.is_none())
+            .then(|| init.params.clone());
         let trainable =
             Trainable::new(recipe, &init.config, init.params, &init.base_model, &device)?;
         let params = &trainable.params;
@@ -163,6 +182,24 @@ impl<'a> Trainer<'a> {
             &adamw,
             &layout,
         )?;
+        let pad_id = init.tokenizer.as_ref().map_or(0, |t| t.pad_id());
+        let preference = match recipe.objective.is_preference() {
+            false => None,
+            true => {
+                let setup = PreferenceSetup {
+                    recipe,
+                    config: &init.config,
+                    device: &device,
+                    trainable: &trainable,
+                    starting,
+                    pad_id,
+                    run_checkpoints: &run_checkpoints,
+                    resuming: start_step > 0,
+                    collective,
+                };
+                Some(setup.reference(&mut data, eval_data.as_mut(), &progress)?)
+            }
+        };
         let (layout, workers, note) =
             workers(layout, threads, &trainable, &device, resumed_workers)?;
         if let Some(note) = note {
@@ -181,7 +218,6 @@ impl<'a> Trainer<'a> {
             true => Some(SignalGuard::install(&stop)?),
             false => None,
         };
-        let pad_id = init.tokenizer.as_ref().map_or(0, |t| t.pad_id());
         let plan = StepPlan::new(recipe, &init.config, &device, (layout, workers), pad_id);
         Ok(Self {
             recipe: recipe.clone(),
@@ -197,6 +233,7 @@ impl<'a> Trainer<'a> {
             data,
             eval_data,
             plan,
+            preference,
             claim,
             checkpoint_dtype: recipe.checkpoint.dtype.unwrap_or(Compute::Fp32).dtype(),
             data_fingerprint: options.data_fingerprint,
@@ -257,23 +294,27 @@ impl<'a> Trainer<'a> {
         // The schedule follows applied updates: a step fp16 skipped on overflow does not advance
         // it (as HF Trainer / accelerate skip `scheduler.step()` then).
         let lr = self.schedule.lr_at(self.adamw.step + 1);
-        let sequences = self.data.next_batch(self.recipe.batch.global);
+        let batch = self.data.next_batch(self.recipe.batch.global);
         let at = StepAt {
             step,
             lr,
             stop: self.stop.load(Ordering::SeqCst),
         };
+        let reference = self.reference_model()?;
+        let rows = match (&batch, &self.preference) {
+            (Batch::Sequences(sequences), _) => StepRows::Sequences(sequences),
+            (Batch::Pairs(pairs), Some((objective, held))) => StepRows::Pairs {
+                pairs,
+                objective,
+                reference: reference.as_ref().or(held.frozen()),
+            },
+            (Batch::Pairs(_), None) => unreachable!("pairs train with a preference objective"),
+        };
         let (adamw, scaler) = (&mut self.adamw, &mut self.scaler);
         let outcome = (self.plan)
-            .run(
-                self.collective,
-                &self.trainable,
-                adamw,
-                scaler,
-                &sequences,
-                at,
-            )
+            .run(self.collective, &self.trainable, adamw, scaler, rows, at)
             .with_context(|| format!("step {step}"))?;
+        drop(reference);
         if !outcome.applied {
             ensure!(self.scaler.enabled, self.non_finite_stop(step, &outcome));
             self.log.progress.println(&format!(
@@ -281,25 +322,54 @@ impl<'a> Trainer<'a> {
                 self.scaler.scale
             ));
         }
-        let tokens = sequences.iter().map(Sequence::len).sum();
-        let scalars = [("train/lr", lr), ("train/loss_scale", self.scaler.scale)];
+        let tokens = batch.tokens();
+        let metrics: Vec<(String, f64)> = (outcome.metrics.iter())
+            .map(|(name, value)| (format!("train/{name}"), *value))
+            .collect();
+        let mut scalars = vec![("train/lr", lr), ("train/loss_scale", self.scaler.scale)];
+        scalars.extend(metrics.iter().map(|(name, value)| (name.as_str(), *value)));
         let epoch = self.data.epoch_progress();
         let elapsed = started.elapsed();
         (self.log).step(step, &outcome, elapsed, tokens, epoch, &scalars)?;
         Ok(outcome)
     }
 
-    /// The eval loss (token-weighted mean over the eval sequences) and whatever the evaluation
-    /// hook reports, logged as `eval/<name>`.
+    /// The reference model of this step, where it is built from the base's tensors (LoRA: the
+    /// adapter off).
+    fn reference_model(&self) -> Result<Option<model::Model>> {
+        match &self.preference {
+            Some((_, reference)) => {
+                reference.model(&self.config, self.plan.compute_dtype, &self.device)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The eval loss (token-weighted mean over the eval sequences; preference pairs: the
+    /// objective's mean and TRL's metrics) and whatever the evaluation hook reports, logged as
+    /// `eval/<name>`.
     fn evaluate(&mut self, step: u64) -> Result<Vec<(String, f64)>> {
-        let sequences = self.eval_data.as_deref().filter(|s| !s.is_empty());
+        let eval_data = self.eval_data.as_ref().filter(|d| !d.is_empty());
+        let (sequences, pairs) = match eval_data {
+            Some(EvalData::Sequences(sequences)) => (Some(sequences.as_slice()), None),
+            Some(EvalData::Pairs(pairs)) => (None, Some(pairs.as_slice())),
+            None => (None, None),
+        };
         let mut results = Vec::new();
-        if sequences.is_some() || self.eval_hook.is_some() {
+        if eval_data.is_some() || self.eval_hook.is_some() {
             let tensors = self.trainable.model_tensors(true)?;
             let compute = self.recipe.precision.compute.dtype();
             let model =
                 model::model_from_parameters(&self.config, &tensors, compute, &self.device)?;
             let mut loss = None;
+            if let (Some(pairs), Some((objective, held))) = (pairs, &self.preference) {
+                let reference = self.reference_model()?;
+                let reference = reference.as_ref().or(held.frozen());
+                let (batch_size, pad_id) = (self.recipe.eval.batch_size, self.plan.pad_id);
+                results.extend(preference::evaluate(
+                    objective, &model, reference, pairs, batch_size, pad_id,
+                )?);
+            }
             if let Some(sequences) = sequences {
                 let (batch_size, pad_id) = (self.recipe.eval.batch_size, self.plan.pad_id);
                 let totals = crate::eval::perplexity::loss_totals(
@@ -522,6 +592,136 @@ impl<'a> Trainer<'a> {
              {checkpoint}. Lower optimizer.lr, keep optimizer.grad_clip on, or check the data of \
              this step"
         )
+    }
+}
+
+/// What a preference objective needs before the first step.
+struct PreferenceSetup<'s> {
+    recipe: &'s Recipe,
+    config: &'s Config,
+    device: &'s Device,
+    trainable: &'s Trainable,
+    /// A full fine-tune's starting weights (DPO), for its reference.
+    starting: Option<std::collections::HashMap<String, candle_core::Tensor>>,
+    pad_id: u32,
+    run_checkpoints: &'s std::path::Path,
+    resuming: bool,
+    collective: &'s dyn Collective,
+}
+
+/// Where a run keeps its pairs' reference log-probabilities (`precompute_ref_log_probs`).
+pub const REFERENCE_LOGPS_FILE: &str = "reference_logps.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredReference {
+    train: Vec<[f64; 2]>,
+    eval: Vec<[f64; 2]>,
+}
+
+impl PreferenceSetup<'_> {
+    /// The objective's formula and its reference: none (SimPO), the base with the adapter off
+    /// (LoRA), a frozen copy of the starting weights, or the log-probabilities of every train
+    /// and eval pair computed once with the starting weights — by rank 0, kept in the run's
+    /// checkpoint directory and read back from there by every rank and by a resume, so that all
+    /// of them train on the same numbers.
+    fn reference(
+        self,
+        data: &mut TrainData,
+        eval: Option<&mut EvalData>,
+        progress: &Progress,
+    ) -> Result<(PairLoss, Reference)> {
+        let objective = &self.recipe.objective;
+        let pair_loss = PairLoss::new(objective);
+        if !objective.needs_reference() {
+            return Ok((pair_loss, Reference::None));
+        }
+        let compute = self.recipe.precision.compute.dtype();
+        let starting_model = || -> Result<model::Model> {
+            let tensors = match &self.starting {
+                Some(tensors) => tensors.clone(),
+                None => self
+                    .trainable
+                    .base_tensors()
+                    .context("a LoRA run has a base")?,
+            };
+            model::model_from_parameters(self.config, &tensors, compute, self.device)
+        };
+        if !objective.precompute_ref_log_probs {
+            let reference = match self.starting.is_some() {
+                true => Reference::Frozen(Box::new(starting_model()?)),
+                false => Reference::Base(self.trainable.base_tensors().context("LoRA")?),
+            };
+            progress.println(&format!("dpo: the reference is {}", reference.describe()));
+            return Ok((pair_loss, reference));
+        }
+        let TrainData::Pairs(stream) = data else {
+            anyhow::bail!("a preference objective trains on pairs");
+        };
+        let mut eval_pairs = match eval {
+            Some(EvalData::Pairs(pairs)) => Some(pairs),
+            _ => None,
+        };
+        let path = self.run_checkpoints.join(REFERENCE_LOGPS_FILE);
+        let counts = (
+            stream.examples().len(),
+            eval_pairs.as_ref().map_or(0, |p| p.len()),
+        );
+        let stored = || -> Option<StoredReference> {
+            let stored: StoredReference =
+                serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+            (stored.train.len() == counts.0 && stored.eval.len() == counts.1).then_some(stored)
+        };
+        if self.collective.rank() == 0 && !(self.resuming && stored().is_some()) {
+            let started = Instant::now();
+            let model = starting_model()?;
+            let batch = self.recipe.eval.batch_size;
+            let mut train: Vec<PreferencePair> = stream.examples().to_vec();
+            preference::precompute_reference(&model, &mut train, batch, self.pad_id)?;
+            let mut eval: Vec<PreferencePair> = eval_pairs.as_deref().cloned().unwrap_or_default();
+            preference::precompute_reference(&model, &mut eval, batch, self.pad_id)?;
+            let logps = |pairs: &[PreferencePair]| -> Vec<[f64; 2]> {
+                pairs
+                    .iter()
+                    .map(|p| p.reference.expect("computed"))
+                    .collect()
+            };
+            let stored = StoredReference {
+                train: logps(&train),
+                eval: logps(&eval),
+            };
+            std::fs::create_dir_all(self.run_checkpoints)?;
+            crate::atomic_file::write(&path, &serde_json::to_vec(&stored)?)?;
+            progress.println(&format!(
+                "dpo: reference log-probabilities of {} train and {} eval pairs computed in {:.1} \
+                 s, kept in {}",
+                counts.0,
+                counts.1,
+                started.elapsed().as_secs_f64(),
+                path.display()
+            ));
+        }
+        if self.collective.size() > 1 {
+            self.collective
+                .barrier("rank 0's reference log-probabilities")?;
+        }
+        let stored = stored().with_context(|| {
+            format!(
+                "{}: the reference log-probabilities of {} train and {} eval pairs are missing \
+                 or do not match the data",
+                path.display(),
+                counts.0,
+                counts.1
+            )
+        })?;
+        for (pair, logps) in stream.examples_mut().iter_mut().zip(stored.train) {
+            pair.reference = Some(logps);
+        }
+        if let Some(pairs) = eval_pairs.as_mut() {
+            for (pair, logps) in pairs.iter_mut().zip(stored.eval) {
+                pair.reference = Some(logps);
+            }
+        }
+        Ok((pair_loss, Reference::Precomputed))
     }
 }
 

@@ -262,5 +262,5 @@ pub fn train_run(
     eval: Option<Vec<kiln::data::Sequence>>,
     options: kiln::train::TrainOptions,
 ) -> anyhow::Result<kiln::train::TrainSummary> {
-    kiln::train::Trainer::new(recipe, init, data, eval, options)?.train()
+    kiln::train::Trainer::new(recipe, init, data, eval.map(Into::into), options)?.train()
 }
