@@ -517,3 +517,44 @@ fn bad_jobs_fail_on_every_rank_before_any_step() {
     );
     assert!(!dir.path().join("checkpoints/run").exists(), "no step ran");
 }
+
+/// DPO over two ranks: rank 0 computes the reference log-probabilities and keeps them with the
+/// run, every rank trains on them, pairs are never split, and the job trains exactly what one
+/// process with two replicas trains (dropout on, so each sequence's mask follows its pair).
+#[test]
+fn dpo_over_two_ranks_trains_what_one_process_trains() {
+    let pairs = common::repo_root().join("datasets/preference/train.jsonl");
+    let mnli = format!(
+        "[{{source: {{path: {}}}, template: mnli, limit: 400}}]",
+        bundled("train.jsonl")
+    );
+    let preference = format!(
+        "[{{source: {{path: {}}}, template: preference, limit: 64}}]",
+        pairs.display()
+    );
+    let recipe = |out: &Path| {
+        let extra = "objective: {kind: dpo, beta: 0.1, precompute_ref_log_probs: true}\n";
+        let path = write_recipe(out, extra);
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace(&mnli, &preference)
+            .replace("  loss_on: target\n", "")
+            .replace("steps: 10", "steps: 6")
+            .replace("every: 5", "every: 3");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let one = tempfile::tempdir().unwrap();
+    train_one_process(&recipe(one.path()));
+    let two = tempfile::tempdir().unwrap();
+    let out = train_two_ranks(&recipe(two.path()), &[]);
+    assert!(
+        text(&out.stdout).contains("reference log-probabilities of 64 train"),
+        "{}",
+        text(&out.stdout)
+    );
+    let (a, b) = (step_metrics(one.path()), step_metrics(two.path()));
+    assert_eq!(a.len(), 12, "{a:?}");
+    assert_eq!(a, b, "per-step DPO loss and gradient norm");
+    assert_same_checkpoint(one.path(), two.path(), 6, "dpo");
+}

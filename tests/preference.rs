@@ -385,7 +385,8 @@ fn the_memory_estimate_counts_the_reference_only_where_it_is_held() {
 }
 
 /// Accumulation and replicas cut the batch between pairs, never inside one: 2 micro-batches of
-/// 4 pairs on each of 2 replicas train what one batch of 16 pairs does.
+/// 4 pairs on each of 2 replicas train what one batch of 16 pairs does, and so does activation
+/// checkpointing.
 #[test]
 fn accumulation_and_replicas_keep_pairs_whole() {
     let out = tempfile::tempdir().unwrap();
@@ -411,13 +412,24 @@ fn accumulation_and_replicas_keep_pairs_whole() {
     };
     let whole = run("whole", "batch: {global: 16, micro: 16}");
     let split = run("split", "batch: {global: 16, micro: 4, replicas: 2}");
+    // Activation checkpointing recomputes each block in the backward: the same numbers.
+    let recomputed = run(
+        "recomputed",
+        "batch: {global: 16, micro: 8}\nmemory: {activation_checkpointing: true}",
+    );
     for step in 1..=5u64 {
         for key in ["train/loss", "train/grad_norm", "train/rewards/margins"] {
-            let (a, b) = (whole[&step][key], split[&step][key]);
-            assert!(
-                (a - b).abs() <= 1e-5 * a.abs().max(1e-2),
-                "step {step}: {key} {a} in one batch, {b} accumulated over replicas"
-            );
+            let a = whole[&step][key];
+            for (other, how) in [
+                (&split, "accumulated over replicas"),
+                (&recomputed, "checkpointed"),
+            ] {
+                let b = other[&step][key];
+                assert!(
+                    (a - b).abs() <= 1e-5 * a.abs().max(1e-2),
+                    "step {step}: {key} {a} in one batch, {b} {how}"
+                );
+            }
         }
     }
 }

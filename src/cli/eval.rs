@@ -283,7 +283,9 @@ pub(super) fn eval(mut args: EvalArgs) -> Result<()> {
             let results = crate::eval::preference::evaluate(
                 &pair_loss,
                 &model,
-                reference.as_ref(),
+                reference
+                    .as_ref()
+                    .map(crate::eval::preference::ReferenceModel::whole),
                 &pairs,
                 batch_size,
                 tokenizer.pad_id(),

@@ -197,9 +197,32 @@ pub fn row_logps(label_nll: &[f64], counts: &[usize]) -> Vec<f64> {
         .collect()
 }
 
+/// The model a preference objective's rewards are measured against.
+#[derive(Clone, Copy)]
+pub struct ReferenceModel<'m> {
+    pub model: &'m Model,
+    /// The model with its LoRA adapters off: its base (a LoRA run's reference).
+    pub adapters_off: bool,
+}
+
+impl<'m> ReferenceModel<'m> {
+    /// `model` as it is.
+    pub fn whole(model: &'m Model) -> Self {
+        Self {
+            model,
+            adapters_off: false,
+        }
+    }
+}
+
 /// The log-probabilities of `rows` under `model`, no gradients.
-pub fn sequence_logps(model: &Model, rows: &[Sequence], pad_id: u32) -> Result<Vec<f64>> {
-    let (batch, labels) = crate::data::batch_of(rows, pad_id, model.device())?;
+pub fn sequence_logps(model: ReferenceModel, rows: &[Sequence], pad_id: u32) -> Result<Vec<f64>> {
+    let ReferenceModel {
+        model,
+        adapters_off,
+    } = model;
+    let (mut batch, labels) = crate::data::batch_of(rows, pad_id, model.device())?;
+    batch.adapters_off = adapters_off;
     let counts: Vec<usize> = rows.iter().map(Sequence::target_count).collect();
     Ok(row_logps(&model.label_nll(&batch, &labels)?, &counts))
 }
@@ -229,7 +252,7 @@ pub fn pair_logps(
 /// The reference's log-probabilities of each pair: carried, or from `model`.
 pub fn reference_logps(
     pairs: &[PreferencePair],
-    model: Option<&Model>,
+    model: Option<ReferenceModel>,
     pad_id: u32,
 ) -> Result<Vec<Option<[f64; 2]>>> {
     if let Some(model) = model {
@@ -246,14 +269,14 @@ pub fn reference_logps(
 pub fn evaluate(
     objective: &PairLoss,
     model: &Model,
-    reference: Option<&Model>,
+    reference: Option<ReferenceModel>,
     pairs: &[PreferencePair],
     batch_size: usize,
     pad_id: u32,
 ) -> Result<Vec<(String, f64)>> {
     let mut totals: PairTotals = [0.0; 7];
     for chunk in pairs.chunks(batch_size.max(1)) {
-        let policy = sequence_logps(model, &rows_of(chunk), pad_id)?;
+        let policy = sequence_logps(ReferenceModel::whole(model), &rows_of(chunk), pad_id)?;
         let reference = match objective.needs_reference() {
             true => reference_logps(chunk, reference, pad_id)?,
             false => vec![None; chunk.len()],
@@ -277,7 +300,7 @@ pub fn means(totals: &PairTotals, pairs: usize) -> Vec<(String, f64)> {
 
 /// Every pair's reference log-probabilities under `model`, `batch_size` pairs at a time.
 pub fn precompute_reference(
-    model: &Model,
+    model: ReferenceModel,
     pairs: &mut [PreferencePair],
     batch_size: usize,
     pad_id: u32,

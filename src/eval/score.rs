@@ -420,6 +420,7 @@ fn score_batch(
         key_mask: Some(masks),
         layout: None,
         dropout: None,
+        adapters_off: false,
     };
     let hidden = model.hidden_states(&continuation, Some(&mut cache))?;
     let hidden = hidden.reshape((n * k * steps, hidden.dim(2)?))?;

@@ -422,6 +422,7 @@ impl<'m, T> DecodeBatch<'m, T> {
             key_mask: Some(self.key_mask.clone()),
             layout: None,
             dropout: None,
+            adapters_off: false,
         };
         match forward_on_pool(self.model, &step, &vec![0; n], &mut self.cache) {
             Ok(logits) => self.logits = Some(logits),

@@ -20,6 +20,9 @@ pub struct Batch {
     pub layout: Option<Vec<PrefixLayout>>,
     /// Training-time dropout; `None` (evaluation, generation) runs without.
     pub dropout: Option<Dropout>,
+    /// Run the base model alone, every LoRA adapter off (a preference objective's reference:
+    /// the same weights, no copy).
+    pub adapters_off: bool,
 }
 
 impl Batch {
@@ -47,6 +50,7 @@ impl Batch {
             key_mask: padded.then_some(key_mask),
             layout: None,
             dropout: None,
+            adapters_off: false,
         })
     }
 
@@ -89,6 +93,7 @@ impl Batch {
             key_mask: Some(key_mask),
             layout,
             dropout: None,
+            adapters_off: false,
         })
     }
 
@@ -139,7 +144,10 @@ impl Batch {
 
     /// `layer` applied to `xs`, its LoRA adapter's input under this batch's dropout.
     pub fn linear(&self, layer: &Linear, xs: &Tensor) -> candle_core::Result<Tensor> {
-        layer.forward_dropped(xs, self.dropout.as_ref())
+        match self.adapters_off {
+            true => layer.forward_base(xs),
+            false => layer.forward_dropped(xs, self.dropout.as_ref()),
+        }
     }
 
     /// The dropout of the attention probabilities of `layer`, for [`AttentionKind`].

@@ -38,8 +38,7 @@ impl Model {
     /// The gradients of `Σ weight × nll` over the labelled positions, the weights chosen by
     /// `weigh` from every position's cross-entropy once the forward has found them (a preference
     /// objective's: how much each sequence counts depends on its pair's log-probabilities). The
-    /// head runs twice, once to find the cross-entropies and once with their gradients; the
-    /// blocks run once.
+    /// blocks run once; a trained head twice (see [`ops::lm_head_loss_weighted_by`]).
     pub fn loss_and_grads_weighted_by(
         &self,
         batch: &Batch,
@@ -150,8 +149,8 @@ impl Model {
         }))
     }
 
-    /// The fused loss head with the gradient `weighting` asks for: at once when it is uniform;
-    /// from a first pass's cross-entropies otherwise.
+    /// The fused loss head with the gradient `weighting` asks for (see
+    /// [`ops::lm_head_loss_weighted_by`]).
     fn weighted_head_loss(
         &self,
         hidden: &Tensor,
@@ -163,9 +162,15 @@ impl Model {
                 self.head_loss(hidden, labels, Some(ops::GradScale::Uniform(*scale)))
             }
             Weighting::FromNll(weigh) => {
-                let found = self.head_loss(hidden, labels, None)?;
-                let weights = weigh(&found.label_nll)?;
-                self.head_loss(hidden, labels, Some(ops::GradScale::PerLabel(&weights)))
+                let head = self.body().lm_head();
+                ops::lm_head_loss_weighted_by(
+                    hidden,
+                    &head.weight,
+                    head.bias.as_ref(),
+                    labels,
+                    *weigh,
+                    self.operands,
+                )
             }
         }
     }

@@ -197,6 +197,11 @@ impl Linear {
     }
 
     /// The layer's output, its adapter's input dropped out as `dropout` says (training).
+    /// The frozen weight's product alone, the adapter (if any) left out.
+    pub fn forward_base(&self, xs: &Tensor) -> Result<Tensor> {
+        linear(xs, &self.weight, self.bias.as_ref(), self.operands)
+    }
+
     pub fn forward_dropped(&self, xs: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
         let ys = linear(xs, &self.weight, self.bias.as_ref(), self.operands)?;
         let Some(adapter) = &self.adapter else {

@@ -78,6 +78,48 @@ pub fn lm_head_loss(
     grad_scale: Option<GradScale>,
     operands: Operands,
 ) -> Result<LmLoss> {
+    fused_loss(hidden, (weight, bias), labels, grad_scale, operands, None)
+}
+
+/// How much each labelled position's gradient weighs, chosen from every position's
+/// cross-entropy.
+pub type Weigh<'a> = &'a mut dyn FnMut(&[f64]) -> Result<Vec<f64>>;
+
+/// [`lm_head_loss`] with the gradient of `Σ weight × nll`, the weights chosen by `weigh` from
+/// the positions' cross-entropies once they are known (a preference objective's: how much each
+/// sequence counts depends on its pair's log-probabilities). A frozen head (LoRA) needs one pass:
+/// each position's hidden-state gradient is its unweighted one times its weight. A trained head
+/// needs two, the first to find the cross-entropies, since its weight's gradient sums the
+/// positions' weighted ones.
+pub fn lm_head_loss_weighted_by(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    labels: &[i64],
+    weigh: Weigh,
+    operands: Operands,
+) -> Result<LmLoss> {
+    let head = (weight, bias);
+    if weight.track_op() || bias.is_some_and(Tensor::track_op) {
+        let found = fused_loss(hidden, head, labels, None, operands, None)?;
+        let weights = weigh(&found.label_nll)?;
+        let scale = Some(GradScale::PerLabel(&weights));
+        return fused_loss(hidden, head, labels, scale, operands, None);
+    }
+    let unit = Some(GradScale::Uniform(1.0));
+    fused_loss(hidden, head, labels, unit, operands, Some(weigh))
+}
+
+/// The fused head's loss; with `reweigh`, the picked rows' gradients are scaled afterwards by
+/// the weights it gives (a frozen head only: its weight gets no gradient to scale).
+fn fused_loss(
+    hidden: &Tensor,
+    (weight, bias): (&Tensor, Option<&Tensor>),
+    labels: &[i64],
+    grad_scale: Option<GradScale>,
+    operands: Operands,
+    reweigh: Option<Weigh>,
+) -> Result<LmLoss> {
     let (vocab, n_embd) = weight.dims2()?;
     let hidden = hidden.reshape(((), n_embd))?;
     if hidden.dim(0)? != labels.len() {
@@ -124,6 +166,20 @@ pub fn lm_head_loss(
     };
     // In position order, one after the other: the same sum however the chunks were split.
     let nll_sum = label_nll.iter().sum();
+    let grad_picked = match (grad_picked, reweigh) {
+        (Some(grad), Some(reweigh)) => {
+            let weights: Vec<f32> = (reweigh(&label_nll)?.iter()).map(|&w| w as f32).collect();
+            if weights.len() != n {
+                candle_core::bail!(
+                    "{} gradient weights for {n} labelled positions",
+                    weights.len()
+                );
+            }
+            let column = Tensor::from_vec(weights, (n, 1), device)?.to_dtype(grad.dtype())?;
+            Some(grad.broadcast_mul(&column)?)
+        }
+        (grad, _) => grad,
+    };
     let Some(grad_picked) = grad_picked else {
         return Ok(LmLoss {
             nll_sum,
@@ -604,6 +660,58 @@ mod tests {
                     max_diff(&a, b) < 1e-5 * max_abs(b).max(1.0),
                     "gradients differ"
                 );
+            }
+        }
+        Ok(())
+    }
+
+    /// Weights chosen from the cross-entropies: one pass for a frozen head, two for a trained
+    /// one, the same gradients as weights known in advance.
+    #[test]
+    fn weights_chosen_after_the_forward_equal_weights_known_before() -> Result<()> {
+        let (picked, weight, bias, targets) = chunk_inputs(CPU_CHUNK_ROWS + 11, 60, 16)?;
+        let labels: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
+        let hidden = Var::from_tensor(&picked)?;
+        let weights = |nll: &[f64]| -> Vec<f64> { nll.iter().map(|l| 0.5 - l * 0.1).collect() };
+        for head_trains in [false, true] {
+            let head = match head_trains {
+                true => Var::from_tensor(&weight)?.as_tensor().clone(),
+                false => weight.clone(),
+            };
+            let known = {
+                let nll = lm_head_loss(&hidden, &head, Some(&bias), &labels, None, Operands::F32)?;
+                weights(&nll.label_nll)
+            };
+            let before = lm_head_loss(
+                &hidden,
+                &head,
+                Some(&bias),
+                &labels,
+                Some(GradScale::PerLabel(&known)),
+                Operands::F32,
+            )?;
+            let mut weigh = |nll: &[f64]| Ok(weights(nll));
+            let after = lm_head_loss_weighted_by(
+                &hidden,
+                &head,
+                Some(&bias),
+                &labels,
+                &mut weigh,
+                Operands::F32,
+            )?;
+            assert_eq!(before.label_nll, after.label_nll);
+            let (a, b) = (
+                before.surrogate.unwrap().backward()?,
+                after.surrogate.unwrap().backward()?,
+            );
+            let (a, b) = (a.get(&hidden).unwrap(), b.get(&hidden).unwrap());
+            assert!(
+                max_diff(a, b) < 1e-6 * max_abs(a).max(1.0),
+                "hidden gradients differ"
+            );
+            assert_eq!(before.head_grads.is_some(), head_trains);
+            if let (Some((wa, _)), Some((wb, _))) = (before.head_grads, after.head_grads) {
+                assert!(max_diff(&wa, &wb) < 1e-6 * max_abs(&wa).max(1.0));
             }
         }
         Ok(())

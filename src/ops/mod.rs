@@ -28,7 +28,8 @@ pub use device::parse_device;
 pub use dropout::{Dropout, DropoutRates, Site};
 pub use layers::{embedding, gelu, gelu_new, layer_norm, linear, LayerNorm, Linear};
 pub use loss::{
-    composite_nll_sum, lm_head_loss, GradScale, LmLoss, CPU_CHUNK_ROWS as LOSS_CHUNK_ROWS,
+    composite_nll_sum, lm_head_loss, lm_head_loss_weighted_by, GradScale, LmLoss, Weigh,
+    CPU_CHUNK_ROWS as LOSS_CHUNK_ROWS,
 };
 pub use optim::{adamw_step, add_in_place, global_norm, AdamWStep};
 

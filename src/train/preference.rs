@@ -12,24 +12,22 @@
 //! memory), a frozen copy of the starting weights in the compute dtype (a full fine-tune), or
 //! its log-probabilities computed once before training (`precompute_ref_log_probs`).
 
-use std::collections::HashMap;
-
 use anyhow::{ensure, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::data::{PreferencePair, Sequence};
 use crate::eval::preference::{
-    pair_logps, reference_logps, row_logps, rows_of, PairLoss, PairTotals,
+    pair_logps, reference_logps, row_logps, rows_of, PairLoss, PairTotals, ReferenceModel,
 };
-use crate::model::{Config, Model};
+use crate::model::Model;
 use crate::ops;
 
 /// Where the reference's log-probabilities come from.
 pub enum Reference {
     /// SimPO: none.
     None,
-    /// The base model with the adapter off (LoRA): its tensors, shared with the policy.
-    Base(HashMap<String, Tensor>),
+    /// The policy with its LoRA adapter off: the base, the same weights (no memory).
+    AdapterOff,
     /// A frozen copy of the starting weights in the compute dtype (full fine-tune).
     Frozen(Box<Model>),
     /// Carried by each pair (`precompute_ref_log_probs`).
@@ -37,28 +35,23 @@ pub enum Reference {
 }
 
 impl Reference {
-    /// The reference model for one step (built from shared tensors: no copy), if it runs.
-    pub fn model(&self, config: &Config, dtype: DType, device: &Device) -> Result<Option<Model>> {
-        Ok(match self {
-            Reference::Base(tensors) => Some(crate::model::model_from_parameters(
-                config, tensors, dtype, device,
-            )?),
-            _ => None,
-        })
-    }
-
-    /// The frozen model itself, when this reference is one.
-    pub fn frozen(&self) -> Option<&Model> {
+    /// The reference of a step whose policy is `policy`: the frozen copy, the policy with its
+    /// adapter off, or none (the pairs carry it, or the objective needs none).
+    pub fn for_policy<'m>(&'m self, policy: &'m Model) -> Option<ReferenceModel<'m>> {
         match self {
-            Reference::Frozen(model) => Some(model),
-            _ => None,
+            Reference::Frozen(model) => Some(ReferenceModel::whole(model)),
+            Reference::AdapterOff => Some(ReferenceModel {
+                model: policy,
+                adapters_off: true,
+            }),
+            Reference::None | Reference::Precomputed => None,
         }
     }
 
     pub fn describe(&self) -> &'static str {
         match self {
             Reference::None => "none (reference-free)",
-            Reference::Base(_) => "the base model with the adapter off (no extra memory)",
+            Reference::AdapterOff => "the base model with the adapter off (no extra memory)",
             Reference::Frozen(_) => "a frozen copy of the starting weights",
             Reference::Precomputed => "log-probabilities computed before training",
         }
@@ -71,7 +64,7 @@ impl Reference {
 pub fn shard_backward(
     objective: &PairLoss,
     model: &Model,
-    reference: Option<&Model>,
+    reference: Option<ReferenceModel>,
     params: &[(String, Var)],
     pairs: &[PreferencePair],
     pad_id: u32,

@@ -135,7 +135,7 @@ impl StepPlan {
                 let result = preference::shard_backward(
                     objective,
                     &model,
-                    reference,
+                    reference.for_policy(&model),
                     params,
                     shard,
                     self.pad_id,
@@ -261,16 +261,15 @@ fn add_totals(sum: &mut Vec<f64>, values: &[f64]) {
     }
 }
 
-/// A step's global batch: training rows, or preference pairs with their objective and the
-/// reference model of this step (none when the pairs carry its log-probabilities, or the
-/// objective needs none).
+/// A step's global batch: training rows, or preference pairs with their objective and where
+/// their reference log-probabilities come from.
 #[derive(Clone, Copy)]
 pub enum StepRows<'r> {
     Sequences(&'r [Sequence]),
     Pairs {
         pairs: &'r [PreferencePair],
         objective: &'r crate::eval::preference::PairLoss,
-        reference: Option<&'r Model>,
+        reference: &'r preference::Reference,
     },
 }
 

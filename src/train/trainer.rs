@@ -300,13 +300,12 @@ impl<'a> Trainer<'a> {
             lr,
             stop: self.stop.load(Ordering::SeqCst),
         };
-        let reference = self.reference_model()?;
         let rows = match (&batch, &self.preference) {
             (Batch::Sequences(sequences), _) => StepRows::Sequences(sequences),
-            (Batch::Pairs(pairs), Some((objective, held))) => StepRows::Pairs {
+            (Batch::Pairs(pairs), Some((objective, reference))) => StepRows::Pairs {
                 pairs,
                 objective,
-                reference: reference.as_ref().or(held.frozen()),
+                reference,
             },
             (Batch::Pairs(_), None) => unreachable!("pairs train with a preference objective"),
         };
@@ -314,7 +313,6 @@ impl<'a> Trainer<'a> {
         let outcome = (self.plan)
             .run(self.collective, &self.trainable, adamw, scaler, rows, at)
             .with_context(|| format!("step {step}"))?;
-        drop(reference);
         if !outcome.applied {
             ensure!(self.scaler.enabled, self.non_finite_stop(step, &outcome));
             self.log.progress.println(&format!(
@@ -334,17 +332,6 @@ impl<'a> Trainer<'a> {
         Ok(outcome)
     }
 
-    /// The reference model of this step, where it is built from the base's tensors (LoRA: the
-    /// adapter off).
-    fn reference_model(&self) -> Result<Option<model::Model>> {
-        match &self.preference {
-            Some((_, reference)) => {
-                reference.model(&self.config, self.plan.compute_dtype, &self.device)
-            }
-            None => Ok(None),
-        }
-    }
-
     /// The eval loss (token-weighted mean over the eval sequences; preference pairs: the
     /// objective's mean and TRL's metrics) and whatever the evaluation hook reports, logged as
     /// `eval/<name>`.
@@ -362,9 +349,8 @@ impl<'a> Trainer<'a> {
             let model =
                 model::model_from_parameters(&self.config, &tensors, compute, &self.device)?;
             let mut loss = None;
-            if let (Some(pairs), Some((objective, held))) = (pairs, &self.preference) {
-                let reference = self.reference_model()?;
-                let reference = reference.as_ref().or(held.frozen());
+            if let (Some(pairs), Some((objective, reference))) = (pairs, &self.preference) {
+                let reference = reference.for_policy(&model);
                 let (batch_size, pad_id) = (self.recipe.eval.batch_size, self.plan.pad_id);
                 results.extend(preference::evaluate(
                     objective, &model, reference, pairs, batch_size, pad_id,
@@ -649,7 +635,7 @@ impl PreferenceSetup<'_> {
         if !objective.precompute_ref_log_probs {
             let reference = match self.starting.is_some() {
                 true => Reference::Frozen(Box::new(starting_model()?)),
-                false => Reference::Base(self.trainable.base_tensors().context("LoRA")?),
+                false => Reference::AdapterOff,
             };
             progress.println(&format!("dpo: the reference is {}", reference.describe()));
             return Ok((pair_loss, reference));
@@ -676,9 +662,10 @@ impl PreferenceSetup<'_> {
             let model = starting_model()?;
             let batch = self.recipe.eval.batch_size;
             let mut train: Vec<PreferencePair> = stream.examples().to_vec();
-            preference::precompute_reference(&model, &mut train, batch, self.pad_id)?;
+            let model = preference::ReferenceModel::whole(&model);
+            preference::precompute_reference(model, &mut train, batch, self.pad_id)?;
             let mut eval: Vec<PreferencePair> = eval_pairs.as_deref().cloned().unwrap_or_default();
-            preference::precompute_reference(&model, &mut eval, batch, self.pad_id)?;
+            preference::precompute_reference(model, &mut eval, batch, self.pad_id)?;
             let logps = |pairs: &[PreferencePair]| -> Vec<[f64; 2]> {
                 pairs
                     .iter()
