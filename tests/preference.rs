@@ -111,6 +111,7 @@ fn assert_same_steps(kiln_run: &Path, trl: &Value, tolerance: f64) {
     let ours = step_metrics(kiln_run);
     let theirs = trl["steps"].as_array().unwrap();
     assert_eq!(theirs.len(), 5, "TRL ran 5 steps");
+    let mut worst: Vec<(&str, f64)> = Vec::new();
     for (i, step) in theirs.iter().enumerate() {
         let ours = &ours[&(i as u64 + 1)];
         for key in [
@@ -131,8 +132,14 @@ fn assert_same_steps(kiln_run: &Path, trl: &Value, tolerance: f64) {
                 "step {}: {key} {got} vs TRL's {expected} (relative {error:.2e})",
                 i + 1
             );
+            match worst.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, w)) => *w = w.max(error),
+                None => worst.push((key, error)),
+            }
         }
     }
+    let worst: Vec<String> = worst.iter().map(|(k, e)| format!("{k} {e:.1e}")).collect();
+    eprintln!("worst relative difference from TRL over 5 steps: {}", worst.join(", "));
 }
 
 /// ||a - b|| / ||b|| of every tensor of two safetensors files, the worst.
@@ -210,6 +217,7 @@ fn dpo_matches_trl_full_fine_tune() {
         error < 1e-4,
         "final weights differ from TRL's by {error:.2e}"
     );
+    eprintln!("final weights: worst ||Δ||/||w|| {error:.1e}");
 
     // The same token ids as TRL's tokenisation (prompt, completion + eos).
     let preview = run_ok(&[
@@ -289,6 +297,7 @@ fn dpo_matches_trl_lora() {
         error < 1e-4,
         "final adapter differs from TRL's by {error:.2e}"
     );
+    eprintln!("final adapter: worst ||Δ||/||w|| {error:.1e}");
 }
 
 /// IPO (TRL's length-averaged form) against TRL, and the same run with the reference's
