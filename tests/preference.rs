@@ -139,7 +139,10 @@ fn assert_same_steps(kiln_run: &Path, trl: &Value, tolerance: f64) {
         }
     }
     let worst: Vec<String> = worst.iter().map(|(k, e)| format!("{k} {e:.1e}")).collect();
-    eprintln!("worst relative difference from TRL over 5 steps: {}", worst.join(", "));
+    eprintln!(
+        "worst relative difference from TRL over 5 steps: {}",
+        worst.join(", ")
+    );
 }
 
 /// ||a - b|| / ||b|| of every tensor of two safetensors files, the worst.
@@ -395,7 +398,7 @@ fn the_memory_estimate_counts_the_reference_only_where_it_is_held() {
 
 /// Accumulation and replicas cut the batch between pairs, never inside one: 2 micro-batches of
 /// 4 pairs on each of 2 replicas train what one batch of 16 pairs does, and so does activation
-/// checkpointing.
+/// checkpointing; bf16 and fp16 compute train the same steps to their rounding.
 #[test]
 fn accumulation_and_replicas_keep_pairs_whole() {
     let out = tempfile::tempdir().unwrap();
@@ -426,6 +429,25 @@ fn accumulation_and_replicas_keep_pairs_whole() {
         "recomputed",
         "batch: {global: 16, micro: 8}\nmemory: {activation_checkpointing: true}",
     );
+    // Mixed precision: bf16 operands (fp32 masters), and fp16 with its loss scale, train the
+    // same steps up to half precision's rounding.
+    for compute in ["bf16", "fp16"] {
+        let half = run(
+            compute,
+            &format!("batch: {{global: 16, micro: 16}}\nprecision: {{compute: {compute}}}"),
+        );
+        for step in 1..=5u64 {
+            let (a, b) = (whole[&step]["train/loss"], half[&step]["train/loss"]);
+            assert!(
+                (a - b).abs() <= 2e-2 * a,
+                "step {step}: loss {a} in fp32, {b} with {compute} compute"
+            );
+        }
+        assert!(
+            half[&5]["train/loss"] < half[&1]["train/loss"] - 0.1,
+            "{compute} learns"
+        );
+    }
     for step in 1..=5u64 {
         for key in ["train/loss", "train/grad_norm", "train/rewards/margins"] {
             let a = whole[&step][key];
