@@ -518,9 +518,9 @@ fn bad_jobs_fail_on_every_rank_before_any_step() {
     assert!(!dir.path().join("checkpoints/run").exists(), "no step ran");
 }
 
-/// DPO over two ranks: rank 0 computes the reference log-probabilities and keeps them with the
-/// run, every rank trains on them, pairs are never split, and the job trains exactly what one
-/// process with two replicas trains (dropout on, so each sequence's mask follows its pair).
+/// DPO over two ranks, with each of its references (log-probabilities precomputed by the ranks
+/// together and kept by rank 0, a frozen copy, the adapter off): pairs are never split, and the
+/// job trains exactly what one process with two replicas trains.
 #[test]
 fn dpo_over_two_ranks_trains_what_one_process_trains() {
     let pairs = common::repo_root().join("datasets/preference/train.jsonl");
@@ -532,8 +532,7 @@ fn dpo_over_two_ranks_trains_what_one_process_trains() {
         "[{{source: {{path: {}}}, template: preference, limit: 64}}]",
         pairs.display()
     );
-    let recipe = |out: &Path| {
-        let extra = "objective: {kind: dpo, beta: 0.1, precompute_ref_log_probs: true}\n";
+    let recipe = |out: &Path, extra: &str| {
         let path = write_recipe(out, extra);
         let text = std::fs::read_to_string(&path)
             .unwrap()
@@ -544,17 +543,40 @@ fn dpo_over_two_ranks_trains_what_one_process_trains() {
         std::fs::write(&path, text).unwrap();
         path
     };
-    let one = tempfile::tempdir().unwrap();
-    train_one_process(&recipe(one.path()));
-    let two = tempfile::tempdir().unwrap();
-    let out = train_two_ranks(&recipe(two.path()), &[]);
-    assert!(
-        text(&out.stdout).contains("reference log-probabilities of 64 train"),
-        "{}",
-        text(&out.stdout)
-    );
-    let (a, b) = (step_metrics(one.path()), step_metrics(two.path()));
-    assert_eq!(a.len(), 12, "{a:?}");
-    assert_eq!(a, b, "per-step DPO loss and gradient norm");
-    assert_same_checkpoint(one.path(), two.path(), 6, "dpo");
+    for (reference, extra) in [
+        (
+            "precomputed",
+            "objective: {kind: dpo, beta: 0.1, precompute_ref_log_probs: true}\n",
+        ),
+        ("a frozen copy", "objective: {kind: dpo, beta: 0.1}\n"),
+        (
+            "the adapter off",
+            "objective: {kind: dpo, beta: 0.1}\nlora: {r: 4, alpha: 8, dropout: 0.1}\n",
+        ),
+    ] {
+        let one = tempfile::tempdir().unwrap();
+        train_one_process(&recipe(one.path(), extra));
+        let two = tempfile::tempdir().unwrap();
+        let out = train_two_ranks(&recipe(two.path(), extra), &[]);
+        if reference == "precomputed" {
+            assert!(
+                text(&out.stdout).contains("reference log-probabilities of 64 train"),
+                "{}",
+                text(&out.stdout)
+            );
+        }
+        let (a, b) = (step_metrics(one.path()), step_metrics(two.path()));
+        assert_eq!(a.len(), 12, "{a:?}");
+        assert_eq!(a, b, "{reference}: per-step DPO loss and gradient norm");
+        let files: &[&str] = match reference {
+            "the adapter off" => &["adapter_model.safetensors", "optimizer.safetensors"],
+            _ => &["model.safetensors", "optimizer.safetensors"],
+        };
+        for file in files {
+            assert!(
+                checkpoint_file(one.path(), 6, file) == checkpoint_file(two.path(), 6, file),
+                "{reference}: {file} of step 6 differs"
+            );
+        }
+    }
 }

@@ -303,10 +303,9 @@ fn dpo_matches_trl_lora() {
     eprintln!("final adapter: worst ||Δ||/||w|| {error:.1e}");
 }
 
-/// IPO (TRL's length-averaged form) against TRL, and the same run with the reference's
-/// log-probabilities precomputed: the same numbers, no reference model held.
+/// IPO (TRL's length-averaged form) against TRL.
 #[test]
-fn ipo_matches_trl_and_precomputed_references_change_nothing() {
+fn ipo_matches_trl() {
     let Some(python) = python_with("trl") else {
         return;
     };
@@ -339,17 +338,30 @@ fn ipo_matches_trl_and_precomputed_references_change_nothing() {
         ],
     );
     assert_same_steps(&frozen.join("runs/run"), &trl, 1e-4);
+}
 
-    let precomputed = out.path().join("precomputed");
-    std::fs::create_dir_all(&precomputed).unwrap();
+/// The reference's log-probabilities precomputed once train the same steps as the frozen copy
+/// that computes them every step; nothing is held for the reference.
+#[test]
+fn precomputed_references_train_what_a_frozen_copy_trains() {
+    let out = tempfile::tempdir().unwrap();
+    let model = tiny(out.path());
+    let pairs = first_pairs(out.path(), 16);
+    let run = |name: &str, extra: &str| {
+        let dir = out.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let recipe = dpo_recipe(&dir, &model, &pairs, extra);
+        let log = run_ok(&["train", recipe.to_str().unwrap(), "--quiet"]);
+        (dir, recipe, log)
+    };
+    let (frozen, _, _) = run("frozen", "objective: {kind: dpo, beta: 0.5, loss: ipo}\n");
     let extra = "objective: {kind: dpo, beta: 0.5, loss: ipo, precompute_ref_log_probs: true}\n";
-    let recipe = dpo_recipe(&precomputed, &model, &pairs, extra);
+    let (precomputed, recipe, log) = run("precomputed", extra);
     let check = run_ok(&["recipe", "check", recipe.to_str().unwrap()]);
     assert!(
         !check.contains("frozen copy"),
         "nothing held for the reference:\n{check}"
     );
-    let log = run_ok(&["train", recipe.to_str().unwrap(), "--quiet"]);
     assert!(
         log.contains("reference log-probabilities of 16 train"),
         "{log}"
@@ -370,6 +382,103 @@ fn ipo_matches_trl_and_precomputed_references_change_nothing() {
             );
         }
     }
+}
+
+/// Stored reference log-probabilities are for the pairs they were computed on: a resume over
+/// changed pairs (`--allow-data-change`) computes them again, one over the same pairs reads them.
+#[test]
+fn a_resume_over_changed_pairs_recomputes_the_reference() {
+    let out = tempfile::tempdir().unwrap();
+    let model = tiny(out.path());
+    let pairs = first_pairs(out.path(), 16);
+    let extra = "objective: {kind: dpo, precompute_ref_log_probs: true}\n";
+    let recipe = dpo_recipe(out.path(), &model, &pairs, extra);
+    run_ok(&[
+        "train",
+        recipe.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        "steps=2",
+    ]);
+    let stored = out.path().join("checkpoints/run/reference_logps.json");
+    let before = std::fs::read(&stored).unwrap();
+    let same = run_ok(&[
+        "train",
+        recipe.to_str().unwrap(),
+        "--quiet",
+        "--resume",
+        "latest",
+        "--set",
+        "steps=3",
+    ]);
+    assert!(same.contains("read from"), "{same}");
+    // The same number of pairs, one answer changed.
+    let text =
+        std::fs::read_to_string(&pairs)
+            .unwrap()
+            .replacen(" is larger than", " is bigger than", 1);
+    std::fs::write(&pairs, text).unwrap();
+    let changed = run_ok(&[
+        "train",
+        recipe.to_str().unwrap(),
+        "--quiet",
+        "--resume",
+        "latest",
+        "--allow-data-change",
+        "--set",
+        "steps=4",
+    ]);
+    assert!(changed.contains("computed in"), "{changed}");
+    assert!(
+        std::fs::read(&stored).unwrap() != before,
+        "the stored values were replaced"
+    );
+}
+
+/// As TRL (`disable_dropout`), preference training runs without dropout, so at step 1 the policy
+/// equals the reference: every reward is 0 and the loss is ln 2, dropout configured or not.
+#[test]
+fn preference_training_disables_dropout_as_trl_does() {
+    let out = tempfile::tempdir().unwrap();
+    let model = tiny(out.path());
+    let pairs = first_pairs(out.path(), 16);
+    let extra = "objective: {kind: dpo}\nlora: {r: 4, alpha: 8, dropout: 0.1}\n";
+    let recipe = dpo_recipe(out.path(), &model, &pairs, extra);
+    let text = std::fs::read_to_string(&recipe).unwrap().replace(
+        &format!("model: {{from: {}}}", model.display()),
+        &format!(
+            "model: {{from: {}, dropout: {{resid: 0.1, attn: 0.1, embd: 0.1}}}}",
+            model.display()
+        ),
+    );
+    std::fs::write(&recipe, &text).unwrap();
+    run_ok(&[
+        "train",
+        recipe.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        "steps=1",
+    ]);
+    let first = &step_metrics(&out.path().join("runs/run"))[&1];
+    assert_eq!(first["train/rewards/chosen"], 0.0);
+    assert_eq!(first["train/rewards/margins"], 0.0);
+    assert!((first["train/loss"] - std::f64::consts::LN_2).abs() < 1e-12);
+    // With `disable_dropout: false` the policy's dropout makes it differ from the reference.
+    let text = text.replace(
+        "objective: {kind: dpo}",
+        "objective: {kind: dpo, disable_dropout: false}",
+    );
+    std::fs::write(&recipe, text).unwrap();
+    run_ok(&[
+        "train",
+        recipe.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        "steps=1",
+        "--overwrite",
+    ]);
+    let first = &step_metrics(&out.path().join("runs/run"))[&1];
+    assert!(first["train/rewards/margins"] != 0.0, "{first:?}");
 }
 
 /// The estimate knows what the reference costs: a frozen copy for a full fine-tune, nothing
@@ -530,7 +639,8 @@ fn a_killed_dpo_run_resumes_bit_for_bit() {
 }
 
 /// SimPO needs no reference: its loss is the formula over length-averaged log-probabilities of
-/// the policy, its rewards β × those averages; it learns the preference.
+/// the policy (checked at step 1 against `kiln score`'s), its rewards β × those averages; it
+/// learns the preference.
 #[test]
 fn simpo_trains_without_a_reference() {
     let out = tempfile::tempdir().unwrap();
@@ -552,6 +662,72 @@ fn simpo_trains_without_a_reference() {
             "per-token, not summed: {logp_c}"
         );
     }
+    // Step 1's loss from the starting model's log-probabilities as `kiln score` finds them,
+    // through SimPO's formula: -log σ(β (mean logp(chosen) - mean logp(rejected)) - γ).
+    let preview = run_ok(&[
+        "data",
+        "preview",
+        recipe.to_str().unwrap(),
+        "--json",
+        "--n",
+        "16",
+    ]);
+    let mut rows = String::new();
+    let mut prompt_lens = Vec::new();
+    for line in preview.lines() {
+        let pair: Value = serde_json::from_str(line).unwrap();
+        let ids = |key: &str| -> Vec<u64> {
+            pair[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect()
+        };
+        let prompt = ids("prompt_ids");
+        for completion in [ids("chosen_ids"), ids("rejected_ids")] {
+            let whole = [prompt.clone(), completion].concat();
+            rows.push_str(&serde_json::json!({ "ids": whole }).to_string());
+            rows.push('\n');
+            prompt_lens.push(prompt.len());
+        }
+    }
+    let input = out.path().join("score.jsonl");
+    let scored = out.path().join("scored.jsonl");
+    std::fs::write(&input, rows).unwrap();
+    run_ok(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        scored.to_str().unwrap(),
+    ]);
+    let means: Vec<f64> = std::fs::read_to_string(&scored)
+        .unwrap()
+        .lines()
+        .zip(&prompt_lens)
+        .map(|(line, &prompt)| {
+            let row: Value = serde_json::from_str(line).unwrap();
+            let logps: Vec<f64> = row["logprobs"].as_array().unwrap()[prompt..]
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            logps.iter().sum::<f64>() / logps.len() as f64
+        })
+        .collect();
+    let log_sigmoid = |x: f64| -(1.0 + (-x).exp()).ln();
+    let expected: f64 = means
+        .chunks(2)
+        .map(|m| -log_sigmoid(2.0 * (m[0] - m[1]) - 0.5))
+        .sum::<f64>()
+        / 16.0;
+    let got = steps[&1]["train/loss"];
+    assert!(
+        (got - expected).abs() < 1e-5 * expected,
+        "SimPO's step-1 loss {got}, its formula over kiln score's log-probabilities {expected}"
+    );
     assert!(
         steps[&5]["train/loss"] < steps[&1]["train/loss"] - 0.05,
         "SimPO learns: {} then {}",

@@ -442,10 +442,20 @@ fn check_options(args: &EvalArgs) -> Result<()> {
                 let recipe = recipe?;
                 if !recipe.objective.is_preference() {
                     bail!(
-                        "{}: --task preference evaluates a preference recipe's pairs; its objective is {}",
+                        "{}: --task preference evaluates a preference recipe's pairs; its \
+                         objective is {}",
                         path.display(),
                         recipe.objective.kind.name()
                     );
+                }
+                if !recipe.objective.needs_reference() && args.reference.is_some() {
+                    refuse(
+                        "--reference",
+                        "the recipe's objective (simpo) uses no reference",
+                    )?;
+                }
+                if !args.column.is_empty() {
+                    refuse("--column", "with --recipe, its datasets' own columns apply")?;
                 }
             }
         }

@@ -48,8 +48,19 @@ impl PreferencePair {
 
     /// The prompt's tokens (those the two sequences share before their completions).
     pub fn prompt_len(&self) -> usize {
-        self.chosen.loss_mask.iter().take_while(|&&m| !m).count()
+        prompt_len_of(&self.chosen)
     }
+
+    /// Whether each of the two sequences trains at least one predicted token.
+    fn trains_both(&self) -> bool {
+        self.chosen.target_count() > 0 && self.rejected.target_count() > 0
+    }
+}
+
+/// The untrained tokens a pair's sequence starts with: its prompt (after `truncation: left`,
+/// what is left of it may differ between the two sequences of a pair).
+pub fn prompt_len_of(sequence: &Sequence) -> usize {
+    sequence.loss_mask.iter().take_while(|&&m| !m).count()
 }
 
 /// A pair's three parts as the row gives them: text, or conversations.
@@ -411,13 +422,12 @@ pub fn pairs_of(
             .filter(|p| matches!(p, Parts::Chat { .. }))
             .count();
         for (i, pair) in tokenized.into_iter().enumerate() {
-            match fit(
-                pair,
-                seq_len,
-                truncation,
-                &records.locate(i),
-                &mut truncated,
-            )? {
+            let at = records.locate(i);
+            match fit(pair, seq_len, truncation, &at, &mut truncated)? {
+                Some(pair) if !pair.trains_both() => bail!(
+                    "{at}: the chosen or the rejected completion has no token to train (an empty \
+                     completion after an empty prompt, or cut away by data.truncation)"
+                ),
                 Some(pair) => pairs.push(pair),
                 None => dropped += 1,
             }
@@ -502,9 +512,8 @@ pub fn preview(
     use std::fmt::Write;
     let mut out = String::new();
     for (i, pair) in pairs.iter().take(n).enumerate() {
-        let prompt_len = pair.prompt_len();
-        let prompt = &pair.chosen.ids[..prompt_len];
-        let completion = |s: &Sequence| s.ids[prompt_len.min(s.len())..].to_vec();
+        let prompt = &pair.chosen.ids[..pair.prompt_len()];
+        let completion = |s: &Sequence| s.ids[prompt_len_of(s)..].to_vec();
         if json {
             let line = serde_json::json!({
                 "prompt_ids": prompt,
@@ -542,5 +551,33 @@ mod tests {
         // One a prefix of the other: the last shared character stays in the completions.
         assert_eq!(split("abc", "abcd"), ("ab".into(), "c".into(), "cd".into()));
         assert_eq!(split("x", "y"), ("".into(), "x".into(), "y".into()));
+    }
+
+    /// Cut at their starts (`truncation: left`), the two sequences keep prompts of different
+    /// lengths: each completion is what its own sequence trains.
+    #[test]
+    fn left_truncation_keeps_each_completion_whole() {
+        let pair = TokenizedPair {
+            prompt_chosen: vec![1, 2, 3, 4, 10, 11],
+            prompt_rejected: vec![1, 2, 3, 4, 20, 21, 22, 23],
+            prompt_len: 4,
+        };
+        let mut cut = 0;
+        let fitted = fit(pair.clone(), 5, Truncation::Left, "row", &mut cut)
+            .unwrap()
+            .unwrap();
+        assert_eq!(cut, 2);
+        assert_eq!(fitted.chosen.ids, [2, 3, 4, 10, 11]);
+        assert_eq!(fitted.rejected.ids, [4, 20, 21, 22, 23]);
+        assert_eq!(prompt_len_of(&fitted.chosen), 3);
+        assert_eq!(prompt_len_of(&fitted.rejected), 1);
+        // A prompt that fills seq_len with the end cut trains nothing: the pair is dropped.
+        assert!(fit(pair.clone(), 4, Truncation::Right, "row", &mut cut)
+            .unwrap()
+            .is_none());
+        let error = fit(pair, 5, Truncation::Error, "row 7", &mut cut).unwrap_err();
+        assert!(error
+            .to_string()
+            .starts_with("row 7: the pair's longer sequence"));
     }
 }

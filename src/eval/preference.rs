@@ -414,6 +414,7 @@ mod tests {
             label_smoothing: smoothing,
             gamma: (kind == ObjectiveKind::Simpo).then_some(0.4),
             precompute_ref_log_probs: false,
+            disable_dropout: true,
         }
     }
 

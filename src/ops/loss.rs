@@ -87,10 +87,11 @@ pub type Weigh<'a> = &'a mut dyn FnMut(&[f64]) -> Result<Vec<f64>>;
 
 /// [`lm_head_loss`] with the gradient of `Σ weight × nll`, the weights chosen by `weigh` from
 /// the positions' cross-entropies once they are known (a preference objective's: how much each
-/// sequence counts depends on its pair's log-probabilities). A frozen head (LoRA) needs one pass:
-/// each position's hidden-state gradient is its unweighted one times its weight. A trained head
-/// needs two, the first to find the cross-entropies, since its weight's gradient sums the
-/// positions' weighted ones.
+/// sequence counts depends on its pair's log-probabilities). A frozen head (LoRA) on the CPU needs
+/// one pass: each position's hidden-state gradient is its unweighted one times its weight. A
+/// trained head needs two, the first to find the cross-entropies, since its weight's gradient
+/// sums the positions' weighted ones (and so does any head on a GPU, whose gradients are rounded
+/// to the compute dtype as they are made).
 pub fn lm_head_loss_weighted_by(
     hidden: &Tensor,
     weight: &Tensor,
@@ -100,7 +101,10 @@ pub fn lm_head_loss_weighted_by(
     operands: Operands,
 ) -> Result<LmLoss> {
     let head = (weight, bias);
-    if weight.track_op() || bias.is_some_and(Tensor::track_op) {
+    // One pass scales fp32 gradients on the CPU; elsewhere they would be rounded to half
+    // precision before the weights (and the fp16 loss scale) reach them.
+    let frozen = !weight.track_op() && !bias.is_some_and(Tensor::track_op);
+    if !(frozen && use_fused(hidden)) {
         let found = fused_loss(hidden, head, labels, None, operands, None)?;
         let weights = weigh(&found.label_nll)?;
         let scale = Some(GradScale::PerLabel(&weights));

@@ -1,9 +1,10 @@
 //! `objective:` what training minimises: next-token cross-entropy (`sft`, the default), or a
-//! preference objective over `chosen` / `rejected` pairs, with TRL's names and defaults.
+//! preference objective over `chosen` / `rejected` pairs, with TRL's names (and its defaults,
+//! but for SimPO's `beta`, whose default is the paper's 2.0 rather than CPO's 0.1).
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ObjectiveSpec {
     #[serde(default)]
@@ -35,6 +36,32 @@ pub struct ObjectiveSpec {
         skip_serializing_if = "std::ops::Not::not"
     )]
     pub precompute_ref_log_probs: bool,
+    /// Preference objectives train without dropout — the model's and LoRA's — as TRL's
+    /// `disable_dropout` (default true) does, so that the policy starts equal to the reference.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub disable_dropout: bool,
+}
+
+impl Default for ObjectiveSpec {
+    fn default() -> Self {
+        Self {
+            kind: ObjectiveKind::Sft,
+            beta: None,
+            loss: PreferenceLoss::Sigmoid,
+            label_smoothing: 0.0,
+            gamma: None,
+            precompute_ref_log_probs: false,
+            disable_dropout: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(x: &bool) -> bool {
+    *x
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -128,8 +155,9 @@ impl ObjectiveSpec {
         if self.is_sft() {
             if *self != ObjectiveSpec::default() {
                 problems.push(
-                    "objective: beta, loss, label_smoothing, gamma and precompute_ref_log_probs \
-                     apply to the preference objectives (kind: dpo or simpo), not to sft"
+                    "objective: beta, loss, label_smoothing, gamma, precompute_ref_log_probs and \
+                     disable_dropout apply to the preference objectives (kind: dpo or simpo), not \
+                     to sft"
                         .to_string(),
                 );
             }

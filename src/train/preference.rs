@@ -12,15 +12,25 @@
 //! memory), a frozen copy of the starting weights in the compute dtype (a full fine-tune), or
 //! its log-probabilities computed once before training (`precompute_ref_log_probs`).
 
-use anyhow::{ensure, Result};
-use candle_core::{DType, Tensor, Var};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
 
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::distributed::Collective;
+use super::examples::{EvalData, TrainData};
+use super::trainable::Trainable;
 use crate::data::{PreferencePair, Sequence};
 use crate::eval::preference::{
-    pair_logps, reference_logps, row_logps, rows_of, PairLoss, PairTotals, ReferenceModel,
+    pair_logps, reference_logps, row_logps, rows_of, sequence_logps, PairLoss, PairTotals,
+    ReferenceModel,
 };
-use crate::model::Model;
+use crate::model::{Config, Model};
 use crate::ops;
+use crate::recipe::Recipe;
+use crate::track::Progress;
 
 /// Where the reference's log-probabilities come from.
 pub enum Reference {
@@ -108,4 +118,192 @@ pub fn shard_backward(
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Some((totals, grads)))
+}
+
+/// What a preference objective needs before the first step.
+pub struct PreferenceSetup<'s> {
+    pub recipe: &'s Recipe,
+    pub config: &'s Config,
+    pub device: &'s Device,
+    pub trainable: &'s Trainable,
+    /// A full fine-tune's starting weights (DPO), for its reference.
+    pub starting: Option<HashMap<String, Tensor>>,
+    /// Where the starting weights came from (part of what stored log-probabilities depend on).
+    pub base_model: &'s str,
+    pub pad_id: u32,
+    pub run_checkpoints: &'s Path,
+    pub resuming: bool,
+    pub collective: &'s dyn Collective,
+}
+
+/// Where a run keeps its pairs' reference log-probabilities (`precompute_ref_log_probs`).
+pub const REFERENCE_LOGPS_FILE: &str = "reference_logps.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredReference {
+    /// sha256 of what the values depend on: every pair's tokens, the starting weights' source
+    /// and the compute dtype.
+    inputs_sha256: String,
+    train: Vec<[f64; 2]>,
+    eval: Vec<[f64; 2]>,
+}
+
+impl PreferenceSetup<'_> {
+    /// The objective's formula and its reference: none (SimPO), the policy with its adapter off
+    /// (LoRA), a frozen copy of the starting weights, or the log-probabilities of every train
+    /// and eval pair computed once with the starting weights (see [`Self::precompute`]).
+    pub fn reference(
+        self,
+        data: &mut TrainData,
+        eval: Option<&mut EvalData>,
+        progress: &Progress,
+    ) -> Result<(PairLoss, Reference)> {
+        let objective = &self.recipe.objective;
+        let pair_loss = PairLoss::new(objective);
+        if !objective.needs_reference() {
+            return Ok((pair_loss, Reference::None));
+        }
+        if !objective.precompute_ref_log_probs {
+            let reference = match self.starting.is_some() {
+                true => Reference::Frozen(Box::new(self.starting_model()?)),
+                false => Reference::AdapterOff,
+            };
+            progress.println(&format!("dpo: the reference is {}", reference.describe()));
+            return Ok((pair_loss, reference));
+        }
+        let TrainData::Pairs(stream) = data else {
+            anyhow::bail!("a preference objective trains on pairs");
+        };
+        let eval = match eval {
+            Some(EvalData::Pairs(pairs)) => pairs.as_mut_slice(),
+            _ => &mut [],
+        };
+        self.precompute(stream.examples_mut(), eval, progress)?;
+        Ok((pair_loss, Reference::Precomputed))
+    }
+
+    /// The starting weights as a model in the compute dtype (a LoRA run's: its base).
+    fn starting_model(&self) -> Result<Model> {
+        let tensors = match &self.starting {
+            Some(tensors) => tensors.clone(),
+            None => (self.trainable.base_tensors()).context("a LoRA run has a base")?,
+        };
+        let compute = self.recipe.precision.compute.dtype();
+        crate::model::model_from_parameters(self.config, &tensors, compute, self.device)
+    }
+
+    /// Gives every pair its reference log-probabilities. A resume reads them back from the run's
+    /// checkpoint directory when they were computed for the same pairs, starting weights and
+    /// compute dtype; otherwise the job computes them, `eval.batch_size` pairs at a time, the
+    /// batches shared out over the ranks (each batch the same whichever rank computes it), and
+    /// rank 0 keeps them there. Rank 0's values reach every rank through the all-reduce, so all
+    /// of them train on the same numbers.
+    fn precompute(
+        &self,
+        train: &mut [PreferencePair],
+        eval: &mut [PreferencePair],
+        progress: &Progress,
+    ) -> Result<()> {
+        let (rank, ranks) = (self.collective.rank(), self.collective.size());
+        let compute = self.recipe.precision.compute.dtype();
+        let inputs_sha256 = inputs_sha256(train, eval, self.base_model, compute);
+        let path = self.run_checkpoints.join(REFERENCE_LOGPS_FILE);
+        let stored = (rank == 0 && self.resuming)
+            .then(|| -> Option<StoredReference> {
+                let stored: StoredReference =
+                    serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+                (stored.inputs_sha256 == inputs_sha256).then_some(stored)
+            })
+            .flatten();
+        let mut reuse = [if stored.is_some() { 1.0 } else { 0.0 }];
+        if ranks > 1 {
+            (self.collective).all_reduce_sum_f64(&mut reuse, "whether to reuse the reference")?;
+        }
+        let started = Instant::now();
+        let total = train.len() + eval.len();
+        let mut values = vec![0f64; 2 * total];
+        match (reuse[0] > 0.0, stored) {
+            (true, Some(stored)) => {
+                for (i, logps) in stored.train.iter().chain(&stored.eval).enumerate() {
+                    values[2 * i..2 * i + 2].copy_from_slice(logps);
+                }
+            }
+            (true, None) => {}
+            (false, _) => {
+                let model = self.starting_model()?;
+                let model = ReferenceModel::whole(&model);
+                let batch = self.recipe.eval.batch_size.max(1);
+                let all: Vec<&PreferencePair> = train.iter().chain(eval.iter()).collect();
+                let starts = (0..total).step_by(batch);
+                for (_, start) in starts.enumerate().filter(|(i, _)| i % ranks == rank) {
+                    let end = (start + batch).min(total);
+                    let chunk: Vec<PreferencePair> =
+                        all[start..end].iter().map(|&p| p.clone()).collect();
+                    let logps = sequence_logps(model, &rows_of(&chunk), self.pad_id)?;
+                    values[2 * start..2 * end].copy_from_slice(&logps);
+                }
+            }
+        }
+        if ranks > 1 {
+            let what = "the reference log-probabilities";
+            self.collective.all_reduce_sum_f64(&mut values, what)?;
+        }
+        for (i, pair) in train.iter_mut().chain(eval.iter_mut()).enumerate() {
+            pair.reference = Some([values[2 * i], values[2 * i + 1]]);
+        }
+        if reuse[0] > 0.0 {
+            progress.println(&format!(
+                "dpo: reference log-probabilities of {} train and {} eval pairs read from {}",
+                train.len(),
+                eval.len(),
+                path.display()
+            ));
+            return Ok(());
+        }
+        if rank == 0 {
+            let logps = |pairs: &[PreferencePair]| -> Vec<[f64; 2]> {
+                pairs.iter().map(|p| p.reference.expect("set")).collect()
+            };
+            let stored = StoredReference {
+                inputs_sha256,
+                train: logps(train),
+                eval: logps(eval),
+            };
+            std::fs::create_dir_all(self.run_checkpoints)?;
+            crate::atomic_file::write(&path, &serde_json::to_vec(&stored)?)?;
+        }
+        progress.println(&format!(
+            "dpo: reference log-probabilities of {} train and {} eval pairs computed in {:.1} s \
+             over {ranks} rank(s), kept in {}",
+            train.len(),
+            eval.len(),
+            started.elapsed().as_secs_f64(),
+            path.display()
+        ));
+        Ok(())
+    }
+}
+
+/// sha256 over what precomputed reference log-probabilities depend on.
+fn inputs_sha256(
+    train: &[PreferencePair],
+    eval: &[PreferencePair],
+    base_model: &str,
+    compute: DType,
+) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(format!("{base_model}\n{compute:?}\n"));
+    for (split, pairs) in [("train", train), ("eval", eval)] {
+        hash.update(split);
+        hash.update((pairs.len() as u64).to_le_bytes());
+        for sequence in pairs.iter().flat_map(|p| [&p.chosen, &p.rejected]) {
+            hash.update((sequence.ids.len() as u64).to_le_bytes());
+            for (&id, &trained) in sequence.ids.iter().zip(&sequence.loss_mask) {
+                hash.update(id.to_le_bytes());
+                hash.update([u8::from(trained)]);
+            }
+        }
+    }
+    hex::encode(hash.finalize())
 }

@@ -274,8 +274,12 @@ pub enum StepRows<'r> {
 }
 
 /// The dropout training applies: the model config's, with the recipe's `model.dropout` in its
-/// place.
+/// place; none for a preference objective with `disable_dropout` (TRL's default).
 fn dropout_rates(recipe: &Recipe, config: &Config) -> ops::DropoutRates {
+    let objective = &recipe.objective;
+    if objective.is_preference() && objective.disable_dropout {
+        return ops::DropoutRates::default();
+    }
     let rates = config.dropout_rates();
     let rates = match &recipe.model.dropout {
         Some(spec) => spec.over(rates),

@@ -18,7 +18,7 @@ use super::layout::BatchLayout;
 use super::memory::MemoryEstimate;
 use super::optimizer::AdamW;
 use super::precision::LossScaler;
-use super::preference::Reference;
+use super::preference::{PreferenceSetup, Reference};
 use super::resume::{resume_from, ResumeInto};
 use super::run_log::RunLog;
 use super::schedule::Schedule;
@@ -27,7 +27,7 @@ use super::step::{StepAt, StepOutcome, StepPlan, StepRows, Workers};
 use super::trainable::Trainable;
 use super::{CheckpointHook, EvalHook, EvalPoint, ModelInit, TrainOptions, TrainSummary};
 use crate::checkpoint::{self, TrainerState};
-use crate::data::{PreferencePair, SourceFingerprint};
+use crate::data::SourceFingerprint;
 use crate::eval::preference::{self, PairLoss};
 use crate::hub::{UploadEvent, Uploader};
 use crate::model::{self, Config};
@@ -192,6 +192,7 @@ impl<'a> Trainer<'a> {
                     device: &device,
                     trainable: &trainable,
                     starting,
+                    base_model: &init.base_model,
                     pad_id,
                     run_checkpoints: &run_checkpoints,
                     resuming: start_step > 0,
@@ -578,137 +579,6 @@ impl<'a> Trainer<'a> {
              {checkpoint}. Lower optimizer.lr, keep optimizer.grad_clip on, or check the data of \
              this step"
         )
-    }
-}
-
-/// What a preference objective needs before the first step.
-struct PreferenceSetup<'s> {
-    recipe: &'s Recipe,
-    config: &'s Config,
-    device: &'s Device,
-    trainable: &'s Trainable,
-    /// A full fine-tune's starting weights (DPO), for its reference.
-    starting: Option<std::collections::HashMap<String, candle_core::Tensor>>,
-    pad_id: u32,
-    run_checkpoints: &'s std::path::Path,
-    resuming: bool,
-    collective: &'s dyn Collective,
-}
-
-/// Where a run keeps its pairs' reference log-probabilities (`precompute_ref_log_probs`).
-pub const REFERENCE_LOGPS_FILE: &str = "reference_logps.json";
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct StoredReference {
-    train: Vec<[f64; 2]>,
-    eval: Vec<[f64; 2]>,
-}
-
-impl PreferenceSetup<'_> {
-    /// The objective's formula and its reference: none (SimPO), the base with the adapter off
-    /// (LoRA), a frozen copy of the starting weights, or the log-probabilities of every train
-    /// and eval pair computed once with the starting weights — by rank 0, kept in the run's
-    /// checkpoint directory and read back from there by every rank and by a resume, so that all
-    /// of them train on the same numbers.
-    fn reference(
-        self,
-        data: &mut TrainData,
-        eval: Option<&mut EvalData>,
-        progress: &Progress,
-    ) -> Result<(PairLoss, Reference)> {
-        let objective = &self.recipe.objective;
-        let pair_loss = PairLoss::new(objective);
-        if !objective.needs_reference() {
-            return Ok((pair_loss, Reference::None));
-        }
-        let compute = self.recipe.precision.compute.dtype();
-        let starting_model = || -> Result<model::Model> {
-            let tensors = match &self.starting {
-                Some(tensors) => tensors.clone(),
-                None => self
-                    .trainable
-                    .base_tensors()
-                    .context("a LoRA run has a base")?,
-            };
-            model::model_from_parameters(self.config, &tensors, compute, self.device)
-        };
-        if !objective.precompute_ref_log_probs {
-            let reference = match self.starting.is_some() {
-                true => Reference::Frozen(Box::new(starting_model()?)),
-                false => Reference::AdapterOff,
-            };
-            progress.println(&format!("dpo: the reference is {}", reference.describe()));
-            return Ok((pair_loss, reference));
-        }
-        let TrainData::Pairs(stream) = data else {
-            anyhow::bail!("a preference objective trains on pairs");
-        };
-        let mut eval_pairs = match eval {
-            Some(EvalData::Pairs(pairs)) => Some(pairs),
-            _ => None,
-        };
-        let path = self.run_checkpoints.join(REFERENCE_LOGPS_FILE);
-        let counts = (
-            stream.examples().len(),
-            eval_pairs.as_ref().map_or(0, |p| p.len()),
-        );
-        let stored = || -> Option<StoredReference> {
-            let stored: StoredReference =
-                serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
-            (stored.train.len() == counts.0 && stored.eval.len() == counts.1).then_some(stored)
-        };
-        if self.collective.rank() == 0 && !(self.resuming && stored().is_some()) {
-            let started = Instant::now();
-            let model = starting_model()?;
-            let batch = self.recipe.eval.batch_size;
-            let mut train: Vec<PreferencePair> = stream.examples().to_vec();
-            let model = preference::ReferenceModel::whole(&model);
-            preference::precompute_reference(model, &mut train, batch, self.pad_id)?;
-            let mut eval: Vec<PreferencePair> = eval_pairs.as_deref().cloned().unwrap_or_default();
-            preference::precompute_reference(model, &mut eval, batch, self.pad_id)?;
-            let logps = |pairs: &[PreferencePair]| -> Vec<[f64; 2]> {
-                pairs
-                    .iter()
-                    .map(|p| p.reference.expect("computed"))
-                    .collect()
-            };
-            let stored = StoredReference {
-                train: logps(&train),
-                eval: logps(&eval),
-            };
-            std::fs::create_dir_all(self.run_checkpoints)?;
-            crate::atomic_file::write(&path, &serde_json::to_vec(&stored)?)?;
-            progress.println(&format!(
-                "dpo: reference log-probabilities of {} train and {} eval pairs computed in {:.1} \
-                 s, kept in {}",
-                counts.0,
-                counts.1,
-                started.elapsed().as_secs_f64(),
-                path.display()
-            ));
-        }
-        if self.collective.size() > 1 {
-            self.collective
-                .barrier("rank 0's reference log-probabilities")?;
-        }
-        let stored = stored().with_context(|| {
-            format!(
-                "{}: the reference log-probabilities of {} train and {} eval pairs are missing \
-                 or do not match the data",
-                path.display(),
-                counts.0,
-                counts.1
-            )
-        })?;
-        for (pair, logps) in stream.examples_mut().iter_mut().zip(stored.train) {
-            pair.reference = Some(logps);
-        }
-        if let Some(pairs) = eval_pairs.as_mut() {
-            for (pair, logps) in pairs.iter_mut().zip(stored.eval) {
-                pair.reference = Some(logps);
-            }
-        }
-        Ok((pair_loss, Reference::Precomputed))
     }
 }
 
