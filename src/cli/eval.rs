@@ -492,53 +492,46 @@ fn data_name(args: &EvalArgs) -> String {
 
 /// `--data` with `--template`, `--label-map` and `--column` as a recipe's dataset would say them.
 fn data_from_args(args: &EvalArgs, template: &str) -> Result<LoadedDataset> {
-    let data = args.data.as_deref().expect("--data or --recipe, checked");
     crate::recipe::template::Preset::parse(template).context("--template")?;
-    let pairs = |values: &[String], option: &str, form: &str| -> Result<BTreeMap<String, String>> {
-        values
-            .iter()
-            .map(|v| match v.split_once('=') {
-                Some((k, w)) if !k.is_empty() && !w.is_empty() => {
-                    Ok((k.to_string(), w.to_string()))
-                }
-                _ => bail!("{option} {v:?}: expected {form}"),
-            })
-            .collect()
-    };
-    let label_map = pairs(
+    let label_map = key_values(
         &args.label_map,
         "--label-map",
         "VALUE=WORD, e.g. 0=negative",
     )?;
-    let columns = pairs(&args.column, "--column", "FIELD=COLUMN, e.g. text=sentence")?;
-    let spec = DatasetSpec {
-        source: mnli::resolve_source(data, args.split.as_deref(), args.config.as_deref())?,
-        template: TemplateSpec::Preset(template.to_string()),
-        label_map: (!label_map.is_empty()).then_some(label_map),
-        columns,
-        limit: args.limit,
-        few_shot: None,
-    };
-    let records = crate::data::load_records(&spec.source, Path::new("."), args.limit)?;
-    if records.is_empty() {
-        bail!("{}: no rows", records.origin);
-    }
-    Ok(LoadedDataset { spec, records })
+    let columns = key_values(&args.column, "--column", "FIELD=COLUMN, e.g. text=sentence")?;
+    let label_map = (!label_map.is_empty()).then_some(label_map);
+    load_data(args, template, label_map, columns)
 }
 
 /// `--data` as preference pairs (`prompt`, `chosen`, `rejected`, renamed by `--column`).
 fn pairs_from_args(args: &EvalArgs) -> Result<LoadedDataset> {
-    let data = args.data.as_deref().expect("--data or --recipe, checked");
-    let columns = (args.column.iter())
+    let columns = key_values(&args.column, "--column", "FIELD=COLUMN, e.g. chosen=better")?;
+    load_data(args, crate::recipe::PREFERENCE_TEMPLATE, None, columns)
+}
+
+/// `KEY=VALUE` option values as a map.
+fn key_values(values: &[String], option: &str, form: &str) -> Result<BTreeMap<String, String>> {
+    values
+        .iter()
         .map(|v| match v.split_once('=') {
-            Some((k, c)) if !k.is_empty() && !c.is_empty() => Ok((k.to_string(), c.to_string())),
-            _ => bail!("--column {v:?}: expected FIELD=COLUMN, e.g. chosen=better"),
+            Some((k, w)) if !k.is_empty() && !w.is_empty() => Ok((k.to_string(), w.to_string())),
+            _ => bail!("{option} {v:?}: expected {form}"),
         })
-        .collect::<Result<BTreeMap<_, _>>>()?;
+        .collect()
+}
+
+/// The rows of `--data` (its `--split`, `--config` and `--limit`) as a dataset with `template`.
+fn load_data(
+    args: &EvalArgs,
+    template: &str,
+    label_map: Option<BTreeMap<String, String>>,
+    columns: BTreeMap<String, String>,
+) -> Result<LoadedDataset> {
+    let data = args.data.as_deref().expect("--data or --recipe, checked");
     let spec = DatasetSpec {
         source: mnli::resolve_source(data, args.split.as_deref(), args.config.as_deref())?,
-        template: TemplateSpec::Preset(crate::recipe::PREFERENCE_TEMPLATE.to_string()),
-        label_map: None,
+        template: TemplateSpec::Preset(template.to_string()),
+        label_map,
         columns,
         limit: args.limit,
         few_shot: None,

@@ -440,15 +440,7 @@ pub fn pairs_of(
             split.name()
         );
     }
-    let sources = datasets
-        .iter()
-        .map(|d| SourceStats {
-            origin: d.records.origin.clone(),
-            rows: d.records.len(),
-            dropped_rows: d.records.dropped,
-            dropped_reason: d.records.dropped_reason.clone(),
-        })
-        .collect();
+    let sources = SourceStats::of(datasets);
     let completion = |s: &Sequence| s.loss_mask.iter().filter(|&&m| m).count();
     let stats = PreferenceStats {
         split,

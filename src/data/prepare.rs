@@ -264,6 +264,21 @@ pub struct SourceStats {
     pub dropped_reason: Option<String>,
 }
 
+impl SourceStats {
+    /// Each dataset's rows read and dropped.
+    pub fn of(datasets: &[LoadedDataset]) -> Vec<Self> {
+        datasets
+            .iter()
+            .map(|d| SourceStats {
+                origin: d.records.origin.clone(),
+                rows: d.records.len(),
+                dropped_rows: d.records.dropped,
+                dropped_reason: d.records.dropped_reason.clone(),
+            })
+            .collect()
+    }
+}
+
 /// What became of a split's data on the way to sequences.
 #[derive(Debug, Clone, Serialize)]
 pub struct DataStats {
@@ -412,15 +427,7 @@ pub fn prepare(
         recipe.data.loss_on,
         recipe.data.attention,
     )?;
-    let sources = datasets
-        .iter()
-        .map(|d| SourceStats {
-            origin: d.records.origin.clone(),
-            rows: d.records.len(),
-            dropped_rows: d.records.dropped,
-            dropped_reason: d.records.dropped_reason.clone(),
-        })
-        .collect();
+    let sources = SourceStats::of(&datasets);
     let tokens = examples.iter().map(Sequence::len).sum();
     let target_tokens = examples
         .iter()

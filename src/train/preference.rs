@@ -110,14 +110,7 @@ pub fn shard_backward(
     let Some(loss) = model.loss_and_grads_weighted_by(&batch, &labels, &mut weigh)? else {
         return Ok(None);
     };
-    let grads = params
-        .iter()
-        .map(|(name, v)| match loss.get(name, v.as_tensor())? {
-            Some(g) => Ok(g.to_dtype(DType::F32)?),
-            None => Ok(v.zeros_like()?),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Some((totals, grads)))
+    Ok(Some((totals, super::step::fp32_grads(&loss, params)?)))
 }
 
 /// What a preference objective needs before the first step.

@@ -12,7 +12,7 @@ use super::precision::{LossScaler, StepVerdict};
 use super::preference;
 use super::trainable::Trainable;
 use crate::data::{PreferencePair, Sequence};
-use crate::model::{self, Config, Model};
+use crate::model::{self, Config, LossGrads, Model};
 use crate::ops::{self, DropoutRates};
 use crate::recipe::Recipe;
 
@@ -319,14 +319,18 @@ fn shard_backward(
     let Some(loss) = model.loss_and_grads(&batch, &labels, weight)? else {
         return Ok(None);
     };
-    let grads = params
+    Ok(Some((loss.nll_sum, fp32_grads(&loss, params)?)))
+}
+
+/// Every parameter's gradient from one backward, fp32 (zeros where none reached it).
+pub(super) fn fp32_grads(loss: &LossGrads, params: &[(String, Var)]) -> Result<Vec<Tensor>> {
+    params
         .iter()
         .map(|(name, v)| match loss.get(name, v.as_tensor())? {
             Some(g) => Ok(g.to_dtype(DType::F32)?),
             None => Ok(v.zeros_like()?),
         })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Some((loss.nll_sum, grads)))
+        .collect()
 }
 
 /// The threads a run trains on: per replica, `per_replica` workers, each with its own
