@@ -130,8 +130,17 @@ pub(super) fn eval(mut args: EvalArgs) -> Result<()> {
     args.model = model_dir(&args.model)?;
     let dtype = model::parse_dtype(&args.dtype)?;
     let device = ops::parse_device(&args.device)?;
-    let model =
-        model::load_model_with_adapter(&args.model, args.adapter.as_deref(), dtype, &device)?;
+    // Preference accuracy against an adapter's own base: the adapter attached, unmerged, so
+    // that one model is both (adapters on and off).
+    let attached = args.task == EvalTaskArg::Preference && args.reference.is_none();
+    let model = match (&args.adapter, attached) {
+        (Some(adapter), true) => {
+            model::load_model_with_attached_adapter(&args.model, adapter, dtype, &device)?
+        }
+        (adapter, _) => {
+            model::load_model_with_adapter(&args.model, adapter.as_deref(), dtype, &device)?
+        }
+    };
     let tokenizer =
         model_tokenizer(&args.model, model.config().vocab_size())?.with_context(|| {
             format!(
@@ -264,14 +273,28 @@ pub(super) fn eval(mut args: EvalArgs) -> Result<()> {
                 (None, None) => None,
             };
             let needs_reference = objective.needs_reference();
-            let reference = match reference_dir.as_ref().filter(|_| needs_reference) {
-                Some(dir) => Some(model::load_model_with_adapter(dir, None, dtype, &device)?),
-                None => None,
+            let reference_model = match (&args.reference, needs_reference) {
+                (Some(_), true) => {
+                    let dir = reference_dir.as_ref().expect("--reference");
+                    Some(model::load_model_with_adapter(dir, None, dtype, &device)?)
+                }
+                _ => None,
+            };
+            let reference = match (&reference_model, &args.adapter, needs_reference) {
+                (Some(reference), _, _) => {
+                    Some(crate::eval::preference::ReferenceModel::whole(reference))
+                }
+                // The adapter's base: the same model with its adapter off.
+                (None, Some(_), true) => Some(crate::eval::preference::ReferenceModel {
+                    model: &model,
+                    adapters_off: true,
+                }),
+                _ => None,
             };
             let pair_loss = crate::eval::preference::PairLoss::new(&objective);
             // Without a reference, DPO's rewards are the log-probabilities alone.
-            let pairs: Vec<_> = match (needs_reference, &reference) {
-                (true, None) => pairs
+            let pairs: Vec<_> = match (needs_reference, reference.is_some()) {
+                (true, false) => pairs
                     .into_iter()
                     .map(|p| crate::data::PreferencePair {
                         reference: Some([0.0; 2]),
@@ -283,9 +306,7 @@ pub(super) fn eval(mut args: EvalArgs) -> Result<()> {
             let results = crate::eval::preference::evaluate(
                 &pair_loss,
                 &model,
-                reference
-                    .as_ref()
-                    .map(crate::eval::preference::ReferenceModel::whole),
+                reference,
                 &pairs,
                 batch_size,
                 tokenizer.pad_id(),

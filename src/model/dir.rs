@@ -80,6 +80,31 @@ pub fn load_model_with_adapter(
     Model::load(vb, &config).map_err(|e| anyhow::anyhow!("loading {}: {e}", dir.display()))
 }
 
+/// The model of `dir` with the adapter of `adapter_dir` beside its layers, unmerged: it runs
+/// with the adapter on, or off (`Batch::adapters_off`) as its base — one model for both.
+pub fn load_model_with_attached_adapter(
+    dir: &Path,
+    adapter_dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<Model> {
+    let config = load_config(dir)?;
+    let store = Arc::new(WeightStore::open(dir)?);
+    let base: Box<dyn candle_nn::var_builder::SimpleBackend> =
+        Box::new(weights::StoreBackend(store));
+    let context = || {
+        format!(
+            "attaching adapter {} to {}",
+            adapter_dir.display(),
+            dir.display()
+        )
+    };
+    let adapter = lora::Adapter::load(adapter_dir, device).with_context(context)?;
+    let backend = lora::AttachedBackend::new(base, &adapter, &config).with_context(context)?;
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    Model::load(vb, &config).map_err(|e| anyhow::anyhow!("loading {}: {e}", dir.display()))
+}
+
 /// Files of a model directory besides its config and weights that a merged copy keeps.
 const COMPANION_FILES: &[&str] = &[
     "generation_config.json",

@@ -521,6 +521,64 @@ fn whole_or_float(value: f64) -> serde_json::Value {
 
 /// A `VarBuilder` backend that adds adapters' updates to the weights it loads: a model loaded
 /// through it is the merged model, built one tensor at a time from the base's files.
+/// A base model's weights with an adapter beside them, unmerged: each adapted layer reads its
+/// `lora_A.weight` and `lora_B.scaled` (see [`attach`]), so that the model can run with its
+/// adapters on or off (`Batch::adapters_off`): the base and the adapted model in one.
+pub struct AttachedBackend {
+    pub base: Box<dyn SimpleBackend>,
+    /// The adapter's tensors as the layers read them.
+    pub adapter: HashMap<String, Tensor>,
+}
+
+impl AttachedBackend {
+    /// `adapter`'s tensors, checked against `config`, to attach beside `base`.
+    pub fn new(base: Box<dyn SimpleBackend>, adapter: &Adapter, config: &Config) -> Result<Self> {
+        let tensors: Vec<(String, Tensor)> = adapter
+            .layers(config)?
+            .into_iter()
+            .flat_map(|(layer, a, b)| {
+                [
+                    (format!("{}.{A_SUFFIX}", layer.module), a),
+                    (format!("{}.{B_SUFFIX}", layer.module), b),
+                ]
+            })
+            .collect();
+        let mut attached = HashMap::new();
+        attach(&mut attached, &tensors, adapter.spec.scale())?;
+        Ok(Self {
+            base,
+            adapter: attached,
+        })
+    }
+}
+
+impl SimpleBackend for AttachedBackend {
+    fn get(
+        &self,
+        expected: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match self.adapter.get(name) {
+            Some(tensor) => tensor.to_device(dev)?.to_dtype(dtype),
+            None => self.base.get(expected, name, init, dtype, dev),
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        match self.adapter.get(name) {
+            Some(tensor) => tensor.to_device(dev)?.to_dtype(dtype),
+            None => self.base.get_unchecked(name, dtype, dev),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.adapter.contains_key(name) || self.base.contains_tensor(name)
+    }
+}
+
 pub struct MergedBackend {
     pub base: Box<dyn SimpleBackend>,
     pub deltas: HashMap<String, Tensor>,
