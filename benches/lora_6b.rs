@@ -6,6 +6,8 @@
 //!
 //!     cargo bench --bench lora_6b                           # the recipe: activation checkpointing
 //!     cargo bench --bench lora_6b -- --no-checkpointing     # keeping every activation
+//!     cargo bench --bench lora_6b -- --quantize nf4 [--double-quant]   # QLoRA: a 4-bit base
+//!     cargo bench --bench lora_6b -- --quantize int8
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -80,6 +82,13 @@ fn main() -> Result<()> {
     );
     let mut resume = std::process::Command::new(std::env::current_exe()?);
     resume.args(["resume", out.path().to_str().context("path")?]);
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--quantize") {
+        resume.args(&args[i..(i + 2).min(args.len())]);
+    }
+    if args.iter().any(|a| a == "--double-quant") {
+        resume.arg("--double-quant");
+    }
     if !checkpointing {
         resume.arg("--no-checkpointing");
     }
@@ -126,10 +135,25 @@ fn run_json_estimate(out: &Path, checkpointing: bool) -> Result<f64> {
     Ok(total / (1 << 20) as f64)
 }
 
+/// `--quantize FORMAT` and `--double-quant` as recipe overrides.
+fn quantize_overrides() -> Vec<String> {
+    let args: Vec<String> = std::env::args().collect();
+    let mut overrides = Vec::new();
+    if let Some(i) = args.iter().position(|a| a == "--quantize") {
+        let format = args.get(i + 1).filter(|f| !f.starts_with("--"));
+        let format = format.expect("--quantize needs a format: nf4 or int8");
+        overrides.push(format!("model.quantize={format}"));
+    }
+    if args.iter().any(|a| a == "--double-quant") {
+        overrides.push("model.double_quant=true".to_string());
+    }
+    overrides
+}
+
 fn overrides(out: &Path, checkpointing: bool) -> Result<Vec<String>> {
     let train = shared("data/mnli/train.jsonl")?;
     let tokenizer = shared("tokenizers/gpt2")?;
-    Ok(vec![
+    let mut overrides = vec![
         "model.from=null".to_string(),
         "model.revision=null".to_string(),
         "model.init={preset: gptj-6b, seed: 0, dtype: bf16}".to_string(),
@@ -149,5 +173,7 @@ fn overrides(out: &Path, checkpointing: bool) -> Result<Vec<String>> {
         format!("checkpoint.dir={}", out.join("checkpoints").display()),
         format!("tracking.log_dir={}", out.join("runs").display()),
         format!("memory.activation_checkpointing={checkpointing}"),
-    ])
+    ];
+    overrides.extend(quantize_overrides());
+    Ok(overrides)
 }

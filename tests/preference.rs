@@ -82,6 +82,26 @@ fn step_metrics(run_dir: &Path) -> HashMap<u64, HashMap<String, f64>> {
     steps
 }
 
+/// Steps 1 to 5 of run `b` give each of `keys` within `tolerance` of run `a`'s (relative;
+/// absolute below 0.01); `what` says how `b` was trained.
+fn assert_steps_agree(
+    a: &HashMap<u64, HashMap<String, f64>>,
+    b: &HashMap<u64, HashMap<String, f64>>,
+    keys: &[&str],
+    tolerance: f64,
+    what: &str,
+) {
+    for step in 1..=5u64 {
+        for &key in keys {
+            let (x, y) = (a[&step][key], b[&step][key]);
+            assert!(
+                (x - y).abs() <= tolerance * x.abs().max(1e-2),
+                "step {step}: {key} {x}, {y} {what}"
+            );
+        }
+    }
+}
+
 fn tensors(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
@@ -373,15 +393,14 @@ fn precomputed_references_train_what_a_frozen_copy_trains() {
         step_metrics(&frozen.join("runs/run")),
         step_metrics(&precomputed.join("runs/run")),
     );
-    for step in 1..=5u64 {
-        for key in ["train/loss", "train/rewards/chosen", "train/grad_norm"] {
-            let (x, y) = (a[&step][key], b[&step][key]);
-            assert!(
-                (x - y).abs() <= 1e-6 * x.abs().max(1e-2),
-                "step {step}: {key} {x} with a frozen reference, {y} precomputed"
-            );
-        }
-    }
+    let keys = ["train/loss", "train/rewards/chosen", "train/grad_norm"];
+    assert_steps_agree(
+        &a,
+        &b,
+        &keys,
+        1e-6,
+        "precomputed (first: a frozen reference)",
+    );
 }
 
 /// Stored reference log-probabilities are for the pairs they were computed on: a resume over
@@ -545,33 +564,16 @@ fn accumulation_and_replicas_keep_pairs_whole() {
             compute,
             &format!("batch: {{global: 16, micro: 16}}\nprecision: {{compute: {compute}}}"),
         );
-        for step in 1..=5u64 {
-            let (a, b) = (whole[&step]["train/loss"], half[&step]["train/loss"]);
-            assert!(
-                (a - b).abs() <= 2e-2 * a,
-                "step {step}: loss {a} in fp32, {b} with {compute} compute"
-            );
-        }
+        let what = format!("with {compute} compute (first: fp32)");
+        assert_steps_agree(&whole, &half, &["train/loss"], 2e-2, &what);
         assert!(
             half[&5]["train/loss"] < half[&1]["train/loss"] - 0.1,
             "{compute} learns"
         );
     }
-    for step in 1..=5u64 {
-        for key in ["train/loss", "train/grad_norm", "train/rewards/margins"] {
-            let a = whole[&step][key];
-            for (other, how) in [
-                (&split, "accumulated over replicas"),
-                (&recomputed, "checkpointed"),
-            ] {
-                let b = other[&step][key];
-                assert!(
-                    (a - b).abs() <= 1e-5 * a.abs().max(1e-2),
-                    "step {step}: {key} {a} in one batch, {b} {how}"
-                );
-            }
-        }
-    }
+    let keys = ["train/loss", "train/grad_norm", "train/rewards/margins"];
+    assert_steps_agree(&whole, &split, &keys, 1e-5, "accumulated over replicas");
+    assert_steps_agree(&whole, &recomputed, &keys, 1e-5, "checkpointed");
 }
 
 /// A DPO run killed mid-way (`kill -9`) resumes to the uninterrupted run's weights and losses bit
@@ -985,14 +987,8 @@ fn the_device_generic_path_trains_the_same_steps() {
             step_metrics(&dir.join("runs/run"))
         };
         let (fused, generic) = (run("fused"), run("generic"));
-        for step in 1..=5u64 {
-            for key in ["train/loss", "train/grad_norm", "train/rewards/margins"] {
-                let (a, b) = (fused[&step][key], generic[&step][key]);
-                assert!(
-                    (a - b).abs() <= 1e-5 * a.abs().max(1e-2),
-                    "{name} step {step}: {key} {a} fused, {b} device-generic"
-                );
-            }
-        }
+        let keys = ["train/loss", "train/grad_norm", "train/rewards/margins"];
+        let what = format!("{name}: device-generic (first: fused)");
+        assert_steps_agree(&fused, &generic, &keys, 1e-5, &what);
     }
 }

@@ -321,7 +321,10 @@ fn write_contents(dir: &Path, contents: Contents) -> Result<()> {
             if dtype != DType::F32 {
                 // fp32 masters only: frozen half-precision weights (`train.trainable`) are
                 // stored as they are and come back from the base model on resume.
-                for (name, tensor) in params.iter().filter(|(_, t)| t.dtype() == DType::F32) {
+                let masters = (params.iter()).filter(|(name, t)| {
+                    t.dtype() == DType::F32 && !crate::ops::quant::QuantizedWeight::is_part(name)
+                });
+                for (name, tensor) in masters {
                     optimizer.insert(format!("master.{name}"), tensor.clone());
                 }
             }

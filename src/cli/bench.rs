@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use clap::ValueEnum;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -22,6 +22,8 @@ pub struct BenchArgs {
     #[arg(long, requires = "model")]
     pub adapter: Option<PathBuf>,
     /// Benchmark a randomly initialised model of this shape instead (nothing is read from disk).
+    /// Its weights are made one at a time in --dtype (or quantised, with --quantize): a bf16
+    /// preset holds its matrices in bf16, each CPU product widening its own, as a LoRA base.
     #[arg(long, value_enum)]
     pub preset: Option<Preset>,
     /// Prompt lengths in tokens, comma-separated.
@@ -42,6 +44,8 @@ pub struct BenchArgs {
     /// CPU threads (default: all cores).
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    pub quantize: super::QuantizeArgs,
     /// Compute dtype: fp32, fp16 or bf16.
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
@@ -293,20 +297,31 @@ fn load(
                 dir.display()
             )
         };
-        let model = model::load_model_with_adapter(dir, args.adapter.as_deref(), dtype, device)
-            .with_context(expected)?;
+        let quantization = args.quantize.quantization()?;
+        let model =
+            model::load_model_quantized(dir, args.adapter.as_deref(), dtype, device, quantization)
+                .with_context(expected)?;
         let tokenizer = model_tokenizer(dir, model.config().vocab_size()).with_context(expected)?;
         return Ok((model, tokenizer, dir.display().to_string()));
     }
     let preset = args.preset.expect("clap requires --preset without --model");
     let config = preset.config();
-    let params: std::collections::HashMap<String, Tensor> = model::parameter_shapes(&config)
-        .into_iter()
-        .map(|(name, shape)| {
-            let tensor = model::init::init_parameter(&config, &name, &shape, args.seed)?;
-            Ok((name, tensor))
-        })
-        .collect::<Result<_>>()?;
+    // Each weight in its dtype (or quantised) as it is made, so that a 6B-shaped preset never
+    // exists whole in fp32.
+    let quantized = model::quantized::quantized_weights(&config);
+    let quantization = args.quantize.quantization()?;
+    let mut params = std::collections::HashMap::new();
+    for (name, shape) in model::parameter_shapes(&config) {
+        let tensor = model::init::init_parameter(&config, &name, &shape, args.seed)?;
+        match quantization {
+            Some(q) => params.extend(model::quantized::quantize_parameter(
+                &quantized, &name, tensor, q,
+            )?),
+            None => {
+                params.insert(name, tensor.to_dtype(dtype)?);
+            }
+        }
+    }
     let model = model::model_from_parameters(&config, &params, dtype, device)?;
     let name = preset
         .to_possible_value()

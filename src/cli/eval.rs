@@ -111,6 +111,8 @@ pub struct EvalArgs {
     /// preference: DPO's β (default: the recipe's, else 0.1).
     #[arg(long)]
     pub beta: Option<f64>,
+    #[command(flatten)]
+    pub quantize: super::QuantizeArgs,
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
     #[arg(long, default_value = "cpu")]
@@ -133,13 +135,22 @@ pub(super) fn eval(mut args: EvalArgs) -> Result<()> {
     // Preference accuracy against an adapter's own base: the adapter attached, unmerged, so
     // that one model is both (adapters on and off).
     let attached = args.task == EvalTaskArg::Preference && args.reference.is_none();
+    let quantization = args.quantize.quantization()?;
     let model = match (&args.adapter, attached) {
-        (Some(adapter), true) => {
-            model::load_model_with_attached_adapter(&args.model, adapter, dtype, &device)?
-        }
-        (adapter, _) => {
-            model::load_model_with_adapter(&args.model, adapter.as_deref(), dtype, &device)?
-        }
+        (Some(adapter), true) => model::load_model_with_attached_adapter(
+            &args.model,
+            adapter,
+            dtype,
+            &device,
+            quantization,
+        )?,
+        (adapter, _) => model::load_model_quantized(
+            &args.model,
+            adapter.as_deref(),
+            dtype,
+            &device,
+            quantization,
+        )?,
     };
     let tokenizer =
         model_tokenizer(&args.model, model.config().vocab_size())?.with_context(|| {
@@ -267,29 +278,48 @@ pub(super) fn eval(mut args: EvalArgs) -> Result<()> {
                     (pairs, objective, data_name(&args))
                 }
             };
-            let reference_dir = match (&args.reference, &args.adapter) {
-                (Some(dir), _) => Some(model_dir(dir)?),
-                (None, Some(_)) => Some(args.model.clone()),
-                (None, None) => None,
-            };
             let needs_reference = objective.needs_reference();
-            let reference_model = match (&args.reference, needs_reference) {
-                (Some(_), true) => {
-                    let dir = reference_dir.as_ref().expect("--reference");
-                    Some(model::load_model_with_adapter(dir, None, dtype, &device)?)
-                }
-                _ => None,
+            let reference_dir = match (&args.reference, needs_reference) {
+                (Some(dir), true) => Some(model_dir(dir)?),
+                (Some(_), false) => bail!(
+                    "--reference: objective {} is reference-free; drop --reference",
+                    objective.kind.name()
+                ),
+                (None, _) => None,
             };
-            let reference = match (&reference_model, &args.adapter, needs_reference) {
-                (Some(reference), _, _) => {
-                    Some(crate::eval::preference::ReferenceModel::whole(reference))
-                }
+            let reference_model = match &reference_dir {
+                Some(dir) => Some(model::load_model_quantized(
+                    dir,
+                    None,
+                    dtype,
+                    &device,
+                    args.quantize.quantization()?,
+                )?),
+                None => None,
+            };
+            use crate::eval::preference::ReferenceModel;
+            let (reference, reference_name) = match (&reference_model, &args.adapter) {
+                _ if !needs_reference => (None, "none (reference-free objective)".to_string()),
+                (Some(reference), _) => (
+                    Some(ReferenceModel::whole(reference)),
+                    reference_dir
+                        .as_ref()
+                        .expect("loaded")
+                        .display()
+                        .to_string(),
+                ),
                 // The adapter's base: the same model with its adapter off.
-                (None, Some(_), true) => Some(crate::eval::preference::ReferenceModel {
-                    model: &model,
-                    adapters_off: true,
-                }),
-                _ => None,
+                (None, Some(_)) => (
+                    Some(ReferenceModel {
+                        model: &model,
+                        adapters_off: true,
+                    }),
+                    args.model.display().to_string(),
+                ),
+                (None, None) => (
+                    None,
+                    "none: rewards are β × the completion's log-probability".to_string(),
+                ),
             };
             let pair_loss = crate::eval::preference::PairLoss::new(&objective);
             // Without a reference, DPO's rewards are the log-probabilities alone.
@@ -313,13 +343,7 @@ pub(super) fn eval(mut args: EvalArgs) -> Result<()> {
             )?;
             let mut report =
                 crate::eval::preference::PreferenceReport::new(&results, &pair_loss, pairs.len());
-            report.reference = match (&reference_dir, needs_reference) {
-                (_, false) => "none (reference-free objective)".to_string(),
-                (Some(dir), true) => dir.display().to_string(),
-                (None, true) => {
-                    "none: rewards are β × the completion's log-probability".to_string()
-                }
-            };
+            report.reference = reference_name;
             report.split = split;
             report.model = model_name;
             report.model_sha256 = sha;

@@ -60,6 +60,8 @@ pub struct GenerateArgs {
     pub truncate_left: bool,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    #[command(flatten)]
+    pub quantize: super::QuantizeArgs,
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
     #[arg(long, default_value = "cpu")]
@@ -72,8 +74,13 @@ pub(super) fn generate(mut args: GenerateArgs) -> Result<()> {
     args.model = model_dir(&args.model)?;
     let dtype = model::parse_dtype(&args.dtype)?;
     let device = ops::parse_device(&args.device)?;
-    let model =
-        model::load_model_with_adapter(&args.model, args.adapter.as_deref(), dtype, &device)?;
+    let model = model::load_model_quantized(
+        &args.model,
+        args.adapter.as_deref(),
+        dtype,
+        &device,
+        args.quantize.quantization()?,
+    )?;
     let tokenizer = adapter_or_model_tokenizer(
         &args.model,
         args.adapter.as_deref(),

@@ -93,6 +93,33 @@ pub enum Command {
     Runs(RunsArgs),
 }
 
+/// `--quantize` for the verbs that run a model.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct QuantizeArgs {
+    /// Store the linear layers' weights in 4-bit NF4 or int8 (bitsandbytes' formats) as the
+    /// model loads, one matrix at a time; an --adapter stays unmerged beside them, as QLoRA
+    /// trained it. The embeddings and the head keep --dtype.
+    #[arg(long, value_name = "nf4|int8")]
+    pub quantize: Option<crate::ops::quant::QuantFormat>,
+    /// With --quantize nf4: quantise each block's absmax again (QLoRA's double quantisation).
+    #[arg(long, requires = "quantize")]
+    pub double_quant: bool,
+}
+
+impl QuantizeArgs {
+    pub fn quantization(&self) -> anyhow::Result<Option<crate::ops::quant::Quantization>> {
+        use crate::ops::quant::{QuantFormat, Quantization};
+        anyhow::ensure!(
+            !self.double_quant || self.quantize == Some(QuantFormat::Nf4),
+            "--double-quant applies to --quantize nf4 only"
+        );
+        Ok(self.quantize.map(|format| Quantization {
+            format,
+            double_quant: self.double_quant,
+        }))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct RecipeArgs {
     /// Recipe YAML file.

@@ -20,6 +20,8 @@ pub struct ScoreArgs {
     pub output: PathBuf,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    #[command(flatten)]
+    pub quantize: super::QuantizeArgs,
     /// Compute dtype: fp32, fp16 or bf16.
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
@@ -32,8 +34,13 @@ pub(super) fn score(mut args: ScoreArgs) -> Result<()> {
     args.model = model_dir(&args.model)?;
     let dtype = model::parse_dtype(&args.dtype)?;
     let device = ops::parse_device(&args.device)?;
-    let model =
-        model::load_model_with_adapter(&args.model, args.adapter.as_deref(), dtype, &device)?;
+    let model = model::load_model_quantized(
+        &args.model,
+        args.adapter.as_deref(),
+        dtype,
+        &device,
+        args.quantize.quantization()?,
+    )?;
     let config = model.config().clone();
     let tokenizer = model_tokenizer(&args.model, config.vocab_size())?;
     let rows = crate::eval::score::read_score_inputs(

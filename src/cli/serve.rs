@@ -79,6 +79,8 @@ pub struct ServeArgs {
     /// CPU threads for the model (default: all cores).
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    pub quantize: super::QuantizeArgs,
     /// Compute dtype: fp32, fp16 or bf16.
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
@@ -143,8 +145,13 @@ pub(super) fn serve(mut args: ServeArgs) -> Result<()> {
     process::configure_process();
     let dtype = model::parse_dtype(&args.dtype)?;
     let device = ops::parse_device(&args.device)?;
-    let model =
-        model::load_model_with_adapter(&args.model, args.adapter.as_deref(), dtype, &device)?;
+    let model = model::load_model_quantized(
+        &args.model,
+        args.adapter.as_deref(),
+        dtype,
+        &device,
+        args.quantize.quantization()?,
+    )?;
     let tokenizer = adapter_or_model_tokenizer(&args.model, args.adapter.as_deref(), model.config().vocab_size())?.with_context(|| {
         format!(
             "{}: serving text needs a tokenizer (tokenizer.json, or vocab.json and merges.txt) in the model directory",

@@ -3,6 +3,7 @@
 //! share. Only [`crate::ops`] calls into this module; model and trainer code never do.
 
 pub(crate) mod amx;
+pub(crate) mod dequant;
 pub(crate) mod fused;
 pub(crate) mod gemm;
 pub(crate) mod matrix;

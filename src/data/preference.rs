@@ -291,14 +291,16 @@ fn fit(
     at: &str,
     cut: &mut usize,
 ) -> Result<Option<PreferencePair>> {
+    let TokenizedPair {
+        prompt_chosen,
+        prompt_rejected,
+        prompt_len,
+    } = pair;
     let sequence = |ids: Vec<u32>| {
-        let loss_mask = (0..ids.len()).map(|i| i >= pair.prompt_len).collect();
+        let loss_mask = (0..ids.len()).map(|i| i >= prompt_len).collect();
         Sequence::new(ids, loss_mask)
     };
-    let (chosen, rejected) = (
-        sequence(pair.prompt_chosen.clone()),
-        sequence(pair.prompt_rejected.clone()),
-    );
+    let (chosen, rejected) = (sequence(prompt_chosen), sequence(prompt_rejected));
     let longest = chosen.len().max(rejected.len());
     if longest <= seq_len {
         return Ok(Some(PreferencePair {
@@ -324,7 +326,7 @@ fn fit(
              than data.seq_len = {seq_len} (raise seq_len, or set data.truncation to right — \
              TRL's keep_start — or left — keep_end)"
         ),
-        Truncation::Right if pair.prompt_len >= seq_len => Ok(None),
+        Truncation::Right if prompt_len >= seq_len => Ok(None),
         _ => Ok(Some(PreferencePair {
             chosen: shorten(chosen),
             rejected: shorten(rejected),

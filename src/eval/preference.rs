@@ -21,8 +21,11 @@ pub const METRICS: [&str; 6] = [
     "logps/rejected",
 ];
 
+/// How many sums a batch of pairs gives: the loss and each of [`METRICS`].
+pub const TOTALS: usize = 1 + METRICS.len();
+
 /// Sums over pairs: the loss, then each of [`METRICS`].
-pub type PairTotals = [f64; 7];
+pub type PairTotals = [f64; TOTALS];
 
 /// A preference objective's formula: the pair's loss, its derivative with respect to the two
 /// log-probabilities, and its rewards.
@@ -176,9 +179,9 @@ impl PairTerms {
 
 /// A pair's two sequences as batch rows, chosen then rejected: interleaved so that each row's
 /// place in the global batch (what its dropout is drawn from) is fixed by its pair's.
-pub fn rows_of(pairs: &[PreferencePair]) -> Vec<Sequence> {
+pub fn rows_of<'p>(pairs: impl IntoIterator<Item = &'p PreferencePair>) -> Vec<Sequence> {
     pairs
-        .iter()
+        .into_iter()
         .flat_map(|p| [p.chosen.clone(), p.rejected.clone()])
         .collect()
 }
@@ -249,18 +252,29 @@ pub fn pair_logps(
         .collect()
 }
 
-/// The reference's log-probabilities of each pair: carried, or from `model`.
+/// The reference's log-probabilities of each pair whose sequences are `rows` (see
+/// [`rows_of`]): from `model`, else as the pairs carry them; `None` each for an objective
+/// without a reference.
 pub fn reference_logps(
+    objective: &PairLoss,
     pairs: &[PreferencePair],
+    rows: &[Sequence],
     model: Option<ReferenceModel>,
     pad_id: u32,
 ) -> Result<Vec<Option<[f64; 2]>>> {
+    if !objective.needs_reference() {
+        return Ok(vec![None; pairs.len()]);
+    }
     if let Some(model) = model {
-        let logps = sequence_logps(model, &rows_of(pairs), pad_id)?;
+        let logps = sequence_logps(model, rows, pad_id)?;
         return Ok((0..pairs.len())
             .map(|i| Some([logps[2 * i], logps[2 * i + 1]]))
             .collect());
     }
+    anyhow::ensure!(
+        pairs.iter().all(|p| p.reference.is_some()),
+        "the pairs carry no reference log-probabilities and no reference model runs"
+    );
     Ok(pairs.iter().map(|p| p.reference).collect())
 }
 
@@ -274,13 +288,11 @@ pub fn evaluate(
     batch_size: usize,
     pad_id: u32,
 ) -> Result<Vec<(String, f64)>> {
-    let mut totals: PairTotals = [0.0; 7];
+    let mut totals: PairTotals = [0.0; TOTALS];
     for chunk in pairs.chunks(batch_size.max(1)) {
-        let policy = sequence_logps(ReferenceModel::whole(model), &rows_of(chunk), pad_id)?;
-        let reference = match objective.needs_reference() {
-            true => reference_logps(chunk, reference, pad_id)?,
-            false => vec![None; chunk.len()],
-        };
+        let rows = rows_of(chunk);
+        let policy = sequence_logps(ReferenceModel::whole(model), &rows, pad_id)?;
+        let reference = reference_logps(objective, chunk, &rows, reference, pad_id)?;
         for logps in pair_logps(chunk, &policy, &reference) {
             objective.terms(&logps).add_to(&mut totals);
         }
@@ -296,22 +308,6 @@ pub fn means(totals: &PairTotals, pairs: usize) -> Vec<(String, f64)> {
         .zip(totals)
         .map(|(name, total)| (name.to_string(), total / n))
         .collect()
-}
-
-/// Every pair's reference log-probabilities under `model`, `batch_size` pairs at a time.
-pub fn precompute_reference(
-    model: ReferenceModel,
-    pairs: &mut [PreferencePair],
-    batch_size: usize,
-    pad_id: u32,
-) -> Result<()> {
-    for chunk in pairs.chunks_mut(batch_size.max(1)) {
-        let logps = sequence_logps(model, &rows_of(chunk), pad_id)?;
-        for (i, pair) in chunk.iter_mut().enumerate() {
-            pair.reference = Some([logps[2 * i], logps[2 * i + 1]]);
-        }
-    }
-    Ok(())
 }
 
 /// `kiln eval --task preference`: how often the model prefers the chosen completion, by the

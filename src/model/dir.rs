@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use super::quantized::{Quantization, QuantizedWeight};
 use super::{lora, weights, Config, Model, TensorSpec, WeightStore};
 
 /// HF's default `max_shard_size` for `save_pretrained`.
@@ -81,17 +82,17 @@ pub fn load_model_with_adapter(
 }
 
 /// The model of `dir` with the adapter of `adapter_dir` beside its layers, unmerged: it runs
-/// with the adapter on, or off (`Batch::adapters_off`) as its base — one model for both.
+/// with the adapter on, or off (`Batch::adapters_off`) as its base — one model for both. With
+/// `quantization`, the base's linear weights are quantised as they load.
 pub fn load_model_with_attached_adapter(
     dir: &Path,
     adapter_dir: &Path,
     dtype: DType,
     device: &Device,
+    quantization: Option<Quantization>,
 ) -> Result<Model> {
     let config = load_config(dir)?;
-    let store = Arc::new(WeightStore::open(dir)?);
-    let base: Box<dyn candle_nn::var_builder::SimpleBackend> =
-        Box::new(weights::StoreBackend(store));
+    let base = base_backend(dir, &config, quantization)?;
     let context = || {
         format!(
             "attaching adapter {} to {}",
@@ -103,6 +104,44 @@ pub fn load_model_with_attached_adapter(
     let backend = lora::AttachedBackend::new(base, &adapter, &config).with_context(context)?;
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
     Model::load(vb, &config).map_err(|e| anyhow::anyhow!("loading {}: {e}", dir.display()))
+}
+
+/// Loads `dir` for inference in `dtype` (the `--quantize` of `generate`, `eval`, `score`,
+/// `serve` and `bench`): with `quantization`, the linear weights are quantised one at a time as
+/// they load, and an adapter stays beside them unmerged, as a QLoRA adapter was trained; without,
+/// as [`load_model_with_adapter`].
+pub fn load_model_quantized(
+    dir: &Path,
+    adapter: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+    quantization: Option<Quantization>,
+) -> Result<Model> {
+    match (quantization, adapter) {
+        (None, _) => load_model_with_adapter(dir, adapter, dtype, device),
+        (Some(_), Some(adapter)) => {
+            load_model_with_attached_adapter(dir, adapter, dtype, device, quantization)
+        }
+        (Some(_), None) => {
+            let config = load_config(dir)?;
+            let backend = base_backend(dir, &config, quantization)?;
+            let vb = VarBuilder::from_backend(backend, dtype, device.clone());
+            Model::load(vb, &config).map_err(|e| anyhow::anyhow!("loading {}: {e}", dir.display()))
+        }
+    }
+}
+
+/// The weights of `dir`, memory-mapped, their linear weights quantised if asked.
+fn base_backend(
+    dir: &Path,
+    config: &Config,
+    quantization: Option<Quantization>,
+) -> Result<Box<dyn candle_nn::var_builder::SimpleBackend>> {
+    let store = Box::new(weights::StoreBackend(Arc::new(WeightStore::open(dir)?)));
+    Ok(match quantization {
+        Some(q) => Box::new(super::quantized::QuantizingBackend::new(store, config, q)),
+        None => store,
+    })
 }
 
 /// Files of a model directory besides its config and weights that a merged copy keeps.
@@ -187,6 +226,24 @@ pub fn load_parameters_as(
     dtype_of: impl Fn(&str, &[usize]) -> DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
+    load_parameters_converted(
+        dir,
+        config,
+        dtype_of,
+        |name, t| Ok(vec![(name.into(), t)]),
+        device,
+    )
+}
+
+/// [`load_parameters_as`] with each tensor handed to `convert` as it is read, which gives the
+/// tensors to hold for it (a quantised weight's parts, see [`super::quantized`]).
+pub fn load_parameters_converted(
+    dir: &Path,
+    config: &Config,
+    dtype_of: impl Fn(&str, &[usize]) -> DType,
+    convert: impl Fn(&str, Tensor) -> Result<Vec<(String, Tensor)>>,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let store = WeightStore::open(dir)?;
     let mut params = HashMap::new();
     for (name, shape) in parameter_shapes(config) {
@@ -202,10 +259,8 @@ pub fn load_parameters_as(
                 dir.display()
             );
         }
-        params.insert(
-            name.clone(),
-            store.load(&name, dtype_of(&name, &shape), device)?,
-        );
+        let tensor = store.load(&name, dtype_of(&name, &shape), device)?;
+        params.extend(convert(&name, tensor)?);
     }
     Ok(params)
 }
@@ -245,11 +300,9 @@ pub fn save_model(
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     write_config(dir, config, dtype)?;
     let specs = parameter_specs(config, dtype);
+    let quantized = QuantizedParams::new(config, params);
     let mut files = weights::write_weights(dir, &specs, max_shard_bytes, |spec| {
-        let tensor = params
-            .get(&spec.name)
-            .with_context(|| format!("parameter {} is missing", spec.name))?;
-        Ok(tensor.to_dtype(dtype)?)
+        Ok(quantized.dense(&spec.name)?.to_dtype(dtype)?)
     })?;
     files.insert(0, "config.json".into());
     Ok(files)
@@ -263,12 +316,59 @@ pub fn weights_sha256(
     dtype: DType,
     max_shard_bytes: usize,
 ) -> Result<String> {
+    let quantized = QuantizedParams::new(config, params);
     weights::weights_digest(&parameter_specs(config, dtype), max_shard_bytes, |spec| {
-        let tensor = params
-            .get(&spec.name)
-            .with_context(|| format!("parameter {} is missing", spec.name))?;
-        Ok(tensor.to_dtype(dtype)?)
+        Ok(quantized.dense(&spec.name)?.to_dtype(dtype)?)
     })
+}
+
+/// Named tensors in which some weights may be quantised (a partial fine-tune with
+/// `model.quantize`), read back as dense tensors one at a time: a quantised frozen weight as
+/// its dequantised values, in its HF layout — the weights the run computed with.
+struct QuantizedParams<'a> {
+    params: &'a HashMap<String, Tensor>,
+    layers: HashMap<String, bool>,
+    shapes: HashMap<String, Vec<usize>>,
+    vb: VarBuilder<'a>,
+}
+
+impl<'a> QuantizedParams<'a> {
+    fn new(config: &Config, params: &'a HashMap<String, Tensor>) -> Self {
+        let any_quantized = params.keys().any(|name| QuantizedWeight::is_part(name));
+        let vb = VarBuilder::from_backend(
+            Box::new(weights::TensorsBackend(match any_quantized {
+                true => params.clone(),
+                false => HashMap::new(),
+            })),
+            DType::F32,
+            Device::Cpu,
+        );
+        Self {
+            params,
+            layers: super::quantized::quantized_weights(config),
+            shapes: parameter_shapes(config).into_iter().collect(),
+            vb,
+        }
+    }
+
+    fn dense(&self, name: &str) -> Result<Tensor> {
+        if let Some(tensor) = self.params.get(name) {
+            return Ok(tensor.clone());
+        }
+        let missing = || format!("parameter {name} is missing");
+        let conv1d = *self.layers.get(name).with_context(missing)?;
+        let shape = self.shapes.get(name).with_context(missing)?;
+        let (rows, cols) = match conv1d {
+            true => (shape[1], shape[0]),
+            false => (shape[0], shape[1]),
+        };
+        let weight = QuantizedWeight::load(&self.vb, name, rows, cols)?.with_context(missing)?;
+        let dense = weight.dequantize(DType::F32)?;
+        Ok(match conv1d {
+            true => dense.t()?.contiguous()?,
+            false => dense,
+        })
+    }
 }
 
 pub fn write_config(dir: &Path, config: &Config, dtype: DType) -> Result<()> {

@@ -145,11 +145,10 @@ pub fn linear_layers(config: &Config) -> Vec<Layer> {
         .parameter_shapes()
         .into_iter()
         .filter_map(|(name, shape)| {
-            let module = name.strip_suffix(".weight")?;
-            let in_block = module.split('.').any(|part| part.parse::<usize>().is_ok());
-            if shape.len() != 2 || !in_block {
+            if !is_block_linear(&name, &shape) {
                 return None;
             }
+            let module = name.strip_suffix(".weight")?;
             let (in_dim, out_dim) = if conv1d {
                 (shape[0], shape[1])
             } else {
@@ -163,6 +162,13 @@ pub fn linear_layers(config: &Config) -> Vec<Layer> {
             })
         })
         .collect()
+}
+
+/// Whether parameter `name` is the weight of a linear layer inside the blocks (what LoRA adapts
+/// and `model.quantize` quantises): a matrix named `....<layer number>....weight`.
+pub fn is_block_linear(name: &str, shape: &[usize]) -> bool {
+    let in_block = |module: &str| module.split('.').any(|part| part.parse::<usize>().is_ok());
+    shape.len() == 2 && name.strip_suffix(".weight").is_some_and(in_block)
 }
 
 /// The layers `targets` select, matched as PEFT matches them: a module whose path is the target

@@ -165,7 +165,7 @@ impl Model {
                 let head = self.body().lm_head();
                 ops::lm_head_loss_weighted_by(
                     hidden,
-                    &head.weight,
+                    head_weight(head)?,
                     head.bias.as_ref(),
                     labels,
                     *weigh,
@@ -185,7 +185,7 @@ impl Model {
         let head = self.body().lm_head();
         ops::lm_head_loss(
             hidden,
-            &head.weight,
+            head_weight(head)?,
             head.bias.as_ref(),
             labels,
             grad_scale,
@@ -281,4 +281,11 @@ pub fn shifted_labels(rows: &[Vec<u32>], seq: usize) -> Vec<i64> {
         }
     }
     labels
+}
+
+/// The head's weight: never quantised (see `model::quantized`).
+fn head_weight(head: &ops::Linear) -> candle_core::Result<&Tensor> {
+    head.dense_weight().ok_or_else(|| {
+        candle_core::Error::msg("the lm_head is quantised; only block layers may be")
+    })
 }

@@ -19,6 +19,7 @@ pub mod init;
 pub mod lora;
 pub mod loss;
 pub mod pass;
+pub mod quantized;
 pub mod sizes;
 pub mod weights;
 
@@ -34,8 +35,9 @@ pub use batch::Batch;
 use config::{check_sizes, hf_json};
 pub use config::{Config, MODEL_TYPES};
 pub use dir::{
-    load_config, load_model, load_model_with_adapter, load_model_with_attached_adapter,
-    load_parameters, load_parameters_as, merge_adapter, model_from_parameters, parameter_shapes,
+    load_config, load_model, load_model_quantized, load_model_with_adapter,
+    load_model_with_attached_adapter, load_parameters, load_parameters_as,
+    load_parameters_converted, merge_adapter, model_from_parameters, parameter_shapes,
     parameter_specs, parameter_tensors, parse_dtype, save_model, weights_sha256, write_config,
     DEFAULT_MAX_SHARD_BYTES,
 };

@@ -3,6 +3,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+use super::quant::QuantizedWeight;
 use super::{is_half, use_fused, Dropout, Operands, Site};
 use crate::cpu::{fused, skinny};
 
@@ -104,14 +105,41 @@ pub fn gelu(xs: &Tensor) -> Result<Tensor> {
     xs.gelu_erf()
 }
 
-/// A linear layer stored as HF stores it: weight `[out, in]`, optional bias `[out]`; with a LoRA
-/// adapter when the weights it loads from hold one.
+/// `xs · Wᵀ + bias` over the last dim of `xs` for a quantised `W` (`[out, in]`).
+pub fn quantized_linear(
+    xs: &Tensor,
+    weight: &QuantizedWeight,
+    bias: Option<&Tensor>,
+    operands: Operands,
+) -> Result<Tensor> {
+    let mut dims = xs.dims().to_vec();
+    let in_dim = *dims.last().expect("linear input has a last dim");
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let ys = weight.matmul_transposed(&xs.reshape((rows, in_dim))?, operands)?;
+    let ys = match bias {
+        Some(bias) => ys.broadcast_add(&bias.to_dtype(ys.dtype())?)?,
+        None => ys,
+    };
+    *dims.last_mut().unwrap() = weight.dims().0;
+    ys.reshape(dims)
+}
+
+/// A linear layer stored as HF stores it: weight `[out, in]` (or quantised), optional bias
+/// `[out]`; with a LoRA adapter when the weights it loads from hold one.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor,
+    weight: Weight,
     pub bias: Option<Tensor>,
     operands: Operands,
     adapter: Option<LowRank>,
+}
+
+/// A linear layer's weight: as loaded, or frozen in 4 or 8 bits (`model.quantize`).
+#[derive(Debug, Clone)]
+enum Weight {
+    Dense(Tensor),
+    /// Boxed: a quantised weight holds several tensors, and most layers are dense.
+    Quantized(Box<QuantizedWeight>),
 }
 
 /// A LoRA adapter's path beside a frozen weight: `(drop(x)·Aᵀ)·(scale·B)ᵀ`, read from the
@@ -152,7 +180,10 @@ impl Linear {
         bias: bool,
         operands: Operands,
     ) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let weight = match QuantizedWeight::load(&vb, "weight", out_dim, in_dim)? {
+            Some(quantized) => Weight::Quantized(Box::new(quantized)),
+            None => Weight::Dense(vb.get((out_dim, in_dim), "weight")?),
+        };
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
@@ -178,8 +209,13 @@ impl Linear {
         out_dim: usize,
         operands: Operands,
     ) -> Result<Self> {
+        // Quantised, the weight is held `[out, in]` already (see `model::quantized`).
+        let weight = match QuantizedWeight::load(&vb, "weight", out_dim, in_dim)? {
+            Some(quantized) => Weight::Quantized(Box::new(quantized)),
+            None => Weight::Dense(vb.get((in_dim, out_dim), "weight")?.t()?.contiguous()?),
+        };
         Ok(Self {
-            weight: vb.get((in_dim, out_dim), "weight")?.t()?.contiguous()?,
+            weight,
             bias: Some(vb.get(out_dim, "bias")?),
             operands,
             adapter: LowRank::load(&vb)?,
@@ -189,21 +225,34 @@ impl Linear {
     /// A bias-free layer over an existing `[out, in]` tensor (a head tied to the embedding).
     pub fn tied(weight: Tensor, operands: Operands) -> Self {
         Self {
-            weight,
+            weight: Weight::Dense(weight),
             bias: None,
             operands,
             adapter: None,
         }
     }
 
-    /// The layer's output, its adapter's input dropped out as `dropout` says (training).
-    /// The frozen weight's product alone, the adapter (if any) left out.
-    pub fn forward_base(&self, xs: &Tensor) -> Result<Tensor> {
-        linear(xs, &self.weight, self.bias.as_ref(), self.operands)
+    /// The weight, unless it is quantised.
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Weight::Dense(weight) => Some(weight),
+            Weight::Quantized(_) => None,
+        }
     }
 
+    /// The frozen weight's product alone, the adapter (if any) left out.
+    pub fn forward_base(&self, xs: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(weight) => linear(xs, weight, self.bias.as_ref(), self.operands),
+            Weight::Quantized(weight) => {
+                quantized_linear(xs, weight, self.bias.as_ref(), self.operands)
+            }
+        }
+    }
+
+    /// The layer's output, its adapter's input dropped out as `dropout` says (training).
     pub fn forward_dropped(&self, xs: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
-        let ys = linear(xs, &self.weight, self.bias.as_ref(), self.operands)?;
+        let ys = self.forward_base(xs)?;
         let Some(adapter) = &self.adapter else {
             return Ok(ys);
         };

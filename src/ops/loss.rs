@@ -67,9 +67,9 @@ pub struct LmLoss {
 
 /// Cross-entropy summed over rows of `hidden` (`[..., n_embd]`, flattened) whose label is not
 /// negative, through the head `weight` `[vocab, n_embd]` and `bias`. With `grad_scale`, also the
-/// surrogate for backward, whose gradient weighs each position as `grad_scale` says. `operands` is the head matmuls' precision when the tensors are fp32
-/// on the CPU (the model's [`crate::model::Model::matmul_operands`]); otherwise the tensors'
-/// dtype decides.
+/// surrogate for backward, whose gradient weighs each position as `grad_scale` says.
+/// `operands` is the head matmuls' precision when the tensors are fp32 on the CPU (the model's
+/// [`crate::model::Model::matmul_operands`]); otherwise the tensors' dtype decides.
 pub fn lm_head_loss(
     hidden: &Tensor,
     weight: &Tensor,
@@ -136,12 +136,7 @@ fn fused_loss(
     let device = hidden.device();
     let n = rows.len();
     if let Some(GradScale::PerLabel(weights)) = grad_scale {
-        if weights.len() != n {
-            candle_core::bail!(
-                "{} gradient weights for {n} labelled positions",
-                weights.len()
-            );
-        }
+        check_weights(weights.len(), n)?;
     }
     let row_index = Tensor::from_vec(rows, n, device)?;
     let picked = hidden.detach().index_select(&row_index, 0)?;
@@ -173,12 +168,7 @@ fn fused_loss(
     let grad_picked = match (grad_picked, reweigh) {
         (Some(grad), Some(reweigh)) => {
             let weights: Vec<f32> = (reweigh(&label_nll)?.iter()).map(|&w| w as f32).collect();
-            if weights.len() != n {
-                candle_core::bail!(
-                    "{} gradient weights for {n} labelled positions",
-                    weights.len()
-                );
-            }
+            check_weights(weights.len(), n)?;
             let column = Tensor::from_vec(weights, (n, 1), device)?.to_dtype(grad.dtype())?;
             Some(grad.broadcast_mul(&column)?)
         }
@@ -204,6 +194,14 @@ fn fused_loss(
         surrogate: Some(surrogate),
         head_grads,
     })
+}
+
+/// One gradient weight for each of the `n` labelled positions.
+fn check_weights(weights: usize, n: usize) -> Result<()> {
+    if weights != n {
+        candle_core::bail!("{weights} gradient weights for {n} labelled positions");
+    }
+    Ok(())
 }
 
 /// Each picked row's loss, the gradient of the picked rows (in their dtype) and the head's fp32

@@ -259,6 +259,21 @@ impl Recipe {
         for problem in self.objective.problems() {
             problems.push(problem);
         }
+        let quantize = self.model.quantize;
+        problems.check(
+            !self.model.double_quant || quantize == Some(crate::ops::quant::QuantFormat::Nf4),
+            "model.double_quant: applies to model.quantize: nf4 only".into(),
+        );
+        if let Some(format) = quantize {
+            problems.check(
+                self.lora.is_some() || self.train.trainable.is_some(),
+                format!(
+                    "model.quantize: {format} stores the frozen weights of a LoRA run (QLoRA) or a \
+                     partial fine-tune, but this recipe trains every weight; add a lora section \
+                     or train.trainable"
+                ),
+            );
+        }
         let preference = self.objective.is_preference();
         let splits = [("train", &self.data.train), ("eval", &self.data.eval)];
         for (split, datasets) in splits {

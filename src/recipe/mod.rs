@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::init::Preset;
 pub use crate::model::lora::LoraSpec;
+use crate::ops::quant::{QuantFormat, Quantization};
 use crate::tokenizer::TextTokenizer;
 
 mod load;
@@ -89,6 +90,25 @@ pub struct ModelSpec {
     /// `attn_pdrop` or the family's spelling); a rate left out keeps the config's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropout: Option<DropoutSpec>,
+    /// The frozen base's linear weights stored in 4-bit NF4 or int8 (bitsandbytes' formats) as
+    /// they load: QLoRA, with a `lora` section. The embeddings and the head stay in the compute
+    /// dtype.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<QuantFormat>,
+    /// With `quantize: nf4`, each block's absmax quantised again to 8 bits (QLoRA's double
+    /// quantisation, bitsandbytes' `bnb_4bit_use_double_quant`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub double_quant: bool,
+}
+
+impl ModelSpec {
+    /// How the frozen linear weights are stored, if quantised.
+    pub fn quantization(&self) -> Option<Quantization> {
+        self.quantize.map(|format| Quantization {
+            format,
+            double_quant: self.double_quant,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]

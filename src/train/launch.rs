@@ -1,6 +1,7 @@
 //! `kiln train RECIPE`: everything between a recipe file and [`Trainer::new`] — the job, the
 //! starting weights, the tokenizer, the prepared data, the evaluator and the Hub uploader.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -315,8 +316,14 @@ fn starting_model(recipe: &Recipe, recipe_dir: &Path) -> Result<(ModelInit, Text
             data::chat::apply_recipe_template(recipe, recipe_dir, &mut tokenizer)?;
             let mut config = model::load_config(&model_dir)?;
             let dtype_of = |name: &str, shape: &[usize]| super::initial_dtype(recipe, name, shape);
-            let mut params =
-                model::load_parameters_as(&model_dir, &config, dtype_of, &Device::Cpu)?;
+            let initial = super::InitialWeights::new(recipe, &config);
+            let mut params = model::load_parameters_converted(
+                &model_dir,
+                &config,
+                dtype_of,
+                |name, tensor| initial.convert(name, tensor),
+                &Device::Cpu,
+            )?;
             // Tokens the chat template added need rows, as `resize_token_embeddings` gives them.
             let rows = tokenizer.rows_needed();
             if rows > config.vocab_size() && recipe.lora.is_some() {
@@ -353,15 +360,14 @@ fn starting_model(recipe: &Recipe, recipe_dir: &Path) -> Result<(ModelInit, Text
                 .validate()
                 .map_err(|e| anyhow::anyhow!("model.init: {e}"))?;
             tokenizer.check_fits(config.vocab_size(), Path::new("model.init"))?;
-            let params = model::parameter_shapes(&config)
-                .into_iter()
-                .map(|(name, shape)| {
-                    let tensor = init::init_parameter(&config, &name, &shape, spec.seed)?
-                        .to_dtype(spec.dtype.dtype())?
-                        .to_dtype(super::initial_dtype(recipe, &name, &shape))?;
-                    Ok((name, tensor))
-                })
-                .collect::<Result<_>>()?;
+            let initial = super::InitialWeights::new(recipe, &config);
+            let mut params = HashMap::new();
+            for (name, shape) in model::parameter_shapes(&config) {
+                let tensor = init::init_parameter(&config, &name, &shape, spec.seed)?
+                    .to_dtype(spec.dtype.dtype())?
+                    .to_dtype(super::initial_dtype(recipe, &name, &shape))?;
+                params.extend(initial.convert(&name, tensor)?);
+            }
             let preset = serde_json::to_value(spec.preset)?;
             Ok((
                 ModelInit {

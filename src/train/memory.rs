@@ -11,8 +11,9 @@
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{lora, Config};
+use crate::model::{lora, quantized, Config};
 use crate::ops;
+use crate::ops::quant;
 use crate::recipe::Recipe;
 
 /// Bytes, by what holds them.
@@ -61,40 +62,61 @@ impl MemoryEstimate {
         let (weight_dtype, _) = ops::weight_dtype_and_operands_on(on_cpu, compute);
         let half = compute != DType::F32;
 
-        let (weights, trained, widest_frozen) = match &recipe.lora {
-            None => {
-                // fp32 masters, plus the compute-dtype copy each step makes where it differs.
-                let copy = if weight_dtype != DType::F32 {
-                    total_parameters * weight_dtype.size_in_bytes() as u64
-                } else {
-                    0
-                };
-                (total_parameters * 4 + copy, total_parameters, 0)
-            }
-            Some(spec) => {
-                let adapter: u64 = lora::select_layers(config, &spec.targets(config))
-                    .map(|layers| {
-                        layers
-                            .iter()
-                            .map(|l| (spec.r * (l.in_dim + l.out_dim)) as u64)
-                            .sum()
-                    })
-                    .unwrap_or(0);
-                let mut frozen = 0u64;
-                let mut widest = 0u64;
-                for (_, shape) in &shapes {
-                    let n = count(shape);
-                    if shape.len() == 2 {
-                        frozen += n * compute.size_in_bytes() as u64;
-                        widest = widest.max(n);
-                    } else {
-                        frozen += n * weight_dtype.size_in_bytes() as u64;
-                    }
+        let quantization = recipe.model.quantization();
+        let quantized = quantized::quantized_weights(config);
+        // The fused CPU kernels dequantise a quantised matrix a slab at a time; elsewhere (a
+        // GPU, fp16 on the CPU) each is dequantised whole into the compute dtype, and the
+        // autograd graph keeps it until the backward.
+        let fused = on_cpu && weight_dtype == DType::F32;
+        let adapter: u64 = match &recipe.lora {
+            None => 0,
+            Some(spec) => lora::select_layers(config, &spec.targets(config))
+                .map(|layers| {
+                    (layers.iter())
+                        .map(|l| (spec.r * (l.in_dim + l.out_dim)) as u64)
+                        .sum()
+                })
+                .unwrap_or(0),
+        };
+        let (mut weights, mut trained) = (adapter * 4, adapter);
+        let (mut widest_half, mut widest_quantized, mut dequantized_total) = (0u64, 0u64, 0u64);
+        for (name, shape) in &shapes {
+            let n = count(shape);
+            if recipe.lora.is_none() && recipe.train.trains(name) {
+                // An fp32 master, plus the compute-dtype copy each step makes where it differs.
+                trained += n;
+                weights += n * 4;
+                if weight_dtype != DType::F32 {
+                    weights += n * weight_dtype.size_in_bytes() as u64;
                 }
-                // The CPU widens a half matrix for each product: fp32, and once more rounded.
-                let widened = if half && on_cpu { 2 * 4 * widest } else { 0 };
-                (frozen + adapter * 4, adapter, widened)
+            } else if let Some(q) = quantization.filter(|_| quantized.contains_key(name)) {
+                weights += q.bytes(shape[0], shape[1]);
+                widest_quantized = widest_quantized.max(n);
+                dequantized_total += n * compute.size_in_bytes() as u64;
+            } else if shape.len() == 2 {
+                weights += n * compute.size_in_bytes() as u64;
+                widest_half = widest_half.max(n);
+            } else {
+                weights += n * weight_dtype.size_in_bytes() as u64;
             }
+        }
+        // The CPU widens a half matrix for each product: fp32, and once more rounded.
+        let widened = if half && on_cpu {
+            2 * 4 * widest_half
+        } else {
+            0
+        };
+        let dequantized = match (quantization.is_some(), fused) {
+            (false, _) => 0,
+            (true, true) => quant::SLAB_BYTES as u64,
+            // fp32 codes and products on the way, then the compute-dtype matrix.
+            (true, false) => widest_quantized * (3 * 4 + compute.size_in_bytes() as u64),
+        };
+        let widest_frozen = widened.max(dequantized);
+        // What the graph keeps of each block's dequantised matrices off the fused kernels.
+        let kept_per_block = match fused {
+            true => 0,
+            false => dequantized_total / config.n_layer().max(1) as u64,
         };
         let gradient_bytes = trained * 4;
         let workers =
@@ -115,6 +137,7 @@ impl MemoryEstimate {
         let (per_layer, block_input) = activation_bytes(config, rows, seq, weight_dtype);
         let layers = config.n_layer() as u64;
         let head = head_bytes(config, rows, seq);
+        let per_layer = per_layer + kept_per_block;
         let activations = (per_layer * layers + head) * replicas;
         let activations_checkpointed = (block_input * layers + per_layer + head) * replicas;
 

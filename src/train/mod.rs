@@ -45,7 +45,7 @@ pub use layout::BatchLayout;
 pub use optimizer::AdamW;
 pub use precision::{LossScaler, StepVerdict};
 pub use schedule::Schedule;
-pub use trainable::initial_dtype;
+pub use trainable::{initial_dtype, InitialWeights};
 pub use trainer::Trainer;
 
 /// The model a run starts from.

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::distributed::Collective;
@@ -25,7 +25,7 @@ use super::trainable::Trainable;
 use crate::data::{PreferencePair, Sequence};
 use crate::eval::preference::{
     pair_logps, reference_logps, row_logps, rows_of, sequence_logps, PairLoss, PairTotals,
-    ReferenceModel,
+    ReferenceModel, TOTALS,
 };
 use crate::model::{Config, Model};
 use crate::ops;
@@ -82,18 +82,11 @@ pub fn shard_backward(
     dropout: Option<ops::Dropout>,
 ) -> Result<Option<(PairTotals, Vec<Tensor>)>> {
     let rows = rows_of(pairs);
-    let reference = match objective.needs_reference() {
-        true => reference_logps(pairs, reference, pad_id)?,
-        false => vec![None; pairs.len()],
-    };
-    ensure!(
-        !objective.needs_reference() || reference.iter().all(Option::is_some),
-        "the pairs carry no reference log-probabilities and no reference model runs"
-    );
+    let reference = reference_logps(objective, pairs, &rows, reference, pad_id)?;
     let (mut batch, labels) = crate::data::batch_of(&rows, pad_id, model.device())?;
     batch.dropout = dropout;
     let counts: Vec<usize> = rows.iter().map(Sequence::target_count).collect();
-    let mut totals: PairTotals = [0.0; 7];
+    let mut totals: PairTotals = [0.0; TOTALS];
     let mut weigh = |label_nll: &[f64]| -> candle_core::Result<Vec<f64>> {
         let policy = row_logps(label_nll, &counts);
         let mut weights = Vec::with_capacity(label_nll.len());
@@ -230,9 +223,8 @@ impl PreferenceSetup<'_> {
                 let starts = (0..total).step_by(batch);
                 for (_, start) in starts.enumerate().filter(|(i, _)| i % ranks == rank) {
                     let end = (start + batch).min(total);
-                    let chunk: Vec<PreferencePair> =
-                        all[start..end].iter().map(|&p| p.clone()).collect();
-                    let logps = sequence_logps(model, &rows_of(&chunk), self.pad_id)?;
+                    let rows = rows_of(all[start..end].iter().copied());
+                    let logps = sequence_logps(model, &rows, self.pad_id)?;
                     values[2 * start..2 * end].copy_from_slice(&logps);
                 }
             }

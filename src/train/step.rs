@@ -12,6 +12,7 @@ use super::precision::{LossScaler, StepVerdict};
 use super::preference;
 use super::trainable::Trainable;
 use crate::data::{PreferencePair, Sequence};
+use crate::eval::preference::{PairLoss, PairTotals, TOTALS};
 use crate::model::{self, Config, LossGrads, Model};
 use crate::ops::{self, DropoutRates};
 use crate::recipe::Recipe;
@@ -120,9 +121,9 @@ impl StepPlan {
             model.checkpoint_activations(params.iter().map(|(_, var)| var.id()).collect());
         }
         let weight = scaler.scale / units as f64;
-        let (totals, grads) = match rows {
+        let (mut totals, grads) = match rows {
             StepRows::Sequences(sequences) => {
-                self.backward(sequences, at, 1, |shard, dropout| {
+                self.backward(sequences, at, (1, 1), |shard, dropout| {
                     shard_backward(&model, params, shard, self.pad_id, weight, dropout)
                         .map(|r| r.map(|(nll, grads)| (vec![nll], grads)))
                 })?
@@ -131,7 +132,7 @@ impl StepPlan {
                 pairs,
                 objective,
                 reference,
-            } => self.backward(pairs, at, 2, |shard, dropout| {
+            } => self.backward(pairs, at, (2, TOTALS), |shard, dropout| {
                 let result = preference::shard_backward(
                     objective,
                     &model,
@@ -146,7 +147,6 @@ impl StepPlan {
             })?,
         };
         drop(model);
-        let mut totals = totals;
         // A rank whose rows train on no token still takes part in the sum.
         let mut grads = match grads {
             Some(grads) => grads,
@@ -186,10 +186,7 @@ impl StepPlan {
         let metrics = match rows {
             StepRows::Sequences(_) => Vec::new(),
             StepRows::Pairs { .. } => {
-                let totals: crate::eval::preference::PairTotals = totals
-                    .clone()
-                    .try_into()
-                    .expect("a preference step sums 7 totals");
+                let totals = PairTotals::try_from(&totals[..]).expect("a pair step's totals");
                 crate::eval::preference::means(&totals, units).split_off(1)
             }
         };
@@ -203,18 +200,18 @@ impl StepPlan {
     }
 
     /// Forward and backward of this rank's shards of `rows`, by `backward(shard, dropout)`:
-    /// each replica's totals and gradients accumulated over its micro-batches and workers, then
-    /// the replicas' in replica order. A row stands for `sequences_per_row` sequences of the
-    /// global batch (a pair: 2), which fixes each sequence's dropout.
+    /// each replica's `width` totals and gradients accumulated over its micro-batches and
+    /// workers, then the replicas' in replica order. A row stands for `sequences_per_row`
+    /// sequences of the global batch (a pair: 2), which fixes each sequence's dropout.
     fn backward<T: Sync>(
         &self,
         rows: &[T],
         at: StepAt,
-        sequences_per_row: usize,
+        (sequences_per_row, width): (usize, usize),
         backward: impl Fn(&[T], Option<ops::Dropout>) -> Result<Option<(Vec<f64>, Vec<Tensor>)>> + Sync,
     ) -> Result<(Vec<f64>, Option<Vec<Tensor>>)> {
         let layout = &self.layout;
-        let mut replica_totals: Vec<Vec<f64>> = vec![Vec::new(); layout.local_replicas()];
+        let mut replica_totals = vec![vec![0f64; width]; layout.local_replicas()];
         let mut replica_grads: Vec<Option<Vec<Tensor>>> = vec![None; layout.local_replicas()];
         for (micro_step, step_rows) in rows.chunks(layout.rows_per_micro_step()).enumerate() {
             let shards = layout.shards(micro_step, step_rows);
@@ -236,7 +233,7 @@ impl StepPlan {
                 accumulate(&mut replica_grads[shard.local_replica], shard_grads)?;
             }
         }
-        let mut totals = Vec::new();
+        let mut totals = vec![0f64; width];
         let mut grads = None;
         for (replica, replica_grads) in replica_totals.into_iter().zip(replica_grads) {
             add_totals(&mut totals, &replica);
@@ -244,18 +241,12 @@ impl StepPlan {
                 accumulate(&mut grads, replica_grads)?;
             }
         }
-        if totals.is_empty() {
-            totals = vec![0.0; if sequences_per_row == 2 { 7 } else { 1 }];
-        }
         Ok((totals, grads))
     }
 }
 
-/// Adds `values` into `sum` element by element (which takes their length when empty).
-fn add_totals(sum: &mut Vec<f64>, values: &[f64]) {
-    if sum.is_empty() {
-        sum.resize(values.len(), 0.0);
-    }
+/// Adds `values` into `sum` element by element.
+fn add_totals(sum: &mut [f64], values: &[f64]) {
     for (s, v) in sum.iter_mut().zip(values) {
         *s += v;
     }
@@ -268,7 +259,7 @@ pub enum StepRows<'r> {
     Sequences(&'r [Sequence]),
     Pairs {
         pairs: &'r [PreferencePair],
-        objective: &'r crate::eval::preference::PairLoss,
+        objective: &'r PairLoss,
         reference: &'r preference::Reference,
     },
 }

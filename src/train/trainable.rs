@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::checkpoint;
 use crate::model::lora::{self, Adapter, LoraSpec};
+use crate::model::quantized::{self, Quantization, QuantizedWeight};
 use crate::model::{self, Config};
 use crate::ops;
 use crate::recipe::Recipe;
@@ -182,13 +183,43 @@ fn trains(recipe: &Recipe, name: &str) -> bool {
 
 /// The dtype a run holds parameter `name` in as it starts: fp32 for what trains (master weights);
 /// frozen matrices (a LoRA base, what `train.trainable` leaves out) in the compute dtype, read
-/// straight into it so a half-precision base never exists whole in fp32. Frozen vectors
-/// (LayerNorm, biases) are tiny and become the dtype the layers compute in (see [`split`]).
+/// straight into it so a half-precision base never exists whole in fp32; a frozen block matrix
+/// of a run with `model.quantize` in fp32, to be quantised exactly as it arrives
+/// ([`InitialWeights`]). Frozen vectors (LayerNorm, biases) are tiny and become the dtype the
+/// layers compute in (see [`split`]).
 pub fn initial_dtype(recipe: &Recipe, name: &str, shape: &[usize]) -> DType {
-    if !trains(recipe, name) && shape.len() == 2 {
+    let quantized = recipe.model.quantize.is_some() && lora::is_block_linear(name, shape);
+    if !trains(recipe, name) && shape.len() == 2 && !quantized {
         recipe.precision.compute.dtype()
     } else {
         DType::F32
+    }
+}
+
+/// Quantises the frozen linear weights of a run with `model.quantize` as they are read, one at
+/// a time (each arrives in fp32, see [`initial_dtype`]).
+pub struct InitialWeights {
+    quantization: Option<(Quantization, HashMap<String, bool>)>,
+}
+
+impl InitialWeights {
+    pub fn new(recipe: &Recipe, config: &Config) -> Self {
+        let quantization = recipe.model.quantization().map(|q| {
+            let weights = quantized::quantized_weights(config)
+                .into_iter()
+                .filter(|(name, _)| !trains(recipe, name))
+                .collect();
+            (q, weights)
+        });
+        Self { quantization }
+    }
+
+    /// Parameter `name` as the run starts holding it: as read, or quantised into its parts.
+    pub fn convert(&self, name: &str, tensor: Tensor) -> Result<Vec<(String, Tensor)>> {
+        match &self.quantization {
+            Some((q, weights)) => quantized::quantize_parameter(weights, name, tensor, *q),
+            None => Ok(vec![(name.to_string(), tensor)]),
+        }
     }
 }
 
@@ -228,6 +259,14 @@ fn split(
     let mut params = Vec::new();
     let mut frozen = HashMap::new();
     for (name, shape) in shapes {
+        let parts = quantized_parts(&initial, &name);
+        if !parts.is_empty() {
+            for part in parts {
+                let tensor = initial.remove(&part).expect("listed above");
+                frozen.insert(part, tensor.to_device(device)?);
+            }
+            continue;
+        }
         let tensor = checked(&mut initial, &name, &shape)?;
         if trains(recipe, &name) {
             let master = tensor.to_dtype(DType::F32)?.to_device(device)?;
@@ -245,6 +284,17 @@ fn split(
         frozen,
         lora: None,
     })
+}
+
+/// The names of weight `name`'s quantised parts in `initial` (none if it is held as it is).
+fn quantized_parts(initial: &HashMap<String, Tensor>, name: &str) -> Vec<String> {
+    (initial.keys())
+        .filter(|key| {
+            key.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('.') && QuantizedWeight::is_part(key))
+        })
+        .cloned()
+        .collect()
 }
 
 /// `initial[name]`, taken out, after checking its shape.
